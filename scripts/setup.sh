@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages ferry needs to build, test and benchmark.
+# Idempotent: when every package is already installed it returns at once,
+# without touching the network.
+set -euo pipefail
+
+PACKAGES=(
+  clang llvm libbpf-dev linux-libc-dev bpftool   # eBPF programs: built by clang, inspected with bpftool
+  iproute2 nftables ethtool procps               # namespaces, links, nft DNAT mode, offload switches
+  iperf3                                         # benchmarks: TCP throughput and request/response
+  dnsutils                                       # dig, for DNS checks
+  pkg-config
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The kernel's BPF filesystem: ferry pins programs and maps there so they
+# outlive the agent process.
+if ! mountpoint -q /sys/fs/bpf; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
