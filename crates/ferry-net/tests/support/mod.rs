@@ -1,0 +1,157 @@
+//! Helpers for data-plane tests on real namespaces: unique fleet names, echo servers inside
+//! machines, clients that report what actually came back over the socket.
+#![allow(dead_code)]
+
+use ferry_net::netns::{self, spawn_in};
+use ferry_net::{DevFleet, MachineNet, Mode};
+use std::io::{Read, Write};
+use std::net::{Ipv6Addr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const PORT: u16 = 7000;
+
+/// A fleet name unique to this process and call, short enough for every derived name.
+pub fn unique_fleet(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("t{tag}{:x}{:x}{:x}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed), nanos & 0xfff)
+}
+
+pub fn fleet(tag: &str, mode: Mode) -> DevFleet {
+    DevFleet::create(&unique_fleet(tag), mode).expect("creating a dev fleet (run as root)")
+}
+
+/// What a server saw: (peer address, payload, over TCP?).
+pub type Log = Arc<Mutex<Vec<(Ipv6Addr, Vec<u8>, bool)>>>;
+
+/// TCP and UDP echo servers on a machine's address, logging every payload with its peer.
+pub struct Echo {
+    pub log: Log,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<(), ferry_net::NetError>>>,
+}
+
+impl Echo {
+    pub fn start(m: &MachineNet) -> Echo {
+        let log: Log = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = SocketAddrV6::new(m.addr.ip(), PORT, 0, 0);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (l, s, r) = (log.clone(), stop.clone(), ready_tx.clone());
+        let tcp = spawn_in(&m.ns, move || {
+            let lst = TcpListener::bind(addr).expect("bind tcp");
+            lst.set_nonblocking(true).unwrap();
+            r.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                match lst.accept() {
+                    Ok((mut c, peer)) => {
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let mut buf = vec![0u8; 1 << 16];
+                        let mut got = Vec::new();
+                        while let Ok(n) = c.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                            let _ = c.write_all(&buf[..n]);
+                        }
+                        let ip = match peer { std::net::SocketAddr::V6(p) => *p.ip(), _ => unreachable!() };
+                        l.lock().unwrap().push((ip, got, true));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        let (l, s) = (log.clone(), stop.clone());
+        let udp = spawn_in(&m.ns, move || {
+            let sock = UdpSocket::bind(addr).expect("bind udp");
+            sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                    let ip = match peer { std::net::SocketAddr::V6(p) => *p.ip(), _ => unreachable!() };
+                    l.lock().unwrap().push((ip, buf[..n].to_vec(), false));
+                }
+            }
+        });
+        for _ in 0..2 {
+            ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo server did not start");
+        }
+        Echo { log, stop, threads: vec![tcp, udp] }
+    }
+
+    pub fn saw(&self, payload: &[u8]) -> bool {
+        self.log.lock().unwrap().iter().any(|(_, p, _)| p == payload)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `payload` over TCP from `from` to `to`'s echo server; returns what came back.
+pub fn tcp_echo(from: &MachineNet, to: Ipv6Addr, payload: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let payload = payload.to_vec();
+    netns::run_in(&from.ns, move || {
+        let mut c = TcpStream::connect_timeout(&SocketAddrV6::new(to, PORT, 0, 0).into(), timeout).ok()?;
+        c.set_read_timeout(Some(timeout)).unwrap();
+        c.write_all(&payload).ok()?;
+        let mut back = vec![0u8; payload.len()];
+        c.read_exact(&mut back).ok()?;
+        Some(back)
+    })
+    .unwrap()
+}
+
+/// Sends one UDP datagram from `from` (optionally from a chosen source address) and waits for
+/// the echo.
+pub fn udp_echo(from: &MachineNet, src: Option<Ipv6Addr>, to: Ipv6Addr, payload: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let payload = payload.to_vec();
+    netns::run_in(&from.ns, move || {
+        let s = UdpSocket::bind(SocketAddrV6::new(src.unwrap_or(Ipv6Addr::UNSPECIFIED), 0, 0, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 1 << 16];
+        // UDP may lose the first datagram while neighbours resolve: resend, bounded.
+        while Instant::now() < deadline {
+            let _ = s.send_to(&payload, SocketAddrV6::new(to, PORT, 0, 0));
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    })
+    .unwrap()
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command inside a namespace (test-only: tools such as ethtool have no netlink API).
+pub fn ns_exec(ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("ip netns exec");
+    assert!(out.status.success(), "{args:?} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
