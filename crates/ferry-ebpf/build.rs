@@ -12,7 +12,10 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.bpf.o"));
         let status = Command::new(std::env::var("CLANG").unwrap_or_else(|_| "clang".into()))
-            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I", &multiarch, "-c", &src, "-o"])
+            .args([
+                "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I", &multiarch, "-c", &src,
+                "-o",
+            ])
             .arg(&obj)
             .status()
             .unwrap_or_else(|e| panic!("running clang for {src}: {e} (run scripts/setup.sh)"));

@@ -24,15 +24,27 @@ static DATAPLANE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/data
 #[non_exhaustive]
 pub enum EbpfError {
     #[error("creating the pin directory {path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the data-plane object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("adding the clsact qdisc to {iface}: {source}")]
-    Qdisc { iface: String, source: std::io::Error },
+    Qdisc {
+        iface: String,
+        source: std::io::Error,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("the object has no {0}")]
     Missing(&'static str),
 }
@@ -108,18 +120,26 @@ impl Dataplane {
     /// Loads the programs, reusing the maps pinned in `pin_dir` (created if missing) so that a
     /// restarted process sees and edits the same configuration.
     pub fn load(pin_dir: &Path) -> Result<Self, EbpfError> {
-        std::fs::create_dir_all(pin_dir)
-            .map_err(|source| EbpfError::PinDir { path: pin_dir.to_owned(), source })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(DATAPLANE)?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPLANE)?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(EbpfError::Missing(name))?
                 .try_into()
                 .map_err(|source| EbpfError::Program { name, source })?;
-            prog.load().map_err(|source| EbpfError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
         }
-        Ok(Dataplane { ebpf, pin_dir: pin_dir.to_owned() })
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -136,7 +156,12 @@ impl Dataplane {
         host: HostId,
         machine: MachineField,
     ) -> Result<(), EbpfError> {
-        let cfg = IfaceCfg { kind: IFACE_MACHINE, net: net.get(), host: host.get(), machine: machine.0 };
+        let cfg = IfaceCfg {
+            kind: IFACE_MACHINE,
+            net: net.get(),
+            host: host.get(),
+            machine: machine.0,
+        };
         // The map entry goes in first: until it exists the programs pass traffic untouched, and
         // the machine has no address before its veth is attached, so nothing slips through.
         self.set_iface(ifindex, cfg)?;
@@ -145,8 +170,21 @@ impl Dataplane {
     }
 
     /// Attaches the fabric programs to a host's fabric link.
-    pub fn attach_fabric(&mut self, iface: &str, ifindex: u32, host: HostId) -> Result<(), EbpfError> {
-        self.set_iface(ifindex, IfaceCfg { kind: IFACE_FABRIC, net: 0, host: host.get(), machine: 0 })?;
+    pub fn attach_fabric(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        host: HostId,
+    ) -> Result<(), EbpfError> {
+        self.set_iface(
+            ifindex,
+            IfaceCfg {
+                kind: IFACE_FABRIC,
+                net: 0,
+                host: host.get(),
+                machine: 0,
+            },
+        )?;
         self.attach(iface, "fabric_in", TcAttachType::Ingress)?;
         self.attach(iface, "fabric_out", TcAttachType::Egress)
     }
@@ -155,37 +193,67 @@ impl Dataplane {
     pub fn forget_iface(&mut self, ifindex: u32) -> Result<(), EbpfError> {
         match self.ifaces()?.remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(EbpfError::Map { name: "ferry_ifaces", source }),
+            Err(source) => Err(EbpfError::Map {
+                name: "ferry_ifaces",
+                source,
+            }),
         }
     }
 
     /// Sums a counter over all CPUs.
     pub fn stat(&self, stat: Stat) -> Result<u64, EbpfError> {
-        let map = self.ebpf.map("ferry_stats").ok_or(EbpfError::Missing("ferry_stats"))?;
+        let map = self
+            .ebpf
+            .map("ferry_stats")
+            .ok_or(EbpfError::Missing("ferry_stats"))?;
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| EbpfError::Map { name: "ferry_stats", source })?;
-        let per_cpu =
-            arr.get(&(stat as u32), 0).map_err(|source| EbpfError::Map { name: "ferry_stats", source })?;
+            PerCpuArray::try_from(map).map_err(|source| EbpfError::Map {
+                name: "ferry_stats",
+                source,
+            })?;
+        let per_cpu = arr
+            .get(&(stat as u32), 0)
+            .map_err(|source| EbpfError::Map {
+                name: "ferry_stats",
+                source,
+            })?;
         Ok(per_cpu.iter().sum())
     }
 
     fn ifaces(&mut self) -> Result<BpfHashMap<&mut MapData, u32, IfaceCfg>, EbpfError> {
-        let map = self.ebpf.map_mut("ferry_ifaces").ok_or(EbpfError::Missing("ferry_ifaces"))?;
-        BpfHashMap::try_from(map).map_err(|source| EbpfError::Map { name: "ferry_ifaces", source })
+        let map = self
+            .ebpf
+            .map_mut("ferry_ifaces")
+            .ok_or(EbpfError::Missing("ferry_ifaces"))?;
+        BpfHashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: "ferry_ifaces",
+            source,
+        })
     }
 
     fn set_iface(&mut self, ifindex: u32, cfg: IfaceCfg) -> Result<(), EbpfError> {
         self.ifaces()?
             .insert(ifindex, cfg, 0)
-            .map_err(|source| EbpfError::Map { name: "ferry_ifaces", source })
+            .map_err(|source| EbpfError::Map {
+                name: "ferry_ifaces",
+                source,
+            })
     }
 
-    fn attach(&mut self, iface: &str, name: &'static str, at: TcAttachType) -> Result<(), EbpfError> {
+    fn attach(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        at: TcAttachType,
+    ) -> Result<(), EbpfError> {
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             // Both directions share one clsact qdisc: the second attach finds it in place.
             let msg = e.to_string();
             if !(msg.contains("exists") || msg.contains("Exclusivity")) {
-                return Err(EbpfError::Qdisc { iface: iface.to_owned(), source: std::io::Error::other(msg) });
+                return Err(EbpfError::Qdisc {
+                    iface: iface.to_owned(),
+                    source: std::io::Error::other(msg),
+                });
             }
         }
         let prog: &mut SchedClassifier = self
@@ -199,7 +267,9 @@ impl Dataplane {
             .map_err(|source| EbpfError::Program { name, source })?;
         // Taking the link out of aya's bookkeeping and forgetting it keeps the filter attached
         // after this object is dropped: it belongs to the interface from now on.
-        let link = prog.take_link(id).map_err(|source| EbpfError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| EbpfError::Program { name, source })?;
         std::mem::forget(link);
         Ok(())
     }

@@ -46,7 +46,10 @@ type FleetAddrKey = std::net::Ipv6Addr;
 impl DevFleet {
     /// Creates the fabric of fleet `name` (short: letters, digits, `-`).
     pub fn create(name: &str, mode: Mode) -> Result<Self, NetError> {
-        if name.is_empty() || name.len() > 24 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if name.is_empty()
+            || name.len() > 24
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err(NetError::Invalid(format!(
                 "fleet name {name:?}: use 1-24 letters, digits or '-'"
             )));
@@ -80,7 +83,9 @@ impl DevFleet {
     }
 
     fn pin_dir(&self, host: HostId) -> PathBuf {
-        PathBuf::from(BPF_PIN_ROOT).join(&self.name).join(format!("{:x}", host.get()))
+        PathBuf::from(BPF_PIN_ROOT)
+            .join(&self.name)
+            .join(format!("{:x}", host.get()))
     }
 
     /// Adds a host: its namespace, its fabric link, the one route to and from every other host.
@@ -95,16 +100,20 @@ impl DevFleet {
                 return Err(e);
             }
         };
-        self.hosts.push(FleetHost { net, machines: MachineAllocator::default() });
+        self.hosts.push(FleetHost {
+            net,
+            machines: MachineAllocator::default(),
+        });
 
         // Fabric: a veth whose bridge end stays in the fabric namespace.
         let host_file = ns.open()?;
         let port = format!("h{:x}", id.get());
         let mtu = self.mtu;
-        self.fabric().run(move |(nl, br)| -> Result<(), NetError> {
-            let idx = nl.create_veth(&port, FABRIC_IFACE, &host_file, mtu)?;
-            nl.set_controller(idx, *br)
-        })??;
+        self.fabric()
+            .run(move |(nl, br)| -> Result<(), NetError> {
+                let idx = nl.create_veth(&port, FABRIC_IFACE, &host_file, mtu)?;
+                nl.set_controller(idx, *br)
+            })??;
         let this = self.host(id)?;
         this.attach_fabric(self.mtu)?;
         for other in self.hosts.iter().filter(|h| h.net.id() != id) {
@@ -143,12 +152,19 @@ impl DevFleet {
             .find(|h| h.net.id() == host)
             .ok_or_else(|| NetError::NotFound(format!("host {host}")))?;
         let field: MachineField = h.machines.allocate()?;
-        let ns_name = format!("{FERRY_PREFIX}{}-m{:x}-{:x}", self.name, host.get(), field.0);
+        let ns_name = format!(
+            "{FERRY_PREFIX}{}-m{:x}-{:x}",
+            self.name,
+            host.get(),
+            field.0
+        );
         let m = h.net.add_machine(&ns_name, net, field, self.mtu)?;
         self.machines.insert(m.addr.ip(), m.clone());
         if self.mode == Mode::PlainRoutes {
             for other in self.hosts.iter().filter(|o| o.net.id() != host) {
-                other.net.add_plain_remote(m.addr, HostNet::underlay_addr(host))?;
+                other
+                    .net
+                    .add_plain_remote(m.addr, HostNet::underlay_addr(host))?;
             }
         }
         Ok(m)
@@ -195,8 +211,13 @@ impl DevFleet {
         }
         let pins = PathBuf::from(BPF_PIN_ROOT).join(&self.name);
         if pins.exists() {
-            note(std::fs::remove_dir_all(&pins).map_err(|e| NetError::io(format!("removing {}", pins.display()), e)));
+            note(
+                std::fs::remove_dir_all(&pins)
+                    .map_err(|e| NetError::io(format!("removing {}", pins.display()), e)),
+            );
         }
+        // The shared root goes too once no fleet uses it (fails harmlessly while one does).
+        let _ = std::fs::remove_dir(BPF_PIN_ROOT);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),

@@ -84,9 +84,18 @@ impl HostNet {
                 Err(e) => return Err(e),
             }
             let dp = pin_dir.map(|p| Dataplane::load(&p)).transpose()?;
-            Ok(HostState { nl, dp, fabric: None })
+            Ok(HostState {
+                nl,
+                dp,
+                fabric: None,
+            })
         })?;
-        Ok(HostNet { id, ns: ns.clone(), worker, swap })
+        Ok(HostNet {
+            id,
+            ns: ns.clone(),
+            worker,
+            swap,
+        })
     }
 
     pub fn id(&self) -> HostId {
@@ -125,7 +134,9 @@ impl HostNet {
         }
         let p = host_infra_prefix(peer);
         self.worker.run(move |s| {
-            let fab = s.fabric.ok_or_else(|| NetError::NotFound("fabric link".into()))?;
+            let fab = s
+                .fabric
+                .ok_or_else(|| NetError::NotFound("fabric link".into()))?;
             s.nl.add_route(p.addr(), p.len(), fab, Some(underlay))
         })?
     }
@@ -134,7 +145,9 @@ impl HostNet {
     pub fn add_plain_remote(&self, m: FleetAddr, underlay: Ipv6Addr) -> Result<(), NetError> {
         let p = m.machine_prefix();
         self.worker.run(move |s| {
-            let fab = s.fabric.ok_or_else(|| NetError::NotFound("fabric link".into()))?;
+            let fab = s
+                .fabric
+                .ok_or_else(|| NetError::NotFound("fabric link".into()))?;
             s.nl.add_route(p.addr(), p.len(), fab, Some(underlay))
         })?
     }
@@ -155,7 +168,11 @@ impl HostNet {
             let _ = ns.delete();
         }
         built?;
-        Ok(MachineNet { ns, addr, host_iface: machine_iface(field) })
+        Ok(MachineNet {
+            ns,
+            addr,
+            host_iface: machine_iface(field),
+        })
     }
 
     fn build_machine(&self, ns: &NetNs, addr: FleetAddr, mtu: u32) -> Result<(), NetError> {
@@ -187,7 +204,12 @@ impl HostNet {
             nl.up(eth, None)?;
             nl.add_address(eth, addr.ip(), 128)?;
             // The machine's only route: the whole fleet prefix via its host.
-            nl.add_route(Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 0), 16, eth, Some(HOST_LINK_LOCAL))
+            nl.add_route(
+                Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 0),
+                16,
+                eth,
+                Some(HOST_LINK_LOCAL),
+            )
         })?
     }
 
@@ -216,14 +238,20 @@ impl HostNet {
         self.worker.run(|s| {
             Stat::ALL
                 .iter()
-                .map(|&st| Ok((st, s.dp.as_ref().map(|d| d.stat(st)).transpose()?.unwrap_or(0))))
+                .map(|&st| {
+                    Ok((
+                        st,
+                        s.dp.as_ref().map(|d| d.stat(st)).transpose()?.unwrap_or(0),
+                    ))
+                })
                 .collect::<Result<Vec<_>, NetError>>()
         })?
     }
 
     pub fn set_machine_mtu(&self, m: &MachineNet, mtu: u32) -> Result<(), NetError> {
         let iface = m.host_iface.clone();
-        self.worker.run(move |s| s.nl.set_mtu(s.nl.require_index(&iface)?, mtu))??;
+        self.worker
+            .run(move |s| s.nl.set_mtu(s.nl.require_index(&iface)?, mtu))??;
         netns::run_in(&m.ns, move || {
             let nl = Netlink::new()?;
             nl.set_mtu(nl.require_index(MACHINE_IFACE)?, mtu)

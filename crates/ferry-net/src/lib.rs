@@ -28,9 +28,15 @@ pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/ferry";
 #[non_exhaustive]
 pub enum NetError {
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what}: {errno}")]
-    Sys { what: &'static str, errno: nix::errno::Errno },
+    Sys {
+        what: &'static str,
+        errno: nix::errno::Errno,
+    },
     #[error("netlink, {what}: {msg}")]
     Netlink { what: String, msg: String },
     #[error("eBPF: {0}")]
@@ -66,7 +72,8 @@ pub fn clean_all() -> Result<Vec<String>, NetError> {
         removed.push(format!("netns {}", ns.name()));
     }
     if std::path::Path::new(BPF_PIN_ROOT).exists() {
-        std::fs::remove_dir_all(BPF_PIN_ROOT).map_err(|e| NetError::io(format!("removing {BPF_PIN_ROOT}"), e))?;
+        std::fs::remove_dir_all(BPF_PIN_ROOT)
+            .map_err(|e| NetError::io(format!("removing {BPF_PIN_ROOT}"), e))?;
         removed.push(format!("bpf pins {BPF_PIN_ROOT}"));
     }
     Ok(removed)

@@ -25,7 +25,9 @@ pub struct NetNs {
 impl NetNs {
     /// The handle of an existing namespace (no check that it exists).
     pub fn named(name: &str) -> Self {
-        NetNs { name: name.to_owned() }
+        NetNs {
+            name: name.to_owned(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -56,8 +58,10 @@ impl NetNs {
         let target = ns.path();
         std::thread::scope(|s| {
             s.spawn(|| -> Result<(), NetError> {
-                File::create(&target).map_err(|e| NetError::io(format!("creating {}", target.display()), e))?;
-                unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetError::sys("unshare(CLONE_NEWNET)", e))?;
+                File::create(&target)
+                    .map_err(|e| NetError::io(format!("creating {}", target.display()), e))?;
+                unshare(CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetError::sys("unshare(CLONE_NEWNET)", e))?;
                 let bind = mount(
                     Some("/proc/thread-self/ns/net"),
                     &target,
@@ -110,23 +114,42 @@ pub fn list(prefix: &str) -> Vec<NetNs> {
 fn validate_name(name: &str) -> Result<(), NetError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
-        Err(NetError::Invalid(format!("{name:?} is not a valid namespace name")))
+        Err(NetError::Invalid(format!(
+            "{name:?} is not a valid namespace name"
+        )))
     }
 }
 
 /// Makes `/run/netns` a shared mount point the way iproute2 does, so namespaces mounted by either
 /// tool are visible to the other.
 fn ensure_netns_dir() -> Result<(), NetError> {
-    std::fs::create_dir_all(NETNS_DIR).map_err(|e| NetError::io("creating /run/netns".into(), e))?;
-    let shared = || mount(None::<&str>, NETNS_DIR, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    std::fs::create_dir_all(NETNS_DIR)
+        .map_err(|e| NetError::io("creating /run/netns".into(), e))?;
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
     if shared().is_err() {
-        mount(Some(NETNS_DIR), NETNS_DIR, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| NetError::sys("bind-mounting /run/netns", e))?;
+        mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| NetError::sys("bind-mounting /run/netns", e))?;
         shared().map_err(|e| NetError::sys("making /run/netns shared", e))?;
     }
     Ok(())
@@ -194,12 +217,21 @@ impl<S: 'static> NsThread<S> {
                 }
             })
             .map_err(|e| NetError::io("spawning a namespace thread".into(), e))?;
-        ready_rx.recv().map_err(|_| NetError::Panicked(ns.name.clone()))??;
-        Ok(NsThread { tx: Some(tx), thread: Some(thread), ns: ns.clone() })
+        ready_rx
+            .recv()
+            .map_err(|_| NetError::Panicked(ns.name.clone()))??;
+        Ok(NsThread {
+            tx: Some(tx),
+            thread: Some(thread),
+            ns: ns.clone(),
+        })
     }
 
     /// Runs `f` on the namespace thread and waits for its result.
-    pub fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut S) -> R + Send + 'static) -> Result<R, NetError> {
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> R + Send + 'static,
+    ) -> Result<R, NetError> {
         let (tx, rx) = mpsc::channel();
         let job: Job<S> = Box::new(move |s| {
             let _ = tx.send(f(s));
@@ -209,7 +241,8 @@ impl<S: 'static> NsThread<S> {
             .expect("sender lives until drop")
             .send(job)
             .map_err(|_| NetError::Panicked(self.ns.name.clone()))?;
-        rx.recv().map_err(|_| NetError::Panicked(self.ns.name.clone()))
+        rx.recv()
+            .map_err(|_| NetError::Panicked(self.ns.name.clone()))
     }
 }
 

@@ -31,7 +31,10 @@ pub struct Netlink {
 }
 
 fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> NetError + '_ {
-    move |e| NetError::Netlink { what: what.to_owned(), msg: e.to_string() }
+    move |e| NetError::Netlink {
+        what: what.to_owned(),
+        msg: e.to_string(),
+    }
 }
 
 impl Netlink {
@@ -41,8 +44,8 @@ impl Netlink {
             .build()
             .map_err(|e| NetError::io("building a netlink runtime".into(), e))?;
         let handle = rt.block_on(async {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| NetError::io("opening netlink".into(), e))?;
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| NetError::io("opening netlink".into(), e))?;
             tokio::spawn(conn);
             Ok::<_, NetError>(handle)
         })?;
@@ -51,7 +54,12 @@ impl Netlink {
 
     pub fn link_index(&self, name: &str) -> Result<Option<u32>, NetError> {
         self.rt.block_on(async {
-            let mut s = self.handle.link().get().match_name(name.to_owned()).execute();
+            let mut s = self
+                .handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute();
             match s.try_next().await {
                 Ok(Some(m)) => Ok(Some(m.header.index)),
                 Ok(None) => Ok(None),
@@ -62,7 +70,8 @@ impl Netlink {
     }
 
     pub fn require_index(&self, name: &str) -> Result<u32, NetError> {
-        self.link_index(name)?.ok_or_else(|| NetError::NotFound(format!("link {name}")))
+        self.link_index(name)?
+            .ok_or_else(|| NetError::NotFound(format!("link {name}")))
     }
 
     /// Brings a link up, optionally setting its MTU.
@@ -71,17 +80,27 @@ impl Netlink {
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
-        self.rt.block_on(self.handle.link().set(b.build()).execute()).map_err(nl("setting a link up"))
+        self.rt
+            .block_on(self.handle.link().set(b.build()).execute())
+            .map_err(nl("setting a link up"))
     }
 
     pub fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetError> {
         let m = LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.rt.block_on(self.handle.link().set(m).execute()).map_err(nl("setting an MTU"))
+        self.rt
+            .block_on(self.handle.link().set(m).execute())
+            .map_err(nl("setting an MTU"))
     }
 
     /// Creates a veth pair whose peer is born inside the namespace `peer_ns` (so its name only has
     /// to be unique there). Returns the local end's index.
-    pub fn create_veth(&self, name: &str, peer: &str, peer_ns: &std::fs::File, mtu: u32) -> Result<u32, NetError> {
+    pub fn create_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_ns: &std::fs::File,
+        mtu: u32,
+    ) -> Result<u32, NetError> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_owned())
             .mtu(mtu)
@@ -92,7 +111,9 @@ impl Netlink {
             .mtu(mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .build();
-        self.rt.block_on(self.handle.link().add(msg).execute()).map_err(nl("creating a veth pair"))?;
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(nl("creating a veth pair"))?;
         self.require_index(name)
     }
 
@@ -104,33 +125,68 @@ impl Netlink {
             .set_info_data(InfoData::Bridge(vec![InfoBridge::MulticastSnooping(0)]))
             .up()
             .build();
-        self.rt.block_on(self.handle.link().add(msg).execute()).map_err(nl("creating a bridge"))?;
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(nl("creating a bridge"))?;
         self.require_index(name)
     }
 
     pub fn set_controller(&self, index: u32, bridge: u32) -> Result<(), NetError> {
-        let m = LinkUnspec::new_with_index(index).controller(bridge).up().build();
-        self.rt.block_on(self.handle.link().set(m).execute()).map_err(nl("adding a bridge port"))
+        let m = LinkUnspec::new_with_index(index)
+            .controller(bridge)
+            .up()
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(m).execute())
+            .map_err(nl("adding a bridge port"))
     }
 
     pub fn delete_link(&self, index: u32) -> Result<(), NetError> {
         let h = self.handle.clone();
-        self.rt.block_on(h.link().del(index).execute()).map_err(nl("deleting a link"))
+        self.rt
+            .block_on(h.link().del(index).execute())
+            .map_err(nl("deleting a link"))
     }
 
     pub fn add_address(&self, index: u32, addr: Ipv6Addr, len: u8) -> Result<(), NetError> {
         let req = self.handle.address().add(index, IpAddr::V6(addr), len);
-        self.rt.block_on(req.execute()).map_err(nl("adding an address"))
+        self.rt
+            .block_on(req.execute())
+            .map_err(nl("adding an address"))
     }
 
     /// Adds an IPv6 route; `gateway` None means on-link through `oif`.
-    pub fn add_route(&self, dst: Ipv6Addr, len: u8, oif: u32, gateway: Option<Ipv6Addr>) -> Result<(), NetError> {
-        self.rt.block_on(self.handle.route().add(route_msg(dst, len, oif, gateway)).execute())
+    pub fn add_route(
+        &self,
+        dst: Ipv6Addr,
+        len: u8,
+        oif: u32,
+        gateway: Option<Ipv6Addr>,
+    ) -> Result<(), NetError> {
+        self.rt
+            .block_on(
+                self.handle
+                    .route()
+                    .add(route_msg(dst, len, oif, gateway))
+                    .execute(),
+            )
             .map_err(nl("adding a route"))
     }
 
-    pub fn del_route(&self, dst: Ipv6Addr, len: u8, oif: u32, gateway: Option<Ipv6Addr>) -> Result<(), NetError> {
-        self.rt.block_on(self.handle.route().del(route_msg(dst, len, oif, gateway)).execute())
+    pub fn del_route(
+        &self,
+        dst: Ipv6Addr,
+        len: u8,
+        oif: u32,
+        gateway: Option<Ipv6Addr>,
+    ) -> Result<(), NetError> {
+        self.rt
+            .block_on(
+                self.handle
+                    .route()
+                    .del(route_msg(dst, len, oif, gateway))
+                    .execute(),
+            )
             .map_err(nl("deleting a route"))
     }
 
@@ -138,11 +194,19 @@ impl Netlink {
     pub fn routes6(&self) -> Result<Vec<Route6>, NetError> {
         self.rt.block_on(async {
             let q = RouteMessageBuilder::<Ipv6Addr>::new().build();
-            let msgs: Vec<RouteMessage> =
-                self.handle.route().get(q).execute().try_collect().await.map_err(nl("listing routes"))?;
+            let msgs: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(q)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing routes"))?;
             Ok(msgs
                 .into_iter()
-                .filter(|m| m.header.address_family == AddressFamily::Inet6 && m.header.table == 254)
+                .filter(|m| {
+                    m.header.address_family == AddressFamily::Inet6 && m.header.table == 254
+                })
                 .map(|m| {
                     let mut r = Route6 {
                         dst: Ipv6Addr::UNSPECIFIED,
@@ -168,7 +232,14 @@ impl Netlink {
     /// The names of all links in this namespace.
     pub fn link_names(&self) -> Result<Vec<String>, NetError> {
         self.rt.block_on(async {
-            let msgs: Vec<_> = self.handle.link().get().execute().try_collect().await.map_err(nl("listing links"))?;
+            let msgs: Vec<_> = self
+                .handle
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing links"))?;
             Ok(msgs
                 .into_iter()
                 .filter_map(|m| {

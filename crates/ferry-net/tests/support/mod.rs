@@ -16,8 +16,16 @@ pub const PORT: u16 = 7000;
 /// A fleet name unique to this process and call, short enough for every derived name.
 pub fn unique_fleet(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("t{tag}{:x}{:x}{:x}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed), nanos & 0xfff)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "t{tag}{:x}{:x}{:x}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos & 0xfff
+    )
 }
 
 pub fn fleet(tag: &str, mode: Mode) -> DevFleet {
@@ -59,7 +67,10 @@ impl Echo {
                             got.extend_from_slice(&buf[..n]);
                             let _ = c.write_all(&buf[..n]);
                         }
-                        let ip = match peer { std::net::SocketAddr::V6(p) => *p.ip(), _ => unreachable!() };
+                        let ip = match peer {
+                            std::net::SocketAddr::V6(p) => *p.ip(),
+                            _ => unreachable!(),
+                        };
                         l.lock().unwrap().push((ip, got, true));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -69,25 +80,39 @@ impl Echo {
         let (l, s) = (log.clone(), stop.clone());
         let udp = spawn_in(&m.ns, move || {
             let sock = UdpSocket::bind(addr).expect("bind udp");
-            sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
             ready_tx.send(()).unwrap();
             let mut buf = vec![0u8; 1 << 16];
             while !s.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], peer);
-                    let ip = match peer { std::net::SocketAddr::V6(p) => *p.ip(), _ => unreachable!() };
+                    let ip = match peer {
+                        std::net::SocketAddr::V6(p) => *p.ip(),
+                        _ => unreachable!(),
+                    };
                     l.lock().unwrap().push((ip, buf[..n].to_vec(), false));
                 }
             }
         });
         for _ in 0..2 {
-            ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo server did not start");
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("echo server did not start");
         }
-        Echo { log, stop, threads: vec![tcp, udp] }
+        Echo {
+            log,
+            stop,
+            threads: vec![tcp, udp],
+        }
     }
 
     pub fn saw(&self, payload: &[u8]) -> bool {
-        self.log.lock().unwrap().iter().any(|(_, p, _)| p == payload)
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, p, _)| p == payload)
     }
 }
 
@@ -101,11 +126,52 @@ impl Drop for Echo {
 }
 
 /// Sends `payload` over TCP from `from` to `to`'s echo server; returns what came back.
-pub fn tcp_echo(from: &MachineNet, to: Ipv6Addr, payload: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+pub fn tcp_echo(
+    from: &MachineNet,
+    to: Ipv6Addr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    tcp_echo_src(from, None, to, payload, timeout)
+}
+
+/// Like [`tcp_echo`], from a chosen source address (std cannot bind before connecting).
+pub fn tcp_echo_src(
+    from: &MachineNet,
+    src: Option<Ipv6Addr>,
+    to: Ipv6Addr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn6};
+    use std::os::fd::AsRawFd;
     let payload = payload.to_vec();
     netns::run_in(&from.ns, move || {
-        let mut c = TcpStream::connect_timeout(&SocketAddrV6::new(to, PORT, 0, 0).into(), timeout).ok()?;
-        c.set_read_timeout(Some(timeout)).unwrap();
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .ok()?;
+        if let Some(src) = src {
+            bind(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, 0)),
+            )
+            .ok()?;
+        }
+        let _ = connect(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(SocketAddrV6::new(to, PORT, 0, 0)),
+        );
+        let mut c = TcpStream::from(fd);
+        // Wait for the handshake, bounded: peer_addr succeeds once connected.
+        if !eventually(timeout, || c.peer_addr().is_ok()) {
+            return None;
+        }
+        c.set_nonblocking(false).ok()?;
+        c.set_read_timeout(Some(timeout)).ok()?;
         c.write_all(&payload).ok()?;
         let mut back = vec![0u8; payload.len()];
         c.read_exact(&mut back).ok()?;
@@ -116,10 +182,22 @@ pub fn tcp_echo(from: &MachineNet, to: Ipv6Addr, payload: &[u8], timeout: Durati
 
 /// Sends one UDP datagram from `from` (optionally from a chosen source address) and waits for
 /// the echo.
-pub fn udp_echo(from: &MachineNet, src: Option<Ipv6Addr>, to: Ipv6Addr, payload: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+pub fn udp_echo(
+    from: &MachineNet,
+    src: Option<Ipv6Addr>,
+    to: Ipv6Addr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
     let payload = payload.to_vec();
     netns::run_in(&from.ns, move || {
-        let s = UdpSocket::bind(SocketAddrV6::new(src.unwrap_or(Ipv6Addr::UNSPECIFIED), 0, 0, 0)).unwrap();
+        let s = UdpSocket::bind(SocketAddrV6::new(
+            src.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            0,
+            0,
+            0,
+        ))
+        .unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 1 << 16];
@@ -151,7 +229,15 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Runs a command inside a namespace (test-only: tools such as ethtool have no netlink API).
 pub fn ns_exec(ns: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("ip netns exec");
-    assert!(out.status.success(), "{args:?} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
