@@ -8,7 +8,7 @@ use ferry_ebpf::Stat;
 use ferry_net::netns;
 use ferry_net::nl::Netlink;
 use ferry_net::{DevFleet, MachineNet, Mode};
-use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::net::{SocketAddrV6, UdpSocket};
 use std::time::Duration;
 use support::*;
 
