@@ -26,7 +26,12 @@ pub struct Allocator {
 
 impl Allocator {
     fn new(kind: &'static str, first: u64, last: u64) -> Self {
-        Allocator { kind, first, last, next: first }
+        Allocator {
+            kind,
+            first,
+            last,
+            next: first,
+        }
     }
     fn restore(mut self, state: AllocatorState) -> Self {
         // A state from before the space moved up still never goes backwards.

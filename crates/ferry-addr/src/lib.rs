@@ -50,7 +50,10 @@ pub enum AddrError {
     #[error("{addr} is outside the fleet prefix fdaa::/16")]
     NotFleet { addr: Ipv6Addr },
     #[error("{addr} is not a guest-form address: {reason}")]
-    NotGuest { addr: Ipv6Addr, reason: &'static str },
+    NotGuest {
+        addr: Ipv6Addr,
+        reason: &'static str,
+    },
     #[error("network ID {0:#x} is outside the network space (below 2^31)")]
     NetworkOutOfRange(u64),
     #[error("host ID {0:#x} is outside the host space (2^31 and above)")]
@@ -130,10 +133,14 @@ impl FleetAddr {
         match classify(a) {
             None => Err(AddrError::NotFleet { addr: a }),
             Some(Form::Guest) => Ok(FleetAddr(a)),
-            Some(Form::Infra) => Err(AddrError::NotGuest { addr: a, reason: "it is in infra form" }),
-            Some(Form::Service) => {
-                Err(AddrError::NotGuest { addr: a, reason: "it is an infrastructure service address" })
-            }
+            Some(Form::Infra) => Err(AddrError::NotGuest {
+                addr: a,
+                reason: "it is in infra form",
+            }),
+            Some(Form::Service) => Err(AddrError::NotGuest {
+                addr: a,
+                reason: "it is an infrastructure service address",
+            }),
             Some(Form::Invalid) => Err(AddrError::NotGuest {
                 addr: a,
                 reason: "its network or host field is outside its ID space",
@@ -181,7 +188,9 @@ impl FromStr for FleetAddr {
     type Err = AddrError;
     /// Any RFC 4291 text form: compressed, expanded, upper case, leading zeros.
     fn from_str(s: &str) -> Result<Self, AddrError> {
-        let ip: Ipv6Addr = s.trim().parse().map_err(|_| AddrError::Syntax { input: s.to_owned() })?;
+        let ip: Ipv6Addr = s.trim().parse().map_err(|_| AddrError::Syntax {
+            input: s.to_owned(),
+        })?;
         FleetAddr::from_ipv6(ip)
     }
 }
@@ -194,7 +203,10 @@ impl InfraAddr {
     pub fn from_ipv6(a: Ipv6Addr) -> Result<Self, AddrError> {
         match classify(a) {
             Some(Form::Infra) => Ok(InfraAddr(a)),
-            Some(_) => Err(AddrError::NotGuest { addr: a, reason: "it is not in infra form" }),
+            Some(_) => Err(AddrError::NotGuest {
+                addr: a,
+                reason: "it is not in infra form",
+            }),
             None => Err(AddrError::NotFleet { addr: a }),
         }
     }
@@ -215,7 +227,10 @@ impl fmt::Display for InfraAddr {
 /// The /48 of infra space a host owns: the one route every other host needs for it.
 pub fn host_infra_prefix(host: HostId) -> Prefix {
     let h = host.get();
-    Prefix::new(Ipv6Addr::new(FLEET_PREFIX, (h >> 16) as u16, h as u16, 0, 0, 0, 0, 0), 48)
+    Prefix::new(
+        Ipv6Addr::new(FLEET_PREFIX, (h >> 16) as u16, h as u16, 0, 0, 0, 0, 0),
+        48,
+    )
 }
 
 /// An IPv6 prefix, host bits cleared.
@@ -230,8 +245,15 @@ impl Prefix {
     /// If `len > 128`.
     pub fn new(addr: Ipv6Addr, len: u8) -> Self {
         assert!(len <= 128, "prefix length {len} > 128");
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
-        Prefix { addr: Ipv6Addr::from(u128::from(addr) & mask), len }
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len))
+        };
+        Prefix {
+            addr: Ipv6Addr::from(u128::from(addr) & mask),
+            len,
+        }
     }
     pub fn addr(&self) -> Ipv6Addr {
         self.addr

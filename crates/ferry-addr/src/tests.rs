@@ -24,9 +24,23 @@ fn ones_sum(addrs: &[Ipv6Addr]) -> u16 {
 /// Every RFC 4291/5952 text form of one address.
 fn text_forms(a: Ipv6Addr) -> Vec<String> {
     let w = a.segments();
-    let expanded = w.iter().map(|x| format!("{x:04x}")).collect::<Vec<_>>().join(":");
-    let no_zeros = w.iter().map(|x| format!("{x:x}")).collect::<Vec<_>>().join(":");
-    vec![a.to_string(), a.to_string().to_uppercase(), expanded.clone(), expanded.to_uppercase(), no_zeros]
+    let expanded = w
+        .iter()
+        .map(|x| format!("{x:04x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let no_zeros = w
+        .iter()
+        .map(|x| format!("{x:x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    vec![
+        a.to_string(),
+        a.to_string().to_uppercase(),
+        expanded.clone(),
+        expanded.to_uppercase(),
+        no_zeros,
+    ]
 }
 
 proptest! {
@@ -95,7 +109,10 @@ fn the_spec_example_decodes() {
     assert_eq!(a.host().get(), 0x8000_007d);
     assert_eq!(a.machine(), MachineField(0xf066_b83b));
     assert_eq!(a.suffix(), 2);
-    assert_eq!(a.machine_prefix().to_string(), "fdaa:0:18:8000:7d:f066:b83b:0/112");
+    assert_eq!(
+        a.machine_prefix().to_string(),
+        "fdaa:0:18:8000:7d:f066:b83b:0/112"
+    );
     assert_eq!(a.network_prefix().to_string(), "fdaa:0:18::/48");
     assert_eq!(a.to_infra().to_string(), "fdaa:8000:7d:0:18:f066:b83b:2");
     assert_eq!(host_infra_prefix(a.host()).to_string(), "fdaa:8000:7d::/48");
@@ -121,8 +138,16 @@ fn bad_inputs_are_named() {
 
 #[test]
 fn allocators_stop_at_the_end_of_their_space() {
-    let mut n = NetworkAllocator::restore(AllocatorState { next: u64::from(NetworkId::MAX) });
+    let mut n = NetworkAllocator::restore(AllocatorState {
+        next: u64::from(NetworkId::MAX),
+    });
     assert_eq!(n.allocate().unwrap().get(), NetworkId::MAX);
-    assert!(matches!(n.allocate(), Err(AddrError::Exhausted { kind: "network" })));
-    assert_eq!(HostAllocator::default().allocate().unwrap().get(), HostId::MIN);
+    assert!(matches!(
+        n.allocate(),
+        Err(AddrError::Exhausted { kind: "network" })
+    ));
+    assert_eq!(
+        HostAllocator::default().allocate().unwrap().get(),
+        HostId::MIN
+    );
 }
