@@ -91,6 +91,15 @@ impl DevFleet {
     /// Adds a host: its namespace, its fabric link, the one route to and from every other host.
     pub fn add_host(&mut self) -> Result<HostId, NetError> {
         let id = self.host_ids.allocate()?;
+        self.add_host_with_id(id)?;
+        Ok(id)
+    }
+
+    /// Adds a host whose ID was allocated elsewhere (the store, when a fleet comes back).
+    pub fn add_host_with_id(&mut self, id: HostId) -> Result<(), NetError> {
+        if self.hosts.iter().any(|h| h.net.id() == id) {
+            return Err(NetError::Exists(format!("host {id}")));
+        }
         let ns = NetNs::create(&format!("{FERRY_PREFIX}{}-h{:x}", self.name, id.get()))?;
         let pin = (self.mode == Mode::Swap).then(|| self.pin_dir(id));
         let net = match HostNet::start(id, &ns, pin) {
@@ -125,7 +134,7 @@ impl DevFleet {
                 this.add_plain_remote(m.addr, HostNet::underlay_addr(m.host()))?;
             }
         }
-        Ok(id)
+        Ok(())
     }
 
     fn fabric(&self) -> &NsThread<(Netlink, u32)> {

@@ -18,8 +18,20 @@ struct Cli {
 enum Cmd {
     /// Run a whole dev fleet on this box, or clean up after one.
     Dev(cmd::dev::DevArgs),
+    /// Machines: run, list, status, stop, start, destroy, exec.
+    Machine(cmd::machine::MachineArgs),
+    /// Apps: create, list, destroy.
+    App(cmd::app::AppArgs),
+    /// Hosts: list.
+    Host(cmd::app::HostArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
     Sweep(cmd::sweep::SweepArgs),
+    /// The per-host agent (started by `ferry dev`, or by the host's init system).
+    #[command(hide = true)]
+    Agent(cmd::agent::AgentArgs),
+    /// PID 1 of every machine (started by the agent).
+    #[command(hide = true)]
+    Init(ferry_runtime::InitArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +46,11 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Dev(args) => cmd::dev::run(args),
         Cmd::Sweep(args) => cmd::sweep::run(args),
+        Cmd::Machine(args) => cmd::machine::run(args),
+        Cmd::App(args) => cmd::app::run(args),
+        Cmd::Host(args) => cmd::app::host(args),
+        Cmd::Agent(args) => cmd::agent::run(args),
+        Cmd::Init(args) => cmd::agent::init(args),
     };
     match result {
         Ok(code) => code,

@@ -1,12 +1,14 @@
-//! `ferry dev`: a whole fleet on this box, and `ferry dev clean`.
+//! `ferry dev`: a whole fleet on this box (API server, N host namespaces, one agent process per
+//! host, the embedded store), with a demo; `ferry dev clean` removes what ferry left behind.
 
 use anyhow::{bail, Context, Result};
-use ferry_addr::NetworkId;
-use ferry_net::netns;
-use ferry_net::{DevFleet, MachineNet, Mode};
-use std::io::{Read, Write};
-use std::net::{SocketAddrV6, TcpListener, TcpStream};
-use std::process::ExitCode;
+use ferry_api::server::{self, Ctx};
+use ferry_net::{netns, DevFleet, Mode};
+use ferry_store::{SqliteStore, Store};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -14,31 +16,50 @@ use std::time::{Duration, Instant};
 pub struct DevArgs {
     #[command(subcommand)]
     cmd: Option<DevCmd>,
-    /// How many hosts (network namespaces joined by a fabric bridge).
+    /// How many hosts (network namespaces joined by a fabric bridge, one agent each).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     hosts: u32,
+    /// Where the store (SQLite), volumes and run directories live. Starting again on the same
+    /// directory brings the fleet back: machines that were started run again, same IDs and
+    /// addresses.
+    #[arg(long, default_value = "/var/lib/ferry/dev")]
+    state_dir: PathBuf,
     /// Fleet name: prefixes every namespace (`ferry-<name>-...`) and BPF pin of this fleet.
     #[arg(long, default_value = "dev")]
     name: String,
-    /// Run the demo, print the result, tear the fleet down and exit (for scripts and CI).
+    /// The API listener (the CLI finds it through FERRY_API or --api).
+    #[arg(long, default_value = "127.0.0.1:4280")]
+    listen: std::net::SocketAddr,
+    /// Skip the demo apps on a fresh state directory.
+    #[arg(long)]
+    no_demo: bool,
+    /// Run the demo, print the result, stop everything and exit (for scripts and CI).
     #[arg(long)]
     exit_after_demo: bool,
-    /// Print the fleet as JSON instead of tables.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(clap::Subcommand)]
 enum DevCmd {
     /// Remove everything ferry created on this machine: `ferry-*` namespaces (with their links,
-    /// routes and TC programs) and BPF pins under /sys/fs/bpf/ferry. Safe to run any time no
-    /// fleet is in use.
+    /// routes and TC programs), BPF pins under /sys/fs/bpf/ferry, machine cgroups, and
+    /// processes still running in them. Safe to run any time no fleet is in use.
     Clean,
 }
 
 pub fn run(args: DevArgs) -> Result<ExitCode> {
     if let Some(DevCmd::Clean) = args.cmd {
-        let removed = ferry_net::clean_all().context("cleaning up")?;
+        let mut removed = Vec::new();
+        if let Ok(layout) = ferry_runtime::CgroupLayout::discover() {
+            for id in layout.machine_ids() {
+                if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, &id) {
+                    cg.kill_all();
+                    if cg.remove().is_ok() {
+                        removed.push(format!("cgroup of machine {id}"));
+                    }
+                }
+            }
+        }
+        removed.extend(ferry_net::clean_all().context("cleaning up")?);
         if removed.is_empty() {
             println!("nothing to clean");
         }
@@ -49,7 +70,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("ferry dev creates network namespaces and loads eBPF: run it as root");
+        bail!("ferry dev creates network namespaces, cgroups and eBPF programs: run it as root");
     }
     if !netns::list(&format!("ferry-{}-", args.name)).is_empty() {
         bail!(
@@ -65,113 +86,347 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     sigs.add(nix::sys::signal::Signal::SIGTERM);
     sigs.thread_block()?;
 
-    let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
     let t0 = Instant::now();
-    let hosts: Vec<_> = (0..args.hosts).map(|_| fleet.add_host()).collect::<Result<_, _>>()?;
-    let nets = [NetworkId::new(1)?, NetworkId::new(2)?];
-    let mut machines = Vec::new();
-    for &h in &hosts {
-        for &n in &nets {
-            machines.push(fleet.add_machine(h, n)?);
-        }
-    }
-    let setup = t0.elapsed();
 
-    let demo = demo(&machines)?;
-    if args.json {
-        let out = serde_json::json!({
-            "fleet": args.name,
-            "hosts": hosts.iter().map(|h| serde_json::json!({
-                "id": format!("{:x}", h.get()),
-                "namespace": format!("ferry-{}-h{:x}", args.name, h.get()),
-                "infra_prefix": ferry_addr::host_infra_prefix(*h).to_string(),
-            })).collect::<Vec<_>>(),
-            "machines": machines.iter().map(|m| serde_json::json!({
-                "namespace": m.ns.name(), "private_ip": m.addr.to_string(),
-                "network": m.addr.network().get(), "host": format!("{:x}", m.host().get()),
-            })).collect::<Vec<_>>(),
-            "demo": demo.iter().map(|d| serde_json::json!({"from": d.0, "to": d.1, "result": d.2})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("fleet {:?}: {} hosts, {} machines, up in {:.0?}\n", args.name, hosts.len(), machines.len(), setup);
-        println!("{:<10} {:<26} {:<22}", "HOST", "NAMESPACE", "INFRA PREFIX");
-        for h in &hosts {
-            let ns = format!("ferry-{}-h{:x}", args.name, h.get());
-            println!("{:<10} {:<26} {:<22}", format!("{:x}", h.get()), ns, ferry_addr::host_infra_prefix(*h).to_string());
-        }
-        println!("\n{:<34} {:<8} {:<10} NAMESPACE", "PRIVATE IP", "NETWORK", "HOST");
-        for m in &machines {
-            println!("{:<34} {:<8} {:<10} {}", m.addr.to_string(), m.addr.network().get(), format!("{:x}", m.host().get()), m.ns.name());
-        }
-        println!("\ndemo (TCP echo over private addresses):");
-        for (from, to, result, _) in &demo {
-            println!("  {from} -> {to}: {result}");
-        }
+    // Hosts keep their IDs across restarts: the store allocated them once.
+    let mut hosts = store.list_hosts()?;
+    while hosts.len() < args.hosts as usize {
+        hosts.push(store.register_host("dev", "")?);
     }
-    let ok = demo.iter().all(|d| d.3);
-    if args.exit_after_demo {
-        fleet.teardown()?;
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    hosts.truncate(args.hosts as usize);
+    for h in &mut hosts {
+        h.endpoint.clear(); // endpoints of a previous run are stale until agents register again
+        store.put_host(h)?;
     }
-    println!(
-        "\nexplore it: `ip netns exec {} ping {}`; Ctrl-C tears the fleet down.",
-        machines[0].ns.name(),
-        machines.last().map(|m| m.addr.to_string()).unwrap_or_default()
-    );
-    let sig = sigs.wait()?;
-    eprintln!("{sig:?}: tearing down fleet {:?}", args.name);
-    fleet.teardown()?;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
+    let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
+    for h in &hosts {
+        fleet.add_host_with_id(h.id)?;
+    }
 
-/// Talks between machines: same network across hosts (must work), other network (must not).
-fn demo(ms: &[MachineNet]) -> Result<Vec<(String, String, String, bool)>> {
-    let a = &ms[0];
-    let same = ms.iter().rev().find(|m| m.addr.network() == a.addr.network() && m.host() != a.host());
-    let other = ms.iter().rev().find(|m| m.addr.network() != a.addr.network());
-    let mut out = Vec::new();
-    for (to, expect) in [(same, true), (other, false)] {
-        let Some(to) = to else { continue };
-        let got = echo_once(a, to)?;
-        let result = match (&got, expect) {
-            (Some(b), true) => format!("ok, {} bytes echoed (same network, across hosts)", b.len()),
-            (None, false) => "blocked (different network: isolation)".into(),
-            (Some(_), false) => "REACHED another network: isolation is broken".into(),
-            (None, true) => "FAILED: no answer".into(),
-        };
-        out.push((a.addr.to_string(), to.addr.to_string(), result, got.is_some() == expect));
-    }
-    Ok(out)
-}
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let ctx = Ctx::new(store.clone(), args.state_dir.join("volumes"));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(args.listen))
+        .with_context(|| {
+            format!(
+                "listening on {} (is another ferry dev running? use --listen)",
+                args.listen
+            )
+        })?;
+    let app = server::router(ctx.clone());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    let api = format!("http://{}", args.listen);
 
-fn echo_once(from: &MachineNet, to: &MachineNet) -> Result<Option<Vec<u8>>> {
-    let addr = SocketAddrV6::new(to.addr.ip(), 7, 0, 0);
-    let listener = netns::run_in(&to.ns, move || TcpListener::bind(addr))??;
-    let server = std::thread::spawn(move || {
-        listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok((mut c, _)) = listener.accept() {
-                c.set_nonblocking(false)?;
-                let mut buf = [0u8; 64];
-                let n = c.read(&mut buf)?;
-                c.write_all(&buf[..n])?;
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok::<_, std::io::Error>(())
+    let agents = Agents::start(
+        &args,
+        &hosts.iter().map(|h| h.id.get()).collect::<Vec<_>>(),
+        &api,
+    )?;
+    let registered = wait_for(Duration::from_secs(20), || {
+        store
+            .list_hosts()
+            .map(|hs| hs.iter().all(|h| !h.endpoint.is_empty()))
+            .unwrap_or(false)
     });
-    let msg = format!("hello from {}", from.addr).into_bytes();
-    let got = netns::run_in(&from.ns, move || -> Option<Vec<u8>> {
-        let mut c = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(500)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-        c.write_all(&msg).ok()?;
-        let mut back = vec![0u8; msg.len()];
-        c.read_exact(&mut back).ok()?;
-        Some(back)
-    })?;
-    let _ = server.join();
-    Ok(got)
+    if !registered {
+        agents.stop();
+        bail!("the host agents did not register within 20 s (see the log above)");
+    }
+
+    // Machines that were running when the fleet last stopped run again.
+    let resume: Vec<String> = store
+        .kv_get("dev/resume")?
+        .map(|s| serde_json::from_str(&s).unwrap_or_default())
+        .unwrap_or_default();
+    let mut resumed = 0;
+    for (id, r) in rt.block_on(server::resume(&ctx, &resume)) {
+        match r {
+            Ok(()) => resumed += 1,
+            Err(e) => eprintln!("machine {id} did not come back: {e}"),
+        }
+    }
+    store.kv_put("dev/resume", "[]")?;
+
+    println!(
+        "ferry dev: fleet {:?}, {} hosts, API {api}, state in {} (up in {:.1?}{})",
+        args.name,
+        hosts.len(),
+        args.state_dir.display(),
+        t0.elapsed(),
+        if resumed > 0 {
+            format!(", {resumed} machines resumed")
+        } else {
+            String::new()
+        }
+    );
+    let mut ok = true;
+    if !args.no_demo && store.list_apps(None)?.is_empty() {
+        ok = rt.block_on(demo(&api))?;
+    }
+    if !args.exit_after_demo {
+        println!("\nexplore (in another shell):");
+        println!("  export FERRY_API={api}");
+        println!(
+            "  ferry machine list          ferry host list          ferry machine status <id>"
+        );
+        println!("  ferry machine run --app web -- python3 -m http.server 8080 --bind ::");
+        println!("  ferry machine exec <id> -- cat /etc/resolv.conf");
+        println!("Ctrl-C stops every machine (its stop_config) and the fleet; `ferry dev` again brings it back.");
+        let sig = sigs.wait()?;
+        eprintln!("{sig:?}: stopping machines");
+    }
+    let stopped = rt.block_on(server::stop_all(&ctx));
+    store.kv_put("dev/resume", &serde_json::to_string(&stopped)?)?;
+    eprintln!(
+        "stopped {} machines; stopping agents and the fleet",
+        stopped.len()
+    );
+    agents.stop();
+    remove_machine_cgroups();
+    fleet.teardown()?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn remove_machine_cgroups() {
+    if let Ok(layout) = ferry_runtime::CgroupLayout::discover() {
+        for id in layout.machine_ids() {
+            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, &id) {
+                cg.kill_all();
+                let _ = cg.remove();
+            }
+        }
+    }
+}
+
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// One `ferry agent` process per host, restarted if it dies (as systemd would on a real host).
+struct Agents {
+    children: Arc<Mutex<Vec<(u32, Child)>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Agents {
+    fn start(args: &DevArgs, hosts: &[u32], api: &str) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let spawn = {
+            let (exe, name, dir, api) = (
+                exe.clone(),
+                args.name.clone(),
+                args.state_dir.clone(),
+                api.to_owned(),
+            );
+            move |h: u32| -> std::io::Result<Child> {
+                let sd = dir.join("hosts").join(format!("{h:x}"));
+                std::fs::create_dir_all(&sd)?;
+                let mut cmd = Command::new(&exe);
+                // SAFETY: only async-signal-safe calls (sigprocmask) between fork and exec.
+                unsafe {
+                    use std::os::unix::process::CommandExt;
+                    // ferry dev blocks SIGINT/SIGTERM for sigwait; agents must not inherit that.
+                    cmd.pre_exec(|| {
+                        nix::sys::signal::SigSet::all()
+                            .thread_unblock()
+                            .map_err(std::io::Error::from)
+                    });
+                }
+                cmd.args(["agent", "--host-id", &format!("{h:x}"), "--region", "dev"])
+                    .args([
+                        "--netns",
+                        &format!("ferry-{name}-h{h:x}"),
+                        "--fleet",
+                        &format!("ferry-{name}"),
+                    ])
+                    .arg("--state-dir")
+                    .arg(&sd)
+                    .args(["--server", &api])
+                    .spawn()
+            }
+        };
+        let mut children = Vec::new();
+        for &h in hosts {
+            children.push((h, spawn(h)?));
+        }
+        let children = Arc::new(Mutex::new(children));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (c, s) = (children.clone(), stopping.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let mut kids = c.lock().unwrap();
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                for (h, child) in kids.iter_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        eprintln!("agent of host {h:x} exited ({status}); restarting it");
+                        match spawn(*h) {
+                            Ok(n) => *child = n,
+                            Err(e) => eprintln!("restarting the agent of host {h:x}: {e}"),
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Agents { children, stopping })
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let mut kids = self.children.lock().unwrap();
+        for (_, c) in kids.iter_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for (_, c) in kids.iter_mut() {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two apps in one org (a web server and a client that calls it over its private address) and
+/// one app in another org that cannot.
+async fn demo(api: &str) -> Result<bool> {
+    let http = reqwest::Client::new();
+    let post = |path: String, body: serde_json::Value| {
+        let http = http.clone();
+        let url = format!("{api}{path}");
+        async move {
+            let r = http.post(&url).json(&body).send().await?;
+            let status = r.status();
+            let v: serde_json::Value = r.json().await?;
+            if !status.is_success() {
+                bail!("{url}: {}", v["error"]);
+            }
+            Ok::<_, anyhow::Error>(v)
+        }
+    };
+    println!("\ndemo:");
+    for (app, org) in [
+        ("hello", "personal"),
+        ("client", "personal"),
+        ("intruder", "acme"),
+    ] {
+        post(
+            "/v1/apps".into(),
+            serde_json::json!({"app_name": app, "org_slug": org}),
+        )
+        .await?;
+    }
+    let server_py = r#"import http.server, os, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(s):
+        b = ("hello from machine %s at %s\n" % (os.environ["FERRY_MACHINE_ID"], os.environ["FERRY_PRIVATE_IP"])).encode()
+        s.send_response(200); s.end_headers(); s.wfile.write(b)
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+S(("::", 8080), H).serve_forever()
+"#;
+    let hosts: Vec<serde_json::Value> = http
+        .get(format!("{api}/v1/hosts"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let host = |i: usize| {
+        hosts[i % hosts.len()]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let web = post(
+        "/v1/apps/hello/machines".into(),
+        serde_json::json!({"host": host(0), "config": {"init": {"cmd": ["python3", "-c", server_py]},
+            "checks": {"web": {"type": "tcp", "port": 8080, "kind": "readiness"}}}}),
+    )
+    .await?;
+    let sleeper = serde_json::json!({"init": {"cmd": ["sleep", "infinity"]}});
+    let client = post(
+        "/v1/apps/client/machines".into(),
+        serde_json::json!({"host": host(1), "config": sleeper}),
+    )
+    .await?;
+    let intruder = post(
+        "/v1/apps/intruder/machines".into(),
+        serde_json::json!({"host": host(2), "config": sleeper}),
+    )
+    .await?;
+    let ip = web["private_ip"].as_str().unwrap_or_default().to_owned();
+    for m in [&web, &client, &intruder] {
+        println!(
+            "  {:<9} {} {:<8} host {} {}",
+            m["app"].as_str().unwrap_or(""),
+            m["id"].as_str().unwrap_or(""),
+            m["state"].as_str().unwrap_or(""),
+            m["host"].as_str().unwrap_or(""),
+            m["private_ip"].as_str().unwrap_or("")
+        );
+    }
+    let fetch = |tries: u32| {
+        format!(
+            r#"import urllib.request, time
+err = None
+for i in range({tries}):
+    try:
+        print(urllib.request.urlopen("http://[{ip}]:8080/", timeout=2).read().decode(), end="")
+        break
+    except Exception as e:
+        err = e
+        time.sleep(0.1)
+else:
+    print("unreachable:", err)
+    raise SystemExit(1)
+"#
+        )
+    };
+    let mut ok = true;
+    for (who, m, expect) in [
+        ("client (same org)", &client, true),
+        ("intruder (org acme)", &intruder, false),
+    ] {
+        let script = fetch(if expect { 50 } else { 1 });
+        let r = post(
+            format!(
+                "/v1/apps/{}/machines/{}/exec",
+                m["app"].as_str().unwrap_or(""),
+                m["id"].as_str().unwrap_or("")
+            ),
+            serde_json::json!({"cmd": ["python3", "-c", script], "timeout": 30}),
+        )
+        .await?;
+        let reached = r["exit_code"].as_i64() == Some(0);
+        let out = r["stdout"].as_str().unwrap_or("").trim().to_owned();
+        println!(
+            "  {who} -> http://[{ip}]:8080/: {}",
+            if reached {
+                out
+            } else {
+                format!("blocked ({out})")
+            }
+        );
+        ok &= reached == expect;
+    }
+    Ok(ok)
 }

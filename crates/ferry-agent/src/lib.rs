@@ -1,0 +1,43 @@
+//! The per-host agent (SPEC §4). It owns everything of its host's machines: their network
+//! namespaces and veths (through `ferry-net`), cgroups and processes (through `ferry-runtime`),
+//! and their run directories. The server tells it what to run over loopback HTTP; it tells the
+//! server what happened by itself (exits, restarts, checks).
+//!
+//! Machines outlive the agent: their processes are not its children in any way that matters
+//! (each has a shim), their TC programs belong to their interfaces, their maps are pinned. A new
+//! agent process finds them again from the run directories and reports the true state.
+//!
+//! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
+
+mod machines;
+
+pub use machines::{Agent, AgentConfig};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("machine {0} is not on this host")]
+    UnknownMachine(String),
+    #[error("machine {0} is not running")]
+    NotRunning(String),
+    #[error("network: {0}")]
+    Net(#[from] ferry_net::NetError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] ferry_runtime::RuntimeError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+impl AgentError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The agent's machine table and its HTTP interface.
+
+use crate::AgentError;
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_addr::{HostId, MachineField, NetworkId};
+use ferry_api::config::RestartPolicy;
+use ferry_api::proto::{
+    AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
+    StopMachine,
+};
+use ferry_api::ApiError;
+use ferry_net::{HostNet, NetNs};
+use ferry_runtime::{CgroupLayout, InitSpec, Limits, MachineCgroup, MountSpec, Running};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub host_id: HostId,
+    pub region: String,
+    /// The host's network namespace (`None`: the agent's own, on a real host).
+    pub host_netns: String,
+    /// Prefix of machine namespace names (`ferry-<fleet>`).
+    pub fleet: String,
+    /// Where run directories live (`<state_dir>/machines/<id>`).
+    pub state_dir: PathBuf,
+    /// The API server, e.g. `http://127.0.0.1:4280`.
+    pub server: String,
+    /// The `ferry` binary (machines run `ferry init`).
+    pub ferry_exe: PathBuf,
+    pub mtu: u32,
+}
+
+struct Slot {
+    run: RunMachine,
+    running: Option<Arc<Running>>,
+    /// Set while the server stops or destroys it: its exit is not news then.
+    stopping: bool,
+    restarts: u32,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    host: HostNet,
+    cgroups: CgroupLayout,
+    machines: Mutex<HashMap<String, Slot>>,
+    http: reqwest::Client,
+    rt: tokio::runtime::Handle,
+}
+
+type Shared = State<Arc<Agent>>;
+
+fn api_err(e: AgentError) -> ApiError {
+    match e {
+        AgentError::UnknownMachine(_) => ApiError::not_found(e.to_string()),
+        AgentError::NotRunning(_) => ApiError::conflict("not_running", e.to_string()),
+        AgentError::Invalid(m) => ApiError::invalid(m),
+        e => ApiError::internal(e),
+    }
+}
+
+impl Agent {
+    /// Prepares the host (idempotent: safe on a host an earlier agent already set up) and finds
+    /// the machines an earlier agent left running.
+    pub fn start(cfg: AgentConfig, rt: tokio::runtime::Handle) -> Result<Arc<Agent>, AgentError> {
+        let ns = NetNs::named(&cfg.host_netns);
+        let pins = PathBuf::from(ferry_net::BPF_PIN_ROOT)
+            .join(cfg.fleet.trim_start_matches(ferry_net::FERRY_PREFIX))
+            .join(format!("{:x}", cfg.host_id.get()));
+        let host = HostNet::start(cfg.host_id, &ns, Some(pins))?;
+        let cgroups = CgroupLayout::discover()?;
+        std::fs::create_dir_all(cfg.state_dir.join("machines"))
+            .map_err(|e| AgentError::io("creating the state dir", e))?;
+        let agent = Arc::new(Agent {
+            cfg,
+            host,
+            cgroups,
+            machines: Mutex::new(HashMap::new()),
+            http: reqwest::Client::new(),
+            rt,
+        });
+        agent.reattach()?;
+        Ok(agent)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("machines").join(id)
+    }
+
+    fn netns_name(&self, field: u32) -> String {
+        format!(
+            "{}-m{:x}-{:x}",
+            self.cfg.fleet,
+            self.cfg.host_id.get(),
+            field
+        )
+    }
+
+    /// Rebuilds the table from run directories; live shims are watched again.
+    fn reattach(self: &Arc<Self>) -> Result<(), AgentError> {
+        let dir = self.cfg.state_dir.join("machines");
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| AgentError::io("reading run dirs", e))?
+            .flatten()
+        {
+            let run_dir = entry.path();
+            let Ok(raw) = std::fs::read(run_dir.join("run.json")) else {
+                continue;
+            };
+            let Ok(run) = serde_json::from_slice::<RunMachine>(&raw) else {
+                continue;
+            };
+            let running = Running::attach(&run_dir)?.map(Arc::new);
+            let id = run.id.clone();
+            let live = running.clone();
+            self.machines.lock().unwrap().insert(
+                id.clone(),
+                Slot {
+                    run,
+                    running,
+                    stopping: false,
+                    restarts: 0,
+                },
+            );
+            if let Some(r) = live {
+                tracing::info!("reattached to machine {id} (pid {})", r.pid());
+                self.watch(id, r);
+            }
+        }
+        Ok(())
+    }
+
+    /// IDs of the machines running now.
+    pub fn running(&self) -> Vec<String> {
+        let t = self.machines.lock().unwrap();
+        t.iter()
+            .filter(|(_, s)| s.running.as_ref().is_some_and(|r| !r.exited()))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Announces this agent (and what it found running) to the server.
+    pub async fn register(&self, endpoint: &str) -> Result<(), String> {
+        let body = RegisterHost {
+            host_id: self.cfg.host_id.get(),
+            region: self.cfg.region.clone(),
+            endpoint: endpoint.to_owned(),
+            running: self.running(),
+        };
+        let r = self
+            .http
+            .post(format!("{}/internal/v1/hosts", self.cfg.server))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "server said {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
+    fn report(&self, r: AgentReport) {
+        let (http, url) = (
+            self.http.clone(),
+            format!("{}/internal/v1/reports", self.cfg.server),
+        );
+        self.rt.spawn(async move {
+            for _ in 0..5 {
+                match http.post(&url).json(&r).send().await {
+                    Ok(resp) if resp.status().is_success() => return,
+                    Ok(resp) => {
+                        tracing::warn!("report for {} refused: {}", r.machine_id, resp.status())
+                    }
+                    Err(e) => tracing::warn!("report for {}: {e}", r.machine_id),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
+    fn start_machine(self: &Arc<Self>, run: RunMachine) -> Result<i32, AgentError> {
+        let field = MachineField(run.machine_field);
+        let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        if let Some(s) = self.machines.lock().unwrap().get(&run.id) {
+            if let Some(r) = s.running.as_ref().filter(|r| !r.exited()) {
+                return Ok(r.pid()); // already running: starting is idempotent
+            }
+        }
+        let ns = NetNs::named(&self.netns_name(field.0));
+        if !ns.exists() {
+            self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
+        }
+        let limits = Limits {
+            memory_mb: run.config.guest.memory_mb.into(),
+            cpus: run.config.guest.cpus.into(),
+        };
+        let cg = match MachineCgroup::open(&self.cgroups, &run.id)? {
+            Some(c) => c,
+            None => self.cgroups.create_machine(&run.id, limits)?,
+        };
+        let run_dir = self.run_dir(&run.id);
+        std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
+        let spec = InitSpec {
+            machine_id: run.id.clone(),
+            app: run.app.clone(),
+            private_ip: run.private_ip.clone(),
+            region: run.region.clone(),
+            cmd: run.config.init.cmd.clone(),
+            env: run.config.env.clone(),
+            mounts: run
+                .config
+                .mounts
+                .iter()
+                .zip(&run.volume_dirs)
+                .map(|(m, dir)| MountSpec {
+                    host_path: dir.into(),
+                    guest_path: m.path.clone().into(),
+                })
+                .collect(),
+            workdir: None,
+        };
+        // The record first: a crash between the two leaves a run dir that reattach can read.
+        write_atomic(
+            &run_dir.join("run.json"),
+            &serde_json::to_vec(&run).expect("serializable"),
+        )?;
+        let _ = std::fs::remove_file(run_dir.join("exit.json"));
+        let running = Arc::new(ferry_runtime::spawn_machine(
+            &run_dir,
+            &ns.path(),
+            &cg,
+            &spec,
+            &self.cfg.ferry_exe,
+        )?);
+        let pid = running.pid();
+        let id = run.id.clone();
+        {
+            let mut t = self.machines.lock().unwrap();
+            let restarts = t.get(&id).map(|s| s.restarts).unwrap_or(0);
+            t.insert(
+                id.clone(),
+                Slot {
+                    run,
+                    running: Some(running.clone()),
+                    stopping: false,
+                    restarts,
+                },
+            );
+        }
+        self.watch(id, running);
+        Ok(pid)
+    }
+
+    /// Waits for the machine's exit on a thread of its own and applies the restart policy.
+    fn watch(self: &Arc<Self>, id: String, running: Arc<Running>) {
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            let exit = loop {
+                if let Some(e) = running.wait_exit(Duration::from_secs(3600)) {
+                    break e;
+                }
+            };
+            let (run, stopping, restarts) = {
+                let t = agent.machines.lock().unwrap();
+                match t.get(&id) {
+                    // A newer instance replaced this one: its watcher reports.
+                    Some(s) if s.running.as_ref().is_some_and(|r| Arc::ptr_eq(r, &running)) => {
+                        (s.run.clone(), s.stopping, s.restarts)
+                    }
+                    _ => return,
+                }
+            };
+            if stopping {
+                return; // the stop or destroy call reports this exit
+            }
+            let info = ExitInfo {
+                exit_code: exit.exit_code,
+                signal: exit.signal,
+                escalated_to_sigkill: false,
+                requested_stop: false,
+            };
+            let policy = run.config.restart.policy;
+            let max = run.config.restart.max_retries.unwrap_or(10);
+            let again = match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !exit.success() && restarts < max,
+                RestartPolicy::No => false,
+            };
+            if again {
+                if let Some(s) = agent.machines.lock().unwrap().get_mut(&id) {
+                    s.restarts += 1;
+                }
+                std::thread::sleep(Duration::from_millis(200)); // no hot loop on a crashing command
+                match agent.start_machine(run.clone()) {
+                    Ok(_) => {
+                        agent.report(AgentReport {
+                            machine_id: id.clone(),
+                            instance_id: run.instance_id.clone(),
+                            kind: "restart".into(),
+                            state: "started".into(),
+                            exit: Some(info),
+                            detail: serde_json::json!({"policy": policy, "restarts": restarts + 1}),
+                        });
+                        return;
+                    }
+                    Err(e) => tracing::warn!("restarting {id}: {e}"),
+                }
+            }
+            agent.report(AgentReport {
+                machine_id: id,
+                instance_id: run.instance_id,
+                kind: "exit".into(),
+                state: "stopped".into(),
+                exit: Some(info),
+                detail: serde_json::json!({"oom_killed": exit.oom_killed}),
+            });
+        });
+    }
+
+    fn stop_machine(&self, id: &str, req: &StopMachine) -> Result<ExitInfo, AgentError> {
+        let running = {
+            let mut t = self.machines.lock().unwrap();
+            let s = t
+                .get_mut(id)
+                .ok_or_else(|| AgentError::UnknownMachine(id.into()))?;
+            s.stopping = true;
+            s.running.clone()
+        };
+        let Some(running) = running else {
+            return Err(AgentError::NotRunning(id.into()));
+        };
+        let sig = ferry_runtime::parse_signal(&req.signal)?;
+        let out = ferry_runtime::stop(&running, sig, Duration::from_millis(req.timeout_ms))?;
+        Ok(ExitInfo {
+            exit_code: out.exit.exit_code,
+            signal: out.exit.signal,
+            escalated_to_sigkill: out.escalated_to_sigkill,
+            requested_stop: true,
+        })
+    }
+
+    fn destroy_machine(&self, id: &str) -> Result<(), AgentError> {
+        let slot = self.machines.lock().unwrap().remove(id);
+        let Some(mut slot) = slot else { return Ok(()) }; // already gone: idempotent
+        slot.stopping = true;
+        if let Some(r) = slot.running.as_ref().filter(|r| !r.exited()) {
+            ferry_runtime::stop(r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;
+        }
+        let field = MachineField(slot.run.machine_field);
+        let ns = NetNs::named(&self.netns_name(field.0));
+        if let Ok(addr) = slot.run.private_ip.parse::<ferry_addr::FleetAddr>() {
+            let m = ferry_net::MachineNet {
+                ns,
+                addr,
+                host_iface: format!("vm{:08x}", field.0),
+            };
+            self.host.remove_machine(&m)?;
+        }
+        if let Some(cg) = MachineCgroup::open(&self.cgroups, id)? {
+            cg.remove()?;
+        }
+        let _ = std::fs::remove_dir_all(self.run_dir(id));
+        Ok(())
+    }
+
+    fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, AgentError> {
+        let running = self
+            .machines
+            .lock()
+            .unwrap()
+            .get(id)
+            .ok_or_else(|| AgentError::UnknownMachine(id.into()))?
+            .running
+            .clone()
+            .ok_or_else(|| AgentError::NotRunning(id.into()))?;
+        let out =
+            ferry_runtime::exec_in(&running, &req.cmd, Duration::from_millis(req.timeout_ms))?;
+        Ok(ExecResult {
+            exit_code: out.exit_code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn list(&self) -> Vec<LocalMachine> {
+        let t = self.machines.lock().unwrap();
+        t.iter()
+            .map(|(id, s)| LocalMachine {
+                id: id.clone(),
+                instance_id: s.run.instance_id.clone(),
+                running: s.running.as_ref().is_some_and(|r| !r.exited()),
+                pid: s.running.as_ref().map(|r| r.pid()),
+            })
+            .collect()
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route(
+                "/v1/machines",
+                get(|State(a): Shared| async move { Json(a.list()) }),
+            )
+            .route("/v1/machines/{id}/start", post(start))
+            .route("/v1/machines/{id}/stop", post(stop))
+            .route("/v1/machines/{id}/destroy", post(destroy))
+            .route("/v1/machines/{id}/exec", post(exec))
+            .with_state(self)
+    }
+}
+
+/// Runs blocking machine work off the async workers (it may wait on processes for minutes).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .map_err(api_err)
+}
+
+async fn start(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(run): Json<RunMachine>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if run.id != id {
+        return Err(ApiError::invalid("machine id in path and body differ"));
+    }
+    blocking(move || {
+        a.start_machine(run)
+            .map(|pid| serde_json::json!({"pid": pid}))
+    })
+    .await
+}
+
+async fn stop(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<StopMachine>,
+) -> Result<Json<ExitInfo>, ApiError> {
+    blocking(move || a.stop_machine(&id, &req)).await
+}
+
+async fn destroy(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        a.destroy_machine(&id)
+            .map(|()| serde_json::json!({"ok": true}))
+    })
+    .await
+}
+
+async fn exec(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<ExecRequest>,
+) -> Result<Json<ExecResult>, ApiError> {
+    blocking(move || a.exec(&id, &req)).await
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| AgentError::io(format!("renaming to {}", path.display()), e))
+}

@@ -1,0 +1,85 @@
+//! API errors: an HTTP status, a stable machine-readable code, and one human sentence.
+//! Serialized as `{"error": "...", "code": "..."}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self::new(400, "invalid_argument", m)
+    }
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(404, "not_found", format!("{what} not found"))
+    }
+    pub fn conflict(code: &'static str, m: impl Into<String>) -> Self {
+        Self::new(409, code, m)
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self::new(503, "unavailable", m)
+    }
+    pub fn internal(m: impl std::fmt::Display) -> Self {
+        Self::new(500, "internal", m.to_string())
+    }
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.message.clone(),
+            code: self.code.to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<ferry_store::StoreError> for ApiError {
+    fn from(e: ferry_store::StoreError) -> Self {
+        let code = e.code();
+        let status = match code {
+            "not_found" => 404,
+            "app_exists" | "illegal_transition" | "lease_held" | "lease_mismatch" | "conflict"
+            | "app_has_machines" => 409,
+            "invalid_argument" => 400,
+            _ => 500,
+        };
+        let code: &'static str = match code {
+            "not_found" => "not_found",
+            "app_exists" => "app_exists",
+            "illegal_transition" => "illegal_transition",
+            "lease_held" => "lease_held",
+            "lease_mismatch" => "lease_mismatch",
+            "app_has_machines" => "app_has_machines",
+            "conflict" => "conflict",
+            "invalid_argument" => "invalid_argument",
+            _ => "internal",
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}

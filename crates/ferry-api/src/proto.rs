@@ -1,0 +1,86 @@
+//! What the server and the agents say to each other (JSON over loopback HTTP). Internal: not part
+//! of the public API document.
+
+use crate::config::MachineConfig;
+use serde::{Deserialize, Serialize};
+
+/// Start (or restart) a machine on the agent's host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunMachine {
+    pub id: String,
+    pub app: String,
+    pub instance_id: String,
+    pub network_id: u32,
+    pub machine_field: u32,
+    pub private_ip: String,
+    pub region: String,
+    pub config: MachineConfig,
+    /// Host directory backing each mount, in the order of `config.mounts`.
+    pub volume_dirs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StopMachine {
+    pub signal: String,
+    pub timeout_ms: u64,
+}
+
+/// How a machine's process ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The stop timeout ran out and the agent sent SIGKILL.
+    #[serde(default)]
+    pub escalated_to_sigkill: bool,
+    /// The process ended because ferry asked it to (stop, destroy), not by itself.
+    #[serde(default)]
+    pub requested_stop: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Something that happened to a machine on its host without the server asking.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub machine_id: String,
+    pub instance_id: String,
+    /// "exit", "restart", "check", "reattach".
+    pub kind: String,
+    /// The machine's state as the agent sees it now: "started", "stopped", "failed".
+    pub state: String,
+    #[serde(default)]
+    pub exit: Option<ExitInfo>,
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+/// An agent announcing itself (at start and after a restart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterHost {
+    pub host_id: u32,
+    pub region: String,
+    pub endpoint: String,
+    /// Machines the agent found running on its host (reattached).
+    pub running: Vec<String>,
+}
+
+/// A machine as its agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalMachine {
+    pub id: String,
+    pub instance_id: String,
+    pub running: bool,
+    pub pid: Option<i32>,
+}

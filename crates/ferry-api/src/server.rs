@@ -1,0 +1,1011 @@
+//! The API server: an axum router over a [`Store`] and the hosts' agents.
+//!
+//! Every handler follows one shape: validate the input (nothing is written before that), check
+//! the lease, move the machine's state with a compare-and-set in the store, call the agent, record
+//! the outcome and an event. Illegal transitions are refused with 409 and change nothing.
+
+use crate::config::{
+    validate_machine_id, validate_name, validate_volume_id, MachineConfig, ALLOWED_SIGNALS,
+    MAX_STOP_TIMEOUT,
+};
+use crate::error::ApiError;
+use crate::proto::{
+    AgentReport, ExecRequest, ExecResult, ExitInfo, RegisterHost, RunMachine, StopMachine,
+};
+use crate::views::*;
+use crate::LEASE_HEADER;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_addr::{FleetAddr, HostId};
+use ferry_store::{new_instance_id, new_machine_id, Machine, MachineState, Store};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+
+type Result<T> = std::result::Result<T, ApiError>;
+use MachineState as S;
+
+/// Shared by every handler.
+pub struct Ctx {
+    pub store: Arc<dyn Store>,
+    pub http: reqwest::Client,
+    /// Bumped on every machine state change; `wait` listens to it.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Where new volumes are created.
+    pub volumes_dir: PathBuf,
+}
+
+impl Ctx {
+    pub fn new(store: Arc<dyn Store>, volumes_dir: PathBuf) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(330)) // above the longest stop timeout
+            .build()
+            .expect("building an HTTP client");
+        Arc::new(Ctx {
+            store,
+            http,
+            changes: tokio::sync::watch::channel(0).0,
+            volumes_dir,
+        })
+    }
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+type Shared = State<Arc<Ctx>>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ferry",
+        description = "Run machines on a fleet of hosts (Fly Machines-shaped)."
+    ),
+    paths(
+        create_app,
+        list_apps,
+        get_app,
+        delete_app,
+        list_machines,
+        create_machine,
+        get_machine,
+        destroy_machine,
+        stop_machine,
+        start_machine,
+        wait_machine,
+        machine_events,
+        acquire_lease,
+        get_lease,
+        release_lease,
+        exec_machine,
+        list_hosts,
+        create_volume,
+        list_volumes
+    ),
+    components(schemas(
+        crate::error::ErrorBody,
+        MachineConfig,
+        MachineView,
+        EventView,
+        CreateApp,
+        AppView,
+        CreateMachine,
+        StopRequest,
+        ExecBody,
+        ExecView,
+        LeaseRequest,
+        LeaseView,
+        HostView,
+        CreateVolume,
+        VolumeView,
+        WaitView
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/v1/apps", post(create_app).get(list_apps))
+        .route("/v1/apps/{app}", get(get_app).delete(delete_app))
+        .route(
+            "/v1/apps/{app}/machines",
+            get(list_machines).post(create_machine),
+        )
+        .route(
+            "/v1/apps/{app}/machines/{id}",
+            get(get_machine).delete(destroy_machine),
+        )
+        .route("/v1/apps/{app}/machines/{id}/stop", post(stop_machine))
+        .route("/v1/apps/{app}/machines/{id}/start", post(start_machine))
+        .route("/v1/apps/{app}/machines/{id}/wait", get(wait_machine))
+        .route("/v1/apps/{app}/machines/{id}/events", get(machine_events))
+        .route(
+            "/v1/apps/{app}/machines/{id}/lease",
+            post(acquire_lease).get(get_lease).delete(release_lease),
+        )
+        .route("/v1/apps/{app}/machines/{id}/exec", post(exec_machine))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/volumes", post(create_volume).get(list_volumes))
+        .route("/internal/v1/hosts", post(register_host))
+        .route("/internal/v1/reports", post(agent_report))
+        .fallback(|| async { ApiError::not_found("route") })
+        .with_state(ctx)
+}
+
+/// JSON bodies that fail to parse become our 400 error, not axum's plain-text one.
+pub struct Body<T>(pub T);
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "malformed request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A body that may be absent (an empty POST means the defaults).
+fn optional_body<T: serde::de::DeserializeOwned + Default>(b: &[u8]) -> Result<T> {
+    if b.iter().all(|c| c.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(b).map_err(|e| ApiError::invalid(format!("malformed request body: {e}")))
+}
+
+// ---- apps -------------------------------------------------------------------------------------
+
+fn app_view(a: &ferry_store::App) -> AppView {
+    let n = a.network_id.get();
+    AppView {
+        name: a.name.clone(),
+        org: a.org.clone(),
+        network_id: n,
+        network: format!("fdaa:{:x}:{:x}::/48", n >> 16, n & 0xffff),
+        created_at: rfc3339(a.created_at_ms),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/apps", request_body = CreateApp, responses((status = 201, body = AppView), (status = 409, body = crate::error::ErrorBody)))]
+async fn create_app(
+    State(ctx): Shared,
+    Body(req): Body<CreateApp>,
+) -> Result<(StatusCode, Json<AppView>)> {
+    validate_name("app name", &req.app_name)?;
+    let org = req.org_slug.unwrap_or_else(|| "personal".into());
+    validate_name("org", &org)?;
+    let app = ctx.store.create_app(&req.app_name, &org)?;
+    Ok((StatusCode::CREATED, Json(app_view(&app))))
+}
+
+#[derive(Deserialize)]
+struct OrgQuery {
+    org_slug: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/apps", responses((status = 200, body = [AppView])))]
+async fn list_apps(State(ctx): Shared, Query(q): Query<OrgQuery>) -> Result<Json<Vec<AppView>>> {
+    Ok(Json(
+        ctx.store
+            .list_apps(q.org_slug.as_deref())?
+            .iter()
+            .map(app_view)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}", responses((status = 200, body = AppView), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<AppView>> {
+    Ok(Json(app_view(&ctx.store.get_app(&app)?)))
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
+async fn delete_app(
+    State(ctx): Shared,
+    Path(app): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    ctx.store.delete_app(&app)?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+// ---- machines ---------------------------------------------------------------------------------
+
+/// Loads a machine and checks it belongs to `app` (another app's machine is "not found").
+fn machine_of(ctx: &Ctx, app: &str, id: &str) -> Result<Machine> {
+    validate_machine_id(id)?;
+    let m = ctx.store.get_machine(id)?;
+    if m.app != app {
+        return Err(ApiError::not_found(format!("machine {id} in app {app}")));
+    }
+    Ok(m)
+}
+
+fn lease_nonce(h: &HeaderMap) -> Option<&str> {
+    h.get(LEASE_HEADER).and_then(|v| v.to_str().ok())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    include_deleted: bool,
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines", responses((status = 200, body = [MachineView])))]
+async fn list_machines(
+    State(ctx): Shared,
+    Path(app): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<MachineView>>> {
+    ctx.store.get_app(&app)?;
+    let ms = if q.include_deleted {
+        ctx.store.list_machines_all(Some(&app))?
+    } else {
+        ctx.store.list_machines(Some(&app))?
+    };
+    Ok(Json(ms.iter().map(|m| MachineView::new(m, None)).collect()))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines", request_body = CreateMachine,
+    responses((status = 200, body = MachineView), (status = 400, body = crate::error::ErrorBody)))]
+async fn create_machine(
+    State(ctx): Shared,
+    Path(app): Path<String>,
+    Body(req): Body<CreateMachine>,
+) -> Result<Json<MachineView>> {
+    req.config.validate()?;
+    if let Some(n) = &req.name {
+        validate_name("machine name", n)?;
+    }
+    let app = ctx.store.get_app(&app)?;
+    let volume_dirs = resolve_volumes(&ctx, &req.config)?;
+    let host = place(&ctx, req.host.as_deref())?;
+    let field = ctx.store.allocate_machine_field(host.id)?;
+    let addr = FleetAddr::primary(app.network_id, host.id, field);
+    let id = new_machine_id();
+    let m = Machine {
+        id: id.clone(),
+        name: req
+            .name
+            .unwrap_or_else(|| format!("{}-{}", app.name, &id[..6])),
+        app: app.name.clone(),
+        org: app.org.clone(),
+        network_id: app.network_id,
+        host: Some(host.id),
+        region: host.region.clone(),
+        machine_field: Some(field),
+        private_ip: Some(addr.to_string()),
+        instance_id: new_instance_id(),
+        state: S::Created,
+        config: serde_json::to_value(&req.config).map_err(ApiError::internal)?,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    ctx.store.create_machine(&m)?;
+    ctx.store.add_event(
+        &id,
+        "launch",
+        "created",
+        "user",
+        serde_json::json!({"config": m.config}),
+    )?;
+    ctx.changed();
+    let m = if req.skip_launch {
+        ctx.store.get_machine(&id)?
+    } else {
+        launch(&ctx, &id, volume_dirs, &[S::Created]).await?
+    };
+    Ok(Json(MachineView::new(&m, None)))
+}
+
+/// The host for a new machine: the one asked for, or the least-loaded uncordoned one.
+fn place(ctx: &Ctx, want: Option<&str>) -> Result<ferry_store::Host> {
+    let hosts = ctx.store.list_hosts()?;
+    if let Some(w) = want {
+        let id = u32::from_str_radix(w, 16)
+            .ok()
+            .and_then(|v| HostId::new(v).ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "host {w:?} is not a host ID (hex, as `ferry host list` shows)"
+                ))
+            })?;
+        let h = hosts
+            .into_iter()
+            .find(|h| h.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("host {w}")))?;
+        if h.cordoned {
+            return Err(ApiError::conflict(
+                "host_cordoned",
+                format!("host {w} is cordoned (draining)"),
+            ));
+        }
+        return Ok(h);
+    }
+    let mut best: Option<(usize, ferry_store::Host)> = None;
+    for h in hosts.into_iter().filter(|h| !h.cordoned) {
+        let load = ctx.store.list_machines_on_host(h.id)?.len();
+        if best.as_ref().is_none_or(|(l, _)| load < *l) {
+            best = Some((load, h));
+        }
+    }
+    best.map(|(_, h)| h).ok_or_else(|| {
+        ApiError::unavailable("no host is available (none registered, or all cordoned)")
+    })
+}
+
+fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String>> {
+    c.mounts
+        .iter()
+        .map(|m| {
+            let v = volume(ctx, &m.volume)?;
+            Ok(v.host_dir)
+        })
+        .collect()
+}
+
+fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
+    validate_volume_id(id)?;
+    let raw = ctx
+        .store
+        .kv_get(&format!("volume/{id}"))?
+        .ok_or_else(|| ApiError::not_found(format!("volume {id}")))?;
+    serde_json::from_str(&raw).map_err(ApiError::internal)
+}
+
+fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
+    let host = m
+        .host
+        .ok_or_else(|| ApiError::conflict("not_placed", format!("machine {} has no host", m.id)))?;
+    Ok(format!(
+        "{}/v1/machines/{}{}",
+        ctx.store.get_host(host)?.endpoint,
+        m.id,
+        path
+    ))
+}
+
+async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    url: &str,
+    body: &B,
+) -> Result<R> {
+    let resp = ctx
+        .http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<crate::error::ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(text);
+        return Err(ApiError::new(
+            502,
+            "agent_error",
+            format!("the host's agent failed: {msg}"),
+        ));
+    }
+    resp.json()
+        .await
+        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))
+}
+
+/// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
+async fn launch(
+    ctx: &Ctx,
+    id: &str,
+    volume_dirs: Vec<String>,
+    from: &[MachineState],
+) -> Result<Machine> {
+    let mut m = ctx.store.transition(id, from, S::Starting)?;
+    ctx.changed();
+    let config: MachineConfig =
+        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+    let run = RunMachine {
+        id: m.id.clone(),
+        app: m.app.clone(),
+        instance_id: m.instance_id.clone(),
+        network_id: m.network_id.get(),
+        machine_field: m.machine_field.map(|f| f.0).unwrap_or_default(),
+        private_ip: m.private_ip.clone().unwrap_or_default(),
+        region: m.region.clone(),
+        config,
+        volume_dirs,
+    };
+    let url = agent_url(ctx, &m, "/start")?;
+    match call_agent::<_, serde_json::Value>(ctx, &url, &run).await {
+        Ok(_) => {
+            m = ctx.store.transition(id, &[S::Starting], S::Started)?;
+            ctx.store
+                .add_event(id, "start", "started", "flyd", serde_json::json!({}))?;
+        }
+        Err(e) => {
+            ctx.store.transition(id, &[S::Starting], S::Failed)?;
+            ctx.store.add_event(
+                id,
+                "start",
+                "failed",
+                "flyd",
+                serde_json::json!({"error": e.message}),
+            )?;
+            ctx.changed();
+            return Err(e);
+        }
+    }
+    ctx.changed();
+    Ok(m)
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<MachineView>> {
+    let m = machine_of(&ctx, &app, &id)?;
+    let events = ctx.store.events(&id)?;
+    Ok(Json(MachineView::new(&m, Some(events))))
+}
+
+fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
+    let signal = req
+        .signal
+        .clone()
+        .unwrap_or_else(|| config.stop_config.signal().to_owned())
+        .to_ascii_uppercase();
+    let signal = if signal.starts_with("SIG") {
+        signal
+    } else {
+        format!("SIG{signal}")
+    };
+    if !ALLOWED_SIGNALS.contains(&signal.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "signal {signal} is not one of {}",
+            ALLOWED_SIGNALS.join(" ")
+        )));
+    }
+    let timeout = match &req.timeout {
+        Some(t) => humantime::parse_duration(t).map_err(|_| {
+            ApiError::invalid(format!("timeout {t:?} is not a duration like \"5s\""))
+        })?,
+        None => config.stop_config.timeout(),
+    };
+    if timeout > MAX_STOP_TIMEOUT {
+        return Err(ApiError::invalid(format!(
+            "timeout {:?} is over the maximum of 300s",
+            timeout
+        )));
+    }
+    Ok(StopMachine {
+        signal,
+        timeout_ms: timeout.as_millis() as u64,
+    })
+}
+
+/// started -> stopping -> (agent stops with signal, timeout, SIGKILL) -> stopped.
+async fn stop_inner(
+    ctx: &Ctx,
+    id: &str,
+    params: StopMachine,
+    next: MachineState,
+) -> Result<(Machine, ExitInfo)> {
+    let m = ctx
+        .store
+        .transition(id, &[S::Started, S::Starting], S::Stopping)?;
+    ctx.changed();
+    let url = agent_url(ctx, &m, "/stop")?;
+    let exit: ExitInfo = match call_agent(ctx, &url, &params).await {
+        Ok(e) => e,
+        Err(e) => {
+            ctx.store.transition(id, &[S::Stopping], S::Failed)?;
+            ctx.store.add_event(
+                id,
+                "exit",
+                "failed",
+                "flyd",
+                serde_json::json!({"error": e.message}),
+            )?;
+            ctx.changed();
+            return Err(e);
+        }
+    };
+    let m = ctx.store.transition(id, &[S::Stopping], next)?;
+    let ended_by = if exit.escalated_to_sigkill {
+        "SIGKILL after timeout".to_owned()
+    } else {
+        params.signal.clone()
+    };
+    ctx.store.add_event(
+        id,
+        "exit",
+        "stopped",
+        "flyd",
+        serde_json::json!({"exit_event": exit, "signal": params.signal, "timeout_ms": params.timeout_ms, "ended_by": ended_by}),
+    )?;
+    ctx.changed();
+    Ok((m, exit))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/stop", request_body = StopRequest,
+    responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+async fn stop_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<MachineView>> {
+    let m = machine_of(&ctx, &app, &id)?;
+    let config: MachineConfig =
+        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+    let params = stop_params(&optional_body::<StopRequest>(&body)?, &config)?;
+    ctx.store.check_lease(&id, lease_nonce(&headers))?;
+    let (m, _) = stop_inner(&ctx, &id, params, S::Stopped).await?;
+    Ok(Json(MachineView::new(&m, None)))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+async fn start_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<MachineView>> {
+    let m = machine_of(&ctx, &app, &id)?;
+    ctx.store.check_lease(&id, lease_nonce(&headers))?;
+    let config: MachineConfig =
+        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+    let dirs = resolve_volumes(&ctx, &config)?;
+    let m = launch(&ctx, &id, dirs, &[S::Created, S::Stopped, S::Failed]).await?;
+    Ok(Json(MachineView::new(&m, None)))
+}
+
+#[derive(Deserialize)]
+struct DestroyQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+async fn destroy_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(q): Query<DestroyQuery>,
+    headers: HeaderMap,
+) -> Result<Json<MachineView>> {
+    let m = machine_of(&ctx, &app, &id)?;
+    ctx.store.check_lease(&id, lease_nonce(&headers))?;
+    if matches!(m.state, S::Started | S::Starting) {
+        if !q.force {
+            return Err(ApiError::conflict(
+                "machine_running",
+                format!(
+                    "machine {id} is {}: stop it first, or destroy with force",
+                    m.state.as_str()
+                ),
+            ));
+        }
+        let config: MachineConfig =
+            serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+        stop_inner(
+            &ctx,
+            &id,
+            stop_params(&StopRequest::default(), &config)?,
+            S::Stopped,
+        )
+        .await?;
+    }
+    let m = ctx
+        .store
+        .transition(&id, &[S::Created, S::Stopped, S::Failed], S::Destroying)?;
+    ctx.changed();
+    let url = agent_url(&ctx, &m, "/destroy")?;
+    call_agent::<_, serde_json::Value>(&ctx, &url, &serde_json::json!({})).await?;
+    let m = ctx.store.transition(&id, &[S::Destroying], S::Destroyed)?;
+    ctx.store
+        .add_event(&id, "destroy", "destroyed", "user", serde_json::json!({}))?;
+    ctx.changed();
+    Ok(Json(MachineView::new(&m, None)))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    state: Option<String>,
+    /// Seconds, default 60, at most 300.
+    timeout: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/wait", responses((status = 200, body = WaitView), (status = 408, body = crate::error::ErrorBody)))]
+async fn wait_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<WaitView>> {
+    let want: MachineState = q
+        .state
+        .as_deref()
+        .unwrap_or("started")
+        .parse()
+        .map_err(|_| {
+            ApiError::invalid(format!(
+                "state {:?} is not a machine state",
+                q.state.clone().unwrap_or_default()
+            ))
+        })?;
+    let timeout = q.timeout.unwrap_or(60);
+    if timeout > 300 {
+        return Err(ApiError::invalid("timeout is at most 300 seconds"));
+    }
+    machine_of(&ctx, &app, &id)?;
+    let mut rx = ctx.changes.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let m = ctx.store.get_machine(&id)?;
+        if m.state == want {
+            return Ok(Json(WaitView {
+                ok: true,
+                state: m.state.as_str().into(),
+            }));
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return Err(ApiError::new(
+                408,
+                "timeout",
+                format!(
+                    "machine {id} is {}, not {}",
+                    m.state.as_str(),
+                    want.as_str()
+                ),
+            ));
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/events", responses((status = 200, body = [EventView])))]
+async fn machine_events(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Vec<EventView>>> {
+    machine_of(&ctx, &app, &id)?;
+    Ok(Json(
+        ctx.store
+            .events(&id)?
+            .iter()
+            .rev()
+            .map(EventView::from)
+            .collect(),
+    ))
+}
+
+fn lease_view(l: &ferry_store::Lease) -> LeaseView {
+    LeaseView {
+        nonce: l.nonce.clone(),
+        expires_at: l.expires_at_ms,
+        owner: l.owner.clone(),
+        description: l.description.clone(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/lease", request_body = LeaseRequest,
+    responses((status = 201, body = LeaseView), (status = 409, body = crate::error::ErrorBody)))]
+async fn acquire_lease(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<LeaseView>)> {
+    machine_of(&ctx, &app, &id)?;
+    let req = optional_body::<LeaseRequest>(&body)?;
+    let ttl = req.ttl.unwrap_or(30);
+    if !(1..=3600).contains(&ttl) {
+        return Err(ApiError::invalid("lease ttl must be 1..=3600 seconds"));
+    }
+    let desc = req.description.unwrap_or_default();
+    if desc.len() > 256 {
+        return Err(ApiError::invalid("lease description is at most 256 bytes"));
+    }
+    // Holding the nonce refreshes; otherwise a new lease (409 while someone else holds one).
+    let lease = match lease_nonce(&headers) {
+        Some(n) => ctx.store.refresh_lease(&id, n, ttl * 1000)?,
+        None => ctx.store.acquire_lease(&id, ttl * 1000, "api", &desc)?,
+    };
+    Ok((StatusCode::CREATED, Json(lease_view(&lease))))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200, body = LeaseView), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_lease(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<LeaseView>> {
+    machine_of(&ctx, &app, &id)?;
+    let l = ctx
+        .store
+        .current_lease(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("lease on machine {id}")))?;
+    Ok(Json(lease_view(&l)))
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
+async fn release_lease(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>> {
+    machine_of(&ctx, &app, &id)?;
+    let nonce = lease_nonce(&headers).ok_or_else(|| {
+        ApiError::invalid(format!("releasing a lease needs the {LEASE_HEADER} header"))
+    })?;
+    ctx.store.release_lease(&id, nonce)?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", request_body = ExecBody,
+    responses((status = 200, body = ExecView), (status = 409, body = crate::error::ErrorBody)))]
+async fn exec_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Body(req): Body<ExecBody>,
+) -> Result<Json<ExecView>> {
+    let m = machine_of(&ctx, &app, &id)?;
+    if req.cmd.is_empty() || req.cmd[0].is_empty() || req.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::invalid("cmd must name a program (no NUL bytes)"));
+    }
+    let timeout = req.timeout.unwrap_or(30);
+    if !(1..=600).contains(&timeout) {
+        return Err(ApiError::invalid("exec timeout must be 1..=600 seconds"));
+    }
+    ctx.store.check_lease(&id, lease_nonce(&headers))?;
+    if m.state != S::Started {
+        return Err(ApiError::conflict(
+            "machine_not_started",
+            format!("machine {id} is {}", m.state.as_str()),
+        ));
+    }
+    let url = agent_url(&ctx, &m, "/exec")?;
+    let r: ExecResult = call_agent(
+        &ctx,
+        &url,
+        &ExecRequest {
+            cmd: req.cmd,
+            timeout_ms: timeout * 1000,
+        },
+    )
+    .await?;
+    Ok(Json(ExecView {
+        exit_code: r.exit_code,
+        stdout: r.stdout,
+        stderr: r.stderr,
+    }))
+}
+
+// ---- hosts and volumes ------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = [HostView])))]
+async fn list_hosts(State(ctx): Shared) -> Result<Json<Vec<HostView>>> {
+    let mut out = Vec::new();
+    for h in ctx.store.list_hosts()? {
+        out.push(HostView {
+            id: format!("{:x}", h.id.get()),
+            region: h.region.clone(),
+            endpoint: h.endpoint.clone(),
+            cordoned: h.cordoned,
+            infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
+            machines: ctx.store.list_machines_on_host(h.id)?.len(),
+        });
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(post, path = "/v1/volumes", request_body = CreateVolume,
+    responses((status = 201, body = VolumeView), (status = 400, body = crate::error::ErrorBody)))]
+async fn create_volume(
+    State(ctx): Shared,
+    Body(req): Body<CreateVolume>,
+) -> Result<(StatusCode, Json<VolumeView>)> {
+    let id = format!(
+        "vol_{}",
+        &new_machine_id()[..14]
+            .to_owned()
+            .chars()
+            .chain("00".chars())
+            .collect::<String>()
+    );
+    let (dir, size) = match (req.size_mb, req.host_dir) {
+        (Some(s), None) => {
+            if !(1..=1_048_576).contains(&s) {
+                return Err(ApiError::invalid(format!(
+                    "size_mb {s} is outside 1..=1048576 (1 TiB)"
+                )));
+            }
+            (ctx.volumes_dir.join(&id), Some(s))
+        }
+        (None, Some(d)) => {
+            let p = PathBuf::from(&d);
+            if !p.is_absolute() || !p.is_dir() {
+                return Err(ApiError::invalid(format!(
+                    "host_dir {d:?} is not an existing absolute directory"
+                )));
+            }
+            (p, None)
+        }
+        _ => return Err(ApiError::invalid("give exactly one of size_mb or host_dir")),
+    };
+    if size.is_some() {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+    }
+    let v = VolumeView {
+        id: id.clone(),
+        host_dir: dir.display().to_string(),
+        size_mb: size,
+        created_at: rfc3339(ctx.store.now_ms()),
+    };
+    ctx.store.kv_put(
+        &format!("volume/{id}"),
+        &serde_json::to_string(&v).map_err(ApiError::internal)?,
+    )?;
+    let mut ids: Vec<String> = ctx
+        .store
+        .kv_get("volumes")?
+        .map(|s| serde_json::from_str(&s).unwrap_or_default())
+        .unwrap_or_default();
+    ids.push(id);
+    ctx.store.kv_put(
+        "volumes",
+        &serde_json::to_string(&ids).map_err(ApiError::internal)?,
+    )?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+#[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [VolumeView])))]
+async fn list_volumes(State(ctx): Shared) -> Result<Json<Vec<VolumeView>>> {
+    let ids: Vec<String> = ctx
+        .store
+        .kv_get("volumes")?
+        .map(|s| serde_json::from_str(&s).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(Json(
+        ids.iter()
+            .map(|id| volume(&ctx, id))
+            .collect::<Result<_>>()?,
+    ))
+}
+
+// ---- agents -----------------------------------------------------------------------------------
+
+async fn register_host(
+    State(ctx): Shared,
+    Json(req): Json<RegisterHost>,
+) -> Result<Json<serde_json::Value>> {
+    let id = HostId::new(req.host_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let host = match ctx.store.get_host(id) {
+        Ok(mut h) => {
+            h.endpoint = req.endpoint.clone();
+            h.region = req.region.clone();
+            ctx.store.put_host(&h)?
+        }
+        Err(_) => ctx.store.put_host(&ferry_store::Host {
+            id,
+            region: req.region.clone(),
+            endpoint: req.endpoint.clone(),
+            cordoned: false,
+            created_at_ms: ctx.store.now_ms(),
+        })?,
+    };
+    // What the store believes runs there but the agent did not find: it died while no agent
+    // watched it.
+    for m in ctx.store.list_machines_on_host(id)? {
+        if m.state == S::Started && !req.running.contains(&m.id) {
+            ctx.store.transition(&m.id, &[S::Started], S::Stopped)?;
+            ctx.store.add_event(
+                &m.id,
+                "exit",
+                "stopped",
+                "flyd",
+                serde_json::json!({"reason": "not running when its agent restarted"}),
+            )?;
+        } else if m.state == S::Started {
+            ctx.store.add_event(
+                &m.id,
+                "reattach",
+                "started",
+                "flyd",
+                serde_json::json!({"host": format!("{:x}", id.get())}),
+            )?;
+        }
+    }
+    ctx.changed();
+    Ok(Json(
+        serde_json::json!({"host": format!("{:x}", host.id.get())}),
+    ))
+}
+
+async fn agent_report(
+    State(ctx): Shared,
+    Json(r): Json<AgentReport>,
+) -> Result<Json<serde_json::Value>> {
+    let m = ctx.store.get_machine(&r.machine_id)?;
+    if m.instance_id != r.instance_id {
+        return Ok(Json(serde_json::json!({"ignored": "stale instance"})));
+    }
+    let to: MachineState = r
+        .state
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("state {:?}", r.state)))?;
+    if to != m.state {
+        // Only a running machine can change by itself; anything else is the server's doing.
+        ctx.store.transition(&m.id, &[S::Started], to)?;
+    }
+    ctx.store.add_event(
+        &m.id,
+        &r.kind,
+        &r.state,
+        "flyd",
+        serde_json::json!({"exit_event": r.exit, "detail": r.detail}),
+    )?;
+    ctx.changed();
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+/// Starts again every machine in `ids` that is stopped (used when a dev fleet comes back).
+pub async fn resume(ctx: &Ctx, ids: &[String]) -> Vec<(String, Result<()>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = async {
+            let m = ctx.store.get_machine(id)?;
+            let config: MachineConfig =
+                serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+            let dirs = resolve_volumes(ctx, &config)?;
+            launch(ctx, id, dirs, &[S::Stopped, S::Failed, S::Started])
+                .await
+                .map(|_| ())
+        }
+        .await;
+        out.push((id.clone(), r));
+    }
+    out
+}
+
+/// Stops every started machine (dev shutdown) and returns their IDs.
+pub async fn stop_all(ctx: &Ctx) -> Vec<String> {
+    let mut stopped = Vec::new();
+    let Ok(ms) = ctx.store.list_machines(None) else {
+        return stopped;
+    };
+    let mut tasks = Vec::new();
+    for m in ms.into_iter().filter(|m| m.state == S::Started) {
+        let Ok(config) = serde_json::from_value::<MachineConfig>(m.config.clone()) else {
+            continue;
+        };
+        let Ok(p) = stop_params(&StopRequest::default(), &config) else {
+            continue;
+        };
+        tasks.push(async move { (m.id.clone(), stop_inner(ctx, &m.id, p, S::Stopped).await) });
+    }
+    for (id, r) in futures_join_all(tasks).await {
+        if r.is_ok() {
+            stopped.push(id);
+        }
+    }
+    stopped
+}
+
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(fs.len());
+    let handles: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}

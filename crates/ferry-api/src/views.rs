@@ -1,0 +1,189 @@
+//! What the API returns, and the request bodies it accepts besides the machine config.
+
+use crate::config::MachineConfig;
+use ferry_store::{Event, Machine};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MachineView {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub app: String,
+    pub org: String,
+    /// Host ID in hex.
+    pub host: Option<String>,
+    pub region: String,
+    pub instance_id: String,
+    pub private_ip: Option<String>,
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventView>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    pub source: String,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
+}
+
+impl MachineView {
+    pub fn new(m: &Machine, events: Option<Vec<Event>>) -> Self {
+        MachineView {
+            id: m.id.clone(),
+            name: m.name.clone(),
+            state: m.state.as_str().to_owned(),
+            app: m.app.clone(),
+            org: m.org.clone(),
+            host: m.host.map(|h| format!("{:x}", h.get())),
+            region: m.region.clone(),
+            instance_id: m.instance_id.clone(),
+            private_ip: m.private_ip.clone(),
+            config: m.config.clone(),
+            created_at: rfc3339(m.created_at_ms),
+            updated_at: rfc3339(m.updated_at_ms),
+            events: events.map(|v| v.iter().rev().map(EventView::from).collect()),
+        }
+    }
+}
+
+impl From<&Event> for EventView {
+    fn from(e: &Event) -> Self {
+        EventView {
+            kind: e.r#type.clone(),
+            status: e.status.clone(),
+            source: e.source.clone(),
+            timestamp: e.timestamp_ms,
+            request: e.request.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    pub app_name: String,
+    /// The org (tenant); created, with its network, on first use. Default "personal".
+    #[serde(default)]
+    pub org_slug: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppView {
+    pub name: String,
+    pub org: String,
+    pub network_id: u32,
+    /// The org's /48: `fdaa:NNNN:NNNN::/48`.
+    pub network: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachine {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Place on this host (hex ID); default: the least-loaded host.
+    #[serde(default)]
+    pub host: Option<String>,
+    pub config: MachineConfig,
+    /// Create without starting.
+    #[serde(default)]
+    pub skip_launch: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    #[serde(default)]
+    pub signal: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub cmd: Vec<String>,
+    /// Seconds, default 30, at most 600.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecView {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Seconds, default 30, at most 3600.
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeaseView {
+    pub nonce: String,
+    pub expires_at: i64,
+    pub owner: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub id: String,
+    pub region: String,
+    pub endpoint: String,
+    pub cordoned: bool,
+    /// The host's infra /48 (its one route on every other host).
+    pub infra_prefix: String,
+    pub machines: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// Size in MiB of a new, empty volume (1..=1048576).
+    #[serde(default)]
+    pub size_mb: Option<u64>,
+    /// Or: an existing host directory to use as the volume (dev fleets).
+    #[serde(default)]
+    pub host_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeView {
+    pub id: String,
+    pub host_dir: String,
+    pub size_mb: Option<u64>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitView {
+    pub ok: bool,
+    pub state: String,
+}

@@ -1,0 +1,577 @@
+//! `ferry init`: the machine's handle on the host (the *shim*) and its PID 1 (*init*).
+//!
+//! The agent starts `ferry init --spec <run dir>/spec.json` through
+//! [`spawn_machine`](crate::spawn_machine), which has already put the process in the machine's
+//! cgroups and network namespace, made it a session leader and unshared new pid, mount and uts
+//! namespaces. So when [`init_main`] runs:
+//!
+//! * **the shim** (the process the agent spawned) is still in the host pid namespace. It forks
+//!   once, records the child's host pid in `init.pid`, forwards SIGINT/SIGTERM/SIGQUIT/SIGUSR1/
+//!   SIGUSR2/SIGHUP to it, waits for it, writes `exit.json` atomically and exits with the same
+//!   code. The agent watches the shim (a pidfd works for non-children too), so the machine
+//!   survives agent restarts: nothing the machine needs lives in the agent.
+//! * **init** (the forked child) is PID 1 of the new pid namespace. It takes its own mount
+//!   namespace (so the shim keeps the host's `/proc`), makes every mount private, mounts a fresh
+//!   `/proc`, sets the hostname, bind-mounts volumes and its own `resolv.conf`/`hosts`, then runs
+//!   the command with the machine's environment, forwards signals to it, reaps every zombie and
+//!   exits with the command's exit code (128+signal when it was killed by a signal). The
+//!   command's raw outcome reaches the shim over a pipe so `exit.json` can tell "exited 130" from
+//!   "killed by SIGINT".
+//!
+//! There is no separate root filesystem: guest paths are host paths seen through the machine's
+//! mount namespace, so a missing guest mountpoint directory is created on the host's filesystem
+//! (it stays empty there; the bind mount is only visible inside the machine).
+//!
+//! Signals: both processes block the signals they handle and take them with `sigwait`, so no
+//! signal is lost between fork and the loop, and no work happens in a signal handler. A PID 1
+//! only receives signals from outside its namespace when it has a handler installed (the kernel
+//! drops those whose disposition is the default), hence the no-op handlers.
+
+use crate::sys::{fmt_int, now_ms, proc_stat, write_atomic};
+use crate::{cgroup, Result, RuntimeError};
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+/// The DNS server every machine uses (SPEC §4).
+pub const NAMESERVER: &str = "fdaa::3";
+/// The name `/etc/hosts` gives the machine's own private address.
+pub const LOCAL_6PN: &str = "ferry-local-6pn";
+/// `PATH` when the config sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Files in a machine's run directory.
+pub mod files {
+    pub const SPEC: &str = "spec.json";
+    pub const PID: &str = "pid";
+    pub const INIT_PID: &str = "init.pid";
+    pub const EXIT: &str = "exit.json";
+    pub const LOG: &str = "log";
+    pub const CGROUP: &str = "cgroup.json";
+    pub const RESOLV: &str = "resolv.conf";
+    pub const HOSTS: &str = "hosts";
+}
+
+/// Exit code of `ferry init` when the machine could not be set up (like `docker run`'s 125).
+pub const EXIT_SETUP_FAILED: i32 = 125;
+
+/// Signals the shim and init pass on to the command.
+pub const FORWARDED_SIGNALS: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGHUP,
+];
+
+/// `ferry init`'s command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitArgs {
+    /// The machine's init spec (JSON), written by the agent into the machine's run directory.
+    #[arg(long, value_name = "PATH")]
+    pub spec: PathBuf,
+    /// Where `exit.json`, `resolv.conf` and `hosts` go (default: the spec's directory).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+/// A volume: `host_path` (a directory on the host) appears at `guest_path` inside the machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub host_path: PathBuf,
+    pub guest_path: PathBuf,
+}
+
+/// Everything `ferry init` needs to know about the machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub machine_id: String,
+    pub app: String,
+    pub private_ip: String,
+    pub region: String,
+    /// argv of the command (no shell).
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+impl InitSpec {
+    /// Rejects specs that could not be run (so the agent fails before spawning anything).
+    pub fn validate(&self) -> Result<()> {
+        cgroup::validate_id(&self.machine_id)?;
+        if self.cmd.is_empty() || self.cmd[0].is_empty() {
+            return Err(RuntimeError::Invalid("command: it is empty".into()));
+        }
+        let nul = |s: &str| s.contains('\0');
+        if self.cmd.iter().any(|a| nul(a)) {
+            return Err(RuntimeError::Invalid("command: contains a NUL byte".into()));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || nul(k) || nul(v) {
+                return Err(RuntimeError::Invalid(format!("env variable {k:?}")));
+            }
+        }
+        for m in &self.mounts {
+            if !m.guest_path.is_absolute() || !m.host_path.is_absolute() {
+                return Err(RuntimeError::Invalid(format!(
+                    "mount {} -> {}: paths must be absolute",
+                    m.host_path.display(),
+                    m.guest_path.display()
+                )));
+            }
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || nul(w) {
+                return Err(RuntimeError::Invalid(format!("workdir {w:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The complete environment of the command (and of `exec`): a minimal base, then the
+    /// config's env, then the `FERRY_*` variables (platform facts the config cannot override).
+    pub fn machine_env(&self) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("PATH".into(), DEFAULT_PATH.into());
+        env.insert("HOME".into(), "/root".into());
+        env.extend(self.env.clone());
+        env.insert("FERRY_MACHINE_ID".into(), self.machine_id.clone());
+        env.insert("FERRY_APP_NAME".into(), self.app.clone());
+        env.insert("FERRY_PRIVATE_IP".into(), self.private_ip.clone());
+        env.insert("FERRY_REGION".into(), self.region.clone());
+        env.into_iter().collect()
+    }
+
+    /// The working directory of the command.
+    pub fn workdir(&self) -> &str {
+        self.workdir.as_deref().unwrap_or("/")
+    }
+
+    /// Reads a spec file.
+    pub fn read(path: &Path) -> Result<InitSpec> {
+        let text = std::fs::read(path)
+            .map_err(|e| RuntimeError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&text).map_err(|e| RuntimeError::Json {
+            what: format!("parsing {}", path.display()),
+            source: e,
+        })
+    }
+}
+
+/// `/etc/hosts` inside the machine.
+pub fn hosts_file(spec: &InitSpec) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{} {}\n",
+        spec.private_ip, spec.machine_id, LOCAL_6PN
+    )
+}
+
+/// `/etc/resolv.conf` inside the machine.
+pub fn resolv_conf() -> String {
+    format!("nameserver {NAMESERVER}\n")
+}
+
+macro_rules! say {
+    ($($t:tt)*) => { eprintln!("ferry init: {}", format_args!($($t)*)) };
+}
+
+/// `ferry init`. Returns the process exit code. Call it before any other thread starts (it forks
+/// and is meant to be the whole process); the binary's `init` subcommand should
+/// `std::process::exit(init_main(args))`.
+pub fn init_main(args: InitArgs) -> i32 {
+    let spec = match InitSpec::read(&args.spec).and_then(|s| s.validate().map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            say!("{e}");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        args.spec
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    match shim(&spec, &run_dir) {
+        Ok(code) => code,
+        Err(e) => {
+            say!("{e}");
+            EXIT_SETUP_FAILED
+        }
+    }
+}
+
+/// True once `unshare(CLONE_NEWPID)` has happened: our children go to another pid namespace.
+fn pid_ns_unshared() -> bool {
+    let a = std::fs::read_link("/proc/self/ns/pid");
+    let b = std::fs::read_link("/proc/self/ns/pid_for_children");
+    match (a, b) {
+        (Ok(a), Ok(b)) => a != b,
+        // The kernel cannot name the new namespace until its first process (our init) exists,
+        // and says so with ENOENT; without an unshare the link names our own namespace.
+        (Ok(_), Err(e)) => e.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Installs no-op handlers for the forwarded signals and SIGCHLD and blocks them all; both the
+/// shim and init then take them synchronously with `sigwait`. The child inherits both; `exec`
+/// resets the handlers and the command's spawn clears the mask, so the command starts clean.
+fn block_signals() -> Result<SigSet> {
+    let mut set = SigSet::empty();
+    for s in FORWARDED_SIGNALS.iter().chain([Signal::SIGCHLD].iter()) {
+        set.add(*s);
+        let act = SigAction::new(
+            SigHandler::Handler(noop_handler),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, so it is trivially async-signal-safe.
+        unsafe { sigaction(*s, &act) }.map_err(|e| RuntimeError::sys("sigaction", e))?;
+    }
+    set.thread_block()
+        .map_err(|e| RuntimeError::sys("sigprocmask", e))?;
+    Ok(set)
+}
+
+/// The command's outcome as init reports it to the shim: exit code or signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Exited(i32),
+    Killed(i32),
+}
+
+impl Outcome {
+    fn code(self) -> i32 {
+        match self {
+            Outcome::Exited(c) => c,
+            Outcome::Killed(s) => 128 + s,
+        }
+    }
+    fn encode(self) -> String {
+        match self {
+            Outcome::Exited(c) => format!("exit {c}"),
+            Outcome::Killed(s) => format!("signal {s}"),
+        }
+    }
+    fn decode(s: &str) -> Option<Outcome> {
+        let (k, v) = s.trim().split_once(' ')?;
+        let v = v.parse().ok()?;
+        match k {
+            "exit" => Some(Outcome::Exited(v)),
+            "signal" => Some(Outcome::Killed(v)),
+            _ => None,
+        }
+    }
+}
+
+fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
+    if !pid_ns_unshared() {
+        return Err(RuntimeError::Invalid(
+            "process context: ferry init must be started by the ferry agent (in a new pid namespace)"
+                .into(),
+        ));
+    }
+    if thread_count() != 1 {
+        return Err(RuntimeError::Invalid(
+            "process context: ferry init must run before any other thread starts".into(),
+        ));
+    }
+    // The shim lives in the machine's cgroups: a rising oom_kill count there means the kernel
+    // OOM-killed something of this machine.
+    let layout = cgroup::CgroupLayout::discover().ok();
+    let oom_before = layout.as_ref().and_then(|l| l.own_oom_kills());
+    let set = block_signals()?;
+    let (report_rx, report_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RuntimeError::sys("pipe2", e))?;
+
+    // SAFETY: the process is single-threaded (checked above), so the child may run arbitrary
+    // code after fork.
+    let child = match unsafe { fork() }.map_err(|e| RuntimeError::sys("fork", e))? {
+        ForkResult::Child => {
+            drop(report_rx);
+            let code = pid1(spec, run_dir, report_tx, &set);
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(report_tx);
+    if let Some((_, start)) = proc_stat(child.as_raw()) {
+        let _ = write_atomic(
+            &run_dir.join(files::INIT_PID),
+            format!("{} {start}\n", child.as_raw()).as_bytes(),
+        );
+    }
+
+    let status = loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => break s,
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => break WaitStatus::StillAlive,
+                Err(_) => {}
+            },
+            Ok(sig) => {
+                let _ = nix::sys::signal::kill(child, sig);
+            }
+            Err(_) => {}
+        }
+    };
+
+    let mut report = String::new();
+    let _ = std::fs::File::from(report_rx).read_to_string(&mut report);
+    let outcome = Outcome::decode(&report).or(match status {
+        WaitStatus::Exited(_, c) => Some(Outcome::Exited(c)),
+        WaitStatus::Signaled(_, s, _) => Some(Outcome::Killed(s as i32)),
+        _ => None,
+    });
+    let oom_after = layout.as_ref().and_then(|l| l.own_oom_kills());
+    let info = crate::ExitInfo {
+        exit_code: match outcome {
+            Some(Outcome::Exited(c)) => Some(c),
+            _ => None,
+        },
+        signal: match outcome {
+            Some(Outcome::Killed(s)) => Some(s),
+            _ => None,
+        },
+        oom_killed: matches!((oom_before, oom_after), (Some(a), Some(b)) if b > a),
+        finished_at_ms: now_ms(),
+    };
+    let json = serde_json::to_vec(&info).expect("ExitInfo serializes");
+    if let Err(e) = write_atomic(&run_dir.join(files::EXIT), &json) {
+        say!("{e}");
+    }
+    Ok(outcome.map_or(EXIT_SETUP_FAILED, Outcome::code))
+}
+
+/// PID 1 of the machine. Returns its exit code.
+fn pid1(spec: &InitSpec, run_dir: &Path, report: OwnedFd, set: &SigSet) -> i32 {
+    if let Err(e) = setup_machine(spec, run_dir) {
+        say!("setting up machine {}: {e}", spec.machine_id);
+        return EXIT_SETUP_FAILED;
+    }
+    let mut cmd = std::process::Command::new(&spec.cmd[0]);
+    cmd.args(&spec.cmd[1..])
+        .env_clear()
+        .envs(spec.machine_env())
+        .current_dir(spec.workdir());
+    // SAFETY: the closure only calls pthread_sigmask on a stack value (async-signal-safe).
+    unsafe { cmd.pre_exec(crate::sys::unblock_all_signals) };
+    let workload = match cmd.spawn() {
+        Ok(c) => Pid::from_raw(c.id() as i32),
+        Err(e) => {
+            say!("starting {:?}: {e}", spec.cmd[0]);
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            let _ =
+                std::fs::File::from(report).write_all(Outcome::Exited(code).encode().as_bytes());
+            return code;
+        }
+    };
+
+    let mut outcome = None;
+    while outcome.is_none() {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                // SIGCHLDs coalesce: reap everything that is ready, ours or adopted orphans.
+                loop {
+                    match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(p, c)) if p == workload => {
+                            outcome = Some(Outcome::Exited(c))
+                        }
+                        Ok(WaitStatus::Signaled(p, s, _)) if p == workload => {
+                            outcome = Some(Outcome::Killed(s as i32))
+                        }
+                        Ok(WaitStatus::StillAlive) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Ok(sig) => {
+                let _ = nix::sys::signal::kill(workload, sig);
+            }
+            Err(_) => {}
+        }
+    }
+    let outcome = outcome.expect("loop ends with an outcome");
+    let _ = std::fs::File::from(report).write_all(outcome.encode().as_bytes());
+    // Exiting as PID 1 makes the kernel SIGKILL whatever is left in the namespace.
+    outcome.code()
+}
+
+/// Namespaced setup of the machine's view of the system (mounts, hostname, files).
+fn setup_machine(spec: &InitSpec, run_dir: &Path) -> Result<()> {
+    // A mount namespace of init's own, so the shim (which shares the one spawn created) keeps
+    // seeing the host's /proc.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| RuntimeError::sys("unshare(CLONE_NEWNS)", e))?;
+    // Private, recursively: nothing mounted here propagates back to the host (/ is usually
+    // shared), and host mounts no longer leak in.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| RuntimeError::sys("making / private", e))?;
+    // A /proc for our pid namespace: `ps` and /proc/1 then show the machine, not the host.
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| RuntimeError::sys("mounting /proc", e))?;
+    nix::unistd::sethostname(&spec.machine_id).map_err(|e| RuntimeError::sys("sethostname", e))?;
+
+    for m in &spec.mounts {
+        bind(&m.host_path, &m.guest_path)?;
+    }
+
+    let resolv = run_dir.join(files::RESOLV);
+    let hosts = run_dir.join(files::HOSTS);
+    write_atomic(&resolv, resolv_conf().as_bytes())?;
+    write_atomic(&hosts, hosts_file(spec).as_bytes())?;
+    for (src, dst) in [(&resolv, "/etc/resolv.conf"), (&hosts, "/etc/hosts")] {
+        // The host may lack the file (or have a dangling resolv.conf symlink): the machine then
+        // runs without it, which is worth a line in its log but not a failed start.
+        if let Err(e) = mount(
+            Some(src.as_path()),
+            dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            say!("bind-mounting {dst}: {e} (left as on the host)");
+        }
+    }
+    Ok(())
+}
+
+/// Bind-mounts `host` at `guest`, creating the mountpoint (a directory, or an empty file when
+/// `host` is a file).
+fn bind(host: &Path, guest: &Path) -> Result<()> {
+    let meta = std::fs::metadata(host)
+        .map_err(|e| RuntimeError::io(format!("volume {}", host.display()), e))?;
+    if !guest.exists() {
+        let made = if meta.is_dir() {
+            std::fs::create_dir_all(guest)
+        } else {
+            guest
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::File::create(guest).map(drop))
+        };
+        made.map_err(|e| RuntimeError::io(format!("creating {}", guest.display()), e))?;
+    }
+    mount(
+        Some(host),
+        guest,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| RuntimeError::sys(format!("bind-mounting {}", guest.display()), e))
+}
+
+/// Writes `pid` into each fd (a `cgroup.procs`). Runs between fork and exec: no allocation.
+pub(crate) fn write_pid_to(fds: &[i32]) -> std::io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut buf = [0u8; 24];
+    let s = fmt_int(pid as u64, &mut buf);
+    for &fd in fds {
+        // SAFETY: s is a live byte slice; fd is an open descriptor owned by the parent.
+        if unsafe { libc::write(fd, s.as_ptr().cast(), s.len()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InitSpec {
+        serde_json::from_str(
+            r#"{"machine_id":"m1","app":"a","private_ip":"fdaa::2","region":"dev","cmd":["true"]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn spec_defaults_and_env() {
+        let mut s = spec();
+        s.validate().unwrap();
+        assert_eq!(s.workdir(), "/");
+        s.env.insert("PATH".into(), "/x".into());
+        s.env.insert("FERRY_REGION".into(), "evil".into());
+        let env: BTreeMap<_, _> = s.machine_env().into_iter().collect();
+        assert_eq!(env["PATH"], "/x");
+        assert_eq!(env["FERRY_REGION"], "dev");
+        assert_eq!(env["FERRY_MACHINE_ID"], "m1");
+    }
+
+    #[test]
+    fn spec_validation() {
+        let mut s = spec();
+        s.cmd.clear();
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.mounts.push(MountSpec {
+            host_path: "/tmp".into(),
+            guest_path: "data".into(),
+        });
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.machine_id = "../x".into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn outcome_roundtrip() {
+        for o in [Outcome::Exited(3), Outcome::Killed(9)] {
+            assert_eq!(Outcome::decode(&o.encode()), Some(o));
+        }
+        assert_eq!(Outcome::Killed(2).code(), 130);
+        assert_eq!(Outcome::decode("garbage"), None);
+    }
+
+    #[test]
+    fn etc_files() {
+        assert_eq!(resolv_conf(), "nameserver fdaa::3\n");
+        assert!(hosts_file(&spec()).contains("fdaa::2\tm1 ferry-local-6pn\n"));
+    }
+}

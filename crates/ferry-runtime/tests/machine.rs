@@ -1,0 +1,661 @@
+//! End-to-end tests of the machine runtime against the real kernel (run as root): each test gets
+//! its own network namespace, cgroup and run directory, all removed in `Drop` even on panic,
+//! and spawns the crate's `ferry-init-test` binary as `ferry init`.
+
+use ferry_net::NetNs;
+use ferry_runtime::{
+    exec_in, run_check, spawn_machine, stop, CgroupLayout, Check, CheckKind, CheckRole, InitSpec,
+    Limits, MachineCgroup, MountSpec, Running, RuntimeError, Signal,
+};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const INIT_EXE: &str = env!("CARGO_BIN_EXE_ferry-init-test");
+const PRIVATE_IP: &str = "fdaa:0:1:a7b:1:0:0:2";
+const LONG: Duration = Duration::from_secs(15);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One test machine and everything it owns on the host.
+struct TestMachine {
+    id: String,
+    ns: NetNs,
+    dir: tempfile::TempDir,
+    cg: MachineCgroup,
+    running: Option<Running>,
+}
+
+impl TestMachine {
+    fn new(limits: Limits) -> TestMachine {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("ferry-t{}-{n}", std::process::id());
+        let ns = NetNs::create(&id).expect("creating the test netns");
+        let ip: Ipv6Addr = PRIVATE_IP.parse().unwrap();
+        ferry_net::netns::run_in(&ns, || {
+            let nl = ferry_net::nl::Netlink::new()?;
+            let lo = nl.require_index("lo")?;
+            nl.up(lo, None)?;
+            nl.add_address(lo, ip, 128)
+        })
+        .unwrap()
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CgroupLayout::discover().expect("cgroup layout");
+        let cg = match layout.create_machine(&id, limits) {
+            Ok(cg) => cg,
+            Err(e) => {
+                let _ = ns.delete();
+                panic!("creating cgroups: {e}");
+            }
+        };
+        TestMachine {
+            id,
+            ns,
+            dir,
+            cg,
+            running: None,
+        }
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn spec(&self, cmd: &[&str]) -> InitSpec {
+        InitSpec {
+            machine_id: self.id.clone(),
+            app: "testapp".into(),
+            private_ip: PRIVATE_IP.into(),
+            region: "dev".into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            mounts: Vec::new(),
+            workdir: None,
+        }
+    }
+
+    fn start(&mut self, spec: &InitSpec) -> &Running {
+        let r = spawn_machine(
+            &self.run_dir(),
+            &self.ns.path(),
+            &self.cg,
+            spec,
+            Path::new(INIT_EXE),
+        )
+        .expect("spawning the machine");
+        self.running = Some(r);
+        self.running.as_ref().unwrap()
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("started")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.run_dir().join("log")).unwrap_or_default()
+    }
+
+    /// Waits until the machine's log contains `what` (the command got going).
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + LONG;
+        while !self.log().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {what:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestMachine {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            let _ = stop(&r, Signal::SIGKILL, Duration::from_secs(3));
+        }
+        if let Err(e) = self.cg.remove() {
+            eprintln!("removing test cgroup: {e}");
+        }
+        let _ = self.ns.delete();
+    }
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn line<'a>(log: &'a str, key: &str) -> &'a str {
+    log.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} line in log:\n{log}"))
+}
+
+#[test]
+fn init_is_pid1_with_env_hostname_etc_files_and_volume() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 128,
+        cpus: 1.0,
+    });
+    let vol = m.dir.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    let guest = m.dir.path().join("guest/data");
+    let host_resolv = std::fs::read("/etc/resolv.conf").unwrap();
+    let host_hosts = std::fs::read("/etc/hosts").unwrap();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+
+    let mut spec = m.spec(&[]);
+    spec.cmd = sh(r#"echo pid=$$
+echo init=$(tr '\0' ' ' < /proc/1/cmdline)
+echo hostname=$(cat /proc/sys/kernel/hostname)
+echo env=$FERRY_MACHINE_ID,$FERRY_APP_NAME,$FERRY_PRIVATE_IP,$FERRY_REGION,$CUSTOM
+echo resolv=$(cat /etc/resolv.conf)
+echo hosts=$(grep ferry-local-6pn /etc/hosts)
+echo cwd=$(pwd)
+echo hello-volume > f
+echo sum=$(sha256sum f | cut -d' ' -f1)
+exit 7"#);
+    spec.env.insert("CUSTOM".into(), "custom value".into());
+    spec.mounts.push(MountSpec {
+        host_path: vol.clone(),
+        guest_path: guest.clone(),
+    });
+    spec.workdir = Some(guest.to_str().unwrap().to_owned());
+    let exit = m.start(&spec).wait_exit(LONG).expect("machine exits");
+    let log = m.log();
+    assert_eq!(exit.exit_code, Some(7), "{exit:?}\n{log}");
+    assert_eq!(exit.signal, None);
+
+    assert_eq!(line(&log, "pid="), "2", "the command is init's first child");
+    let init = line(&log, "init=");
+    assert!(
+        init.contains("ferry-init-test init --spec"),
+        "PID 1 is ferry init: {init}"
+    );
+    assert_eq!(line(&log, "hostname="), m.id);
+    assert_eq!(
+        line(&log, "env="),
+        format!("{},testapp,{PRIVATE_IP},dev,custom value", m.id)
+    );
+    assert_eq!(line(&log, "resolv="), "nameserver fdaa::3");
+    assert_eq!(
+        line(&log, "hosts="),
+        format!("{PRIVATE_IP} {} ferry-local-6pn", m.id)
+    );
+    assert_eq!(line(&log, "cwd="), guest.to_str().unwrap());
+    // The write landed in the host's volume directory, byte for byte.
+    assert_eq!(
+        std::fs::read_to_string(vol.join("f")).unwrap(),
+        "hello-volume\n"
+    );
+    assert_eq!(line(&log, "sum="), sha256(&vol.join("f")));
+    // ...and none of it leaked into the host's view.
+    assert!(guest.is_dir(), "the mountpoint was created");
+    assert_eq!(std::fs::read_dir(&guest).unwrap().count(), 0);
+    assert_eq!(std::fs::read("/etc/resolv.conf").unwrap(), host_resolv);
+    assert_eq!(std::fs::read("/etc/hosts").unwrap(), host_hosts);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_name
+    );
+    // Attaching to an ended machine finds nothing.
+    assert!(Running::attach(&m.run_dir()).unwrap().is_none());
+}
+
+#[test]
+fn limits_applied_and_processes_in_the_cgroup() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.5,
+    });
+    assert_eq!(m.cg.memory_limit_bytes(), Some(64 << 20));
+    assert_eq!(m.cg.cpu_quota(), Some((50_000, 100_000)));
+    let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    m.start(&spec);
+    m.wait_log("ready");
+    let r = m.running();
+    let init = r.wait_init_pid(LONG).expect("init started");
+    let pids = m.cg.pids();
+    assert!(pids.contains(&r.pid()), "shim {} in {pids:?}", r.pid());
+    assert!(pids.contains(&init), "init {init} in {pids:?}");
+    assert!(
+        pids.len() >= 3,
+        "the command is in the cgroup too: {pids:?}"
+    );
+    // Every hierarchy: the shim's /proc/<pid>/cgroup names the machine's cgroup.
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", r.pid())).unwrap();
+    let want = format!("/ferry/{}", m.id);
+    for (kind, dir) in m.cg.dirs() {
+        assert!(dir.ends_with(format!("ferry/{}", m.id)), "{kind:?} {dir:?}");
+    }
+    assert!(
+        own.lines().filter(|l| l.ends_with(&want)).count() >= m.cg.dirs().len(),
+        "{own}"
+    );
+    if let Some(v2) = m.cg.v2_dir() {
+        assert!(v2.join("cgroup.procs").exists());
+    }
+    // The reopened handle (agent restart) finds the same cgroups.
+    let layout = CgroupLayout::discover().unwrap();
+    assert_eq!(
+        MachineCgroup::open(&layout, &m.id).unwrap().as_ref(),
+        Some(&m.cg)
+    );
+    assert!(layout.machine_ids().contains(&m.id));
+}
+
+#[test]
+fn oom_kill_is_reported() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 32,
+        cpus: 0.0,
+    });
+    let spec = m.spec(&[
+        "python3",
+        "-c",
+        "b = bytearray(256 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1",
+    ]);
+    let exit = m.start(&spec).wait_exit(LONG).expect("machine exits");
+    assert_eq!(exit.signal, Some(9), "{exit:?}\n{}", m.log());
+    assert!(exit.oom_killed, "{exit:?}");
+}
+
+#[test]
+fn stop_with_sigint_is_not_escalated() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    m.start(&spec);
+    m.wait_log("ready");
+    let t = Instant::now();
+    let out = stop(m.running(), Signal::SIGINT, Duration::from_secs(5)).unwrap();
+    assert!(!out.escalated_to_sigkill, "{out:?}");
+    assert_eq!(out.exit.signal, Some(libc_sigint()), "{out:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.run_dir().join("exit.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["signal"], 2);
+    assert!(on_disk["exit_code"].is_null());
+    assert!(on_disk["finished_at_ms"].as_i64().unwrap() > 0);
+}
+
+fn libc_sigint() -> i32 {
+    Signal::SIGINT as i32
+}
+
+#[test]
+fn stop_escalates_to_sigkill_when_the_signal_is_ignored() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    let spec = m.spec(&["sh", "-c", "trap '' INT; echo ready; sleep 60"]);
+    m.start(&spec);
+    m.wait_log("ready");
+    let t = Instant::now();
+    let out = stop(m.running(), Signal::SIGINT, Duration::from_secs(1)).unwrap();
+    let took = t.elapsed();
+    assert!(out.escalated_to_sigkill, "{out:?}");
+    assert_eq!(out.exit.signal, Some(9), "{out:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    // Killing init took the whole pid namespace (the sleep) with it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !m.cg.pids().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(m.cg.pids(), Vec::<i32>::new());
+}
+
+#[test]
+fn zombies_are_reaped() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    // Each subshell exits at once, orphaning its background child to PID 1, which must reap it.
+    let spec = m.spec(&[
+        "sh",
+        "-c",
+        "(true &); (sleep 0.1 &); (sh -c 'exit 3' &); echo ready; sleep 60",
+    ]);
+    m.start(&spec);
+    m.wait_log("ready");
+    std::thread::sleep(Duration::from_millis(600));
+    let out = exec_in(
+        m.running(),
+        &sh("for f in /proc/[0-9]*/stat; do cat $f; echo; done"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let stats = out.stdout_lossy();
+    let states: Vec<(i32, char)> = stats
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let pid = l.split_whitespace().next().unwrap().parse().unwrap();
+            let state = l[l.rfind(')').unwrap() + 2..].chars().next().unwrap();
+            (pid, state)
+        })
+        .collect();
+    assert!(states.iter().any(|&(p, _)| p == 1), "{stats}");
+    assert!(
+        !states.iter().any(|&(_, s)| s == 'Z'),
+        "zombie left: {stats}"
+    );
+    // PID 1, the sh, its sleep, and the exec's own sh and cat (the exec ran in the pid ns).
+    assert!(states.len() <= 6, "{stats}");
+}
+
+#[test]
+fn attach_after_agent_restart_then_stop() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    let pid = m.start(&spec).pid();
+    m.wait_log("ready");
+    // The agent "restarts": its handle is gone, the machine is not.
+    drop(m.running.take());
+    let r = Running::attach(&m.run_dir())
+        .unwrap()
+        .expect("machine still running");
+    assert_eq!(r.pid(), pid);
+    assert!(r.wait_exit(Duration::from_millis(100)).is_none());
+    let out = exec_in(&r, &sh("echo alive"), Duration::from_secs(5)).unwrap();
+    assert_eq!(out.stdout_lossy(), "alive\n");
+    let out = stop(&r, Signal::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(!out.escalated_to_sigkill);
+    assert_eq!(out.exit.signal, Some(Signal::SIGTERM as i32));
+    assert!(Running::attach(&m.run_dir()).unwrap().is_none());
+
+    // A pid file whose pid now belongs to another process is not attached to.
+    let other = m.dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("pid"), format!("{} 1\n", std::process::id())).unwrap();
+    assert!(Running::attach(&other).unwrap().is_none());
+    assert!(Running::attach(&m.dir.path().join("nowhere"))
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn exec_returns_output_and_exit_code() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    let mut spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    spec.env.insert("CUSTOM".into(), "x y".into());
+    spec.workdir = Some("/tmp".into());
+    m.start(&spec);
+    m.wait_log("ready");
+    let out = exec_in(
+        m.running(),
+        &sh(r#"echo out; echo err >&2
+echo "$FERRY_MACHINE_ID $CUSTOM"
+cat /proc/sys/kernel/hostname
+tr '\0' ' ' < /proc/1/cmdline; echo
+pwd
+grep -c "ferry/$FERRY_MACHINE_ID" /proc/self/cgroup
+cat /etc/resolv.conf
+exit 3"#),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(out.exit_code, 3, "{out:?}");
+    assert_eq!(out.stderr_lossy(), "err\n");
+    let stdout = out.stdout_lossy();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "out");
+    assert_eq!(lines[1], format!("{} x y", m.id));
+    assert_eq!(lines[2], m.id);
+    assert!(lines[3].contains("ferry-init-test init"), "{stdout}");
+    assert_eq!(lines[4], "/tmp");
+    assert_ne!(lines[5], "0", "exec joined the machine's cgroups");
+    assert_eq!(lines[6], "nameserver fdaa::3");
+
+    // A signal-killed command reports 128+signal.
+    let out = exec_in(m.running(), &sh("kill -9 $$"), Duration::from_secs(5)).unwrap();
+    assert_eq!(out.exit_code, 137);
+    // A missing program is an error from spawn.
+    assert!(exec_in(
+        m.running(),
+        &["/nonexistent/prog".to_string()],
+        Duration::from_secs(5)
+    )
+    .is_err());
+    // Timeouts kill the command and say so, promptly.
+    let t = Instant::now();
+    let err = exec_in(m.running(), &sh("sleep 30"), Duration::from_millis(300)).unwrap_err();
+    assert!(matches!(err, RuntimeError::Timeout(..)), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // ...and the sleep is gone from the machine.
+    std::thread::sleep(Duration::from_millis(200));
+    let ps = exec_in(
+        m.running(),
+        &sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(!ps.stdout_lossy().contains("sleep 30"), "{ps:?}");
+}
+
+#[test]
+fn tcp_http_and_exec_checks() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 256,
+        cpus: 0.0,
+    });
+    let mut spec = m.spec(&["python3", "-m", "http.server", "8080", "--bind", PRIVATE_IP]);
+    spec.workdir = Some("/tmp".into());
+    m.start(&spec);
+    let ip: IpAddr = PRIVATE_IP.parse().unwrap();
+    let netns = m.ns.path();
+    let check = |kind: CheckKind| Check {
+        kind,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+        role: CheckRole::Readiness,
+    };
+    let tcp = check(CheckKind::Tcp { port: 8080 });
+    let deadline = Instant::now() + LONG;
+    loop {
+        let r = run_check(m.running(), ip, &netns, &tcp);
+        if r.ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server never came up: {r:?}\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let http = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Http {
+            port: 8080,
+            path: "/".into(),
+        }),
+    );
+    assert!(http.ok, "{http:?}");
+    let http404 = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Http {
+            port: 8080,
+            path: "/no/such/file".into(),
+        }),
+    );
+    assert!(!http404.ok && http404.detail.contains("404"), "{http404:?}");
+    let ok = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Exec {
+            cmd: sh("test \"$(cat /proc/sys/kernel/hostname)\" = \"$FERRY_MACHINE_ID\""),
+        }),
+    );
+    assert!(ok.ok, "{ok:?}");
+
+    // Nothing listens on 8081; the exec check fails.
+    let t = Instant::now();
+    let r = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Tcp { port: 8081 }),
+    );
+    assert!(!r.ok, "{r:?}");
+    let r = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Http {
+            port: 8081,
+            path: "/".into(),
+        }),
+    );
+    assert!(!r.ok, "{r:?}");
+    let r = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Exec {
+            cmd: sh("echo broken >&2; exit 1"),
+        }),
+    );
+    assert!(!r.ok && r.detail.contains("exit 1: broken"), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The server is not reachable from the host's namespace: the checks really ran inside.
+    assert!(std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(ip, 8080),
+        Duration::from_millis(300)
+    )
+    .is_err());
+
+    // Once the machine is gone every check fails (exec: not running).
+    stop(m.running(), Signal::SIGTERM, Duration::from_secs(5)).unwrap();
+    let r = run_check(m.running(), ip, &netns, &tcp);
+    assert!(!r.ok);
+    let r = run_check(
+        m.running(),
+        ip,
+        &netns,
+        &check(CheckKind::Exec { cmd: sh("true") }),
+    );
+    assert!(!r.ok, "{r:?}");
+}
+
+#[test]
+fn bad_input_is_rejected() {
+    let m = TestMachine::new(Limits {
+        memory_mb: 16,
+        cpus: 0.0,
+    });
+    let layout = CgroupLayout::discover().unwrap();
+    assert!(layout
+        .create_machine(
+            "../escape",
+            Limits {
+                memory_mb: 1,
+                cpus: 0.0
+            }
+        )
+        .is_err());
+    let mut spec = m.spec(&["true"]);
+    spec.machine_id = "someone-else".into();
+    let err = spawn_machine(
+        &m.run_dir(),
+        &m.ns.path(),
+        &m.cg,
+        &spec,
+        Path::new(INIT_EXE),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("cgroup"), "{err}");
+    let spec = m.spec(&[]);
+    assert!(spawn_machine(
+        &m.run_dir(),
+        &m.ns.path(),
+        &m.cg,
+        &spec,
+        Path::new(INIT_EXE)
+    )
+    .is_err());
+    // `ferry init` run by hand (not in a fresh pid namespace) refuses.
+    let dir = m.dir.path().join("manual");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("spec.json"),
+        serde_json::to_vec(&m.spec(&["true"])).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(INIT_EXE)
+        .args(["init", "--spec"])
+        .arg(dir.join("spec.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ferry agent"));
+}
+
+#[test]
+fn stop_with_sigstop_freezes_then_escalates() {
+    let mut m = TestMachine::new(Limits {
+        memory_mb: 64,
+        cpus: 0.0,
+    });
+    let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    m.start(&spec);
+    m.wait_log("ready");
+    let r = m.running();
+    let init = r.wait_init_pid(LONG).unwrap();
+    r.signal(Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let state = |pid: i32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        s[s.rfind(')').map_or(0, |i| i + 2)..].chars().next()
+    };
+    let stopped: Vec<i32> =
+        m.cg.pids()
+            .into_iter()
+            .filter(|&p| state(p) == Some('T'))
+            .collect();
+    assert_eq!(stopped.len(), 1, "only the command stops: {stopped:?}");
+    assert_eq!(state(init), Some('S'), "init keeps running");
+    let t = Instant::now();
+    let out = stop(r, Signal::SIGSTOP, Duration::from_millis(500)).unwrap();
+    assert!(out.escalated_to_sigkill, "{out:?}");
+    assert_eq!(out.exit.signal, Some(9));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // Unsupported signals are refused by the handle too.
+    assert!(matches!(
+        r.signal(Signal::SIGSEGV),
+        Err(RuntimeError::Signal(_))
+    ));
+}

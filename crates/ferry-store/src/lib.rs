@@ -1,0 +1,186 @@
+//! The durable state of the fleet (SPEC §4): orgs and their network IDs, apps, hosts, machines,
+//! their event logs, leases, named locks and a few settings.
+//!
+//! Its job: remember, atomically and durably, and never hand out an ID twice. Everything goes
+//! through the [`Store`] trait so that a multi-server deployment can swap the embedded
+//! [`SqliteStore`] for an etcd backend; leases and locks are part of the trait for that reason.
+//!
+//! What it must never do: **no other crate opens SQLite** (they all come through here); it never
+//! talks to hosts, the network or the kernel; it never reuses a network ID, host ID or machine
+//! field (SPEC §2: a reused address would hand one machine's clients to another); and a failed
+//! operation never leaves a partial change behind.
+//!
+//! ```
+//! use ferry_store::{MachineState, SqliteStore, Store};
+//! let store = SqliteStore::in_memory().unwrap();
+//! let app = store.create_app("web", "personal").unwrap();
+//! let host = store.register_host("ord", "/run/ferry/h1.sock").unwrap();
+//! let field = store.allocate_machine_field(host.id).unwrap();
+//! let m = store
+//!     .create_machine(&ferry_store::Machine {
+//!         id: ferry_store::new_machine_id(),
+//!         name: "web-1".into(),
+//!         app: app.name.clone(),
+//!         org: app.org.clone(),
+//!         network_id: app.network_id,
+//!         host: Some(host.id),
+//!         region: host.region.clone(),
+//!         machine_field: Some(field),
+//!         private_ip: None,
+//!         instance_id: ferry_store::new_instance_id(),
+//!         state: MachineState::Created,
+//!         config: serde_json::json!({"init": {"cmd": ["sleep", "inf"]}}),
+//!         created_at_ms: 0,
+//!         updated_at_ms: 0,
+//!     })
+//!     .unwrap();
+//! let m = store
+//!     .transition(&m.id, &[MachineState::Created], MachineState::Starting)
+//!     .unwrap();
+//! assert_eq!(m.state, MachineState::Starting);
+//! ```
+
+mod clock;
+mod error;
+mod model;
+mod schema;
+mod sqlite;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Result, StoreError};
+pub use model::{
+    is_machine_id, new_instance_id, new_machine_id, App, Event, Host, Lease, Lock, Machine,
+    MachineState, Org, ParseStateError,
+};
+pub use sqlite::SqliteStore;
+
+use ferry_addr::{HostId, MachineField};
+
+/// The fleet's durable state. Every method is one atomic step: it either happens completely or
+/// (on `Err`) changes nothing.
+///
+/// Times are milliseconds since the Unix epoch, from the store's [`Clock`].
+pub trait Store: Send + Sync {
+    /// The store's notion of "now" (the same clock that expires leases).
+    fn now_ms(&self) -> i64;
+
+    // ---- orgs -------------------------------------------------------------------------------
+
+    /// The org, created with a never-used network ID if it does not exist yet.
+    fn ensure_org(&self, name: &str) -> Result<Org>;
+    fn get_org(&self, name: &str) -> Result<Org>;
+    fn list_orgs(&self) -> Result<Vec<Org>>;
+
+    // ---- apps -------------------------------------------------------------------------------
+
+    /// Creates an app in `org` (creating the org too if needed). App names are unique across the
+    /// fleet: [`StoreError::AppExists`] otherwise.
+    fn create_app(&self, name: &str, org: &str) -> Result<App>;
+    fn get_app(&self, name: &str) -> Result<App>;
+    /// All apps, or those of one org, by name.
+    fn list_apps(&self, org: Option<&str>) -> Result<Vec<App>>;
+    /// Deletes the app and the records of its terminal (destroyed/migrated) machines. Refused
+    /// with [`StoreError::AppHasMachines`] while any of its machines is not terminal.
+    fn delete_app(&self, name: &str) -> Result<()>;
+
+    // ---- hosts ------------------------------------------------------------------------------
+
+    /// Registers a new host with a never-used host ID.
+    fn register_host(&self, region: &str, endpoint: &str) -> Result<Host>;
+    /// Inserts or updates a host with a known ID (re-registration after a restart). Updates keep
+    /// the original `created_at_ms`. The host allocator moves past `host.id` so it is never
+    /// handed out to another host.
+    fn put_host(&self, host: &Host) -> Result<Host>;
+    fn get_host(&self, id: HostId) -> Result<Host>;
+    /// All hosts, by ID.
+    fn list_hosts(&self) -> Result<Vec<Host>>;
+    fn set_cordoned(&self, id: HostId, cordoned: bool) -> Result<Host>;
+    /// A machine field never used on `host` before (not even by a destroyed machine).
+    fn allocate_machine_field(&self, host: HostId) -> Result<MachineField>;
+
+    // ---- machines ---------------------------------------------------------------------------
+
+    /// Records a new machine. Its app must exist; `org` and `network_id` must match the app's
+    /// (else [`StoreError::Invalid`]); `id` must be a 14-hex-char ID not used before; timestamps
+    /// are set from the clock. Returns the stored machine.
+    fn create_machine(&self, m: &Machine) -> Result<Machine>;
+    fn get_machine(&self, id: &str) -> Result<Machine>;
+    /// Machines that are not terminal (destroyed/migrated), of one app or all, oldest first.
+    fn list_machines(&self, app: Option<&str>) -> Result<Vec<Machine>>;
+    /// Like [`Store::list_machines`], terminal machines included.
+    fn list_machines_all(&self, app: Option<&str>) -> Result<Vec<Machine>>;
+    /// The non-terminal machines placed on `host` (what its agent should be running).
+    fn list_machines_on_host(&self, host: HostId) -> Result<Vec<Machine>>;
+    /// Overwrites the machine's mutable fields (name, host, region, machine field, private IP,
+    /// instance ID, state, config) and bumps `updated_at_ms`; `id`, `app`, `org`, `network_id`
+    /// and `created_at_ms` never change. This is last-writer-wins: when others may change the
+    /// machine concurrently, use [`Store::update_machine_if`] or [`Store::transition`].
+    fn update_machine(&self, m: &Machine) -> Result<Machine>;
+    /// [`Store::update_machine`] as a compare-and-set: only if the stored state is one of
+    /// `allowed_from`, else [`StoreError::IllegalTransition`] and nothing changes. For moves that
+    /// change placement and state together (start on a new host, migration).
+    fn update_machine_if(&self, m: &Machine, allowed_from: &[MachineState]) -> Result<Machine>;
+    /// Atomic compare-and-set of the state: succeeds only if the current state is in
+    /// `allowed_from`; otherwise [`StoreError::IllegalTransition`] naming the current state.
+    fn transition(
+        &self,
+        id: &str,
+        allowed_from: &[MachineState],
+        to: MachineState,
+    ) -> Result<Machine>;
+
+    // ---- events -----------------------------------------------------------------------------
+
+    /// Appends to the machine's event log, stamped with the clock.
+    fn add_event(
+        &self,
+        machine_id: &str,
+        r#type: &str,
+        status: &str,
+        source: &str,
+        request: serde_json::Value,
+    ) -> Result<Event>;
+    /// The machine's events, oldest first.
+    fn events(&self, machine_id: &str) -> Result<Vec<Event>>;
+
+    // ---- leases (per machine) ---------------------------------------------------------------
+
+    /// Takes the machine's lease for `ttl_ms` with a fresh random nonce. [`StoreError::LeaseHeld`]
+    /// if an unexpired lease exists; an expired one is replaced.
+    fn acquire_lease(
+        &self,
+        machine_id: &str,
+        ttl_ms: u64,
+        owner: &str,
+        description: &str,
+    ) -> Result<Lease>;
+    /// Extends the current lease to now + `ttl_ms`. [`StoreError::LeaseMismatch`] if `nonce` does
+    /// not name an unexpired lease (an expired lease may already belong to someone else).
+    fn refresh_lease(&self, machine_id: &str, nonce: &str, ttl_ms: u64) -> Result<Lease>;
+    /// Ends the lease. [`StoreError::LeaseMismatch`] if an unexpired lease has another nonce;
+    /// releasing a lease that is gone or expired succeeds (idempotent).
+    fn release_lease(&self, machine_id: &str, nonce: &str) -> Result<()>;
+    /// The unexpired lease, if any.
+    fn current_lease(&self, machine_id: &str) -> Result<Option<Lease>>;
+    /// Ok if there is no unexpired lease or `nonce` is its nonce, else [`StoreError::LeaseHeld`].
+    fn check_lease(&self, machine_id: &str, nonce: Option<&str>) -> Result<()>;
+
+    // ---- named locks ------------------------------------------------------------------------
+
+    /// Takes the named lock for `ttl_ms`; [`StoreError::LockHeld`] if someone holds it unexpired.
+    fn acquire_lock(&self, name: &str, ttl_ms: u64, owner: &str) -> Result<Lock>;
+    /// Extends a held lock; [`StoreError::LockMismatch`] if `nonce` does not hold it now.
+    fn refresh_lock(&self, name: &str, nonce: &str, ttl_ms: u64) -> Result<Lock>;
+    /// Releases the lock; [`StoreError::LockMismatch`] if someone else holds it unexpired.
+    fn release_lock(&self, name: &str, nonce: &str) -> Result<()>;
+    /// The unexpired holder, if any.
+    fn current_lock(&self, name: &str) -> Result<Option<Lock>>;
+
+    // ---- settings ---------------------------------------------------------------------------
+
+    fn kv_get(&self, key: &str) -> Result<Option<String>>;
+    fn kv_put(&self, key: &str, value: &str) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,683 @@
+//! Tests of the store on real SQLite files in temporary directories.
+//!
+//! They check the promises the rest of ferry relies on: data survive a reopen, IDs are never
+//! handed out twice (also across reopen and after destroy), compare-and-set transitions have
+//! exactly one winner, leases expire on the injected clock, and a failed call changes nothing
+//! (compared as a full dump of every table, not just row counts).
+
+use crate::*;
+use ferry_addr::{FleetAddr, HostId, MachineField};
+use serde_json::json;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use MachineState::*;
+
+fn db(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("state").join("ferry.db")
+}
+
+fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(db(dir)).unwrap()
+}
+
+fn open_clock(dir: &tempfile::TempDir, clock: &ManualClock) -> SqliteStore {
+    SqliteStore::open_with_clock(db(dir), Arc::new(clock.clone())).unwrap()
+}
+
+/// A machine of `app` placed on `host` with a freshly allocated field and its primary address.
+fn new_machine(s: &SqliteStore, app: &str, host: HostId) -> Machine {
+    let app = s.get_app(app).unwrap();
+    let field = s.allocate_machine_field(host).unwrap();
+    let m = Machine {
+        id: new_machine_id(),
+        name: format!("m-{}", field.0),
+        app: app.name.clone(),
+        org: app.org.clone(),
+        network_id: app.network_id,
+        host: Some(host),
+        region: "ord".into(),
+        machine_field: Some(field),
+        private_ip: Some(FleetAddr::primary(app.network_id, host, field).to_string()),
+        instance_id: new_instance_id(),
+        state: Created,
+        config: json!({"init": {"cmd": ["sleep", "inf"]}, "guest": {"memory_mb": 256}}),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    s.create_machine(&m).unwrap()
+}
+
+/// Runs `f`, which must fail with `code`, and proves the store is byte-for-byte unchanged.
+#[track_caller]
+fn fails_cleanly<T: std::fmt::Debug>(
+    s: &SqliteStore,
+    code: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> StoreError {
+    let before = s.dump();
+    let err = f().expect_err("the operation should have failed");
+    assert_eq!(err.code(), code, "{err}");
+    assert_eq!(s.dump(), before, "a failed operation changed the store");
+    err
+}
+
+#[test]
+fn data_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, host, m, ev, lease, lock);
+    {
+        let s = open(&dir);
+        app = s.create_app("web", "acme").unwrap();
+        host = s.register_host("ord", "/run/ferry/h1.sock").unwrap();
+        m = new_machine(&s, "web", host.id);
+        ev = s
+            .add_event(&m.id, "launch", "created", "user", json!({"a": 1}))
+            .unwrap();
+        lease = s.acquire_lease(&m.id, 3_600_000, "me", "deploy").unwrap();
+        lock = s.acquire_lock("migrate/net-1", 3_600_000, "coord").unwrap();
+        s.kv_put("fleet.name", "dev").unwrap();
+        assert_eq!(
+            s.path().unwrap().file_name().unwrap().to_str(),
+            Some("ferry.db")
+        );
+    }
+    let s = open(&dir);
+    assert_eq!(s.get_app("web").unwrap(), app);
+    assert_eq!(
+        s.get_org("acme").unwrap(),
+        Org {
+            name: "acme".into(),
+            network_id: app.network_id
+        }
+    );
+    assert_eq!(s.get_host(host.id).unwrap(), host);
+    assert_eq!(s.get_machine(&m.id).unwrap(), m);
+    assert_eq!(s.events(&m.id).unwrap(), vec![ev]);
+    assert_eq!(s.current_lease(&m.id).unwrap(), Some(lease));
+    assert_eq!(s.current_lock("migrate/net-1").unwrap(), Some(lock));
+    assert_eq!(s.kv_get("fleet.name").unwrap().as_deref(), Some("dev"));
+    assert_eq!(s.kv_get("nope").unwrap(), None);
+    assert_eq!(s.list_machines_on_host(host.id).unwrap(), vec![m]);
+}
+
+#[test]
+fn file_is_wal_with_current_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&dir));
+    let conn = rusqlite::Connection::open(db(&dir)).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, crate::schema::SCHEMA_VERSION);
+    // A database from a newer ferry is refused rather than misread.
+    conn.execute_batch("PRAGMA user_version = 999").unwrap();
+    drop(conn);
+    let err = SqliteStore::open(db(&dir)).unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn network_ids_never_repeat_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = HashSet::new();
+    for round in 0..3 {
+        let s = open(&dir);
+        for i in 0..4 {
+            let org = s.ensure_org(&format!("org-{round}-{i}")).unwrap();
+            assert!(seen.insert(org.network_id), "network ID reused: {org:?}");
+            // ensure_org is idempotent: same org, same network.
+            assert_eq!(s.ensure_org(&org.name).unwrap(), org);
+        }
+        // Deleting an app does not free its org's network.
+        s.create_app(&format!("app-{round}"), &format!("org-{round}-0"))
+            .unwrap();
+        s.delete_app(&format!("app-{round}")).unwrap();
+    }
+    assert_eq!(open(&dir).list_orgs().unwrap().len(), 12);
+}
+
+#[test]
+fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = HashSet::new();
+    {
+        let s = open(&dir);
+        for i in 0..3 {
+            let h = s.register_host("ord", &format!("/run/h{i}.sock")).unwrap();
+            assert!(h.id.get() >= HostId::MIN);
+            assert!(seen.insert(h.id));
+        }
+        // A host re-registering with an ID the allocator has not reached yet...
+        let future = HostId::new(HostId::MIN + 10).unwrap();
+        let h = s
+            .put_host(&Host {
+                id: future,
+                region: "ams".into(),
+                endpoint: "/run/h10.sock".into(),
+                cordoned: false,
+                created_at_ms: 0,
+            })
+            .unwrap();
+        assert_eq!(h.id, future);
+        seen.insert(future);
+        // ...and again, with a new endpoint: an update, created_at kept.
+        let again = s
+            .put_host(&Host {
+                endpoint: "/run/h10b.sock".into(),
+                ..h.clone()
+            })
+            .unwrap();
+        assert_eq!(again.endpoint, "/run/h10b.sock");
+        assert_eq!(again.created_at_ms, h.created_at_ms);
+    }
+    let s = open(&dir);
+    for i in 0..3 {
+        let h = s.register_host("ord", &format!("/run/n{i}.sock")).unwrap();
+        assert!(seen.insert(h.id), "host ID reused: {h:?}");
+        assert!(h.id.get() > HostId::MIN + 10);
+    }
+    assert_eq!(s.list_hosts().unwrap().len(), 7);
+    let cordoned = s
+        .set_cordoned(HostId::new(HostId::MIN).unwrap(), true)
+        .unwrap();
+    assert!(cordoned.cordoned);
+    fails_cleanly(&s, "not_found", || {
+        s.set_cordoned(HostId::new(u32::MAX).unwrap(), true)
+    });
+}
+
+#[test]
+fn machine_fields_never_repeat_across_reopen_and_destroy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h1, h2);
+    let mut seen = HashSet::new();
+    {
+        let s = open(&dir);
+        s.create_app("web", "acme").unwrap();
+        h1 = s.register_host("ord", "/h1").unwrap().id;
+        h2 = s.register_host("ord", "/h2").unwrap().id;
+        for _ in 0..3 {
+            let m = new_machine(&s, "web", h1);
+            seen.insert((h1, m.machine_field.unwrap()));
+            s.transition(&m.id, &[Created], Destroyed).unwrap();
+        }
+        // Per host: the other host starts at its own beginning.
+        assert_eq!(s.allocate_machine_field(h2).unwrap(), MachineField(1));
+        // All machines destroyed, app deleted: the fields stay burned.
+        s.delete_app("web").unwrap();
+        assert!(s.list_machines_all(None).unwrap().is_empty());
+    }
+    let s = open(&dir);
+    for _ in 0..3 {
+        let f = s.allocate_machine_field(h1).unwrap();
+        assert!(seen.insert((h1, f)), "machine field {f} reused on {h1}");
+    }
+    assert_eq!(s.allocate_machine_field(h2).unwrap(), MachineField(2));
+    fails_cleanly(&s, "not_found", || {
+        s.allocate_machine_field(HostId::new(u32::MAX).unwrap())
+    });
+}
+
+#[test]
+fn app_names_are_unique_fleet_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let web = s.create_app("web", "acme").unwrap();
+    assert_eq!(web.org, "acme");
+    s.create_app("db", "acme").unwrap();
+    s.create_app("api", "other").unwrap();
+    // Same name in another org (which does not exist yet): refused, and no org or network ID
+    // is created or burned on the way.
+    let err = fails_cleanly(&s, "app_exists", || s.create_app("web", "newcomer"));
+    assert!(matches!(err, StoreError::AppExists { ref name } if name == "web"));
+    assert!(s.get_org("newcomer").unwrap_err().is_not_found());
+    fails_cleanly(&s, "invalid", || s.create_app("", "acme"));
+
+    let names = |org| -> Vec<String> {
+        s.list_apps(org)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect()
+    };
+    assert_eq!(names(Some("acme")), ["db", "web"]);
+    assert_eq!(names(None), ["api", "db", "web"]);
+    assert!(names(Some("ghost")).is_empty());
+    // Apps of one org share its network; other orgs have their own.
+    let acme = s.get_org("acme").unwrap().network_id;
+    assert_eq!(s.get_app("db").unwrap().network_id, acme);
+    assert_ne!(s.get_app("api").unwrap().network_id, acme);
+    fails_cleanly(&s, "not_found", || s.get_app("ghost"));
+}
+
+#[test]
+fn delete_app_is_refused_while_machines_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    let a = new_machine(&s, "web", h);
+    let b = new_machine(&s, "web", h);
+    s.add_event(&a.id, "launch", "created", "user", json!({}))
+        .unwrap();
+    s.acquire_lease(&a.id, 60_000, "me", "").unwrap();
+
+    let err = fails_cleanly(&s, "app_has_machines", || s.delete_app("web"));
+    assert!(matches!(err, StoreError::AppHasMachines { count: 2, .. }));
+    s.transition(&a.id, &[Created], Destroyed).unwrap();
+    let err = fails_cleanly(&s, "app_has_machines", || s.delete_app("web"));
+    assert!(matches!(err, StoreError::AppHasMachines { count: 1, .. }));
+    // Migrated counts as gone too.
+    s.transition(&b.id, &[Created], Migrated).unwrap();
+    s.delete_app("web").unwrap();
+
+    assert!(s.get_app("web").unwrap_err().is_not_found());
+    assert!(s.get_machine(&a.id).unwrap_err().is_not_found());
+    // Nothing of the app's machines is left behind.
+    let rows = s.dump();
+    assert!(!rows.iter().any(|r| r.starts_with("machines:")
+        || r.starts_with("events:")
+        || r.starts_with("leases:")));
+    // The org (and so its network) survives, and the name is free again.
+    s.get_org("acme").unwrap();
+    s.create_app("web", "acme").unwrap();
+    fails_cleanly(&s, "not_found", || s.delete_app("ghost"));
+}
+
+#[test]
+fn transition_is_compare_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let s = open_clock(&dir, &clock);
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    let m = new_machine(&s, "web", h);
+    assert_eq!((m.created_at_ms, m.updated_at_ms), (1_000, 1_000));
+
+    clock.advance(5);
+    let m2 = s.transition(&m.id, &[Created, Stopped], Starting).unwrap();
+    assert_eq!(m2.state, Starting);
+    assert_eq!(m2.updated_at_ms, 1_005);
+    assert_eq!(s.get_machine(&m.id).unwrap(), m2);
+
+    let err = fails_cleanly(&s, "illegal_transition", || {
+        s.transition(&m.id, &[Created, Stopped], Starting)
+    });
+    match err {
+        StoreError::IllegalTransition { id, from, to } => {
+            assert_eq!((id, from, to), (m.id.clone(), Starting, Starting))
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err_text(&s.transition(&m.id, &[], Started)).contains("is starting"));
+    fails_cleanly(&s, "not_found", || {
+        s.transition("00000000000000", &[Created], Starting)
+    });
+    // A clock that steps back never makes updated_at go backwards.
+    clock.set(10);
+    let m3 = s.transition(&m.id, &[Starting], Started).unwrap();
+    assert_eq!(m3.updated_at_ms, 1_005);
+}
+
+fn err_text<T>(r: &Result<T>) -> String {
+    match r {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn concurrent_transitions_have_exactly_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Arc::new(open(&dir));
+    shared.create_app("web", "acme").unwrap();
+    let h = shared.register_host("ord", "/h1").unwrap().id;
+    let ids: Vec<String> = (0..5).map(|_| new_machine(&shared, "web", h).id).collect();
+
+    for id in &ids {
+        // Half the threads share one store (one connection); the other half open their own,
+        // as separate processes would: BEGIN IMMEDIATE must make the CAS atomic either way.
+        let threads = 8;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let barrier = barrier.clone();
+                let id = id.clone();
+                let store: Arc<SqliteStore> = if i % 2 == 0 {
+                    shared.clone()
+                } else {
+                    Arc::new(open(&dir))
+                };
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.transition(&id, &[Created], Starting)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "{results:?}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(r, StoreError::IllegalTransition { from: Starting, .. }),
+                "{r}"
+            );
+        }
+        assert_eq!(shared.get_machine(id).unwrap().state, Starting);
+    }
+}
+
+#[test]
+fn events_come_back_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(50);
+    let s = open_clock(&dir, &clock);
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    let a = new_machine(&s, "web", h);
+    let b = new_machine(&s, "web", h);
+    let steps = [
+        ("launch", "created"),
+        ("start", "starting"),
+        ("start", "started"),
+        ("exit", "stopped"),
+    ];
+    for (i, (t, st)) in steps.iter().enumerate() {
+        // Two events in the same millisecond still keep their order.
+        if i % 2 == 0 {
+            clock.advance(1);
+        }
+        s.add_event(&a.id, t, st, "ferry", json!({"step": i}))
+            .unwrap();
+        s.add_event(&b.id, "noise", "x", "ferry", json!(null))
+            .unwrap();
+    }
+    let evs = s.events(&a.id).unwrap();
+    let got: Vec<_> = evs
+        .iter()
+        .map(|e| (e.r#type.as_str(), e.status.as_str()))
+        .collect();
+    assert_eq!(got, steps);
+    assert!(evs.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        evs.iter().map(|e| e.timestamp_ms).collect::<Vec<_>>(),
+        [51, 51, 52, 52]
+    );
+    assert_eq!(evs[3].request, json!({"step": 3}));
+    // The JSON shape the API serves: "type", not "r#type".
+    let v = serde_json::to_value(&evs[0]).unwrap();
+    assert_eq!(v["type"], "launch");
+    fails_cleanly(&s, "not_found", || {
+        s.add_event("00000000000000", "launch", "created", "user", json!({}))
+    });
+}
+
+#[test]
+fn leases_hold_expire_and_check_nonces() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000_000);
+    let s = open_clock(&dir, &clock);
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    let m = new_machine(&s, "web", h).id;
+
+    let lease = s.acquire_lease(&m, 30_000, "alice", "deploy").unwrap();
+    assert_eq!(lease.expires_at_ms, 1_030_000);
+    assert_eq!(lease.nonce.len(), 32);
+    assert_eq!(s.current_lease(&m).unwrap().as_ref(), Some(&lease));
+
+    let err = fails_cleanly(&s, "lease_held", || s.acquire_lease(&m, 1, "bob", ""));
+    assert!(matches!(
+        err,
+        StoreError::LeaseHeld {
+            expires_at_ms: 1_030_000,
+            ..
+        }
+    ));
+    s.check_lease(&m, Some(&lease.nonce)).unwrap();
+    assert_eq!(s.check_lease(&m, None).unwrap_err().code(), "lease_held");
+    assert_eq!(
+        s.check_lease(&m, Some("wrong")).unwrap_err().code(),
+        "lease_held"
+    );
+    fails_cleanly(&s, "lease_mismatch", || s.release_lease(&m, "wrong"));
+    fails_cleanly(&s, "lease_mismatch", || s.refresh_lease(&m, "wrong", 10));
+    fails_cleanly(&s, "invalid", || s.refresh_lease(&m, &lease.nonce, 0));
+    fails_cleanly(&s, "not_found", || {
+        s.acquire_lease("00000000000000", 10, "x", "")
+    });
+
+    // Refresh extends from now.
+    clock.advance(20_000);
+    let refreshed = s.refresh_lease(&m, &lease.nonce, 30_000).unwrap();
+    assert_eq!(refreshed.expires_at_ms, 1_050_000);
+
+    // At the expiry instant the lease is over: nobody holds the machine.
+    clock.set(1_050_000);
+    assert_eq!(s.current_lease(&m).unwrap(), None);
+    s.check_lease(&m, None).unwrap();
+    // An expired lease cannot be refreshed (it may already belong to someone else)...
+    fails_cleanly(&s, "lease_mismatch", || {
+        s.refresh_lease(&m, &lease.nonce, 1_000)
+    });
+    // ...and is replaced by the next acquire.
+    let bob = s.acquire_lease(&m, 1_000, "bob", "").unwrap();
+    assert_ne!(bob.nonce, lease.nonce);
+    assert_eq!(s.current_lease(&m).unwrap().unwrap().owner, "bob");
+    // Alice's old nonce no longer works for anything.
+    fails_cleanly(&s, "lease_mismatch", || s.release_lease(&m, &lease.nonce));
+    s.release_lease(&m, &bob.nonce).unwrap();
+    assert_eq!(s.current_lease(&m).unwrap(), None);
+    // Releasing what is already gone is fine (retries after a lost reply).
+    s.release_lease(&m, &bob.nonce).unwrap();
+}
+
+#[test]
+fn named_locks_hold_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(0);
+    let s = open_clock(&dir, &clock);
+    let a = s.acquire_lock("migrate/net-7", 10_000, "coord-a").unwrap();
+    let err = fails_cleanly(&s, "lock_held", || {
+        s.acquire_lock("migrate/net-7", 10_000, "coord-b")
+    });
+    assert!(matches!(
+        err,
+        StoreError::LockHeld {
+            expires_at_ms: 10_000,
+            ..
+        }
+    ));
+    // Other names are independent.
+    s.acquire_lock("migrate/net-8", 10_000, "coord-b").unwrap();
+    fails_cleanly(&s, "lock_mismatch", || s.release_lock("migrate/net-7", "x"));
+    clock.set(5_000);
+    assert_eq!(
+        s.refresh_lock("migrate/net-7", &a.nonce, 10_000)
+            .unwrap()
+            .expires_at_ms,
+        15_000
+    );
+    // A dead coordinator's lock expires and someone else takes it.
+    clock.set(15_000);
+    assert_eq!(s.current_lock("migrate/net-7").unwrap(), None);
+    let b = s.acquire_lock("migrate/net-7", 10_000, "coord-b").unwrap();
+    fails_cleanly(&s, "lock_mismatch", || {
+        s.refresh_lock("migrate/net-7", &a.nonce, 1)
+    });
+    fails_cleanly(&s, "lock_mismatch", || {
+        s.release_lock("migrate/net-7", &a.nonce)
+    });
+    s.release_lock("migrate/net-7", &b.nonce).unwrap();
+    assert_eq!(s.current_lock("migrate/net-7").unwrap(), None);
+}
+
+#[test]
+fn machine_records_are_validated_and_failures_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.create_app("web", "acme").unwrap();
+    s.create_app("api", "other").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    let good = new_machine(&s, "web", h);
+
+    let variant = |f: &dyn Fn(&mut Machine)| {
+        let mut m = good.clone();
+        m.id = new_machine_id();
+        m.machine_field = Some(s.allocate_machine_field(h).unwrap());
+        m.private_ip =
+            Some(FleetAddr::primary(m.network_id, h, m.machine_field.unwrap()).to_string());
+        f(&mut m);
+        m
+    };
+    let cases: Vec<(&str, Machine)> = vec![
+        ("invalid", variant(&|m| m.id = "D8DD625FED5568".into())),
+        ("invalid", variant(&|m| m.id = "abc".into())),
+        ("invalid", variant(&|m| m.instance_id = "not-a-ulid".into())),
+        ("invalid", variant(&|m| m.org = "other".into())),
+        ("not_found", variant(&|m| m.app = "ghost".into())),
+        (
+            "not_found",
+            variant(&|m| m.host = Some(HostId::new(u32::MAX).unwrap())),
+        ),
+        ("invalid", variant(&|m| m.host = None)),
+        (
+            "invalid",
+            variant(&|m| m.private_ip = Some("fdaa:0:1:8000:0:0:63:2".into())),
+        ),
+        (
+            "invalid",
+            variant(&|m| m.private_ip = Some("10.0.0.1".into())),
+        ),
+        ("conflict", good.clone()),
+        // Another machine may not take a field that is already in use on the host.
+        (
+            "conflict",
+            variant(&|m| {
+                m.machine_field = good.machine_field;
+                m.private_ip = good.private_ip.clone();
+            }),
+        ),
+    ];
+    for (code, m) in cases {
+        let err = fails_cleanly(&s, code, || s.create_machine(&m));
+        if code == "conflict" && m.id == good.id {
+            assert!(matches!(err, StoreError::MachineExists { .. }));
+        }
+    }
+    // A record without a placement yet is fine.
+    let unplaced = variant(&|m| {
+        m.host = None;
+        m.machine_field = None;
+        m.private_ip = None;
+    });
+    let stored = s.create_machine(&unplaced).unwrap();
+    assert_eq!(stored.host, None);
+    assert_eq!(s.list_machines(Some("web")).unwrap().len(), 2);
+    assert!(s.list_machines(Some("api")).unwrap().is_empty());
+}
+
+#[test]
+fn update_machine_and_its_compare_and_set_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(100);
+    let s = open_clock(&dir, &clock);
+    s.create_app("web", "acme").unwrap();
+    s.create_app("api", "acme").unwrap();
+    let h1 = s.register_host("ord", "/h1").unwrap().id;
+    let h2 = s.register_host("ams", "/h2").unwrap().id;
+    let m = new_machine(&s, "web", h1);
+
+    clock.advance(10);
+    let mut next = m.clone();
+    next.config = json!({"init": {"cmd": ["true"]}});
+    next.state = Stopped;
+    let upd = s.update_machine(&next).unwrap();
+    assert_eq!(upd.updated_at_ms, 110);
+    assert_eq!(upd.created_at_ms, m.created_at_ms);
+    assert_eq!(upd.config, next.config);
+    assert_eq!(upd.state, Stopped);
+
+    // Move to another host with a new instance and address, only from `stopped`.
+    let field = s.allocate_machine_field(h2).unwrap();
+    let moved = Machine {
+        host: Some(h2),
+        region: "ams".into(),
+        machine_field: Some(field),
+        private_ip: Some(FleetAddr::primary(m.network_id, h2, field).to_string()),
+        instance_id: new_instance_id(),
+        state: Starting,
+        ..upd.clone()
+    };
+    fails_cleanly(&s, "illegal_transition", || {
+        s.update_machine_if(&moved, &[Started])
+    });
+    let got = s.update_machine_if(&moved, &[Stopped]).unwrap();
+    assert_eq!((got.host, got.state), (Some(h2), Starting));
+    assert_eq!(s.list_machines_on_host(h2).unwrap(), vec![got.clone()]);
+    assert!(s.list_machines_on_host(h1).unwrap().is_empty());
+
+    // The app, and so org and network, cannot change.
+    fails_cleanly(&s, "invalid", || {
+        s.update_machine(&Machine {
+            app: "api".into(),
+            ..got.clone()
+        })
+    });
+    fails_cleanly(&s, "not_found", || {
+        s.update_machine(&Machine {
+            id: new_machine_id(),
+            ..got.clone()
+        })
+    });
+    // Destroyed machines leave the listings but not the full history.
+    s.transition(&m.id, &[Starting], Destroyed).unwrap();
+    assert!(s.list_machines(None).unwrap().is_empty());
+    assert!(s.list_machines_on_host(h2).unwrap().is_empty());
+    assert_eq!(s.list_machines_all(Some("web")).unwrap().len(), 1);
+}
+
+#[test]
+fn in_memory_store_works_and_ids_have_their_shapes() {
+    let s = SqliteStore::in_memory().unwrap();
+    assert!(s.path().is_none());
+    let org = s.ensure_org("personal").unwrap();
+    assert_eq!(org.network_id.get(), 1);
+    for _ in 0..100 {
+        let id = new_machine_id();
+        assert!(is_machine_id(&id), "{id}");
+    }
+    let a = new_instance_id();
+    assert_eq!(a.len(), 26);
+    assert!(ulid::Ulid::from_string(&a).is_ok());
+    s.kv_put("k", "1").unwrap();
+    s.kv_put("k", "2").unwrap();
+    assert_eq!(s.kv_get("k").unwrap().as_deref(), Some("2"));
+}
+
+#[test]
+fn machine_state_names() {
+    for st in MachineState::ALL {
+        assert_eq!(st.to_string().parse::<MachineState>().unwrap(), st);
+        assert_eq!(
+            serde_json::to_value(st).unwrap(),
+            json!(st.as_str()),
+            "serde and Display agree"
+        );
+    }
+    assert_eq!("started".parse::<MachineState>().unwrap(), Started);
+    assert!("Started".parse::<MachineState>().is_err());
+    let terminal: Vec<_> = MachineState::ALL
+        .into_iter()
+        .filter(|s| s.is_terminal())
+        .collect();
+    assert_eq!(terminal, [Destroyed, Migrated]);
+}

@@ -1,0 +1,88 @@
+//! `ferry agent` (one per host) and `ferry init` (PID 1 of every machine).
+
+use anyhow::{Context, Result};
+use ferry_addr::HostId;
+use ferry_agent::{Agent, AgentConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// This host's ID (hex, 80000000 and above).
+    #[arg(long)]
+    host_id: String,
+    #[arg(long, default_value = "dev")]
+    region: String,
+    /// The host's network namespace (dev fleets); the agent does its network work there.
+    #[arg(long)]
+    netns: String,
+    /// Prefix of machine namespaces and BPF pins (`ferry-<fleet>`).
+    #[arg(long)]
+    fleet: String,
+    /// Where this agent keeps machine run directories.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The API server.
+    #[arg(long, default_value = "http://127.0.0.1:4280")]
+    server: String,
+    /// Listen address for the server's calls (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+}
+
+pub fn run(args: AgentArgs) -> Result<ExitCode> {
+    let id = u32::from_str_radix(&args.host_id, 16)
+        .ok()
+        .and_then(|v| HostId::new(v).ok());
+    let host_id = id.with_context(|| {
+        format!(
+            "--host-id {}: not a host ID (hex, 80000000 and above)",
+            args.host_id
+        )
+    })?;
+    // Whatever mask the parent had, machines (spawned from here) must receive every signal.
+    nix::sys::signal::SigSet::all().thread_unblock()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let cfg = AgentConfig {
+            host_id,
+            region: args.region,
+            host_netns: args.netns,
+            fleet: args.fleet,
+            state_dir: args.state_dir.clone(),
+            server: args.server,
+            ferry_exe: std::env::current_exe()?,
+            mtu: ferry_net::fleet::DEFAULT_MTU,
+        };
+        let handle = tokio::runtime::Handle::current();
+        let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, handle)).await??;
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        std::fs::write(args.state_dir.join("agent.addr"), &endpoint)?;
+        // Register (retrying while the server comes up), then serve.
+        let app = agent.clone().router();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match agent.register(&endpoint).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!("registering with the server: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        }
+        tracing::info!("agent for host {:x} serving at {endpoint}", host_id.get());
+        server.await??;
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+pub fn init(args: ferry_runtime::InitArgs) -> Result<ExitCode> {
+    let code = ferry_runtime::init_main(args);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}

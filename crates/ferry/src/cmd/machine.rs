@@ -1,0 +1,432 @@
+//! `ferry machine ...`: run, list, status, stop, start, destroy, exec.
+
+use super::client::{print_json, table, ApiArgs, Client};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::config::{InitConfig, MachineConfig, MountConfig};
+use ferry_api::views::{
+    AppView, CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, StopRequest,
+    VolumeView,
+};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct MachineArgs {
+    #[command(subcommand)]
+    cmd: MachineCmd,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum MachineCmd {
+    /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`.
+    Run(RunArgs),
+    /// List machines (of one app, or all).
+    List {
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Show a machine and its event log.
+    Status { id: String },
+    /// Stop a machine (its stop_config signal, then SIGKILL after the timeout).
+    Stop {
+        id: String,
+        /// Override the signal (SIGINT SIGTERM SIGQUIT SIGUSR1 SIGUSR2 SIGKILL SIGSTOP).
+        #[arg(long)]
+        signal: Option<String>,
+        /// Override the timeout, e.g. 10s (at most 300s).
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Start a stopped machine.
+    Start { id: String },
+    /// Destroy a machine (`--force` stops it first).
+    Destroy {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command inside a machine; exits with its status.
+    Exec {
+        id: String,
+        /// Seconds before the command is killed.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The app; created (in --org) if it does not exist yet.
+    #[arg(long)]
+    app: String,
+    #[arg(long, default_value = "personal")]
+    org: String,
+    /// Place it on this host (hex ID from `ferry host list`).
+    #[arg(long)]
+    host: Option<String>,
+    /// A volume: a size (`1gb`, `500mb`) for a new one, or an existing host directory;
+    /// `:PATH` sets where it appears (default /data).
+    #[arg(long, value_name = "SIZE_OR_DIR[:PATH]")]
+    volume: Option<String>,
+    /// Environment, repeatable: `--env K=V`.
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    memory_mb: u32,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Stop signal (default SIGINT).
+    #[arg(long)]
+    stop_signal: Option<String>,
+    /// Stop timeout, e.g. 5s (default 5s, at most 300s).
+    #[arg(long)]
+    stop_timeout: Option<String>,
+    /// Restart policy: no, on-failure, always.
+    #[arg(long, default_value = "no")]
+    restart: String,
+    /// The whole config as JSON (a file path, or - for stdin); flags above are then ignored.
+    #[arg(long)]
+    config: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+pub fn run(args: MachineArgs) -> Result<ExitCode> {
+    let c = Client::new(&args.api)?;
+    let json = args.api.json;
+    match args.cmd {
+        MachineCmd::Run(r) => {
+            let m = run_machine(&c, r)?;
+            if json {
+                print_json(&m)?;
+            } else {
+                println!("{}", m.id);
+                eprintln!(
+                    "machine {} ({}) is {} on host {} at {}",
+                    m.id,
+                    m.name,
+                    m.state,
+                    m.host.as_deref().unwrap_or("-"),
+                    m.private_ip.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        MachineCmd::List { app } => {
+            let apps: Vec<String> = match app {
+                Some(a) => vec![a],
+                None => c
+                    .get::<Vec<AppView>>("/v1/apps")?
+                    .into_iter()
+                    .map(|a| a.name)
+                    .collect(),
+            };
+            let mut all = Vec::new();
+            for a in apps {
+                all.extend(c.get::<Vec<MachineView>>(&format!("/v1/apps/{a}/machines"))?);
+            }
+            if json {
+                print_json(&all)?;
+            } else {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.name.clone(),
+                            m.app.clone(),
+                            m.state.clone(),
+                            m.region.clone(),
+                            m.host.clone().unwrap_or_default(),
+                            m.private_ip.clone().unwrap_or_default(),
+                            m.updated_at.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "APP",
+                        "STATE",
+                        "REGION",
+                        "HOST",
+                        "PRIVATE IP",
+                        "UPDATED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        MachineCmd::Status { id } => {
+            let m = find(&c, &id)?;
+            let full: MachineView = c.get(&format!("/v1/apps/{}/machines/{}", m.app, id))?;
+            if json {
+                print_json(&full)?;
+            } else {
+                status(&full);
+            }
+        }
+        MachineCmd::Stop {
+            id,
+            signal,
+            timeout,
+        } => {
+            let m = find(&c, &id)?;
+            let m: MachineView = c.post(
+                &format!("/v1/apps/{}/machines/{id}/stop", m.app),
+                &StopRequest { signal, timeout },
+            )?;
+            done(json, &m, "stopped")?;
+        }
+        MachineCmd::Start { id } => {
+            let m = find(&c, &id)?;
+            let m: MachineView = c.post(
+                &format!("/v1/apps/{}/machines/{id}/start", m.app),
+                &serde_json::json!({}),
+            )?;
+            done(json, &m, "started")?;
+        }
+        MachineCmd::Destroy { id, force } => {
+            let m = find(&c, &id)?;
+            let m: MachineView =
+                c.delete(&format!("/v1/apps/{}/machines/{id}?force={force}", m.app))?;
+            done(json, &m, "destroyed")?;
+        }
+        MachineCmd::Exec { id, timeout, cmd } => {
+            let m = find(&c, &id)?;
+            let r: ExecView = c.post(
+                &format!("/v1/apps/{}/machines/{id}/exec", m.app),
+                &ExecBody {
+                    cmd,
+                    timeout: Some(timeout),
+                },
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+            }
+            return Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(1)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done(json: bool, m: &MachineView, what: &str) -> Result<()> {
+    if json {
+        print_json(m)
+    } else {
+        println!("machine {} {what}", m.id);
+        Ok(())
+    }
+}
+
+/// Finds a machine by ID across apps (the CLI takes bare IDs; the API is per app).
+fn find(c: &Client, id: &str) -> Result<MachineView> {
+    if id.len() != 14 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{id:?} is not a machine ID (14 hex characters, as `ferry machine list` shows)");
+    }
+    for a in c.get::<Vec<AppView>>("/v1/apps")? {
+        let ms: Vec<MachineView> = c.get(&format!(
+            "/v1/apps/{}/machines?include_deleted=true",
+            a.name
+        ))?;
+        if let Some(m) = ms.into_iter().find(|m| m.id == id) {
+            return Ok(m);
+        }
+    }
+    bail!("machine {id} not found")
+}
+
+fn parse_size_mb(s: &str) -> Option<u64> {
+    let l = s.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = l.strip_suffix("gb").or_else(|| l.strip_suffix('g')) {
+        (n, 1024)
+    } else if let Some(n) = l.strip_suffix("mb").or_else(|| l.strip_suffix('m')) {
+        (n, 1)
+    } else {
+        return None;
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
+}
+
+fn run_machine(c: &Client, r: RunArgs) -> Result<MachineView> {
+    ferry_api::config::validate_name("app name", &r.app).map_err(|e| anyhow!("{e}"))?;
+    let mut config = match &r.config {
+        Some(src) => {
+            let text = if src == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
+            };
+            serde_json::from_str::<MachineConfig>(&text)
+                .with_context(|| format!("{src} is not a machine config"))?
+        }
+        None => {
+            if r.cmd.is_empty() {
+                bail!("give the command after --, e.g. `ferry machine run --app web -- sleep 60`");
+            }
+            let mut env = BTreeMap::new();
+            for kv in &r.env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--env {kv:?} is not K=V"))?;
+                env.insert(k.to_owned(), v.to_owned());
+            }
+            let restart = serde_json::from_value(serde_json::json!({"policy": r.restart}))
+                .map_err(|_| anyhow!("--restart {:?}: use no, on-failure or always", r.restart))?;
+            MachineConfig {
+                init: InitConfig { cmd: r.cmd.clone() },
+                env,
+                guest: ferry_api::config::GuestConfig {
+                    memory_mb: r.memory_mb,
+                    cpus: r.cpus,
+                },
+                mounts: vec![],
+                stop_config: ferry_api::config::StopConfig {
+                    signal: r.stop_signal.clone(),
+                    timeout: r.stop_timeout.clone(),
+                },
+                restart,
+                checks: BTreeMap::new(),
+                metadata: BTreeMap::new(),
+            }
+        }
+    };
+    // Check before creating anything (the app, a volume): bad input changes nothing.
+    config.validate().map_err(|e| anyhow!("{e}"))?;
+    let volume_req = match &r.volume {
+        None => None,
+        Some(v) => {
+            let (what, path) = match v.rsplit_once(':') {
+                Some((w, p)) if p.starts_with('/') => (w, p.to_owned()),
+                _ => (v.as_str(), "/data".to_owned()),
+            };
+            ferry_api::config::validate_guest_path("--volume path", &path)
+                .map_err(|e| anyhow!("{e}"))?;
+            let req = match parse_size_mb(what) {
+                Some(mb) if (1..=1_048_576).contains(&mb) => CreateVolume {
+                    size_mb: Some(mb),
+                    host_dir: None,
+                },
+                Some(_) => bail!("--volume {what}: size must be between 1mb and 1024gb"),
+                None if what.starts_with('/') => {
+                    if !std::path::Path::new(what).is_dir() {
+                        bail!("--volume {what}: not an existing directory");
+                    }
+                    CreateVolume {
+                        size_mb: None,
+                        host_dir: Some(what.to_owned()),
+                    }
+                }
+                None => bail!(
+                    "--volume {what:?}: give a size like 1gb or 500mb, or an absolute directory"
+                ),
+            };
+            Some((req, path))
+        }
+    };
+    if c.get::<AppView>(&format!("/v1/apps/{}", r.app)).is_err() {
+        let _: AppView = c.post(
+            "/v1/apps",
+            &CreateApp {
+                app_name: r.app.clone(),
+                org_slug: Some(r.org.clone()),
+            },
+        )?;
+    }
+    if let Some((req, path)) = volume_req {
+        let v: VolumeView = c.post("/v1/volumes", &req)?;
+        config.mounts.push(MountConfig { volume: v.id, path });
+    }
+    c.post(
+        &format!("/v1/apps/{}/machines", r.app),
+        &CreateMachine {
+            name: r.name,
+            host: r.host,
+            config,
+            skip_launch: false,
+        },
+    )
+}
+
+/// The machine and its Event Logs table, like `fly machine status`.
+fn status(m: &MachineView) {
+    println!("Machine ID: {}", m.id);
+    println!("Instance ID: {}", m.instance_id);
+    println!("State: {}\n", m.state);
+    println!("VM");
+    for (k, v) in [
+        ("ID", m.id.clone()),
+        ("Name", m.name.clone()),
+        ("App", m.app.clone()),
+        ("Org", m.org.clone()),
+        ("Instance ID", m.instance_id.clone()),
+        ("State", m.state.clone()),
+        ("Region", m.region.clone()),
+        ("Host", m.host.clone().unwrap_or_default()),
+        ("Private IP", m.private_ip.clone().unwrap_or_default()),
+        (
+            "Command",
+            m.config["init"]["cmd"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default(),
+        ),
+        ("Created", m.created_at.clone()),
+        ("Updated", m.updated_at.clone()),
+    ] {
+        println!("  {k:<12} = {v}");
+    }
+    println!("\nEvent Logs");
+    let rows: Vec<Vec<String>> = m
+        .events
+        .iter()
+        .flatten()
+        .map(|e| {
+            let detail = match e.request.get("exit_event") {
+                Some(x) if !x.is_null() => format!(
+                    "exit_code={} signal={}{}",
+                    x["exit_code"]
+                        .as_i64()
+                        .map(|v| v.to_string())
+                        .unwrap_or("-".into()),
+                    x["signal"]
+                        .as_i64()
+                        .map(|v| v.to_string())
+                        .unwrap_or("-".into()),
+                    if x["escalated_to_sigkill"].as_bool() == Some(true) {
+                        " (SIGKILL after timeout)"
+                    } else {
+                        ""
+                    }
+                ),
+                _ if e.request.get("migrated").and_then(|v| v.as_bool()) == Some(true) => {
+                    "migrated=true".into()
+                }
+                _ => String::new(),
+            };
+            vec![
+                e.status.to_uppercase(),
+                e.kind.clone(),
+                e.source.clone(),
+                ferry_api::views::rfc3339(e.timestamp),
+                detail,
+            ]
+        })
+        .collect();
+    table(&["STATE", "EVENT", "SOURCE", "TIMESTAMP", "INFO"], &rows);
+}
