@@ -188,7 +188,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         stopped.len()
     );
     agents.stop();
-    remove_machine_cgroups();
+    // Only this fleet's machines: other fleets may run on this machine at the same time.
+    let ours: Vec<String> = store.list_machines_all(None)?.into_iter().map(|m| m.id).collect();
+    remove_machine_cgroups(&ours);
     fleet.teardown()?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(if ok {
@@ -198,10 +200,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     })
 }
 
-fn remove_machine_cgroups() {
+fn remove_machine_cgroups(ids: &[String]) {
     if let Ok(layout) = ferry_runtime::CgroupLayout::discover() {
-        for id in layout.machine_ids() {
-            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, &id) {
+        for id in ids {
+            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, id) {
                 cg.kill_all();
                 let _ = cg.remove();
             }
