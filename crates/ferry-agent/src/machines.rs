@@ -5,7 +5,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_addr::{HostId, MachineField, NetworkId};
-use ferry_api::config::RestartPolicy;
+use ferry_api::config::{CheckKind, CheckType, RestartPolicy};
 use ferry_api::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
     StopMachine,
@@ -128,7 +128,8 @@ impl Agent {
             );
             if let Some(r) = live {
                 tracing::info!("reattached to machine {id} (pid {})", r.pid());
-                self.watch(id, r);
+                self.watch(id.clone(), r.clone());
+                self.check(id, r);
             }
         }
         Ok(())
@@ -242,6 +243,10 @@ impl Agent {
             &spec,
             &self.cfg.ferry_exe,
         )?);
+        // "started" means PID 1 runs in the machine, not merely that its shim was forked.
+        if running.wait_init_pid(Duration::from_secs(10)).is_none() && running.exited() {
+            tracing::warn!("machine {} ended before its init started", run.id);
+        }
         let pid = running.pid();
         let id = run.id.clone();
         {
@@ -257,8 +262,129 @@ impl Agent {
                 },
             );
         }
-        self.watch(id, running);
+        self.watch(id.clone(), running.clone());
+        self.check(id, running);
         Ok(pid)
+    }
+
+    /// Runs the machine's health checks on a thread of its own while this instance lives.
+    /// Status changes become events; a liveness check failing three times in a row restarts the
+    /// machine (whatever its restart policy: a live but broken process is what liveness is for).
+    fn check(self: &Arc<Self>, id: String, running: Arc<Running>) {
+        let run = match self.machines.lock().unwrap().get(&id) {
+            Some(s) => s.run.clone(),
+            None => return,
+        };
+        if run.config.checks.is_empty() {
+            return;
+        }
+        let Ok(ip) = run.private_ip.parse::<std::net::IpAddr>() else {
+            return;
+        };
+        let netns = NetNs::named(&self.netns_name(run.machine_field)).path();
+        let checks: Vec<(String, ferry_runtime::Check)> = run
+            .config
+            .checks
+            .iter()
+            .map(|(name, c)| {
+                let kind = match c.kind_of {
+                    CheckType::Tcp => ferry_runtime::CheckKind::Tcp {
+                        port: c.port.unwrap_or(0),
+                    },
+                    CheckType::Http => ferry_runtime::CheckKind::Http {
+                        port: c.port.unwrap_or(0),
+                        path: c.path.clone().unwrap_or_else(|| "/".into()),
+                    },
+                    CheckType::Exec => ferry_runtime::CheckKind::Exec {
+                        cmd: c.command.clone().unwrap_or_default(),
+                    },
+                };
+                let role = match c.kind {
+                    CheckKind::Liveness => ferry_runtime::CheckRole::Liveness,
+                    CheckKind::Readiness => ferry_runtime::CheckRole::Readiness,
+                };
+                (
+                    name.clone(),
+                    ferry_runtime::Check {
+                        kind,
+                        interval: c.interval(),
+                        timeout: c.timeout(),
+                        role,
+                    },
+                )
+            })
+            .collect();
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            let mut last: HashMap<String, bool> = HashMap::new();
+            let mut failures: HashMap<String, u32> = HashMap::new();
+            let mut next: Vec<std::time::Instant> =
+                checks.iter().map(|_| std::time::Instant::now()).collect();
+            loop {
+                let current = agent
+                    .machines
+                    .lock()
+                    .unwrap()
+                    .get(&id)
+                    .and_then(|s| s.running.clone());
+                if running.exited() || !current.is_some_and(|r| Arc::ptr_eq(&r, &running)) {
+                    return; // this instance is gone; a new one has its own checker
+                }
+                let now = std::time::Instant::now();
+                for (i, (name, check)) in checks.iter().enumerate() {
+                    if now < next[i] {
+                        continue;
+                    }
+                    next[i] = now + check.interval;
+                    let r = ferry_runtime::run_check(&running, ip, &netns, check);
+                    let fails = failures.entry(name.clone()).or_default();
+                    *fails = if r.ok { 0 } else { *fails + 1 };
+                    if last.get(name) != Some(&r.ok) {
+                        last.insert(name.clone(), r.ok);
+                        agent.report(AgentReport {
+                            machine_id: id.clone(),
+                            instance_id: run.instance_id.clone(),
+                            kind: "check".into(),
+                            state: "started".into(),
+                            exit: None,
+                            detail: serde_json::json!({"name": name, "passing": r.ok, "role": format!("{:?}", check.role).to_lowercase(), "output": r.detail}),
+                        });
+                    }
+                    if matches!(check.role, ferry_runtime::CheckRole::Liveness) && *fails >= 3 {
+                        agent.restart_unhealthy(&id, &run, name);
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+
+    fn restart_unhealthy(self: &Arc<Self>, id: &str, run: &RunMachine, check: &str) {
+        let running = {
+            let mut t = self.machines.lock().unwrap();
+            let Some(s) = t.get_mut(id) else { return };
+            s.stopping = true;
+            s.running.clone()
+        };
+        if let Some(r) = running {
+            let sig = ferry_runtime::parse_signal(run.config.stop_config.signal())
+                .unwrap_or(ferry_runtime::Signal::SIGKILL);
+            let _ = ferry_runtime::stop(&r, sig, run.config.stop_config.timeout());
+        }
+        let result = self.start_machine(run.clone());
+        self.report(AgentReport {
+            machine_id: id.to_owned(),
+            instance_id: run.instance_id.clone(),
+            kind: "restart".into(),
+            state: if result.is_ok() {
+                "started".into()
+            } else {
+                "stopped".into()
+            },
+            exit: None,
+            detail: serde_json::json!({"reason": format!("liveness check {check} failed 3 times")}),
+        });
     }
 
     /// Waits for the machine's exit on a thread of its own and applies the restart policy.

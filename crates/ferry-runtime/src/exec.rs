@@ -60,7 +60,10 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
         return Err(RuntimeError::Invalid("exec command: it is empty".into()));
     }
     let spec = running.spec()?;
-    let init = running.init_pid().ok_or(RuntimeError::NotRunning)?;
+    // Right after a start the shim may not have forked init yet: give it a moment.
+    let init = running
+        .wait_init_pid(Duration::from_secs(5))
+        .ok_or(RuntimeError::NotRunning)?;
     let (_, init_start) = proc_stat(init).ok_or(RuntimeError::NotRunning)?;
     let ns_files: Vec<File> = NAMESPACES
         .iter()

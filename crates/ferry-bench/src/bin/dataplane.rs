@@ -27,18 +27,47 @@ fn pair(name: &str, mode: Mode) -> Result<(DevFleet, MachineNet, MachineNet)> {
 fn throughput(a: &MachineNet, b: &MachineNet, secs: u32) -> Result<f64> {
     let ip = b.addr.to_string();
     let mut server = Command::new("ip")
-        .args(["netns", "exec", b.ns.name(), "iperf3", "-s", "-1", "-B", &ip, "-p", "5211"])
+        .args([
+            "netns",
+            "exec",
+            b.ns.name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &ip,
+            "-p",
+            "5211",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting iperf3 (run scripts/setup.sh)")?;
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
-        .args(["netns", "exec", a.ns.name(), "iperf3", "-c", &ip, "-p", "5211", "-t", &secs.to_string(), "-J"])
+        .args([
+            "netns",
+            "exec",
+            a.ns.name(),
+            "iperf3",
+            "-c",
+            &ip,
+            "-p",
+            "5211",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
         .output()?;
     let _ = server.wait();
-    ensure!(out.status.success(), "iperf3 client failed: {}", String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        out.status.success(),
+        "iperf3 client failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON")?;
     Ok(bps / 1e9)
 }
 
@@ -73,17 +102,30 @@ fn request_response(a: &MachineNet, b: &MachineNet, dur: Duration) -> Result<f64
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let secs: u32 = std::env::var("SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let secs: u32 = std::env::var("SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let tag = std::process::id() & 0xffff;
     let (_fs, sa, sb) = pair(&format!("bs{tag:x}"), Mode::Swap)?;
     let (_fp, pa, pb) = pair(&format!("bp{tag:x}"), Mode::PlainRoutes)?;
-    println!("dataplane: {rounds} rounds of {secs} s, eBPF swap ({} -> {}) vs plain routes", sa.addr, sb.addr);
+    println!(
+        "dataplane: {rounds} rounds of {secs} s, eBPF swap ({} -> {}) vs plain routes",
+        sa.addr, sb.addr
+    );
 
     let (mut tput, mut tput_base, mut rr, mut rr_base) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         // Alternate which goes first so drift on a noisy machine hits both sides alike.
-        let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
+        let order: [bool; 2] = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for swap in order {
             let (a, b) = if swap { (&sa, &sb) } else { (&pa, &pb) };
             let t = throughput(a, b, secs)?;

@@ -189,7 +189,11 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     );
     agents.stop();
     // Only this fleet's machines: other fleets may run on this machine at the same time.
-    let ours: Vec<String> = store.list_machines_all(None)?.into_iter().map(|m| m.id).collect();
+    let ours: Vec<String> = store
+        .list_machines_all(None)?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     remove_machine_cgroups(&ours);
     fleet.teardown()?;
     rt.shutdown_timeout(Duration::from_secs(1));

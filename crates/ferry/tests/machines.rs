@@ -1,0 +1,608 @@
+//! Machines end to end: a real `ferry dev` (server, agents, namespaces, eBPF, cgroups, `ferry
+//! init`) driven through its HTTP API and CLI.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn id(m: &Value) -> &str {
+    m["id"].as_str().unwrap()
+}
+
+fn events(dev: &Dev, m: &Value) -> Vec<Value> {
+    dev.get_machine(m)["events"].as_array().unwrap().clone()
+}
+
+#[test]
+fn machines_run_talk_stop_restart_and_refuse_bad_input() {
+    let dev = Dev::start("m", 2);
+    let hosts = dev.hosts();
+
+    // An HTTP server on one host reached from a machine on another over its private address.
+    let web = dev.machine(
+        "web",
+        &hosts[0],
+        json!({"init": {"cmd": ["python3", "-c", WEB_PY]}}),
+    );
+    let client = dev.machine(
+        "client",
+        &hosts[1],
+        json!({"init": {"cmd": ["sleep", "infinity"]}}),
+    );
+    assert_eq!(web["state"], "started");
+    assert_ne!(web["host"], client["host"]);
+    let ip = web["private_ip"].as_str().unwrap();
+    let r = dev.exec(&client, &["python3", "-c", &fetch_py(ip)]);
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(
+        r["stdout"].as_str().unwrap().trim(),
+        format!("hello from {}", id(&web))
+    );
+
+    // Inside: PID 1 is ferry init, the SPEC env, resolv.conf and hosts.
+    let r = dev.exec(&client, &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $FERRY_MACHINE_ID $FERRY_APP_NAME $FERRY_PRIVATE_IP $FERRY_REGION; cat /etc/resolv.conf; grep ferry-local-6pn /etc/hosts"]);
+    let out = r["stdout"].as_str().unwrap();
+    assert!(out.lines().next().unwrap().contains("ferry init"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} client {} dev",
+            id(&client),
+            client["private_ip"].as_str().unwrap()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("nameserver fdaa::3") && out.contains("ferry-local-6pn"),
+        "{out}"
+    );
+    assert_eq!(dev.exec(&client, &["sh", "-c", "exit 7"])["exit_code"], 7);
+
+    // A program that ignores SIGINT is killed after the stop timeout, and the events say so.
+    let stubborn = dev.machine(
+        "web",
+        &hosts[0],
+        json!({"init": {"cmd": ["sh", "-c", "trap '' INT; while true; do sleep 0.1; done"]}, "stop_config": {"timeout": "1s"}}),
+    );
+    let t = Instant::now();
+    let stopped = dev.ok(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/stop", id(&stubborn)),
+        json!({}),
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "waited the timeout: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(stopped["state"], "stopped");
+    let exit = events(&dev, &stubborn)
+        .into_iter()
+        .find(|e| e["type"] == "exit")
+        .expect("an exit event");
+    assert_eq!(
+        exit["request"]["exit_event"]["escalated_to_sigkill"], true,
+        "{exit}"
+    );
+    assert_eq!(exit["request"]["exit_event"]["signal"], 9);
+
+    // One that honours SIGINT ends by it.
+    let polite = dev.machine("web", &hosts[1], json!({"init": {"cmd": ["sleep", "600"]}}));
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/stop", id(&polite)),
+        json!({"timeout": "10s"}),
+    );
+    let exit = events(&dev, &polite)
+        .into_iter()
+        .find(|e| e["type"] == "exit")
+        .unwrap();
+    assert_eq!(
+        exit["request"]["exit_event"]["escalated_to_sigkill"], false,
+        "{exit}"
+    );
+    assert_eq!(exit["request"]["exit_event"]["signal"], 2);
+    // ... and starts again with the same ID and address.
+    let again = dev.ok(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/start", id(&polite)),
+        json!({}),
+    );
+    assert_eq!(
+        (again["state"].clone(), again["private_ip"].clone()),
+        (json!("started"), polite["private_ip"].clone())
+    );
+
+    // Restart policy: on-failure gives up after max_retries.
+    let crashy = dev.machine("web", &hosts[0], json!({"init": {"cmd": ["sh", "-c", "sleep 0.2; exit 3"]}, "restart": {"policy": "on-failure", "max_retries": 2}}));
+    let path = format!(
+        "/v1/apps/web/machines/{}/wait?state=stopped&timeout=30",
+        id(&crashy)
+    );
+    assert_eq!(dev.call("GET", &path, None).0, 200);
+    let evs = events(&dev, &crashy);
+    assert_eq!(
+        evs.iter().filter(|e| e["type"] == "restart").count(),
+        2,
+        "{evs:?}"
+    );
+    assert_eq!(evs[0]["request"]["exit_event"]["exit_code"], 3);
+
+    // Leases: a mutation without the nonce is refused while someone holds the lease.
+    let lease = dev.ok(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/lease", id(&again)),
+        json!({"ttl": 60}),
+    );
+    let (s, v) = dev.call(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/stop", id(&again)),
+        Some("{}"),
+    );
+    assert_eq!((s, v["code"].as_str().unwrap()), (409, "lease_held"));
+    assert_eq!(dev.get_machine(&again)["state"], "started");
+    let nonce = lease["nonce"].as_str().unwrap();
+    let r = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/v1/apps/web/machines/{}/stop",
+            dev.api,
+            id(&again)
+        ))
+        .header("fly-machine-lease-nonce", nonce)
+        .body("{}")
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text());
+
+    // Bad input: a clear 4xx with a stable code, and nothing changes anywhere.
+    let snapshot = || {
+        let apps = dev.call("GET", "/v1/apps", None).1;
+        let mut ms = Vec::new();
+        for a in apps.as_array().unwrap() {
+            let name = a["name"].as_str().unwrap();
+            ms.push(
+                dev.call(
+                    "GET",
+                    &format!("/v1/apps/{name}/machines?include_deleted=true"),
+                    None,
+                )
+                .1,
+            );
+        }
+        (apps, ms, std::fs::read_dir("/run/netns").unwrap().count())
+    };
+    let before = snapshot();
+    let cfg = |extra: Value| {
+        let mut c = json!({"init": {"cmd": ["sleep", "1"]}});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        json!({"config": c}).to_string()
+    };
+    let web_m = format!("/v1/apps/web/machines/{}", id(&web));
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/apps".into(),
+            Some(r#"{"app_name": "Bad_Name"}"#.into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps".into(),
+            Some(r#"{"app_name": "web"}"#.into()),
+            409,
+            "app_exists",
+        ),
+        (
+            "POST",
+            "/v1/apps".into(),
+            Some("{not json".into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some("[]".into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"guest": {"memory_mb": 10_000_000}}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"guest": {"cpus": 1000}}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"stop_config": {"signal": "SIGHUP"}}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"stop_config": {"timeout": "301s"}}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"surprise": true}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(json!({"env": {"FERRY_MACHINE_ID": "x"}}))),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(cfg(
+                json!({"mounts": [{"volume": "vol_0000000000000000", "path": "/data"}]}),
+            )),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/apps/nope/machines".into(),
+            Some(cfg(json!({}))),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(json!({"host": "1234", "config": {"init": {"cmd": ["x"]}}}).to_string()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/machines".into(),
+            Some(json!({"host": "8fffffff", "config": {"init": {"cmd": ["x"]}}}).to_string()),
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/v1/apps/web/machines/0123456789abcd".into(),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/v1/apps/web/machines/xyz".into(),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            format!("/v1/apps/client/machines/{}", id(&web)),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("{web_m}/stop"),
+            Some(r#"{"signal": "SIGSEGV"}"#.into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            format!("{web_m}/stop"),
+            Some(r#"{"timeout": "1h"}"#.into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            format!("{web_m}/start"),
+            None,
+            409,
+            "illegal_transition",
+        ),
+        ("DELETE", web_m.clone(), None, 409, "machine_running"),
+        (
+            "POST",
+            format!("{web_m}/exec"),
+            Some(r#"{"cmd": []}"#.into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "GET",
+            format!("{web_m}/wait?state=sleeping"),
+            None,
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/volumes".into(),
+            Some(r#"{"size_mb": 99999999999}"#.into()),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "DELETE",
+            "/v1/apps/web".into(),
+            None,
+            409,
+            "app_has_machines",
+        ),
+        ("GET", "/v2/nothing".into(), None, 404, "not_found"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (s, v) = dev.call(method, &path, body.as_deref());
+        assert_eq!(
+            (s, v["code"].as_str().unwrap_or("")),
+            (status, code),
+            "{method} {path} {body:?}: {v}"
+        );
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: a message"
+        );
+    }
+    assert_eq!(snapshot(), before, "bad input changed something");
+
+    // The CLI: tables by default, JSON on request, one error line and non-zero exit on failure.
+    let out = dev.cli(&["machine", "status", id(&stubborn)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("Event Logs")
+            && text.contains("SIGKILL after timeout"),
+        "{text}"
+    );
+    let out = dev.cli(&["machine", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == web["id"]));
+    let out = dev.cli(&[
+        "machine",
+        "exec",
+        id(&client),
+        "--",
+        "sh",
+        "-c",
+        "echo hi; exit 4",
+    ]);
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(4), "hi")
+    );
+    let out = dev.cli(&[
+        "machine",
+        "run",
+        "--app",
+        "web",
+        "--stop-signal",
+        "SIGHUP",
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not one of") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = dev.cli(&[
+        "machine",
+        "run",
+        "--app",
+        "newapp",
+        "--volume",
+        "1gb:/data",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /data/f; sleep 600",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let vm = json!({"id": vid, "app": "newapp"});
+    assert!(eventually(Duration::from_secs(10), || dev
+        .exec(&vm, &["cat", "/data/f"])["stdout"]
+        == "kept\n"));
+
+    // The API document is served and describes the machine routes.
+    let doc = dev.call("GET", "/openapi.json", None).1;
+    assert!(
+        doc["paths"]["/v1/apps/{app}/machines/{id}/stop"]["post"].is_object(),
+        "{}",
+        doc["paths"]
+    );
+
+    // Destroy takes the machine's namespace with it.
+    let ns_before = std::fs::read_dir("/run/netns").unwrap().count();
+    dev.ok("DELETE", &format!("{web_m}?force=true"), json!({}));
+    assert_eq!(dev.get_machine(&web)["state"], "destroyed");
+    assert_eq!(
+        std::fs::read_dir("/run/netns").unwrap().count(),
+        ns_before - 1
+    );
+}
+
+/// The agent that owns a host, found by its command line.
+fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" agent ")
+            && cmd.contains(&format!("--host-id {host} "))
+            && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn killing_an_agent_leaves_its_machines_serving_and_the_new_one_reattaches() {
+    let dev = Dev::start("k", 2);
+    let hosts = dev.hosts();
+    let web = dev.machine(
+        "web",
+        &hosts[0],
+        json!({"init": {"cmd": ["python3", "-c", WEB_PY]}}),
+    );
+    let client = dev.machine(
+        "client",
+        &hosts[1],
+        json!({"init": {"cmd": ["sleep", "infinity"]}}),
+    );
+    let fetch = fetch_py(web["private_ip"].as_str().unwrap());
+
+    let old = agent_pid(&dev, &hosts[0]).expect("the agent of host 0");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // While no agent watches host 0, its machine keeps serving.
+    let r = dev.exec(&client, &["python3", "-c", &fetch]);
+    assert_eq!(r["exit_code"], 0, "served while its agent was dead: {r}");
+
+    // `ferry dev` restarts the agent; it finds the machine and says so.
+    assert!(eventually(Duration::from_secs(20), || agent_pid(
+        &dev, &hosts[0]
+    )
+    .is_some_and(|p| p != old)));
+    assert!(eventually(Duration::from_secs(20), || events(&dev, &web)
+        .iter()
+        .any(|e| e["type"] == "reattach")));
+    let m = dev.get_machine(&web);
+    assert_eq!(
+        (m["state"].as_str(), m["instance_id"].clone()),
+        (Some("started"), web["instance_id"].clone())
+    );
+    let r = dev.exec(&client, &["python3", "-c", &fetch]);
+    assert_eq!(
+        r["stdout"].as_str().unwrap().trim(),
+        format!("hello from {}", id(&web))
+    );
+    // The new agent controls it: exec through it, stop through it.
+    assert_eq!(dev.exec(&web, &["true"])["exit_code"], 0);
+    let stopped = dev.ok(
+        "POST",
+        &format!("/v1/apps/web/machines/{}/stop", id(&web)),
+        json!({}),
+    );
+    assert_eq!(stopped["state"], "stopped");
+    let exit = events(&dev, &web)
+        .into_iter()
+        .find(|e| e["type"] == "exit")
+        .unwrap();
+    assert_eq!(
+        exit["request"]["exit_event"]["signal"], 2,
+        "stopped by its SIGINT: {exit}"
+    );
+}
+
+#[test]
+fn restarting_dev_brings_started_machines_back_with_their_ids_addresses_and_volumes() {
+    let mut dev = Dev::start("r", 1);
+    let hosts = dev.hosts();
+    let vol = dev.ok("POST", "/v1/volumes", json!({"size_mb": 64}));
+    let cfg = json!({"init": {"cmd": ["sh", "-c", "date +%s%N >> /data/boots; sleep 600"]},
+                     "mounts": [{"volume": vol["id"], "path": "/data"}]});
+    let m = dev.machine("keep", &hosts[0], cfg);
+    let idle = dev.machine(
+        "keep",
+        &hosts[0],
+        json!({"init": {"cmd": ["sleep", "600"]}}),
+    );
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/keep/machines/{}/stop", id(&idle)),
+        json!({}),
+    );
+
+    dev.stop();
+    assert!(
+        std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .all(|e| !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("ferry-{}-", dev.name))),
+        "namespaces left after Ctrl-C"
+    );
+    dev.boot();
+    // The fleet resumes its machines right after the agents register.
+    let wait = format!(
+        "/v1/apps/keep/machines/{}/wait?state=started&timeout=60",
+        id(&m)
+    );
+    assert_eq!(dev.call("GET", &wait, None).0, 200);
+
+    let back = dev.get_machine(&m);
+    assert_eq!(back["state"], "started");
+    assert_eq!(
+        (
+            back["id"].clone(),
+            back["private_ip"].clone(),
+            back["host"].clone()
+        ),
+        (m["id"].clone(), m["private_ip"].clone(), m["host"].clone())
+    );
+    assert_eq!(
+        dev.get_machine(&idle)["state"],
+        "stopped",
+        "a machine stopped by its user stays stopped"
+    );
+    let boots = dev.exec(&back, &["cat", "/data/boots"]);
+    assert_eq!(
+        boots["stdout"].as_str().unwrap().lines().count(),
+        2,
+        "the volume kept the first boot: {boots}"
+    );
+    assert!(
+        events(&dev, &m)
+            .iter()
+            .filter(|e| e["type"] == "start")
+            .count()
+            >= 2
+    );
+}

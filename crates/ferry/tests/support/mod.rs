@@ -1,0 +1,279 @@
+//! A whole `ferry dev` fleet per test (unique name, port and state directory), driven over its
+//! real HTTP API and CLI, stopped and cleaned up on drop even when the test panics.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+pub struct Dev {
+    pub name: String,
+    pub api: String,
+    pub state: PathBuf,
+    hosts: usize,
+    child: Option<Child>,
+    http: reqwest::blocking::Client,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Dev {
+    pub fn start(tag: &str, hosts: usize) -> Dev {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "e{tag}{:x}{}",
+            std::process::id() & 0xffff,
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let state = std::env::temp_dir().join(format!("ferry-test-{name}"));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut d = Dev {
+            name,
+            api: String::new(),
+            state,
+            hosts,
+            child: None,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        };
+        d.boot();
+        d
+    }
+
+    /// Starts `ferry dev` on this fleet's state directory and waits for every agent.
+    pub fn boot(&mut self) {
+        let port = free_port();
+        self.api = format!("http://127.0.0.1:{port}");
+        let child = Command::new(FERRY)
+            .args([
+                "dev",
+                "--no-demo",
+                "--name",
+                &self.name,
+                "--hosts",
+                &self.hosts.to_string(),
+            ])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning ferry dev");
+        self.child = Some(child);
+        let ok = eventually(Duration::from_secs(60), || {
+            self.try_get("/v1/hosts").is_some_and(|v| {
+                v.as_array()
+                    .is_some_and(|a| a.len() == self.hosts && a.iter().all(|h| h["endpoint"] != ""))
+            })
+        });
+        assert!(
+            ok,
+            "ferry dev did not come up with {} registered hosts",
+            self.hosts
+        );
+    }
+
+    /// Ctrl-C: machines stop with their stop_config, the fleet goes away.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn try_get(&self, path: &str) -> Option<Value> {
+        let r = self.http.get(format!("{}{path}", self.api)).send().ok()?;
+        r.status().is_success().then(|| r.json().ok()).flatten()
+    }
+
+    /// Any call: (HTTP status, JSON body).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.api);
+        let mut req = match method {
+            "GET" => self.http.get(&url),
+            "POST" => self.http.post(&url),
+            "DELETE" => self.http.delete(&url),
+            m => panic!("method {m}"),
+        };
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        let r = req.send().expect("API reachable");
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Value) -> Value {
+        let (s, v) = self.call(method, path, Some(&body.to_string()));
+        assert!((200..300).contains(&s), "{method} {path} -> {s}: {v}");
+        v
+    }
+
+    pub fn hosts(&self) -> Vec<String> {
+        self.try_get("/v1/hosts")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Creates the app if needed and a started machine on `host`.
+    pub fn machine(&self, app: &str, host: &str, config: Value) -> Value {
+        let _ = self.call(
+            "POST",
+            "/v1/apps",
+            Some(&json!({"app_name": app}).to_string()),
+        );
+        self.ok(
+            "POST",
+            &format!("/v1/apps/{app}/machines"),
+            json!({"host": host, "config": config}),
+        )
+    }
+
+    pub fn get_machine(&self, m: &Value) -> Value {
+        self.try_get(&format!(
+            "/v1/apps/{}/machines/{}",
+            m["app"].as_str().unwrap(),
+            m["id"].as_str().unwrap()
+        ))
+        .unwrap()
+    }
+
+    pub fn exec(&self, m: &Value, cmd: &[&str]) -> Value {
+        self.ok(
+            "POST",
+            &format!(
+                "/v1/apps/{}/machines/{}/exec",
+                m["app"].as_str().unwrap(),
+                m["id"].as_str().unwrap()
+            ),
+            json!({"cmd": cmd, "timeout": 60}),
+        )
+    }
+
+    /// Runs the CLI against this fleet.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(FERRY)
+            .args(args)
+            .env("FERRY_API", &self.api)
+            .output()
+            .unwrap()
+    }
+
+    pub fn pins(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/ferry").join(&self.name)
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the machines said, for the failure report.
+            for h in std::fs::read_dir(self.state.join("hosts"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for m in std::fs::read_dir(h.path().join("machines"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    for f in ["log", "exit.json"] {
+                        if let Ok(t) = std::fs::read_to_string(m.path().join(f)) {
+                            eprintln!("--- {}/{f}:\n{t}", m.path().display());
+                        }
+                    }
+                }
+            }
+        }
+        self.stop();
+        // Whatever a crashed dev left: namespaces of this fleet only.
+        for e in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&format!("ferry-{}-", self.name)) {
+                let _ = Command::new("ip").args(["netns", "del", &n]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.pins());
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A small HTTP server for machines: answers every GET with its machine ID.
+pub const WEB_PY: &str = r#"import http.server, os, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(s):
+        b = ("hello from %s\n" % os.environ["FERRY_MACHINE_ID"]).encode()
+        s.send_response(200); s.end_headers(); s.wfile.write(b)
+    def log_message(s, *a):
+        pass
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+S(("::", 8080), H).serve_forever()
+"#;
+
+/// A client script: fetch http://[ip]:8080/ with a few retries.
+pub fn fetch_py(ip: &str) -> String {
+    format!(
+        r#"import urllib.request, time
+for i in range(40):
+    try:
+        print(urllib.request.urlopen("http://[{ip}]:8080/", timeout=2).read().decode(), end="")
+        break
+    except Exception as e:
+        time.sleep(0.1)
+else:
+    raise SystemExit(1)
+"#
+    )
+}
