@@ -26,6 +26,8 @@ enum Cmd {
     Host(cmd::app::HostArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
     Sweep(cmd::sweep::SweepArgs),
+    /// The API server alone (hosts run `ferry agent` and register with it).
+    Server(cmd::server::ServerArgs),
     /// The per-host agent (started by `ferry dev`, or by the host's init system).
     #[command(hide = true)]
     Agent(cmd::agent::AgentArgs),
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::App(args) => cmd::app::run(args),
         Cmd::Host(args) => cmd::app::host(args),
         Cmd::Agent(args) => cmd::agent::run(args),
+        Cmd::Server(args) => cmd::server::run(args),
         Cmd::Init(args) => cmd::agent::init(args),
     };
     match result {

@@ -4,4 +4,5 @@ pub mod app;
 pub mod client;
 pub mod dev;
 pub mod machine;
+pub mod server;
 pub mod sweep;
