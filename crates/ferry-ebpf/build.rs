@@ -7,9 +7,7 @@ fn main() {
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap();
     // Debian keeps asm/types.h under the multiarch directory.
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
-    // The bridge programs (issue 5) join this list.
-    #[allow(clippy::single_element_loop)]
-    for name in ["dataplane"] {
+    for name in ["dataplane", "bridge"] {
         let src = format!("bpf/{name}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.bpf.o"));

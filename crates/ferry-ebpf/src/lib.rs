@@ -10,6 +10,8 @@
 //! goes away with the interface. Maps are pinned under a per-host directory on bpffs so a new
 //! process picks up the same configuration.
 
+pub mod bridge;
+
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
