@@ -10,7 +10,9 @@ use ferry_api::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
     StopMachine,
 };
+use ferry_api::proto::{BridgeHit, BridgeSync};
 use ferry_api::ApiError;
+use ferry_ebpf::bridge::Bridge;
 use ferry_net::{HostNet, NetNs};
 use ferry_runtime::{CgroupLayout, InitSpec, Limits, MachineCgroup, MountSpec, Running};
 use std::collections::HashMap;
@@ -50,6 +52,8 @@ pub struct Agent {
     machines: Mutex<HashMap<String, Slot>>,
     http: reqwest::Client,
     rt: tokio::runtime::Handle,
+    /// The address-mapping bridge (cgroup eBPF); `None` on hosts without a cgroup v2 tree.
+    bridge: Mutex<Option<Bridge>>,
 }
 
 type Shared = State<Arc<Agent>>;
@@ -73,6 +77,17 @@ impl Agent {
             .join(format!("{:x}", cfg.host_id.get()));
         let host = HostNet::start(cfg.host_id, &ns, Some(pins))?;
         let cgroups = CgroupLayout::discover()?;
+        let bridge_pins = PathBuf::from(ferry_net::BPF_PIN_ROOT)
+            .join(cfg.fleet.trim_start_matches(ferry_net::FERRY_PREFIX))
+            .join(format!("{:x}", cfg.host_id.get()))
+            .join("bridge");
+        let bridge = match Bridge::load(&bridge_pins) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("the address-mapping bridge is off on this host: {e}");
+                None
+            }
+        };
         std::fs::create_dir_all(cfg.state_dir.join("machines"))
             .map_err(|e| AgentError::io("creating the state dir", e))?;
         let agent = Arc::new(Agent {
@@ -82,6 +97,7 @@ impl Agent {
             machines: Mutex::new(HashMap::new()),
             http: reqwest::Client::new(),
             rt,
+            bridge: Mutex::new(bridge),
         });
         agent.reattach()?;
         Ok(agent)
@@ -209,6 +225,19 @@ impl Agent {
             Some(c) => c,
             None => self.cgroups.create_machine(&run.id, limits)?,
         };
+        // The bridge goes on the machine's cgroup before its first process can open a socket.
+        if let (Some(b), Some(v2)) = (self.bridge.lock().unwrap().as_mut(), cg.v2_dir()) {
+            let addr: std::net::Ipv6Addr = run
+                .private_ip
+                .parse()
+                .map_err(|_| AgentError::Invalid(format!("private ip {}", run.private_ip)))?;
+            b.attach_cgroup(v2)
+                .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
+            let id = ferry_ebpf::bridge::cgroup_id(v2)
+                .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
+            b.set_machine(id, net, addr, run.bridge_enabled)
+                .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
+        }
         let run_dir = self.run_dir(&run.id);
         std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
         let spec = InitSpec {
@@ -493,6 +522,12 @@ impl Agent {
             self.host.remove_machine(&m)?;
         }
         if let Some(cg) = MachineCgroup::open(&self.cgroups, id)? {
+            if let (Some(b), Some(v2)) = (self.bridge.lock().unwrap().as_mut(), cg.v2_dir()) {
+                if let Ok(cid) = ferry_ebpf::bridge::cgroup_id(v2) {
+                    let _ = b.detach_cgroup_id(cid);
+                    let _ = b.forget_machine(cid);
+                }
+            }
             cg.remove()?;
         }
         let _ = std::fs::remove_dir_all(self.run_dir(id));
@@ -540,6 +575,8 @@ impl Agent {
             .route("/v1/machines/{id}/stop", post(stop))
             .route("/v1/machines/{id}/destroy", post(destroy))
             .route("/v1/machines/{id}/exec", post(exec))
+            .route("/v1/bridge/sync", post(bridge_sync))
+            .route("/v1/bridge/hits", get(bridge_hits))
             .with_state(self)
     }
 }
@@ -595,6 +632,127 @@ async fn exec(
     Json(req): Json<ExecRequest>,
 ) -> Result<Json<ExecResult>, ApiError> {
     blocking(move || a.exec(&id, &req)).await
+}
+
+impl Agent {
+    /// The v2 cgroup ID of each machine on this host.
+    fn cgroup_ids(&self) -> HashMap<String, u64> {
+        let ids: Vec<String> = self.machines.lock().unwrap().keys().cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let cg = MachineCgroup::open(&self.cgroups, &id).ok()??;
+                let cid = ferry_ebpf::bridge::cgroup_id(cg.v2_dir()?).ok()?;
+                Some((id, cid))
+            })
+            .collect()
+    }
+
+    /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
+    fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
+        let cgroups = self.cgroup_ids();
+        let nets: HashMap<String, (NetworkId, std::net::Ipv6Addr)> = self
+            .machines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, s)| {
+                Some((
+                    id.clone(),
+                    (
+                        NetworkId::new(s.run.network_id).ok()?,
+                        s.run.private_ip.parse().ok()?,
+                    ),
+                ))
+            })
+            .collect();
+        let mut guard = self.bridge.lock().unwrap();
+        let Some(b) = guard.as_mut() else {
+            return Ok(());
+        };
+        let e = |e: ferry_ebpf::bridge::BridgeError| AgentError::Invalid(format!("bridge: {e}"));
+        let want: Vec<(NetworkId, std::net::Ipv6Addr, std::net::Ipv6Addr, bool)> = sync
+            .mappings
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    NetworkId::new(m.network_id).ok()?,
+                    m.old.parse().ok()?,
+                    m.new.parse().ok()?,
+                    m.retired,
+                ))
+            })
+            .collect();
+        for have in b.mappings().map_err(e)? {
+            if !want
+                .iter()
+                .any(|w| w.0 == have.net && w.1 == have.old && w.2 == have.new)
+            {
+                b.unmap(have.net, have.old).map_err(e)?;
+            }
+        }
+        for (net, old, new, retired) in want {
+            b.map(net, old, new).map_err(e)?;
+            if retired {
+                b.retire(net, old).map_err(e)?;
+            }
+        }
+        for (id, enabled) in &sync.gates {
+            if let (Some(cid), Some((net, addr))) = (cgroups.get(id), nets.get(id)) {
+                b.set_machine(*cid, *net, *addr, *enabled).map_err(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uses of old addresses by this host's machines.
+    fn bridge_hits(&self) -> Result<Vec<BridgeHit>, AgentError> {
+        let by_cgroup: HashMap<u64, String> = self
+            .cgroup_ids()
+            .into_iter()
+            .map(|(id, cid)| (cid, id))
+            .collect();
+        let guard = self.bridge.lock().unwrap();
+        let Some(b) = guard.as_ref() else {
+            return Ok(vec![]);
+        };
+        let hits = b
+            .hits()
+            .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
+        let ms = |ns: u64| {
+            ferry_ebpf::bridge::boot_ns_to_system_time(ns)
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        };
+        Ok(hits
+            .into_iter()
+            .filter_map(|h| {
+                Some(BridgeHit {
+                    network_id: h.net.get(),
+                    old: h.old.to_string(),
+                    machine_id: by_cgroup.get(&h.caller_cgroup_id)?.clone(),
+                    count: h.count,
+                    first_use: ms(h.first_ns),
+                    last_use: ms(h.last_ns),
+                })
+            })
+            .collect())
+    }
+}
+
+async fn bridge_sync(
+    State(a): Shared,
+    Json(sync): Json<BridgeSync>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        a.apply_bridge(&sync)
+            .map(|()| serde_json::json!({"ok": true}))
+    })
+    .await
+}
+
+async fn bridge_hits(State(a): Shared) -> Result<Json<Vec<BridgeHit>>, ApiError> {
+    blocking(move || a.bridge_hits()).await
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {

@@ -8,6 +8,7 @@
 //!
 //! The server never touches the kernel: agents do, on their hosts.
 
+pub mod bridge;
 pub mod config;
 pub mod error;
 pub mod proto;

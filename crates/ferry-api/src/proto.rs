@@ -17,6 +17,13 @@ pub struct RunMachine {
     pub config: MachineConfig,
     /// Host directory backing each mount, in the order of `config.mounts`.
     pub volume_dirs: Vec<String>,
+    /// The bridge's feature gate for this machine (its org's and app's setting).
+    #[serde(default = "yes")]
+    pub bridge_enabled: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,4 +90,38 @@ pub struct LocalMachine {
     pub instance_id: String,
     pub running: bool,
     pub pid: Option<i32>,
+}
+
+/// One old -> new mapping of the bridge (SPEC §8), per network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BridgeMapping {
+    pub network_id: u32,
+    pub old: String,
+    pub new: String,
+    #[serde(default)]
+    pub retired: bool,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+/// The whole bridge state an agent should hold: every mapping, and whether the gate is on for
+/// each of its machines. Sent whole (not as deltas) so a restarted or new agent converges.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BridgeSync {
+    pub mappings: Vec<BridgeMapping>,
+    /// machine ID -> gate on.
+    pub gates: std::collections::BTreeMap<String, bool>,
+}
+
+/// Uses of an old address by one calling machine, as counted on its host.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BridgeHit {
+    pub network_id: u32,
+    pub old: String,
+    pub machine_id: String,
+    pub count: u64,
+    /// Milliseconds since the epoch.
+    pub first_use: i64,
+    pub last_use: i64,
 }

@@ -37,6 +37,9 @@ pub struct Ctx {
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
     pub volumes_dir: PathBuf,
+    /// Called after every machine state change (e.g. to publish a new DNS snapshot), so
+    /// listeners see changes as soon as the store has them.
+    pub on_change: std::sync::OnceLock<Box<dyn Fn(&dyn Store) + Send + Sync>>,
 }
 
 impl Ctx {
@@ -50,9 +53,13 @@ impl Ctx {
             http,
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
+            on_change: std::sync::OnceLock::new(),
         })
     }
     fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f(self.store.as_ref());
+        }
         self.changes.send_modify(|v| *v += 1);
     }
 }
@@ -131,6 +138,13 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/apps/{app}/machines/{id}/exec", post(exec_machine))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/volumes", post(create_volume).get(list_volumes))
+        .route(
+            "/v1/bridge",
+            get(crate::bridge::list).post(crate::bridge::map),
+        )
+        .route("/v1/bridge/report", get(crate::bridge::report))
+        .route("/v1/bridge/retire", post(crate::bridge::retire))
+        .route("/v1/bridge/gate", post(crate::bridge::set_gate))
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
         .fallback(|| async { ApiError::not_found("route") })
@@ -421,6 +435,7 @@ async fn launch(
         region: m.region.clone(),
         config,
         volume_dirs,
+        bridge_enabled: crate::bridge::gate(ctx, &m)?,
     };
     let url = agent_url(ctx, &m, "/start")?;
     match call_agent::<_, serde_json::Value>(ctx, &url, &run).await {

@@ -24,6 +24,8 @@ enum Cmd {
     App(cmd::app::AppArgs),
     /// Hosts: list.
     Host(cmd::app::HostArgs),
+    /// The address-mapping bridge: map, list, report, retire, enable, disable.
+    Bridge(cmd::bridge::BridgeArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
     Sweep(cmd::sweep::SweepArgs),
     /// The API server alone (hosts run `ferry agent` and register with it).
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Dev(args) => cmd::dev::run(args),
         Cmd::Sweep(args) => cmd::sweep::run(args),
         Cmd::Machine(args) => cmd::machine::run(args),
+        Cmd::Bridge(args) => cmd::bridge::run(args),
         Cmd::App(args) => cmd::app::run(args),
         Cmd::Host(args) => cmd::app::host(args),
         Cmd::Agent(args) => cmd::agent::run(args),

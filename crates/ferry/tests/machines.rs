@@ -606,3 +606,94 @@ fn restarting_dev_brings_started_machines_back_with_their_ids_addresses_and_volu
             >= 2
     );
 }
+
+#[test]
+fn dns_names_machines_per_org_and_follows_state_within_100ms() {
+    let dev = Dev::start("d", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "infinity"]}});
+    let a = dev.machine("api", &hosts[0], sleeper.clone());
+    let b = dev.machine("api", &hosts[1], sleeper.clone());
+    let _ = dev.call(
+        "POST",
+        "/v1/apps",
+        Some(&json!({"app_name": "other", "org_slug": "acme"}).to_string()),
+    );
+    let o = dev.ok(
+        "POST",
+        "/v1/apps/other/machines",
+        json!({"host": hosts[0], "config": sleeper}),
+    );
+    let (ip_a, ip_b) = (
+        a["private_ip"].as_str().unwrap(),
+        b["private_ip"].as_str().unwrap(),
+    );
+
+    // Operators see every org; names follow SPEC §6.
+    let mut all: Vec<String> = dev
+        .dig("api.internal", "AAAA")
+        .lines()
+        .map(String::from)
+        .collect();
+    all.sort();
+    let mut want = vec![ip_a.to_owned(), ip_b.to_owned()];
+    want.sort();
+    assert_eq!(all, want);
+    assert_eq!(
+        dev.dig(&format!("{}.vm.api.internal", id(&a)), "AAAA"),
+        ip_a
+    );
+    assert!(dev.dig("_apps.internal", "TXT").contains("other"));
+
+    // Inside machines: ordinary resolvers, through fdaa::3 on their own host, per-org views.
+    let r = dev.exec(
+        &b,
+        &["getent", "ahostsv6", &format!("{}.vm.api.internal", id(&a))],
+    );
+    assert!(r["stdout"].as_str().unwrap().starts_with(ip_a), "{r}");
+    let r = dev.exec(&b, &["python3", "-c", "import socket; print(sorted({a[4][0] for a in socket.getaddrinfo('api.internal', 80, socket.AF_INET6)}))"]);
+    assert!(
+        r["stdout"].as_str().unwrap().contains(ip_a)
+            && r["stdout"].as_str().unwrap().contains(ip_b),
+        "{r}"
+    );
+    let r = dev.exec(&o, &["dig", "+time=1", "+tries=1", "AAAA", "api.internal"]);
+    assert!(
+        r["stdout"].as_str().unwrap().contains("NXDOMAIN"),
+        "another org's app does not exist: {r}"
+    );
+    let r = dev.exec(
+        &o,
+        &["dig", "+time=1", "+tries=1", "AAAA", "nosuchapp.internal"],
+    );
+    assert!(r["stdout"].as_str().unwrap().contains("NXDOMAIN"), "{r}");
+
+    // A stop disappears from answers, a start reappears, within 100 ms of the API's answer.
+    let name = format!("{}.vm.api.internal", id(&a));
+    let measure = |want_present: bool| {
+        let t = Instant::now();
+        let want: std::net::Ipv6Addr = ip_a.parse().unwrap();
+        let ok = eventually(Duration::from_secs(5), || {
+            dev.aaaa(&name).contains(&want) == want_present
+        });
+        assert!(ok, "DNS never showed the change");
+        t.elapsed()
+    };
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/api/machines/{}/stop", id(&a)),
+        json!({}),
+    );
+    let gone = measure(false);
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/api/machines/{}/start", id(&a)),
+        json!({}),
+    );
+    let back = measure(true);
+    eprintln!("DNS freshness after the API answered: stop {gone:?}, start {back:?}");
+    assert!(
+        gone < Duration::from_millis(100) && back < Duration::from_millis(100),
+        "stop {gone:?} start {back:?}"
+    );
+}

@@ -30,6 +30,9 @@ pub struct DevArgs {
     /// The API listener (the CLI finds it through FERRY_API or --api).
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: std::net::SocketAddr,
+    /// The operator's `.internal` DNS listener (UDP and TCP; every org's names).
+    #[arg(long, default_value = "127.0.0.1:4253")]
+    dns_listen: std::net::SocketAddr,
     /// Skip the demo apps on a fresh state directory.
     #[arg(long)]
     no_demo: bool,
@@ -119,6 +122,18 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
                 args.listen
             )
         })?;
+    // DNS: a fresh snapshot after every change, served in every host namespace and on loopback.
+    let zone = Arc::new(ferry_dns::ZoneData::new());
+    zone.publish(super::dns::snapshot(store.as_ref()));
+    let z = zone.clone();
+    let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
+        z.publish(super::dns::snapshot(s));
+    }));
+    let host_ns: Vec<netns::NetNs> = hosts
+        .iter()
+        .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
+        .collect();
+    super::dns::serve(&rt, zone, &host_ns, args.dns_listen)?;
     let app = server::router(ctx.clone());
     rt.spawn(async move { axum::serve(listener, app).await });
     let api = format!("http://{}", args.listen);
@@ -154,9 +169,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     store.kv_put("dev/resume", "[]")?;
 
     println!(
-        "ferry dev: fleet {:?}, {} hosts, API {api}, state in {} (up in {:.1?}{})",
+        "ferry dev: fleet {:?}, {} hosts, API {api}, DNS {} (and [fdaa::3]:53 in every machine), state in {} (up in {:.1?}{})",
         args.name,
         hosts.len(),
+        args.dns_listen,
         args.state_dir.display(),
         t0.elapsed(),
         if resumed > 0 {
@@ -176,7 +192,12 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             "  ferry machine list          ferry host list          ferry machine status <id>"
         );
         println!("  ferry machine run --app web -- python3 -m http.server 8080 --bind ::");
-        println!("  ferry machine exec <id> -- cat /etc/resolv.conf");
+        println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
+        println!(
+            "  dig @{} -p {} +short AAAA hello.internal",
+            args.dns_listen.ip(),
+            args.dns_listen.port()
+        );
         println!("Ctrl-C stops every machine (its stop_config) and the fleet; `ferry dev` again brings it back.");
         let sig = sigs.wait()?;
         eprintln!("{sig:?}: stopping machines");
@@ -390,13 +411,13 @@ S(("::", 8080), H).serve_forever()
             m["private_ip"].as_str().unwrap_or("")
         );
     }
-    let fetch = |tries: u32| {
+    let fetch = |tries: u32, target: &str| {
         format!(
             r#"import urllib.request, time
 err = None
 for i in range({tries}):
     try:
-        print(urllib.request.urlopen("http://[{ip}]:8080/", timeout=2).read().decode(), end="")
+        print(urllib.request.urlopen("http://{target}:8080/", timeout=2).read().decode(), end="")
         break
     except Exception as e:
         err = e
@@ -408,11 +429,13 @@ else:
         )
     };
     let mut ok = true;
-    for (who, m, expect) in [
-        ("client (same org)", &client, true),
-        ("intruder (org acme)", &intruder, false),
+    let by_ip = format!("[{ip}]");
+    for (who, m, target, expect) in [
+        ("client (same org)", &client, "hello.internal", true),
+        ("intruder (org acme)", &intruder, "hello.internal", false),
+        ("intruder (org acme)", &intruder, by_ip.as_str(), false),
     ] {
-        let script = fetch(if expect { 50 } else { 1 });
+        let script = fetch(if expect { 50 } else { 1 }, target);
         let r = post(
             format!(
                 "/v1/apps/{}/machines/{}/exec",
@@ -425,7 +448,7 @@ else:
         let reached = r["exit_code"].as_i64() == Some(0);
         let out = r["stdout"].as_str().unwrap_or("").trim().to_owned();
         println!(
-            "  {who} -> http://[{ip}]:8080/: {}",
+            "  {who} -> http://{target}:8080/: {}",
             if reached {
                 out
             } else {

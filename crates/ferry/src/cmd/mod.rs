@@ -1,8 +1,10 @@
 //! One module per subcommand.
 pub mod agent;
 pub mod app;
+pub mod bridge;
 pub mod client;
 pub mod dev;
+pub mod dns;
 pub mod machine;
 pub mod server;
 pub mod sweep;

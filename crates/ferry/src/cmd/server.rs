@@ -18,12 +18,17 @@ pub struct ServerArgs {
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let store = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
     let ctx = Ctx::new(store, args.state_dir.join("volumes"));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
         eprintln!("ferry server: API on http://{}", args.listen);
         axum::serve(listener, server::router(ctx)).await?;
         Ok(ExitCode::SUCCESS)

@@ -13,6 +13,8 @@ pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub struct Dev {
     pub name: String,
     pub api: String,
+    /// The operator DNS listener (UDP and TCP on 127.0.0.1).
+    pub dns: String,
     pub state: PathBuf,
     hosts: usize,
     child: Option<Child>,
@@ -40,6 +42,7 @@ impl Dev {
         let mut d = Dev {
             name,
             api: String::new(),
+            dns: String::new(),
             state,
             hosts,
             child: None,
@@ -56,6 +59,7 @@ impl Dev {
     pub fn boot(&mut self) {
         let port = free_port();
         self.api = format!("http://127.0.0.1:{port}");
+        self.dns = format!("127.0.0.1:{}", free_port());
         let child = Command::new(FERRY)
             .args([
                 "dev",
@@ -67,7 +71,12 @@ impl Dev {
             ])
             .arg("--state-dir")
             .arg(&self.state)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--dns-listen",
+                &self.dns,
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("spawning ferry dev");
@@ -190,6 +199,55 @@ impl Dev {
             .env("FERRY_API", &self.api)
             .output()
             .unwrap()
+    }
+
+    /// `dig +short` against the operator listener.
+    pub fn dig(&self, name: &str, qtype: &str) -> String {
+        let (ip, port) = self.dns.split_once(':').unwrap();
+        let out = Command::new("dig")
+            .args([
+                &format!("@{ip}"),
+                "-p",
+                port,
+                "+short",
+                "+time=1",
+                "+tries=1",
+                qtype,
+                name,
+            ])
+            .output()
+            .expect("dig (scripts/setup.sh installs dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// AAAA answers from the operator listener, over one UDP socket (fast enough to poll).
+    pub fn aaaa(&self, name: &str) -> Vec<std::net::Ipv6Addr> {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+        let mut m = Message::new();
+        m.set_id(std::process::id() as u16);
+        m.set_message_type(MessageType::Query);
+        m.set_op_code(OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::AAAA,
+        ));
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        sock.send_to(&m.to_vec().unwrap(), &self.dns).unwrap();
+        let mut buf = [0u8; 4096];
+        let Ok(n) = sock.recv(&mut buf) else {
+            return vec![];
+        };
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        r.answers()
+            .iter()
+            .filter_map(|rec| match rec.data() {
+                RData::AAAA(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn pins(&self) -> PathBuf {

@@ -1,0 +1,331 @@
+//! The bridge's control plane (SPEC §8): mappings per network, the feature gate per org and app,
+//! hits gathered from every host, retirement. The state lives in the store; every change is
+//! pushed whole to every agent, which makes its host's BPF maps equal to it.
+
+use crate::error::ApiError;
+use crate::proto::{BridgeHit, BridgeMapping, BridgeSync};
+use crate::server::Ctx;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_addr::FleetAddr;
+use ferry_store::Machine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+type Result<T> = std::result::Result<T, ApiError>;
+type Shared = State<Arc<Ctx>>;
+
+const MAPPINGS: &str = "bridge/mappings";
+const GATES: &str = "bridge/gates";
+
+/// Orgs and apps whose machines do not get the bridge (it is on by default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Gates {
+    pub orgs_off: BTreeSet<String>,
+    pub apps_off: BTreeSet<String>,
+}
+
+fn load<T: serde::de::DeserializeOwned + Default>(ctx: &Ctx, key: &str) -> Result<T> {
+    match ctx.store.kv_get(key)? {
+        Some(s) => serde_json::from_str(&s).map_err(ApiError::internal),
+        None => Ok(T::default()),
+    }
+}
+
+fn save<T: Serialize>(ctx: &Ctx, key: &str, v: &T) -> Result<()> {
+    ctx.store
+        .kv_put(key, &serde_json::to_string(v).map_err(ApiError::internal)?)?;
+    Ok(())
+}
+
+/// Whether a machine gets the bridge: on unless its org or app switched it off.
+pub fn gate(ctx: &Ctx, m: &Machine) -> Result<bool> {
+    let g: Gates = load(ctx, GATES)?;
+    Ok(!g.orgs_off.contains(&m.org) && !g.apps_off.contains(&m.app))
+}
+
+/// Pushes the whole bridge state to every registered agent. Failures are reported, not fatal:
+/// an agent that missed a push gets the state again when it registers.
+pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
+    let mut errors = Vec::new();
+    let (mappings, hosts) = match (
+        load::<Vec<BridgeMapping>>(ctx, MAPPINGS),
+        ctx.store.list_hosts(),
+    ) {
+        (Ok(m), Ok(h)) => (m, h),
+        _ => return vec!["reading the bridge state".into()],
+    };
+    for h in hosts.into_iter().filter(|h| !h.endpoint.is_empty()) {
+        let mut sync = BridgeSync {
+            mappings: mappings.clone(),
+            gates: Default::default(),
+        };
+        for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
+            let on = gate(ctx, &m).unwrap_or(true);
+            sync.gates.insert(m.id, on);
+        }
+        let url = format!("{}/v1/bridge/sync", h.endpoint);
+        match ctx.http.post(&url).json(&sync).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => errors.push(format!("host {:x}: {}", h.id.get(), r.status())),
+            Err(e) => errors.push(format!("host {:x}: {e}", h.id.get())),
+        }
+    }
+    errors
+}
+
+async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
+    let mut out = Vec::new();
+    for h in ctx
+        .store
+        .list_hosts()?
+        .into_iter()
+        .filter(|h| !h.endpoint.is_empty())
+    {
+        let url = format!("{}/v1/bridge/hits", h.endpoint);
+        let hits: Vec<BridgeHit> = match ctx.http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+            _ => continue, // a host that does not answer has no hits to show now
+        };
+        out.extend(hits);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapRequest {
+    pub old: String,
+    pub new: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MappingView {
+    pub network_id: u32,
+    pub old: String,
+    pub new: String,
+    pub retired: bool,
+    pub created_at: i64,
+    /// Uses through this mapping, all callers.
+    pub hits: u64,
+    /// Last use (ms since the epoch), if any.
+    pub last_use: Option<i64>,
+    /// Machine IDs that dialled the old address.
+    pub callers: Vec<String>,
+}
+
+fn parse_guest(what: &str, s: &str) -> Result<FleetAddr> {
+    s.parse::<FleetAddr>()
+        .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+}
+
+/// `POST /v1/bridge`: map OLD to NEW (both in one org's network).
+pub async fn map(
+    State(ctx): Shared,
+    crate::server::Body(req): crate::server::Body<MapRequest>,
+) -> Result<(StatusCode, Json<MappingView>)> {
+    let (old, new) = (parse_guest("old", &req.old)?, parse_guest("new", &req.new)?);
+    if old.network() != new.network() {
+        return Err(ApiError::invalid(format!(
+            "{old} is in network {} and {new} in network {}: a mapping never crosses orgs",
+            old.network(),
+            new.network()
+        )));
+    }
+    if old.machine_prefix() == new.machine_prefix() {
+        return Err(ApiError::invalid(format!(
+            "{old} and {new} are the same machine's addresses"
+        )));
+    }
+    if !ctx
+        .store
+        .list_orgs()?
+        .iter()
+        .any(|o| o.network_id == old.network())
+    {
+        return Err(ApiError::not_found(format!(
+            "network {} (no org has it)",
+            old.network()
+        )));
+    }
+    let mut all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
+    if all.iter().any(|m| m.old == new.to_string()) {
+        return Err(ApiError::conflict(
+            "bridge_loop",
+            format!("{new} is itself mapped: map {old} to its target instead"),
+        ));
+    }
+    all.retain(|m| m.old != old.to_string());
+    // Chains stay one step deep: whatever pointed at OLD now points at NEW.
+    for m in all.iter_mut().filter(|m| m.new == old.to_string()) {
+        m.new = new.to_string();
+    }
+    let rec = BridgeMapping {
+        network_id: old.network().get(),
+        old: old.to_string(),
+        new: new.to_string(),
+        retired: false,
+        created_at: ctx.store.now_ms(),
+    };
+    all.push(rec.clone());
+    save(&ctx, MAPPINGS, &all)?;
+    let errors = sync_all(&ctx).await;
+    if !errors.is_empty() {
+        tracing::warn!("bridge sync: {errors:?}");
+    }
+    Ok((StatusCode::CREATED, Json(view(&rec, &[]))))
+}
+
+fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {
+    let mine: Vec<&BridgeHit> = hits
+        .iter()
+        .filter(|h| h.network_id == m.network_id && h.old == m.old)
+        .collect();
+    let mut callers: Vec<String> = mine.iter().map(|h| h.machine_id.clone()).collect();
+    callers.sort();
+    callers.dedup();
+    MappingView {
+        network_id: m.network_id,
+        old: m.old.clone(),
+        new: m.new.clone(),
+        retired: m.retired,
+        created_at: m.created_at,
+        hits: mine.iter().map(|h| h.count).sum(),
+        last_use: mine.iter().map(|h| h.last_use).max(),
+        callers,
+    }
+}
+
+/// `GET /v1/bridge`: every mapping with its hits.
+pub async fn list(State(ctx): Shared) -> Result<Json<Vec<MappingView>>> {
+    let all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
+    let hits = all_hits(&ctx).await?;
+    Ok(Json(all.iter().map(|m| view(m, &hits)).collect()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReportLine {
+    pub machine_id: String,
+    pub app: String,
+    /// The old addresses this machine still dials, with counts: the configs to fix.
+    pub dials: Vec<BridgeHit>,
+}
+
+/// `GET /v1/bridge/report`: per machine, the old addresses it still dials.
+pub async fn report(State(ctx): Shared) -> Result<Json<Vec<ReportLine>>> {
+    let hits = all_hits(&ctx).await?;
+    let mut ids: Vec<String> = hits.iter().map(|h| h.machine_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut out = Vec::new();
+    for id in ids {
+        let app = ctx
+            .store
+            .get_machine(&id)
+            .map(|m| m.app)
+            .unwrap_or_default();
+        out.push(ReportLine {
+            machine_id: id.clone(),
+            app,
+            dials: hits
+                .iter()
+                .filter(|h| h.machine_id == id)
+                .cloned()
+                .collect(),
+        });
+    }
+    Ok(Json(out))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetireRequest {
+    /// Retire this old address...
+    #[serde(default)]
+    pub old: Option<String>,
+    /// ...or every mapping unused for this long (e.g. "7d", "1h"); never-used ones count from
+    /// their creation.
+    #[serde(default)]
+    pub unused_for: Option<String>,
+}
+
+/// `POST /v1/bridge/retire`: the old address fails fast from now on and never reaches anyone.
+pub async fn retire(
+    State(ctx): Shared,
+    crate::server::Body(req): crate::server::Body<RetireRequest>,
+) -> Result<Json<Vec<MappingView>>> {
+    let mut all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
+    let hits = all_hits(&ctx).await?;
+    let now = ctx.store.now_ms();
+    let mut retired = Vec::new();
+    match (&req.old, &req.unused_for) {
+        (Some(old), None) => {
+            let old = parse_guest("old", old)?.to_string();
+            let m = all
+                .iter_mut()
+                .find(|m| m.old == old)
+                .ok_or_else(|| ApiError::not_found(format!("mapping of {old}")))?;
+            m.retired = true;
+            retired.push(m.clone());
+        }
+        (None, Some(d)) => {
+            let d = humantime::parse_duration(d).map_err(|_| {
+                ApiError::invalid(format!("unused_for {d:?} is not a duration like 7d"))
+            })?;
+            for m in all.iter_mut().filter(|m| !m.retired) {
+                let last = view(m, &hits).last_use.unwrap_or(m.created_at);
+                if now - last >= d.as_millis() as i64 {
+                    m.retired = true;
+                    retired.push(m.clone());
+                }
+            }
+        }
+        _ => return Err(ApiError::invalid("give exactly one of old or unused_for")),
+    }
+    save(&ctx, MAPPINGS, &all)?;
+    sync_all(&ctx).await;
+    Ok(Json(retired.iter().map(|m| view(m, &hits)).collect()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub app: Option<String>,
+    pub enabled: bool,
+}
+
+/// `POST /v1/bridge/gate`: switch the bridge on or off for an org or an app.
+pub async fn set_gate(
+    State(ctx): Shared,
+    crate::server::Body(req): crate::server::Body<GateRequest>,
+) -> Result<Json<Gates>> {
+    let mut g: Gates = load(&ctx, GATES)?;
+    match (&req.org, &req.app) {
+        (Some(o), None) => {
+            ctx.store.get_org(o)?;
+            if req.enabled {
+                g.orgs_off.remove(o)
+            } else {
+                g.orgs_off.insert(o.clone())
+            };
+        }
+        (None, Some(a)) => {
+            ctx.store.get_app(a)?;
+            if req.enabled {
+                g.apps_off.remove(a)
+            } else {
+                g.apps_off.insert(a.clone())
+            };
+        }
+        _ => return Err(ApiError::invalid("give exactly one of org or app")),
+    }
+    save(&ctx, GATES, &g)?;
+    sync_all(&ctx).await;
+    Ok(Json(g))
+}
