@@ -29,6 +29,9 @@ use utoipa::OpenApi;
 type Result<T> = std::result::Result<T, ApiError>;
 use MachineState as S;
 
+/// What runs after every machine state change.
+pub type ChangeHook = Box<dyn Fn(&dyn Store) + Send + Sync>;
+
 /// Shared by every handler.
 pub struct Ctx {
     pub store: Arc<dyn Store>,
@@ -39,7 +42,7 @@ pub struct Ctx {
     pub volumes_dir: PathBuf,
     /// Called after every machine state change (e.g. to publish a new DNS snapshot), so
     /// listeners see changes as soon as the store has them.
-    pub on_change: std::sync::OnceLock<Box<dyn Fn(&dyn Store) + Send + Sync>>,
+    pub on_change: std::sync::OnceLock<ChangeHook>,
 }
 
 impl Ctx {

@@ -21,8 +21,6 @@ pub enum SweepError {
     OwnersFile { path: PathBuf, reason: String },
     #[error("backup directory {}: {reason}", path.display())]
     BackupDir { path: PathBuf, reason: String },
-    #[error("--fleet needs the machines API (issue 3), which is not built yet; pass the machine list with --owners FILE")]
-    NeedsMachinesApi,
     #[error("nothing to sweep: give at least one path")]
     NoPaths,
 }

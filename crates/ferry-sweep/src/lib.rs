@@ -25,7 +25,7 @@ pub mod walk;
 
 pub use error::SweepError;
 pub use matcher::{Context, Literal, Matcher};
-pub use owners::{fleet_index, MachineIndex, MachineRecord, NoOwners, Owner, OwnerIndex};
+pub use owners::{MachineIndex, MachineRecord, NoOwners, Owner, OwnerIndex};
 pub use report::{Change, Hit, Report, Skipped, Summary};
 pub use rewrite::Backup;
 pub use walk::{sweep, Options, RewriteOptions, DEFAULT_MAX_FILE_SIZE};

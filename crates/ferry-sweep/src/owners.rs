@@ -230,12 +230,6 @@ impl OwnerIndex for MachineIndex {
     }
 }
 
-/// The owner index for `--fleet`: the machine list read through the machines API. That API is
-/// issue 3 and does not exist yet, so this says so instead of pretending.
-pub fn fleet_index() -> Result<MachineIndex, SweepError> {
-    Err(SweepError::NeedsMachinesApi)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +293,5 @@ mod tests {
         .is_err());
         assert!(MachineIndex::from_machines(vec![rec("d8dd625fed5568", "fd00::2", &[])]).is_err());
         assert!(MachineIndex::from_json(b"{\"machines\": 3}").is_err());
-        assert!(fleet_index().unwrap_err().to_string().contains("issue 3"));
     }
 }

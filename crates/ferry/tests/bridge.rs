@@ -157,6 +157,48 @@ fn old_addresses_reach_the_current_one_per_org_counted_retired_and_across_agent_
     let text = String::from_utf8_lossy(&dev.cli(&["bridge", "list"]).stdout).into_owned();
     assert!(text.contains(&old) && text.contains("active"), "{text}");
 
+    // Sweep: a machine whose env still holds the old address and the current one is found
+    // through the API, owners named from the machines and the bridge's mappings.
+    let cfg_m = dev.machine("app", &hosts[1], json!({"init": {"cmd": ["sleep", "infinity"]},
+        "env": {"PG_PEER": format!("postgres://[{old}]:5432/db"), "PG_NEW": new.to_string().to_uppercase()}}));
+    let out = dev.cli(&["sweep", "--fleet", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "literals remain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hits = doc["fleet"]["hits"].as_array().unwrap();
+    let hit = |addr: &str| {
+        hits.iter()
+            .find(|h| {
+                h["address"] == json!(addr)
+                    && h["path"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(cfg_m["id"].as_str().unwrap())
+            })
+            .cloned()
+    };
+    let old_hit = hit(&old).expect("the old address in the env");
+    assert_eq!(
+        (
+            old_hit["owner"]["kind"].as_str(),
+            old_hit["owner"]["machine_id"].as_str()
+        ),
+        (Some("old"), Some(srv_id)),
+        "{old_hit}"
+    );
+    assert_eq!(
+        hit(&new.to_string()).expect("the current one, upper case")["owner"]["kind"],
+        "current"
+    );
+    assert!(old_hit["path"]
+        .as_str()
+        .unwrap()
+        .starts_with("fleet://app/"));
+
     // The feature gate: off for the client's app, on again.
     dev.ok(
         "POST",

@@ -170,7 +170,11 @@ fn errors_exit_two_and_change_nothing() {
             file.to_str().unwrap().into(),
         ],
         vec!["--rewrite".into(), file.to_str().unwrap().into()],
-        vec!["--fleet".into()],
+        vec![
+            "--fleet".into(),
+            "--api".into(),
+            "http://127.0.0.1:1".into(),
+        ],
         vec!["--dry-run".into(), file.to_str().unwrap().into()],
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -184,8 +188,8 @@ fn errors_exit_two_and_change_nothing() {
         assert!(!o.stderr.is_empty());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("X={PG}\n"));
     }
-    let o = ferry(&["--fleet"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("needs the machines API (issue 3)"));
+    let o = ferry(&["--fleet", "--api", "http://127.0.0.1:1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the ferry API"));
     let names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -28,9 +28,14 @@ pub struct SweepArgs {
     /// {"machines":[{"id","app","private_ip","old_ips":[...]}]} (what the machines API returns).
     #[arg(long, value_name = "FILE")]
     owners: Option<PathBuf>,
-    /// Sweep every machine's config and env through the machines API (not built yet: issue 3).
+    /// Also sweep every machine's config and env through the machines API, and take the owners
+    /// from it: each machine's current address, and as old addresses those the bridge maps to
+    /// it. Machine configs are reported as `fleet://<app>/<id>`; they are never rewritten here.
     #[arg(long)]
     fleet: bool,
+    /// The ferry API, for --fleet.
+    #[arg(long, env = "FERRY_API", default_value = "http://127.0.0.1:4280")]
+    api: String,
     /// Replace each literal whose owner is known with `<id>.vm.<app>.internal`, keeping a backup.
     #[arg(long)]
     rewrite: bool,
@@ -71,15 +76,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
-    if args.fleet {
-        ferry_sweep::fleet_index()?;
-    }
-    let owners: Box<dyn OwnerIndex> = match &args.owners {
-        Some(path) => Box::new(MachineIndex::load(path)?),
-        None if args.rewrite => {
-            anyhow::bail!("--rewrite needs to know the owners: pass --owners FILE (or, once the machines API exists, --fleet)")
+    let fleet = if args.fleet {
+        Some(fleet_snapshot(&args.api)?)
+    } else {
+        None
+    };
+    let owners: Box<dyn OwnerIndex> = match (&args.owners, &fleet) {
+        (Some(path), _) => Box::new(MachineIndex::load(path)?),
+        (None, Some(f)) => Box::new(MachineIndex::from_machines(f.records.clone())?),
+        (None, None) if args.rewrite => {
+            anyhow::bail!("--rewrite needs to know the owners: pass --owners FILE or --fleet")
         }
-        None => Box::new(NoOwners),
+        (None, None) => Box::new(NoOwners),
     };
     let rewrite = args.rewrite.then(|| RewriteOptions {
         dry_run: args.dry_run,
@@ -101,19 +109,108 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         rewrite,
         exclude,
     };
-    let report = ferry_sweep::sweep(&args.paths, &opts, owners.as_ref())?;
+    // Machine configs: scanned as files of a scratch directory, reported as fleet://<app>/<id>,
+    // never rewritten (a config changes through the API, as a new machine version).
+    let mut fleet_out = None;
+    if let Some(f) = &fleet {
+        let scan = Options {
+            max_file_size: args.max_file_size,
+            threads: args.threads,
+            rewrite: None,
+            exclude: vec![],
+        };
+        let report = ferry_sweep::sweep(&[f.dir.path().to_path_buf()], &scan, owners.as_ref())?;
+        let prefix = format!("{}/", f.dir.path().display());
+        let fix = |s: String| s.replace(&prefix, "fleet://");
+        fleet_out = Some((
+            report.exit_code(),
+            fix(report.to_json()),
+            fix(report.human_stdout()),
+            fix(report.human_stderr()),
+        ));
+    }
+    let files = if args.paths.is_empty() {
+        None
+    } else {
+        Some(ferry_sweep::sweep(&args.paths, &opts, owners.as_ref())?)
+    };
 
     // Write errors (a closed pipe under `| head`) must not turn into a panic; the exit status
     // still reports the sweep.
     let mut stdout = std::io::stdout().lock();
+    let mut code = 0u8;
     if args.json {
-        let _ = writeln!(stdout, "{}", report.to_json());
-    } else {
-        let _ = stdout.write_all(report.human_stdout().as_bytes());
-        let _ = std::io::stderr().write_all(report.human_stderr().as_bytes());
+        let doc = match (&fleet_out, &files) {
+            (None, Some(r)) => r.to_json(),
+            (Some(f), r) => format!(
+                "{{\"fleet\": {}, \"files\": {}}}",
+                f.1,
+                r.as_ref()
+                    .map(|r| r.to_json())
+                    .unwrap_or_else(|| "null".into())
+            ),
+            (None, None) => unreachable!("clap requires paths unless --fleet"),
+        };
+        let _ = writeln!(stdout, "{doc}");
+    }
+    if let Some((c, _, out, err)) = &fleet_out {
+        code = code.max(*c);
+        if !args.json {
+            let _ = stdout.write_all(out.as_bytes());
+            let _ = std::io::stderr().write_all(err.as_bytes());
+        }
+    }
+    if let Some(r) = &files {
+        code = code.max(r.exit_code());
+        if !args.json {
+            let _ = stdout.write_all(r.human_stdout().as_bytes());
+            let _ = std::io::stderr().write_all(r.human_stderr().as_bytes());
+        }
     }
     let _ = stdout.flush();
-    Ok(ExitCode::from(report.exit_code()))
+    Ok(ExitCode::from(code))
+}
+
+/// What `--fleet` reads from the API: owners, and every machine's config as a scratch file.
+struct FleetSnapshot {
+    records: Vec<ferry_sweep::MachineRecord>,
+    dir: tempfile::TempDir,
+}
+
+fn fleet_snapshot(api: &str) -> anyhow::Result<FleetSnapshot> {
+    use anyhow::Context;
+    let c = super::client::Client::new(&super::client::ApiArgs {
+        api: api.to_owned(),
+        json: false,
+    })?;
+    let apps: Vec<ferry_api::views::AppView> = c.get("/v1/apps")?;
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let mut records = Vec::new();
+    for a in apps {
+        let ms: Vec<ferry_api::views::MachineView> =
+            c.get(&format!("/v1/apps/{}/machines", a.name))?;
+        for m in ms {
+            let d = dir.path().join(&m.app);
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join(&m.id), serde_json::to_string_pretty(&m.config)?)?;
+            if let Some(ip) = m.private_ip {
+                records.push(ferry_sweep::MachineRecord {
+                    id: m.id,
+                    app: m.app,
+                    private_ip: ip,
+                    old_ips: vec![],
+                });
+            }
+        }
+    }
+    // Old addresses: what the bridge still maps to a machine's current one.
+    let mappings: Vec<ferry_api::bridge::MappingView> = c.get("/v1/bridge")?;
+    for mapping in mappings {
+        if let Some(r) = records.iter_mut().find(|r| r.private_ip == mapping.new) {
+            r.old_ips.push(mapping.old);
+        }
+    }
+    Ok(FleetSnapshot { records, dir })
 }
 
 #[cfg(test)]
