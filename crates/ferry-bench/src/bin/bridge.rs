@@ -48,6 +48,9 @@ fn client(target: Ipv6Addr, kind: &str, secs: f64) -> Result<f64> {
             while start.elapsed() < dur {
                 let mut c = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
                 c.set_nodelay(true)?;
+                // Close with RST: tens of thousands of TIME_WAIT sockets would otherwise exhaust
+                // the ephemeral ports within the first round and measure port search instead.
+                nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })?;
                 c.write_all(b"x")?;
                 let mut b = [0u8; 1];
                 c.read_exact(&mut b)?;
