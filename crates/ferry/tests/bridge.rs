@@ -270,22 +270,3 @@ fn old_addresses_reach_the_current_one_per_org_counted_retired_and_across_agent_
         t.elapsed()
     );
 }
-
-fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" agent ")
-            && cmd.contains(&format!("--host-id {host} "))
-            && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
-        {
-            return Some(pid);
-        }
-    }
-    None
-}

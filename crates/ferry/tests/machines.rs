@@ -457,26 +457,6 @@ fn machines_run_talk_stop_restart_and_refuse_bad_input() {
     );
 }
 
-/// The agent that owns a host, found by its command line.
-fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" agent ")
-            && cmd.contains(&format!("--host-id {host} "))
-            && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
-        {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 #[test]
 fn killing_an_agent_leaves_its_machines_serving_and_the_new_one_reattaches() {
     let dev = Dev::start("k", 2);

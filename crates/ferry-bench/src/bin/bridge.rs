@@ -50,7 +50,14 @@ fn client(target: Ipv6Addr, kind: &str, secs: f64) -> Result<f64> {
                 c.set_nodelay(true)?;
                 // Close with RST: tens of thousands of TIME_WAIT sockets would otherwise exhaust
                 // the ephemeral ports within the first round and measure port search instead.
-                nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })?;
+                nix::sys::socket::setsockopt(
+                    &c,
+                    nix::sys::socket::sockopt::Linger,
+                    &libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    },
+                )?;
                 c.write_all(b"x")?;
                 let mut b = [0u8; 1];
                 c.read_exact(&mut b)?;
@@ -81,7 +88,11 @@ struct Dev {
 
 impl Dev {
     fn call(&self, method: reqwest::Method, p: &str, body: Value) -> Result<Value> {
-        let r = self.http.request(method, format!("{}{p}", self.api)).json(&body).send()?;
+        let r = self
+            .http
+            .request(method, format!("{}{p}", self.api))
+            .json(&body)
+            .send()?;
         let s = r.status();
         let v: Value = r.json()?;
         ensure!(s.is_success(), "{p}: {v}");
@@ -91,66 +102,123 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
         let _ = self.child.wait();
     }
 }
 
 fn orchestrate() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let secs: f64 = std::env::var("SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let secs: f64 = std::env::var("SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2.0);
     let me = std::env::current_exe()?.display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let dns = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dns = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let name = format!("bb{:x}", std::process::id() & 0xffff);
     let state = std::env::temp_dir().join(format!("ferry-bench-{name}"));
     let _ = std::fs::remove_dir_all(&state);
     let child = Command::new(&ferry)
         .args(["dev", "--no-demo", "--hosts", "2", "--name", &name])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--dns-listen", &format!("127.0.0.1:{dns}")])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dns-listen",
+            &format!("127.0.0.1:{dns}"),
+        ])
         .arg("--state-dir")
         .arg(&state)
         .stdout(Stdio::null())
         .spawn()
         .context("starting ferry dev")?;
-    let dev = Dev { child, api: format!("http://127.0.0.1:{port}"), http: reqwest::blocking::Client::new() };
+    let dev = Dev {
+        child,
+        api: format!("http://127.0.0.1:{port}"),
+        http: reqwest::blocking::Client::new(),
+    };
     let t = Instant::now();
     let hosts = loop {
         if let Ok(r) = dev.http.get(format!("{}/v1/hosts", dev.api)).send() {
             let v: Value = r.json()?;
-            if v.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["endpoint"] != "")) {
+            if v.as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["endpoint"] != ""))
+            {
                 break v;
             }
         }
-        ensure!(t.elapsed() < Duration::from_secs(60), "ferry dev did not come up");
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "ferry dev did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let (h0, h1) = (hosts[0]["id"].as_str().unwrap().to_owned(), hosts[1]["id"].as_str().unwrap().to_owned());
-    dev.call(reqwest::Method::POST, "/v1/apps", json!({"app_name": "bench"}))?;
-    let server = dev.call(reqwest::Method::POST, "/v1/apps/bench/machines", json!({"host": h0, "config": {"init": {"cmd": [me, "serve"]}}}))?;
-    let client_m = dev.call(reqwest::Method::POST, "/v1/apps/bench/machines", json!({"host": h1, "config": {"init": {"cmd": ["sleep", "infinity"]}}}))?;
+    let (h0, h1) = (
+        hosts[0]["id"].as_str().unwrap().to_owned(),
+        hosts[1]["id"].as_str().unwrap().to_owned(),
+    );
+    dev.call(
+        reqwest::Method::POST,
+        "/v1/apps",
+        json!({"app_name": "bench"}),
+    )?;
+    let server = dev.call(
+        reqwest::Method::POST,
+        "/v1/apps/bench/machines",
+        json!({"host": h0, "config": {"init": {"cmd": [me, "serve"]}}}),
+    )?;
+    let client_m = dev.call(
+        reqwest::Method::POST,
+        "/v1/apps/bench/machines",
+        json!({"host": h1, "config": {"init": {"cmd": ["sleep", "infinity"]}}}),
+    )?;
     let new: ferry_addr::FleetAddr = server["private_ip"].as_str().unwrap().parse()?;
     let host1 = ferry_addr::HostId::new(u32::from_str_radix(&h1, 16)?)?;
-    let old = ferry_addr::FleetAddr::primary(new.network(), host1, ferry_addr::MachineField(0xfff0_0002));
-    dev.call(reqwest::Method::POST, "/v1/bridge", json!({"old": old.to_string(), "new": new.to_string()}))?;
+    let old =
+        ferry_addr::FleetAddr::primary(new.network(), host1, ferry_addr::MachineField(0xfff0_0002));
+    dev.call(
+        reqwest::Method::POST,
+        "/v1/bridge",
+        json!({"old": old.to_string(), "new": new.to_string()}),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
 
     let run = |target: &FleetAddrLike, kind: &str| -> Result<f64> {
         let out = dev.call(
             reqwest::Method::POST,
-            &format!("/v1/apps/bench/machines/{}/exec", client_m["id"].as_str().unwrap()),
+            &format!(
+                "/v1/apps/bench/machines/{}/exec",
+                client_m["id"].as_str().unwrap()
+            ),
             json!({"cmd": [me, "client", target.0, kind, secs.to_string()], "timeout": 60}),
         )?;
         ensure!(out["exit_code"] == 0, "client failed: {out}");
         Ok(out["stdout"].as_str().unwrap().trim().parse()?)
     };
-    let (direct, bridged) = (FleetAddrLike(new.to_string()), FleetAddrLike(old.to_string()));
+    let (direct, bridged) = (
+        FleetAddrLike(new.to_string()),
+        FleetAddrLike(old.to_string()),
+    );
     println!("bridge: {rounds} rounds of {secs} s per side; direct {} vs old address {} through the eBPF bridge", direct.0, bridged.0);
     let (mut tcp_d, mut tcp_b, mut udp_d, mut udp_b) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds {
         // Alternate which side goes first so drift on a noisy machine hits both alike.
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for via_bridge in order {
             let t = if via_bridge { &bridged } else { &direct };
             let (tcp, udp) = (run(t, "tcp")?, run(t, "udp")?);
@@ -162,15 +230,37 @@ fn orchestrate() -> Result<()> {
                 udp_d.push(udp);
             }
         }
-        eprintln!("round {}: tcp conn/s direct {:.0} bridged {:.0}; udp rt/s direct {:.0} bridged {:.0}",
-            r + 1, tcp_d[r], tcp_b[r], udp_d[r], udp_b[r]);
+        eprintln!(
+            "round {}: tcp conn/s direct {:.0} bridged {:.0}; udp rt/s direct {:.0} bridged {:.0}",
+            r + 1,
+            tcp_d[r],
+            tcp_b[r],
+            udp_d[r],
+            udp_b[r]
+        );
     }
     let hits = dev.call(reqwest::Method::GET, "/v1/bridge", json!(null))?;
-    let r1 = report("TCP connections/s (bridge vs direct)", "conn/s", &tcp_b, &tcp_d);
-    let r2 = report("UDP round trips/s (bridge vs direct)", "rt/s", &udp_b, &udp_d);
-    println!("medians of {rounds} rounds; goal: ratios >= 0.97; bridge hits counted: {}", hits[0]["hits"]);
-    println!("{}", json!({"tcp_conn_direct": median(&tcp_d), "tcp_conn_bridge": median(&tcp_b), "tcp_ratio": r1,
-        "udp_rt_direct": median(&udp_d), "udp_rt_bridge": median(&udp_b), "udp_ratio": r2}));
+    let r1 = report(
+        "TCP connections/s (bridge vs direct)",
+        "conn/s",
+        &tcp_b,
+        &tcp_d,
+    );
+    let r2 = report(
+        "UDP round trips/s (bridge vs direct)",
+        "rt/s",
+        &udp_b,
+        &udp_d,
+    );
+    println!(
+        "medians of {rounds} rounds; goal: ratios >= 0.97; bridge hits counted: {}",
+        hits[0]["hits"]
+    );
+    println!(
+        "{}",
+        json!({"tcp_conn_direct": median(&tcp_d), "tcp_conn_bridge": median(&tcp_b), "tcp_ratio": r1,
+        "udp_rt_direct": median(&udp_d), "udp_rt_bridge": median(&udp_b), "udp_ratio": r2})
+    );
     drop(dev);
     let _ = std::fs::remove_dir_all(&state);
     Ok(())

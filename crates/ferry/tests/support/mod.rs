@@ -335,3 +335,23 @@ else:
 "#
     )
 }
+
+/// The agent process that owns `host` in `dev`'s fleet, found by its command line.
+pub fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" agent ")
+            && cmd.contains(&format!("--host-id {host} "))
+            && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
