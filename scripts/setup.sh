@@ -9,6 +9,7 @@ PACKAGES=(
   iproute2 nftables ethtool procps               # namespaces, links, nft DNAT mode, offload switches
   iperf3                                         # benchmarks: TCP throughput and request/response
   dnsutils                                       # dig, for DNS checks
+  python3                                        # demo and test workloads inside machines
   pkg-config
 )
 

@@ -831,14 +831,9 @@ async fn create_volume(
     State(ctx): Shared,
     Body(req): Body<CreateVolume>,
 ) -> Result<(StatusCode, Json<VolumeView>)> {
-    let id = format!(
-        "vol_{}",
-        &new_machine_id()[..14]
-            .to_owned()
-            .chars()
-            .chain("00".chars())
-            .collect::<String>()
-    );
+    // Sixteen random lowercase hex characters, from two machine-ID draws.
+    let random = format!("{}{}", new_machine_id(), new_machine_id());
+    let id = format!("vol_{}", &random[..16]);
     let (dir, size) = match (req.size_mb, req.host_dir) {
         (Some(s), None) => {
             if !(1..=1_048_576).contains(&s) {
@@ -1011,19 +1006,11 @@ pub async fn stop_all(ctx: &Ctx) -> Vec<String> {
         };
         tasks.push(async move { (m.id.clone(), stop_inner(ctx, &m.id, p, S::Stopped).await) });
     }
-    for (id, r) in futures_join_all(tasks).await {
+    // Concurrently: each stop may wait out its machine's stop timeout.
+    for (id, r) in futures::future::join_all(tasks).await {
         if r.is_ok() {
             stopped.push(id);
         }
     }
     stopped
-}
-
-async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::with_capacity(fs.len());
-    let handles: Vec<_> = fs.into_iter().map(Box::pin).collect();
-    for h in handles {
-        out.push(h.await);
-    }
-    out
 }
