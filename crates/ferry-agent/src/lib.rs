@@ -10,8 +10,19 @@
 //! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
 
 mod machines;
+mod nft;
 
 pub use machines::{Agent, AgentConfig};
+
+/// How the address-mapping bridge is implemented on a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BridgeMode {
+    /// cgroup eBPF programs on every machine (SPEC §8).
+    #[default]
+    Ebpf,
+    /// nftables DNAT inside every machine's namespace (comparison; kernels without cgroup BPF).
+    Nft,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -35,6 +35,7 @@ pub struct AgentConfig {
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
+    pub bridge_mode: crate::BridgeMode,
 }
 
 struct Slot {
@@ -54,9 +55,16 @@ pub struct Agent {
     rt: tokio::runtime::Handle,
     /// The address-mapping bridge (cgroup eBPF); `None` on hosts without a cgroup v2 tree.
     bridge: Mutex<Option<Bridge>>,
+    /// The last bridge state the server sent (nft mode applies it to machines started later).
+    bridge_state: Mutex<BridgeSync>,
+    /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
+    nft_seen: Mutex<NftSeen>,
 }
 
 type Shared = State<Arc<Agent>>;
+
+/// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
+type NftSeen = HashMap<(String, std::net::Ipv6Addr), (u64, i64, i64)>;
 
 fn api_err(e: AgentError) -> ApiError {
     match e {
@@ -81,12 +89,15 @@ impl Agent {
             .join(cfg.fleet.trim_start_matches(ferry_net::FERRY_PREFIX))
             .join(format!("{:x}", cfg.host_id.get()))
             .join("bridge");
-        let bridge = match Bridge::load(&bridge_pins) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!("the address-mapping bridge is off on this host: {e}");
-                None
-            }
+        let bridge = match (cfg.bridge_mode, Bridge::load(&bridge_pins)) {
+            (crate::BridgeMode::Nft, _) => None,
+            (_, r) => match r {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!("the address-mapping bridge is off on this host: {e}");
+                    None
+                }
+            },
         };
         std::fs::create_dir_all(cfg.state_dir.join("machines"))
             .map_err(|e| AgentError::io("creating the state dir", e))?;
@@ -98,6 +109,8 @@ impl Agent {
             http: reqwest::Client::new(),
             rt,
             bridge: Mutex::new(bridge),
+            bridge_state: Mutex::new(BridgeSync::default()),
+            nft_seen: Mutex::new(HashMap::new()),
         });
         agent.reattach()?;
         Ok(agent)
@@ -225,6 +238,10 @@ impl Agent {
             Some(c) => c,
             None => self.cgroups.create_machine(&run.id, limits)?,
         };
+        if self.cfg.bridge_mode == crate::BridgeMode::Nft {
+            let mappings = self.bridge_state.lock().unwrap().mappings.clone();
+            crate::nft::apply(&ns, run.network_id, run.bridge_enabled, &mappings)?;
+        }
         // The bridge goes on the machine's cgroup before its first process can open a socket.
         if let (Some(b), Some(v2)) = (self.bridge.lock().unwrap().as_mut(), cg.v2_dir()) {
             let addr: std::net::Ipv6Addr = run
@@ -649,6 +666,28 @@ impl Agent {
 
     /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
     fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
+        *self.bridge_state.lock().unwrap() = sync.clone();
+        if self.cfg.bridge_mode == crate::BridgeMode::Nft {
+            let machines: Vec<(String, u32, u32)> = self
+                .machines
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, s)| (id.clone(), s.run.network_id, s.run.machine_field))
+                .collect();
+            for (id, net, field) in machines {
+                let ns = NetNs::named(&self.netns_name(field));
+                if ns.exists() {
+                    crate::nft::apply(
+                        &ns,
+                        net,
+                        sync.gates.get(&id).copied().unwrap_or(true),
+                        &sync.mappings,
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         let cgroups = self.cgroup_ids();
         let nets: HashMap<String, (NetworkId, std::net::Ipv6Addr)> = self
             .machines
@@ -706,6 +745,9 @@ impl Agent {
 
     /// Uses of old addresses by this host's machines.
     fn bridge_hits(&self) -> Result<Vec<BridgeHit>, AgentError> {
+        if self.cfg.bridge_mode == crate::BridgeMode::Nft {
+            return self.nft_hits();
+        }
         let by_cgroup: HashMap<u64, String> = self
             .cgroup_ids()
             .into_iter()
@@ -737,6 +779,51 @@ impl Agent {
                 })
             })
             .collect())
+    }
+}
+
+impl Agent {
+    /// nft counters count packets, and have no timestamps: the agent notes when each counter
+    /// first moved and last moved, as seen at read time.
+    fn nft_hits(&self) -> Result<Vec<BridgeHit>, AgentError> {
+        let machines: Vec<(String, u32, u32)> = self
+            .machines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.run.network_id, s.run.machine_field))
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut seen = self.nft_seen.lock().unwrap();
+        let mut out = Vec::new();
+        for (id, net, field) in machines {
+            let ns = NetNs::named(&self.netns_name(field));
+            if !ns.exists() {
+                continue;
+            }
+            for (old, packets) in crate::nft::counters(&ns)? {
+                if packets == 0 {
+                    continue;
+                }
+                let e = seen.entry((id.clone(), old)).or_insert((0, now, now));
+                if packets != e.0 {
+                    e.0 = packets;
+                    e.2 = now;
+                }
+                out.push(BridgeHit {
+                    network_id: net,
+                    old: old.to_string(),
+                    machine_id: id.clone(),
+                    count: packets,
+                    first_use: e.1,
+                    last_use: e.2,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -58,8 +58,22 @@ fn dial(dev: &Dev, from: &Value, target: &str, timeout: f64) -> String {
 }
 
 #[test]
-fn old_addresses_reach_the_current_one_per_org_counted_retired_and_across_agent_restarts() {
-    let dev = Dev::start("b", 2);
+fn ebpf_bridge_old_addresses_reach_the_current_one_per_org_counted_retired_and_across_agent_restarts(
+) {
+    bridge_scenario("ebpf");
+}
+
+#[test]
+fn nft_dnat_mode_does_the_same_job() {
+    bridge_scenario("nft");
+}
+
+fn bridge_scenario(mode: &str) {
+    let dev = Dev::start_with(
+        if mode == "nft" { "n" } else { "b" },
+        2,
+        &["--bridge-mode", mode],
+    );
     let hosts = dev.hosts();
     let server = dev.machine(
         "pg",

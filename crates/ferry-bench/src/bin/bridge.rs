@@ -130,8 +130,19 @@ fn orchestrate() -> Result<()> {
     let name = format!("bb{:x}", std::process::id() & 0xffff);
     let state = std::env::temp_dir().join(format!("ferry-bench-{name}"));
     let _ = std::fs::remove_dir_all(&state);
+    // BRIDGE_MODE=nft measures the nftables DNAT mode instead of the eBPF programs.
+    let mode = std::env::var("BRIDGE_MODE").unwrap_or_else(|_| "ebpf".into());
     let child = Command::new(&ferry)
-        .args(["dev", "--no-demo", "--hosts", "2", "--name", &name])
+        .args([
+            "dev",
+            "--no-demo",
+            "--hosts",
+            "2",
+            "--name",
+            &name,
+            "--bridge-mode",
+            &mode,
+        ])
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -210,7 +221,7 @@ fn orchestrate() -> Result<()> {
         FleetAddrLike(new.to_string()),
         FleetAddrLike(old.to_string()),
     );
-    println!("bridge: {rounds} rounds of {secs} s per side; direct {} vs old address {} through the eBPF bridge", direct.0, bridged.0);
+    println!("bridge ({mode}): {rounds} rounds of {secs} s per side; direct {} vs old address {} through the bridge", direct.0, bridged.0);
     let (mut tcp_d, mut tcp_b, mut udp_d, mut udp_b) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds {
         // Alternate which side goes first so drift on a noisy machine hits both alike.

@@ -25,9 +25,20 @@ pub struct AgentArgs {
     /// The API server.
     #[arg(long, default_value = "http://127.0.0.1:4280")]
     server: String,
+    /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    bridge_mode: BridgeModeArg,
     /// Listen address for the server's calls (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BridgeModeArg {
+    /// cgroup eBPF programs on every machine (the default).
+    Ebpf,
+    /// nftables DNAT in every machine's namespace (comparison; kernels without cgroup BPF).
+    Nft,
 }
 
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
@@ -56,6 +67,10 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             server: args.server,
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
+            bridge_mode: match args.bridge_mode {
+                BridgeModeArg::Ebpf => ferry_agent::BridgeMode::Ebpf,
+                BridgeModeArg::Nft => ferry_agent::BridgeMode::Nft,
+            },
         };
         let handle = tokio::runtime::Handle::current();
         let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, handle)).await??;

@@ -33,6 +33,9 @@ pub struct DevArgs {
     /// The operator's `.internal` DNS listener (UDP and TCP; every org's names).
     #[arg(long, default_value = "127.0.0.1:4253")]
     dns_listen: std::net::SocketAddr,
+    /// How the address-mapping bridge is done on every host: cgroup eBPF, or nftables DNAT.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    bridge_mode: super::agent::BridgeModeArg,
     /// Skip the demo apps on a fresh state directory.
     #[arg(long)]
     no_demo: bool,
@@ -263,6 +266,10 @@ impl Agents {
                 args.state_dir.clone(),
                 api.to_owned(),
             );
+            let mode = match args.bridge_mode {
+                super::agent::BridgeModeArg::Ebpf => "ebpf",
+                super::agent::BridgeModeArg::Nft => "nft",
+            };
             move |h: u32| -> std::io::Result<Child> {
                 let sd = dir.join("hosts").join(format!("{h:x}"));
                 std::fs::create_dir_all(&sd)?;
@@ -286,7 +293,7 @@ impl Agents {
                     ])
                     .arg("--state-dir")
                     .arg(&sd)
-                    .args(["--server", &api])
+                    .args(["--server", &api, "--bridge-mode", mode])
                     .spawn()
             }
         };

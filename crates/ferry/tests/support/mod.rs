@@ -17,6 +17,7 @@ pub struct Dev {
     pub dns: String,
     pub state: PathBuf,
     hosts: usize,
+    extra: Vec<String>,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
@@ -31,6 +32,11 @@ fn free_port() -> u16 {
 
 impl Dev {
     pub fn start(tag: &str, hosts: usize) -> Dev {
+        Dev::start_with(tag, hosts, &[])
+    }
+
+    /// Like [`Dev::start`], with extra `ferry dev` flags.
+    pub fn start_with(tag: &str, hosts: usize, extra: &[&str]) -> Dev {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "e{tag}{:x}{}",
@@ -45,6 +51,7 @@ impl Dev {
             dns: String::new(),
             state,
             hosts,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(120))
