@@ -269,6 +269,27 @@ fn bridge_scenario(mode: &str) {
         out.contains("tcp_error=EPERM") && out.contains("udp_error=EPERM"),
         "{out}"
     );
+    // Retirement by disuse: a mapping used or created within the hour stays; with a zero
+    // threshold every remaining one goes.
+    let old2 =
+        ferry_addr::FleetAddr::primary(new.network(), host1, ferry_addr::MachineField(0xfff0_0002))
+            .to_string();
+    dev.ok(
+        "POST",
+        "/v1/bridge",
+        json!({"old": old2, "new": new.to_string()}),
+    );
+    assert_eq!(
+        dev.ok("POST", "/v1/bridge/retire", json!({"unused_for": "1h"})),
+        json!([])
+    );
+    let gone = dev.ok("POST", "/v1/bridge/retire", json!({"unused_for": "0s"}));
+    assert_eq!(
+        gone.as_array().unwrap().len(),
+        1,
+        "only the active one was left: {gone}"
+    );
+    assert_eq!(gone[0]["old"], json!(old2));
     let tcp_ms: u64 = out
         .split("tcp_ms=")
         .nth(1)
