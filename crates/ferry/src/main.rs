@@ -24,6 +24,8 @@ enum Cmd {
     App(cmd::app::AppArgs),
     /// Hosts: list.
     Host(cmd::app::HostArgs),
+    /// Volumes: list, create.
+    Volume(cmd::app::VolumeArgs),
     /// The address-mapping bridge: map, list, report, retire, enable, disable.
     Bridge(cmd::bridge::BridgeArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::Bridge(args) => cmd::bridge::run(args),
         Cmd::App(args) => cmd::app::run(args),
         Cmd::Host(args) => cmd::app::host(args),
+        Cmd::Volume(args) => cmd::app::volume(args),
         Cmd::Agent(args) => cmd::agent::run(args),
         Cmd::Server(args) => cmd::server::run(args),
         Cmd::Init(args) => cmd::agent::init(args),

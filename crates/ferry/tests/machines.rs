@@ -65,6 +65,15 @@ fn machines_run_talk_stop_restart_and_refuse_bad_input() {
         &hosts[0],
         json!({"init": {"cmd": ["sh", "-c", "trap '' INT; while true; do sleep 0.1; done"]}, "stop_config": {"timeout": "1s"}}),
     );
+    // Wait until the shell has installed its trap (PID 2 of the machine ignores SIGINT): a stop
+    // that arrives earlier is, correctly, obeyed at once.
+    assert!(eventually(Duration::from_secs(10), || {
+        let r = dev.exec(
+            &stubborn,
+            &["sh", "-c", "awk '/SigIgn/ {print $2}' /proc/2/status"],
+        );
+        u64::from_str_radix(r["stdout"].as_str().unwrap_or("").trim(), 16).is_ok_and(|m| m & 2 != 0)
+    }));
     let t = Instant::now();
     let stopped = dev.ok(
         "POST",
@@ -439,6 +448,16 @@ fn machines_run_talk_stop_restart_and_refuse_bad_input() {
         .exec(&vm, &["cat", "/data/f"])["stdout"]
         == "kept\n"));
 
+    let vols: Value =
+        serde_json::from_slice(&dev.cli(&["volume", "list", "--json"]).stdout).unwrap();
+    assert!(
+        vols.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["size_mb"] == 1024),
+        "{vols}"
+    );
+
     // The API document is served and describes the machine routes.
     let doc = dev.call("GET", "/openapi.json", None).1;
     assert!(
@@ -538,6 +557,11 @@ fn restarting_dev_brings_started_machines_back_with_their_ids_addresses_and_volu
         json!({}),
     );
 
+    // The first boot has written its line before the fleet goes down.
+    assert!(eventually(Duration::from_secs(10), || dev
+        .exec(&m, &["cat", "/data/boots"])["stdout"]
+        .as_str()
+        .is_some_and(|o| o.lines().count() == 1)));
     dev.stop();
     assert!(
         std::fs::read_dir("/run/netns")

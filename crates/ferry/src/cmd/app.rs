@@ -140,3 +140,64 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(clap::Args)]
+pub struct VolumeArgs {
+    #[command(subcommand)]
+    cmd: VolumeCmd,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum VolumeCmd {
+    /// List volumes (created by `ferry machine run --volume` or the API).
+    List,
+    /// Create an empty volume of a size in MiB, or register an existing host directory.
+    Create {
+        #[arg(long, conflicts_with = "host_dir")]
+        size_mb: Option<u64>,
+        #[arg(long)]
+        host_dir: Option<String>,
+    },
+}
+
+pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
+    use ferry_api::views::{CreateVolume, VolumeView};
+    let c = Client::new(&args.api)?;
+    match args.cmd {
+        VolumeCmd::List => {
+            let vs: Vec<VolumeView> = c.get("/v1/volumes")?;
+            if args.api.json {
+                print_json(&vs)?;
+            } else {
+                let rows: Vec<Vec<String>> = vs
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.id.clone(),
+                            v.size_mb
+                                .map(|s| format!("{s} MiB"))
+                                .unwrap_or_else(|| "host dir".into()),
+                            v.host_dir.clone(),
+                            v.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "SIZE", "HOST DIR", "CREATED"], &rows);
+            }
+        }
+        VolumeCmd::Create { size_mb, host_dir } => {
+            if size_mb.is_none() && host_dir.is_none() {
+                anyhow::bail!("give --size-mb N or --host-dir DIR");
+            }
+            let v: VolumeView = c.post("/v1/volumes", &CreateVolume { size_mb, host_dir })?;
+            if args.api.json {
+                print_json(&v)?;
+            } else {
+                println!("{}", v.id);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
