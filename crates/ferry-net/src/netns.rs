@@ -130,6 +130,10 @@ fn validate_name(name: &str) -> Result<(), NetError> {
 /// Makes `/run/netns` a shared mount point the way iproute2 does, so namespaces mounted by either
 /// tool are visible to the other.
 fn ensure_netns_dir() -> Result<(), NetError> {
+    // Two threads racing here the first time would both bind-mount /run/netns onto itself, and a
+    // namespace mounted in between would vanish under the second layer: one at a time.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(NETNS_DIR)
         .map_err(|e| NetError::io("creating /run/netns".into(), e))?;
     let shared = || {

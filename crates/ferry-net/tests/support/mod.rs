@@ -50,28 +50,34 @@ impl Echo {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (l, s, r) = (log.clone(), stop.clone(), ready_tx.clone());
         let tcp = spawn_in(&m.ns, move || {
-            let lst = TcpListener::bind(addr).expect("bind tcp");
+            let lst = retry_bind(|| TcpListener::bind(addr));
             lst.set_nonblocking(true).unwrap();
             r.send(()).unwrap();
             while !s.load(Ordering::Relaxed) {
                 match lst.accept() {
                     Ok((mut c, peer)) => {
                         c.set_nonblocking(false).unwrap();
-                        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                        let mut buf = vec![0u8; 1 << 16];
-                        let mut got = Vec::new();
-                        while let Ok(n) = c.read(&mut buf) {
-                            if n == 0 {
-                                break;
+                        // One thread per connection: many clients dial one server at once.
+                        let l = l.clone();
+                        std::thread::spawn(move || {
+                            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                            let mut buf = vec![0u8; 1 << 16];
+                            let mut got = Vec::new();
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 {
+                                    break;
+                                }
+                                got.extend_from_slice(&buf[..n]);
+                                let _ = c.write_all(&buf[..n]);
                             }
-                            got.extend_from_slice(&buf[..n]);
-                            let _ = c.write_all(&buf[..n]);
-                        }
-                        let ip = match peer {
-                            std::net::SocketAddr::V6(p) => *p.ip(),
-                            _ => unreachable!(),
-                        };
-                        l.lock().unwrap().push((ip, got, true));
+                            let ip = match peer {
+                                std::net::SocketAddr::V6(p) => *p.ip(),
+                                _ => unreachable!(),
+                            };
+                            l.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((ip, got, true));
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -79,19 +85,24 @@ impl Echo {
         });
         let (l, s) = (log.clone(), stop.clone());
         let udp = spawn_in(&m.ns, move || {
-            let sock = UdpSocket::bind(addr).expect("bind udp");
+            let sock = retry_bind(|| UdpSocket::bind(addr));
             sock.set_read_timeout(Some(Duration::from_millis(20)))
                 .unwrap();
             ready_tx.send(()).unwrap();
             let mut buf = vec![0u8; 1 << 16];
             while !s.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], peer);
                     let ip = match peer {
                         std::net::SocketAddr::V6(p) => *p.ip(),
                         _ => unreachable!(),
                     };
-                    l.lock().unwrap().push((ip, buf[..n].to_vec(), false));
+                    // Logged before the reply: a client that got its echo finds the entry.
+                    l.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        ip,
+                        buf[..n].to_vec(),
+                        false,
+                    ));
+                    let _ = sock.send_to(&buf[..n], peer);
                 }
             }
         });
@@ -211,6 +222,22 @@ pub fn udp_echo(
         None
     })
     .unwrap()
+}
+
+/// Binds, retrying for up to 2 s (a fresh address can briefly be unusable on a loaded box);
+/// panics with the error if it never works.
+fn retry_bind<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("bind: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("bind: {e}"),
+        }
+    }
 }
 
 /// Polls `f` until it is true or `timeout` passes.
