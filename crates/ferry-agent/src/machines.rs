@@ -534,7 +534,7 @@ impl Agent {
             let m = ferry_net::MachineNet {
                 ns,
                 addr,
-                host_iface: format!("vm{:08x}", field.0),
+                host_iface: ferry_net::host::machine_iface(field),
             };
             self.host.remove_machine(&m)?;
         }
@@ -652,6 +652,21 @@ async fn exec(
 }
 
 impl Agent {
+    /// (machine ID, network ID, namespace) of every machine whose namespace exists now.
+    fn machine_namespaces(&self) -> Vec<(String, u32, NetNs)> {
+        let t = self.machines.lock().unwrap();
+        t.iter()
+            .map(|(id, s)| {
+                (
+                    id.clone(),
+                    s.run.network_id,
+                    NetNs::named(&self.netns_name(s.run.machine_field)),
+                )
+            })
+            .filter(|(_, _, ns)| ns.exists())
+            .collect()
+    }
+
     /// The v2 cgroup ID of each machine on this host.
     fn cgroup_ids(&self) -> HashMap<String, u64> {
         let ids: Vec<String> = self.machines.lock().unwrap().keys().cloned().collect();
@@ -668,23 +683,13 @@ impl Agent {
     fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
         *self.bridge_state.lock().unwrap() = sync.clone();
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
-            let machines: Vec<(String, u32, u32)> = self
-                .machines
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(id, s)| (id.clone(), s.run.network_id, s.run.machine_field))
-                .collect();
-            for (id, net, field) in machines {
-                let ns = NetNs::named(&self.netns_name(field));
-                if ns.exists() {
-                    crate::nft::apply(
-                        &ns,
-                        net,
-                        sync.gates.get(&id).copied().unwrap_or(true),
-                        &sync.mappings,
-                    )?;
-                }
+            for (id, net, ns) in self.machine_namespaces() {
+                crate::nft::apply(
+                    &ns,
+                    net,
+                    sync.gates.get(&id).copied().unwrap_or(true),
+                    &sync.mappings,
+                )?;
             }
             return Ok(());
         }
@@ -786,24 +791,13 @@ impl Agent {
     /// nft counters count packets, and have no timestamps: the agent notes when each counter
     /// first moved and last moved, as seen at read time.
     fn nft_hits(&self) -> Result<Vec<BridgeHit>, AgentError> {
-        let machines: Vec<(String, u32, u32)> = self
-            .machines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, s)| (id.clone(), s.run.network_id, s.run.machine_field))
-            .collect();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         let mut seen = self.nft_seen.lock().unwrap();
         let mut out = Vec::new();
-        for (id, net, field) in machines {
-            let ns = NetNs::named(&self.netns_name(field));
-            if !ns.exists() {
-                continue;
-            }
+        for (id, net, ns) in self.machine_namespaces() {
             for (old, packets) in crate::nft::counters(&ns)? {
                 if packets == 0 {
                     continue;

@@ -22,6 +22,109 @@ pub fn report(what: &str, unit: &str, ferry: &[f64], baseline: &[f64]) -> f64 {
     ratio
 }
 
+/// A `ferry dev` fleet for a benchmark: its own name, API and DNS ports and state directory,
+/// stopped (Ctrl-C: machines stop, namespaces go) and its state removed on drop.
+pub struct BenchFleet {
+    child: std::process::Child,
+    pub api: String,
+    http: reqwest::blocking::Client,
+    state: std::path::PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl BenchFleet {
+    /// Starts `ferry dev` (binary `ferry`) with `hosts` hosts and `extra` flags, and waits until
+    /// every agent registered.
+    pub fn start(
+        ferry: &str,
+        name: &str,
+        hosts: u32,
+        extra: &[&str],
+    ) -> anyhow::Result<BenchFleet> {
+        use anyhow::Context;
+        let (port, dns) = (free_port()?, free_port()?);
+        let state = std::env::temp_dir().join(format!("ferry-bench-{name}"));
+        let _ = std::fs::remove_dir_all(&state);
+        let child = std::process::Command::new(ferry)
+            .args([
+                "dev",
+                "--no-demo",
+                "--name",
+                name,
+                "--hosts",
+                &hosts.to_string(),
+            ])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--dns-listen",
+                &format!("127.0.0.1:{dns}"),
+            ])
+            .args(extra)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting ferry dev")?;
+        let fleet = BenchFleet {
+            child,
+            api: format!("http://127.0.0.1:{port}"),
+            http: reqwest::blocking::Client::new(),
+            state,
+        };
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(60) {
+            if let Ok(v) = fleet.get("/v1/hosts") {
+                if v.as_array().is_some_and(|a| {
+                    a.len() == hosts as usize && a.iter().all(|h| h["endpoint"] != "")
+                }) {
+                    return Ok(fleet);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        anyhow::bail!("ferry dev did not come up")
+    }
+
+    pub fn get(&self, p: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self.http.get(format!("{}{p}", self.api)).send()?.json()?)
+    }
+
+    /// A call that must succeed; the error names the path and the API's answer.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        p: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let r = self
+            .http
+            .request(method, format!("{}{p}", self.api))
+            .json(&body)
+            .send()?;
+        let s = r.status();
+        let v: serde_json::Value = r.json()?;
+        anyhow::ensure!(s.is_success(), "{p}: {v}");
+        Ok(v)
+    }
+}
+
+impl Drop for BenchFleet {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -55,7 +55,8 @@ impl MachineNet {
     }
 }
 
-fn machine_iface(field: MachineField) -> String {
+/// The host side of a machine's veth: `vm<machine field>` (unique per host, 10 characters).
+pub fn machine_iface(field: MachineField) -> String {
     format!("vm{:08x}", field.0)
 }
 

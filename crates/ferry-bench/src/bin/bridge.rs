@@ -6,12 +6,11 @@
 //! `bridge client ...` is exec'd inside the client machine (so its sockets are in the machine's
 //! cgroup, where the bridge programs are attached).
 
-use anyhow::{bail, ensure, Context, Result};
-use ferry_bench::{median, report};
-use serde_json::{json, Value};
+use anyhow::{bail, ensure, Result};
+use ferry_bench::{median, report, BenchFleet};
+use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TCP_PORT: u16 = 7200;
@@ -80,36 +79,6 @@ fn client(target: Ipv6Addr, kind: &str, secs: f64) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-struct Dev {
-    child: Child,
-    api: String,
-    http: reqwest::blocking::Client,
-}
-
-impl Dev {
-    fn call(&self, method: reqwest::Method, p: &str, body: Value) -> Result<Value> {
-        let r = self
-            .http
-            .request(method, format!("{}{p}", self.api))
-            .json(&body)
-            .send()?;
-        let s = r.status();
-        let v: Value = r.json()?;
-        ensure!(s.is_success(), "{p}: {v}");
-        Ok(v)
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-    }
-}
-
 fn orchestrate() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
     let rounds: usize = std::env::var("ROUNDS")
@@ -121,60 +90,11 @@ fn orchestrate() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2.0);
     let me = std::env::current_exe()?.display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let dns = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let name = format!("bb{:x}", std::process::id() & 0xffff);
-    let state = std::env::temp_dir().join(format!("ferry-bench-{name}"));
-    let _ = std::fs::remove_dir_all(&state);
     // BRIDGE_MODE=nft measures the nftables DNAT mode instead of the eBPF programs.
     let mode = std::env::var("BRIDGE_MODE").unwrap_or_else(|_| "ebpf".into());
-    let child = Command::new(&ferry)
-        .args([
-            "dev",
-            "--no-demo",
-            "--hosts",
-            "2",
-            "--name",
-            &name,
-            "--bridge-mode",
-            &mode,
-        ])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--dns-listen",
-            &format!("127.0.0.1:{dns}"),
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting ferry dev")?;
-    let dev = Dev {
-        child,
-        api: format!("http://127.0.0.1:{port}"),
-        http: reqwest::blocking::Client::new(),
-    };
-    let t = Instant::now();
-    let hosts = loop {
-        if let Ok(r) = dev.http.get(format!("{}/v1/hosts", dev.api)).send() {
-            let v: Value = r.json()?;
-            if v.as_array()
-                .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["endpoint"] != ""))
-            {
-                break v;
-            }
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(60),
-            "ferry dev did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let name = format!("bb{:x}", std::process::id() & 0xffff);
+    let dev = BenchFleet::start(&ferry, &name, 2, &["--bridge-mode", &mode])?;
+    let hosts = dev.get("/v1/hosts")?;
     let (h0, h1) = (
         hosts[0]["id"].as_str().unwrap().to_owned(),
         hosts[1]["id"].as_str().unwrap().to_owned(),
@@ -273,7 +193,6 @@ fn orchestrate() -> Result<()> {
         "udp_rt_direct": median(&udp_d), "udp_rt_bridge": median(&udp_b), "udp_ratio": r2})
     );
     drop(dev);
-    let _ = std::fs::remove_dir_all(&state);
     Ok(())
 }
 

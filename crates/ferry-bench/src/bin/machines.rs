@@ -3,84 +3,11 @@
 //! machines on one host (time, memory per machine). Baseline in the same run: the bare kernel
 //! work of a similar sandbox, `unshare --net --pid --mount --uts --fork true`, per start.
 
-use anyhow::{bail, ensure, Context, Result};
-use ferry_bench::median;
-use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use anyhow::{ensure, Result};
+use ferry_bench::{median, BenchFleet};
+use serde_json::json;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Dev {
-    child: Child,
-    api: String,
-    http: reqwest::blocking::Client,
-    state: std::path::PathBuf,
-}
-
-impl Dev {
-    fn start(ferry: &str, name: &str, hosts: u32) -> Result<Dev> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let state = std::env::temp_dir().join(format!("ferry-bench-{name}"));
-        let _ = std::fs::remove_dir_all(&state);
-        let child = Command::new(ferry)
-            .args([
-                "dev",
-                "--no-demo",
-                "--name",
-                name,
-                "--hosts",
-                &hosts.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting ferry dev")?;
-        let dev = Dev {
-            child,
-            api: format!("http://127.0.0.1:{port}"),
-            http: reqwest::blocking::Client::new(),
-            state,
-        };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(60) {
-            if let Ok(v) = dev.get("/v1/hosts") {
-                if v.as_array().is_some_and(|a| {
-                    a.len() == hosts as usize && a.iter().all(|h| h["endpoint"] != "")
-                }) {
-                    return Ok(dev);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("ferry dev did not come up")
-    }
-    fn get(&self, p: &str) -> Result<Value> {
-        Ok(self.http.get(format!("{}{p}", self.api)).send()?.json()?)
-    }
-    fn call(&self, method: reqwest::Method, p: &str, body: Value) -> Result<Value> {
-        let r = self
-            .http
-            .request(method, format!("{}{p}", self.api))
-            .json(&body)
-            .send()?;
-        let s = r.status();
-        let v: Value = r.json()?;
-        ensure!(s.is_success(), "{p}: {v}");
-        Ok(v)
-    }
-    fn stop(mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
 
 fn mem_available_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -119,7 +46,7 @@ fn main() -> Result<()> {
         base.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
-    let dev = Dev::start(&ferry, &format!("bl{tag:x}"), 2)?;
+    let dev = BenchFleet::start(&ferry, &format!("bl{tag:x}"), 2, &[])?;
     dev.call(
         reqwest::Method::POST,
         "/v1/apps",
@@ -162,10 +89,10 @@ fn main() -> Result<()> {
         "  destroy (stop+destroy) mean {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3 / n as f64
     );
-    dev.stop();
+    drop(dev);
 
     if many > 0 {
-        let dev = Dev::start(&ferry, &format!("bm{tag:x}"), 1)?;
+        let dev = BenchFleet::start(&ferry, &format!("bm{tag:x}"), 1, &[])?;
         dev.call(
             reqwest::Method::POST,
             "/v1/apps",
@@ -191,7 +118,7 @@ fn main() -> Result<()> {
         println!("{many} machines on one host: {:.1} s total, p50 {:.1} ms p99 {:.1} ms, {:.0} KiB of host memory per machine (MemAvailable delta), host reports {} machines",
             took.as_secs_f64(), median(&lat), pct(&lat, 0.99), (before.saturating_sub(after)) as f64 / many as f64, hosts[0]["machines"]);
         let t = Instant::now();
-        dev.stop();
+        drop(dev);
         println!("  ferry dev shutdown with {many} machines (stop each with SIGINT, remove namespaces): {:.1} s", t.elapsed().as_secs_f64());
     }
     Ok(())
