@@ -11,6 +11,7 @@
 
 mod machines;
 mod nft;
+mod volumes;
 
 pub use machines::{Agent, AgentConfig};
 

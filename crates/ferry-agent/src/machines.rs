@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub ferry_exe: PathBuf,
     pub mtu: u32,
     pub bridge_mode: crate::BridgeMode,
+    /// The volume receiver's port on the host's fabric address.
+    pub volume_port: u16,
 }
 
 struct Slot {
@@ -59,6 +61,8 @@ pub struct Agent {
     bridge_state: Mutex<BridgeSync>,
     /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
     nft_seen: Mutex<NftSeen>,
+    /// Volume forks to and from this host (migration).
+    volumes: Arc<crate::volumes::Volumes>,
 }
 
 type Shared = State<Arc<Agent>>;
@@ -101,6 +105,11 @@ impl Agent {
         };
         std::fs::create_dir_all(cfg.state_dir.join("machines"))
             .map_err(|e| AgentError::io("creating the state dir", e))?;
+        let volumes = crate::volumes::Volumes::start(
+            &ns,
+            &cfg.state_dir,
+            std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
+        )?;
         let agent = Arc::new(Agent {
             cfg,
             host,
@@ -111,6 +120,7 @@ impl Agent {
             bridge: Mutex::new(bridge),
             bridge_state: Mutex::new(BridgeSync::default()),
             nft_seen: Mutex::new(HashMap::new()),
+            volumes,
         });
         agent.reattach()?;
         Ok(agent)
@@ -118,6 +128,12 @@ impl Agent {
 
     fn run_dir(&self, id: &str) -> PathBuf {
         self.cfg.state_dir.join("machines").join(id)
+    }
+
+    /// A machine's cgroup on this host: its ID plus the host, because the hosts of a dev fleet
+    /// share one cgroup tree and a migrating machine briefly has a cgroup on two of them.
+    fn cgroup_name(&self, id: &str) -> String {
+        format!("{id}.h{:x}", self.cfg.host_id.get())
     }
 
     fn netns_name(&self, field: u32) -> String {
@@ -234,9 +250,11 @@ impl Agent {
             memory_mb: run.config.guest.memory_mb.into(),
             cpus: run.config.guest.cpus.into(),
         };
-        let cg = match MachineCgroup::open(&self.cgroups, &run.id)? {
+        let cg = match MachineCgroup::open(&self.cgroups, &self.cgroup_name(&run.id))? {
             Some(c) => c,
-            None => self.cgroups.create_machine(&run.id, limits)?,
+            None => self
+                .cgroups
+                .create_machine(&self.cgroup_name(&run.id), limits)?,
         };
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
             let mappings = self.bridge_state.lock().unwrap().mappings.clone();
@@ -538,7 +556,7 @@ impl Agent {
             };
             self.host.remove_machine(&m)?;
         }
-        if let Some(cg) = MachineCgroup::open(&self.cgroups, id)? {
+        if let Some(cg) = MachineCgroup::open(&self.cgroups, &self.cgroup_name(id))? {
             if let (Some(b), Some(v2)) = (self.bridge.lock().unwrap().as_mut(), cg.v2_dir()) {
                 if let Ok(cid) = ferry_ebpf::bridge::cgroup_id(v2) {
                     let _ = b.detach_cgroup_id(cid);
@@ -594,6 +612,10 @@ impl Agent {
             .route("/v1/machines/{id}/exec", post(exec))
             .route("/v1/bridge/sync", post(bridge_sync))
             .route("/v1/bridge/hits", get(bridge_hits))
+            .route("/v1/volumes/expect", post(volume_expect))
+            .route("/v1/volumes/send", post(volume_send))
+            .route("/v1/volumes/progress/{session}", get(volume_progress))
+            .route("/v1/volumes/remove", post(volume_remove))
             .with_state(self)
     }
 }
@@ -643,6 +665,39 @@ async fn destroy(
     .await
 }
 
+async fn volume_expect(
+    State(a): Shared,
+    Json(req): Json<ferry_api::proto::VolumeExpect>,
+) -> Result<Json<ferry_api::proto::VolumeExpected>, ApiError> {
+    blocking(move || a.volumes.expect(req)).await
+}
+
+async fn volume_send(
+    State(a): Shared,
+    Json(req): Json<ferry_api::proto::VolumeSend>,
+) -> Result<Json<ferry_api::proto::VolumeRound>, ApiError> {
+    blocking(move || a.volumes.send(req)).await
+}
+
+async fn volume_progress(
+    State(a): Shared,
+    UrlPath(session): UrlPath<String>,
+) -> Json<ferry_api::proto::VolumeProgress> {
+    Json(a.volumes.progress(&session))
+}
+
+async fn volume_remove(
+    State(a): Shared,
+    Json(req): Json<ferry_api::proto::VolumeRemove>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        a.volumes
+            .remove(&req.dir)
+            .map(|()| serde_json::json!({"ok": true}))
+    })
+    .await
+}
+
 async fn exec(
     State(a): Shared,
     UrlPath(id): UrlPath<String>,
@@ -672,7 +727,7 @@ impl Agent {
         let ids: Vec<String> = self.machines.lock().unwrap().keys().cloned().collect();
         ids.into_iter()
             .filter_map(|id| {
-                let cg = MachineCgroup::open(&self.cgroups, &id).ok()??;
+                let cg = MachineCgroup::open(&self.cgroups, &self.cgroup_name(&id)).ok()??;
                 let cid = ferry_ebpf::bridge::cgroup_id(cg.v2_dir()?).ok()?;
                 Some((id, cid))
             })
@@ -836,7 +891,7 @@ async fn bridge_hits(State(a): Shared) -> Result<Json<Vec<BridgeHit>>, ApiError>
     blocking(move || a.bridge_hits()).await
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)
         .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;

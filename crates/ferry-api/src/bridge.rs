@@ -140,6 +140,13 @@ pub async fn map(
             "{old} and {new} are the same machine's addresses"
         )));
     }
+    let rec = install(&ctx, old, new).await?;
+    Ok((StatusCode::CREATED, Json(view(&rec, &[]))))
+}
+
+/// Maps OLD to NEW (validated by the caller: one network, different machines) and pushes the
+/// whole state to every agent. Idempotent: mapping the same pair again changes nothing.
+pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<BridgeMapping> {
     if !ctx
         .store
         .list_orgs()?
@@ -151,7 +158,13 @@ pub async fn map(
             old.network()
         )));
     }
-    let mut all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
+    let mut all: Vec<BridgeMapping> = load(ctx, MAPPINGS)?;
+    let (o, n) = (old.to_string(), new.to_string());
+    if let Some(same) = all.iter().find(|m| m.old == o && m.new == n && !m.retired) {
+        let same = same.clone();
+        let _ = sync_all(ctx).await; // an agent may have missed the first push
+        return Ok(same);
+    }
     if all.iter().any(|m| m.old == new.to_string()) {
         return Err(ApiError::conflict(
             "bridge_loop",
@@ -171,12 +184,27 @@ pub async fn map(
         created_at: ctx.store.now_ms(),
     };
     all.push(rec.clone());
-    save(&ctx, MAPPINGS, &all)?;
-    let errors = sync_all(&ctx).await;
+    save(ctx, MAPPINGS, &all)?;
+    let errors = sync_all(ctx).await;
     if !errors.is_empty() {
         tracing::warn!("bridge sync: {errors:?}");
     }
-    Ok((StatusCode::CREATED, Json(view(&rec, &[]))))
+    Ok(rec)
+}
+
+/// Removes the mapping OLD -> NEW if it exists (a rolled-back migration: OLD is current again).
+pub async fn uninstall(ctx: &Ctx, old: &str, new: &str) -> Result<()> {
+    let mut all: Vec<BridgeMapping> = load(ctx, MAPPINGS)?;
+    let before = all.len();
+    all.retain(|m| !(m.old == old && m.new == new));
+    if all.len() != before {
+        save(ctx, MAPPINGS, &all)?;
+        let errors = sync_all(ctx).await;
+        if !errors.is_empty() {
+            tracing::warn!("bridge sync: {errors:?}");
+        }
+    }
+    Ok(())
 }
 
 fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {

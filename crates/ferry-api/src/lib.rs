@@ -11,6 +11,7 @@
 pub mod bridge;
 pub mod config;
 pub mod error;
+pub mod migrate;
 pub mod proto;
 pub mod server;
 pub mod views;
@@ -19,3 +20,32 @@ pub use error::ApiError;
 
 /// The header carrying a lease nonce on mutating calls (as Fly names it).
 pub const LEASE_HEADER: &str = "fly-machine-lease-nonce";
+
+/// Test hook for crash-safety tests: when `FERRY_CRASH_AT` names `step`, the process kills itself
+/// with SIGKILL right here (no cleanup, no flush: like a power cut for this process). It fires
+/// once per fleet: it first creates the file named by `FERRY_CRASH_MARKER` and does nothing if
+/// that file exists, so a restarted process with the same environment runs on.
+pub fn crash_point(step: &str) {
+    let Ok(want) = std::env::var("FERRY_CRASH_AT") else {
+        return;
+    };
+    if want != step {
+        return;
+    }
+    let Ok(marker) = std::env::var("FERRY_CRASH_MARKER") else {
+        return;
+    };
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&marker)
+        .is_err()
+    {
+        return;
+    }
+    eprintln!("FERRY_CRASH_AT={step}: killing this process (test hook)");
+    // SAFETY: kill and getpid have no preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}

@@ -125,3 +125,67 @@ pub struct BridgeHit {
     pub first_use: i64,
     pub last_use: i64,
 }
+
+/// Server -> destination agent: accept one volume-copy session into a directory of this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeExpect {
+    pub session: String,
+    /// A random secret; the sender must present it (the fabric is shared by every host).
+    pub token: String,
+    /// The volume this copy becomes; the agent keeps it in its own volumes directory.
+    pub volume_id: String,
+    /// Receive into this existing directory instead (a rollback copying back to the source).
+    #[serde(default)]
+    pub dir: Option<String>,
+}
+
+/// Destination agent's answer: where the bytes go and where to send them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeExpected {
+    pub dir: String,
+    /// `[addr]:port` inside the destination host's network (over the fabric).
+    pub addr: String,
+}
+
+/// Server -> source agent: run one copy round of `src_dir` to `addr`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeSend {
+    pub session: String,
+    pub token: String,
+    pub src_dir: String,
+    pub addr: String,
+    /// Name of the destination volume (what the receiver was told to expect).
+    pub target: String,
+}
+
+/// What one copy round did (the source agent's report).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeRound {
+    pub entries: u64,
+    pub bytes_total: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    pub chunks_resent: u64,
+    pub files_rehashed: u64,
+    /// BLAKE3 root of the whole volume as the sender scanned it.
+    pub root: String,
+    /// The receiver's root, computed from the chunks it checked and wrote, equals `root`.
+    pub verified: bool,
+    pub scan_ms: u64,
+    pub transfer_ms: u64,
+}
+
+/// A copy round in flight, as its source agent sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeProgress {
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// Server -> agent: delete a volume directory this agent holds (a discarded or expired copy).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRemove {
+    pub dir: String,
+}

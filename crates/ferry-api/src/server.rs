@@ -59,7 +59,8 @@ impl Ctx {
             on_change: std::sync::OnceLock::new(),
         })
     }
-    fn changed(&self) {
+    /// Publishes a machine change (DNS snapshot, waiters).
+    pub fn changed(&self) {
         if let Some(f) = self.on_change.get() {
             f(self.store.as_ref());
         }
@@ -112,7 +113,17 @@ type Shared = State<Arc<Ctx>>;
         HostView,
         CreateVolume,
         VolumeView,
-        WaitView
+        WaitView,
+        crate::migrate::Migration,
+        crate::migrate::Phase,
+        crate::migrate::VolumeFork,
+        crate::migrate::MigrationStats,
+        crate::migrate::MigratePolicy,
+        crate::migrate::PolicyUpdate,
+        crate::migrate::MigrateRequest,
+        crate::migrate::InstanceRecord,
+        crate::migrate::DrainView,
+        crate::proto::VolumeProgress
     ))
 )]
 pub struct ApiDoc;
@@ -140,6 +151,19 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         )
         .route("/v1/apps/{app}/machines/{id}/exec", post(exec_machine))
         .route("/v1/hosts", get(list_hosts))
+        .route(
+            "/v1/apps/{app}/machines/{id}/migrate",
+            post(crate::migrate::migrate_machine),
+        )
+        .route("/v1/migrations", get(crate::migrate::list))
+        .route("/v1/migrations/{id}", get(crate::migrate::get))
+        .route(
+            "/v1/apps/{app}/policy",
+            get(crate::migrate::get_policy).post(crate::migrate::set_policy),
+        )
+        .route("/v1/hosts/{id}/drain", post(crate::migrate::drain))
+        .route("/v1/hosts/{id}/cordon", post(crate::migrate::cordon))
+        .route("/v1/hosts/{id}/uncordon", post(crate::migrate::uncordon))
         .route("/v1/volumes", post(create_volume).get(list_volumes))
         .route(
             "/v1/bridge",
@@ -235,7 +259,7 @@ async fn delete_app(
 // ---- machines ---------------------------------------------------------------------------------
 
 /// Loads a machine and checks it belongs to `app` (another app's machine is "not found").
-fn machine_of(ctx: &Ctx, app: &str, id: &str) -> Result<Machine> {
+pub(crate) fn machine_of(ctx: &Ctx, app: &str, id: &str) -> Result<Machine> {
     validate_machine_id(id)?;
     let m = ctx.store.get_machine(id)?;
     if m.app != app {
@@ -244,7 +268,7 @@ fn machine_of(ctx: &Ctx, app: &str, id: &str) -> Result<Machine> {
     Ok(m)
 }
 
-fn lease_nonce(h: &HeaderMap) -> Option<&str> {
+pub(crate) fn lease_nonce(h: &HeaderMap) -> Option<&str> {
     h.get(LEASE_HEADER).and_then(|v| v.to_str().ok())
 }
 
@@ -357,7 +381,7 @@ fn place(ctx: &Ctx, want: Option<&str>) -> Result<ferry_store::Host> {
     })
 }
 
-fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String>> {
+pub(crate) fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String>> {
     c.mounts
         .iter()
         .map(|m| {
@@ -367,7 +391,7 @@ fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String>> {
         .collect()
 }
 
-fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
+pub(crate) fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
     validate_volume_id(id)?;
     let raw = ctx
         .store
@@ -376,7 +400,7 @@ fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
     serde_json::from_str(&raw).map_err(ApiError::internal)
 }
 
-fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
+pub(crate) fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
     let host = m
         .host
         .ok_or_else(|| ApiError::conflict("not_placed", format!("machine {} has no host", m.id)))?;
@@ -388,7 +412,7 @@ fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
     ))
 }
 
-async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
     ctx: &Ctx,
     url: &str,
     body: &B,
@@ -418,7 +442,7 @@ async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
 }
 
 /// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
-async fn launch(
+pub(crate) async fn launch(
     ctx: &Ctx,
     id: &str,
     volume_dirs: Vec<String>,
@@ -471,10 +495,12 @@ async fn get_machine(
 ) -> Result<Json<MachineView>> {
     let m = machine_of(&ctx, &app, &id)?;
     let events = ctx.store.events(&id)?;
-    Ok(Json(MachineView::new(&m, Some(events))))
+    let mut v = MachineView::new(&m, Some(events));
+    v.previous_instances = crate::migrate::instances(&ctx, &id);
+    Ok(Json(v))
 }
 
-fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
+pub(crate) fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
     let signal = req
         .signal
         .clone()
@@ -510,7 +536,7 @@ fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine>
 }
 
 /// started -> stopping -> (agent stops with signal, timeout, SIGKILL) -> stopped.
-async fn stop_inner(
+pub(crate) async fn stop_inner(
     ctx: &Ctx,
     id: &str,
     params: StopMachine,
@@ -863,31 +889,45 @@ async fn create_volume(
         host_dir: dir.display().to_string(),
         size_mb: size,
         created_at: rfc3339(ctx.store.now_ms()),
+        host: None,
+        state: "active".into(),
+        forked_from: None,
+        destroy_after: None,
+        destroy_after_ms: None,
     };
+    put_volume(&ctx, &v)?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// Records a volume (new or changed); idempotent.
+pub(crate) fn put_volume(ctx: &Ctx, v: &VolumeView) -> Result<()> {
     ctx.store.kv_put(
-        &format!("volume/{id}"),
-        &serde_json::to_string(&v).map_err(ApiError::internal)?,
+        &format!("volume/{}", v.id),
+        &serde_json::to_string(v).map_err(ApiError::internal)?,
     )?;
-    let mut ids: Vec<String> = ctx
+    let mut ids = volume_ids(ctx)?;
+    if !ids.contains(&v.id) {
+        ids.push(v.id.clone());
+        ctx.store.kv_put(
+            "volumes",
+            &serde_json::to_string(&ids).map_err(ApiError::internal)?,
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn volume_ids(ctx: &Ctx) -> Result<Vec<String>> {
+    Ok(ctx
         .store
         .kv_get("volumes")?
         .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default();
-    ids.push(id);
-    ctx.store.kv_put(
-        "volumes",
-        &serde_json::to_string(&ids).map_err(ApiError::internal)?,
-    )?;
-    Ok((StatusCode::CREATED, Json(v)))
+        .unwrap_or_default())
 }
 
 #[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [VolumeView])))]
 async fn list_volumes(State(ctx): Shared) -> Result<Json<Vec<VolumeView>>> {
-    let ids: Vec<String> = ctx
-        .store
-        .kv_get("volumes")?
-        .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default();
+    crate::migrate::expire_volumes(&ctx).await;
+    let ids = volume_ids(&ctx)?;
     Ok(Json(
         ids.iter()
             .map(|id| volume(&ctx, id))

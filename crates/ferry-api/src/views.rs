@@ -23,6 +23,9 @@ pub struct MachineView {
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventView>>,
+    /// Instances this machine had before (e.g. on the host it migrated from), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_instances: Vec<crate::migrate::InstanceRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -60,6 +63,7 @@ impl MachineView {
             created_at: rfc3339(m.created_at_ms),
             updated_at: rfc3339(m.updated_at_ms),
             events: events.map(|v| v.iter().rev().map(EventView::from).collect()),
+            previous_instances: Vec::new(),
         }
     }
 }
@@ -180,6 +184,25 @@ pub struct VolumeView {
     pub host_dir: String,
     pub size_mb: Option<u64>,
     pub created_at: String,
+    /// The host holding it (hex); none for volumes in the server's own directory (dev fleets).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `active`, `pending_destroy` (a migrated machine's source, kept until `destroy_after`), or
+    /// `destroyed`.
+    #[serde(default = "active")]
+    pub state: String,
+    /// The volume this one was forked from by a migration.
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    #[serde(default)]
+    pub destroy_after: Option<String>,
+    /// Milliseconds since the epoch, for `destroy_after`.
+    #[serde(default)]
+    pub destroy_after_ms: Option<i64>,
+}
+
+fn active() -> String {
+    "active".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

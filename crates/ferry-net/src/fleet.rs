@@ -43,28 +43,24 @@ pub struct DevFleet {
 
 type FleetAddrKey = std::net::Ipv6Addr;
 
+fn validate_name(name: &str) -> Result<(), NetError> {
+    if name.is_empty()
+        || name.len() > 24
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(NetError::Invalid(format!(
+            "fleet name {name:?}: use 1-24 letters, digits or '-'"
+        )));
+    }
+    Ok(())
+}
+
 impl DevFleet {
     /// Creates the fabric of fleet `name` (short: letters, digits, `-`).
     pub fn create(name: &str, mode: Mode) -> Result<Self, NetError> {
-        if name.is_empty()
-            || name.len() > 24
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(NetError::Invalid(format!(
-                "fleet name {name:?}: use 1-24 letters, digits or '-'"
-            )));
-        }
+        validate_name(name)?;
         let fabric_ns = NetNs::create(&format!("{FERRY_PREFIX}{name}-fab"))?;
-        let mut fleet = DevFleet {
-            name: name.to_owned(),
-            mode,
-            mtu: DEFAULT_MTU,
-            fabric_ns: fabric_ns.clone(),
-            fabric: None,
-            hosts: Vec::new(),
-            host_ids: HostAllocator::default(),
-            machines: HashMap::new(),
-        };
+        let mut fleet = DevFleet::empty(name, mode, fabric_ns.clone());
         // From here on, Drop cleans up whatever fails.
         fleet.fabric = Some(NsThread::start(&fabric_ns, || {
             let nl = Netlink::new()?;
@@ -72,6 +68,52 @@ impl DevFleet {
             let br = nl.create_bridge("br0")?;
             Ok((nl, br))
         })?);
+        Ok(fleet)
+    }
+
+    fn empty(name: &str, mode: Mode, fabric_ns: NetNs) -> Self {
+        DevFleet {
+            name: name.to_owned(),
+            mode,
+            mtu: DEFAULT_MTU,
+            fabric_ns,
+            fabric: None,
+            hosts: Vec::new(),
+            host_ids: HostAllocator::default(),
+            machines: HashMap::new(),
+        }
+    }
+
+    /// Takes over fleet `name` as a crashed process left it: namespaces, links, routes, TC
+    /// filters and pinned maps are all still in place (and machines may still run in them), so
+    /// nothing is created or re-attached for the hosts that exist; hosts in `hosts` that do not
+    /// exist yet are added as by [`DevFleet::add_host_with_id`].
+    pub fn adopt(name: &str, mode: Mode, hosts: &[HostId]) -> Result<Self, NetError> {
+        validate_name(name)?;
+        let fabric_ns = NetNs::named(&format!("{FERRY_PREFIX}{name}-fab"));
+        if !fabric_ns.exists() {
+            return Err(NetError::NotFound(format!("fabric of fleet {name}")));
+        }
+        let mut fleet = DevFleet::empty(name, mode, fabric_ns.clone());
+        fleet.fabric = Some(NsThread::start(&fabric_ns, || {
+            let nl = Netlink::new()?;
+            let br = nl.require_index("br0")?;
+            Ok((nl, br))
+        })?);
+        for &id in hosts {
+            let ns = NetNs::named(&format!("{FERRY_PREFIX}{name}-h{:x}", id.get()));
+            if !ns.exists() {
+                fleet.add_host_with_id(id)?;
+                continue;
+            }
+            let pin = (mode == Mode::Swap).then(|| fleet.pin_dir(id));
+            let net = HostNet::start(id, &ns, pin)?;
+            net.adopt_fabric()?;
+            fleet.hosts.push(FleetHost {
+                net,
+                machines: MachineAllocator::default(),
+            });
+        }
         Ok(fleet)
     }
 

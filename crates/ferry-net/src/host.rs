@@ -128,6 +128,15 @@ impl HostNet {
         })?
     }
 
+    /// Takes over a fabric link that an earlier process configured (a dev fleet adopted after a
+    /// crash): its address, filters and routes are still there; only the index is needed.
+    pub fn adopt_fabric(&self) -> Result<(), NetError> {
+        self.worker.run(move |s| {
+            s.fabric = Some(s.nl.require_index(FABRIC_IFACE)?);
+            Ok(())
+        })?
+    }
+
     /// The one route for another host: its infra /48 via its underlay address.
     pub fn add_peer_host(&self, peer: HostId, underlay: Ipv6Addr) -> Result<(), NetError> {
         if !self.swap {

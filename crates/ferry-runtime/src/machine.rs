@@ -136,7 +136,10 @@ pub fn spawn_machine(
     ferry_exe: &Path,
 ) -> Result<Running> {
     spec.validate()?;
-    if spec.machine_id != cgroup.machine_id() {
+    // A cgroup is named after its machine, optionally with a `.suffix` (the agent adds its host,
+    // so two hosts of a dev fleet on one box never share a machine's cgroup during a migration).
+    let owner = cgroup.machine_id().split('.').next().unwrap_or_default();
+    if spec.machine_id != owner {
         return Err(RuntimeError::Invalid(format!(
             "cgroup: it belongs to {}, not {}",
             cgroup.machine_id(),

@@ -18,14 +18,16 @@ struct Cli {
 enum Cmd {
     /// Run a whole dev fleet on this box, or clean up after one.
     Dev(cmd::dev::DevArgs),
-    /// Machines: run, list, status, stop, start, destroy, exec.
+    /// Machines: run, list, status, stop, start, destroy, exec, migrate.
     Machine(cmd::machine::MachineArgs),
-    /// Apps: create, list, destroy.
+    /// Apps: create, list, destroy, policy (how their machines migrate).
     App(cmd::app::AppArgs),
-    /// Hosts: list.
+    /// Hosts: list, drain, cordon, uncordon.
     Host(cmd::app::HostArgs),
     /// Volumes: list, create.
     Volume(cmd::app::VolumeArgs),
+    /// Migrations: list, status, watch.
+    Migration(cmd::migrate::MigrationArgs),
     /// The address-mapping bridge: map, list, report, retire, enable, disable.
     Bridge(cmd::bridge::BridgeArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::App(args) => cmd::app::run(args),
         Cmd::Host(args) => cmd::app::host(args),
         Cmd::Volume(args) => cmd::app::volume(args),
+        Cmd::Migration(args) => cmd::migrate::run(args),
         Cmd::Agent(args) => cmd::agent::run(args),
         Cmd::Server(args) => cmd::server::run(args),
         Cmd::Init(args) => cmd::agent::init(args),

@@ -28,6 +28,10 @@ pub struct AgentArgs {
     /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
     bridge_mode: BridgeModeArg,
+    /// The volume receiver's TCP port on this host's fabric address (migrations copy volumes to
+    /// it from other hosts).
+    #[arg(long, default_value_t = 4290)]
+    volume_port: u16,
     /// Listen address for the server's calls (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
@@ -51,6 +55,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             args.host_id
         )
     })?;
+    std::fs::create_dir_all(&args.state_dir)?;
+    std::fs::write(
+        args.state_dir.join("agent.pid"),
+        std::process::id().to_string(),
+    )?;
     // Whatever mask the parent had, machines (spawned from here) must receive every signal.
     nix::sys::signal::SigSet::all().thread_unblock()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,6 +76,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             server: args.server,
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
+            volume_port: args.volume_port,
             bridge_mode: match args.bridge_mode {
                 BridgeModeArg::Ebpf => ferry_agent::BridgeMode::Ebpf,
                 BridgeModeArg::Nft => ferry_agent::BridgeMode::Nft,

@@ -28,6 +28,31 @@ enum AppCmd {
     },
     /// Destroy an app (refused while it has machines that are not destroyed).
     Destroy { name: String },
+    /// Show, or change, how the app's machines migrate (drains respect it).
+    Policy {
+        name: String,
+        /// At most this many of the app's machines unavailable at once (default 1).
+        #[arg(long)]
+        max_unavailable: Option<u32>,
+        /// A moved machine must be ready this long before the next one moves, e.g. 10s.
+        #[arg(long)]
+        min_healthy_time: Option<String>,
+        /// Roll back if the moved machine is not healthy this long after its start (default 60s).
+        #[arg(long)]
+        healthy_deadline: Option<String>,
+        /// Time between the migration notice (event, webhook) and the stop (default 0s).
+        #[arg(long)]
+        notice_period: Option<String>,
+        /// POST the notice as JSON here ("" removes it).
+        #[arg(long)]
+        webhook_url: Option<String>,
+        /// Sign the webhook body with HMAC-SHA256 (header X-Ferry-Signature: sha256=HEX).
+        #[arg(long)]
+        webhook_secret: Option<String>,
+        /// Keep a migrated machine's source volume this long (default 24h).
+        #[arg(long)]
+        volume_retention: Option<String>,
+    },
 }
 
 pub fn run(args: AppArgs) -> Result<ExitCode> {
@@ -73,6 +98,31 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
                 table(&["NAME", "ORG", "NETWORK", "CREATED"], &rows);
             }
         }
+        AppCmd::Policy {
+            name,
+            max_unavailable,
+            min_healthy_time,
+            healthy_deadline,
+            notice_period,
+            webhook_url,
+            webhook_secret,
+            volume_retention,
+        } => {
+            return super::migrate::policy(
+                &c,
+                &name,
+                ferry_api::migrate::PolicyUpdate {
+                    max_unavailable,
+                    min_healthy_time,
+                    healthy_deadline,
+                    notice_period,
+                    webhook_url,
+                    webhook_secret,
+                    volume_retention,
+                },
+                args.api.json,
+            );
+        }
         AppCmd::Destroy { name } => {
             let v: serde_json::Value = c.delete(&format!("/v1/apps/{name}"))?;
             if args.api.json {
@@ -97,11 +147,39 @@ pub struct HostArgs {
 enum HostCmd {
     /// List hosts with their infra prefixes and machine counts.
     List,
+    /// Cordon the host, then migrate every machine off it (one at a time per network, each
+    /// app's policy respected). Waits and reports each machine unless --detach.
+    Drain {
+        host: String,
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop placing new machines on the host.
+    Cordon { host: String },
+    /// Place machines on the host again.
+    Uncordon { host: String },
 }
 
 pub fn host(args: HostArgs) -> Result<ExitCode> {
     let c = Client::new(&args.api)?;
     match args.cmd {
+        HostCmd::Drain { host, detach } => {
+            return super::migrate::drain(&c, &host, detach, args.api.json);
+        }
+        HostCmd::Cordon { ref host } | HostCmd::Uncordon { ref host } => {
+            let verb = if matches!(args.cmd, HostCmd::Cordon { .. }) {
+                "cordon"
+            } else {
+                "uncordon"
+            };
+            let v: serde_json::Value =
+                c.post(&format!("/v1/hosts/{host}/{verb}"), &serde_json::json!({}))?;
+            if args.api.json {
+                print_json(&v)?;
+            } else {
+                println!("host {host} {verb}ed");
+            }
+        }
         HostCmd::List => {
             let hosts: Vec<HostView> = c.get("/v1/hosts")?;
             if args.api.json {
@@ -176,15 +254,29 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
                     .map(|v| {
                         vec![
                             v.id.clone(),
+                            v.state.clone(),
                             v.size_mb
                                 .map(|s| format!("{s} MiB"))
                                 .unwrap_or_else(|| "host dir".into()),
+                            v.host.clone().unwrap_or_else(|| "-".into()),
                             v.host_dir.clone(),
-                            v.created_at.clone(),
+                            v.forked_from.clone().unwrap_or_default(),
+                            v.destroy_after.clone().unwrap_or_default(),
                         ]
                     })
                     .collect();
-                table(&["ID", "SIZE", "HOST DIR", "CREATED"], &rows);
+                table(
+                    &[
+                        "ID",
+                        "STATE",
+                        "SIZE",
+                        "HOST",
+                        "DIR",
+                        "FORKED FROM",
+                        "DESTROY AFTER",
+                    ],
+                    &rows,
+                );
             }
         }
         VolumeCmd::Create { size_mb, host_dir } => {

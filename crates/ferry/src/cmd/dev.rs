@@ -78,10 +78,26 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("ferry dev creates network namespaces, cgroups and eBPF programs: run it as root");
     }
-    if !netns::list(&format!("ferry-{}-", args.name)).is_empty() {
-        bail!(
-            "a fleet named {:?} already exists on this machine (another `ferry dev` is running, or one \
-             crashed): stop it, or run `ferry dev clean`",
+    // A fleet whose namespaces exist: another `ferry dev` runs it (refuse), or one was killed
+    // (take it over: its machines may still be running and its migrations half done).
+    let adopt = !netns::list(&format!("ferry-{}-", args.name)).is_empty();
+    if adopt {
+        if let Some(pid) = live_ferry_pid(&args.state_dir.join("dev.pid")) {
+            bail!(
+                "fleet {:?} is run by `ferry dev` (pid {pid}): stop it first, or use another --name",
+                args.name
+            );
+        }
+        if !args.state_dir.join("ferry.db").exists() {
+            bail!(
+                "a fleet named {:?} exists on this machine but {} has no store for it: run \
+                 `ferry dev clean`, or use another --name or --state-dir",
+                args.name,
+                args.state_dir.display()
+            );
+        }
+        eprintln!(
+            "fleet {:?} was left running by a `ferry dev` that ended without stopping it: taking it over",
             args.name
         );
     }
@@ -94,6 +110,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
 
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    std::fs::write(
+        args.state_dir.join("dev.pid"),
+        std::process::id().to_string(),
+    )?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
     let t0 = Instant::now();
 
@@ -107,10 +127,35 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         h.endpoint.clear(); // endpoints of a previous run are stale until agents register again
         store.put_host(h)?;
     }
-    let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
-    for h in &hosts {
-        fleet.add_host_with_id(h.id)?;
-    }
+    let host_ids: Vec<_> = hosts.iter().map(|h| h.id).collect();
+    let fleet = if adopt {
+        // The old agents still serve (they were the dead process's children): replace them, as
+        // after an agent crash; they reattach to the machines from their run directories.
+        for h in &hosts {
+            let pidfile = args
+                .state_dir
+                .join("hosts")
+                .join(format!("{:x}", h.id.get()))
+                .join("agent.pid");
+            if let Some(pid) = live_ferry_pid(&pidfile) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                wait_for(Duration::from_secs(5), || {
+                    live_ferry_pid(&pidfile).is_none()
+                });
+            }
+        }
+        DevFleet::adopt(&args.name, Mode::Swap, &host_ids)?
+    } else {
+        let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
+        for id in &host_ids {
+            fleet.add_host_with_id(*id)?;
+        }
+        fleet
+    };
+    let mut fleet = fleet;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -170,6 +215,11 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         }
     }
     store.kv_put("dev/resume", "[]")?;
+    // Migrations a crash or a stop interrupted carry on (or roll back) from their last step.
+    {
+        let _guard = rt.enter();
+        ferry_api::migrate::resume_unfinished(&ctx);
+    }
 
     println!(
         "ferry dev: fleet {:?}, {} hosts, API {api}, DNS {} (and [fdaa::3]:53 in every machine), state in {} (up in {:.1?}{})",
@@ -230,13 +280,28 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
 
 fn remove_machine_cgroups(ids: &[String]) {
     if let Ok(layout) = ferry_runtime::CgroupLayout::discover() {
-        for id in ids {
-            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, id) {
+        // Agents name a machine's cgroup `<machine id>.h<host>`.
+        for name in layout.machine_ids() {
+            let owner = name.split('.').next().unwrap_or_default();
+            if !ids.iter().any(|id| id == owner) {
+                continue;
+            }
+            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, &name) {
                 cg.kill_all();
                 let _ = cg.remove();
             }
         }
     }
+}
+
+/// The pid in `pidfile` if that process is alive and is a `ferry` (not a recycled pid).
+fn live_ferry_pid(pidfile: &std::path::Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie (state Z) is dead for our purposes.
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+    (comm.trim() == "ferry" && state != "Z").then_some(pid)
 }
 
 fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -47,6 +47,19 @@ enum MachineCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Move a machine to another host: same ID, new instance and address; its volumes are
+    /// forked over the fabric (copied while it runs, then only what changed after the stop,
+    /// verified with BLAKE3). DNS follows it and the bridge maps the old address to the new one.
+    /// Waits and shows progress unless --detach.
+    Migrate {
+        id: String,
+        /// Destination host (hex ID); default: the least-loaded other host.
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the migration ID and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Run a command inside a machine; exits with its status.
     Exec {
         id: String,
@@ -198,6 +211,10 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
             let m: MachineView =
                 c.delete(&format!("/v1/apps/{}/machines/{id}?force={force}", m.app))?;
             done(json, &m, "destroyed")?;
+        }
+        MachineCmd::Migrate { id, to, detach } => {
+            let m = find(&c, &id)?;
+            return super::migrate::machine_migrate(&c, &m.app, &id, to, detach, json);
         }
         MachineCmd::Exec { id, timeout, cmd } => {
             let m = find(&c, &id)?;

@@ -6,5 +6,6 @@ pub mod client;
 pub mod dev;
 pub mod dns;
 pub mod machine;
+pub mod migrate;
 pub mod server;
 pub mod sweep;

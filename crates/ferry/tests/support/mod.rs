@@ -18,6 +18,8 @@ pub struct Dev {
     pub state: PathBuf,
     hosts: usize,
     extra: Vec<String>,
+    /// Environment for the `ferry dev` process (and so its agents), e.g. crash hooks.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
@@ -37,6 +39,11 @@ impl Dev {
 
     /// Like [`Dev::start`], with extra `ferry dev` flags.
     pub fn start_with(tag: &str, hosts: usize, extra: &[&str]) -> Dev {
+        Dev::start_env(tag, hosts, extra, &[])
+    }
+
+    /// Like [`Dev::start_with`], with environment variables for `ferry dev` and its agents.
+    pub fn start_env(tag: &str, hosts: usize, extra: &[&str], env: &[(&str, &str)]) -> Dev {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "e{tag}{:x}{}",
@@ -52,6 +59,10 @@ impl Dev {
             state,
             hosts,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(120))
@@ -84,6 +95,8 @@ impl Dev {
                 "--dns-listen",
                 &self.dns,
             ])
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .spawn()
             .expect("spawning ferry dev");
@@ -99,6 +112,22 @@ impl Dev {
             "ferry dev did not come up with {} registered hosts",
             self.hosts
         );
+    }
+
+    /// Waits for the `ferry dev` process to end by itself (e.g. a crash hook); true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// Ctrl-C: machines stop with their stop_config, the fleet goes away.
