@@ -60,10 +60,11 @@ pub enum Phase {
     Synced,
     /// The store points at the destination; the source host forgot the machine.
     Switched,
+    /// The bridge maps the old address to the new one on every host (before the start, so
+    /// clients of the old address reach the new instance as soon as it listens).
+    Mapped,
     /// Started on the destination (if it was running).
     Started,
-    /// The bridge maps the old address to the new one on every host.
-    Mapped,
     Done,
     RollingBack,
     RolledBack,
@@ -144,6 +145,10 @@ pub struct Migration {
     pub new_field: u32,
     /// The machine was started when the migration took it (a stopped machine moves stopped).
     pub was_running: bool,
+    /// Copy the volumes while the machine runs (default). Off: stop, copy everything, start
+    /// (a "cold" migration; the benchmark's baseline).
+    #[serde(default = "yes")]
+    pub precopy: bool,
     pub volumes: Vec<VolumeFork>,
     /// Why it rolled back (or the last transient error while it retries).
     pub error: Option<String>,
@@ -225,6 +230,12 @@ pub struct PolicyUpdate {
 pub struct MigrateRequest {
     /// Destination host ID (hex); default: the least-loaded other uncordoned host.
     pub to: Option<String>,
+    /// Copy volumes while the machine runs (default true); false: stop, copy all, start.
+    pub precopy: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A previous instance of a machine (e.g. the one a migration replaced).
@@ -343,7 +354,11 @@ pub async fn migrate_machine(
     let m = server::machine_of(&ctx, &app, &id)?;
     ctx.store.check_lease(&id, server::lease_nonce(&headers))?;
     let to = req.to.as_deref().map(parse_host).transpose()?;
-    let mig = create(&ctx, &m, to, None)?;
+    let mut mig = create(&ctx, &m, to, None)?;
+    if req.precopy == Some(false) {
+        mig.precopy = false;
+        save(&ctx, &mut mig)?;
+    }
     spawn_driver(ctx.clone(), mig.id.clone());
     Ok((StatusCode::ACCEPTED, Json(mig)))
 }
@@ -413,6 +428,7 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             new_ip: String::new(),
             new_field: 0,
             was_running: m.state == S::Started,
+            precopy: true,
             volumes: Vec::new(),
             error: None,
             rollback_from: None,
@@ -847,9 +863,9 @@ async fn step(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         Phase::Precopied => stop_source(ctx, mig).await,
         Phase::Stopped => final_sync(ctx, mig).await,
         Phase::Synced => switch(ctx, mig).await,
-        Phase::Switched => start_destination(ctx, mig).await,
-        Phase::Started => map_old_address(ctx, mig).await,
-        Phase::Mapped => wait_healthy(ctx, mig).await,
+        Phase::Switched => map_old_address(ctx, mig).await,
+        Phase::Mapped => start_destination(ctx, mig).await,
+        Phase::Started => wait_healthy(ctx, mig).await,
         Phase::RollingBack => roll_back(ctx, mig).await,
         Phase::Done | Phase::RolledBack => Ok(()),
     }
@@ -1080,6 +1096,10 @@ async fn copy_round(
 }
 
 async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
+    if !mig.precopy {
+        mig.phase = Phase::Precopied;
+        return Ok(());
+    }
     let t0 = std::time::Instant::now();
     let mut bytes = 0;
     // Two rounds: the first moves everything while the machine runs (long), the second what

@@ -59,6 +59,9 @@ enum MachineCmd {
         /// Print the migration ID and return at once.
         #[arg(long)]
         detach: bool,
+        /// Stop first, then copy everything, then start ("cold"; longer downtime).
+        #[arg(long)]
+        no_precopy: bool,
     },
     /// Run a command inside a machine; exits with its status.
     Exec {
@@ -212,9 +215,14 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
                 c.delete(&format!("/v1/apps/{}/machines/{id}?force={force}", m.app))?;
             done(json, &m, "destroyed")?;
         }
-        MachineCmd::Migrate { id, to, detach } => {
+        MachineCmd::Migrate {
+            id,
+            to,
+            detach,
+            no_precopy,
+        } => {
             let m = find(&c, &id)?;
-            return super::migrate::machine_migrate(&c, &m.app, &id, to, detach, json);
+            return super::migrate::machine_migrate(&c, &m.app, &id, to, !no_precopy, detach, json);
         }
         MachineCmd::Exec { id, timeout, cmd } => {
             let m = find(&c, &id)?;

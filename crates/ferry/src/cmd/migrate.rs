@@ -170,12 +170,13 @@ pub fn machine_migrate(
     app: &str,
     id: &str,
     to: Option<String>,
+    precopy: bool,
     detach: bool,
     json: bool,
 ) -> Result<ExitCode> {
     let m: Migration = c.post(
         &format!("/v1/apps/{app}/machines/{id}/migrate"),
-        &serde_json::json!({ "to": to }),
+        &serde_json::json!({ "to": to, "precopy": precopy }),
     )?;
     if detach {
         if json {
