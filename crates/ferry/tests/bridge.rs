@@ -265,8 +265,15 @@ fn bridge_scenario(mode: &str) {
     dev.ok("POST", "/v1/bridge/retire", json!({"old": old}));
     let t = Instant::now();
     let out = dial(&dev, &client, &old, 3.0);
+    // eBPF refuses in connect() (EPERM); nft answers with a TCP reset (ECONNREFUSED) and an
+    // ICMPv6 admin-prohibited (EPERM for UDP). Both fail fast.
+    let tcp_refusal = if mode == "nft" {
+        "tcp_error=ECONNREFUSED"
+    } else {
+        "tcp_error=EPERM"
+    };
     assert!(
-        out.contains("tcp_error=EPERM") && out.contains("udp_error=EPERM"),
+        out.contains(tcp_refusal) && out.contains("udp_error=EPERM"),
         "{out}"
     );
     // Retirement by disuse: a mapping used or created within the hour stays; with a zero
