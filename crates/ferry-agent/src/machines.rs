@@ -640,8 +640,10 @@ async fn start(
         return Err(ApiError::invalid("machine id in path and body differ"));
     }
     blocking(move || {
-        a.start_machine(run)
-            .map(|pid| serde_json::json!({"pid": pid}))
+        let r = a.start_machine(run);
+        // Test hook: the machine runs but the server never hears so.
+        ferry_api::crash_point("agent-start");
+        r.map(|pid| serde_json::json!({"pid": pid}))
     })
     .await
 }
@@ -651,7 +653,11 @@ async fn stop(
     UrlPath(id): UrlPath<String>,
     Json(req): Json<StopMachine>,
 ) -> Result<Json<ExitInfo>, ApiError> {
-    blocking(move || a.stop_machine(&id, &req)).await
+    blocking(move || {
+        ferry_api::crash_point("agent-stop"); // test hook: asked to stop, dies first
+        a.stop_machine(&id, &req)
+    })
+    .await
 }
 
 async fn destroy(
@@ -659,8 +665,9 @@ async fn destroy(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
-        a.destroy_machine(&id)
-            .map(|()| serde_json::json!({"ok": true}))
+        let r = a.destroy_machine(&id);
+        ferry_api::crash_point("agent-destroy"); // test hook: done, but nobody hears so
+        r.map(|()| serde_json::json!({"ok": true}))
     })
     .await
 }

@@ -22,9 +22,10 @@ pub use error::ApiError;
 pub const LEASE_HEADER: &str = "fly-machine-lease-nonce";
 
 /// Test hook for crash-safety tests: when `FERRY_CRASH_AT` names `step`, the process kills itself
-/// with SIGKILL right here (no cleanup, no flush: like a power cut for this process). It fires
-/// once per fleet: it first creates the file named by `FERRY_CRASH_MARKER` and does nothing if
-/// that file exists, so a restarted process with the same environment runs on.
+/// with SIGKILL right here (no cleanup, no flush: like a power cut for this process). The hook is
+/// armed while the file named by `FERRY_CRASH_MARKER` does not exist, and firing creates it, so it
+/// fires once per fleet (a restarted process with the same environment runs on), and a test arms
+/// it by deleting the file at the moment it chooses.
 pub fn crash_point(step: &str) {
     let Ok(want) = std::env::var("FERRY_CRASH_AT") else {
         return;

@@ -797,6 +797,22 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         if mig.phase.finished() {
             break;
         }
+        // Every step after `pending` runs under the network's lock. A server that was down
+        // longer than the TTL may have lost it to another migration: then wait for it again.
+        if mig.phase != Phase::Pending {
+            match hold_lock(ctx, &mut mig) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("migration {id}: lock: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
         let before = mig.phase;
         match step(ctx, &mut mig).await {
             Ok(()) => {
@@ -840,6 +856,26 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         }
     }
     hb.abort();
+}
+
+/// Refreshes the network lock this migration holds, or takes it again if it expired and is
+/// free. `Ok(false)`: another migration holds it now.
+fn hold_lock(ctx: &Ctx, mig: &mut Migration) -> Result<bool> {
+    let name = lock_name(mig);
+    if let Some(n) = &mig.lock_nonce {
+        if ctx.store.refresh_lock(&name, n, LOCK_TTL_MS).is_ok() {
+            return Ok(true);
+        }
+    }
+    match ctx.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
+        Ok(l) => {
+            mig.lock_nonce = Some(l.nonce);
+            save(ctx, mig)?;
+            Ok(true)
+        }
+        Err(StoreError::LockHeld { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn start_rollback(mig: &mut Migration, reason: String) {

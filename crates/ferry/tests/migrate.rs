@@ -603,7 +603,8 @@ fn crash_at(step: &str, server: bool) {
         std::process::id(),
         rand_suffix()
     ));
-    let _ = std::fs::remove_file(&marker);
+    // Disarmed while the fleet and the machine are set up; armed just before the migration.
+    std::fs::write(&marker, "").unwrap();
     let mut dev = Dev::start_env(
         "crash",
         2,
@@ -617,6 +618,7 @@ fn crash_at(step: &str, server: bool) {
     let vol = new_volume(&dev, 64);
     let m = dev.machine("cr", &hosts[0], web_config(&vol));
     let before = fill(&dev, &m, 24);
+    std::fs::remove_file(&marker).unwrap();
     let mig = migrate(&dev, &m, json!({"to": hosts[1]}));
     if server {
         assert!(
@@ -701,4 +703,16 @@ fn crash_source_agent_while_sending() {
 #[test]
 fn crash_destination_agent_while_receiving() {
     crash_at("agent-receive", false);
+}
+#[test]
+fn crash_source_agent_when_asked_to_stop() {
+    crash_at("agent-stop", false);
+}
+#[test]
+fn crash_source_agent_after_forgetting_the_machine() {
+    crash_at("agent-destroy", false);
+}
+#[test]
+fn crash_destination_agent_after_starting_the_machine() {
+    crash_at("agent-start", false);
 }
