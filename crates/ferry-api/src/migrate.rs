@@ -339,6 +339,8 @@ static DRIVING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::defaul
 
 /// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
 /// follow it with `GET /v1/migrations/{id}`.
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", request_body = MigrateRequest,
+    responses((status = 202, body = Migration), (status = 409, body = crate::error::ErrorBody), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn migrate_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -471,6 +473,7 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/migrations`: newest last.
+#[utoipa::path(get, path = "/v1/migrations", responses((status = 200, body = [Migration])))]
 pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
     let mut out = Vec::new();
     for id in ids(&ctx)? {
@@ -495,6 +498,7 @@ fn with_progress(mut m: Migration) -> Migration {
 }
 
 /// `GET /v1/migrations/{id}`.
+#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = Migration), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migration>> {
     if !id.starts_with("mig_") || id.len() != 20 || !id[4..].bytes().all(|b| b.is_ascii_hexdigit())
     {
@@ -506,6 +510,7 @@ pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migr
 }
 
 /// `GET /v1/apps/{app}/policy`.
+#[utoipa::path(get, path = "/v1/apps/{app}/policy", responses((status = 200, body = MigratePolicy)))]
 pub async fn get_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -528,6 +533,8 @@ fn parse_duration(what: &str, s: &str, max: Duration) -> Result<u64> {
 
 /// `POST /v1/apps/{app}/policy`: changes the given fields; everything is checked before any is
 /// stored.
+#[utoipa::path(post, path = "/v1/apps/{app}/policy", request_body = PolicyUpdate,
+    responses((status = 200, body = MigratePolicy), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn set_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -594,6 +601,7 @@ pub async fn set_policy(
 }
 
 /// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
+#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn cordon(
     State(ctx): Shared,
     Path(host): Path<String>,
@@ -604,6 +612,7 @@ pub async fn cordon(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn uncordon(
     State(ctx): Shared,
     Path(host): Path<String>,
@@ -617,6 +626,7 @@ pub async fn uncordon(
 /// `POST /v1/hosts/{id}/drain`: cordon, then a migration for every machine on the host. Within a
 /// network they run one at a time (the network lock), each waiting for its machine to be healthy
 /// for the app's `min_healthy_time` before the next starts; networks proceed in parallel.
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", responses((status = 202, body = DrainView), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn drain(
     State(ctx): Shared,
     Path(host): Path<String>,

@@ -95,7 +95,15 @@ type Shared = State<Arc<Ctx>>;
         exec_machine,
         list_hosts,
         create_volume,
-        list_volumes
+        list_volumes,
+        crate::migrate::migrate_machine,
+        crate::migrate::list,
+        crate::migrate::get,
+        crate::migrate::get_policy,
+        crate::migrate::set_policy,
+        crate::migrate::cordon,
+        crate::migrate::uncordon,
+        crate::migrate::drain
     ),
     components(schemas(
         crate::error::ErrorBody,

@@ -416,6 +416,34 @@ fn status(m: &MachineView) {
     ] {
         println!("  {k:<12} = {v}");
     }
+    if !m.previous_instances.is_empty() {
+        println!("\nPrevious instances");
+        let rows: Vec<Vec<String>> = m
+            .previous_instances
+            .iter()
+            .map(|i| {
+                vec![
+                    i.instance_id.clone(),
+                    i.state.clone(),
+                    i.host.clone(),
+                    i.private_ip.clone(),
+                    i.ended_at.clone(),
+                    i.migration.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "INSTANCE",
+                "STATE",
+                "HOST",
+                "PRIVATE IP",
+                "ENDED",
+                "MIGRATION",
+            ],
+            &rows,
+        );
+    }
     println!("\nEvent Logs");
     let rows: Vec<Vec<String>> = m
         .events
