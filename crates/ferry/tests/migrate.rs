@@ -520,6 +520,49 @@ fn not_healthy_by_the_deadline_rolls_back_without_losing_a_byte() {
 }
 
 #[test]
+fn max_unavailable_counts_the_apps_machines_that_are_down() {
+    let dev = Dev::start("migmu", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}});
+    let up = dev.machine("mu", &hosts[0], sleeper.clone());
+    let down = dev.machine("mu", &hosts[0], sleeper);
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/mu/machines/{}/stop", id(&down)),
+        json!({}),
+    );
+    // One machine of the app is already down: moving another would make two.
+    dev.ok(
+        "POST",
+        "/v1/apps/mu/policy",
+        json!({"max_unavailable": 1, "healthy_deadline": "2s"}),
+    );
+    let mig = migrate(&dev, &up, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "rolled_back", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("max_unavailable"),
+        "{v}"
+    );
+    let now = dev.get_machine(&up);
+    assert_eq!(
+        (now["state"].as_str(), now["host"].as_str()),
+        (Some("started"), up["host"].as_str())
+    );
+    assert_eq!(
+        now["instance_id"], up["instance_id"],
+        "it was never stopped"
+    );
+    // Two may be down at once: it moves.
+    dev.ok("POST", "/v1/apps/mu/policy", json!({"max_unavailable": 2}));
+    let mig = migrate(&dev, &up, json!({}));
+    assert_eq!(
+        wait_migration(&dev, &mig, Duration::from_secs(60))["phase"],
+        "done"
+    );
+}
+
+#[test]
 fn drain_moves_every_machine_off_and_keeps_the_app_healthy() {
     let dev = Dev::start("migdrain", 3);
     let hosts = dev.hosts();
