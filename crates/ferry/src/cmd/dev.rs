@@ -529,5 +529,63 @@ else:
         );
         ok &= reached == expect;
     }
+
+    // Move the web server to the third host: same ID, new address; its name and its old address
+    // keep working for the client (DNS, and the bridge on the client's host).
+    if hosts.len() < 2 {
+        return Ok(ok); // nowhere to move it
+    }
+    let web_id = web["id"].as_str().unwrap_or_default();
+    let to = host(hosts.len() - 1);
+    let mig = post(
+        format!("/v1/apps/hello/machines/{web_id}/migrate"),
+        serde_json::json!({"to": to}),
+    )
+    .await?;
+    let mig_id = mig["id"].as_str().unwrap_or_default().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let m: serde_json::Value = http
+            .get(format!("{api}/v1/migrations/{mig_id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if m["phase"] == "done" || m["phase"] == "rolled_back" || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "  migrated hello {web_id}: host {} -> {}, {} -> {}, {} (downtime {} ms)",
+        done["from_host"].as_str().unwrap_or(""),
+        done["to_host"].as_str().unwrap_or(""),
+        done["old_ip"].as_str().unwrap_or(""),
+        done["new_ip"].as_str().unwrap_or(""),
+        done["phase"].as_str().unwrap_or("unfinished"),
+        done["stats"]["downtime_ms"]
+    );
+    ok &= done["phase"] == "done";
+    for target in ["hello.internal", by_ip.as_str()] {
+        let r = post(
+            format!(
+                "/v1/apps/client/machines/{}/exec",
+                client["id"].as_str().unwrap_or("")
+            ),
+            serde_json::json!({"cmd": ["python3", "-c", fetch(50, target)], "timeout": 30}),
+        )
+        .await?;
+        let reached = r["exit_code"].as_i64() == Some(0);
+        let out = r["stdout"].as_str().unwrap_or("").trim().to_owned();
+        println!(
+            "  client (same org) -> http://{target}:8080/ after the move: {}",
+            if reached {
+                out
+            } else {
+                format!("unreachable ({out})")
+            }
+        );
+        ok &= reached;
+    }
     Ok(ok)
 }
