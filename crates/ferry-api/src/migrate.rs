@@ -1203,16 +1203,14 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
     let Ok(events) = ctx.store.events(&m.id) else {
         return false;
     };
-    let since = events
-        .iter()
-        .rposition(|e| e.r#type == "start" && e.status == "started")
-        .map(|i| i + 1)
-        .unwrap_or(events.len());
+    // The latest result of each check from this instance (the agent reports a check when its
+    // result changes, tagged with the instance).
     config.checks.keys().all(|name| {
-        events[since..]
+        events
             .iter()
             .rev()
-            .find(|e| e.r#type == "check" && e.request["detail"]["name"] == name.as_str())
+            .filter(|e| e.r#type == "check" && e.request["instance_id"] == m.instance_id.as_str())
+            .find(|e| e.request["detail"]["name"] == name.as_str())
             .is_some_and(|e| e.request["detail"]["passing"] == true)
     })
 }

@@ -1004,7 +1004,11 @@ async fn agent_report(
         .state
         .parse()
         .map_err(|_| ApiError::invalid(format!("state {:?}", r.state)))?;
-    if to != m.state {
+    // A check result changes no state; and a machine the server is still starting becomes
+    // `started` by the server's own hand when the agent answers. Refusing those reports would
+    // lose them (the agent reports a check only when its result changes).
+    let news = r.kind != "check" && !(to == S::Started && m.state == S::Starting);
+    if to != m.state && news {
         // Only a running machine can change by itself; anything else is the server's doing.
         ctx.store.transition(&m.id, &[S::Started], to)?;
     }
@@ -1013,7 +1017,7 @@ async fn agent_report(
         &r.kind,
         &r.state,
         "flyd",
-        serde_json::json!({"exit_event": r.exit, "detail": r.detail}),
+        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
     )?;
     ctx.changed();
     Ok(Json(serde_json::json!({"ok": true})))

@@ -578,8 +578,13 @@ fn drain_moves_every_machine_off_and_keeps_the_app_healthy() {
     dev.ok(
         "POST",
         "/v1/apps/dr/policy",
-        json!({"min_healthy_time": "1s"}),
+        json!({"min_healthy_time": "1s", "volume_retention": "1s"}),
     );
+    let src_dir = dev.call("GET", "/v1/volumes", None).1[0]["host_dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(std::path::Path::new(&src_dir).join("blob").exists());
     let out = dev.cli(&["host", "drain", &hosts[0]]);
     assert!(
         out.status.success(),
@@ -609,6 +614,18 @@ fn drain_moves_every_machine_off_and_keeps_the_app_healthy() {
     );
     let (first_done, second) = if da < db { (da, &eb) } else { (db, &ea) };
     assert!(event_time(second, "migrate", "stopping").unwrap() >= first_done);
+    // The source volume outlived the move by its retention (1 s here), then went.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let vols = dev.call("GET", "/v1/volumes", None).1;
+            vols.as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["id"] == vol.as_str() && v["state"] == "destroyed")
+        }),
+        "the source volume was not destroyed after its retention"
+    );
+    assert!(!std::path::Path::new(&src_dir).exists());
     // A cordoned host gets no new machines.
     let n = dev.ok(
         "POST",
