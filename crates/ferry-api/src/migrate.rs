@@ -1141,6 +1141,23 @@ async fn copy_round(
     Ok((r?, exp.dir))
 }
 
+/// One copy round of volume `i` from the source host to the destination.
+async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
+    let v = &mig.volumes[i];
+    copy_round(
+        ctx,
+        &mig.id,
+        &v.session,
+        &v.token,
+        &v.src_dir,
+        &v.dst_volume,
+        &mig.from_host,
+        &mig.to_host,
+        None,
+    )
+    .await
+}
+
 async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     if !mig.precopy {
         mig.phase = Phase::Precopied;
@@ -1152,19 +1169,7 @@ async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     // changed meanwhile, so the final round after the stop has little left.
     for round in 0..2 {
         for i in 0..mig.volumes.len() {
-            let v = mig.volumes[i].clone();
-            let (r, dir) = copy_round(
-                ctx,
-                &mig.id,
-                &v.session,
-                &v.token,
-                &v.src_dir,
-                &v.dst_volume,
-                &mig.from_host,
-                &mig.to_host,
-                None,
-            )
-            .await?;
+            let (r, dir) = forward_round(ctx, mig, i).await?;
             bytes += r.bytes_sent;
             mig.stats.chunks_resent += r.chunks_resent;
             if mig.volumes[i].dst_dir.as_deref() != Some(&dir) {
@@ -1289,18 +1294,7 @@ async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     let (mut bytes, mut chunks) = (0, 0);
     for i in 0..mig.volumes.len() {
         let v = mig.volumes[i].clone();
-        let (r, dir) = copy_round(
-            ctx,
-            &mig.id,
-            &v.session,
-            &v.token,
-            &v.src_dir,
-            &v.dst_volume,
-            &mig.from_host,
-            &mig.to_host,
-            None,
-        )
-        .await?;
+        let (r, dir) = forward_round(ctx, mig, i).await?;
         if !r.verified {
             return Err(StepError::Retry(format!(
                 "volume {} copy not verified (root {})",
