@@ -102,6 +102,7 @@ struct hit_key {
 	__u64 caller_cgroup;
 };
 
+// One CPU's share of a hit (see `bridge_hits_pc`); a CPU that never saw the hit has all zeros.
 // Timestamps are CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns`): unlike
 // `bpf_ktime_get_ns` (CLOCK_MONOTONIC) it keeps counting across suspend, so userspace turns it
 // into wall time with a single offset (now_wall - now_boottime).
@@ -141,13 +142,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bridge_cfg SEC(".maps");
 
+// Per-CPU values: a hit is counted on the CPU it happens on, with no atomic and no shared cache
+// line; the reader (`Bridge::hits`) sums the counts and takes the earliest first_ns and the
+// latest last_ns. Not preallocated (per-CPU preallocation would cost entries x CPUs up front).
+// Its own name: a pinned `bridge_hits` left by an older build is a plain hash.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 262144);
 	__type(key, struct hit_key);
 	__type(value, struct hit_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} bridge_hits SEC(".maps");
+} bridge_hits_pc SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -176,8 +182,10 @@ static __always_inline void count(__u32 what)
 
 // The calling machine's config. A machine's processes may sit in sub-cgroups of the machine's
 // cgroup (the programs are inherited by descendants), so when the task's own cgroup has no entry
-// the nearest configured ancestor wins. Ancestor level 0 is the root; the helper returns 0 past
-// the task's own level, which ends the walk.
+// the nearest configured ancestor wins. The common case (the task's own cgroup is the machine's)
+// is one lookup; only a miss walks the ancestors. Ancestor level 0 is the root; the helper
+// returns 0 past the task's own level. The walk collects the ancestors top-down, then looks them
+// up bottom-up and stops at the first (nearest) one configured.
 static __always_inline struct machine_cfg *lookup_cfg(__u64 *cgroup_id)
 {
 	__u64 id = bpf_get_current_cgroup_id();
@@ -186,18 +194,26 @@ static __always_inline struct machine_cfg *lookup_cfg(__u64 *cgroup_id)
 		*cgroup_id = id;
 		return cfg;
 	}
-	struct machine_cfg *found = 0;
+	__u64 anc[MAX_CGROUP_LEVELS] = {};
+	int depth = 0;
 	for (int level = 1; level < MAX_CGROUP_LEVELS; level++) {
-		__u64 anc = bpf_get_current_ancestor_cgroup_id(level);
-		if (!anc)
+		__u64 a = bpf_get_current_ancestor_cgroup_id(level);
+		if (!a)
 			break;
-		struct machine_cfg *c = bpf_map_lookup_elem(&bridge_cfg, &anc);
+		anc[level] = a;
+		depth = level;
+	}
+	for (int level = MAX_CGROUP_LEVELS - 1; level >= 1; level--) {
+		if (level > depth)
+			continue;
+		__u64 a = anc[level];
+		struct machine_cfg *c = bpf_map_lookup_elem(&bridge_cfg, &a);
 		if (c) {
-			found = c;
-			*cgroup_id = anc;
+			*cgroup_id = a;
+			return c;
 		}
 	}
-	return found;
+	return 0;
 }
 
 // Network ID of a guest-form address given as network-order words: `fdaa:NNNN:NNNN:...`, i.e.
@@ -235,6 +251,14 @@ static __always_inline void write_user_ip6(struct bpf_sock_addr *ctx, const stru
 	ctx->user_ip6[3] = a->w[3];
 }
 
+static __always_inline void add_hit(struct hit_value *v, __u64 now)
+{
+	v->count += 1; // this CPU's slot: no atomics needed
+	if (!v->first_ns)
+		v->first_ns = now;
+	v->last_ns = now;
+}
+
 static __always_inline void record_hit(__u32 net, const struct addr6 *old, __u64 caller)
 {
 	struct hit_key key = {};
@@ -243,23 +267,23 @@ static __always_inline void record_hit(__u32 net, const struct addr6 *old, __u64
 	key.old = *old;
 	key.caller_cgroup = caller;
 	__u64 now = bpf_ktime_get_boot_ns();
-	struct hit_value *v = bpf_map_lookup_elem(&bridge_hits, &key);
-	if (!v) {
-		struct hit_value fresh = { .count = 1, .first_ns = now, .last_ns = now };
-		long err = bpf_map_update_elem(&bridge_hits, &key, &fresh, BPF_NOEXIST);
-		if (!err)
-			return;
-		// Another CPU created the entry first (EEXIST): fall through and add to it. Anything
-		// else means the table is full: the connection still works, only the count is lost.
-		v = bpf_map_lookup_elem(&bridge_hits, &key);
-		if (!v) {
-			count(STAT_HITS_FULL);
-			return;
-		}
+	struct hit_value *v = bpf_map_lookup_elem(&bridge_hits_pc, &key);
+	if (v) {
+		add_hit(v, now);
+		return;
 	}
-	__sync_fetch_and_add(&v->count, 1);
-	// A racing writer may store a slightly older timestamp; "last use" only needs to be close.
-	v->last_ns = now;
+	// First hit of this key: the update fills this CPU's slot and zeroes the others'.
+	struct hit_value fresh = { .count = 1, .first_ns = now, .last_ns = now };
+	if (!bpf_map_update_elem(&bridge_hits_pc, &key, &fresh, BPF_NOEXIST))
+		return;
+	// Another CPU created the entry first (EEXIST): add to this CPU's slot. Anything else means
+	// the table is full: the connection still works, only the count is lost.
+	v = bpf_map_lookup_elem(&bridge_hits_pc, &key);
+	if (!v) {
+		count(STAT_HITS_FULL);
+		return;
+	}
+	add_hit(v, now);
 }
 
 // Shared by connect6 and sendmsg6: 1 = go ahead (rewritten or untouched), 0 = refuse.
@@ -293,16 +317,17 @@ static __always_inline int rewrite_destination(struct bpf_sock_addr *ctx, __u32 
 
 	// Remember what the application dialled, so getpeername6/recvmsg6 can show it the old
 	// address. The storage lives and dies with the socket.
+	// A new storage is created already holding the pair; an existing one (a UDP socket sending
+	// again) is only written when the pair changed.
 	struct bpf_sock *sk = ctx->sk;
 	if (sk) {
+		struct sk_bridge pair = { .old = key.old, .new = new };
 		struct sk_bridge *s =
-			bpf_sk_storage_get(&bridge_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (s) {
-			s->old = key.old;
-			s->new = new;
-		} else {
+			bpf_sk_storage_get(&bridge_sk, sk, &pair, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!s)
 			count(STAT_STORAGE_FAILED);
-		}
+		else if (!addr_eq(&s->old, &pair.old) || !addr_eq(&s->new, &pair.new))
+			*s = pair;
 	}
 	return 1;
 }

@@ -30,7 +30,7 @@
 //! the two clocks.
 
 use crate::EbpfError;
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
@@ -54,7 +54,9 @@ const PROGRAMS: [(&str, &str); 4] = [
 const MAP: &str = "bridge_map";
 const REV: &str = "bridge_rev";
 const CFG: &str = "bridge_cfg";
-const HITS: &str = "bridge_hits";
+/// Per-CPU hash (see [`Bridge::hits`]); not `bridge_hits`, which older builds pinned as a plain
+/// hash.
+const HITS: &str = "bridge_hits_pc";
 const STATS: &str = "bridge_stats";
 
 /// `bridge_map` value flag: the old address is retired and must fail fast.
@@ -227,7 +229,7 @@ pub enum BridgeStat {
     RetiredRefused = 2,
     RecvmsgRestored = 3,
     GetpeernameRestored = 4,
-    /// A hit could not be recorded because `bridge_hits` is full (the socket still worked).
+    /// A hit could not be recorded because `bridge_hits_pc` is full (the socket still worked).
     HitsFull = 5,
     /// A socket's bridge storage could not be created (its peer shows the new address).
     StorageFailed = 6,
@@ -324,6 +326,23 @@ fn remove_quiet<K: aya::Pod, V: aya::Pod>(
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// One hit from its per-CPU shares: counts add up, the first use is the earliest of the CPUs that
+/// saw it, the last use the latest. `None` when no CPU counted it.
+fn merge_hits<'a>(per_cpu: impl Iterator<Item = &'a HitValue>) -> Option<HitValue> {
+    per_cpu
+        .filter(|h| h.count > 0)
+        .fold(None, |acc: Option<HitValue>, h| {
+            Some(match acc {
+                None => *h,
+                Some(a) => HitValue {
+                    count: a.count + h.count,
+                    first_ns: a.first_ns.min(h.first_ns),
+                    last_ns: a.last_ns.max(h.last_ns),
+                },
+            })
+        })
 }
 
 fn octets(a: Ipv6Addr) -> [u8; 16] {
@@ -692,12 +711,19 @@ impl Bridge {
 
     /// Every recorded use of an old address, per calling machine, sorted by network, old address
     /// and caller.
+    ///
+    /// The programs count each hit on the CPU it happened on (no atomics on the connect path);
+    /// this sums the counts and takes the earliest first use and the latest last use over the
+    /// CPUs that saw the hit.
     pub fn hits(&self) -> Result<Vec<Hit>, BridgeError> {
-        let m = self.hash_ref::<HitKey, HitValue>(HITS)?;
+        let m = self.hits_map()?;
         let mut v = Vec::new();
         for item in m.iter() {
-            let (k, h) = item.map_err(map_err(HITS))?;
+            let (k, per_cpu) = item.map_err(map_err(HITS))?;
             let Ok(net) = NetworkId::new(k.net) else {
+                continue;
+            };
+            let Some(h) = merge_hits(per_cpu.iter()) else {
                 continue;
             };
             v.push(Hit {
@@ -716,16 +742,28 @@ impl Bridge {
     /// Forgets the hits of one old address (e.g. after its mapping is removed for good).
     pub fn clear_hits(&mut self, net: NetworkId, old: Ipv6Addr) -> Result<(), BridgeError> {
         let keys: Vec<HitKey> = self
-            .hash_ref::<HitKey, HitValue>(HITS)?
+            .hits_map()?
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.net == net.get() && k.old == octets(old))
             .collect();
-        let mut m = self.hash::<HitKey, HitValue>(HITS)?;
+        let map = self.ebpf.map_mut(HITS).ok_or(EbpfError::Missing(HITS))?;
+        let mut m: PerCpuHashMap<&mut MapData, HitKey, HitValue> =
+            PerCpuHashMap::try_from(map).map_err(map_err(HITS))?;
         for k in keys {
-            remove_quiet(&mut m, &k).map_err(map_err(HITS))?;
+            match m.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err(HITS)(e)),
+            }
         }
         Ok(())
+    }
+
+    fn hits_map(&self) -> Result<PerCpuHashMap<&MapData, HitKey, HitValue>, BridgeError> {
+        let map = self.ebpf.map(HITS).ok_or(EbpfError::Missing(HITS))?;
+        PerCpuHashMap::try_from(map).map_err(map_err(HITS))
     }
 
     /// Sums a counter over all CPUs.
@@ -815,6 +853,18 @@ mod tests {
         assert_eq!(size_of::<HitKey>(), 32);
         assert_eq!(align_of::<HitKey>(), 8);
         assert_eq!(size_of::<HitValue>(), 24);
+    }
+
+    #[test]
+    fn per_cpu_hits_merge() {
+        let h = |count, first_ns, last_ns| HitValue {
+            count,
+            first_ns,
+            last_ns,
+        };
+        let cpus = [h(2, 50, 90), h(0, 0, 0), h(3, 40, 70)];
+        assert_eq!(merge_hits(cpus.iter()), Some(h(5, 40, 90)));
+        assert_eq!(merge_hits([h(0, 0, 0)].iter()), None);
     }
 
     #[test]
