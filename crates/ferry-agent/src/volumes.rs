@@ -151,10 +151,12 @@ impl Volumes {
         })?
         .map_err(|e| AgentError::io(format!("connecting to {addr}"), e))?;
         let _ = stream.set_nodelay(true);
-        let manifest_path = self.sync_dir.join(format!("{}.json", req.session));
+        let manifest_path = self.sync_dir.join(format!("{}.manifest", req.session));
+        // Only a hint for the quick check: a missing, old or torn file just means more files
+        // are hashed again, never a wrong copy (the receiver checks every chunk).
         let last = std::fs::read(&manifest_path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<ferry_volume::Manifest>(&b).ok());
+            .and_then(|b| ferry_volume::Manifest::decode(&b).ok());
         let mut sender = ferry_volume::Sender::new(&src, last);
         let faults = ferry_volume::Faults::from_env()
             .map_err(|e| AgentError::Invalid(format!("FERRY_TEST_VOLUME_FAULT: {e}")))?;
@@ -188,8 +190,11 @@ impl Volumes {
         self.progress.lock().unwrap().remove(&req.session);
         let r = result.map_err(|e| AgentError::Invalid(format!("volume copy: {e}")))?;
         if let Some(m) = sender.last_manifest() {
-            let bytes = serde_json::to_vec(m).expect("a manifest serializes");
-            crate::machines::write_atomic(&manifest_path, &bytes)?;
+            // No fsync (see above): this is on the path of a migration's downtime.
+            let tmp = manifest_path.with_extension("tmp");
+            std::fs::write(&tmp, m.encode())
+                .and_then(|()| std::fs::rename(&tmp, &manifest_path))
+                .map_err(|e| AgentError::io(format!("writing {}", manifest_path.display()), e))?;
         }
         Ok(VolumeRound {
             entries: r.entries,

@@ -27,7 +27,7 @@
 //! behind), so a file written in the same tick as the scan could look unchanged although the
 //! scan read older bytes. The receiver trusts its state table after a `stat` per file.
 //!
-//! The receiver's state lives at [`state_path`]`(dest)` = `<dest>/../.<name>.ferry-sync.json`,
+//! The receiver's state lives at [`state_path`]`(dest)` = `<dest>/../.<name>.ferry-sync` (postcard),
 //! outside the volume, replaced atomically at the end of each pass and every
 //! [`CHECKPOINT_BYTES`] (after syncing the files written since), so a receiver killed mid-round
 //! is asked again only for chunks it had not recorded.
@@ -87,7 +87,8 @@ pub use manifest::{
     Kind, Manifest, ScanStats, Stat, CHUNK_SIZE, MAX_ENTRIES, MAX_PATH, RACY_MARGIN_NS,
 };
 pub use recv::{
-    serve_one, serve_one_with, state_path, ReceiveOptions, ReceiveReport, CHECKPOINT_BYTES,
+    held_chunks, serve_one, serve_one_with, state_path, ReceiveOptions, ReceiveReport,
+    CHECKPOINT_BYTES,
 };
 pub use send::{Phase, Progress, ProgressFn, RoundReport, SendOptions, Sender, MAX_RETRY_PASSES};
 pub use wire::{Hello, Need, Verdict};

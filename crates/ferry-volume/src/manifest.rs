@@ -42,18 +42,44 @@ impl std::fmt::Debug for ChunkHash {
     }
 }
 
+// Hex in JSON (readable state and logs); raw 32 bytes in binary formats (the manifest frame and
+// the receiver's state file), where hex would double the size and dominate a round's cost.
 impl Serialize for ChunkHash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+struct ChunkHashVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ChunkHashVisitor {
+    type Value = ChunkHash;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a BLAKE3 hash: 64 hex digits or 32 bytes")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ChunkHash, E> {
+        blake3::Hash::from_hex(v.as_bytes())
+            .map(|h| ChunkHash(*h.as_bytes()))
+            .map_err(|_| E::custom("chunk hash: want 64 hex digits"))
+    }
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ChunkHash, E> {
+        <[u8; 32]>::try_from(v)
+            .map(ChunkHash)
+            .map_err(|_| E::custom("chunk hash: want 32 bytes"))
     }
 }
 
 impl<'de> Deserialize<'de> for ChunkHash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        blake3::Hash::from_hex(s.as_bytes())
-            .map(|h| ChunkHash(*h.as_bytes()))
-            .map_err(|_| serde::de::Error::custom("chunk hash: want 64 hex digits"))
+        if d.is_human_readable() {
+            d.deserialize_str(ChunkHashVisitor)
+        } else {
+            d.deserialize_bytes(ChunkHashVisitor)
+        }
     }
 }
 
@@ -104,10 +130,10 @@ pub struct Entry {
     /// Bytes, for files; 0 for directories and symlinks.
     pub size: u64,
     /// For symlinks: where it points (copied verbatim, never followed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)] // no skip_serializing_if: postcard is not self-describing
     pub target: Option<String>,
     /// One hash per [`CHUNK_SIZE`] piece of a file, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub chunks: Vec<ChunkHash>,
     /// Quick-check facts (source side only; ignored by the receiver and by the root).
     #[serde(default)]
@@ -182,6 +208,16 @@ impl RootHasher {
 impl Manifest {
     /// BLAKE3 (hex) over the canonical encoding: for each entry in path order its path, kind,
     /// mode, size, link target and chunk hashes. Stat facts and the scan time are not included.
+    /// The compact binary form (postcard) used on the wire and in state files.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("a manifest always serializes")
+    }
+
+    /// Parses [`Manifest::encode`]'s output (not validated: see [`Manifest::validate`]).
+    pub fn decode(b: &[u8]) -> Result<Manifest> {
+        postcard::from_bytes(b).map_err(|e| VolumeError::Protocol(format!("manifest: {e}")))
+    }
+
     pub fn root(&self) -> String {
         let mut h = RootHasher::new(self.entries.len());
         for e in &self.entries {

@@ -47,7 +47,7 @@ pub struct ReceiveReport {
     pub chunks_rejected: u64,
 }
 
-/// Where the receiver keeps its durable state for `dest`: `<parent>/.<name>.ferry-sync.json`,
+/// Where the receiver keeps its durable state for `dest`: `<parent>/.<name>.ferry-sync`,
 /// next to the volume and outside it, so the volume holds exactly the source's entries.
 pub fn state_path(dest: &Path) -> Result<PathBuf> {
     let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
@@ -58,8 +58,24 @@ pub fn state_path(dest: &Path) -> Result<PathBuf> {
     };
     let mut n = std::ffi::OsString::from(".");
     n.push(name);
-    n.push(".ferry-sync.json");
+    n.push(".ferry-sync");
     Ok(parent.join(n))
+}
+
+/// How many chunks the receiver's durable state for `dest` records as held and verified (0 when
+/// there is no readable state): what a resumed copy will not ask for again.
+pub fn held_chunks(dest: &Path) -> Result<u64> {
+    let p = state_path(dest)?;
+    let st = match std::fs::read(&p) {
+        Ok(b) => postcard::from_bytes::<State>(&b).unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+        Err(e) => return Err(io(&p)(e)),
+    };
+    Ok(st
+        .entries
+        .values()
+        .map(|e| e.chunks.iter().filter(|c| c.is_some()).count() as u64)
+        .sum())
 }
 
 /// Serves one session (one round) on `stream`. `authorize` maps the hello (session, token,
@@ -156,14 +172,14 @@ struct StEntry {
     /// Mode as applied.
     mode: u32,
     size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)] // no skip_serializing_if: postcard is not self-describing
     target: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     chunks: Vec<Option<ChunkHash>>,
     /// The file as this receiver last left it (round end); `None` while it is being written.
     /// A file whose stamp no longer matches was changed by someone else: its chunks are
     /// forgotten.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)] // no skip_serializing_if: postcard is not self-describing
     stamp: Option<Stamp>,
 }
 
@@ -184,7 +200,8 @@ impl Stamp {
     }
 }
 
-const STATE_VERSION: u32 = 1;
+/// 2: postcard (1 was JSON; such a file reads as unreadable and the receiver starts over).
+const STATE_VERSION: u32 = 2;
 /// Up to this many changed files (or directories) are fsynced one by one; more, and the
 /// receiver syncs the whole file system once.
 const FSYNC_EACH_MAX: usize = 8;
@@ -193,6 +210,9 @@ struct Rx<'m> {
     dest: PathBuf,
     state_path: PathBuf,
     st: State,
+    /// The bytes the state file holds now: a persist that would write the same is skipped (a
+    /// round over an unchanged volume then costs no state write and no fsync).
+    persisted: Vec<u8>,
     m: &'m Manifest,
     opts: ReceiveOptions,
     round_touched: BTreeSet<u32>,
@@ -244,21 +264,22 @@ fn open_dir_nofollow(p: &Path) -> std::io::Result<File> {
 impl<'m> Rx<'m> {
     fn open(dest: &Path, m: &'m Manifest, opts: ReceiveOptions) -> Result<Rx<'m>> {
         let state_path = state_path(dest)?;
-        let st = match std::fs::read(&state_path) {
-            Ok(b) => match serde_json::from_slice::<State>(&b) {
-                Ok(s) if s.version == STATE_VERSION => s,
+        let (st, persisted) = match std::fs::read(&state_path) {
+            Ok(b) => match postcard::from_bytes::<State>(&b) {
+                Ok(s) if s.version == STATE_VERSION => (s, b),
                 Ok(_) | Err(_) => {
                     tracing::warn!(path = %state_path.display(), "unreadable volume state; starting over");
-                    State::default()
+                    (State::default(), Vec::new())
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), Vec::new()),
             Err(e) => return Err(io(&state_path)(e)),
         };
         let mut rx = Rx {
             dest: dest.to_path_buf(),
             state_path,
             st,
+            persisted,
             m,
             opts,
             round_touched: BTreeSet::new(),
@@ -639,10 +660,13 @@ impl<'m> Rx<'m> {
     }
 
     /// Atomically replaces the state file (tmp + fsync + rename + fsync of the directory).
-    fn persist(&self) -> Result<()> {
+    fn persist(&mut self) -> Result<()> {
         let body =
-            serde_json::to_vec(&self.st).map_err(|e| VolumeError::Protocol(e.to_string()))?;
-        let tmp = self.state_path.with_extension("json.tmp");
+            postcard::to_allocvec(&self.st).map_err(|e| VolumeError::Protocol(e.to_string()))?;
+        if body == self.persisted {
+            return Ok(());
+        }
+        let tmp = self.state_path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&body).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
@@ -653,6 +677,7 @@ impl<'m> Rx<'m> {
                 .and_then(|d| d.sync_all())
                 .map_err(io(dir))?;
         }
+        self.persisted = body;
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 //! sixty lines: length-delimited codecs are tied to async runtimes, and general serialization
 //! formats would either encode the chunk bytes or leave the limits to us anyway.
 //!
-//! Control messages are JSON (serde_json); a data frame is `[u32 BE entry][u32 BE chunk][bytes]`.
+//! Control messages are JSON (serde_json), except the manifest, which is postcard (binary: its
+//! size is what a round over an unchanged volume costs); a data frame is
+//! `[u32 BE entry][u32 BE chunk][bytes]`.
 
 use crate::error::{ChunkRef, Result, VolumeError};
 use crate::manifest::{Manifest, CHUNK_SIZE};
@@ -140,7 +142,7 @@ pub fn read_msg<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<Msg> {
         HELLO => Msg::Hello(json("hello", b)?),
         WELCOME => Msg::Welcome,
         MANIFEST => {
-            let m: Manifest = json("manifest", b)?;
+            let m = Manifest::decode(b)?;
             m.validate()?;
             Msg::Manifest(Box::new(m))
         }
@@ -177,9 +179,9 @@ pub fn decode_all(bytes: &[u8]) -> (Vec<Msg>, VolumeError) {
     }
 }
 
-/// Encodes a control frame (tests and fuzz seeds).
+/// Encodes a control frame (tests and fuzz seeds); a manifest frame's body is postcard.
 pub fn encode<T: Serialize>(kind: u8, msg: &T) -> Vec<u8> {
-    let body = serde_json::to_vec(msg).expect("serializable");
+    let body = body(kind, msg).expect("serializable");
     let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
     out.push(kind);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -196,6 +198,14 @@ pub fn encode_data(entry: u32, chunk: u32, bytes: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&chunk.to_be_bytes());
     out.extend_from_slice(bytes);
     out
+}
+
+fn body<T: Serialize>(kind: u8, msg: &T) -> Result<Vec<u8>> {
+    if kind == MANIFEST {
+        postcard::to_allocvec(msg).map_err(|e| VolumeError::Protocol(e.to_string()))
+    } else {
+        serde_json::to_vec(msg).map_err(|e| VolumeError::Protocol(e.to_string()))
+    }
 }
 
 /// One side of a session: frames are gathered in a large write buffer and go out in big writes.
@@ -229,7 +239,7 @@ impl<'a, S: Read + Write> Conn<'a, S> {
     }
 
     pub(crate) fn send<T: Serialize>(&mut self, kind: u8, msg: &T) -> Result<()> {
-        let body = serde_json::to_vec(msg).map_err(|e| VolumeError::Protocol(e.to_string()))?;
+        let body = body(kind, msg)?;
         self.header(kind, body.len());
         self.w.extend_from_slice(&body);
         self.maybe_flush()

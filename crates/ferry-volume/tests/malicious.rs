@@ -41,7 +41,7 @@ impl Env {
         assert_eq!(top, ["canary", "dst"]);
         for d in std::fs::read_dir(self.tmp.path().join("dst")).unwrap() {
             let n = d.unwrap().file_name().into_string().unwrap();
-            assert!(n == "vol" || n.starts_with(".vol.ferry-sync.json"), "{n}");
+            assert!(n == "vol" || n.starts_with(".vol.ferry-sync"), "{n}");
         }
         assert!(!Path::new("/etc/ferry-volume-test-x").exists());
     }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Migration downtime as a client sees it: ferry's pre-copy migration vs a cold migration (stop,
+# copy everything, start), 1 GiB and 4 GiB volumes, alternating rounds (issue 6).
+#   PAIRS_1G=3 PAIRS_4G=2 bash bench/migrate.sh      (results: bench/migrate/RESULTS.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release -q -p ferry -p ferry-bench
+target="${CARGO_TARGET_DIR:-target}"
+FERRY_BIN="$target/release/ferry" "$target/release/migrate"
