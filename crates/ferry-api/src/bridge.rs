@@ -195,9 +195,13 @@ pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<Bridge
 /// Removes the mapping OLD -> NEW if it exists (a rolled-back migration: OLD is current again).
 pub async fn uninstall(ctx: &Ctx, old: &str, new: &str) -> Result<()> {
     let mut all: Vec<BridgeMapping> = load(ctx, MAPPINGS)?;
-    let before = all.len();
+    let before = all.clone();
     all.retain(|m| !(m.old == old && m.new == new));
-    if all.len() != before {
+    // Undo what `install` did to chains too: older addresses it re-pointed at NEW go back to OLD.
+    for m in all.iter_mut().filter(|m| m.new == new) {
+        m.new = old.to_owned();
+    }
+    if all != before {
         save(ctx, MAPPINGS, &all)?;
         let errors = sync_all(ctx).await;
         if !errors.is_empty() {
