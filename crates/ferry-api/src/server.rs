@@ -353,18 +353,35 @@ async fn create_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
+/// A host ID as the API and CLI write it (hex).
+pub(crate) fn parse_host(s: &str) -> Result<HostId> {
+    u32::from_str_radix(s, 16)
+        .ok()
+        .and_then(|v| HostId::new(v).ok())
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "host {s:?} is not a host ID (hex, as `ferry host list` shows)"
+            ))
+        })
+}
+
+/// `bytes` random bytes as lowercase hex (IDs of volumes and migrations, secrets).
+pub(crate) fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// `vol_` and sixteen random lowercase hex characters.
+pub(crate) fn new_volume_id() -> String {
+    format!("vol_{}", random_hex(8))
+}
+
 /// The host for a new machine: the one asked for, or the least-loaded uncordoned one.
 fn place(ctx: &Ctx, want: Option<&str>) -> Result<ferry_store::Host> {
     let hosts = ctx.store.list_hosts()?;
     if let Some(w) = want {
-        let id = u32::from_str_radix(w, 16)
-            .ok()
-            .and_then(|v| HostId::new(v).ok())
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "host {w:?} is not a host ID (hex, as `ferry host list` shows)"
-                ))
-            })?;
+        let id = parse_host(w)?;
         let h = hosts
             .into_iter()
             .find(|h| h.id == id)
@@ -865,9 +882,7 @@ async fn create_volume(
     State(ctx): Shared,
     Body(req): Body<CreateVolume>,
 ) -> Result<(StatusCode, Json<VolumeView>)> {
-    // Sixteen random lowercase hex characters, from two machine-ID draws.
-    let random = format!("{}{}", new_machine_id(), new_machine_id());
-    let id = format!("vol_{}", &random[..16]);
+    let id = new_volume_id();
     let (dir, size) = match (req.size_mb, req.host_dir) {
         (Some(s), None) => {
             if !(1..=1_048_576).contains(&s) {

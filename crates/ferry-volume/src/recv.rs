@@ -190,6 +190,20 @@ struct Stamp {
     ino: u64,
 }
 
+impl StEntry {
+    /// A file this receiver holds nothing of yet (mode unknown until the round's end).
+    fn new_file(size: u64) -> StEntry {
+        StEntry {
+            kind: Kind::File,
+            mode: u32::MAX,
+            size,
+            target: None,
+            chunks: Vec::new(),
+            stamp: None,
+        }
+    }
+}
+
 impl Stamp {
     fn of(md: &std::fs::Metadata) -> Stamp {
         Stamp {
@@ -480,23 +494,9 @@ impl<'m> Rx<'m> {
                         .st
                         .entries
                         .entry(e.path.clone())
-                        .or_insert_with(|| StEntry {
-                            kind: Kind::File,
-                            mode: u32::MAX,
-                            size: e.size,
-                            target: None,
-                            chunks: Vec::new(),
-                            stamp: None,
-                        });
+                        .or_insert_with(|| StEntry::new_file(e.size));
                     if se.kind != Kind::File {
-                        *se = StEntry {
-                            kind: Kind::File,
-                            mode: u32::MAX,
-                            size: e.size,
-                            target: None,
-                            chunks: Vec::new(),
-                            stamp: None,
-                        };
+                        *se = StEntry::new_file(e.size);
                     }
                     se.chunks.resize(n, None);
                     let mut changed = se.size != e.size;

@@ -239,7 +239,7 @@ async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
             mount_path: mount.path.clone(),
             src_volume: v.id.clone(),
             src_dir: v.host_dir.clone(),
-            dst_volume: format!("vol_{}", random_hex(8)),
+            dst_volume: server::new_volume_id(),
             dst_dir: None,
             session: format!("{}-{i}", mig.id),
             token: random_hex(16),
@@ -654,10 +654,7 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
             .update_machine_if(&next, &[S::Stopped, S::Failed, S::Created])?;
         for v in &mig.volumes {
             let mut src = server::volume(ctx, &v.src_volume)?;
-            src.state = "pending_destroy".into();
-            let after = now + policy.volume_retention_ms as i64;
-            src.destroy_after_ms = Some(after);
-            src.destroy_after = Some(rfc3339(after));
+            mark_pending_destroy(&mut src, now, policy.volume_retention_ms);
             server::put_volume(ctx, &src)?;
         }
         ctx.changed();
@@ -843,10 +840,7 @@ async fn undo_switch(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<(
         }
         if let Ok(mut dst) = server::volume(ctx, &v.dst_volume) {
             if dst.state == "active" {
-                dst.state = "pending_destroy".into();
-                let after = now + policy.volume_retention_ms as i64;
-                dst.destroy_after_ms = Some(after);
-                dst.destroy_after = Some(rfc3339(after));
+                mark_pending_destroy(&mut dst, now, policy.volume_retention_ms);
                 server::put_volume(ctx, &dst)?;
             }
         }

@@ -19,7 +19,7 @@
 use crate::config::{validate_machine_id, MachineConfig};
 use crate::error::ApiError;
 use crate::proto::{VolumeProgress, VolumeRemove};
-use crate::server::{self, Body, Ctx};
+use crate::server::{self, parse_host, random_hex, Body, Ctx};
 use crate::views::{rfc3339, VolumeView};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -301,17 +301,6 @@ fn host_hex(h: HostId) -> String {
     format!("{:x}", h.get())
 }
 
-fn parse_host(s: &str) -> Result<HostId> {
-    u32::from_str_radix(s, 16)
-        .ok()
-        .and_then(|v| HostId::new(v).ok())
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "host {s:?} is not a host ID (hex, as `ferry host list` shows)"
-            ))
-        })
-}
-
 fn endpoint(ctx: &Ctx, host: &str) -> Result<String> {
     let h = ctx.store.get_host(parse_host(host)?)?;
     if h.endpoint.is_empty() {
@@ -320,12 +309,6 @@ fn endpoint(ctx: &Ctx, host: &str) -> Result<String> {
         )));
     }
     Ok(h.endpoint)
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }
 
 /// Live copy progress per migration (not durable: it is only ever a view of a running round).
@@ -676,6 +659,15 @@ pub fn resume_unfinished(ctx: &Arc<Ctx>) {
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
     });
+}
+
+/// Marks a volume as kept for `retention_ms` from `now_ms`, then destroyed (by
+/// [`expire_volumes`]).
+fn mark_pending_destroy(v: &mut VolumeView, now_ms: i64, retention_ms: u64) {
+    let after = now_ms + retention_ms as i64;
+    v.state = "pending_destroy".into();
+    v.destroy_after_ms = Some(after);
+    v.destroy_after = Some(rfc3339(after));
 }
 
 /// Deletes the source volumes whose retention ran out (best effort; retried on the next call).
