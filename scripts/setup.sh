@@ -11,6 +11,7 @@ PACKAGES=(
   dnsutils                                       # dig, for DNS checks
   python3                                        # demo and test workloads inside machines
   pkg-config
+  e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
 )
 
 missing=()

@@ -520,18 +520,57 @@ fn not_healthy_by_the_deadline_rolls_back_without_losing_a_byte() {
 }
 
 #[test]
-fn max_unavailable_counts_the_apps_machines_that_are_down() {
-    let dev = Dev::start("migmu", 2);
+fn a_machine_stopped_on_purpose_does_not_block_its_apps_moves() {
+    let dev = Dev::start("migstp", 2);
     let hosts = dev.hosts();
     let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}});
-    let up = dev.machine("mu", &hosts[0], sleeper.clone());
-    let down = dev.machine("mu", &hosts[0], sleeper);
+    let up = dev.machine("stp", &hosts[0], sleeper.clone());
+    let idle = dev.machine("stp", &hosts[0], sleeper);
     dev.ok(
         "POST",
-        &format!("/v1/apps/mu/machines/{}/stop", id(&down)),
+        &format!("/v1/apps/stp/machines/{}/stop", id(&idle)),
         json!({}),
     );
-    // One machine of the app is already down: moving another would make two.
+    dev.ok(
+        "POST",
+        "/v1/apps/stp/policy",
+        json!({"max_unavailable": 1, "healthy_deadline": "5s"}),
+    );
+    // The idle machine is not an outage: the running one moves.
+    let mig = migrate(&dev, &up, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "done", "{v}");
+    let now = dev.get_machine(&up);
+    assert_eq!(now["state"], "started");
+    assert_ne!(now["host"], up["host"]);
+    // And so does the idle one, which stays stopped and reports no downtime it never had.
+    let mig = migrate(&dev, &idle, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "done", "{v}");
+    assert!(v["stats"]["downtime_ms"].is_null(), "{v}");
+    assert!(v["stats"]["stopped_at_ms"].is_null(), "{v}");
+    let now = dev.get_machine(&idle);
+    assert_eq!(now["state"], "stopped");
+    assert_ne!(now["host"], idle["host"]);
+    assert_ne!(now["private_ip"], idle["private_ip"]);
+}
+
+#[test]
+fn a_crashed_machine_still_counts_against_max_unavailable() {
+    let dev = Dev::start("migmu", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}, "restart": {"policy": "no"}});
+    let up = dev.machine("mu", &hosts[0], sleeper.clone());
+    let crashed = dev.machine("mu", &hosts[0], sleeper);
+    // It dies on its own (SIGTERM from inside, not a stop call): it should be running.
+    let r = dev.exec(&crashed, &["sh", "-c", "kill -TERM 1"]);
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert!(
+        eventually(Duration::from_secs(20), || dev.get_machine(&crashed)
+            ["state"]
+            == "stopped"),
+        "the machine did not exit"
+    );
     dev.ok(
         "POST",
         "/v1/apps/mu/policy",
@@ -540,9 +579,11 @@ fn max_unavailable_counts_the_apps_machines_that_are_down() {
     let mig = migrate(&dev, &up, json!({}));
     let v = wait_migration(&dev, &mig, Duration::from_secs(60));
     assert_eq!(v["phase"], "rolled_back", "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("max_unavailable"), "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("max_unavailable"),
-        "{v}"
+        err.contains(id(&crashed)),
+        "the note names the machine: {v}"
     );
     let now = dev.get_machine(&up);
     assert_eq!(
@@ -560,6 +601,40 @@ fn max_unavailable_counts_the_apps_machines_that_are_down() {
         wait_migration(&dev, &mig, Duration::from_secs(60))["phase"],
         "done"
     );
+}
+
+#[test]
+fn drain_moves_running_and_stopped_machines_and_the_stopped_stay_stopped() {
+    let dev = Dev::start("migdrs", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}});
+    let up = dev.machine("drs", &hosts[0], sleeper.clone());
+    let idle = dev.machine("drs", &hosts[0], sleeper);
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/drs/machines/{}/stop", id(&idle)),
+        json!({}),
+    );
+    dev.ok(
+        "POST",
+        "/v1/apps/drs/policy",
+        json!({"max_unavailable": 1, "healthy_deadline": "5s"}),
+    );
+    let out = dev.cli(&["host", "drain", &hosts[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let migs = dev.call("GET", "/v1/migrations", None).1;
+    let migs = migs.as_array().unwrap();
+    assert_eq!(migs.len(), 2, "{migs:?}");
+    assert!(migs.iter().all(|m| m["phase"] == "done"), "{migs:?}");
+    for (m, state) in [(&up, "started"), (&idle, "stopped")] {
+        let now = dev.get_machine(m);
+        assert_eq!(now["state"], state, "{now}");
+        assert_eq!(now["host"].as_str(), Some(hosts[1].as_str()), "{now}");
+    }
 }
 
 #[test]

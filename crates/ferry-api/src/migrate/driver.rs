@@ -484,30 +484,88 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
     })
 }
 
+/// Why machine `m` counts against its app's `max_unavailable`, if it does.
+///
+/// The rule (also in the policy's API docs): a machine counts when it *should* be running and
+/// is not ready. It should be running when it is `starting`, `started`, `failed`, or `stopped`
+/// by itself (it exited or crashed: its last exit was not asked for). A machine stopped on
+/// purpose (`ferry machine stop`, an earlier migration's stop of a stopped machine) or never
+/// started does not count: it is idle, not an outage the policy protects against.
+fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
+    let last_exit_requested = || {
+        let events = ctx.store.events(&m.id).ok()?;
+        events
+            .iter()
+            .rev()
+            .find(|e| e.r#type == "exit")
+            .map(|e| e.request["exit_event"]["requested_stop"] == true)
+    };
+    let why = unavailability(m.state, || ready(ctx, m), last_exit_requested);
+    if why.is_none() && m.state == S::Stopped && being_moved_while_running(ctx, &m.id) {
+        // Stopped by its own migration (the stop was "requested", by us): it should run.
+        return Some("being migrated");
+    }
+    why
+}
+
+/// An unfinished migration of a machine that was running when it began.
+fn being_moved_while_running(ctx: &Ctx, machine: &str) -> bool {
+    ids(ctx).unwrap_or_default().iter().rev().any(|id| {
+        load(ctx, id).is_ok_and(|m| m.machine_id == machine && m.was_running && !m.phase.finished())
+    })
+}
+
+/// [`unavailable`]'s rule on plain facts (unit-tested): the state, whether the checks pass
+/// (asked only for a started machine) and whether the last exit was requested by a stop call
+/// (`None`: no exit recorded).
+fn unavailability(
+    state: S,
+    ready: impl FnOnce() -> bool,
+    last_exit_requested: impl FnOnce() -> Option<bool>,
+) -> Option<&'static str> {
+    match state {
+        S::Started if ready() => None,
+        S::Started => Some("started but not ready"),
+        S::Starting => Some("starting"),
+        S::Failed => Some("failed"),
+        // Stopped without anyone asking (exited, crashed, gone while its agent was down):
+        // its desired state is still started.
+        S::Stopped if last_exit_requested() != Some(true) => Some("exited on its own"),
+        // Stopped on purpose, never started, on its way out or moved away.
+        _ => None,
+    }
+}
+
 async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     let m = ctx.store.get_machine(&mig.machine_id)?;
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
-        // max_unavailable: the others that are not ready, plus this one, must fit.
+        // max_unavailable: the others that should run and are not ready, plus this one, must fit.
         let policy = load_policy(ctx, &mig.app)?;
-        let down = ctx
+        let down: Vec<String> = ctx
             .store
             .list_machines(Some(&mig.app))?
             .iter()
-            .filter(|o| o.id != m.id && !ready(ctx, o))
-            .count() as u32;
-        if down + 1 > policy.max_unavailable {
+            .filter(|o| o.id != m.id)
+            .filter_map(|o| unavailable(ctx, o).map(|why| format!("{} ({why})", o.id)))
+            .collect();
+        if down.len() as u32 + 1 > policy.max_unavailable {
             let waited = ctx.store.now_ms() - mig.updated_at_ms;
             if waited > policy.healthy_deadline_ms as i64 {
                 return Err(StepError::RollBack(format!(
-                    "{down} other machines of app {} are not ready and max_unavailable is {}",
-                    mig.app, policy.max_unavailable
+                    "{} other machines of app {} should be running and are not ready ({}), \
+                     and max_unavailable is {}",
+                    down.len(),
+                    mig.app,
+                    down.join(", "),
+                    policy.max_unavailable
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(());
         }
     }
-    if mig.stats.stopped_at_ms.is_none() {
+    // A machine that was not running has no downtime: nothing to time, nothing to announce.
+    if mig.was_running && mig.stats.stopped_at_ms.is_none() {
         mig.stats.stopped_at_ms = Some(ctx.store.now_ms());
         save(ctx, mig)?;
         ctx.store.add_event(
@@ -912,4 +970,35 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
     ctx.store
         .update_machine_if(&back, &[S::Stopped, S::Failed, S::Created])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(state: S, ready: bool, last_exit_requested: Option<bool>) -> Option<&'static str> {
+        unavailability(state, || ready, || last_exit_requested)
+    }
+
+    #[test]
+    fn a_machine_stopped_on_purpose_or_never_started_is_not_unavailable() {
+        assert_eq!(rule(S::Stopped, false, Some(true)), None);
+        assert_eq!(rule(S::Created, false, None), None);
+        assert_eq!(rule(S::Destroyed, false, None), None);
+        assert_eq!(rule(S::Migrated, false, None), None);
+    }
+
+    #[test]
+    fn a_machine_that_should_run_and_is_not_ready_is_unavailable() {
+        assert_eq!(rule(S::Started, true, None), None);
+        assert_eq!(rule(S::Started, false, None), Some("started but not ready"));
+        assert_eq!(rule(S::Starting, false, None), Some("starting"));
+        assert_eq!(rule(S::Failed, false, Some(true)), Some("failed"));
+        // Exited on its own (a crash, restart policy no) or lost while its agent was down.
+        assert_eq!(
+            rule(S::Stopped, false, Some(false)),
+            Some("exited on its own")
+        );
+        assert_eq!(rule(S::Stopped, false, None), Some("exited on its own"));
+    }
 }

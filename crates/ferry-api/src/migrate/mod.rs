@@ -173,8 +173,11 @@ pub struct Migration {
 /// An app's rules for moving its machines.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MigratePolicy {
-    /// At most this many of the app's machines may be unavailable (not ready) at once, counting
-    /// the one about to stop. Default 1.
+    /// At most this many of the app's machines may be unavailable at once, counting the one
+    /// about to stop. Default 1. A machine is unavailable when it should be running and is not
+    /// ready: it is `starting`, `started` with a check not passing, `failed`, or `stopped` by
+    /// itself (it exited or crashed). A machine stopped on purpose (`ferry machine stop`) or
+    /// never started does not count, so idle machines never block their app's moves or a drain.
     pub max_unavailable: u32,
     /// A moved machine must have been ready this long before the migration is done (and the next
     /// one of the app may start). Milliseconds.

@@ -31,7 +31,9 @@ enum AppCmd {
     /// Show, or change, how the app's machines migrate (drains respect it).
     Policy {
         name: String,
-        /// At most this many of the app's machines unavailable at once (default 1).
+        /// At most this many of the app's machines unavailable at once (default 1), counting the
+        /// one about to move. Unavailable: should be running (starting, started, failed, or
+        /// exited on its own) and not ready. Machines stopped on purpose do not count.
         #[arg(long)]
         max_unavailable: Option<u32>,
         /// A moved machine must be ready this long before the next one moves, e.g. 10s.
