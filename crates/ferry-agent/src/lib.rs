@@ -43,6 +43,9 @@ pub enum AgentError {
     },
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A volume holds something a fork never copies (a device node): retrying cannot help.
+    #[error("{0}")]
+    VolumeUnsupported(String),
 }
 
 impl AgentError {

@@ -70,11 +70,14 @@ type Shared = State<Arc<Agent>>;
 /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
 type NftSeen = HashMap<(String, std::net::Ipv6Addr), (u64, i64, i64)>;
 
+use ferry_api::error::PERMANENT_VOLUME_ERROR;
+
 fn api_err(e: AgentError) -> ApiError {
     match e {
         AgentError::UnknownMachine(_) => ApiError::not_found(e.to_string()),
         AgentError::NotRunning(_) => ApiError::conflict("not_running", e.to_string()),
         AgentError::Invalid(m) => ApiError::invalid(m),
+        AgentError::VolumeUnsupported(m) => ApiError::new(422, PERMANENT_VOLUME_ERROR, m),
         e => ApiError::internal(e),
     }
 }

@@ -188,7 +188,13 @@ impl Volumes {
         };
         let result = sender.round(&mut stream, &hello, &opts);
         self.progress.lock().unwrap().remove(&req.session);
-        let r = result.map_err(|e| AgentError::Invalid(format!("volume copy: {e}")))?;
+        let r = result.map_err(|e| {
+            if e.is_permanent() {
+                AgentError::VolumeUnsupported(format!("volume copy: {e}"))
+            } else {
+                AgentError::Invalid(format!("volume copy: {e}"))
+            }
+        })?;
         if let Some(m) = sender.last_manifest() {
             // No fsync (see above): this is on the path of a migration's downtime.
             let tmp = manifest_path.with_extension("tmp");

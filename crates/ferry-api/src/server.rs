@@ -452,9 +452,17 @@ pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwn
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<crate::error::ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or(text);
+        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+            .map(|b| (b.error, b.code))
+            .unwrap_or((text, String::new()));
+        if code == crate::error::PERMANENT_VOLUME_ERROR {
+            // Not the agent's failure: the volume cannot be forked as it is. Never retried.
+            return Err(ApiError::new(
+                422,
+                crate::error::PERMANENT_VOLUME_ERROR,
+                format!("the host's agent refused: {msg}"),
+            ));
+        }
         return Err(ApiError::new(
             502,
             "agent_error",

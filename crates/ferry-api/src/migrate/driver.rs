@@ -794,6 +794,18 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         loop {
             let m = ctx.store.get_machine(&mig.machine_id)?;
             let now = ctx.store.now_ms();
+            if matches!(m.state, S::Stopped | S::Failed) {
+                // It exited on the destination (its restart policy did not bring it back): it
+                // would never become healthy, so do not wait out the deadline.
+                return Err(StepError::RollBack(format!(
+                    "the machine exited on host {} {} ms after its start ({}), before it had \
+                     run for min_healthy_time ({} ms)",
+                    mig.to_host,
+                    now - started,
+                    last_exit(ctx, &m.id),
+                    policy.min_healthy_time_ms
+                )));
+            }
             if ready(ctx, &m) {
                 let since = *ready_since.get_or_insert(now);
                 if now - since >= policy.min_healthy_time_ms as i64 {
@@ -814,6 +826,20 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     finish(ctx, mig, "done", None)?;
     mig.phase = Phase::Done;
     Ok(())
+}
+
+/// The machine's last exit as words, e.g. "exit code 3" or "killed by signal 9".
+fn last_exit(ctx: &Ctx, machine: &str) -> String {
+    let events = ctx.store.events(machine).unwrap_or_default();
+    let Some(e) = events.iter().rev().find(|e| e.r#type == "exit") else {
+        return "no exit recorded".into();
+    };
+    let x = &e.request["exit_event"];
+    match (x["exit_code"].as_i64(), x["signal"].as_i64()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => e.status.clone(),
+    }
 }
 
 fn finish(ctx: &Ctx, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
