@@ -9,6 +9,7 @@
 //!
 //! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
 
+pub mod disk;
 mod machines;
 mod nft;
 mod volumes;

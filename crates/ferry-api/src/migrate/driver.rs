@@ -361,6 +361,7 @@ async fn copy_round(
     from: &str,
     to: &str,
     dir: Option<String>,
+    size_mb: Option<u64>,
 ) -> Step<(VolumeRound, String)> {
     let (src_ep, dst_ep) = (endpoint(ctx, from)?, endpoint(ctx, to)?);
     let exp: VolumeExpected = server::call_agent(
@@ -371,6 +372,7 @@ async fn copy_round(
             token: token.to_owned(),
             volume_id: target_volume.to_owned(),
             dir,
+            size_mb,
         },
     )
     .await?;
@@ -408,6 +410,9 @@ async fn copy_round(
 /// One copy round of volume `i` from the source host to the destination.
 async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
     let v = &mig.volumes[i];
+    // A fork of a size-limited volume is a file system of the same size on the destination.
+    let src = server::volume(ctx, &v.src_volume)?;
+    let size = src.size_mb.filter(|_| src.kept_by_agent);
     copy_round(
         ctx,
         &mig.id,
@@ -418,6 +423,7 @@ async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRoun
         &mig.from_host,
         &mig.to_host,
         None,
+        size,
     )
     .await
 }
@@ -683,6 +689,7 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                     id: v.dst_volume.clone(),
                     host_dir: v.dst_dir.clone().unwrap_or_default(),
                     size_mb: src.size_mb,
+                    kept_by_agent: src.kept_by_agent,
                     created_at: rfc3339(now),
                     host: Some(mig.to_host.clone()),
                     state: "active".into(),
@@ -969,6 +976,7 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
             &mig.to_host,
             &mig.from_host,
             Some(v.src_dir.clone()),
+            None,
         )
         .await?;
         if !r.verified {
