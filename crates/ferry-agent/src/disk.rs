@@ -135,15 +135,59 @@ fn attach(img: &Path) -> io::Result<(PathBuf, File)> {
     Err(io::Error::other("no free loop device after 16 tries"))
 }
 
+/// The loop device `img` is attached to, if any: its file system may still be alive (a
+/// machine's mount namespace that has not gone yet holds it after the host's mount was
+/// detached).
+fn attached_to(img: &Path) -> Option<PathBuf> {
+    let img = img.canonicalize().ok()?;
+    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(b.trim_end()) == img {
+            return Some(PathBuf::from(format!("/dev/{n}")));
+        }
+    }
+    None
+}
+
 /// Mounts `img` at `dir` (made if missing) unless something is mounted there already.
 /// Returns whether it mounted.
+///
+/// An image still attached to a loop device is mounted from that device, so the kernel reuses
+/// the file system instance that is still alive: two instances of one ext4 image would each
+/// write it as if alone, and the newer one would not see what the older one had not written
+/// back yet.
 pub fn mount(img: &Path, dir: &Path) -> io::Result<bool> {
     std::fs::create_dir_all(dir)?;
     if is_mount_point(dir)? {
         return Ok(false);
     }
+    if let Some(dev) = attached_to(img) {
+        match mount_dev(&dev, dir) {
+            Ok(()) => return Ok(true),
+            // It detached meanwhile (its last user went): attach afresh below.
+            Err(e) => tracing::debug!("mounting {} from {}: {e}", img.display(), dev.display()),
+        }
+    }
     let (dev, loopf) = attach(img)?;
-    let (src, target, fstype) = (cstr(&dev)?, cstr(dir)?, c"ext4");
+    if let Err(e) = mount_dev(&dev, dir) {
+        // The loop device has no mount: autoclear only fires on the last close after a
+        // mount, so detach it by hand.
+        // SAFETY: LOOP_CLR_FD (0x4C01) on an open loop device, no argument.
+        unsafe { libc::ioctl(loopf.as_raw_fd(), 0x4C01 as _) };
+        return Err(e);
+    }
+    drop(loopf);
+    Ok(true)
+}
+
+fn mount_dev(dev: &Path, dir: &Path) -> io::Result<()> {
+    let (src, target, fstype) = (cstr(dev)?, cstr(dir)?, c"ext4");
     // SAFETY: valid C strings for the call; no data argument.
     let r = unsafe {
         libc::mount(
@@ -155,20 +199,19 @@ pub fn mount(img: &Path, dir: &Path) -> io::Result<bool> {
         )
     };
     if r != 0 {
-        // The loop device has no mount: autoclear only fires on the last close after a
-        // mount, so detach it by hand.
-        let e = io::Error::last_os_error();
-        // SAFETY: LOOP_CLR_FD (0x4C01) on an open loop device, no argument.
-        unsafe { libc::ioctl(loopf.as_raw_fd(), 0x4C01 as _) };
-        return Err(e);
+        return Err(io::Error::last_os_error());
     }
-    drop(loopf);
-    Ok(true)
+    Ok(())
 }
 
 /// Detaches whatever is mounted at `dir` (lazily: a machine still using it keeps it until it
 /// ends). Not mounted is fine.
 pub fn unmount(dir: &Path) -> io::Result<()> {
+    // Written back first: what the machine wrote is in the image before anyone else looks.
+    if let Ok(d) = File::open(dir) {
+        // SAFETY: plain syscall on an open descriptor.
+        unsafe { libc::syncfs(d.as_raw_fd()) };
+    }
     let c = cstr(dir)?;
     // SAFETY: valid C string for the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
