@@ -12,6 +12,7 @@ PACKAGES=(
   python3                                        # demo and test workloads inside machines
   pkg-config
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
+  postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
 )
 
 missing=()
