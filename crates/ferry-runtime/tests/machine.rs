@@ -4,8 +4,9 @@
 
 use ferry_net::NetNs;
 use ferry_runtime::{
-    exec_in, run_check, spawn_machine, stop, CgroupLayout, Check, CheckKind, CheckRole, InitSpec,
-    Limits, MachineCgroup, MountSpec, Running, RuntimeError, Signal,
+    claim_id_range, default_image, exec_in, run_check, spawn_machine, stop, CgroupLayout, Check,
+    CheckKind, CheckRole, InitSpec, Limits, MachineCgroup, MountSpec, Running, RuntimeError,
+    SandboxSpec, Signal,
 };
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -74,6 +75,16 @@ impl TestMachine {
             env: BTreeMap::new(),
             mounts: Vec::new(),
             workdir: None,
+            sandbox: Some(self.sandbox()),
+        }
+    }
+
+    /// The sandbox the agent would give this machine: the default image (built in the test's
+    /// own directory) and an ID range of its own.
+    fn sandbox(&self) -> SandboxSpec {
+        SandboxSpec {
+            id_base: claim_id_range(&self.cg.dirs()[0].1).expect("an id range"),
+            layers: default_image(&self.dir.path().join("images")).expect("the default image"),
         }
     }
 
@@ -151,6 +162,7 @@ fn init_is_pid1_with_env_hostname_etc_files_and_volume() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 128,
         cpus: 1.0,
+        pids: 0,
     });
     let vol = m.dir.path().join("vol");
     std::fs::create_dir(&vol).unwrap();
@@ -205,8 +217,10 @@ exit 7"#);
     );
     assert_eq!(line(&log, "sum="), sha256(&vol.join("f")));
     // ...and none of it leaked into the host's view.
-    assert!(guest.is_dir(), "the mountpoint was created");
-    assert_eq!(std::fs::read_dir(&guest).unwrap().count(), 0);
+    assert!(
+        !guest.exists(),
+        "the mountpoint was made in the machine's own root filesystem, not the host's"
+    );
     assert_eq!(std::fs::read("/etc/resolv.conf").unwrap(), host_resolv);
     assert_eq!(std::fs::read("/etc/hosts").unwrap(), host_hosts);
     assert_eq!(
@@ -222,6 +236,7 @@ fn limits_applied_and_processes_in_the_cgroup() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.5,
+        pids: 0,
     });
     assert_eq!(m.cg.memory_limit_bytes(), Some(64 << 20));
     assert_eq!(m.cg.cpu_quota(), Some((50_000, 100_000)));
@@ -264,6 +279,7 @@ fn oom_kill_is_reported() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 32,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&[
         "python3",
@@ -280,6 +296,7 @@ fn stop_with_sigint_is_not_escalated() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     m.start(&spec);
@@ -305,6 +322,7 @@ fn stop_escalates_to_sigkill_when_the_signal_is_ignored() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "trap '' INT; echo ready; sleep 60"]);
     m.start(&spec);
@@ -331,6 +349,7 @@ fn zombies_are_reaped() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     // Each subshell exits at once, orphaning its background child to PID 1, which must reap it.
     let spec = m.spec(&[
@@ -371,6 +390,7 @@ fn attach_after_agent_restart_then_stop() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     let pid = m.start(&spec).pid();
@@ -404,6 +424,7 @@ fn exec_returns_output_and_exit_code() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let mut spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     spec.env.insert("CUSTOM".into(), "x y".into());
@@ -417,7 +438,7 @@ echo "$FERRY_MACHINE_ID $CUSTOM"
 cat /proc/sys/kernel/hostname
 tr '\0' ' ' < /proc/1/cmdline; echo
 pwd
-grep -c "ferry/$FERRY_MACHINE_ID" /proc/self/cgroup
+grep -c '^0::/$' /proc/self/cgroup
 cat /etc/resolv.conf
 exit 3"#),
         Duration::from_secs(5),
@@ -432,7 +453,9 @@ exit 3"#),
     assert_eq!(lines[2], m.id);
     assert!(lines[3].contains("ferry-init-test init"), "{stdout}");
     assert_eq!(lines[4], "/tmp");
-    assert_ne!(lines[5], "0", "exec joined the machine's cgroups");
+    // In the machine's cgroup namespace, its own cgroup is the root: a process anywhere else
+    // would show a "/../..." path.
+    assert_eq!(lines[5], "1", "exec joined the machine's cgroups: {stdout}");
     assert_eq!(lines[6], "nameserver fdaa::3");
 
     // A signal-killed command reports 128+signal.
@@ -466,6 +489,7 @@ fn tcp_http_and_exec_checks() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 256,
         cpus: 0.0,
+        pids: 0,
     });
     let mut spec = m.spec(&["python3", "-m", "http.server", "8080", "--bind", PRIVATE_IP]);
     spec.workdir = Some("/tmp".into());
@@ -576,6 +600,7 @@ fn bad_input_is_rejected() {
     let m = TestMachine::new(Limits {
         memory_mb: 16,
         cpus: 0.0,
+        pids: 0,
     });
     let layout = CgroupLayout::discover().unwrap();
     assert!(layout
@@ -583,7 +608,8 @@ fn bad_input_is_rejected() {
             "../escape",
             Limits {
                 memory_mb: 1,
-                cpus: 0.0
+                cpus: 0.0,
+                pids: 0,
             }
         )
         .is_err());
@@ -629,6 +655,7 @@ fn stop_with_sigstop_freezes_then_escalates() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     m.start(&spec);
