@@ -2,7 +2,10 @@
 //!
 //! The command joins the machine's cgroups and the net, uts, pid and mount namespaces of its
 //! PID 1 (`/proc/<init>/ns/*`), gets the machine's environment and working directory, and runs
-//! with its output captured.
+//! with its output captured. In a sandboxed machine it also joins the cgroup namespace and, last,
+//! the user namespace as its root, and the grandchild takes the machine's capability set,
+//! `no_new_privs` and seccomp filter just before exec: an exec'd command is held exactly like the
+//! machine's own processes.
 //!
 //! `setns` into a pid namespace only affects the caller's *children*, so the process std spawns
 //! forks once more between fork and exec (the `nsenter` double fork): the grandchild, now a
@@ -130,8 +133,9 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec the closure makes only async-signal-safe syscalls (write,
-    // setns, chdir, fork, close_range, waitpid, prctl, getppid, _exit) on fds and a CString
-    // prepared above, which outlive spawn; it allocates nothing.
+    // setns, setgroups, setres[ug]id, chdir, fork, close_range, waitpid, prctl, getppid, capset,
+    // seccomp, _exit) on fds, a CString and seccomp programs prepared above, which outlive
+    // spawn; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             crate::init::write_pid_to(&proc_fds)?;

@@ -18,9 +18,17 @@
 //!   command's raw outcome reaches the shim over a pipe so `exit.json` can tell "exited 130" from
 //!   "killed by SIGINT".
 //!
-//! There is no separate root filesystem: guest paths are host paths seen through the machine's
-//! mount namespace, so a missing guest mountpoint directory is created on the host's filesystem
-//! (it stays empty there; the bind mount is only visible inside the machine).
+//! A **sandboxed** machine (the spec has a [`SandboxSpec`](crate::SandboxSpec); the agent always
+//! sets one) differs in three places: the spawn leaves the pid namespace to the shim, which first
+//! has the machine's user namespace made by a helper child (so the helper takes no pid in the
+//! machine and the command is still PID 2); init builds the machine's own root filesystem,
+//! pivots into it, joins the user namespace and drops privileges (see [`crate::sandbox`]); and
+//! the shim writes `init.pid` only once init says it is set up.
+//!
+//! Without a sandbox there is no separate root filesystem: guest paths are host paths seen
+//! through the machine's mount namespace, so a missing guest mountpoint directory is created on
+//! the host's filesystem (it stays empty there; the bind mount is only visible inside the
+//! machine). Only the runtime's benchmark baseline runs machines that way now.
 //!
 //! Signals: both processes block the signals they handle and take them with `sigwait`, so no
 //! signal is lost between fork and the loop, and no work happens in a signal handler. A PID 1

@@ -108,9 +108,11 @@ fn runc_bundle(dir: &Path) -> Result<std::path::PathBuf> {
 }
 
 fn main() -> Result<()> {
-    let ferry = std::path::PathBuf::from(
+    // Absolute: the shim is spawned with `/` as its working directory.
+    let ferry = std::fs::canonicalize(
         std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into()),
-    );
+    )
+    .context("FERRY_BIN")?;
     let n: usize = std::env::var("N")
         .ok()
         .and_then(|v| v.parse().ok())
