@@ -94,7 +94,7 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
     };
     // Built before the fork: applying it afterwards is only raw syscalls.
     let lockdown = if sandboxed {
-        Some(crate::sandbox::Lockdown::new()?)
+        Some(crate::sandbox::Lockdown::get()?)
     } else {
         None
     };
@@ -166,7 +166,7 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
                     crate::sys::unblock_all_signals()?;
                     // Last: the filter would refuse nothing above, but it is the machine's rule
                     // from here on.
-                    match &lockdown {
+                    match lockdown {
                         Some(l) => l.apply(),
                         None => Ok(()),
                     }

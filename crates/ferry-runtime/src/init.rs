@@ -523,13 +523,13 @@ fn setup_machine(spec: &InitSpec, run_dir: &Path, userns: Option<&OwnedFd>) -> R
     nix::unistd::sethostname(&spec.machine_id).map_err(|e| RuntimeError::sys("sethostname", e))?;
 
     if let (Some(sb), Some(userns)) = (&spec.sandbox, userns) {
-        let lockdown = crate::sandbox::Lockdown::new()?;
+        let lockdown = crate::sandbox::Lockdown::get()?;
         let (resolv, hosts) = (resolv_conf(), hosts_file(spec));
         let etc = crate::sandbox::EtcFiles {
             resolv: &resolv,
             hosts: &hosts,
         };
-        return crate::sandbox::enter(spec, sb, userns, &run_dir.join("sandbox"), etc, &lockdown);
+        return crate::sandbox::enter(spec, sb, userns, &run_dir.join("sandbox"), etc, lockdown);
     }
 
     // A /proc for our pid namespace: `ps` and /proc/1 then show the machine, not the host.

@@ -131,6 +131,9 @@ fn claim_id_range_in(registry: &Path, owner: &Path) -> Result<u32> {
         }
         if !holder.is_empty() && Path::new(&holder).exists() {
             used.insert(slot);
+        } else {
+            // Its machine is gone: forget it, so the registry stays as small as what runs.
+            let _ = std::fs::remove_file(e.path());
         }
     }
     let slot = (0..MAX_SLOTS)
@@ -294,10 +297,16 @@ struct CapData {
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
 impl Lockdown {
-    pub(crate) fn new() -> Result<Lockdown> {
-        Ok(Lockdown {
+    /// The one lockdown of this process, compiled on first use (exec and checks reuse it).
+    pub(crate) fn get() -> Result<&'static Lockdown> {
+        static LOCKDOWN: std::sync::OnceLock<Lockdown> = std::sync::OnceLock::new();
+        if let Some(l) = LOCKDOWN.get() {
+            return Ok(l);
+        }
+        let l = Lockdown {
             filters: seccomp_filters()?,
-        })
+        };
+        Ok(LOCKDOWN.get_or_init(|| l))
     }
 
     /// Drops every capability outside [`DEFAULT_CAPS`] (bounding, ambient, effective, permitted,
