@@ -11,6 +11,8 @@ PACKAGES=(
   dnsutils                                       # dig, for DNS checks
   python3                                        # demo and test workloads inside machines
   pkg-config
+  e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
+  postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
 )
 
 missing=()

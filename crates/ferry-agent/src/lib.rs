@@ -9,6 +9,7 @@
 //!
 //! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
 
+pub mod disk;
 mod machines;
 mod nft;
 mod volumes;
@@ -43,6 +44,9 @@ pub enum AgentError {
     },
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A volume holds something a fork never copies (a device node): retrying cannot help.
+    #[error("{0}")]
+    VolumeUnsupported(String),
 }
 
 impl AgentError {

@@ -10,7 +10,7 @@ use ferry_api::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
     StopMachine,
 };
-use ferry_api::proto::{BridgeHit, BridgeSync};
+use ferry_api::proto::{BridgeHit, BridgeSync, VolumeRef};
 use ferry_api::ApiError;
 use ferry_ebpf::bridge::Bridge;
 use ferry_net::{HostNet, NetNs};
@@ -77,11 +77,14 @@ type Shared = State<Arc<Agent>>;
 /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
 type NftSeen = HashMap<(String, std::net::Ipv6Addr), (u64, i64, i64)>;
 
+use ferry_api::error::PERMANENT_VOLUME_ERROR;
+
 fn api_err(e: AgentError) -> ApiError {
     match e {
         AgentError::UnknownMachine(_) => ApiError::not_found(e.to_string()),
         AgentError::NotRunning(_) => ApiError::conflict("not_running", e.to_string()),
         AgentError::Invalid(m) => ApiError::invalid(m),
+        AgentError::VolumeUnsupported(m) => ApiError::new(422, PERMANENT_VOLUME_ERROR, m),
         e => ApiError::internal(e),
     }
 }
@@ -243,6 +246,26 @@ impl Agent {
     }
 
     /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
+    /// The directory of each mount: a size-limited volume this agent keeps (made and mounted
+    /// here if needed), or the host directory the server named.
+    fn volume_dirs(&self, run: &RunMachine) -> Result<Vec<String>, AgentError> {
+        let mut out = Vec::new();
+        for (i, _) in run.config.mounts.iter().enumerate() {
+            let dir =
+                match run.volumes.get(i) {
+                    Some(VolumeRef {
+                        id,
+                        size_mb: Some(mb),
+                    }) => self.volumes.ensure(id, *mb)?.display().to_string(),
+                    _ => run.volume_dirs.get(i).cloned().ok_or_else(|| {
+                        AgentError::Invalid(format!("no directory for mount {i}"))
+                    })?,
+                };
+            out.push(dir);
+        }
+        Ok(out)
+    }
+
     fn start_machine(self: &Arc<Self>, run: RunMachine) -> Result<i32, AgentError> {
         let field = MachineField(run.machine_field);
         let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
@@ -656,10 +679,13 @@ async fn start(
         return Err(ApiError::invalid("machine id in path and body differ"));
     }
     blocking(move || {
+        let mut run = run;
+        run.volume_dirs = a.volume_dirs(&run)?;
+        let dirs = run.volume_dirs.clone();
         let r = a.start_machine(run);
         // Test hook: the machine runs but the server never hears so.
         ferry_api::crash_point("agent-start");
-        r.map(|pid| serde_json::json!({"pid": pid}))
+        r.map(|pid| serde_json::json!({"pid": pid, "volume_dirs": dirs}))
     })
     .await
 }

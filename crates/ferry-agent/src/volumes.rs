@@ -26,6 +26,9 @@ pub struct Volumes {
     addr: SocketAddr,
     expected: Mutex<Expected>,
     progress: Arc<Mutex<HashMap<String, VolumeProgress>>>,
+    /// Serializes making and mounting volumes (two machines, or a machine and a copy, may ask
+    /// for one volume at once).
+    making: Mutex<()>,
 }
 
 /// Session, volume and target names become file names: a safe alphabet only.
@@ -64,7 +67,9 @@ impl Volumes {
             addr,
             expected: Mutex::new(HashMap::new()),
             progress: Arc::new(Mutex::new(HashMap::new())),
+            making: Mutex::new(()),
         });
+        v.mount_all();
         let me = v.clone();
         std::thread::Builder::new()
             .name("volume-recv".into())
@@ -107,6 +112,51 @@ impl Volumes {
         }
     }
 
+    /// Mounts every volume image of this host that is not mounted (agent start: after a reboot,
+    /// or a `ferry dev` that unmounted them when it stopped).
+    fn mount_all(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Some(id) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".img"))
+            else {
+                continue;
+            };
+            if safe_name("volume", id).is_ok() {
+                if let Err(e) = crate::disk::mount(&p, &self.dir.join(id)) {
+                    tracing::warn!("mounting volume {id}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The mounted directory of size-limited volume `id`: made (an ext4 image of `size_mb`
+    /// MiB) on first use, mounted if it is not.
+    pub fn ensure(&self, id: &str, size_mb: u64) -> Result<PathBuf, AgentError> {
+        safe_name("volume", id)?;
+        let _g = self.making.lock().unwrap();
+        let img = self.dir.join(format!("{id}.img"));
+        let dir = self.dir.join(id);
+        let fresh = !img.exists();
+        if fresh {
+            crate::disk::create(&img, size_mb)
+                .map_err(|e| AgentError::io(format!("making volume {id} ({size_mb} MiB)"), e))?;
+        }
+        crate::disk::mount(&img, &dir)
+            .map_err(|e| AgentError::io(format!("mounting volume {id}"), e))?;
+        if fresh {
+            // mkfs's lost+found would be the first thing a machine finds in its "empty" volume
+            // (and `initdb` refuses a non-empty directory); e2fsck makes it again if needed.
+            let _ = std::fs::remove_dir(dir.join("lost+found"));
+        }
+        Ok(dir)
+    }
+
     /// The server announces a copy: where it goes and the secret the sender will show.
     pub fn expect(&self, req: VolumeExpect) -> Result<VolumeExpected, AgentError> {
         safe_name("session", &req.session)?;
@@ -117,7 +167,10 @@ impl Volumes {
         let dir = match &req.dir {
             Some(d) if Path::new(d).is_absolute() => PathBuf::from(d),
             Some(d) => return Err(AgentError::Invalid(format!("dir {d:?} is not absolute"))),
-            None => self.dir.join(&req.volume_id),
+            None => match req.size_mb {
+                Some(mb) => self.ensure(&req.volume_id, mb)?,
+                None => self.dir.join(&req.volume_id),
+            },
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
@@ -188,7 +241,13 @@ impl Volumes {
         };
         let result = sender.round(&mut stream, &hello, &opts);
         self.progress.lock().unwrap().remove(&req.session);
-        let r = result.map_err(|e| AgentError::Invalid(format!("volume copy: {e}")))?;
+        let r = result.map_err(|e| {
+            if e.is_permanent() {
+                AgentError::VolumeUnsupported(format!("volume copy: {e}"))
+            } else {
+                AgentError::Invalid(format!("volume copy: {e}"))
+            }
+        })?;
         if let Some(m) = sender.last_manifest() {
             // No fsync (see above): this is on the path of a migration's downtime.
             let tmp = manifest_path.with_extension("tmp");
@@ -230,8 +289,25 @@ impl Volumes {
             .map_err(|e| AgentError::io("volumes dir", e))?;
         match canon {
             Ok(c) if c.starts_with(&root) && c != root => {
+                let _g = self.making.lock().unwrap();
+                // A size-limited volume: its file system goes with its image (a machine still
+                // holding it keeps it until it ends: the unmount is lazy).
+                crate::disk::unmount(&c)
+                    .map_err(|e| AgentError::io(format!("unmounting {}", c.display()), e))?;
                 std::fs::remove_dir_all(&c)
                     .map_err(|e| AgentError::io(format!("removing {}", c.display()), e))?;
+                for extra in [
+                    c.with_extension("img"),
+                    ferry_volume::state_path(&c).unwrap_or_default(),
+                ] {
+                    match std::fs::remove_file(&extra) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(AgentError::io(format!("removing {}", extra.display()), e))
+                        }
+                    }
+                }
                 Ok(())
             }
             Ok(_) => Err(AgentError::Invalid(format!(

@@ -14,6 +14,10 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// An agent's code for a volume fork that can never succeed as the volume is (a device node
+/// in it): the server passes it on with status 422 and a migration rolls back at once.
+pub const PERMANENT_VOLUME_ERROR: &str = "volume_unsupported";
+
 /// The JSON body of every error.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

@@ -15,11 +15,24 @@ pub struct RunMachine {
     pub private_ip: String,
     pub region: String,
     pub config: MachineConfig,
-    /// Host directory backing each mount, in the order of `config.mounts`.
+    /// Host directory backing each mount, in the order of `config.mounts` (for a volume the
+    /// agent keeps, see `volumes`, the agent's own path is used instead).
     pub volume_dirs: Vec<String>,
+    /// The volume of each mount, in the order of `config.mounts`.
+    #[serde(default)]
+    pub volumes: Vec<VolumeRef>,
     /// The bridge's feature gate for this machine (its org's and app's setting).
     #[serde(default = "yes")]
     pub bridge_enabled: bool,
+}
+
+/// A mount's volume as the agent needs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRef {
+    pub id: String,
+    /// Set for a size-limited volume the agent keeps (an ext4 image it makes on first use and
+    /// mounts); `None` for an operator's host directory.
+    pub size_mb: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -137,6 +150,9 @@ pub struct VolumeExpect {
     /// Receive into this existing directory instead (a rollback copying back to the source).
     #[serde(default)]
     pub dir: Option<String>,
+    /// The size of the volume to make (a size-limited volume: a fork has its source's size).
+    #[serde(default)]
+    pub size_mb: Option<u64>,
 }
 
 /// Destination agent's answer: where the bytes go and where to send them.

@@ -11,6 +11,7 @@ use crate::config::{
 use crate::error::ApiError;
 use crate::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, RegisterHost, RunMachine, StopMachine,
+    VolumeRef,
 };
 use crate::views::*;
 use crate::LEASE_HEADER;
@@ -314,7 +315,23 @@ async fn create_machine(
     }
     let app = ctx.store.get_app(&app)?;
     let volume_dirs = resolve_volumes(&ctx, &req.config)?;
-    let host = place(&ctx, req.host.as_deref())?;
+    // A volume that lives on a host already takes its machine there.
+    let mut want = req.host.clone();
+    for mount in &req.config.mounts {
+        let v = volume(&ctx, &mount.volume)?;
+        if let (true, Some(h)) = (v.kept_by_agent, &v.host) {
+            match &want {
+                Some(w) if parse_host(w)? != parse_host(h)? => {
+                    return Err(ApiError::conflict(
+                        "volume_elsewhere",
+                        format!("volume {} lives on host {h}, not on host {w}", v.id),
+                    ))
+                }
+                _ => want = Some(h.clone()),
+            }
+        }
+    }
+    let host = place(&ctx, want.as_deref())?;
     let field = ctx.store.allocate_machine_field(host.id)?;
     let addr = FleetAddr::primary(app.network_id, host.id, field);
     let id = new_machine_id();
@@ -452,9 +469,17 @@ pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwn
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<crate::error::ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or(text);
+        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+            .map(|b| (b.error, b.code))
+            .unwrap_or((text, String::new()));
+        if code == crate::error::PERMANENT_VOLUME_ERROR {
+            // Not the agent's failure: the volume cannot be forked as it is. Never retried.
+            return Err(ApiError::new(
+                422,
+                crate::error::PERMANENT_VOLUME_ERROR,
+                format!("the host's agent refused: {msg}"),
+            ));
+        }
         return Err(ApiError::new(
             502,
             "agent_error",
@@ -485,13 +510,36 @@ pub(crate) async fn launch(
         machine_field: m.machine_field.map(|f| f.0).unwrap_or_default(),
         private_ip: m.private_ip.clone().unwrap_or_default(),
         region: m.region.clone(),
+        volumes: config
+            .mounts
+            .iter()
+            .map(|mount| {
+                let v = volume(ctx, &mount.volume)?;
+                Ok(VolumeRef {
+                    id: v.id,
+                    size_mb: v.size_mb.filter(|_| v.kept_by_agent),
+                })
+            })
+            .collect::<Result<_>>()?,
         config,
         volume_dirs,
         bridge_enabled: crate::bridge::gate(ctx, &m)?,
     };
     let url = agent_url(ctx, &m, "/start")?;
     match call_agent::<_, serde_json::Value>(ctx, &url, &run).await {
-        Ok(_) => {
+        Ok(reply) => {
+            // A size-limited volume used for the first time now lives on this host.
+            let dirs = reply["volume_dirs"].as_array().cloned().unwrap_or_default();
+            for (r, dir) in run.volumes.iter().zip(dirs) {
+                let Some(dir) = dir.as_str() else { continue };
+                let mut v = volume(ctx, &r.id)?;
+                let host = m.host.map(|h| format!("{:x}", h.get()));
+                if v.kept_by_agent && (v.host_dir != dir || v.host != host) {
+                    v.host_dir = dir.to_owned();
+                    v.host = host;
+                    put_volume(ctx, &v)?;
+                }
+            }
             m = ctx.store.transition(id, &[S::Starting], S::Started)?;
             ctx.store
                 .add_event(id, "start", "started", "flyd", serde_json::json!({}))?;
@@ -885,12 +933,14 @@ async fn create_volume(
     let id = new_volume_id();
     let (dir, size) = match (req.size_mb, req.host_dir) {
         (Some(s), None) => {
-            if !(1..=1_048_576).contains(&s) {
+            if !(MIN_VOLUME_MB..=1_048_576).contains(&s) {
                 return Err(ApiError::invalid(format!(
-                    "size_mb {s} is outside 1..=1048576 (1 TiB)"
+                    "size_mb {s} is outside {MIN_VOLUME_MB}..=1048576 (1 TiB)"
                 )));
             }
-            (ctx.volumes_dir.join(&id), Some(s))
+            // Made by the agent of the first machine that mounts it: the server keeps no
+            // volume data.
+            (PathBuf::new(), Some(s))
         }
         (None, Some(d)) => {
             let p = PathBuf::from(&d);
@@ -903,14 +953,11 @@ async fn create_volume(
         }
         _ => return Err(ApiError::invalid("give exactly one of size_mb or host_dir")),
     };
-    if size.is_some() {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-    }
     let v = VolumeView {
         id: id.clone(),
         host_dir: dir.display().to_string(),
         size_mb: size,
+        kept_by_agent: size.is_some(),
         created_at: rfc3339(ctx.store.now_ms()),
         host: None,
         state: "active".into(),
@@ -921,6 +968,9 @@ async fn create_volume(
     put_volume(&ctx, &v)?;
     Ok((StatusCode::CREATED, Json(v)))
 }
+
+/// Smallest size-limited volume (an ext4 file system with a journal needs a few MiB).
+pub const MIN_VOLUME_MB: u64 = 8;
 
 /// Records a volume (new or changed); idempotent.
 pub(crate) fn put_volume(ctx: &Ctx, v: &VolumeView) -> Result<()> {

@@ -181,8 +181,17 @@ pub struct CreateVolume {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VolumeView {
     pub id: String,
+    /// Where its files are on its host: for a size-limited volume, the agent's mount of its
+    /// file system (empty until a machine first uses it, which places it on that machine's
+    /// host).
     pub host_dir: String,
+    /// A size that holds: the volume is an ext4 file system of this size, kept by its host's
+    /// agent; writes past it fail with ENOSPC inside the machine.
     pub size_mb: Option<u64>,
+    /// Kept by an agent as an image of `size_mb` (every volume created with a size; not an
+    /// operator's `host_dir`, nor a volume an older server made in its own directory).
+    #[serde(default)]
+    pub kept_by_agent: bool,
     pub created_at: String,
     /// The host holding it (hex); none for volumes in the server's own directory (dev fleets).
     #[serde(default)]

@@ -35,8 +35,8 @@ pub enum VolumeError {
         got: u64,
         limit: u64,
     },
-    /// A fifo, socket or device node in the volume.
-    #[error("{}: unsupported file type (only files, directories and symlinks are copied)", path.display())]
+    /// A device node in the volume: permanent (a retry meets the same file).
+    #[error("{}: a device node cannot be copied (files, directories, symlinks, hard links and fifos are; sockets are skipped)", path.display())]
     UnsupportedFileType { path: PathBuf },
     /// A file name or link target that is not UTF-8.
     #[error("{}: name is not UTF-8", path.display())]
@@ -58,6 +58,20 @@ pub enum VolumeError {
     /// `FERRY_TEST_VOLUME_FAULT` (or a `Faults` string) is malformed.
     #[error("bad fault spec {0:?} (want e.g. \"corrupt=2,drop=1\")")]
     BadFaults(String),
+}
+
+impl VolumeError {
+    /// Retrying the same copy cannot succeed: the volume holds something that is never copied,
+    /// or the peer's manifest is malformed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            VolumeError::UnsupportedFileType { .. }
+                | VolumeError::NonUtf8 { .. }
+                | VolumeError::TooLarge { .. }
+                | VolumeError::BadManifest(_)
+        )
+    }
 }
 
 pub type Result<T, E = VolumeError> = std::result::Result<T, E>;

@@ -42,8 +42,14 @@
 //! - panic on input from the peer: every frame length is checked against a hard limit before
 //!   allocating ([`wire`]), every parse failure is a [`VolumeError`].
 //!
-//! Not carried: owners, timestamps, set-id/sticky bits, hard links (copied as separate files),
-//! extended attributes. Fifos, sockets and devices are an error.
+//! # What a fork keeps
+//! Everything a program relies on: bytes, owner and group (as stored on disk), all mode bits
+//! (set-id and sticky too), mtimes, symlinks (never followed), hard links (one file, linked
+//! again on the receiver), extended attributes (`user.`, `security.`, `trusted.`, POSIX ACLs),
+//! empty directories, and sparseness: all-zero 4 KiB blocks are left as holes, and an all-zero
+//! chunk does not even cross the network. Fifos are recreated (empty). Unix sockets are skipped:
+//! the program that owns one makes it again. A device node is a permanent error
+//! ([`VolumeError::UnsupportedFileType`]): retrying cannot help.
 //!
 //! # Example
 //! ```
@@ -84,7 +90,8 @@ pub use error::{ChunkRef, Result, VolumeError};
 pub use faults::{Faults, FAULT_ENV};
 pub use manifest::{
     chunk_count, chunk_len, scan, scan_with_stats, validate_rel, verify_dir, ChunkHash, Entry,
-    Kind, Manifest, ScanStats, Stat, CHUNK_SIZE, MAX_ENTRIES, MAX_PATH, RACY_MARGIN_NS,
+    Kind, Manifest, Meta, ScanStats, Stat, Xattr, CHUNK_SIZE, MAX_ENTRIES, MAX_PATH, MAX_XATTRS,
+    MAX_XATTR_NAME, MAX_XATTR_VALUE, RACY_MARGIN_NS, XATTR_PREFIXES,
 };
 pub use recv::{
     held_chunks, serve_one, serve_one_with, state_path, ReceiveOptions, ReceiveReport,

@@ -4,7 +4,7 @@
 use crate::error::{io, Result, VolumeError};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -89,6 +89,11 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// A named pipe: recreated empty (its data only exists while two programs hold it open).
+    Fifo,
+    /// Another name of an earlier [`Kind::File`] entry (`target` is that entry's path): the
+    /// receiver makes a hard link, so the two names stay one file.
+    Hardlink,
 }
 
 impl Kind {
@@ -97,8 +102,46 @@ impl Kind {
             Kind::File => 1,
             Kind::Dir => 2,
             Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Hardlink => 5,
         }
     }
+}
+
+/// Longest extended attribute name (Linux's `XATTR_NAME_MAX`).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value accepted (Linux's `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 64 * 1024;
+/// Most extended attributes one entry may carry.
+pub const MAX_XATTRS: usize = 64;
+/// Name prefixes carried: user data, security labels and capabilities, POSIX ACLs, and the
+/// privileged `trusted.` space. Others (e.g. `system.` beyond ACLs) are the kernel's.
+pub const XATTR_PREFIXES: [&str; 5] = [
+    "user.",
+    "security.",
+    "trusted.",
+    "system.posix_acl_access",
+    "system.posix_acl_default",
+];
+
+/// An extended attribute (ACLs are the `system.posix_acl_*` ones).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// What a program may rely on besides the bytes: owner, group, modification time and extended
+/// attributes. Part of the root: a copy with the wrong owner is not verified. IDs are stored
+/// as on disk (a machine's volume is mapped into its user namespace by an idmapped mount, so
+/// these are the IDs the machine sees, the same on every host).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    /// Sorted by name, names unique.
+    pub xattrs: Vec<Xattr>,
 }
 
 /// The stat facts of the quick check. Not part of the root hash (they differ between hosts).
@@ -107,6 +150,9 @@ pub struct Stat {
     pub mtime_ns: i64,
     pub ctime_ns: i64,
     pub ino: u64,
+    /// Link count: more than one name for a file makes [`Kind::Hardlink`] entries.
+    #[serde(default)]
+    pub nlink: u64,
 }
 
 impl Stat {
@@ -115,21 +161,24 @@ impl Stat {
             mtime_ns: md.mtime().saturating_mul(1_000_000_000) + md.mtime_nsec(),
             ctime_ns: md.ctime().saturating_mul(1_000_000_000) + md.ctime_nsec(),
             ino: md.ino(),
+            nlink: md.nlink(),
         }
     }
 }
 
-/// One file, directory or symlink under the volume root.
+/// One file, directory, symlink, fifo or hard link under the volume root.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Relative, `/`-separated, UTF-8 (see [`validate_rel`]).
     pub path: String,
     pub kind: Kind,
-    /// Permission bits (`0o777` at most: set-id and sticky bits are not carried). 0 for symlinks.
+    /// Permission bits including set-id and sticky (`0o7777` at most). 0 for symlinks and hard
+    /// links (a hard link shares its file's).
     pub mode: u32,
-    /// Bytes, for files; 0 for directories and symlinks.
+    /// Bytes, for files; 0 for everything else.
     pub size: u64,
-    /// For symlinks: where it points (copied verbatim, never followed).
+    /// For symlinks: where it points (copied verbatim, never followed). For hard links: the
+    /// path of the file entry it is another name of.
     #[serde(default)] // no skip_serializing_if: postcard is not self-describing
     pub target: Option<String>,
     /// One hash per [`CHUNK_SIZE`] piece of a file, in order.
@@ -138,6 +187,9 @@ pub struct Entry {
     /// Quick-check facts (source side only; ignored by the receiver and by the root).
     #[serde(default)]
     pub stat: Stat,
+    /// Owner, group, mtime, xattrs (default for hard links: they share their file's).
+    #[serde(default)]
+    pub meta: Meta,
 }
 
 /// Everything under one root, sorted by path, plus when the scan that made it started.
@@ -147,6 +199,12 @@ pub struct Manifest {
     /// timestamps with it.
     pub scan_start_ns: i64,
     pub entries: Vec<Entry>,
+    /// The volume's top directory itself: its mode bits and [`Meta`] (a machine may `chown`
+    /// its mount point).
+    #[serde(default)]
+    pub root_mode: u32,
+    #[serde(default)]
+    pub root_meta: Meta,
 }
 
 /// Number of chunks of a file of `size` bytes.
@@ -166,7 +224,7 @@ pub(crate) struct RootHasher(blake3::Hasher);
 impl RootHasher {
     pub(crate) fn new(entries: usize) -> RootHasher {
         let mut h = blake3::Hasher::new();
-        h.update(b"ferry-volume-root-v1\0");
+        h.update(b"ferry-volume-root-v2\0");
         h.update(&(entries as u64).to_le_bytes());
         RootHasher(h)
     }
@@ -194,6 +252,34 @@ impl RootHasher {
             h.update(&c.map(|c| c.0).unwrap_or([0; 32]));
         }
     }
+    /// The top directory's mode and metadata (`None`: not applied yet).
+    pub(crate) fn top(&mut self, mode: u32, meta: Option<&Meta>) {
+        self.0.update(&mode.to_le_bytes());
+        self.meta(meta);
+    }
+    /// An entry's metadata, right after its [`RootHasher::entry`].
+    pub(crate) fn meta(&mut self, meta: Option<&Meta>) {
+        let h = &mut self.0;
+        // Metadata not (yet) applied hashes differently from any applied one.
+        match meta {
+            None => {
+                h.update(&[0]);
+            }
+            Some(m) => {
+                h.update(&[1]);
+                h.update(&m.uid.to_le_bytes());
+                h.update(&m.gid.to_le_bytes());
+                h.update(&m.mtime_ns.to_le_bytes());
+                h.update(&(m.xattrs.len() as u32).to_le_bytes());
+                for x in &m.xattrs {
+                    h.update(&(x.name.len() as u32).to_le_bytes());
+                    h.update(x.name.as_bytes());
+                    h.update(&(x.value.len() as u32).to_le_bytes());
+                    h.update(&x.value);
+                }
+            }
+        }
+    }
     /// An entry the other side should have but does not.
     pub(crate) fn absent(&mut self, path: &str) {
         self.0.update(&(path.len() as u32).to_le_bytes());
@@ -206,8 +292,6 @@ impl RootHasher {
 }
 
 impl Manifest {
-    /// BLAKE3 (hex) over the canonical encoding: for each entry in path order its path, kind,
-    /// mode, size, link target and chunk hashes. Stat facts and the scan time are not included.
     /// The compact binary form (postcard) used on the wire and in state files.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("a manifest always serializes")
@@ -218,8 +302,12 @@ impl Manifest {
         postcard::from_bytes(b).map_err(|e| VolumeError::Protocol(format!("manifest: {e}")))
     }
 
+    /// BLAKE3 (hex) over the canonical encoding: for each entry in path order its path, kind,
+    /// mode, size, link target, chunk hashes and [`Meta`]. Stat facts and the scan time are not
+    /// included.
     pub fn root(&self) -> String {
         let mut h = RootHasher::new(self.entries.len());
+        h.top(self.root_mode, Some(&self.root_meta));
         for e in &self.entries {
             h.entry(
                 &e.path,
@@ -229,6 +317,7 @@ impl Manifest {
                 e.target.as_deref(),
                 e.chunks.iter().map(Some),
             );
+            h.meta(Some(&e.meta));
         }
         h.finish()
     }
@@ -262,6 +351,10 @@ impl Manifest {
             });
         }
         let bad = |p: &str, why: &str| VolumeError::BadManifest(format!("{p:?}: {why}"));
+        if self.root_mode & !0o7777 != 0 {
+            return Err(bad("", "mode has bits beyond 0o7777"));
+        }
+        validate_xattrs("", &self.root_meta.xattrs)?;
         let mut prev: Option<&str> = None;
         for e in &self.entries {
             validate_rel(&e.path)?;
@@ -277,9 +370,10 @@ impl Manifest {
                     _ => return Err(bad(&e.path, "parent is not a directory entry")),
                 }
             }
-            if e.mode & !0o777 != 0 {
-                return Err(bad(&e.path, "mode has bits beyond 0o777"));
+            if e.mode & !0o7777 != 0 {
+                return Err(bad(&e.path, "mode has bits beyond 0o7777"));
             }
+            validate_xattrs(&e.path, &e.meta.xattrs)?;
             match e.kind {
                 Kind::File => {
                     if e.target.is_some() {
@@ -305,10 +399,70 @@ impl Manifest {
                         return Err(bad(&e.path, "symlink with size, mode or chunks"));
                     }
                 }
+                Kind::Fifo => {
+                    if e.size != 0 || e.target.is_some() || !e.chunks.is_empty() {
+                        return Err(bad(&e.path, "fifo with size, target or chunks"));
+                    }
+                }
+                Kind::Hardlink => {
+                    let Some(t) = &e.target else {
+                        return Err(bad(&e.path, "hard link without target"));
+                    };
+                    validate_rel(t)?;
+                    // The file comes first in path order, so a receiver has it when it links.
+                    if t.as_str() >= e.path.as_str()
+                        || self.get(t).is_none_or(|f| f.kind != Kind::File)
+                    {
+                        return Err(bad(&e.path, "hard link to something not an earlier file"));
+                    }
+                    if e.size != 0
+                        || e.mode != 0
+                        || !e.chunks.is_empty()
+                        || e.meta != Meta::default()
+                    {
+                        return Err(bad(
+                            &e.path,
+                            "hard link with size, mode, chunks or metadata",
+                        ));
+                    }
+                }
             }
         }
         Ok(())
     }
+}
+
+fn validate_xattrs(path: &str, xs: &[Xattr]) -> Result<()> {
+    let bad = |why: String| VolumeError::BadManifest(format!("{path:?}: {why}"));
+    if xs.len() > MAX_XATTRS {
+        return Err(bad(format!("more than {MAX_XATTRS} extended attributes")));
+    }
+    let mut prev: Option<&str> = None;
+    for x in xs {
+        if x.name.is_empty() || x.name.len() > MAX_XATTR_NAME || x.name.contains('\0') {
+            return Err(bad(format!(
+                "xattr name {:?} empty, too long or has NUL",
+                x.name
+            )));
+        }
+        if !XATTR_PREFIXES.iter().any(|p| x.name.starts_with(p)) {
+            return Err(bad(format!(
+                "xattr {:?} is not in a carried namespace",
+                x.name
+            )));
+        }
+        if x.value.len() > MAX_XATTR_VALUE {
+            return Err(bad(format!(
+                "xattr {:?} value over {MAX_XATTR_VALUE} bytes",
+                x.name
+            )));
+        }
+        if prev.is_some_and(|p| p >= x.name.as_str()) {
+            return Err(bad("xattrs not sorted by unique name".into()));
+        }
+        prev = Some(&x.name);
+    }
+    Ok(())
 }
 
 /// A path a receiver may create below its destination: relative, `/`-separated, no empty, `.` or
@@ -376,6 +530,7 @@ pub fn scan_with_stats(dir: &Path, previous: Option<&Manifest>) -> Result<(Manif
     let scan_start_ns = now_ns();
     let mut entries = walk(dir)?;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
+    link_hardlinks(&mut entries);
     let mut stats = ScanStats::default();
     let cutoff = previous.map(|p| p.scan_start_ns.saturating_sub(RACY_MARGIN_NS));
     let mut todo = Vec::new();
@@ -410,10 +565,18 @@ pub fn scan_with_stats(dir: &Path, previous: Option<&Manifest>) -> Result<(Manif
         }
     }
     hash_jobs(dir, &mut entries, &todo)?;
+    let md = std::fs::metadata(dir).map_err(io(dir))?;
     Ok((
         Manifest {
             scan_start_ns,
             entries,
+            root_mode: md.mode() & 0o7777,
+            root_meta: Meta {
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime_ns: Stat::of(&md).mtime_ns,
+                xattrs: read_xattrs(dir)?,
+            },
         },
         stats,
     ))
@@ -457,19 +620,32 @@ fn walk(root: &Path) -> Result<Vec<Entry>> {
             let md = std::fs::symlink_metadata(&full).map_err(io(&full))?;
             let ft = md.file_type();
             let stat = Stat::of(&md);
+            let mode = md.mode() & 0o7777;
             let (kind, mode, size, target) = if ft.is_file() {
-                (Kind::File, md.mode() & 0o777, md.len(), None)
+                (Kind::File, mode, md.len(), None)
             } else if ft.is_dir() {
                 stack.push(path.clone());
-                (Kind::Dir, md.mode() & 0o777, 0, None)
+                (Kind::Dir, mode, 0, None)
             } else if ft.is_symlink() {
                 let t = std::fs::read_link(&full).map_err(io(&full))?;
                 let Some(t) = t.to_str() else {
                     return Err(VolumeError::NonUtf8 { path: full });
                 };
                 (Kind::Symlink, 0, 0, Some(t.to_string()))
+            } else if ft.is_fifo() {
+                (Kind::Fifo, mode, 0, None)
+            } else if ft.is_socket() {
+                // A unix socket is an endpoint of a running program, which makes it again when it
+                // starts (PostgreSQL's `.s.PGSQL.5432`): nothing to carry.
+                continue;
             } else {
                 return Err(VolumeError::UnsupportedFileType { path: full });
+            };
+            let meta = Meta {
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime_ns: stat.mtime_ns,
+                xattrs: read_xattrs(&full)?,
             };
             out.push(Entry {
                 path,
@@ -479,10 +655,66 @@ fn walk(root: &Path) -> Result<Vec<Entry>> {
                 target,
                 chunks: Vec::new(),
                 stat,
+                meta,
             });
         }
     }
     Ok(out)
+}
+
+/// The entry's extended attributes, sorted by name (symlinks are not followed).
+pub(crate) fn read_xattrs(p: &Path) -> Result<Vec<Xattr>> {
+    let names = match xattr::list(p) {
+        Ok(n) => n,
+        // A file system without xattrs has none to carry.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(io(p)(e)),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let Some(name) = n.to_str() else {
+            return Err(VolumeError::NonUtf8 { path: p.into() });
+        };
+        if !XATTR_PREFIXES.iter().any(|pre| name.starts_with(pre)) {
+            continue;
+        }
+        // Gone between list and get (ENODATA): nothing to carry.
+        if let Some(value) = xattr::get(p, &n).map_err(io(p))? {
+            out.push(Xattr {
+                name: name.to_owned(),
+                value,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Files with several names: the first name in path order stays a [`Kind::File`], the others
+/// become [`Kind::Hardlink`]s to it (they are one file: carried once, linked on the receiver).
+fn link_hardlinks(entries: &mut [Entry]) {
+    let mut first: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for i in 0..entries.len() {
+        let e = &entries[i];
+        if e.kind != Kind::File || e.stat.nlink < 2 {
+            continue;
+        }
+        let key = e.stat.ino;
+        match first.get(&key) {
+            None => {
+                first.insert(key, i);
+            }
+            Some(&p) => {
+                let target = entries[p].path.clone();
+                let e = &mut entries[i];
+                e.kind = Kind::Hardlink;
+                e.target = Some(target);
+                e.mode = 0;
+                e.size = 0;
+                e.meta = Meta::default();
+            }
+        }
+    }
 }
 
 /// Reads `len` bytes at `off` into `buf`; past the end of a file that shrank, zeros (the scan

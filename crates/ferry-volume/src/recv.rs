@@ -2,14 +2,17 @@
 //! missing, check every chunk before writing it, apply metadata, prove the root.
 
 use crate::error::{io, ChunkRef, Result, VolumeError};
-use crate::manifest::{chunk_len, validate_rel, ChunkHash, Kind, Manifest, RootHasher, CHUNK_SIZE};
+use crate::manifest::{
+    chunk_len, read_xattrs, validate_rel, ChunkHash, Kind, Manifest, Meta, RootHasher, CHUNK_SIZE,
+};
 use crate::send::unexpected_msg;
 use crate::wire::{self, Conn, Hello, Msg, Need, Verdict, DATA_HEADER};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Default for [`ReceiveOptions::checkpoint_bytes`].
@@ -164,6 +167,9 @@ fn session<S: Read + Write>(
 struct State {
     version: u32,
     entries: BTreeMap<String, StEntry>,
+    /// The top directory's mode and metadata as applied.
+    #[serde(default)]
+    top: Option<(u32, Meta)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -181,6 +187,9 @@ struct StEntry {
     /// forgotten.
     #[serde(default)] // no skip_serializing_if: postcard is not self-describing
     stamp: Option<Stamp>,
+    /// Owner, group, mtime and xattrs as applied; `None` until they are.
+    #[serde(default)]
+    meta: Option<Meta>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +209,19 @@ impl StEntry {
             target: None,
             chunks: Vec::new(),
             stamp: None,
+            meta: None,
+        }
+    }
+
+    fn other(kind: Kind, mode: u32, target: Option<String>) -> StEntry {
+        StEntry {
+            kind,
+            mode,
+            size: 0,
+            target,
+            chunks: Vec::new(),
+            stamp: None,
+            meta: None,
         }
     }
 }
@@ -214,8 +236,9 @@ impl Stamp {
     }
 }
 
-/// 2: postcard (1 was JSON; such a file reads as unreadable and the receiver starts over).
-const STATE_VERSION: u32 = 2;
+/// 3: with metadata, fifos and hard links (2 was postcard without them, 1 JSON; an older file
+/// reads as unreadable and the receiver starts over).
+const STATE_VERSION: u32 = 3;
 /// Up to this many changed files (or directories) are fsynced one by one; more, and the
 /// receiver syncs the whole file system once.
 const FSYNC_EACH_MAX: usize = 8;
@@ -263,8 +286,144 @@ fn kind_of(md: &std::fs::Metadata) -> Option<Kind> {
         Some(Kind::Dir)
     } else if ft.is_file() {
         Some(Kind::File)
+    } else if ft.is_fifo() {
+        Some(Kind::Fifo)
     } else {
         None
+    }
+}
+
+fn cpath(p: &Path) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| VolumeError::BadPath(format!("{}: contains NUL", p.display())))
+}
+
+fn mtime_spec(mtime_ns: i64) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+        },
+    ]
+}
+
+/// Sets `p`'s mtime (never following a symlink); the access time is left alone.
+fn set_mtime(p: &Path, mtime_ns: i64) -> Result<()> {
+    let c = cpath(p)?;
+    let times = mtime_spec(mtime_ns);
+    // SAFETY: `c` is a valid C string and `times` two timespecs, both alive for the call.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io(p)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Owner and group, then the mode (a chown clears set-id bits), then xattrs (ACLs), then the
+/// mtime last (everything before may touch it). `mode` is `None` for symlinks, which are
+/// changed through their path without following them; everything else through a descriptor
+/// opened with `O_NOFOLLOW` (non-blocking, so a fifo opens without a writer).
+fn apply_meta(p: &Path, mode: Option<u32>, meta: &Meta) -> Result<()> {
+    let have = read_xattrs(p)?;
+    let stale = have
+        .iter()
+        .filter(|h| !meta.xattrs.iter().any(|w| w.name == h.name));
+    let fresh = meta
+        .xattrs
+        .iter()
+        .filter(|w| have.iter().find(|h| h.name == w.name).map(|h| &h.value) != Some(&w.value));
+    let Some(mode) = mode else {
+        std::os::unix::fs::lchown(p, Some(meta.uid), Some(meta.gid)).map_err(io(p))?;
+        for h in stale {
+            xattr::remove(p, &h.name).map_err(io(p))?;
+        }
+        for w in fresh {
+            xattr::set(p, &w.name, &w.value).map_err(io(p))?;
+        }
+        return set_mtime(p, meta.mtime_ns);
+    };
+    use xattr::FileExt as _;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(io(p))?;
+    std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid)).map_err(io(p))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(p))?;
+    for h in stale {
+        f.remove_xattr(&h.name).map_err(io(p))?;
+    }
+    for w in fresh {
+        f.set_xattr(&w.name, &w.value).map_err(io(p))?;
+    }
+    let times = mtime_spec(meta.mtime_ns);
+    // SAFETY: `f` is open and `times` two timespecs, both alive for the call.
+    if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), times.as_ptr()) } != 0 {
+        return Err(io(p)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Filesystem block size for holes: runs of zeros this long and aligned are not written, so a
+/// sparse file stays sparse (and a chunk of zeros costs no disk).
+const HOLE_BLOCK: usize = 4096;
+
+/// Writes `data` at `off`, leaving aligned all-zero blocks as holes: the range is punched
+/// first (it reads as zeros), then only the non-zero runs are written.
+fn write_sparse(f: &File, off: u64, data: &[u8]) -> std::io::Result<()> {
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    if !off.is_multiple_of(HOLE_BLOCK as u64) || !data.chunks(HOLE_BLOCK).any(zero) {
+        return f.write_all_at(data, off);
+    }
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            data.len() as i64,
+        )
+    };
+    if r != 0 {
+        // No hole punching here (EOPNOTSUPP): write the zeros.
+        return f.write_all_at(data, off);
+    }
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + HOLE_BLOCK).min(data.len());
+        if zero(&data[i..end]) {
+            i = end;
+            continue;
+        }
+        let mut j = end;
+        while j < data.len() && !zero(&data[j..(j + HOLE_BLOCK).min(data.len())]) {
+            j = (j + HOLE_BLOCK).min(data.len());
+        }
+        f.write_all_at(&data[i..j], off + i as u64)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// The hash of `len` zero bytes (a hole, or a chunk of zeros): such chunks are made locally.
+fn zero_hash(len: usize) -> ChunkHash {
+    static FULL: std::sync::OnceLock<ChunkHash> = std::sync::OnceLock::new();
+    if len == CHUNK_SIZE as usize {
+        *FULL.get_or_init(|| ChunkHash::of(&vec![0u8; CHUNK_SIZE as usize]))
+    } else {
+        ChunkHash::of(&vec![0u8; len])
     }
 }
 
@@ -331,7 +490,13 @@ impl<'m> Rx<'m> {
                     kind_of(&md) == Some(se.kind)
                         && match se.kind {
                             Kind::File => se.stamp.is_none_or(|s| s == Stamp::of(&md)),
-                            Kind::Dir => true,
+                            Kind::Dir | Kind::Fifo => true,
+                            Kind::Hardlink => se.target.as_deref().is_some_and(|t| {
+                                lstat(&self.abs(t))
+                                    .ok()
+                                    .flatten()
+                                    .is_some_and(|f| f.ino() == md.ino())
+                            }),
                             Kind::Symlink => {
                                 std::fs::read_link(&abs)
                                     .ok()
@@ -463,20 +628,19 @@ impl<'m> Rx<'m> {
                         d.set_permissions(std::fs::Permissions::from_mode(mode))
                             .map_err(io(&abs))?;
                     }
-                    self.st.entries.insert(
-                        e.path.clone(),
-                        StEntry {
-                            kind: Kind::Dir,
-                            mode,
-                            size: 0,
-                            target: None,
-                            chunks: Vec::new(),
-                            stamp: None,
-                        },
-                    );
+                    // Owner and xattrs as applied stay known; the mode is what is on disk now.
+                    let meta = self
+                        .st
+                        .entries
+                        .get(&e.path)
+                        .filter(|se| se.kind == Kind::Dir && is_dir)
+                        .and_then(|se| se.meta.clone());
+                    let mut se = StEntry::other(Kind::Dir, mode, None);
+                    se.meta = meta;
+                    self.st.entries.insert(e.path.clone(), se);
                     self.safe_dirs.insert(e.path.clone());
                 }
-                Kind::Symlink => {
+                Kind::Symlink | Kind::Fifo | Kind::Hardlink => {
                     if let Some(md) = &md {
                         if md.file_type().is_dir() {
                             self.remove(&e.path, md)?;
@@ -485,7 +649,15 @@ impl<'m> Rx<'m> {
                 }
                 Kind::File => {
                     if let Some(md) = &md {
-                        if !md.file_type().is_file() {
+                        // A name that was another name of a file (a hard link) must not take the
+                        // new bytes into that file: it becomes a file of its own.
+                        let was_link = md.nlink() > 1
+                            && self
+                                .st
+                                .entries
+                                .get(&e.path)
+                                .is_none_or(|se| se.kind != Kind::File);
+                        if !md.file_type().is_file() || was_link {
                             self.remove(&e.path, md)?;
                         }
                     }
@@ -537,19 +709,23 @@ impl<'m> Rx<'m> {
                 }
             }
         }
-        if index.is_empty() {
-            return Ok(need);
-        }
         let mut rest = Vec::new();
         let mut buf = vec![0u8; CHUNK_SIZE as usize];
         for (i, c) in need {
             let e = &self.m.entries[i as usize];
             let want = e.chunks[c as usize];
+            let len = chunk_len(e.size, c as u64) as usize;
+            if want == zero_hash(len) {
+                // Zeros (a hole in a sparse file): made here, nothing crosses the network.
+                buf[..len].fill(0);
+                self.write_chunk(i, c, want, &buf[..len])?;
+                self.chunks_local += 1;
+                continue;
+            }
             let Some((src, j)) = index.get(&want).cloned() else {
                 rest.push((i, c));
                 continue;
             };
-            let len = chunk_len(e.size, c as u64) as usize;
             let ok = match self.open_read(&src) {
                 Ok(f) => {
                     let b = &mut buf[..len];
@@ -603,7 +779,7 @@ impl<'m> Rx<'m> {
         }
         let f = &self.open.as_ref().expect("just opened").1;
         let off = c as u64 * CHUNK_SIZE;
-        f.write_all_at(data, off).map_err(io(self.abs(&e.path)))?;
+        write_sparse(f, off, data).map_err(io(self.abs(&e.path)))?;
         // Start writeback now (asynchronously), so the sync at the checkpoint or round end
         // mostly finds the data already on its way to disk.
         // SAFETY: plain syscall on an open descriptor; errors only mean no early writeback.
@@ -681,8 +857,9 @@ impl<'m> Rx<'m> {
         Ok(())
     }
 
-    /// End of a pass: symlinks, file sizes and modes, removal of what the manifest does not
-    /// have, directory modes, fsync of what changed, state persisted; then the verdict.
+    /// End of a pass: symlinks, fifos, file sizes, owners, modes, xattrs and mtimes, hard
+    /// links, removal of what the manifest does not have, directories' metadata, fsync of what
+    /// changed, state persisted; then the verdict.
     fn finalize(&mut self) -> Result<Verdict> {
         self.open = None;
         let m = self.m;
@@ -696,6 +873,12 @@ impl<'m> Rx<'m> {
                     let md = lstat(&abs)?;
                     let same = md.as_ref().is_some_and(|md| md.file_type().is_symlink())
                         && std::fs::read_link(&abs).ok().as_deref() == Some(Path::new(target));
+                    let meta = self
+                        .st
+                        .entries
+                        .get(&e.path)
+                        .filter(|se| same && se.target.as_deref() == Some(target))
+                        .and_then(|se| se.meta.clone());
                     if !same {
                         if let Some(md) = &md {
                             self.remove(&e.path, md)?;
@@ -704,22 +887,71 @@ impl<'m> Rx<'m> {
                         std::os::unix::fs::symlink(target, &abs).map_err(io(&abs))?;
                         self.dirs_changed.insert(parent(&e.path).to_string());
                     }
-                    self.st.entries.insert(
-                        e.path.clone(),
-                        StEntry {
-                            kind: Kind::Symlink,
-                            mode: 0,
-                            size: 0,
-                            target: Some(target.to_string()),
-                            chunks: Vec::new(),
-                            stamp: None,
-                        },
-                    );
+                    if meta.as_ref() != Some(&e.meta) {
+                        apply_meta(&abs, None, &e.meta)?;
+                    }
+                    let mut se = StEntry::other(Kind::Symlink, 0, Some(target.to_string()));
+                    se.meta = Some(e.meta.clone());
+                    self.st.entries.insert(e.path.clone(), se);
+                }
+                Kind::Fifo => {
+                    let md = lstat(&abs)?;
+                    let is_fifo = md.as_ref().is_some_and(|md| md.file_type().is_fifo());
+                    let applied = self
+                        .st
+                        .entries
+                        .get(&e.path)
+                        .filter(|se| is_fifo && se.kind == Kind::Fifo && se.mode == e.mode)
+                        .and_then(|se| se.meta.clone());
+                    if !is_fifo {
+                        if let Some(md) = &md {
+                            self.remove(&e.path, md)?;
+                        }
+                        self.check_parents(&e.path)?;
+                        let c = cpath(&abs)?;
+                        // SAFETY: `c` is a valid C string for the call. mkfifo never follows a
+                        // symlink in the last component (it fails with EEXIST).
+                        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                            return Err(io(&abs)(std::io::Error::last_os_error()));
+                        }
+                        self.dirs_changed.insert(parent(&e.path).to_string());
+                    }
+                    if applied.as_ref() != Some(&e.meta) {
+                        apply_meta(&abs, Some(e.mode), &e.meta)?;
+                    }
+                    let mut se = StEntry::other(Kind::Fifo, e.mode, None);
+                    se.meta = Some(e.meta.clone());
+                    self.st.entries.insert(e.path.clone(), se);
+                }
+                Kind::Hardlink => {
+                    // Its file sorts earlier, so it was finalized above.
+                    let target = e.target.as_deref().unwrap_or_default();
+                    let file = self.abs(target);
+                    let want = lstat(&file)?.ok_or_else(|| {
+                        io(&file)(std::io::Error::from(std::io::ErrorKind::NotFound))
+                    })?;
+                    let md = lstat(&abs)?;
+                    if md.as_ref().is_none_or(|md| md.ino() != want.ino()) {
+                        if let Some(md) = &md {
+                            self.remove(&e.path, md)?;
+                        }
+                        self.check_parents(&e.path)?;
+                        self.check_parents(target)?;
+                        // linkat without AT_SYMLINK_FOLLOW: never follows `file`.
+                        std::fs::hard_link(&file, &abs).map_err(io(&abs))?;
+                        self.dirs_changed.insert(parent(&e.path).to_string());
+                    }
+                    let mut se = StEntry::other(Kind::Hardlink, 0, Some(target.to_string()));
+                    se.meta = Some(Meta::default());
+                    self.st.entries.insert(e.path.clone(), se);
                 }
                 Kind::File => {
                     let touched = self.round_touched.contains(&(i as u32));
                     let unchanged = self.st.entries.get(&e.path).is_some_and(|se| {
-                        se.stamp.is_some() && se.mode == e.mode && se.size == e.size
+                        se.stamp.is_some()
+                            && se.mode == e.mode
+                            && se.size == e.size
+                            && se.meta.as_ref() == Some(&e.meta)
                     });
                     if !touched && unchanged {
                         continue;
@@ -729,43 +961,48 @@ impl<'m> Rx<'m> {
                     }
                     let f = self.open_write(&e.path)?;
                     let md = f.metadata().map_err(io(&abs))?;
-                    let mut dirty = touched;
                     if md.len() != e.size {
                         f.set_len(e.size).map_err(io(&abs))?;
-                        dirty = true;
                     }
-                    if md.mode() & 0o7777 != e.mode {
-                        f.set_permissions(std::fs::Permissions::from_mode(e.mode))
-                            .map_err(io(&abs))?;
-                        dirty = true;
-                    }
-                    if dirty {
-                        to_sync.push(i);
-                    }
-                    let md = f.metadata().map_err(io(&abs))?;
+                    drop(f);
+                    apply_meta(&abs, Some(e.mode), &e.meta)?;
+                    to_sync.push(i);
+                    let md = lstat(&abs)?.ok_or_else(|| {
+                        io(&abs)(std::io::Error::from(std::io::ErrorKind::NotFound))
+                    })?;
                     let se = self.st.entries.get_mut(&e.path).ok_or_else(|| {
                         VolumeError::Protocol(format!("{}: not prepared", e.path))
                     })?;
                     se.mode = e.mode;
                     se.size = e.size;
+                    se.meta = Some(e.meta.clone());
                     se.stamp = Some(Stamp::of(&md));
                 }
             }
         }
         self.remove_extras()?;
+        let top = (m.root_mode, m.root_meta.clone());
+        if self.st.top.as_ref() != Some(&top) {
+            apply_meta(&self.dest, Some(top.0), &top.1)?;
+            self.st.top = Some(top);
+        } else {
+            set_mtime(&self.dest, top.1.mtime_ns)?;
+        }
+        // Directories last: creating and removing their entries above changed their mtimes.
         for e in &m.entries {
             if e.kind != Kind::Dir {
                 continue;
             }
             let abs = self.abs(&e.path);
-            let se = self.st.entries.get_mut(&e.path);
-            if let Some(se) = se {
-                if se.mode != e.mode {
-                    let d = open_dir_nofollow(&abs).map_err(io(&abs))?;
-                    d.set_permissions(std::fs::Permissions::from_mode(e.mode))
-                        .map_err(io(&abs))?;
-                    se.mode = e.mode;
-                }
+            let Some(se) = self.st.entries.get_mut(&e.path) else {
+                continue;
+            };
+            if se.mode != e.mode || se.meta.as_ref() != Some(&e.meta) {
+                apply_meta(&abs, Some(e.mode), &e.meta)?;
+                se.mode = e.mode;
+                se.meta = Some(e.meta.clone());
+            } else {
+                set_mtime(&abs, e.meta.mtime_ns)?;
             }
         }
         let dirs = std::mem::take(&mut self.dirs_changed);
@@ -847,6 +1084,10 @@ impl<'m> Rx<'m> {
     fn verdict(&self) -> Verdict {
         let m = self.m;
         let mut h = RootHasher::new(m.entries.len());
+        match &self.st.top {
+            Some((mode, meta)) => h.top(*mode, Some(meta)),
+            None => h.top(0, None),
+        }
         let mut missing = Vec::new();
         for (i, e) in m.entries.iter().enumerate() {
             match self.st.entries.get(&e.path) {
@@ -859,6 +1100,7 @@ impl<'m> Rx<'m> {
                         s.target.as_deref(),
                         s.chunks.iter().map(|c| c.as_ref()),
                     );
+                    h.meta(s.meta.as_ref());
                     for (c, want) in e.chunks.iter().enumerate() {
                         if s.chunks.get(c) != Some(&Some(*want)) {
                             missing.push((i as u32, c as u32));

@@ -86,6 +86,7 @@ fn file(path: &str, data: &[u8]) -> Entry {
             .map(ChunkHash::of)
             .collect(),
         stat: Stat::default(),
+        meta: Default::default(),
     }
 }
 
@@ -98,6 +99,7 @@ fn dir(path: &str) -> Entry {
         target: None,
         chunks: vec![],
         stat: Stat::default(),
+        meta: Default::default(),
     }
 }
 
@@ -107,6 +109,8 @@ fn manifest(entries: Vec<Entry>) -> Vec<u8> {
         &Manifest {
             scan_start_ns: 0,
             entries,
+            root_mode: 0o755,
+            ..Default::default()
         },
     )
 }
@@ -169,11 +173,46 @@ fn inconsistent_manifests_are_refused() {
     f.size = 10 * CHUNK_SIZE;
     let e = bad_manifest_case(vec![f], false);
     assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
-    // Set-id bits.
+    // Mode bits beyond permissions, set-id and sticky (a file type smuggled in).
     let mut f = file("a", b"123");
-    f.mode = 0o4755;
+    f.mode = 0o104755;
     let e = bad_manifest_case(vec![f], false);
     assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
+    // Hard links: to a later entry, to a directory, to a path outside, with data of their own.
+    let link = |path: &str, to: &str| {
+        let mut l = dir(path);
+        l.kind = Kind::Hardlink;
+        l.mode = 0;
+        l.target = Some(to.into());
+        l
+    };
+    let e = bad_manifest_case(vec![link("a", "b"), file("b", b"1")], false);
+    assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
+    let e = bad_manifest_case(vec![dir("a"), link("b", "a")], false);
+    assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
+    let e = bad_manifest_case(vec![file("a", b"1"), link("b", "../../etc/passwd")], false);
+    assert!(matches!(e, VolumeError::BadPath(_)), "{e:?}");
+    let mut l = link("b", "a");
+    l.size = 1;
+    let e = bad_manifest_case(vec![file("a", b"1"), l], false);
+    assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
+    // Extended attributes outside the carried namespaces, unsorted, or too big.
+    for xs in [
+        vec![("system.sockprotoname", vec![1u8])],
+        vec![("user.b", vec![]), ("user.a", vec![])],
+        vec![("user.big", vec![0u8; ferry_volume::MAX_XATTR_VALUE + 1])],
+    ] {
+        let mut f = file("a", b"1");
+        f.meta.xattrs = xs
+            .into_iter()
+            .map(|(n, v)| ferry_volume::Xattr {
+                name: n.into(),
+                value: v,
+            })
+            .collect();
+        let e = bad_manifest_case(vec![f], false);
+        assert!(matches!(e, VolumeError::BadManifest(_)), "{e:?}");
+    }
 }
 
 #[test]

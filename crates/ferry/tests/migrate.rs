@@ -520,29 +520,70 @@ fn not_healthy_by_the_deadline_rolls_back_without_losing_a_byte() {
 }
 
 #[test]
-fn max_unavailable_counts_the_apps_machines_that_are_down() {
-    let dev = Dev::start("migmu", 2);
+fn a_machine_stopped_on_purpose_does_not_block_its_apps_moves() {
+    let dev = Dev::start("migstp", 2);
     let hosts = dev.hosts();
     let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}});
-    let up = dev.machine("mu", &hosts[0], sleeper.clone());
-    let down = dev.machine("mu", &hosts[0], sleeper);
+    let up = dev.machine("stp", &hosts[0], sleeper.clone());
+    let idle = dev.machine("stp", &hosts[0], sleeper);
     dev.ok(
         "POST",
-        &format!("/v1/apps/mu/machines/{}/stop", id(&down)),
+        &format!("/v1/apps/stp/machines/{}/stop", id(&idle)),
         json!({}),
     );
-    // One machine of the app is already down: moving another would make two.
+    dev.ok(
+        "POST",
+        "/v1/apps/stp/policy",
+        json!({"max_unavailable": 1, "healthy_deadline": "5s", "min_healthy_time": "1s"}),
+    );
+    // The idle machine is not an outage: the running one moves.
+    let mig = migrate(&dev, &up, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "done", "{v}");
+    let now = dev.get_machine(&up);
+    assert_eq!(now["state"], "started");
+    assert_ne!(now["host"], up["host"]);
+    // And so does the idle one, which stays stopped and reports no downtime it never had.
+    let mig = migrate(&dev, &idle, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "done", "{v}");
+    assert!(v["stats"]["downtime_ms"].is_null(), "{v}");
+    assert!(v["stats"]["stopped_at_ms"].is_null(), "{v}");
+    let now = dev.get_machine(&idle);
+    assert_eq!(now["state"], "stopped");
+    assert_ne!(now["host"], idle["host"]);
+    assert_ne!(now["private_ip"], idle["private_ip"]);
+}
+
+#[test]
+fn a_crashed_machine_still_counts_against_max_unavailable() {
+    let dev = Dev::start("migmu", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}, "restart": {"policy": "no"}});
+    let up = dev.machine("mu", &hosts[0], sleeper.clone());
+    let crashed = dev.machine("mu", &hosts[0], sleeper);
+    // It dies on its own (SIGTERM from inside, not a stop call): it should be running.
+    // (The exec's own shell dies with the machine's pid namespace: its exit code says nothing.)
+    dev.exec(&crashed, &["sh", "-c", "kill -TERM 1"]);
+    assert!(
+        eventually(Duration::from_secs(20), || dev.get_machine(&crashed)
+            ["state"]
+            == "stopped"),
+        "the machine did not exit"
+    );
     dev.ok(
         "POST",
         "/v1/apps/mu/policy",
-        json!({"max_unavailable": 1, "healthy_deadline": "2s"}),
+        json!({"max_unavailable": 1, "healthy_deadline": "2s", "min_healthy_time": "1s"}),
     );
     let mig = migrate(&dev, &up, json!({}));
     let v = wait_migration(&dev, &mig, Duration::from_secs(60));
     assert_eq!(v["phase"], "rolled_back", "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("max_unavailable"), "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("max_unavailable"),
-        "{v}"
+        err.contains(id(&crashed)),
+        "the note names the machine: {v}"
     );
     let now = dev.get_machine(&up);
     assert_eq!(
@@ -560,6 +601,40 @@ fn max_unavailable_counts_the_apps_machines_that_are_down() {
         wait_migration(&dev, &mig, Duration::from_secs(60))["phase"],
         "done"
     );
+}
+
+#[test]
+fn drain_moves_running_and_stopped_machines_and_the_stopped_stay_stopped() {
+    let dev = Dev::start("migdrs", 2);
+    let hosts = dev.hosts();
+    let sleeper = json!({"init": {"cmd": ["sleep", "inf"]}});
+    let up = dev.machine("drs", &hosts[0], sleeper.clone());
+    let idle = dev.machine("drs", &hosts[0], sleeper);
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/drs/machines/{}/stop", id(&idle)),
+        json!({}),
+    );
+    dev.ok(
+        "POST",
+        "/v1/apps/drs/policy",
+        json!({"max_unavailable": 1, "healthy_deadline": "5s", "min_healthy_time": "1s"}),
+    );
+    let out = dev.cli(&["host", "drain", &hosts[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let migs = dev.call("GET", "/v1/migrations", None).1;
+    let migs = migs.as_array().unwrap();
+    assert_eq!(migs.len(), 2, "{migs:?}");
+    assert!(migs.iter().all(|m| m["phase"] == "done"), "{migs:?}");
+    for (m, state) in [(&up, "started"), (&idle, "stopped")] {
+        let now = dev.get_machine(m);
+        assert_eq!(now["state"], state, "{now}");
+        assert_eq!(now["host"].as_str(), Some(hosts[1].as_str()), "{now}");
+    }
 }
 
 #[test]
@@ -775,4 +850,86 @@ fn crash_source_agent_after_forgetting_the_machine() {
 #[test]
 fn crash_destination_agent_after_starting_the_machine() {
     crash_at("agent-start", false);
+}
+
+#[test]
+fn a_machine_that_exits_right_after_its_move_is_moved_back_with_its_data() {
+    let dev = Dev::start("migcrash", 2);
+    let hosts = dev.hosts();
+    let vol = new_volume(&dev, 16);
+    // Remembers its first address on its volume and exits 3 anywhere else: it runs on its
+    // first host only.
+    let sh = "f=/data/home; [ -e $f ] || echo $FERRY_PRIVATE_IP > $f; \
+              [ \"$(cat $f)\" = \"$FERRY_PRIVATE_IP\" ] || exit 3; exec sleep inf";
+    let m = dev.machine(
+        "crash",
+        &hosts[0],
+        json!({"init": {"cmd": ["sh", "-c", sh]}, "restart": {"policy": "no"},
+               "mounts": [{"volume": vol, "path": "/data"}]}),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || dev
+            .exec(&m, &["cat", "/data/home"])["exit_code"]
+            == 0),
+        "the machine never wrote its first address"
+    );
+    let r = dev.exec(&m, &["sh", "-c", "echo kept > /data/written-before"]);
+    assert_eq!(r["exit_code"], 0, "{r}");
+    // The default min_healthy_time (10 s) is what catches it: no checks, no policy set.
+    let mig = migrate(&dev, &m, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(120));
+    assert_eq!(v["phase"], "rolled_back", "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("exited") && err.contains("exit code 3"), "{v}");
+    let now = dev.get_machine(&m);
+    assert_eq!(now["state"], "started", "{now}");
+    assert_eq!(now["host"], m["host"]);
+    assert_eq!(now["private_ip"], m["private_ip"]);
+    let r = dev.exec(&m, &["cat", "/data/written-before"]);
+    assert_eq!(r["stdout"], "kept\n", "{r}");
+    let ev = events(&dev, &m);
+    assert!(
+        ev.iter().any(|e| e["type"] == "migrate"
+            && e["status"] == "rolled_back"
+            && e["request"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("exit code 3"))),
+        "the event log says why: {ev:?}"
+    );
+}
+
+#[test]
+fn a_volume_that_cannot_be_forked_fails_at_once_and_the_machine_runs_on() {
+    let dev = Dev::start("migdevnode", 2);
+    let hosts = dev.hosts();
+    let vol = new_volume(&dev, 16);
+    let m = dev.machine("devnode", &hosts[0], web_config(&vol));
+    let vols = dev.call("GET", "/v1/volumes", None).1;
+    let dir = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == vol.as_str())
+        .unwrap()["host_dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A device node on the volume (put there from the host: a machine may not make one).
+    let st = std::process::Command::new("mknod")
+        .args([&format!("{dir}/null"), "c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mig = migrate(&dev, &m, json!({}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(60));
+    assert_eq!(v["phase"], "rolled_back", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("device node"),
+        "a clear error: {v}"
+    );
+    assert_eq!(v["retries"], 0, "a permanent error is not retried: {v}");
+    let now = dev.get_machine(&m);
+    assert_eq!(now["state"], "started");
+    assert_eq!(now["host"], m["host"]);
+    assert_eq!(now["instance_id"], m["instance_id"], "it was never stopped");
 }

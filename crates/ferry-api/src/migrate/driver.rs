@@ -361,6 +361,7 @@ async fn copy_round(
     from: &str,
     to: &str,
     dir: Option<String>,
+    size_mb: Option<u64>,
 ) -> Step<(VolumeRound, String)> {
     let (src_ep, dst_ep) = (endpoint(ctx, from)?, endpoint(ctx, to)?);
     let exp: VolumeExpected = server::call_agent(
@@ -371,6 +372,7 @@ async fn copy_round(
             token: token.to_owned(),
             volume_id: target_volume.to_owned(),
             dir,
+            size_mb,
         },
     )
     .await?;
@@ -408,6 +410,9 @@ async fn copy_round(
 /// One copy round of volume `i` from the source host to the destination.
 async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
     let v = &mig.volumes[i];
+    // A fork of a size-limited volume is a file system of the same size on the destination.
+    let src = server::volume(ctx, &v.src_volume)?;
+    let size = src.size_mb.filter(|_| src.kept_by_agent);
     copy_round(
         ctx,
         &mig.id,
@@ -418,6 +423,7 @@ async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRoun
         &mig.from_host,
         &mig.to_host,
         None,
+        size,
     )
     .await
 }
@@ -484,30 +490,88 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
     })
 }
 
+/// Why machine `m` counts against its app's `max_unavailable`, if it does.
+///
+/// The rule (also in the policy's API docs): a machine counts when it *should* be running and
+/// is not ready. It should be running when it is `starting`, `started`, `failed`, or `stopped`
+/// by itself (it exited or crashed: its last exit was not asked for). A machine stopped on
+/// purpose (`ferry machine stop`, an earlier migration's stop of a stopped machine) or never
+/// started does not count: it is idle, not an outage the policy protects against.
+fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
+    let last_exit_requested = || {
+        let events = ctx.store.events(&m.id).ok()?;
+        events
+            .iter()
+            .rev()
+            .find(|e| e.r#type == "exit")
+            .map(|e| e.request["exit_event"]["requested_stop"] == true)
+    };
+    let why = unavailability(m.state, || ready(ctx, m), last_exit_requested);
+    if why.is_none() && m.state == S::Stopped && being_moved_while_running(ctx, &m.id) {
+        // Stopped by its own migration (the stop was "requested", by us): it should run.
+        return Some("being migrated");
+    }
+    why
+}
+
+/// An unfinished migration of a machine that was running when it began.
+fn being_moved_while_running(ctx: &Ctx, machine: &str) -> bool {
+    ids(ctx).unwrap_or_default().iter().rev().any(|id| {
+        load(ctx, id).is_ok_and(|m| m.machine_id == machine && m.was_running && !m.phase.finished())
+    })
+}
+
+/// [`unavailable`]'s rule on plain facts (unit-tested): the state, whether the checks pass
+/// (asked only for a started machine) and whether the last exit was requested by a stop call
+/// (`None`: no exit recorded).
+fn unavailability(
+    state: S,
+    ready: impl FnOnce() -> bool,
+    last_exit_requested: impl FnOnce() -> Option<bool>,
+) -> Option<&'static str> {
+    match state {
+        S::Started if ready() => None,
+        S::Started => Some("started but not ready"),
+        S::Starting => Some("starting"),
+        S::Failed => Some("failed"),
+        // Stopped without anyone asking (exited, crashed, gone while its agent was down):
+        // its desired state is still started.
+        S::Stopped if last_exit_requested() != Some(true) => Some("exited on its own"),
+        // Stopped on purpose, never started, on its way out or moved away.
+        _ => None,
+    }
+}
+
 async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     let m = ctx.store.get_machine(&mig.machine_id)?;
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
-        // max_unavailable: the others that are not ready, plus this one, must fit.
+        // max_unavailable: the others that should run and are not ready, plus this one, must fit.
         let policy = load_policy(ctx, &mig.app)?;
-        let down = ctx
+        let down: Vec<String> = ctx
             .store
             .list_machines(Some(&mig.app))?
             .iter()
-            .filter(|o| o.id != m.id && !ready(ctx, o))
-            .count() as u32;
-        if down + 1 > policy.max_unavailable {
+            .filter(|o| o.id != m.id)
+            .filter_map(|o| unavailable(ctx, o).map(|why| format!("{} ({why})", o.id)))
+            .collect();
+        if down.len() as u32 + 1 > policy.max_unavailable {
             let waited = ctx.store.now_ms() - mig.updated_at_ms;
             if waited > policy.healthy_deadline_ms as i64 {
                 return Err(StepError::RollBack(format!(
-                    "{down} other machines of app {} are not ready and max_unavailable is {}",
-                    mig.app, policy.max_unavailable
+                    "{} other machines of app {} should be running and are not ready ({}), \
+                     and max_unavailable is {}",
+                    down.len(),
+                    mig.app,
+                    down.join(", "),
+                    policy.max_unavailable
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(());
         }
     }
-    if mig.stats.stopped_at_ms.is_none() {
+    // A machine that was not running has no downtime: nothing to time, nothing to announce.
+    if mig.was_running && mig.stats.stopped_at_ms.is_none() {
         mig.stats.stopped_at_ms = Some(ctx.store.now_ms());
         save(ctx, mig)?;
         ctx.store.add_event(
@@ -625,6 +689,7 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                     id: v.dst_volume.clone(),
                     host_dir: v.dst_dir.clone().unwrap_or_default(),
                     size_mb: src.size_mb,
+                    kept_by_agent: src.kept_by_agent,
                     created_at: rfc3339(now),
                     host: Some(mig.to_host.clone()),
                     state: "active".into(),
@@ -736,6 +801,18 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         loop {
             let m = ctx.store.get_machine(&mig.machine_id)?;
             let now = ctx.store.now_ms();
+            if matches!(m.state, S::Stopped | S::Failed) {
+                // It exited on the destination (its restart policy did not bring it back): it
+                // would never become healthy, so do not wait out the deadline.
+                return Err(StepError::RollBack(format!(
+                    "the machine exited on host {} {} ms after its start ({}), before it had \
+                     run for min_healthy_time ({} ms)",
+                    mig.to_host,
+                    now - started,
+                    last_exit(ctx, &m.id),
+                    policy.min_healthy_time_ms
+                )));
+            }
             if ready(ctx, &m) {
                 let since = *ready_since.get_or_insert(now);
                 if now - since >= policy.min_healthy_time_ms as i64 {
@@ -756,6 +833,20 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     finish(ctx, mig, "done", None)?;
     mig.phase = Phase::Done;
     Ok(())
+}
+
+/// The machine's last exit as words, e.g. "exit code 3" or "killed by signal 9".
+fn last_exit(ctx: &Ctx, machine: &str) -> String {
+    let events = ctx.store.events(machine).unwrap_or_default();
+    let Some(e) = events.iter().rev().find(|e| e.r#type == "exit") else {
+        return "no exit recorded".into();
+    };
+    let x = &e.request["exit_event"];
+    match (x["exit_code"].as_i64(), x["signal"].as_i64()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => e.status.clone(),
+    }
 }
 
 fn finish(ctx: &Ctx, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
@@ -885,6 +976,7 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
             &mig.to_host,
             &mig.from_host,
             Some(v.src_dir.clone()),
+            None,
         )
         .await?;
         if !r.verified {
@@ -912,4 +1004,35 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
     ctx.store
         .update_machine_if(&back, &[S::Stopped, S::Failed, S::Created])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(state: S, ready: bool, last_exit_requested: Option<bool>) -> Option<&'static str> {
+        unavailability(state, || ready, || last_exit_requested)
+    }
+
+    #[test]
+    fn a_machine_stopped_on_purpose_or_never_started_is_not_unavailable() {
+        assert_eq!(rule(S::Stopped, false, Some(true)), None);
+        assert_eq!(rule(S::Created, false, None), None);
+        assert_eq!(rule(S::Destroyed, false, None), None);
+        assert_eq!(rule(S::Migrated, false, None), None);
+    }
+
+    #[test]
+    fn a_machine_that_should_run_and_is_not_ready_is_unavailable() {
+        assert_eq!(rule(S::Started, true, None), None);
+        assert_eq!(rule(S::Started, false, None), Some("started but not ready"));
+        assert_eq!(rule(S::Starting, false, None), Some("starting"));
+        assert_eq!(rule(S::Failed, false, Some(true)), Some("failed"));
+        // Exited on its own (a crash, restart policy no) or lost while its agent was down.
+        assert_eq!(
+            rule(S::Stopped, false, Some(false)),
+            Some("exited on its own")
+        );
+        assert_eq!(rule(S::Stopped, false, None), Some("exited on its own"));
+    }
 }

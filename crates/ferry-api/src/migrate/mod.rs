@@ -173,11 +173,15 @@ pub struct Migration {
 /// An app's rules for moving its machines.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MigratePolicy {
-    /// At most this many of the app's machines may be unavailable (not ready) at once, counting
-    /// the one about to stop. Default 1.
+    /// At most this many of the app's machines may be unavailable at once, counting the one
+    /// about to stop. Default 1. A machine is unavailable when it should be running and is not
+    /// ready: it is `starting`, `started` with a check not passing, `failed`, or `stopped` by
+    /// itself (it exited or crashed). A machine stopped on purpose (`ferry machine stop`) or
+    /// never started does not count, so idle machines never block their app's moves or a drain.
     pub max_unavailable: u32,
     /// A moved machine must have been ready this long before the migration is done (and the next
-    /// one of the app may start). Milliseconds.
+    /// one of the app may start): running, with every check passing if it has checks. One that
+    /// exits before rolls back at once. Milliseconds; default 10 s (as Nomad's migrate block).
     pub min_healthy_time_ms: u64,
     /// If the moved machine is not healthy this long after its start, the migration rolls back.
     pub healthy_deadline_ms: u64,
@@ -197,7 +201,7 @@ impl Default for MigratePolicy {
     fn default() -> Self {
         MigratePolicy {
             max_unavailable: 1,
-            min_healthy_time_ms: 0,
+            min_healthy_time_ms: 10_000,
             healthy_deadline_ms: 60_000,
             notice_period_ms: 0,
             webhook_url: None,

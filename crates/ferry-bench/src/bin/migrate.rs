@@ -630,14 +630,13 @@ fn orchestrate() -> Result<()> {
     for &size_mb in &sizes {
         let pairs = if size_mb <= 1024 { pairs_1g } else { pairs_4g };
         let nfiles = (size_mb as usize * (1 << 20)) / FILE_BYTES;
-        let vol = dev.call(Method::POST, "/v1/volumes", json!({"size_mb": size_mb}))?;
-        let dir = PathBuf::from(vol["host_dir"].as_str().context("host_dir")?);
-        let t = Instant::now();
-        fill_volume(&dir, nfiles, size_mb)?;
-        eprintln!(
-            "{size_mb} MiB: {nfiles} files written and synced in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
+        // A volume is an ext4 file system of its size: room for the data plus its own
+        // metadata and journal.
+        let vol = dev.call(
+            Method::POST,
+            "/v1/volumes",
+            json!({"size_mb": size_mb + size_mb / 8 + 64}),
+        )?;
         let server = dev.call(
             Method::POST,
             "/v1/apps/mig/machines",
@@ -645,6 +644,14 @@ fn orchestrate() -> Result<()> {
                 "mounts": [{"volume": vol["id"], "path": "/data"}]}}),
         )?;
         let sid = server["id"].as_str().unwrap().to_owned();
+        // The volume exists (on the server's host) once its first machine started.
+        let (_, dir) = bench.volume_dir(&server)?;
+        let t = Instant::now();
+        fill_volume(&dir, nfiles, size_mb)?;
+        eprintln!(
+            "{size_mb} MiB: {nfiles} files written and synced in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let mut pick = Pick(0x5eed ^ size_mb);
         let mut r = 0u64;
         for p in 0..pairs {

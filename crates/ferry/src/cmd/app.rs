@@ -31,10 +31,13 @@ enum AppCmd {
     /// Show, or change, how the app's machines migrate (drains respect it).
     Policy {
         name: String,
-        /// At most this many of the app's machines unavailable at once (default 1).
+        /// At most this many of the app's machines unavailable at once (default 1), counting the
+        /// one about to move. Unavailable: should be running (starting, started, failed, or
+        /// exited on its own) and not ready. Machines stopped on purpose do not count.
         #[arg(long)]
         max_unavailable: Option<u32>,
-        /// A moved machine must be ready this long before the next one moves, e.g. 10s.
+        /// A moved machine must run (and pass its checks) this long before its move is done and
+        /// the next one moves (default 10s); one that exits before is moved back.
         #[arg(long)]
         min_healthy_time: Option<String>,
         /// Roll back if the moved machine is not healthy this long after its start (default 60s).

@@ -66,6 +66,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             }
         }
         removed.extend(ferry_net::clean_all().context("cleaning up")?);
+        // Every ferry volume file system still mounted (their machines are gone by now).
+        for m in ferry_agent::disk::unmount_volumes_under(std::path::Path::new("/")) {
+            removed.push(format!("volume mount {}", m.display()));
+        }
         if removed.is_empty() {
             println!("nothing to clean");
         }
@@ -269,6 +273,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .map(|m| m.id)
         .collect();
     remove_machine_cgroups(&ours);
+    // The volumes' file systems: mounted again by the agents when the fleet comes back.
+    ferry_agent::disk::unmount_volumes_under(&args.state_dir);
     fleet.teardown()?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(if ok {

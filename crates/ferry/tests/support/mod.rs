@@ -326,6 +326,9 @@ impl Drop for Dev {
             }
         }
         let _ = std::fs::remove_dir_all(self.pins());
+        // Volume file systems a killed dev left mounted below its state dir (their loop devices
+        // go with their last mount).
+        ferry_agent::disk::unmount_volumes_under(&self.state);
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
