@@ -14,9 +14,10 @@
 //!    default image ([`default_image`]) is a skeleton with a copy of `/etc` plus the host's
 //!    `/usr` (and `/bin`, `/lib*`, `/sbin` where they are not symlinks into it); OCI layers slot
 //!    in as more lower directories later;
-//! 3. `/proc` (own pid namespace; Docker's masked and read-only paths), a minimal `/dev`, the
-//!    host's sysfs without its submounts (so no `/sys/fs/bpf`), read-only, with the machine's
-//!    own cgroup2 (cgroup namespace) at `/sys/fs/cgroup`; volumes as idmapped binds, so a file
+//! 3. `/proc` (own pid namespace; Docker's masked and read-only paths), a minimal `/dev`, a
+//!    sysfs of its own (its network namespace's interfaces only, no host submounts such as
+//!    `/sys/fs/bpf`), read-only, with the machine's own cgroup2 (cgroup namespace) at
+//!    `/sys/fs/cgroup`; volumes as idmapped binds, so a file
 //!    the machine's root writes is stored as uid 0 on disk and keeps meaning that after a
 //!    migration to a host where the machine gets another range;
 //! 4. `pivot_root` into it and detach the host's tree;
@@ -790,6 +791,7 @@ pub(crate) fn enter(
     )?;
     let root = stage.join("root");
     make_mountpoint(&root, false)?;
+    nix::unistd::chdir(stage).map_err(|e| RuntimeError::sys("chdir to the stage", e))?;
     for (i, layer) in sb.layers.iter().enumerate() {
         let low = stage.join(format!("l{i}"));
         let up = stage.join(format!("u{i}"));
@@ -807,12 +809,10 @@ pub(crate) fn enter(
             .map_err(|e| RuntimeError::io("chown upper", e))?;
         let target = in_root(&root, &layer.target);
         make_mountpoint(&target, false)?;
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            low.display(),
-            up.display(),
-            work.display()
-        );
+        // Relative to the stage (init's working directory here): the options are shown in the
+        // machine's /proc/self/mountinfo, and host paths (ferry's state dir) are none of its
+        // business.
+        let opts = format!("lowerdir=l{i},upperdir=u{i},workdir=w{i}");
         mount(
             Some("overlay"),
             &target,
@@ -898,21 +898,18 @@ pub(crate) fn enter(
         bind_read_only(&proc_.join(p))?;
     }
 
-    // sysfs: the host's, without any of its submounts (no /sys/fs/bpf, no debugfs, no host
-    // cgroup trees), read-only; and the machine's own cgroup (cgroup namespace) in it.
+    // A sysfs of its own, read-only: init is still host root and in the machine's network
+    // namespace (owned by the host's user namespace), so the kernel lets it mount one, and its
+    // network class then shows the machine's interfaces only (a bind of the host's would list
+    // every machine's veth). A fresh sysfs has none of the host's submounts (no /sys/fs/bpf, no
+    // debugfs, no host cgroup trees); the machine's own cgroup (cgroup namespace) goes in it.
     let sys = root.join("sys");
     make_mountpoint(&sys, false)?;
-    mount(Some("/sys"), &sys, None, MsFlags::MS_BIND, None)?;
     mount(
-        None,
+        Some("sysfs"),
         &sys,
-        None,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None,
     )?;
     let cg = sys.join("fs/cgroup");

@@ -829,12 +829,15 @@ mkdir -p {run} && echo x > {run}/escape && echo wrote-own-path
 echo 1 > /proc/sys/kernel/sysrq && echo WROTE-PROC-SYS
 hostname escaped && echo SET-HOSTNAME
 echo escaped > /proc/sys/kernel/hostname && echo WROTE-HOSTNAME
+echo net=$(ls /sys/class/net)
+grep -c '{stage}' /proc/self/mountinfo
 cat /proc/kcore | head -c1 | wc -c
 echo done"#,
         vol = other_vol.display(),
         secret = secret_name,
         run = run_dir.display(),
         etc = host_etc_file.display(),
+        stage = m.dir.path().display(),
     );
     let out = exec_sh(&m, &script);
     let stdout = out.stdout_lossy();
@@ -876,8 +879,9 @@ echo done"#,
         stdout.contains("wrote-own-etc") && stdout.contains("wrote-own-path"),
         "{stdout}"
     );
-    // /proc/kcore is masked (reads nothing).
-    assert!(stdout.contains("\n0\ndone"), "{stdout}");
+    // Its own sysfs: its network namespace's interfaces (the test's has only lo), not the
+    // host's veths; no host path in its mount table; /proc/kcore is masked (reads nothing).
+    assert!(stdout.contains("net=lo\n0\n0\ndone"), "{stdout}");
 
     // The host is unchanged.
     assert_eq!(
