@@ -21,7 +21,8 @@
 //! A **sandboxed** machine (the spec has a [`SandboxSpec`](crate::SandboxSpec); the agent always
 //! sets one) differs in three places: the spawn leaves the pid namespace to the shim, which first
 //! has the machine's user namespace made by a helper child (so the helper takes no pid in the
-//! machine and the command is still PID 2); init builds the machine's own root filesystem,
+//! machine and the command is still PID 2), and the mount namespace to init (the shim stays in
+//! the host's, so no copy of the host's mount table lives as long as the machine); init builds the machine's own root filesystem,
 //! pivots into it, joins the user namespace and drops privileges (see [`crate::sandbox`]); and
 //! the shim writes `init.pid` only once init says it is set up.
 //!
@@ -307,11 +308,12 @@ impl Outcome {
     }
 }
 
-/// True when this process has a mount namespace other than its parent's (the agent's).
-fn own_mount_ns() -> bool {
+/// True when this process is in another network namespace than its parent (the agent), as
+/// spawn_machine puts it.
+fn own_net_ns() -> bool {
     match (
-        std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link(format!("/proc/{}/ns/mnt", nix::unistd::getppid())),
+        std::fs::read_link("/proc/self/ns/net"),
+        std::fs::read_link(format!("/proc/{}/ns/net", nix::unistd::getppid())),
     ) {
         (Ok(a), Ok(b)) => a != b,
         _ => false,
@@ -322,7 +324,7 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     // A sandboxed machine's shim unshares the pid namespace itself (see below); otherwise
     // spawn_machine did.
     let started_by_agent = match spec.sandbox {
-        Some(_) => !pid_ns_unshared() && own_mount_ns(),
+        Some(_) => !pid_ns_unshared() && own_net_ns(),
         None => pid_ns_unshared(),
     };
     if !started_by_agent {

@@ -192,9 +192,11 @@ pub fn spawn_machine(
     let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let ns_fd = ns.as_raw_fd();
     // A sandboxed machine's shim makes the machine's user namespace first and then unshares the
-    // pid namespace itself (see init).
+    // pid namespace itself (see init). It needs no mount namespace of its own either: init takes
+    // one and drops the host's tree with pivot_root, so no machine keeps a copy of the host's
+    // mount table (with a /run/netns entry per machine, that copy grows with the host).
     let new_ns = if spec.sandbox.is_some() {
-        libc::CLONE_NEWNS | libc::CLONE_NEWUTS
+        libc::CLONE_NEWUTS
     } else {
         libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS
     };
