@@ -8,6 +8,7 @@ PACKAGES=(
   clang llvm libbpf-dev linux-libc-dev bpftool   # eBPF programs: built by clang, inspected with bpftool
   iproute2 nftables ethtool procps               # namespaces, links, nft DNAT mode, offload switches
   iperf3                                         # benchmarks: TCP throughput and request/response
+  runc                                           # benchmarks: the bare OCI runtime baseline of bench/sandbox.sh
   dnsutils                                       # dig, for DNS checks
   python3                                        # demo and test workloads inside machines
   pkg-config

@@ -63,7 +63,14 @@ pub struct Agent {
     nft_seen: Mutex<NftSeen>,
     /// Volume forks to and from this host (migration).
     volumes: Arc<crate::volumes::Volumes>,
+    /// The root filesystem layers of every machine (the default image; see ferry-runtime's
+    /// sandbox module).
+    image: Vec<ferry_runtime::Layer>,
 }
+
+/// Every machine's process limit (threads count too): generous for real workloads, and a fork
+/// bomb inside one machine stops here instead of exhausting the host's pids.
+pub const MACHINE_PIDS_MAX: u64 = 4096;
 
 type Shared = State<Arc<Agent>>;
 
@@ -108,6 +115,7 @@ impl Agent {
         };
         std::fs::create_dir_all(cfg.state_dir.join("machines"))
             .map_err(|e| AgentError::io("creating the state dir", e))?;
+        let image = ferry_runtime::default_image(&cfg.state_dir.join("images"))?;
         let volumes = crate::volumes::Volumes::start(
             &ns,
             &cfg.state_dir,
@@ -124,6 +132,7 @@ impl Agent {
             bridge_state: Mutex::new(BridgeSync::default()),
             nft_seen: Mutex::new(HashMap::new()),
             volumes,
+            image,
         });
         agent.reattach()?;
         Ok(agent)
@@ -272,6 +281,7 @@ impl Agent {
         let limits = Limits {
             memory_mb: run.config.guest.memory_mb.into(),
             cpus: run.config.guest.cpus.into(),
+            pids: MACHINE_PIDS_MAX,
         };
         let cg = match MachineCgroup::open(&self.cgroups, &self.cgroup_name(&run.id))? {
             Some(c) => c,
@@ -316,6 +326,12 @@ impl Agent {
                 })
                 .collect(),
             workdir: None,
+            sandbox: Some(ferry_runtime::SandboxSpec {
+                // The machine's cgroup lives as long as the machine: the range is its own until
+                // then (machines of other agents on this box included).
+                id_base: ferry_runtime::claim_id_range(&cg.dirs()[0].1)?,
+                layers: self.image.clone(),
+            }),
         };
         // The record first: a crash between the two leaves a run dir that reattach can read.
         write_atomic(

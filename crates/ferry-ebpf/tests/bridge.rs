@@ -254,6 +254,7 @@ impl Topo {
                 Limits {
                     memory_mb: 0,
                     cpus: 0.0,
+                    pids: 0,
                 },
             )
             .expect("creating a machine cgroup");

@@ -39,15 +39,22 @@ pub enum CgroupKind {
     V1Memory,
     /// cgroup v1 hierarchy carrying the `cpu` controller.
     V1Cpu,
+    /// cgroup v1 hierarchy carrying the `pids` controller (the machine's process limit).
+    V1Pids,
     /// The unified (v2) tree.
     V2,
 }
 
-/// Resource limits for one machine. `memory_mb == 0` and `cpus <= 0` mean "no limit".
+/// Resource limits for one machine. `memory_mb == 0`, `cpus <= 0` and `pids == 0` mean "no
+/// limit".
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub memory_mb: u64,
     pub cpus: f64,
+    /// At most this many processes and threads (the shim and init included): a fork bomb stops
+    /// here instead of taking the host's pid space.
+    #[serde(default)]
+    pub pids: u64,
 }
 
 /// Where ferry's own cgroups are in each relevant hierarchy on this host.
@@ -55,6 +62,7 @@ pub struct Limits {
 pub struct CgroupLayout {
     v1_memory: Option<PathBuf>,
     v1_cpu: Option<PathBuf>,
+    v1_pids: Option<PathBuf>,
     v2: Option<PathBuf>,
 }
 
@@ -155,6 +163,7 @@ impl CgroupLayout {
         let mut layout = CgroupLayout {
             v1_memory: None,
             v1_cpu: None,
+            v1_pids: None,
             v2: None,
         };
         for line in self_cgroup.lines() {
@@ -183,6 +192,9 @@ impl CgroupLayout {
             if ctrls.contains(&"cpu") {
                 layout.v1_cpu = find("cpu");
             }
+            if ctrls.contains(&"pids") {
+                layout.v1_pids = find("pids");
+            }
         }
         if layout.v1_memory.is_none() && layout.v1_cpu.is_none() && layout.v2.is_none() {
             return Err(RuntimeError::Cgroup(
@@ -207,6 +219,11 @@ impl CgroupLayout {
         if let Some(p) = &self.v1_cpu {
             if self.v1_memory.as_ref() != Some(p) {
                 v.push((CgroupKind::V1Cpu, p.as_path()));
+            }
+        }
+        if let Some(p) = &self.v1_pids {
+            if self.v1_memory.as_ref() != Some(p) && self.v1_cpu.as_ref() != Some(p) {
+                v.push((CgroupKind::V1Pids, p.as_path()));
             }
         }
         if let Some(p) = &self.v2 {
@@ -311,7 +328,7 @@ fn delegate_v2(ferry_dir: &Path, hybrid: bool) {
             .map(str::to_owned)
             .collect()
     };
-    for c in ["memory", "cpu"] {
+    for c in ["memory", "cpu", "pids"] {
         if !list(&own.join("cgroup.controllers")).iter().any(|x| x == c) {
             tracing::warn!(controller = c, own = %own.display(),
                 "cgroup v2 controller not available to ferry's cgroup; machine limits skipped");
@@ -478,7 +495,44 @@ impl MachineCgroup {
         } else if quota.is_some() {
             tracing::warn!(machine = %self.machine_id, "no cpu controller; cpu limit skipped");
         }
+        let pids = if limits.pids == 0 {
+            "max".to_owned()
+        } else {
+            limits.pids.to_string()
+        };
+        match self.pids_file() {
+            Some(f) => write(f, pids)?,
+            None if limits.pids != 0 => {
+                tracing::warn!(machine = %self.machine_id, "no pids controller; pids limit skipped")
+            }
+            None => {}
+        }
         Ok(())
+    }
+
+    /// The `pids.max` file of the machine (v1 `pids` hierarchy, or the v2 tree on a pure v2
+    /// host), if the host has the controller.
+    fn pids_file(&self) -> Option<PathBuf> {
+        // pids may be co-mounted with memory or cpu in one v1 hierarchy.
+        [
+            CgroupKind::V1Pids,
+            CgroupKind::V1Memory,
+            CgroupKind::V1Cpu,
+            CgroupKind::V2,
+        ]
+        .into_iter()
+        .filter_map(|k| self.dir(k))
+        .map(|d| d.join("pids.max"))
+        .find(|f| f.exists())
+    }
+
+    /// The pids limit in force (`None`: unlimited or no pids controller).
+    pub fn pids_max(&self) -> Option<u64> {
+        std::fs::read_to_string(self.pids_file()?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The memory limit currently in force, read back from the kernel (`None`: no memory

@@ -2,7 +2,10 @@
 //!
 //! The command joins the machine's cgroups and the net, uts, pid and mount namespaces of its
 //! PID 1 (`/proc/<init>/ns/*`), gets the machine's environment and working directory, and runs
-//! with its output captured.
+//! with its output captured. In a sandboxed machine it also joins the cgroup namespace and, last,
+//! the user namespace as its root, and the grandchild takes the machine's capability set,
+//! `no_new_privs` and seccomp filter just before exec: an exec'd command is held exactly like the
+//! machine's own processes.
 //!
 //! `setns` into a pid namespace only affects the caller's *children*, so the process std spawns
 //! forks once more between fork and exec (the `nsenter` double fork): the grandchild, now a
@@ -45,10 +48,13 @@ impl ExecOutput {
 }
 
 /// The namespaces joined, in order. Mount goes last: entering it changes our root and cwd, and
-/// the other namespace files were opened beforehand anyway.
-const NAMESPACES: [(&str, libc::c_int); 4] = [
+/// the other namespace files were opened beforehand anyway. A sandboxed machine's cgroup
+/// namespace is joined too, and its user namespace after all of these (they belong to the host's
+/// user namespace: joining them needs the host privileges the user namespace would take away).
+const NAMESPACES: [(&str, libc::c_int); 5] = [
     ("net", libc::CLONE_NEWNET),
     ("uts", libc::CLONE_NEWUTS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
     ("pid", libc::CLONE_NEWPID),
     ("mnt", libc::CLONE_NEWNS),
 ];
@@ -65,13 +71,33 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
         .wait_init_pid(Duration::from_secs(5))
         .ok_or(RuntimeError::NotRunning)?;
     let (_, init_start) = proc_stat(init).ok_or(RuntimeError::NotRunning)?;
-    let ns_files: Vec<File> = NAMESPACES
+    let sandboxed = spec.sandbox.is_some();
+    let namespaces: Vec<(&str, libc::c_int)> = NAMESPACES
+        .iter()
+        .copied()
+        .filter(|(n, _)| sandboxed || *n != "cgroup")
+        .collect();
+    let ns_files: Vec<File> = namespaces
         .iter()
         .map(|(n, _)| {
             File::open(format!("/proc/{init}/ns/{n}"))
                 .map_err(|e| RuntimeError::io(format!("opening the machine's {n} namespace"), e))
         })
         .collect::<Result<_>>()?;
+    let userns = if sandboxed {
+        Some(
+            File::open(format!("/proc/{init}/ns/user"))
+                .map_err(|e| RuntimeError::io("opening the machine's user namespace", e))?,
+        )
+    } else {
+        None
+    };
+    // Built before the fork: applying it afterwards is only raw syscalls.
+    let lockdown = if sandboxed {
+        Some(crate::sandbox::Lockdown::get()?)
+    } else {
+        None
+    };
     // The pid may have been recycled between reading init.pid and opening: check it still is
     // the same process now that the namespace handles are held.
     if proc_stat(init).map(|s| s.1) != Some(init_start) {
@@ -93,9 +119,10 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
     let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let ns_fds: Vec<(i32, libc::c_int)> = ns_files
         .iter()
-        .zip(NAMESPACES.iter())
+        .zip(namespaces.iter())
         .map(|(f, (_, flag))| (f.as_raw_fd(), *flag))
         .collect();
+    let userns_fd = userns.as_ref().map(|f| f.as_raw_fd());
 
     let mut command = Command::new(&cmd[0]);
     command
@@ -106,8 +133,9 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec the closure makes only async-signal-safe syscalls (write,
-    // setns, chdir, fork, close_range, waitpid, prctl, getppid, _exit) on fds and a CString
-    // prepared above, which outlive spawn; it allocates nothing.
+    // setns, setgroups, setres[ug]id, chdir, fork, close_range, waitpid, prctl, getppid, capset,
+    // seccomp, _exit) on fds, a CString and seccomp programs prepared above, which outlive
+    // spawn; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             crate::init::write_pid_to(&proc_fds)?;
@@ -115,6 +143,9 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
                 if libc::setns(fd, flag) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(fd) = userns_fd {
+                crate::sandbox::enter_userns(&fd)?;
             }
             if libc::chdir(workdir.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -132,7 +163,13 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
                     // Its own session and process group (pgid = its host pid), so a timeout can
                     // kill everything it started, not just the direct child.
                     libc::setsid();
-                    crate::sys::unblock_all_signals()
+                    crate::sys::unblock_all_signals()?;
+                    // Last: the filter would refuse nothing above, but it is the machine's rule
+                    // from here on.
+                    match lockdown {
+                        Some(l) => l.apply(),
+                        None => Ok(()),
+                    }
                 }
                 child => {
                     // The intermediate: hold nothing open (std's exec-status pipe above all),
@@ -162,6 +199,7 @@ pub fn exec_in(running: &Running, cmd: &[String], timeout: Duration) -> Result<E
         .map_err(|e| RuntimeError::io(format!("exec {:?} in the machine", cmd[0]), e))?;
     drop(procs);
     drop(ns_files);
+    drop(userns);
 
     let out = Arc::new(Mutex::new(Vec::new()));
     let err = Arc::new(Mutex::new(Vec::new()));

@@ -18,9 +18,18 @@
 //!   command's raw outcome reaches the shim over a pipe so `exit.json` can tell "exited 130" from
 //!   "killed by SIGINT".
 //!
-//! There is no separate root filesystem: guest paths are host paths seen through the machine's
-//! mount namespace, so a missing guest mountpoint directory is created on the host's filesystem
-//! (it stays empty there; the bind mount is only visible inside the machine).
+//! A **sandboxed** machine (the spec has a [`SandboxSpec`](crate::SandboxSpec); the agent always
+//! sets one) differs in three places: the spawn leaves the pid namespace to the shim, which first
+//! has the machine's user namespace made by a helper child (so the helper takes no pid in the
+//! machine and the command is still PID 2), and the mount namespace to init (the shim stays in
+//! the host's, so no copy of the host's mount table lives as long as the machine); init builds the machine's own root filesystem,
+//! pivots into it, joins the user namespace and drops privileges (see [`crate::sandbox`]); and
+//! the shim writes `init.pid` only once init says it is set up.
+//!
+//! Without a sandbox there is no separate root filesystem: guest paths are host paths seen
+//! through the machine's mount namespace, so a missing guest mountpoint directory is created on
+//! the host's filesystem (it stays empty there; the bind mount is only visible inside the
+//! machine). Only the runtime's benchmark baseline runs machines that way now.
 //!
 //! Signals: both processes block the signals they handle and take them with `sigwait`, so no
 //! signal is lost between fork and the loop, and no work happens in a signal handler. A PID 1
@@ -106,6 +115,11 @@ pub struct InitSpec {
     pub mounts: Vec<MountSpec>,
     #[serde(default)]
     pub workdir: Option<String>,
+    /// The machine's sandbox (SPEC §10). `None` runs the command in the host's root filesystem
+    /// as host root, as ferry did before the sandbox; the agent always sets it, the runtime's
+    /// benchmark keeps `None` as its baseline.
+    #[serde(default)]
+    pub sandbox: Option<crate::sandbox::SandboxSpec>,
 }
 
 impl InitSpec {
@@ -137,6 +151,9 @@ impl InitSpec {
             if !w.starts_with('/') || nul(w) {
                 return Err(RuntimeError::Invalid(format!("workdir {w:?}")));
             }
+        }
+        if let Some(sb) = &self.sandbox {
+            sb.validate()?;
         }
         Ok(())
     }
@@ -291,10 +308,28 @@ impl Outcome {
     }
 }
 
+/// True when this process is in another network namespace than its parent (the agent), as
+/// spawn_machine puts it.
+fn own_net_ns() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/net"),
+        std::fs::read_link(format!("/proc/{}/ns/net", nix::unistd::getppid())),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
 fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
-    if !pid_ns_unshared() {
+    // A sandboxed machine's shim unshares the pid namespace itself (see below); otherwise
+    // spawn_machine did.
+    let started_by_agent = match spec.sandbox {
+        Some(_) => !pid_ns_unshared() && own_net_ns(),
+        None => pid_ns_unshared(),
+    };
+    if !started_by_agent {
         return Err(RuntimeError::Invalid(
-            "process context: ferry init must be started by the ferry agent (in a new pid namespace)"
+            "process context: ferry init must be started by the ferry agent (in new namespaces)"
                 .into(),
         ));
     }
@@ -303,12 +338,33 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
             "process context: ferry init must run before any other thread starts".into(),
         ));
     }
+    // The machine's user namespace is made by a helper child of the shim, in the host's pid
+    // namespace, before the machine's pid namespace exists: so the helper takes no pid in the
+    // machine and the command stays PID 2. Init inherits the handle.
+    let userns = match &spec.sandbox {
+        Some(sb) => {
+            let fd = crate::sandbox::make_userns(sb.id_base)?;
+            unshare(CloneFlags::CLONE_NEWPID)
+                .map_err(|e| RuntimeError::sys("unshare(CLONE_NEWPID)", e))?;
+            Some(fd)
+        }
+        None => None,
+    };
     // The shim lives in the machine's cgroups: a rising oom_kill count there means the kernel
     // OOM-killed something of this machine.
     let layout = cgroup::CgroupLayout::discover().ok();
     let oom_before = layout.as_ref().and_then(|l| l.own_oom_kills());
+    if spec.sandbox.is_some() {
+        crate::sandbox::netns_sysctls();
+    }
     let set = block_signals()?;
     let (report_rx, report_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RuntimeError::sys("pipe2", e))?;
+
+    // Init says "set up" on this pipe once the machine's view is complete (for a sandboxed
+    // machine: pivoted and in its user namespace). Only then does `init.pid` appear, so whoever
+    // waits for it (the agent's "started", exec) never enters a half-built machine.
+    let (setup_rx, setup_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| RuntimeError::sys("pipe2", e))?;
 
     // SAFETY: the process is single-threaded (checked above), so the child may run arbitrary
@@ -316,17 +372,24 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     let child = match unsafe { fork() }.map_err(|e| RuntimeError::sys("fork", e))? {
         ForkResult::Child => {
             drop(report_rx);
-            let code = pid1(spec, run_dir, report_tx, &set);
+            drop(setup_rx);
+            let code = pid1(spec, run_dir, userns.as_ref(), report_tx, setup_tx, &set);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => child,
     };
     drop(report_tx);
-    if let Some((_, start)) = proc_stat(child.as_raw()) {
-        let _ = write_atomic(
-            &run_dir.join(files::INIT_PID),
-            format!("{} {start}\n", child.as_raw()).as_bytes(),
-        );
+    drop(setup_tx);
+    drop(userns);
+    let mut ok = [0u8; 1];
+    // EOF (init failed to set up and exited) leaves init.pid unwritten.
+    if matches!(std::fs::File::from(setup_rx).read(&mut ok), Ok(1)) {
+        if let Some((_, start)) = proc_stat(child.as_raw()) {
+            let _ = write_atomic(
+                &run_dir.join(files::INIT_PID),
+                format!("{} {start}\n", child.as_raw()).as_bytes(),
+            );
+        }
     }
 
     let status = loop {
@@ -372,11 +435,19 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
 }
 
 /// PID 1 of the machine. Returns its exit code.
-fn pid1(spec: &InitSpec, run_dir: &Path, report: OwnedFd, set: &SigSet) -> i32 {
-    if let Err(e) = setup_machine(spec, run_dir) {
+fn pid1(
+    spec: &InitSpec,
+    run_dir: &Path,
+    userns: Option<&OwnedFd>,
+    report: OwnedFd,
+    setup: OwnedFd,
+    set: &SigSet,
+) -> i32 {
+    if let Err(e) = setup_machine(spec, run_dir, userns) {
         say!("setting up machine {}: {e}", spec.machine_id);
         return EXIT_SETUP_FAILED;
     }
+    let _ = std::fs::File::from(setup).write_all(b"1");
     let mut cmd = std::process::Command::new(&spec.cmd[0]);
     cmd.args(&spec.cmd[1..])
         .env_clear()
@@ -430,10 +501,17 @@ fn pid1(spec: &InitSpec, run_dir: &Path, report: OwnedFd, set: &SigSet) -> i32 {
 }
 
 /// Namespaced setup of the machine's view of the system (mounts, hostname, files).
-fn setup_machine(spec: &InitSpec, run_dir: &Path) -> Result<()> {
+fn setup_machine(spec: &InitSpec, run_dir: &Path, userns: Option<&OwnedFd>) -> Result<()> {
     // A mount namespace of init's own, so the shim (which shares the one spawn created) keeps
     // seeing the host's /proc.
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| RuntimeError::sys("unshare(CLONE_NEWNS)", e))?;
+    // A sandboxed machine also gets a cgroup namespace rooted at its own cgroups (init is in
+    // them already), so its /sys/fs/cgroup shows nothing else.
+    let flags = if spec.sandbox.is_some() {
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP
+    } else {
+        CloneFlags::CLONE_NEWNS
+    };
+    unshare(flags).map_err(|e| RuntimeError::sys("unshare(CLONE_NEWNS)", e))?;
     // Private, recursively: nothing mounted here propagates back to the host (/ is usually
     // shared), and host mounts no longer leak in.
     mount(
@@ -444,6 +522,18 @@ fn setup_machine(spec: &InitSpec, run_dir: &Path) -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| RuntimeError::sys("making / private", e))?;
+    nix::unistd::sethostname(&spec.machine_id).map_err(|e| RuntimeError::sys("sethostname", e))?;
+
+    if let (Some(sb), Some(userns)) = (&spec.sandbox, userns) {
+        let lockdown = crate::sandbox::Lockdown::get()?;
+        let (resolv, hosts) = (resolv_conf(), hosts_file(spec));
+        let etc = crate::sandbox::EtcFiles {
+            resolv: &resolv,
+            hosts: &hosts,
+        };
+        return crate::sandbox::enter(spec, sb, userns, &run_dir.join("sandbox"), etc, lockdown);
+    }
+
     // A /proc for our pid namespace: `ps` and /proc/1 then show the machine, not the host.
     mount(
         Some("proc"),
@@ -453,7 +543,6 @@ fn setup_machine(spec: &InitSpec, run_dir: &Path) -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| RuntimeError::sys("mounting /proc", e))?;
-    nix::unistd::sethostname(&spec.machine_id).map_err(|e| RuntimeError::sys("sethostname", e))?;
 
     for m in &spec.mounts {
         bind(&m.host_path, &m.guest_path)?;

@@ -7,6 +7,7 @@
 //! * [`machine`]: spawning a machine, finding it again after an agent restart, signals, stop.
 //! * [`exec`]: running a command inside a live machine's namespaces and cgroups.
 //! * [`checks`]: tcp/http/exec health checks.
+//! * [`sandbox`]: the machine's own root filesystem, user namespace, capabilities and seccomp.
 //!
 //! This crate never touches routes, links or BPF programs (`ferry-net` does) and never opens the
 //! store: it only starts, watches and stops processes.
@@ -16,6 +17,7 @@ pub mod checks;
 pub mod exec;
 pub mod init;
 pub mod machine;
+pub mod sandbox;
 mod sys;
 
 pub use cgroup::{CgroupKind, CgroupLayout, Limits, MachineCgroup};
@@ -24,6 +26,7 @@ pub use exec::{exec_in, ExecOutput};
 pub use init::{init_main, InitArgs, InitSpec, MountSpec};
 pub use machine::{parse_signal, spawn_machine, stop, ExitInfo, Running, StopOutcome};
 pub use nix::sys::signal::Signal;
+pub use sandbox::{claim_id_range, default_image, Layer, SandboxSpec};
 
 use std::time::Duration;
 

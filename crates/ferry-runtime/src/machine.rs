@@ -191,6 +191,15 @@ pub fn spawn_machine(
         .collect::<Result<_>>()?;
     let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let ns_fd = ns.as_raw_fd();
+    // A sandboxed machine's shim makes the machine's user namespace first and then unshares the
+    // pid namespace itself (see init). It needs no mount namespace of its own either: init takes
+    // one and drops the host's tree with pivot_root, so no machine keeps a copy of the host's
+    // mount table (with a /run/netns entry per machine, that copy grows with the host).
+    let new_ns = if spec.sandbox.is_some() {
+        libc::CLONE_NEWUTS
+    } else {
+        libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS
+    };
 
     let mut cmd = Command::new(ferry_exe);
     cmd.arg("init")
@@ -217,7 +226,7 @@ pub fn spawn_machine(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS) != 0 {
+            if libc::unshare(new_ns) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -4,8 +4,9 @@
 
 use ferry_net::NetNs;
 use ferry_runtime::{
-    exec_in, run_check, spawn_machine, stop, CgroupLayout, Check, CheckKind, CheckRole, InitSpec,
-    Limits, MachineCgroup, MountSpec, Running, RuntimeError, Signal,
+    claim_id_range, default_image, exec_in, run_check, spawn_machine, stop, CgroupLayout, Check,
+    CheckKind, CheckRole, InitSpec, Limits, MachineCgroup, MountSpec, Running, RuntimeError,
+    SandboxSpec, Signal,
 };
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -74,6 +75,16 @@ impl TestMachine {
             env: BTreeMap::new(),
             mounts: Vec::new(),
             workdir: None,
+            sandbox: Some(self.sandbox()),
+        }
+    }
+
+    /// The sandbox the agent would give this machine: the default image (built in the test's
+    /// own directory) and an ID range of its own.
+    fn sandbox(&self) -> SandboxSpec {
+        SandboxSpec {
+            id_base: claim_id_range(&self.cg.dirs()[0].1).expect("an id range"),
+            layers: default_image(&self.dir.path().join("images")).expect("the default image"),
         }
     }
 
@@ -151,6 +162,7 @@ fn init_is_pid1_with_env_hostname_etc_files_and_volume() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 128,
         cpus: 1.0,
+        pids: 0,
     });
     let vol = m.dir.path().join("vol");
     std::fs::create_dir(&vol).unwrap();
@@ -205,8 +217,10 @@ exit 7"#);
     );
     assert_eq!(line(&log, "sum="), sha256(&vol.join("f")));
     // ...and none of it leaked into the host's view.
-    assert!(guest.is_dir(), "the mountpoint was created");
-    assert_eq!(std::fs::read_dir(&guest).unwrap().count(), 0);
+    assert!(
+        !guest.exists(),
+        "the mountpoint was made in the machine's own root filesystem, not the host's"
+    );
     assert_eq!(std::fs::read("/etc/resolv.conf").unwrap(), host_resolv);
     assert_eq!(std::fs::read("/etc/hosts").unwrap(), host_hosts);
     assert_eq!(
@@ -222,6 +236,7 @@ fn limits_applied_and_processes_in_the_cgroup() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.5,
+        pids: 0,
     });
     assert_eq!(m.cg.memory_limit_bytes(), Some(64 << 20));
     assert_eq!(m.cg.cpu_quota(), Some((50_000, 100_000)));
@@ -264,6 +279,7 @@ fn oom_kill_is_reported() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 32,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&[
         "python3",
@@ -280,6 +296,7 @@ fn stop_with_sigint_is_not_escalated() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     m.start(&spec);
@@ -305,6 +322,7 @@ fn stop_escalates_to_sigkill_when_the_signal_is_ignored() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "trap '' INT; echo ready; sleep 60"]);
     m.start(&spec);
@@ -331,6 +349,7 @@ fn zombies_are_reaped() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     // Each subshell exits at once, orphaning its background child to PID 1, which must reap it.
     let spec = m.spec(&[
@@ -371,6 +390,7 @@ fn attach_after_agent_restart_then_stop() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     let pid = m.start(&spec).pid();
@@ -404,6 +424,7 @@ fn exec_returns_output_and_exit_code() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let mut spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     spec.env.insert("CUSTOM".into(), "x y".into());
@@ -417,7 +438,7 @@ echo "$FERRY_MACHINE_ID $CUSTOM"
 cat /proc/sys/kernel/hostname
 tr '\0' ' ' < /proc/1/cmdline; echo
 pwd
-grep -c "ferry/$FERRY_MACHINE_ID" /proc/self/cgroup
+grep -c '^0::/$' /proc/self/cgroup
 cat /etc/resolv.conf
 exit 3"#),
         Duration::from_secs(5),
@@ -432,7 +453,9 @@ exit 3"#),
     assert_eq!(lines[2], m.id);
     assert!(lines[3].contains("ferry-init-test init"), "{stdout}");
     assert_eq!(lines[4], "/tmp");
-    assert_ne!(lines[5], "0", "exec joined the machine's cgroups");
+    // In the machine's cgroup namespace, its own cgroup is the root: a process anywhere else
+    // would show a "/../..." path.
+    assert_eq!(lines[5], "1", "exec joined the machine's cgroups: {stdout}");
     assert_eq!(lines[6], "nameserver fdaa::3");
 
     // A signal-killed command reports 128+signal.
@@ -466,6 +489,7 @@ fn tcp_http_and_exec_checks() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 256,
         cpus: 0.0,
+        pids: 0,
     });
     let mut spec = m.spec(&["python3", "-m", "http.server", "8080", "--bind", PRIVATE_IP]);
     spec.workdir = Some("/tmp".into());
@@ -576,6 +600,7 @@ fn bad_input_is_rejected() {
     let m = TestMachine::new(Limits {
         memory_mb: 16,
         cpus: 0.0,
+        pids: 0,
     });
     let layout = CgroupLayout::discover().unwrap();
     assert!(layout
@@ -583,7 +608,8 @@ fn bad_input_is_rejected() {
             "../escape",
             Limits {
                 memory_mb: 1,
-                cpus: 0.0
+                cpus: 0.0,
+                pids: 0,
             }
         )
         .is_err());
@@ -629,6 +655,7 @@ fn stop_with_sigstop_freezes_then_escalates() {
     let mut m = TestMachine::new(Limits {
         memory_mb: 64,
         cpus: 0.0,
+        pids: 0,
     });
     let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
     m.start(&spec);
@@ -658,4 +685,359 @@ fn stop_with_sigstop_freezes_then_escalates() {
         r.signal(Signal::SIGSEGV),
         Err(RuntimeError::Signal(_))
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sandbox (SPEC §10): what a machine sees, and escapes that must fail with the host
+// unchanged afterwards.
+
+/// Runs a shell script in the machine (as `ferry machine exec` does).
+fn exec_sh(m: &TestMachine, script: &str) -> ferry_runtime::ExecOutput {
+    exec_in(m.running(), &sh(script), Duration::from_secs(20)).expect("exec")
+}
+
+/// A field of `/proc/<pid>/status` (host view).
+fn status_field(pid: &str, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+fn sleeping_machine(limits: Limits) -> TestMachine {
+    let mut m = TestMachine::new(limits);
+    let spec = m.spec(&["sh", "-c", "echo ready; exec sleep 60"]);
+    m.start(&spec);
+    m.wait_log("ready");
+    m
+}
+
+fn limits() -> Limits {
+    Limits {
+        memory_mb: 128,
+        cpus: 0.0,
+        pids: 256,
+    }
+}
+
+#[test]
+fn sandbox_root_is_an_unprivileged_range_with_docker_caps_and_seccomp() {
+    let m = sleeping_machine(limits());
+    let base = m.running().spec().unwrap().sandbox.unwrap().id_base;
+    let out = exec_sh(
+        &m,
+        r#"cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g
+grep -E '^(CapEff|CapPrm|CapBnd|CapAmb|Seccomp|NoNewPrivs):' /proc/self/status
+grep -E '^(CapEff|Seccomp):' /proc/1/status /proc/2/status
+python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True)
+for name, nr in (("add_key", 248), ("clone3", 435), ("personality", 135)):
+    r = l.syscall(nr, 0xffffffff if nr == 135 else 0, 0, 0, 0, 0)
+    print("syscall", name, r, ctypes.get_errno() if r < 0 else 0)'"#,
+    );
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let stdout = out.stdout_lossy();
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let range = vec!["0".to_string(), base.to_string(), "65536".to_string()];
+    assert_eq!(lines[0], range, "uid map: {stdout}");
+    assert_eq!(lines[1], range, "gid map: {stdout}");
+    assert_eq!(lines[2], ["0"], "root inside");
+    assert_eq!(lines[3], ["0"]);
+    for (key, want) in [
+        ("CapEff:", "00000000a80425fb"),
+        ("CapPrm:", "00000000a80425fb"),
+        ("CapBnd:", "00000000a80425fb"),
+        ("CapAmb:", "0000000000000000"),
+        ("Seccomp:", "2"),
+        ("NoNewPrivs:", "1"),
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [key, want]),
+            "{key} {want}: {stdout}"
+        );
+    }
+    // The filter, not a missing capability, refuses add_key (it needs none: without the filter
+    // these arguments give EFAULT); clone3 is ENOSYS so libc falls back to clone, whose flags
+    // the filter can see; the allowed personality query goes through.
+    for want in [
+        "syscall add_key -1 1",
+        "syscall clone3 -1 38",
+        "syscall personality 0 0",
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+    // Init and the command run the same way.
+    for pid in ["/proc/1/status", "/proc/2/status"] {
+        assert!(
+            stdout.contains(&format!("{pid}:CapEff:\t00000000a80425fb")),
+            "{stdout}"
+        );
+        assert!(stdout.contains(&format!("{pid}:Seccomp:\t2")), "{stdout}");
+    }
+    // On the host, init and the command are the unprivileged range's first uid.
+    let init = m.running().wait_init_pid(LONG).unwrap().to_string();
+    let uid = status_field(&init, "Uid:");
+    assert_eq!(
+        uid.split_whitespace().collect::<Vec<_>>(),
+        vec![base.to_string(); 4],
+        "host uid of init"
+    );
+    assert!(base >= ferry_runtime::sandbox::FIRST_ID);
+}
+
+#[test]
+fn sandbox_hides_the_host_files_namespaces_bpf_and_cgroups() {
+    let m = sleeping_machine(limits());
+    // Another machine's volume and ferry's state: plain host directories.
+    let other_vol = m.dir.path().join("other-volume");
+    std::fs::create_dir(&other_vol).unwrap();
+    let secret_name = format!("secret-{}", m.id);
+    std::fs::write(other_vol.join(&secret_name), "org A's secret\n").unwrap();
+    let host_netns: Vec<_> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(!host_netns.is_empty(), "the test's own netns is there");
+    let host_etc_file = Path::new("/etc").join(format!("escape-{}", m.id));
+    let run_dir = m.run_dir();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+
+    let script = format!(
+        r#"cat {vol}/{secret} && echo READ-OTHER-VOLUME
+find / -xdev -name {secret} 2>/dev/null | grep . && echo FOUND-SECRET
+ls /run/netns && echo LISTED-NETNS
+ls {run} && echo SAW-RUN-DIR
+nsenter --net=/proc/1/ns/net true && echo SETNS-OK
+unshare -n true && echo UNSHARE-OK
+echo bpf=$(ls -A /sys/fs/bpf | wc -l)
+python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); r=l.syscall(321, 5, 0, 0); print("bpf_syscall", r, ctypes.get_errno())'
+echo cgroup=$(cat /proc/self/cgroup | grep '^0::')
+echo $$ > /sys/fs/cgroup/../cgroup.procs && echo LEFT-CGROUP
+echo $$ > /sys/fs/cgroup/cgroup.procs && echo MOVED-IN-CGROUP
+echo max > /sys/fs/cgroup/memory.max && echo RAISED-MEMORY
+ls /sys/fs/cgroup/memory 2>/dev/null && echo SAW-V1-MEMORY
+mount -t tmpfs none /mnt && echo MOUNTED
+mount --bind / /mnt && echo BOUND
+echo written > {etc} && echo wrote-own-etc
+mkdir -p {run} && echo x > {run}/escape && echo wrote-own-path
+echo 1 > /proc/sys/kernel/sysrq && echo WROTE-PROC-SYS
+hostname escaped && echo SET-HOSTNAME
+echo escaped > /proc/sys/kernel/hostname && echo WROTE-HOSTNAME
+echo net=$(ls /sys/class/net)
+grep -c '{stage}' /proc/self/mountinfo
+cat /proc/kcore | head -c1 | wc -c
+echo done"#,
+        vol = other_vol.display(),
+        secret = secret_name,
+        run = run_dir.display(),
+        etc = host_etc_file.display(),
+        stage = m.dir.path().display(),
+    );
+    let out = exec_sh(&m, &script);
+    let stdout = out.stdout_lossy();
+    assert!(stdout.ends_with("done\n"), "{out:?}");
+    for escaped in [
+        "READ-OTHER-VOLUME",
+        "FOUND-SECRET",
+        "LISTED-NETNS",
+        "SAW-RUN-DIR",
+        "SETNS-OK",
+        "UNSHARE-OK",
+        "LEFT-CGROUP",
+        "MOVED-IN-CGROUP",
+        "RAISED-MEMORY",
+        "SAW-V1-MEMORY",
+        "MOUNTED",
+        "BOUND",
+        "WROTE-PROC-SYS",
+        "SET-HOSTNAME",
+        "WROTE-HOSTNAME",
+    ] {
+        assert!(
+            !stdout.contains(escaped),
+            "{escaped}:\n{stdout}\n{}",
+            out.stderr_lossy()
+        );
+    }
+    assert!(stdout.contains("bpf=0\n"), "{stdout}");
+    assert!(
+        stdout.contains("bpf_syscall -1 1\n"),
+        "bpf() is EPERM: {stdout}"
+    );
+    assert!(
+        stdout.contains("cgroup=0::/\n"),
+        "its own cgroup namespace: {stdout}"
+    );
+    // Writes to its own root filesystem work: they land in the machine's layer, not the host's.
+    assert!(
+        stdout.contains("wrote-own-etc") && stdout.contains("wrote-own-path"),
+        "{stdout}"
+    );
+    // Its own sysfs: its network namespace's interfaces (the test's has only lo), not the
+    // host's veths; no host path in its mount table; /proc/kcore is masked (reads nothing).
+    assert!(stdout.contains("net=lo\n0\n0\ndone"), "{stdout}");
+
+    // The host is unchanged.
+    assert_eq!(
+        std::fs::read_to_string(other_vol.join(&secret_name)).unwrap(),
+        "org A's secret\n"
+    );
+    assert!(!host_etc_file.exists(), "host /etc untouched");
+    assert!(!run_dir.join("escape").exists(), "host run dir untouched");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+        host_name
+    );
+    assert_eq!(m.cg.memory_limit_bytes(), Some(128 << 20));
+    let init = m.running().wait_init_pid(LONG).unwrap();
+    assert!(m.cg.pids().contains(&init), "init is still in its cgroup");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // The machine's root filesystem is built in its run dir, in its own mount namespace only.
+    let stage = run_dir.join("sandbox");
+    assert!(
+        !mounts.contains(stage.to_str().unwrap()),
+        "nothing of the machine is mounted on the host"
+    );
+}
+
+#[test]
+fn sandbox_cannot_signal_or_trace_host_processes() {
+    let m = sleeping_machine(limits());
+    let mut host_proc = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = host_proc.id();
+    let host = Kill(&mut host_proc);
+    let out = exec_sh(
+        &m,
+        &format!(
+            r#"kill -9 {pid} && echo SIGNALLED
+python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); r=l.ptrace(16, {pid}, 0, 0); print("ptrace", r, ctypes.get_errno())'
+echo done
+kill -9 -1"#
+        ),
+    );
+    let stdout = out.stdout_lossy();
+    assert!(stdout.contains("done"), "{out:?}");
+    assert!(!stdout.contains("SIGNALLED"), "{stdout}");
+    assert!(
+        stdout.contains("ptrace -1 3\n"),
+        "no such process in the machine: {stdout}"
+    );
+    // `kill -9 -1` took down what the machine may signal: its own processes, not ours.
+    let exit = m
+        .running()
+        .wait_exit(LONG)
+        .expect("the machine's command was killed");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(
+        host.0.try_wait().unwrap().is_none(),
+        "the host process survived"
+    );
+}
+
+#[test]
+fn sandbox_fork_bomb_stops_at_the_pids_limit() {
+    let m = sleeping_machine(Limits {
+        memory_mb: 256,
+        cpus: 0.0,
+        pids: 32,
+    });
+    assert_eq!(m.cg.pids_max(), Some(32));
+    let out = exec_sh(
+        &m,
+        r#"python3 -c '
+import os, time
+n = 0
+try:
+    while n < 500:
+        if os.fork() == 0:
+            os.close(1); os.close(2)
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print("stopped", n, e.errno)
+'"#,
+    );
+    let stdout = out.stdout_lossy();
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"stopped"), "{out:?}");
+    let forked: usize = words[1].parse().unwrap();
+    assert!(forked < 32, "{stdout}");
+    assert_eq!(words[2], "11", "EAGAIN: {stdout}");
+    assert!(m.cg.pids().len() <= 32, "{:?}", m.cg.pids());
+    // The host can still stop the machine.
+    let out = stop(m.running(), Signal::SIGTERM, Duration::from_secs(1)).unwrap();
+    assert!(out.exit.signal.is_some() || out.exit.exit_code.is_some());
+}
+
+#[test]
+fn sandbox_volumes_keep_the_machines_own_owners_on_disk() {
+    let vol_parent = tempfile::tempdir().unwrap();
+    let vol = vol_parent.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    let mount = MountSpec {
+        host_path: vol.clone(),
+        guest_path: "/data".into(),
+    };
+    // The first machine writes as root and as uid 1000.
+    let mut a = TestMachine::new(limits());
+    let mut spec = a.spec(&["sh", "-c", "touch /data/root-file /data/user-file && chown 1000:1000 /data/user-file && stat -c '%u:%g %n' /data/root-file /data/user-file"]);
+    spec.mounts.push(mount.clone());
+    let exit = a.start(&spec).wait_exit(LONG).unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{}", a.log());
+    assert!(
+        a.log()
+            .contains("0:0 /data/root-file\n1000:1000 /data/user-file\n"),
+        "{}",
+        a.log()
+    );
+    // On disk: the machine's own IDs, not the host range it had.
+    use std::os::unix::fs::MetadataExt;
+    let meta = |f: &str| std::fs::metadata(vol.join(f)).unwrap();
+    assert_eq!((meta("root-file").uid(), meta("root-file").gid()), (0, 0));
+    assert_eq!(
+        (meta("user-file").uid(), meta("user-file").gid()),
+        (1000, 1000)
+    );
+
+    // Another machine, another range (as on a migration's destination), sees the same owners.
+    let mut b = TestMachine::new(limits());
+    let mut spec = b.spec(&[
+        "sh",
+        "-c",
+        "stat -c '%u:%g %n' /data/root-file /data/user-file; echo more >> /data/root-file",
+    ]);
+    spec.mounts.push(mount);
+    assert_ne!(
+        spec.sandbox.as_ref().unwrap().id_base,
+        a.running().spec().unwrap().sandbox.unwrap().id_base
+    );
+    let exit = b.start(&spec).wait_exit(LONG).unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{}", b.log());
+    assert!(
+        b.log()
+            .contains("0:0 /data/root-file\n1000:1000 /data/user-file\n"),
+        "{}",
+        b.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(vol.join("root-file")).unwrap(),
+        "more\n"
+    );
 }
