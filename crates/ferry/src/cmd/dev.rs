@@ -240,7 +240,14 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     );
     let mut ok = true;
     if !args.no_demo && store.list_apps(None)?.is_empty() {
-        ok = rt.block_on(demo(&api))?;
+        // A demo that errs (an API call failed) still tears the fleet down below.
+        ok = match rt.block_on(demo(&api)) {
+            Ok(ok) => ok,
+            Err(e) => {
+                eprintln!("demo failed: {e:#}");
+                false
+            }
+        };
     }
     if !args.exit_after_demo {
         println!("\nexplore (in another shell):");
