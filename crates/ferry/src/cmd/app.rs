@@ -235,9 +235,15 @@ enum VolumeCmd {
     /// List volumes (created by `ferry machine run --volume` or the API).
     List,
     /// Create an empty volume of a size in MiB, or register an existing host directory.
+    ///
+    /// A sized volume is an ext4 file system of that size (at least 8 MiB), made by the agent
+    /// of the host where its first machine runs; that machine and later ones using it run
+    /// there. Writes past the size fail with ENOSPC inside the machine.
     Create {
+        /// Size in MiB (8..=1048576).
         #[arg(long, conflicts_with = "host_dir")]
         size_mb: Option<u64>,
+        /// An existing absolute directory on the host (no size limit).
         #[arg(long)]
         host_dir: Option<String>,
     },
@@ -262,7 +268,11 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
                                 .map(|s| format!("{s} MiB"))
                                 .unwrap_or_else(|| "host dir".into()),
                             v.host.clone().unwrap_or_else(|| "-".into()),
-                            v.host_dir.clone(),
+                            if v.host_dir.is_empty() {
+                                "(made on its first machine's host)".into()
+                            } else {
+                                v.host_dir.clone()
+                            },
                             v.forked_from.clone().unwrap_or_default(),
                             v.destroy_after.clone().unwrap_or_default(),
                         ]
