@@ -28,6 +28,11 @@ enum Change {
     Chmod(usize, u32),
     ToSymlink(usize),
     ToDir(usize),
+    HardLink(usize, usize),
+    Chown(usize, u32),
+    Xattr(usize, u8),
+    ToFifo(usize),
+    Sparse(usize),
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -43,6 +48,11 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, m)| Change::Chmod(i, m)),
         (0..8usize).prop_map(Change::ToSymlink),
         (0..8usize).prop_map(Change::ToDir),
+        (0..8usize, 0..8usize).prop_map(|(i, j)| Change::HardLink(i, j)),
+        (0..8usize, 0..3u32).prop_map(|(i, u)| Change::Chown(i, 1000 + u)),
+        (0..8usize, any::<u8>()).prop_map(|(i, v)| Change::Xattr(i, v)),
+        (0..8usize).prop_map(Change::ToFifo),
+        (0..8usize).prop_map(Change::Sparse),
     ]
 }
 
@@ -94,6 +104,47 @@ fn apply(root: &Path, c: &Change, seed: u64) {
             if is_file(root, PATHS[i]) {
                 std::fs::remove_file(root.join(PATHS[i])).unwrap();
                 std::os::unix::fs::symlink("../somewhere", root.join(PATHS[i])).unwrap();
+            }
+        }
+        Change::HardLink(i, j) => {
+            // (symlink_metadata: a dangling symlink at `j` exists too.)
+            if i != j
+                && is_file(root, PATHS[i])
+                && std::fs::symlink_metadata(root.join(PATHS[j])).is_err()
+            {
+                let to = root.join(PATHS[j]);
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::hard_link(root.join(PATHS[i]), to).unwrap();
+            }
+        }
+        Change::Chown(i, uid) => {
+            if is_file(root, PATHS[i]) {
+                std::os::unix::fs::lchown(root.join(PATHS[i]), Some(uid), Some(uid)).unwrap();
+            }
+        }
+        Change::Xattr(i, v) => {
+            if is_file(root, PATHS[i]) {
+                xattr::set(root.join(PATHS[i]), "user.p", &[v]).unwrap();
+            }
+        }
+        Change::ToFifo(i) => {
+            if is_file(root, PATHS[i]) {
+                std::fs::remove_file(root.join(PATHS[i])).unwrap();
+                let c = std::ffi::CString::new(
+                    root.join(PATHS[i]).into_os_string().into_encoded_bytes(),
+                )
+                .unwrap();
+                // SAFETY: valid C string for the call.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+            }
+        }
+        Change::Sparse(i) => {
+            if is_file(root, PATHS[i]) {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join(PATHS[i]))
+                    .unwrap();
+                f.write_all_at(b"after a hole", 3 * CHUNK_SIZE + 5).unwrap();
             }
         }
         Change::ToDir(i) => {
