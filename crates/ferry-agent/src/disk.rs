@@ -22,8 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Smallest volume: an ext4 file system with a journal needs a few MiB of its own.
-pub const MIN_SIZE_MB: u64 = 8;
+use ferry_api::server::MIN_VOLUME_MB;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -63,9 +62,9 @@ fn cstr(p: &Path) -> io::Result<CString> {
 /// Makes `img`: a sparse file of `size_mb` MiB holding a fresh ext4 file system whose root
 /// belongs to root. Written under a temporary name and renamed, so `img` is never half made.
 pub fn create(img: &Path, size_mb: u64) -> io::Result<()> {
-    if size_mb < MIN_SIZE_MB {
+    if size_mb < MIN_VOLUME_MB {
         return Err(io::Error::other(format!(
-            "a volume needs at least {MIN_SIZE_MB} MiB, not {size_mb}"
+            "a volume needs at least {MIN_VOLUME_MB} MiB, not {size_mb}"
         )));
     }
     let tmp = img.with_extension("img.tmp");
@@ -223,7 +222,7 @@ pub fn unmount(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `dir` is a mount point (its device differs from its parent's, or mountinfo says so).
+/// Whether `dir` is a mount point of this mount namespace (mountinfo names it).
 pub fn is_mount_point(dir: &Path) -> io::Result<bool> {
     Ok(mount_points()?.iter().any(|m| m == dir))
 }

@@ -6,6 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_addr::{HostId, MachineField, NetworkId};
 use ferry_api::config::{CheckKind, CheckType, RestartPolicy};
+use ferry_api::error::PERMANENT_VOLUME_ERROR;
 use ferry_api::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
     StopMachine,
@@ -76,8 +77,6 @@ type Shared = State<Arc<Agent>>;
 
 /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
 type NftSeen = HashMap<(String, std::net::Ipv6Addr), (u64, i64, i64)>;
-
-use ferry_api::error::PERMANENT_VOLUME_ERROR;
 
 fn api_err(e: AgentError) -> ApiError {
     match e {
@@ -245,7 +244,6 @@ impl Agent {
         });
     }
 
-    /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
     /// The directory of each mount: a size-limited volume this agent keeps (made and mounted
     /// here if needed), or the host directory the server named.
     fn volume_dirs(&self, run: &RunMachine) -> Result<Vec<String>, AgentError> {
@@ -266,6 +264,7 @@ impl Agent {
         Ok(out)
     }
 
+    /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
     fn start_machine(self: &Arc<Self>, run: RunMachine) -> Result<i32, AgentError> {
         let field = MachineField(run.machine_field);
         let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;

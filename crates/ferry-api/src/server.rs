@@ -516,8 +516,8 @@ pub(crate) async fn launch(
             .map(|mount| {
                 let v = volume(ctx, &mount.volume)?;
                 Ok(VolumeRef {
+                    size_mb: v.agent_size_mb(),
                     id: v.id,
-                    size_mb: v.size_mb.filter(|_| v.kept_by_agent),
                 })
             })
             .collect::<Result<_>>()?,

@@ -210,6 +210,13 @@ pub struct VolumeView {
     pub destroy_after_ms: Option<i64>,
 }
 
+impl VolumeView {
+    /// The size of the image its host's agent keeps for it; `None` for a directory volume.
+    pub fn agent_size_mb(&self) -> Option<u64> {
+        self.size_mb.filter(|_| self.kept_by_agent)
+    }
+}
+
 fn active() -> String {
     "active".into()
 }

@@ -8,7 +8,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 
 fn id(m: &Value) -> &str {
@@ -21,11 +21,6 @@ fn web_config(vol: &str) -> Value {
     json!({"init": {"cmd": ["python3", "-c", WEB_PY]},
            "mounts": [{"volume": vol, "path": "/data"}],
            "checks": {"web": {"type": "tcp", "port": 8080, "kind": "readiness", "interval": "200ms", "timeout": "1s"}}})
-}
-
-fn new_volume(dev: &Dev, mb: u64) -> String {
-    let v = dev.ok("POST", "/v1/volumes", json!({"size_mb": mb}));
-    v["id"].as_str().unwrap().to_owned()
 }
 
 /// Writes `mb` MiB of random bytes and a few small files; returns the tree's digest as the
@@ -53,34 +48,6 @@ fn digest(dev: &Dev, m: &Value) -> String {
     );
     assert_eq!(r["exit_code"], 0, "{r}");
     r["stdout"].as_str().unwrap().to_owned()
-}
-
-fn migrate(dev: &Dev, m: &Value, body: Value) -> String {
-    let r = dev.ok(
-        "POST",
-        &format!(
-            "/v1/apps/{}/machines/{}/migrate",
-            m["app"].as_str().unwrap(),
-            id(m)
-        ),
-        body,
-    );
-    r["id"].as_str().unwrap().to_owned()
-}
-
-fn wait_migration(dev: &Dev, mig: &str, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (s, v) = dev.call("GET", &format!("/v1/migrations/{mig}"), None);
-        if s == 200 && (v["phase"] == "done" || v["phase"] == "rolled_back") {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {mig} did not end: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// How many agents run this machine right now (asked directly, not the store).

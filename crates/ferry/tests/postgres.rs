@@ -69,11 +69,9 @@ fn sql(dev: &Dev, m: &Value, q: &str) -> Option<String> {
     (r["exit_code"] == 0).then(|| r["stdout"].as_str().unwrap_or("").trim().to_owned())
 }
 
-fn new_volume(dev: &Dev, mb: u64) -> String {
-    dev.ok("POST", "/v1/volumes", json!({"size_mb": mb}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+/// Whether query `q` answers `want` within `timeout` (asked again until it does).
+fn sql_becomes(dev: &Dev, m: &Value, q: &str, want: &str, timeout: Duration) -> bool {
+    eventually(timeout, || sql(dev, m, q).as_deref() == Some(want))
 }
 
 #[test]
@@ -86,9 +84,7 @@ fn a_postgres_primary_moves_and_its_replica_keeps_streaming_through_the_bridge()
         pg_config(&new_volume(&dev, 256), primary_script()),
     );
     assert!(
-        eventually(Duration::from_secs(60), || sql(&dev, &primary, "select 1")
-            .as_deref()
-            == Some("1")),
+        sql_becomes(&dev, &primary, "select 1", "1", Duration::from_secs(60)),
         "the primary never answered"
     );
     sql(
@@ -104,13 +100,13 @@ fn a_postgres_primary_moves_and_its_replica_keeps_streaming_through_the_bridge()
         pg_config(&new_volume(&dev, 256), replica_script(&old_ip)),
     );
     assert!(
-        eventually(Duration::from_secs(60), || sql(
+        sql_becomes(
             &dev,
             &replica,
-            "select count(*) from t"
-        )
-        .as_deref()
-            == Some("1")),
+            "select count(*) from t",
+            "1",
+            Duration::from_secs(60)
+        ),
         "the replica never caught up"
     );
     let conninfo = sql(&dev, &replica, "show primary_conninfo").unwrap();
@@ -122,25 +118,8 @@ fn a_postgres_primary_moves_and_its_replica_keeps_streaming_through_the_bridge()
         "/v1/apps/pg/policy",
         json!({"min_healthy_time": "2s"}),
     );
-    let mig = dev.ok(
-        "POST",
-        &format!(
-            "/v1/apps/pg/machines/{}/migrate",
-            primary["id"].as_str().unwrap()
-        ),
-        json!({"to": hosts[2]}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut v = Value::Null;
-    assert!(
-        eventually(Duration::from_secs(120), || {
-            v = dev.call("GET", &format!("/v1/migrations/{mig}"), None).1;
-            v["phase"] == "done" || v["phase"] == "rolled_back"
-        }),
-        "the migration did not end: {v}"
-    );
+    let mig = migrate(&dev, &primary, json!({"to": hosts[2]}));
+    let v = wait_migration(&dev, &mig, Duration::from_secs(120));
     assert_eq!(v["phase"], "done", "{v}");
     let moved = dev.get_machine(&primary);
     assert_eq!(moved["host"].as_str(), Some(hosts[2].as_str()));
@@ -158,25 +137,25 @@ fn a_postgres_primary_moves_and_its_replica_keeps_streaming_through_the_bridge()
     );
     assert_eq!(r["stdout"], "postgres 700\npostgres 600\n", "{r}");
     assert!(
-        eventually(Duration::from_secs(30), || sql(
+        sql_becomes(
             &dev,
             &moved,
-            "select count(*) from t"
-        )
-        .as_deref()
-            == Some("1")),
+            "select count(*) from t",
+            "1",
+            Duration::from_secs(30)
+        ),
         "the moved primary does not serve"
     );
     sql(&dev, &moved, "insert into t values (2)").expect("insert after the move");
     // The replica, still configured with the old literal address, streams from the new host.
     assert!(
-        eventually(Duration::from_secs(60), || sql(
+        sql_becomes(
             &dev,
             &replica,
-            "select count(*) from t"
-        )
-        .as_deref()
-            == Some("2")),
+            "select count(*) from t",
+            "2",
+            Duration::from_secs(60)
+        ),
         "the replica stopped streaming: {:?}",
         sql(
             &dev,

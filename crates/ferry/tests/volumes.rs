@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 
 fn volume_view(dev: &Dev, id: &str) -> Value {
@@ -32,10 +32,7 @@ fn fs_bytes(dev: &Dev, m: &Value) -> u64 {
 fn a_volume_holds_its_size_inside_the_machine_and_on_the_host_and_its_fork_too() {
     let dev = Dev::start("vols", 2);
     let hosts = dev.hosts();
-    let vol = dev.ok("POST", "/v1/volumes", json!({"size_mb": 64}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let vol = new_volume(&dev, 64);
     // Not placed yet: nothing exists anywhere, and the server keeps no volume data.
     assert_eq!(volume_view(&dev, &vol)["host_dir"], "");
     let m = dev.machine(
@@ -91,26 +88,8 @@ fn a_volume_holds_its_size_inside_the_machine_and_on_the_host_and_its_fork_too()
         "/v1/apps/vols/policy",
         json!({"min_healthy_time": "1s"}),
     );
-    let mig = dev.ok(
-        "POST",
-        &format!(
-            "/v1/apps/vols/machines/{}/migrate",
-            m["id"].as_str().unwrap()
-        ),
-        json!({}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let v = dev.call("GET", &format!("/v1/migrations/{mig}"), None).1;
-        if v["phase"] == "done" || v["phase"] == "rolled_back" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "migration did not end: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mig = migrate(&dev, &m, json!({}));
+    let done = wait_migration(&dev, &mig, Duration::from_secs(120));
     assert_eq!(done["phase"], "done", "{done}");
     let moved = dev.get_machine(&m);
     let new_vol = moved["config"]["mounts"][0]["volume"]
@@ -154,10 +133,7 @@ fn a_volume_of_another_host_takes_its_machine_there_and_bad_sizes_are_refused() 
         assert_eq!(s, 400, "{bad}: {v}");
         assert_eq!(v["code"], "invalid_argument");
     }
-    let vol = dev.ok("POST", "/v1/volumes", json!({"size_mb": 16}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let vol = new_volume(&dev, 16);
     let cfg =
         json!({"init": {"cmd": ["sleep", "inf"]}, "mounts": [{"volume": vol, "path": "/data"}]});
     let a = dev.machine("volplace", &hosts[1], cfg.clone());

@@ -411,8 +411,7 @@ async fn copy_round(
 async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
     let v = &mig.volumes[i];
     // A fork of a size-limited volume is a file system of the same size on the destination.
-    let src = server::volume(ctx, &v.src_volume)?;
-    let size = src.size_mb.filter(|_| src.kept_by_agent);
+    let size = server::volume(ctx, &v.src_volume)?.agent_size_mb();
     copy_round(
         ctx,
         &mig.id,
@@ -498,14 +497,8 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
 /// purpose (`ferry machine stop`, an earlier migration's stop of a stopped machine) or never
 /// started does not count: it is idle, not an outage the policy protects against.
 fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
-    let last_exit_requested = || {
-        let events = ctx.store.events(&m.id).ok()?;
-        events
-            .iter()
-            .rev()
-            .find(|e| e.r#type == "exit")
-            .map(|e| e.request["exit_event"]["requested_stop"] == true)
-    };
+    let last_exit_requested =
+        || last_exit_event(ctx, &m.id).map(|e| e.request["exit_event"]["requested_stop"] == true);
     let why = unavailability(m.state, || ready(ctx, m), last_exit_requested);
     if why.is_none() && m.state == S::Stopped && being_moved_while_running(ctx, &m.id) {
         // Stopped by its own migration (the stop was "requested", by us): it should run.
@@ -835,10 +828,15 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     Ok(())
 }
 
+/// The machine's latest `exit` event (a stop it was asked for, or an exit of its own).
+fn last_exit_event(ctx: &Ctx, machine: &str) -> Option<ferry_store::Event> {
+    let events = ctx.store.events(machine).ok()?;
+    events.into_iter().rev().find(|e| e.r#type == "exit")
+}
+
 /// The machine's last exit as words, e.g. "exit code 3" or "killed by signal 9".
 fn last_exit(ctx: &Ctx, machine: &str) -> String {
-    let events = ctx.store.events(machine).unwrap_or_default();
-    let Some(e) = events.iter().rev().find(|e| e.r#type == "exit") else {
+    let Some(e) = last_exit_event(ctx, machine) else {
         return "no exit recorded".into();
     };
     let x = &e.request["exit_event"];

@@ -333,6 +333,42 @@ impl Drop for Dev {
     }
 }
 
+/// A size-limited volume of `mb` MiB; its ID.
+pub fn new_volume(dev: &Dev, mb: u64) -> String {
+    let v = dev.ok("POST", "/v1/volumes", json!({"size_mb": mb}));
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// Starts a migration of machine `m`; its ID.
+pub fn migrate(dev: &Dev, m: &Value, body: Value) -> String {
+    let r = dev.ok(
+        "POST",
+        &format!(
+            "/v1/apps/{}/machines/{}/migrate",
+            m["app"].as_str().unwrap(),
+            m["id"].as_str().unwrap()
+        ),
+        body,
+    );
+    r["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits (at most `timeout`) for migration `mig` to end, done or rolled back; its record.
+pub fn wait_migration(dev: &Dev, mig: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (s, v) = dev.call("GET", &format!("/v1/migrations/{mig}"), None);
+        if s == 200 && (v["phase"] == "done" || v["phase"] == "rolled_back") {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration {mig} did not end: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
