@@ -2,6 +2,7 @@
 //! hits gathered from every host, retirement. The state lives in the store; every change is
 //! pushed whole to every agent, which makes its host's BPF maps equal to it.
 
+use crate::doc::{BadRequest, Conflict, NotFound, ServerFailed};
 use crate::error::ApiError;
 use crate::proto::{BridgeHit, BridgeMapping, BridgeSync};
 use crate::server::Ctx;
@@ -123,6 +124,7 @@ fn parse_guest(what: &str, s: &str) -> Result<FleetAddr> {
 }
 
 /// `POST /v1/bridge`: map OLD to NEW (both in one org's network).
+#[utoipa::path(post, path = "/v1/bridge", operation_id = "map_address", tag = "bridge", request_body = MapRequest, responses((status = 201, description = "The mapping, pushed to every host.", body = MappingView), BadRequest, Conflict, ServerFailed))]
 pub async fn map(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<MapRequest>,
@@ -232,6 +234,7 @@ fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {
 }
 
 /// `GET /v1/bridge`: every mapping with its hits.
+#[utoipa::path(get, path = "/v1/bridge", operation_id = "list_bridge_mappings", tag = "bridge", responses((status = 200, description = "Every mapping, with its hits so far.", body = [MappingView]), ServerFailed))]
 pub async fn list(State(ctx): Shared) -> Result<Json<Vec<MappingView>>> {
     let all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
     let hits = all_hits(&ctx).await?;
@@ -247,6 +250,7 @@ pub struct ReportLine {
 }
 
 /// `GET /v1/bridge/report`: per machine, the old addresses it still dials.
+#[utoipa::path(get, path = "/v1/bridge/report", operation_id = "bridge_report", tag = "bridge", responses((status = 200, description = "Per machine, the old addresses it still dials.", body = [ReportLine]), ServerFailed))]
 pub async fn report(State(ctx): Shared) -> Result<Json<Vec<ReportLine>>> {
     let hits = all_hits(&ctx).await?;
     let mut ids: Vec<String> = hits.iter().map(|h| h.machine_id.clone()).collect();
@@ -285,6 +289,7 @@ pub struct RetireRequest {
 }
 
 /// `POST /v1/bridge/retire`: the old address fails fast from now on and never reaches anyone.
+#[utoipa::path(post, path = "/v1/bridge/retire", operation_id = "retire_bridge_mappings", tag = "bridge", request_body = RetireRequest, responses((status = 200, description = "The mappings retired by this call.", body = [MappingView]), BadRequest, NotFound, ServerFailed))]
 pub async fn retire(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<RetireRequest>,
@@ -333,6 +338,7 @@ pub struct GateRequest {
 }
 
 /// `POST /v1/bridge/gate`: switch the bridge on or off for an org or an app.
+#[utoipa::path(post, path = "/v1/bridge/gate", operation_id = "set_bridge_gate", tag = "bridge", request_body = GateRequest, responses((status = 200, description = "The gates now in force.", body = Gates), BadRequest, NotFound, ServerFailed))]
 pub async fn set_gate(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<GateRequest>,

@@ -64,25 +64,21 @@ impl IntoResponse for ApiError {
 }
 
 impl From<ferry_store::StoreError> for ApiError {
+    /// Every store error code has its status here: a store validation error is the caller's
+    /// 400 (not a 500 the migration driver would retry), a busy or unreachable store a 503.
     fn from(e: ferry_store::StoreError) -> Self {
-        let code = e.code();
-        let status = match code {
-            "not_found" => 404,
-            "app_exists" | "illegal_transition" | "lease_held" | "lease_mismatch" | "conflict"
-            | "app_has_machines" => 409,
-            "invalid_argument" => 400,
-            _ => 500,
-        };
-        let code: &'static str = match code {
-            "not_found" => "not_found",
-            "app_exists" => "app_exists",
-            "illegal_transition" => "illegal_transition",
-            "lease_held" => "lease_held",
-            "lease_mismatch" => "lease_mismatch",
-            "app_has_machines" => "app_has_machines",
-            "conflict" => "conflict",
-            "invalid_argument" => "invalid_argument",
-            _ => "internal",
+        let (status, code) = match e.code() {
+            "not_found" => (404, "not_found"),
+            "app_exists" => (409, "app_exists"),
+            "illegal_transition" => (409, "illegal_transition"),
+            "lease_held" => (409, "lease_held"),
+            "lease_mismatch" => (409, "lease_mismatch"),
+            "lock_held" | "lock_mismatch" => (409, "lock_held"),
+            "app_has_machines" => (409, "app_has_machines"),
+            "conflict" => (409, "conflict"),
+            "invalid" => (400, "invalid_argument"),
+            "busy" | "unavailable" => (503, "unavailable"),
+            _ => (500, "internal"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -10,6 +10,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod doc;
 pub mod error;
 pub mod migrate;
 pub mod proto;

@@ -8,6 +8,10 @@ use crate::config::{
     validate_machine_id, validate_name, validate_volume_id, MachineConfig, ALLOWED_SIGNALS,
     MAX_STOP_TIMEOUT,
 };
+use crate::doc::{
+    AgentFailed, AppPath, BadRequest, Conflict, MachinePath, NotFound, ServerFailed, Unprocessable,
+    WaitTimeout,
+};
 use crate::error::ApiError;
 use crate::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, RegisterHost, RunMachine, StopMachine,
@@ -15,7 +19,7 @@ use crate::proto::{
 };
 use crate::views::*;
 use crate::LEASE_HEADER;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 type Result<T> = std::result::Result<T, ApiError>;
 use MachineState as S;
@@ -71,116 +76,75 @@ impl Ctx {
 
 type Shared = State<Arc<Ctx>>;
 
+/// The document's frame: its info and the schemas no route names directly. Paths come from the
+/// router itself ([`api`]), so a public route cannot exist without its documentation.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "ferry",
-        description = "Run machines on a fleet of hosts (Fly Machines-shaped)."
-    ),
-    paths(
-        create_app,
-        list_apps,
-        get_app,
-        delete_app,
-        list_machines,
-        create_machine,
-        get_machine,
-        destroy_machine,
-        stop_machine,
-        start_machine,
-        wait_machine,
-        machine_events,
-        acquire_lease,
-        get_lease,
-        release_lease,
-        exec_machine,
-        list_hosts,
-        create_volume,
-        list_volumes,
-        crate::migrate::migrate_machine,
-        crate::migrate::list,
-        crate::migrate::get,
-        crate::migrate::get_policy,
-        crate::migrate::set_policy,
-        crate::migrate::cordon,
-        crate::migrate::uncordon,
-        crate::migrate::drain
+        description = "Run machines on a fleet of hosts (Fly Machines-shaped). Every error is \
+                       a JSON `ErrorBody` with a stable `code`; each operation lists the \
+                       statuses it can answer.",
+        version = "1"
     ),
     components(schemas(
         crate::error::ErrorBody,
-        MachineConfig,
-        MachineView,
-        EventView,
-        CreateApp,
-        AppView,
-        CreateMachine,
-        StopRequest,
-        ExecBody,
-        ExecView,
-        LeaseRequest,
-        LeaseView,
-        HostView,
-        CreateVolume,
-        VolumeView,
-        WaitView,
-        crate::migrate::Migration,
         crate::migrate::Phase,
         crate::migrate::VolumeFork,
         crate::migrate::MigrationStats,
-        crate::migrate::MigratePolicy,
-        crate::migrate::PolicyUpdate,
-        crate::migrate::MigrateRequest,
         crate::migrate::InstanceRecord,
-        crate::migrate::DrainView,
         crate::proto::VolumeProgress
     ))
 )]
 pub struct ApiDoc;
 
+/// The public API: every route with its OpenAPI operation, registered together.
+fn api() -> OpenApiRouter<Arc<Ctx>> {
+    use crate::{bridge, migrate};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_app, list_apps))
+        .routes(routes!(get_app, delete_app))
+        .routes(routes!(list_machines, create_machine))
+        .routes(routes!(get_machine, destroy_machine))
+        .routes(routes!(stop_machine))
+        .routes(routes!(start_machine))
+        .routes(routes!(wait_machine))
+        .routes(routes!(machine_events))
+        .routes(routes!(acquire_lease, get_lease, release_lease))
+        .routes(routes!(exec_machine))
+        .routes(routes!(migrate::migrate_machine))
+        .routes(routes!(migrate::get_policy, migrate::set_policy))
+        .routes(routes!(list_hosts))
+        .routes(routes!(migrate::drain))
+        .routes(routes!(migrate::cordon))
+        .routes(routes!(migrate::uncordon))
+        .routes(routes!(migrate::list))
+        .routes(routes!(migrate::get))
+        .routes(routes!(create_volume, list_volumes))
+        .routes(routes!(bridge::list, bridge::map))
+        .routes(routes!(bridge::report))
+        .routes(routes!(bridge::retire))
+        .routes(routes!(bridge::set_gate))
+}
+
+/// The OpenAPI document, exactly as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    Router::new()
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
-        .route("/v1/apps", post(create_app).get(list_apps))
-        .route("/v1/apps/{app}", get(get_app).delete(delete_app))
+    let (public, doc) = api().split_for_parts();
+    let doc = Arc::new(doc);
+    public
         .route(
-            "/v1/apps/{app}/machines",
-            get(list_machines).post(create_machine),
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
         )
-        .route(
-            "/v1/apps/{app}/machines/{id}",
-            get(get_machine).delete(destroy_machine),
-        )
-        .route("/v1/apps/{app}/machines/{id}/stop", post(stop_machine))
-        .route("/v1/apps/{app}/machines/{id}/start", post(start_machine))
-        .route("/v1/apps/{app}/machines/{id}/wait", get(wait_machine))
-        .route("/v1/apps/{app}/machines/{id}/events", get(machine_events))
-        .route(
-            "/v1/apps/{app}/machines/{id}/lease",
-            post(acquire_lease).get(get_lease).delete(release_lease),
-        )
-        .route("/v1/apps/{app}/machines/{id}/exec", post(exec_machine))
-        .route("/v1/hosts", get(list_hosts))
-        .route(
-            "/v1/apps/{app}/machines/{id}/migrate",
-            post(crate::migrate::migrate_machine),
-        )
-        .route("/v1/migrations", get(crate::migrate::list))
-        .route("/v1/migrations/{id}", get(crate::migrate::get))
-        .route(
-            "/v1/apps/{app}/policy",
-            get(crate::migrate::get_policy).post(crate::migrate::set_policy),
-        )
-        .route("/v1/hosts/{id}/drain", post(crate::migrate::drain))
-        .route("/v1/hosts/{id}/cordon", post(crate::migrate::cordon))
-        .route("/v1/hosts/{id}/uncordon", post(crate::migrate::uncordon))
-        .route("/v1/volumes", post(create_volume).get(list_volumes))
-        .route(
-            "/v1/bridge",
-            get(crate::bridge::list).post(crate::bridge::map),
-        )
-        .route("/v1/bridge/report", get(crate::bridge::report))
-        .route("/v1/bridge/retire", post(crate::bridge::retire))
-        .route("/v1/bridge/gate", post(crate::bridge::set_gate))
+        // The agents' side of the protocol (registration and reports), not part of the public
+        // document: no user client calls it, and generated requests must not register hosts.
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
         .fallback(|| async { ApiError::not_found("route") })
@@ -196,6 +160,50 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) => Err(ApiError::invalid(format!(
                 "malformed request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A path parameter that fails to parse (e.g. not UTF-8) is our JSON 400 too.
+pub struct Path<T>(pub T);
+impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "malformed path parameter: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A query string that fails to parse (a word where a number goes) is our JSON 400 too.
+pub struct Query<T>(pub T);
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "malformed query: {}",
                 e.body_text()
             ))),
         }
@@ -223,7 +231,7 @@ fn app_view(a: &ferry_store::App) -> AppView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/apps", request_body = CreateApp, responses((status = 201, body = AppView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp, responses((status = 201, description = "The app, in its org's network.", body = AppView), BadRequest, Conflict, ServerFailed))]
 async fn create_app(
     State(ctx): Shared,
     Body(req): Body<CreateApp>,
@@ -235,12 +243,14 @@ async fn create_app(
     Ok((StatusCode::CREATED, Json(app_view(&app))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct OrgQuery {
+    /// Only this org's apps.
     org_slug: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/apps", responses((status = 200, body = [AppView])))]
+#[utoipa::path(get, path = "/v1/apps", tag = "apps", params(OrgQuery), responses((status = 200, description = "Apps by name.", body = [AppView]), BadRequest, ServerFailed))]
 async fn list_apps(State(ctx): Shared, Query(q): Query<OrgQuery>) -> Result<Json<Vec<AppView>>> {
     Ok(Json(
         ctx.store
@@ -251,18 +261,18 @@ async fn list_apps(State(ctx): Shared, Query(q): Query<OrgQuery>) -> Result<Json
     ))
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}", responses((status = 200, body = AppView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = 200, body = AppView), BadRequest, NotFound, ServerFailed))]
 async fn get_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<AppView>> {
     Ok(Json(app_view(&ctx.store.get_app(&app)?)))
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = 200, description = "Deleted, with its destroyed machines' records.", body = OkView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn delete_app(
     State(ctx): Shared,
     Path(app): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<OkView>> {
     ctx.store.delete_app(&app)?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    Ok(Json(OkView { ok: true }))
 }
 
 // ---- machines ---------------------------------------------------------------------------------
@@ -281,13 +291,15 @@ pub(crate) fn lease_nonce(h: &HeaderMap) -> Option<&str> {
     h.get(LEASE_HEADER).and_then(|v| v.to_str().ok())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Also list destroyed and migrated-away machines.
     #[serde(default)]
     include_deleted: bool,
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines", responses((status = 200, body = [MachineView])))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath, ListQuery), responses((status = 200, description = "The app's machines, oldest first.", body = [MachineView]), BadRequest, NotFound, ServerFailed))]
 async fn list_machines(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -302,8 +314,7 @@ async fn list_machines(
     Ok(Json(ms.iter().map(|m| MachineView::new(m, None)).collect()))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines", request_body = CreateMachine,
-    responses((status = 200, body = MachineView), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath), request_body = CreateMachine, responses((status = 200, description = "The machine, placed and started (or `failed` with the agent's reason in its events).", body = MachineView), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 async fn create_machine(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -561,7 +572,7 @@ pub(crate) async fn launch(
     Ok(m)
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", tag = "machines", params(MachinePath), responses((status = 200, body = MachineView), BadRequest, NotFound, ServerFailed))]
 async fn get_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -652,8 +663,7 @@ pub(crate) async fn stop_inner(
     Ok((m, exit))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/stop", request_body = StopRequest,
-    responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/stop", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<StopRequest>, description = "Optional: the signal and timeout (defaults from the machine's config)."), responses((status = 200, description = "The machine, stopped.", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn stop_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -669,7 +679,7 @@ async fn stop_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), responses((status = 200, description = "The machine, started (or `failed`).", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn start_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -684,13 +694,15 @@ async fn start_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DestroyQuery {
+    /// Destroy a running machine (it is stopped first) instead of answering 409.
     #[serde(default)]
     force: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}", tag = "machines", params(MachinePath, DestroyQuery, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), responses((status = 200, description = "The machine, destroyed.", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn destroy_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -732,14 +744,19 @@ async fn destroy_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
+    /// The state to wait for (default `started`): created, starting, started, stopping,
+    /// stopped, destroying, destroyed, failed, migrated.
     state: Option<String>,
-    /// Seconds, default 60, at most 300.
+    /// Seconds to wait at most, 0..=300 (default 60). The answer comes within this bound: 200
+    /// as soon as the machine is in the state, 408 when the time is up.
+    #[param(minimum = 0, maximum = 300)]
     timeout: Option<u64>,
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/wait", responses((status = 200, body = WaitView), (status = 408, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/wait", tag = "machines", params(MachinePath, WaitQuery), responses((status = 200, description = "The machine is in the state asked for.", body = WaitView), BadRequest, NotFound, WaitTimeout, ServerFailed))]
 async fn wait_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -788,7 +805,7 @@ async fn wait_machine(
     }
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/events", responses((status = 200, body = [EventView])))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/events", tag = "machines", params(MachinePath), responses((status = 200, description = "The machine's events, oldest first.", body = [EventView]), BadRequest, NotFound, ServerFailed))]
 async fn machine_events(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -813,8 +830,7 @@ fn lease_view(l: &ferry_store::Lease) -> LeaseView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/lease", request_body = LeaseRequest,
-    responses((status = 201, body = LeaseView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "Refresh the lease with this nonce instead of taking a new one.")), request_body = LeaseRequest, responses((status = 201, description = "The lease and its nonce.", body = LeaseView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn acquire_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -839,7 +855,7 @@ async fn acquire_lease(
     Ok((StatusCode::CREATED, Json(lease_view(&lease))))
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200, body = LeaseView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath), responses((status = 200, body = LeaseView), BadRequest, NotFound, ServerFailed))]
 async fn get_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -852,22 +868,21 @@ async fn get_lease(
     Ok(Json(lease_view(&l)))
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = String, Header, description = "The nonce of the lease to release.")), responses((status = 200, description = "Released (or already gone).", body = OkView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn release_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<OkView>> {
     machine_of(&ctx, &app, &id)?;
     let nonce = lease_nonce(&headers).ok_or_else(|| {
         ApiError::invalid(format!("releasing a lease needs the {LEASE_HEADER} header"))
     })?;
     ctx.store.release_lease(&id, nonce)?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    Ok(Json(OkView { ok: true }))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", request_body = ExecBody,
-    responses((status = 200, body = ExecView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = ExecBody, responses((status = 200, description = "The command's exit code and output.", body = ExecView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn exec_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -908,7 +923,7 @@ async fn exec_machine(
 
 // ---- hosts and volumes ------------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = [HostView])))]
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, description = "Hosts by ID, with their machine counts.", body = [HostView]), ServerFailed))]
 async fn list_hosts(State(ctx): Shared) -> Result<Json<Vec<HostView>>> {
     let mut out = Vec::new();
     for h in ctx.store.list_hosts()? {
@@ -924,8 +939,7 @@ async fn list_hosts(State(ctx): Shared) -> Result<Json<Vec<HostView>>> {
     Ok(Json(out))
 }
 
-#[utoipa::path(post, path = "/v1/volumes", request_body = CreateVolume,
-    responses((status = 201, body = VolumeView), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = CreateVolume, responses((status = 201, body = VolumeView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn create_volume(
     State(ctx): Shared,
     Body(req): Body<CreateVolume>,
@@ -997,7 +1011,7 @@ pub(crate) fn volume_ids(ctx: &Ctx) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-#[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [VolumeView])))]
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes", responses((status = 200, body = [VolumeView]), ServerFailed))]
 async fn list_volumes(State(ctx): Shared) -> Result<Json<Vec<VolumeView>>> {
     crate::migrate::expire_volumes(&ctx).await;
     let ids = volume_ids(&ctx)?;

@@ -226,3 +226,17 @@ pub struct WaitView {
     pub ok: bool,
     pub state: String,
 }
+
+/// The answer of a route that has nothing else to say.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OkView {
+    pub ok: bool,
+}
+
+/// A host's cordon, after `cordon` or `uncordon`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CordonView {
+    /// The host's ID (hex).
+    pub host: String,
+    pub cordoned: bool,
+}

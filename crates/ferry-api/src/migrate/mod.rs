@@ -19,9 +19,13 @@
 use crate::config::{validate_machine_id, MachineConfig};
 use crate::error::ApiError;
 use crate::proto::{VolumeProgress, VolumeRemove};
-use crate::server::{self, parse_host, random_hex, Body, Ctx};
-use crate::views::{rfc3339, VolumeView};
-use axum::extract::{Path, Query, State};
+use crate::server::{self, parse_host, random_hex, Body, Ctx, Path, Query};
+use crate::doc::{
+    AgentFailed, AppPath, BadRequest, Conflict, HostPath, MachinePath, MigrationPath, NotFound,
+    ServerFailed, Unprocessable,
+};
+use crate::views::{rfc3339, CordonView, VolumeView};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_addr::HostId;
@@ -324,8 +328,7 @@ static DRIVING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::defaul
 
 /// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
 /// follow it with `GET /v1/migrations/{id}`.
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", request_body = MigrateRequest,
-    responses((status = 202, body = Migration), (status = 409, body = crate::error::ErrorBody), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 pub async fn migrate_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -451,14 +454,17 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
     result
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this machine's migrations.
     machine: Option<String>,
+    /// Only the migrations of this host's drain (the host's ID).
     drain: Option<String>,
 }
 
 /// `GET /v1/migrations`: newest last.
-#[utoipa::path(get, path = "/v1/migrations", responses((status = 200, body = [Migration])))]
+#[utoipa::path(get, path = "/v1/migrations", operation_id = "list_migrations", tag = "migrations", params(ListQuery), responses((status = 200, description = "Migrations, oldest first.", body = [Migration]), BadRequest, ServerFailed))]
 pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
     let mut out = Vec::new();
     for id in ids(&ctx)? {
@@ -483,7 +489,7 @@ fn with_progress(mut m: Migration) -> Migration {
 }
 
 /// `GET /v1/migrations/{id}`.
-#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = Migration), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}", operation_id = "get_migration", tag = "migrations", params(MigrationPath), responses((status = 200, body = Migration), BadRequest, NotFound, ServerFailed))]
 pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migration>> {
     if !id.starts_with("mig_") || id.len() != 20 || !id[4..].bytes().all(|b| b.is_ascii_hexdigit())
     {
@@ -495,7 +501,7 @@ pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migr
 }
 
 /// `GET /v1/apps/{app}/policy`.
-#[utoipa::path(get, path = "/v1/apps/{app}/policy", responses((status = 200, body = MigratePolicy)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), responses((status = 200, body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
 pub async fn get_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -518,8 +524,7 @@ fn parse_duration(what: &str, s: &str, max: Duration) -> Result<u64> {
 
 /// `POST /v1/apps/{app}/policy`: changes the given fields; everything is checked before any is
 /// stored.
-#[utoipa::path(post, path = "/v1/apps/{app}/policy", request_body = PolicyUpdate,
-    responses((status = 200, body = MigratePolicy), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), request_body = PolicyUpdate, responses((status = 200, description = "The policy now in force.", body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
 pub async fn set_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -586,32 +591,34 @@ pub async fn set_policy(
 }
 
 /// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
-#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes no new machines.", body = CordonView), BadRequest, NotFound, ServerFailed))]
 pub async fn cordon(
     State(ctx): Shared,
     Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, true)?;
-    Ok(Json(
-        serde_json::json!({"host": host_hex(h.id), "cordoned": true}),
-    ))
+    Ok(Json(CordonView {
+        host: host_hex(h.id),
+        cordoned: h.cordoned,
+    }))
 }
 
-#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes machines again.", body = CordonView), BadRequest, NotFound, ServerFailed))]
 pub async fn uncordon(
     State(ctx): Shared,
     Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, false)?;
-    Ok(Json(
-        serde_json::json!({"host": host_hex(h.id), "cordoned": false}),
-    ))
+    Ok(Json(CordonView {
+        host: host_hex(h.id),
+        cordoned: h.cordoned,
+    }))
 }
 
 /// `POST /v1/hosts/{id}/drain`: cordon, then a migration for every machine on the host. Within a
 /// network they run one at a time (the network lock), each waiting for its machine to be healthy
 /// for the app's `min_healthy_time` before the next starts; networks proceed in parallel.
-#[utoipa::path(post, path = "/v1/hosts/{id}/drain", responses((status = 202, body = DrainView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts", params(HostPath), responses((status = 202, description = "The host is cordoned and its machines are moving.", body = DrainView), BadRequest, NotFound, Conflict, ServerFailed))]
 pub async fn drain(
     State(ctx): Shared,
     Path(host): Path<String>,
