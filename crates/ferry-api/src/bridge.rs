@@ -1,4 +1,4 @@
-//! The bridge's control plane (SPEC §8): mappings per network, the feature gate per org and app,
+//! The bridge's control plane (docs/design.md#bridge): mappings per network, the feature gate per org and app,
 //! hits gathered from every host, retirement. The state lives in the store; every change is
 //! pushed whole to every agent, which makes its host's BPF maps equal to it.
 

@@ -1,4 +1,4 @@
-//! The machine config (SPEC §4, Fly-shaped JSON) and its validation. Everything that enters
+//! The machine config (docs/design.md#machine-config, Fly-shaped JSON) and its validation. Everything that enters
 //! through the API or the CLI is checked here, before anything is stored or started, so bad input
 //! changes nothing.
 

@@ -1,4 +1,4 @@
-//! The durable state of the fleet (SPEC §4): orgs and their network IDs, apps, hosts, machines,
+//! The durable state of the fleet (docs/design.md#control-plane): orgs and their network IDs, apps, hosts, machines,
 //! their event logs, leases, named locks and a few settings.
 //!
 //! Its job: remember, atomically and durably, and never hand out an ID twice. Everything goes
@@ -7,7 +7,7 @@
 //!
 //! What it must never do: **no other crate opens SQLite** (they all come through here); it never
 //! talks to hosts, the network or the kernel; it never reuses a network ID, host ID or machine
-//! field (SPEC §2: a reused address would hand one machine's clients to another); and a failed
+//! field (docs/design.md#allocation: a reused address would hand one machine's clients to another); and a failed
 //! operation never leaves a partial change behind.
 //!
 //! ```

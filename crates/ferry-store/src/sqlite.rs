@@ -68,8 +68,8 @@ impl SqliteStore {
         }
         // FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power loss. Losing
         // an allocator step after its value was handed out would hand that network ID, host ID
-        // or machine field out again (SPEC §2 forbids reuse), and losing a transition could
-        // resurrect a migrated machine as a second running copy (SPEC §7). One fsync per write
+        // or machine field out again (docs/design.md#allocation forbids reuse), and losing a transition could
+        // resurrect a migrated machine as a second running copy (docs/design.md#migration-invariants). One fsync per write
         // is the price; writes are per lifecycle step, not per packet.
         conn.pragma_update(None, "synchronous", "FULL")?;
         Self::setup(conn, clock, Some(path.to_owned()))

@@ -1,4 +1,4 @@
-//! Migration (SPEC §7): move a machine to another host with the same ID, a new instance and a new
+//! Migration (docs/design.md#migration): move a machine to another host with the same ID, a new instance and a new
 //! address, its volumes forked over the fabric, DNS and the bridge following it.
 //!
 //! A migration is a durable record (`migration/<id>` in the store) advanced by one driver task
