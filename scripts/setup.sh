@@ -30,6 +30,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Python tools for the API contract test (crates/ferry/tests/api_contract.rs): schemathesis and
+# an OpenAPI validator, pinned, in their own virtualenv so nothing of the system's Python changes.
+PYTOOLS=/opt/ferry/pytools
+PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+if ! "$PYTOOLS/bin/pip" freeze 2>/dev/null | grep -qx "${PYPKGS[0]}" \
+  || ! "$PYTOOLS/bin/pip" freeze 2>/dev/null | grep -qx "${PYPKGS[1]}"; then
+  echo "setup: installing ${PYPKGS[*]} into $PYTOOLS" >&2
+  python3 -m venv "$PYTOOLS"
+  "$PYTOOLS/bin/pip" install -q --disable-pip-version-check "${PYPKGS[@]}"
+fi
+
 # The kernel's BPF filesystem: ferry pins programs and maps there so they
 # outlive the agent process.
 if ! mountpoint -q /sys/fs/bpf; then

@@ -25,6 +25,7 @@ pub struct MachineConfig {
     #[serde(default)]
     pub guest: GuestConfig,
     #[serde(default)]
+    #[schema(max_items = 16)]
     pub mounts: Vec<MountConfig>,
     #[serde(default)]
     pub stop_config: StopConfig,
@@ -40,6 +41,7 @@ pub struct MachineConfig {
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     /// The command and its arguments (no shell).
+    #[schema(min_items = 1, max_items = 1024)]
     pub cmd: Vec<String>,
 }
 
@@ -47,8 +49,10 @@ pub struct InitConfig {
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16, maximum = 65536)]
     pub memory_mb: u32,
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
 }
 fn default_memory() -> u32 {

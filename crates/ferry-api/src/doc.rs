@@ -12,6 +12,7 @@ use utoipa::{IntoParams, IntoResponses};
 #[into_params(parameter_in = Path)]
 pub struct AppPath {
     /// The app's name (unique across the fleet).
+    #[param(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub app: String,
 }
 
@@ -20,8 +21,10 @@ pub struct AppPath {
 #[into_params(parameter_in = Path)]
 pub struct MachinePath {
     /// The app's name. A machine of another app answers 404, as one that does not exist.
+    #[param(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub app: String,
     /// The machine's ID: 14 lowercase hex characters.
+    #[param(pattern = "^[0-9a-f]{14}$")]
     pub id: String,
 }
 
@@ -38,6 +41,7 @@ pub struct HostPath {
 #[into_params(parameter_in = Path)]
 pub struct MigrationPath {
     /// The migration's ID: `mig_` and 16 hex characters.
+    #[param(pattern = "^mig_[0-9a-f]{16}$")]
     pub id: String,
 }
 

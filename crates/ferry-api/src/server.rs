@@ -128,13 +128,44 @@ fn api() -> OpenApiRouter<Arc<Ctx>> {
 }
 
 /// The OpenAPI document, exactly as `/openapi.json` serves it.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+pub fn openapi() -> serde_json::Value {
+    document(&api().into_openapi())
+}
+
+/// The document as JSON. utoipa 5.5 serializes a response link's fields in snake case
+/// (`operation_id`), which the OpenAPI schema rejects and clients ignore; renamed here so the
+/// links from create to get/stop/start/destroy are real ones.
+fn document(doc: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    fn fix(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(links) = map.get_mut("links").and_then(|l| l.as_object_mut()) {
+                    for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                        for (from, to) in [
+                            ("operation_id", "operationId"),
+                            ("operation_ref", "operationRef"),
+                            ("request_body", "requestBody"),
+                        ] {
+                            if let Some(x) = link.remove(from) {
+                                link.insert(to.into(), x);
+                            }
+                        }
+                    }
+                }
+                map.values_mut().for_each(fix);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(fix),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(doc).expect("the OpenAPI document serializes");
+    fix(&mut v);
+    v
 }
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
     let (public, doc) = api().split_for_parts();
-    let doc = Arc::new(doc);
+    let doc = Arc::new(document(&doc));
     public
         .route(
             "/openapi.json",
@@ -174,10 +205,7 @@ where
     S: Send + Sync,
 {
     type Rejection = ApiError;
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self> {
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(Path(v)),
             Err(e) => Err(ApiError::invalid(format!(
@@ -196,10 +224,7 @@ where
     S: Send + Sync,
 {
     type Rejection = ApiError;
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self> {
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
             Err(e) => Err(ApiError::invalid(format!(
@@ -231,7 +256,7 @@ fn app_view(a: &ferry_store::App) -> AppView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp, responses((status = 201, description = "The app, in its org's network.", body = AppView), BadRequest, Conflict, ServerFailed))]
+#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp, responses((status = 201, description = "The app, in its org's network.", body = AppView, links(("CreateMachine" = (operation_id = "create_machine", parameters(("app" = "$response.body#/name")))), ("GetApp" = (operation_id = "get_app", parameters(("app" = "$response.body#/name")))), ("ListMachines" = (operation_id = "list_machines", parameters(("app" = "$response.body#/name")))), ("DeleteApp" = (operation_id = "delete_app", parameters(("app" = "$response.body#/name")))))), BadRequest, Conflict, ServerFailed))]
 async fn create_app(
     State(ctx): Shared,
     Body(req): Body<CreateApp>,
@@ -267,10 +292,7 @@ async fn get_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<App
 }
 
 #[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = 200, description = "Deleted, with its destroyed machines' records.", body = OkView), BadRequest, NotFound, Conflict, ServerFailed))]
-async fn delete_app(
-    State(ctx): Shared,
-    Path(app): Path<String>,
-) -> Result<Json<OkView>> {
+async fn delete_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<OkView>> {
     ctx.store.delete_app(&app)?;
     Ok(Json(OkView { ok: true }))
 }
@@ -314,7 +336,7 @@ async fn list_machines(
     Ok(Json(ms.iter().map(|m| MachineView::new(m, None)).collect()))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath), request_body = CreateMachine, responses((status = 200, description = "The machine, placed and started (or `failed` with the agent's reason in its events).", body = MachineView), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath), request_body = CreateMachine, responses((status = 200, description = "The machine, placed and started (or `failed` with the agent's reason in its events).", body = MachineView, links(("GetMachine" = (operation_id = "get_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("StopMachine" = (operation_id = "stop_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("StartMachine" = (operation_id = "start_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("WaitMachine" = (operation_id = "wait_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("MachineEvents" = (operation_id = "machine_events", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("DestroyMachine" = (operation_id = "destroy_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("ExecMachine" = (operation_id = "exec_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("AcquireLease" = (operation_id = "acquire_lease", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("GetLease" = (operation_id = "get_lease", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("MigrateMachine" = (operation_id = "migrate_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 async fn create_machine(
     State(ctx): Shared,
     Path(app): Path<String>,

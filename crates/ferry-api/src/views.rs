@@ -83,9 +83,12 @@ impl From<&Event> for EventView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
+    /// Unique across the fleet: 1-63 lowercase letters, digits and '-', not at either end.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub app_name: String,
     /// The org (tenant); created, with its network, on first use. Default "personal".
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub org_slug: Option<String>,
 }
 
@@ -103,6 +106,7 @@ pub struct AppView {
 #[serde(deny_unknown_fields)]
 pub struct CreateMachine {
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     /// Place on this host (hex ID); default: the least-loaded host.
     #[serde(default)]

@@ -17,13 +17,13 @@
 //!   refreshed while the driver lives: a dead server's lock expires and another can proceed.
 
 use crate::config::{validate_machine_id, MachineConfig};
-use crate::error::ApiError;
-use crate::proto::{VolumeProgress, VolumeRemove};
-use crate::server::{self, parse_host, random_hex, Body, Ctx, Path, Query};
 use crate::doc::{
     AgentFailed, AppPath, BadRequest, Conflict, HostPath, MachinePath, MigrationPath, NotFound,
     ServerFailed, Unprocessable,
 };
+use crate::error::ApiError;
+use crate::proto::{VolumeProgress, VolumeRemove};
+use crate::server::{self, parse_host, random_hex, Body, Ctx, Path, Query};
 use crate::views::{rfc3339, CordonView, VolumeView};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -328,7 +328,7 @@ static DRIVING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::defaul
 
 /// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
 /// follow it with `GET /v1/migrations/{id}`.
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration, links(("GetMigration" = (operation_id = "get_migration", parameters(("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 pub async fn migrate_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -592,10 +592,7 @@ pub async fn set_policy(
 
 /// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
 #[utoipa::path(post, path = "/v1/hosts/{id}/cordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes no new machines.", body = CordonView), BadRequest, NotFound, ServerFailed))]
-pub async fn cordon(
-    State(ctx): Shared,
-    Path(host): Path<String>,
-) -> Result<Json<CordonView>> {
+pub async fn cordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, true)?;
     Ok(Json(CordonView {
         host: host_hex(h.id),
@@ -604,10 +601,7 @@ pub async fn cordon(
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes machines again.", body = CordonView), BadRequest, NotFound, ServerFailed))]
-pub async fn uncordon(
-    State(ctx): Shared,
-    Path(host): Path<String>,
-) -> Result<Json<CordonView>> {
+pub async fn uncordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, false)?;
     Ok(Json(CordonView {
         host: host_hex(h.id),
