@@ -1,8 +1,7 @@
 //! The CLI's side of the API: a blocking HTTP client that turns JSON errors into one clear line,
 //! and plain-text tables.
 
-use anyhow::{anyhow, bail, Result};
-use serde::de::DeserializeOwned;
+use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 /// Where the API is: `--api`, else `FERRY_API`, else the dev default.
@@ -21,46 +20,15 @@ pub struct ApiArgs {
     pub json: bool,
 }
 
-pub struct Client {
-    base: String,
-    http: reqwest::blocking::Client,
-}
+/// The typed API client (`ferry-client`), at the address the user chose.
+pub struct Client;
 
 impl Client {
-    pub fn new(args: &ApiArgs) -> Result<Self> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(std::time::Duration::from_secs(600))
-            .build()?;
-        Ok(Client {
-            base: args.api.trim_end_matches('/').to_owned(),
-            http,
-        })
-    }
-
-    fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
-        let resp = req.send().map_err(|e| {
-            anyhow!("cannot reach the ferry API at {} ({e}); is `ferry dev` running? (set --api or FERRY_API)", self.base)
-        })?;
-        let status = resp.status();
-        let text = resp.text()?;
-        if !status.is_success() {
-            match serde_json::from_str::<ferry_api::error::ErrorBody>(&text) {
-                Ok(b) => bail!("{} ({})", b.error, b.code),
-                Err(_) => bail!("HTTP {status}: {text}"),
-            }
-        }
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow!("unexpected reply from the API: {e}: {text}"))
-    }
-
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-    }
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-    }
-    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.delete(format!("{}{path}", self.base)))
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(args: &ApiArgs) -> Result<ferry_client::Client> {
+        // Long enough for the slowest call the CLI makes (a stop may wait 300 s for its signal).
+        ferry_client::Client::new(&args.api, std::time::Duration::from_secs(600))
+            .map_err(|e| anyhow!("{e} (set --api or FERRY_API)"))
     }
 }
 
