@@ -49,9 +49,8 @@ pub fn gate(ctx: &Ctx, m: &Machine) -> Result<bool> {
 }
 
 /// Pushes the whole bridge state to every registered agent. Failures are reported, not fatal:
-/// an agent that missed a push gets the state again when it registers.
+/// an agent that missed a push gets the state again when it registers ([`sync_host`]).
 pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
-    let mut errors = Vec::new();
     let (mappings, hosts) = match (
         load::<Vec<BridgeMapping>>(ctx, MAPPINGS),
         ctx.store.list_hosts(),
@@ -59,23 +58,41 @@ pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
-    for h in hosts.into_iter().filter(|h| !h.endpoint.is_empty()) {
-        let mut sync = BridgeSync {
-            mappings: mappings.clone(),
-            gates: Default::default(),
-        };
-        for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
-            let on = gate(ctx, &m).unwrap_or(true);
-            sync.gates.insert(m.id, on);
-        }
-        let url = format!("{}/v1/bridge/sync", h.endpoint);
-        match ctx.http.post(&url).json(&sync).send().await {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => errors.push(format!("host {:x}: {}", h.id.get(), r.status())),
-            Err(e) => errors.push(format!("host {:x}: {e}", h.id.get())),
+    let mut errors = Vec::new();
+    for h in hosts.iter().filter(|h| !h.endpoint.is_empty()) {
+        if let Err(e) = push(ctx, h, &mappings).await {
+            errors.push(e);
         }
     }
     errors
+}
+
+/// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
+/// new host knows every mapping before its first machine dials an old address.
+pub async fn sync_host(ctx: &Ctx, host: &ferry_store::Host) -> std::result::Result<(), String> {
+    let mappings = load::<Vec<BridgeMapping>>(ctx, MAPPINGS).map_err(|e| e.to_string())?;
+    push(ctx, host, &mappings).await
+}
+
+async fn push(
+    ctx: &Ctx,
+    h: &ferry_store::Host,
+    mappings: &[BridgeMapping],
+) -> std::result::Result<(), String> {
+    let mut sync = BridgeSync {
+        mappings: mappings.to_vec(),
+        gates: Default::default(),
+    };
+    for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
+        let on = gate(ctx, &m).unwrap_or(true);
+        sync.gates.insert(m.id, on);
+    }
+    let url = format!("{}/v1/bridge/sync", h.endpoint);
+    match ctx.http.post(&url).json(&sync).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("host {:x}: {}", h.id.get(), r.status())),
+        Err(e) => Err(format!("host {:x}: {e}", h.id.get())),
+    }
 }
 
 async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {

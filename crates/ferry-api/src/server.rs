@@ -1088,6 +1088,13 @@ async fn register_host(
         }
     }
     ctx.changed();
+    // The bridge state, after the reply: the agent may wait for this answer before it serves.
+    let (c, h) = (ctx.clone(), host.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::bridge::sync_host(&c, &h).await {
+            tracing::warn!("pushing the bridge state to a host that registered: {e}");
+        }
+    });
     Ok(Json(
         serde_json::json!({"host": format!("{:x}", host.id.get())}),
     ))

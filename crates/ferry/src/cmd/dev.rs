@@ -2,7 +2,7 @@
 //! host, the embedded store), with a demo; `ferry dev clean` removes what ferry left behind.
 
 use anyhow::{bail, Context, Result};
-use ferry_api::server::{self, Ctx};
+use ferry_api::server;
 use ferry_net::{netns, DevFleet, Mode};
 use ferry_store::{SqliteStore, Store};
 use std::path::PathBuf;
@@ -165,29 +165,19 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let ctx = Ctx::new(store.clone(), args.state_dir.join("volumes"));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(args.listen))
-        .with_context(|| {
-            format!(
-                "listening on {} (is another ferry dev running? use --listen)",
-                args.listen
-            )
-        })?;
-    // DNS: a fresh snapshot after every change, served in every host namespace and on loopback.
-    let zone = Arc::new(ferry_dns::ZoneData::new());
-    zone.publish(super::dns::snapshot(store.as_ref()));
-    let z = zone.clone();
-    let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
-        z.publish(super::dns::snapshot(s));
-    }));
     let host_ns: Vec<netns::NetNs> = hosts
         .iter()
         .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
         .collect();
-    super::dns::serve(&rt, zone, &host_ns, args.dns_listen)?;
-    let app = server::router(ctx.clone());
-    rt.spawn(async move { axum::serve(listener, app).await });
+    let cp = super::control::ControlPlane::start(
+        &rt,
+        store.clone(),
+        args.state_dir.join("volumes"),
+        args.listen,
+        Some(args.dns_listen),
+        &host_ns,
+    )?;
+    let ctx = cp.ctx.clone();
     let api = format!("http://{}", args.listen);
 
     let agents = Agents::start(
@@ -220,10 +210,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     }
     store.kv_put("dev/resume", "[]")?;
     // Migrations a crash or a stop interrupted carry on (or roll back) from their last step.
-    {
-        let _guard = rt.enter();
-        ferry_api::migrate::resume_unfinished(&ctx);
-    }
+    cp.resume(&rt);
 
     println!(
         "ferry dev: fleet {:?}, {} hosts, API {api}, DNS {} (and [fdaa::3]:53 in every machine), state in {} (up in {:.1?}{})",

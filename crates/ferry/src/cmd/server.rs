@@ -1,7 +1,8 @@
-//! `ferry server`: the API server alone, for fleets whose hosts run `ferry agent` themselves.
+//! `ferry server`: the control plane alone, for fleets whose hosts run `ferry agent` themselves.
+//! It runs the same components as `ferry dev` ([`super::control`]): the API, DNS state, resumed
+//! migrations, volume expiry and the bridge state pushed to hosts that register.
 
 use anyhow::{Context, Result};
-use ferry_api::server::{self, Ctx};
 use ferry_store::SqliteStore;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,28 +10,41 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
-    /// Where the store (SQLite) and new volumes live.
+    /// Where the store (SQLite) lives.
     #[arg(long, default_value = "/var/lib/ferry/server")]
     state_dir: PathBuf,
     /// The API listener.
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: std::net::SocketAddr,
+    /// Also answer `.internal` DNS queries here (UDP and TCP), for operators and for hosts
+    /// that forward to the server, e.g. 127.0.0.1:5353.
+    #[arg(long)]
+    dns_listen: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let store = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
-    let ctx = Ctx::new(store, args.state_dir.join("volumes"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        eprintln!("ferry server: API on http://{}", args.listen);
-        axum::serve(listener, server::router(ctx)).await?;
+    let cp = super::control::ControlPlane::start(
+        &rt,
+        store,
+        args.state_dir.join("volumes"),
+        args.listen,
+        args.dns_listen,
+        &[],
+    )?;
+    cp.resume(&rt);
+    eprintln!("ferry server: API on http://{}", args.listen);
+    if let Some(d) = args.dns_listen {
+        eprintln!("ferry server: .internal DNS on {d}");
+    }
+    rt.block_on(async {
+        tokio::signal::ctrl_c().await?;
+        eprintln!("ferry server: stopping");
         Ok(ExitCode::SUCCESS)
     })
 }
