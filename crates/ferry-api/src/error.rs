@@ -12,6 +12,9 @@ pub struct ApiError {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    /// For an `agent_error`: the code the host's agent answered (`not_running`, `not_found`,
+    /// `invalid_argument`, `internal`, ...), so callers decide by code, never by message text.
+    pub agent_code: Option<String>,
 }
 
 /// An agent's code for a volume fork that can never succeed as the volume is (a device node
@@ -31,6 +34,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            agent_code: None,
         }
     }
     pub fn invalid(m: impl Into<String>) -> Self {

@@ -513,11 +513,13 @@ pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwn
                 format!("the host's agent refused: {msg}"),
             ));
         }
-        return Err(ApiError::new(
+        let mut e = ApiError::new(
             502,
             "agent_error",
             format!("the host's agent failed: {msg}"),
-        ));
+        );
+        e.agent_code = (!code.is_empty()).then_some(code);
+        return Err(e);
     }
     resp.json()
         .await
@@ -1173,4 +1175,55 @@ pub async fn stop_all(ctx: &Ctx) -> Vec<String> {
         }
     }
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent's error code reaches the caller as a code (the driver decides by it), and a
+    /// permanent volume error keeps its own status.
+    #[tokio::test]
+    async fn agent_error_codes_reach_the_caller() {
+        let agent = Router::new()
+            .route(
+                "/stop",
+                post(|| async { ApiError::conflict("not_running", "machine x is not running") }),
+            )
+            .route(
+                "/fork",
+                post(|| async { ApiError::new(422, crate::error::PERMANENT_VOLUME_ERROR, "dev") }),
+            )
+            .route(
+                "/plain",
+                post(|| async { (StatusCode::BAD_GATEWAY, "proxy") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, agent).await });
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::new(
+            Arc::new(ferry_store::SqliteStore::in_memory().unwrap()),
+            dir.path().into(),
+        );
+        let call = |p: &str| {
+            let url = format!("{base}{p}");
+            let ctx = ctx.clone();
+            async move {
+                call_agent::<_, serde_json::Value>(&ctx, &url, &serde_json::json!({}))
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let e = call("/stop").await;
+        assert_eq!((e.status, e.code), (502, "agent_error"));
+        assert_eq!(e.agent_code.as_deref(), Some("not_running"));
+        let e = call("/fork").await;
+        assert_eq!(
+            (e.status, e.code),
+            (422, crate::error::PERMANENT_VOLUME_ERROR)
+        );
+        let e = call("/plain").await;
+        assert_eq!((e.status, e.agent_code), (502, None));
+    }
 }

@@ -595,11 +595,7 @@ async fn stop_machine_now(ctx: &Ctx, m: &Machine) -> Step<()> {
             match server::call_agent::<_, serde_json::Value>(ctx, &url, &params).await {
                 Ok(_) => {}
                 // Not running (or unknown) on its host any more: stopped is what we want.
-                Err(e)
-                    if e.status == 502
-                        && (e.message.contains("not running")
-                            || e.message.contains("not found")
-                            || e.message.contains("unknown")) => {}
+                Err(e) if matches!(e.agent_code.as_deref(), Some("not_running" | "not_found")) => {}
                 Err(e) => return Err(StepError::Retry(e.message)),
             }
             ctx.store.transition(&m.id, &[S::Stopping], S::Stopped)?;
