@@ -87,12 +87,10 @@ async fn push(
         let on = gate(ctx, &m).unwrap_or(true);
         sync.gates.insert(m.id, on);
     }
-    let url = format!("{}/v1/bridge/sync", h.endpoint);
-    match ctx.http.post(&url).json(&sync).send().await {
-        Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(format!("host {:x}: {}", h.id.get(), r.status())),
-        Err(e) => Err(format!("host {:x}: {e}", h.id.get())),
-    }
+    ctx.agents
+        .bridge_sync(&h.endpoint, &sync)
+        .await
+        .map_err(|e| format!("host {:x}: {e}", h.id.get()))
 }
 
 async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
@@ -103,10 +101,9 @@ async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
         .into_iter()
         .filter(|h| !h.endpoint.is_empty())
     {
-        let url = format!("{}/v1/bridge/hits", h.endpoint);
-        let hits: Vec<BridgeHit> = match ctx.http.get(&url).send().await {
-            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
-            _ => continue, // a host that does not answer has no hits to show now
+        let hits: Vec<BridgeHit> = match ctx.agents.bridge_hits(&h.endpoint).await {
+            Ok(hits) => hits,
+            Err(_) => continue, // a host that does not answer has no hits to show now
         };
         out.extend(hits);
     }

@@ -8,6 +8,7 @@
 //!
 //! The server never touches the kernel: agents do, on their hosts.
 
+pub mod agents;
 pub mod bridge;
 pub mod config;
 pub mod doc;

@@ -42,6 +42,8 @@ pub type ChangeHook = Box<dyn Fn(&dyn Store) + Send + Sync>;
 pub struct Ctx {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
+    /// Every call to a host's agent goes through this ([`crate::agents`]).
+    pub agents: Arc<dyn crate::agents::Agents>,
     /// Bumped on every machine state change; `wait` listens to it.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
@@ -57,9 +59,24 @@ impl Ctx {
             .timeout(Duration::from_secs(330)) // above the longest stop timeout
             .build()
             .expect("building an HTTP client");
+        Self::with_agents(
+            store,
+            volumes_dir,
+            Arc::new(crate::agents::HttpAgents::new(http)),
+        )
+    }
+
+    /// A context whose agent calls go to `agents` (a recording double in unit tests).
+    pub fn with_agents(
+        store: Arc<dyn Store>,
+        volumes_dir: PathBuf,
+        agents: Arc<dyn crate::agents::Agents>,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::new();
         Arc::new(Ctx {
             store,
             http,
+            agents,
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
             on_change: std::sync::OnceLock::new(),
@@ -475,55 +492,12 @@ pub(crate) fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
     serde_json::from_str(&raw).map_err(ApiError::internal)
 }
 
-pub(crate) fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
+/// The endpoint of the agent of the machine's host.
+pub(crate) fn machine_endpoint(ctx: &Ctx, m: &Machine) -> Result<String> {
     let host = m
         .host
         .ok_or_else(|| ApiError::conflict("not_placed", format!("machine {} has no host", m.id)))?;
-    Ok(format!(
-        "{}/v1/machines/{}{}",
-        ctx.store.get_host(host)?.endpoint,
-        m.id,
-        path
-    ))
-}
-
-pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
-    ctx: &Ctx,
-    url: &str,
-    body: &B,
-) -> Result<R> {
-    let resp = ctx
-        .http
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
-            .map(|b| (b.error, b.code))
-            .unwrap_or((text, String::new()));
-        if code == crate::error::PERMANENT_VOLUME_ERROR {
-            // Not the agent's failure: the volume cannot be forked as it is. Never retried.
-            return Err(ApiError::new(
-                422,
-                crate::error::PERMANENT_VOLUME_ERROR,
-                format!("the host's agent refused: {msg}"),
-            ));
-        }
-        let mut e = ApiError::new(
-            502,
-            "agent_error",
-            format!("the host's agent failed: {msg}"),
-        );
-        e.agent_code = (!code.is_empty()).then_some(code);
-        return Err(e);
-    }
-    resp.json()
-        .await
-        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))
+    Ok(ctx.store.get_host(host)?.endpoint)
 }
 
 /// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
@@ -560,16 +534,14 @@ pub(crate) async fn launch(
         volume_dirs,
         bridge_enabled: crate::bridge::gate(ctx, &m)?,
     };
-    let url = agent_url(ctx, &m, "/start")?;
-    match call_agent::<_, serde_json::Value>(ctx, &url, &run).await {
+    let ep = machine_endpoint(ctx, &m)?;
+    match ctx.agents.start(&ep, &run).await {
         Ok(reply) => {
             // A size-limited volume used for the first time now lives on this host.
-            let dirs = reply["volume_dirs"].as_array().cloned().unwrap_or_default();
-            for (r, dir) in run.volumes.iter().zip(dirs) {
-                let Some(dir) = dir.as_str() else { continue };
+            for (r, dir) in run.volumes.iter().zip(&reply.volume_dirs) {
                 let mut v = volume(ctx, &r.id)?;
                 let host = m.host.map(|h| format!("{:x}", h.get()));
-                if v.kept_by_agent && (v.host_dir != dir || v.host != host) {
+                if v.kept_by_agent && (&v.host_dir != dir || v.host != host) {
                     v.host_dir = dir.to_owned();
                     v.host = host;
                     put_volume(ctx, &v)?;
@@ -654,8 +626,8 @@ pub(crate) async fn stop_inner(
         .store
         .transition(id, &[S::Started, S::Starting], S::Stopping)?;
     ctx.changed();
-    let url = agent_url(ctx, &m, "/stop")?;
-    let exit: ExitInfo = match call_agent(ctx, &url, &params).await {
+    let ep = machine_endpoint(ctx, &m)?;
+    let exit: ExitInfo = match ctx.agents.stop(&ep, id, &params).await {
         Ok(e) => e,
         Err(e) => {
             ctx.store.transition(id, &[S::Stopping], S::Failed)?;
@@ -759,8 +731,8 @@ async fn destroy_machine(
         .store
         .transition(&id, &[S::Created, S::Stopped, S::Failed], S::Destroying)?;
     ctx.changed();
-    let url = agent_url(&ctx, &m, "/destroy")?;
-    call_agent::<_, serde_json::Value>(&ctx, &url, &serde_json::json!({})).await?;
+    let ep = machine_endpoint(&ctx, &m)?;
+    ctx.agents.destroy(&ep, &id).await?;
     let m = ctx.store.transition(&id, &[S::Destroying], S::Destroyed)?;
     ctx.store
         .add_event(&id, "destroy", "destroyed", "user", serde_json::json!({}))?;
@@ -928,16 +900,18 @@ async fn exec_machine(
             format!("machine {id} is {}", m.state.as_str()),
         ));
     }
-    let url = agent_url(&ctx, &m, "/exec")?;
-    let r: ExecResult = call_agent(
-        &ctx,
-        &url,
-        &ExecRequest {
-            cmd: req.cmd,
-            timeout_ms: timeout * 1000,
-        },
-    )
-    .await?;
+    let ep = machine_endpoint(&ctx, &m)?;
+    let r: ExecResult = ctx
+        .agents
+        .exec(
+            &ep,
+            &id,
+            &ExecRequest {
+                cmd: req.cmd,
+                timeout_ms: timeout * 1000,
+            },
+        )
+        .await?;
     Ok(Json(ExecView {
         exit_code: r.exit_code,
         stdout: r.stdout,
@@ -1208,9 +1182,9 @@ mod tests {
         );
         let call = |p: &str| {
             let url = format!("{base}{p}");
-            let ctx = ctx.clone();
+            let http = ctx.http.clone();
             async move {
-                call_agent::<_, serde_json::Value>(&ctx, &url, &serde_json::json!({}))
+                crate::agents::answer::<serde_json::Value>(http.post(url).send().await)
                     .await
                     .unwrap_err()
             }

@@ -364,18 +364,19 @@ async fn copy_round(
     size_mb: Option<u64>,
 ) -> Step<(VolumeRound, String)> {
     let (src_ep, dst_ep) = (endpoint(ctx, from)?, endpoint(ctx, to)?);
-    let exp: VolumeExpected = server::call_agent(
-        ctx,
-        &format!("{dst_ep}/v1/volumes/expect"),
-        &VolumeExpect {
-            session: session.to_owned(),
-            token: token.to_owned(),
-            volume_id: target_volume.to_owned(),
-            dir,
-            size_mb,
-        },
-    )
-    .await?;
+    let exp: VolumeExpected = ctx
+        .agents
+        .volume_expect(
+            &dst_ep,
+            &VolumeExpect {
+                session: session.to_owned(),
+                token: token.to_owned(),
+                volume_id: target_volume.to_owned(),
+                dir,
+                size_mb,
+            },
+        )
+        .await?;
     let send = VolumeSend {
         session: session.to_owned(),
         token: token.to_owned(),
@@ -384,24 +385,22 @@ async fn copy_round(
         target: target_volume.to_owned(),
     };
     let poll = {
-        let (http, url, id) = (
-            ctx.http.clone(),
-            format!("{src_ep}/v1/volumes/progress/{session}"),
+        let (agents, ep, session, id) = (
+            ctx.agents.clone(),
+            src_ep.clone(),
+            session.to_owned(),
             mig_id.to_owned(),
         );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                if let Ok(r) = http.get(&url).send().await {
-                    if let Ok(p) = r.json::<VolumeProgress>().await {
-                        PROGRESS.lock().unwrap().insert(id.clone(), p);
-                    }
+                if let Ok(p) = agents.volume_progress(&ep, &session).await {
+                    PROGRESS.lock().unwrap().insert(id.clone(), p);
                 }
             }
         })
     };
-    let r = server::call_agent::<_, VolumeRound>(ctx, &format!("{src_ep}/v1/volumes/send"), &send)
-        .await;
+    let r = ctx.agents.volume_send(&src_ep, &send).await;
     poll.abort();
     PROGRESS.lock().unwrap().remove(mig_id);
     Ok((r?, exp.dir))
@@ -591,8 +590,8 @@ async fn stop_machine_now(ctx: &Ctx, m: &Machine) -> Step<()> {
             server::stop_inner(ctx, &m.id, params, S::Stopped).await?;
         }
         S::Stopping => {
-            let url = server::agent_url(ctx, m, "/stop")?;
-            match server::call_agent::<_, serde_json::Value>(ctx, &url, &params).await {
+            let ep = server::machine_endpoint(ctx, m)?;
+            match ctx.agents.stop(&ep, &m.id, &params).await {
                 Ok(_) => {}
                 // Not running (or unknown) on its host any more: stopped is what we want.
                 Err(e) if matches!(e.agent_code.as_deref(), Some("not_running" | "not_found")) => {}
@@ -644,12 +643,7 @@ async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
 /// Removes a machine's local state (process, namespace, cgroup, run dir) on `host`.
 async fn forget_on(ctx: &Ctx, machine: &str, host: &str) -> Step<()> {
     let ep = endpoint(ctx, host)?;
-    server::call_agent::<_, serde_json::Value>(
-        ctx,
-        &format!("{ep}/v1/machines/{machine}/destroy"),
-        &serde_json::json!({}),
-    )
-    .await?;
+    ctx.agents.destroy(&ep, machine).await?;
     Ok(())
 }
 
@@ -872,12 +866,10 @@ async fn roll_back(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         // Never switched: the source still owns the machine; drop the partial copies.
         for v in &mig.volumes {
             if let (Some(dir), Ok(ep)) = (&v.dst_dir, endpoint(ctx, &mig.to_host)) {
-                let _ = server::call_agent::<_, serde_json::Value>(
-                    ctx,
-                    &format!("{ep}/v1/volumes/remove"),
-                    &VolumeRemove { dir: dir.clone() },
-                )
-                .await;
+                let _ = ctx
+                    .agents
+                    .volume_remove(&ep, &VolumeRemove { dir: dir.clone() })
+                    .await;
             }
         }
         if mig.was_running {

@@ -687,15 +687,16 @@ pub async fn expire_volumes(ctx: &Ctx) {
         }
         let removed = match &v.host {
             Some(h) => match endpoint(ctx, h) {
-                Ok(ep) => server::call_agent::<_, serde_json::Value>(
-                    ctx,
-                    &format!("{ep}/v1/volumes/remove"),
-                    &VolumeRemove {
-                        dir: v.host_dir.clone(),
-                    },
-                )
-                .await
-                .is_ok(),
+                Ok(ep) => ctx
+                    .agents
+                    .volume_remove(
+                        &ep,
+                        &VolumeRemove {
+                            dir: v.host_dir.clone(),
+                        },
+                    )
+                    .await
+                    .is_ok(),
                 Err(_) => false,
             },
             // Only what the server itself created (never an operator's host_dir volume).

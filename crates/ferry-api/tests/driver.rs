@@ -1,0 +1,328 @@
+//! Placement and the migration driver against a recording double of the agents and a manual
+//! clock: no kernel, no processes. The double keeps what a fleet of agents would (which host
+//! runs which machine) and records every call, so the tests check the invariants directly:
+//! never two running copies, a failed start leaves the machine where it was, a move counts only
+//! after `min_healthy_time` on the store's clock.
+//!
+//! The API is the real router over a real (in-memory SQLite) store, called over HTTP.
+
+use ferry_api::agents::{AgentResult, Agents, Started};
+use ferry_api::error::ApiError;
+use ferry_api::proto::*;
+use ferry_api::server::{router, Ctx};
+use ferry_store::{ManualClock, SqliteStore, Store};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Fleet {
+    /// machine -> the endpoint of the host it runs on.
+    running: BTreeMap<String, String>,
+    calls: Vec<String>,
+    /// Starts on these endpoints fail (the agent answers 502).
+    failing: BTreeSet<String>,
+    /// Anything that breaks an invariant, as it happened.
+    violations: Vec<String>,
+}
+
+#[derive(Default)]
+struct Double(Mutex<Fleet>);
+
+impl Double {
+    fn calls(&self) -> Vec<String> {
+        self.0.lock().unwrap().calls.clone()
+    }
+    fn running(&self) -> BTreeMap<String, String> {
+        self.0.lock().unwrap().running.clone()
+    }
+}
+
+fn ready<'a, T: Send + 'a>(v: Result<T, ApiError>) -> AgentResult<'a, T> {
+    Box::pin(async move { v })
+}
+
+fn agent_error(code: &str, msg: String) -> ApiError {
+    let mut e = ApiError::new(502, "agent_error", msg);
+    e.agent_code = Some(code.into());
+    e
+}
+
+impl Agents for Double {
+    fn start<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("start {} {ep}", run.id));
+        if f.failing.contains(ep) {
+            return ready(Err(agent_error("internal", format!("{ep} cannot start"))));
+        }
+        if let Some(other) = f.running.get(&run.id).filter(|o| *o != ep) {
+            let v = format!("{} started on {ep} while running on {other}", run.id);
+            f.violations.push(v);
+        }
+        f.running.insert(run.id.clone(), ep.to_owned());
+        ready(Ok(Started::default()))
+    }
+    fn stop<'a>(
+        &'a self,
+        ep: &'a str,
+        m: &'a str,
+        _: &'a StopMachine,
+    ) -> AgentResult<'a, ExitInfo> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("stop {m} {ep}"));
+        if f.running.get(m).map(String::as_str) != Some(ep) {
+            return ready(Err(agent_error(
+                "not_running",
+                format!("{m} is not running"),
+            )));
+        }
+        f.running.remove(m);
+        ready(Ok(ExitInfo {
+            signal: Some(15),
+            requested_stop: true,
+            ..Default::default()
+        }))
+    }
+    fn destroy<'a>(&'a self, ep: &'a str, m: &'a str) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("destroy {m} {ep}"));
+        if f.running.get(m).map(String::as_str) == Some(ep) {
+            f.running.remove(m);
+        }
+        ready(Ok(()))
+    }
+    fn exec<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a ExecRequest,
+    ) -> AgentResult<'a, ExecResult> {
+        ready(Err(ApiError::internal("not used")))
+    }
+    fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls
+            .push(format!("bridge_sync {ep} {}", s.mappings.len()));
+        ready(Ok(()))
+    }
+    fn bridge_hits<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<BridgeHit>> {
+        ready(Ok(vec![]))
+    }
+    fn volume_expect<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a VolumeExpect,
+    ) -> AgentResult<'a, VolumeExpected> {
+        ready(Err(ApiError::internal("no volumes here")))
+    }
+    fn volume_send<'a>(&'a self, _: &'a str, _: &'a VolumeSend) -> AgentResult<'a, VolumeRound> {
+        ready(Err(ApiError::internal("no volumes here")))
+    }
+    fn volume_progress<'a>(&'a self, _: &'a str, _: &'a str) -> AgentResult<'a, VolumeProgress> {
+        ready(Err(ApiError::internal("no volumes here")))
+    }
+    fn volume_remove<'a>(&'a self, _: &'a str, _: &'a VolumeRemove) -> AgentResult<'a, ()> {
+        ready(Ok(()))
+    }
+}
+
+struct Harness {
+    api: String,
+    http: reqwest::Client,
+    agents: Arc<Double>,
+    clock: Arc<ManualClock>,
+    store: Arc<SqliteStore>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new(hosts: usize) -> Harness {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = Arc::new(SqliteStore::in_memory_with_clock(clock.clone()).unwrap());
+        for i in 0..hosts {
+            store
+                .register_host("ord", &format!("agent://h{i}"))
+                .unwrap();
+        }
+        let agents = Arc::new(Double::default());
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(ctx)).await });
+        Harness {
+            api,
+            http: reqwest::Client::new(),
+            agents,
+            clock,
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}{path}", self.api);
+        let req = match method {
+            "GET" => self.http.get(url),
+            "POST" => self.http.post(url).json(&body),
+            _ => unreachable!(),
+        };
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn machine(&self, app: &str) -> Value {
+        let (s, m) = self
+            .call(
+                "POST",
+                &format!("/v1/apps/{app}/machines"),
+                json!({"config": {"init": {"cmd": ["sleep", "inf"]}}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{m}");
+        m
+    }
+
+    /// Polls the migration until it ends, advancing the manual clock 1 s per poll (the driver
+    /// measures health on the store's clock); bounded.
+    async fn finish(&self, id: &str) -> Value {
+        for _ in 0..400 {
+            let (_, m) = self
+                .call("GET", &format!("/v1/migrations/{id}"), json!(null))
+                .await;
+            if ["done", "rolled_back", "failed"].contains(&m["phase"].as_str().unwrap_or("")) {
+                return m;
+            }
+            self.clock.advance(1000);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("migration {id} did not end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_machines_go_to_the_least_loaded_host() {
+    let h = Harness::new(2).await;
+    h.call("POST", "/v1/apps", json!({"app_name": "web"})).await;
+    for _ in 0..4 {
+        h.machine("web").await;
+    }
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for ep in h.agents.running().values() {
+        *per_host.entry(ep.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        per_host.values().copied().collect::<Vec<_>>(),
+        vec![2, 2],
+        "{per_host:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_agent_refuses_leaves_the_machine_failed_with_the_reason() {
+    let h = Harness::new(1).await;
+    h.agents
+        .0
+        .lock()
+        .unwrap()
+        .failing
+        .insert("agent://h0".into());
+    h.call("POST", "/v1/apps", json!({"app_name": "web"})).await;
+    let (s, e) = h
+        .call(
+            "POST",
+            "/v1/apps/web/machines",
+            json!({"config": {"init": {"cmd": ["true"]}}}),
+        )
+        .await;
+    assert_eq!((s, e["code"].as_str()), (502, Some("agent_error")), "{e}");
+    let m = &h.store.list_machines(Some("web")).unwrap()[0];
+    assert_eq!(m.state.as_str(), "failed");
+    let events = h.store.events(&m.id).unwrap();
+    assert!(
+        events.iter().any(|e| e.request["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot start")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
+    let h = Harness::new(2).await;
+    h.call("POST", "/v1/apps", json!({"app_name": "web"})).await;
+    let m = h.machine("web").await;
+    let id = m["id"].as_str().unwrap();
+    let from = h.agents.running()[id].clone();
+    let (s, mig) = h
+        .call(
+            "POST",
+            &format!("/v1/apps/web/machines/{id}/migrate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 202, "{mig}");
+    let mig = h.finish(mig["id"].as_str().unwrap()).await;
+    assert_eq!(mig["phase"], "done", "{mig}");
+    let to = h.agents.running()[id].clone();
+    assert_ne!(from, to);
+    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+    // The source stopped and forgot the machine (the switch) before the destination started.
+    let calls = h.agents.calls();
+    let pos = |c: &str| {
+        calls
+            .iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("{c} in {calls:?}"))
+    };
+    assert!(pos(&format!("stop {id} {from}")) < pos(&format!("destroy {id} {from}")));
+    assert!(pos(&format!("destroy {id} {from}")) < pos(&format!("start {id} {to}")));
+    // Same ID, new address and instance.
+    let (_, now) = h
+        .call("GET", &format!("/v1/apps/web/machines/{id}"), json!(null))
+        .await;
+    assert_ne!(now["private_ip"], m["private_ip"]);
+    assert_ne!(now["instance_id"], m["instance_id"]);
+    assert_eq!(now["state"], "started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_cannot_start_the_machine_rolls_it_back_to_its_source() {
+    let h = Harness::new(2).await;
+    h.call("POST", "/v1/apps", json!({"app_name": "web"})).await;
+    let m = h.machine("web").await;
+    let id = m["id"].as_str().unwrap();
+    let from = h.agents.running()[id].clone();
+    let other = if from == "agent://h0" {
+        "agent://h1"
+    } else {
+        "agent://h0"
+    };
+    h.agents.0.lock().unwrap().failing.insert(other.into());
+    let (s, mig) = h
+        .call(
+            "POST",
+            &format!("/v1/apps/web/machines/{id}/migrate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 202, "{mig}");
+    let mig = h.finish(mig["id"].as_str().unwrap()).await;
+    assert_eq!(mig["phase"], "rolled_back", "{mig}");
+    assert_eq!(
+        h.agents.running().get(id),
+        Some(&from),
+        "runs on its source again"
+    );
+    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+    let (_, now) = h
+        .call("GET", &format!("/v1/apps/web/machines/{id}"), json!(null))
+        .await;
+    assert_eq!(
+        now["private_ip"], m["private_ip"],
+        "the old address is current again"
+    );
+    assert_eq!(now["state"], "started");
+}
