@@ -44,6 +44,8 @@ pub struct Ctx {
     pub http: reqwest::Client,
     /// Every call to a host's agent goes through this ([`crate::agents`]).
     pub agents: Arc<dyn crate::agents::Agents>,
+    /// The migrations this process drives.
+    pub migrations: crate::migrate::InFlight,
     /// Bumped on every machine state change; `wait` listens to it.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
@@ -77,6 +79,7 @@ impl Ctx {
             store,
             http,
             agents,
+            migrations: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
             on_change: std::sync::OnceLock::new(),

@@ -34,13 +34,13 @@ impl From<StoreError> for StepError {
 type Step<T> = std::result::Result<T, StepError>;
 
 pub fn spawn_driver(ctx: Arc<Ctx>, id: String) {
-    if !DRIVING.lock().unwrap().insert(id.clone()) {
+    if !ctx.migrations.driving.lock().unwrap().insert(id.clone()) {
         return;
     }
     tokio::spawn(async move {
         drive(&ctx, &id).await;
-        DRIVING.lock().unwrap().remove(&id);
-        PROGRESS.lock().unwrap().remove(&id);
+        ctx.migrations.driving.lock().unwrap().remove(&id);
+        ctx.migrations.progress.lock().unwrap().remove(&id);
     });
 }
 
@@ -385,8 +385,9 @@ async fn copy_round(
         target: target_volume.to_owned(),
     };
     let poll = {
-        let (agents, ep, session, id) = (
+        let (agents, progress, ep, session, id) = (
             ctx.agents.clone(),
+            ctx.migrations.progress.clone(),
             src_ep.clone(),
             session.to_owned(),
             mig_id.to_owned(),
@@ -395,14 +396,14 @@ async fn copy_round(
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 if let Ok(p) = agents.volume_progress(&ep, &session).await {
-                    PROGRESS.lock().unwrap().insert(id.clone(), p);
+                    progress.lock().unwrap().insert(id.clone(), p);
                 }
             }
         })
     };
     let r = ctx.agents.volume_send(&src_ep, &send).await;
     poll.abort();
-    PROGRESS.lock().unwrap().remove(mig_id);
+    ctx.migrations.progress.lock().unwrap().remove(mig_id);
     Ok((r?, exp.dir))
 }
 

@@ -32,7 +32,7 @@ use ferry_addr::HostId;
 use ferry_store::{Machine, MachineState as S, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use utoipa::ToSchema;
 
@@ -319,10 +319,16 @@ fn endpoint(ctx: &Ctx, host: &str) -> Result<String> {
     Ok(h.endpoint)
 }
 
-/// Live copy progress per migration (not durable: it is only ever a view of a running round).
-static PROGRESS: LazyLock<Mutex<HashMap<String, VolumeProgress>>> = LazyLock::new(Default::default);
-/// Migrations that have a driver in this process.
-static DRIVING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+/// What this server process knows of the migrations it drives (not durable: the store has
+/// everything that must survive; this is per process, so two servers in one test or one process
+/// never see each other's).
+#[derive(Default)]
+pub struct InFlight {
+    /// Live copy progress per migration: only ever a view of a running round.
+    pub(crate) progress: Arc<Mutex<HashMap<String, VolumeProgress>>>,
+    /// Migrations that have a driver here.
+    pub(crate) driving: Mutex<HashSet<String>>,
+}
 
 // ---- API --------------------------------------------------------------------------------------
 
@@ -476,13 +482,13 @@ pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json
         {
             continue;
         }
-        out.push(with_progress(m));
+        out.push(with_progress(&ctx, m));
     }
     Ok(Json(out))
 }
 
-fn with_progress(mut m: Migration) -> Migration {
-    m.progress = PROGRESS.lock().unwrap().get(&m.id).cloned();
+fn with_progress(ctx: &Ctx, mut m: Migration) -> Migration {
+    m.progress = ctx.migrations.progress.lock().unwrap().get(&m.id).cloned();
     m.lock_nonce = None;
     m.volumes.iter_mut().for_each(|v| v.token.clear());
     m
@@ -497,7 +503,7 @@ pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migr
             "{id:?} is not a migration ID (mig_ + 16 hex)"
         )));
     }
-    Ok(Json(with_progress(load(&ctx, &id)?)))
+    Ok(Json(with_progress(&ctx, load(&ctx, &id)?)))
 }
 
 /// `GET /v1/apps/{app}/policy`.
