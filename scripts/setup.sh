@@ -34,8 +34,10 @@ fi
 # an OpenAPI validator, pinned, in their own virtualenv so nothing of the system's Python changes.
 PYTOOLS=/opt/ferry/pytools
 PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
-if ! "$PYTOOLS/bin/pip" freeze 2>/dev/null | grep -qx "${PYPKGS[0]}" \
-  || ! "$PYTOOLS/bin/pip" freeze 2>/dev/null | grep -qx "${PYPKGS[1]}"; then
+# (The list is read whole first: `pip freeze | grep -q` under pipefail fails when grep exits
+# early and pip gets SIGPIPE.)
+have=$("$PYTOOLS/bin/pip" freeze 2>/dev/null || true)
+if ! grep -qx "${PYPKGS[0]}" <<<"$have" || ! grep -qx "${PYPKGS[1]}" <<<"$have"; then
   echo "setup: installing ${PYPKGS[*]} into $PYTOOLS" >&2
   python3 -m venv "$PYTOOLS"
   "$PYTOOLS/bin/pip" install -q --disable-pip-version-check "${PYPKGS[@]}"
