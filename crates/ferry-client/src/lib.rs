@@ -15,6 +15,8 @@ use ferry_api::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, Po
 use ferry_api::views::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a call can end in besides its answer.
@@ -155,31 +157,45 @@ struct NoBody;
 /// The lease header of the Machines API.
 const LEASE_HEADER: &str = ferry_api::LEASE_HEADER;
 
-/// A client of one ferry API address.
+/// A client of a ferry API: one server, or several that serve the same fleet.
 #[derive(Clone)]
 pub struct Client {
-    base: reqwest::Url,
+    /// Every server address, in the order given.
+    bases: Arc<Vec<reqwest::Url>>,
+    /// The one that answered last: calls start there.
+    current: Arc<AtomicUsize>,
     http: reqwest::blocking::Client,
     lease: Option<String>,
 }
 
 impl Client {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:4280`). Calls time out after
-    /// `timeout` (a wait or an exec may take minutes: choose above the longest you make).
+    /// A client of the API at `base`: one address (`http://127.0.0.1:4280`) or several,
+    /// comma-separated, of servers of one fleet. A call goes to the server that answered last;
+    /// when it cannot be connected to, the call goes to the next (only then: a request a server
+    /// may have received is never sent twice). Calls time out after `timeout` (a wait or an exec
+    /// may take minutes: choose above the longest you make).
     pub fn new(base: &str, timeout: Duration) -> Result<Self> {
-        let base = reqwest::Url::parse(base)
-            .map_err(|e| ClientError::BadArgument(format!("API address {base:?}: {e}")))?;
-        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
-            return Err(ClientError::BadArgument(format!(
-                "API address {base}: use http://HOST:PORT or https://HOST:PORT"
-            )));
+        let mut bases = Vec::new();
+        for b in base.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let url = reqwest::Url::parse(b)
+                .map_err(|e| ClientError::BadArgument(format!("API address {b:?}: {e}")))?;
+            if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
+                return Err(ClientError::BadArgument(format!(
+                    "API address {url}: use http://HOST:PORT or https://HOST:PORT"
+                )));
+            }
+            bases.push(url);
+        }
+        if bases.is_empty() {
+            return Err(ClientError::BadArgument("no API address given".into()));
         }
         let http = reqwest::blocking::Client::builder()
             .timeout(timeout)
             .build()
             .map_err(|e| ClientError::BadArgument(format!("HTTP client: {e}")))?;
         Ok(Client {
-            base,
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             http,
             lease: None,
         })
@@ -193,14 +209,23 @@ impl Client {
         }
     }
 
+    /// The address calls go to now.
     pub fn base(&self) -> &str {
-        self.base.as_str().trim_end_matches('/')
+        self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+            .as_str()
+            .trim_end_matches('/')
     }
 
-    /// Builds the URL of `op` with `args` for its path parameters, in order (each one encoded as
-    /// one path segment, so a name can never change which route is called).
-    fn url(&self, op: &Operation, args: &[&str], query: &[(&str, String)]) -> Result<reqwest::Url> {
-        let mut url = self.base.clone();
+    /// Builds the URL of `op` on `base` with `args` for its path parameters, in order (each one
+    /// encoded as one path segment, so a name can never change which route is called).
+    fn url(
+        &self,
+        base: &reqwest::Url,
+        op: &Operation,
+        args: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<reqwest::Url> {
+        let mut url = base.clone();
         {
             let mut segs = url
                 .path_segments_mut()
@@ -244,19 +269,41 @@ impl Client {
             op.id
         );
         debug_assert_eq!(schema_name::<R>(), op.response, "{}: response type", op.id);
-        let url = self.url(op, args, query)?;
         let method = reqwest::Method::from_bytes(op.method.as_bytes()).expect("a method");
-        let mut req = self.http.request(method, url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        if let Some(n) = &self.lease {
-            req = req.header(LEASE_HEADER, n);
-        }
-        let resp = req.send().map_err(|source| ClientError::Unreachable {
-            base: self.base().to_owned(),
-            source,
-        })?;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut tried = 0;
+        let resp = loop {
+            let i = (first + tried) % self.bases.len();
+            let base = &self.bases[i];
+            let mut req = self
+                .http
+                .request(method.clone(), self.url(base, op, args, query)?);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            if let Some(n) = &self.lease {
+                req = req.header(LEASE_HEADER, n);
+            }
+            match req.send() {
+                Ok(r) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    break r;
+                }
+                // Not connected: this server never saw the request, the next one may answer.
+                Err(e) if e.is_connect() && tried + 1 < self.bases.len() => tried += 1,
+                Err(source) => {
+                    return Err(ClientError::Unreachable {
+                        base: self
+                            .bases
+                            .iter()
+                            .map(|b| b.as_str().trim_end_matches('/'))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        source,
+                    })
+                }
+            }
+        };
         let status = resp.status().as_u16();
         let text = resp.text().map_err(|e| ClientError::Unexpected {
             status,
@@ -445,13 +492,16 @@ mod tests {
     #[test]
     fn a_parameter_is_one_encoded_segment() {
         let c = Client::new("http://127.0.0.1:1/", Duration::from_secs(1)).unwrap();
-        let u = c.url(&op::GET_MACHINE, &["a/../b", "x?y"], &[]).unwrap();
+        let b = &c.bases[0];
+        let u = c.url(b, &op::GET_MACHINE, &["a/../b", "x?y"], &[]).unwrap();
         assert_eq!(u.path(), "/v1/apps/a%2F..%2Fb/machines/x%3Fy");
         let u = c
-            .url(&op::LIST_APPS, &[], &[("org_slug", "a&b".into())])
+            .url(b, &op::LIST_APPS, &[], &[("org_slug", "a&b".into())])
             .unwrap();
         assert_eq!(u.as_str(), "http://127.0.0.1:1/v1/apps?org_slug=a%26b");
-        assert!(c.url(&op::GET_APP, &[""], &[]).is_err());
+        assert!(c.url(b, &op::GET_APP, &[""], &[]).is_err());
+        assert!(Client::new(" , ", Duration::from_secs(1)).is_err());
+        assert!(Client::new("http://a:1,ftp://b", Duration::from_secs(1)).is_err());
     }
 
     #[test]

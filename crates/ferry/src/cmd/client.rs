@@ -7,7 +7,7 @@ use serde::Serialize;
 /// Where the API is: `--api`, else `FERRY_API`, else the dev default.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// The ferry API address.
+    /// The ferry API address; several servers of one fleet, comma-separated, fail over.
     #[arg(
         long,
         env = "FERRY_API",
