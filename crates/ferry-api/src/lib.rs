@@ -11,6 +11,7 @@
 pub mod bridge;
 pub mod config;
 pub mod error;
+pub mod images;
 pub mod migrate;
 pub mod proto;
 pub mod server;

@@ -139,7 +139,10 @@ pub struct ApiDoc;
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(ApiDoc::openapi().merge_from(crate::images::ImagesDoc::openapi())) }),
+        )
         .route("/v1/apps", post(create_app).get(list_apps))
         .route("/v1/apps/{app}", get(get_app).delete(delete_app))
         .route(
@@ -181,6 +184,14 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/bridge/report", get(crate::bridge::report))
         .route("/v1/bridge/retire", post(crate::bridge::retire))
         .route("/v1/bridge/gate", post(crate::bridge::set_gate))
+        .route("/v1/images", get(crate::images::list))
+        .route("/v1/images/pull", post(crate::images::pull))
+        .route("/v1/images/remove", post(crate::images::remove))
+        .route("/v1/registries", get(crate::images::list_registries))
+        .route(
+            "/v1/registries/{registry}",
+            axum::routing::put(crate::images::put_registry).delete(crate::images::delete_registry),
+        )
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
         .fallback(|| async { ApiError::not_found("route") })
@@ -332,6 +343,12 @@ async fn create_machine(
         }
     }
     let host = place(&ctx, want.as_deref())?;
+    // The host pulls the image first (nothing exists yet if that fails); the config records
+    // the digest it resolved, never the tag.
+    let mut req = req;
+    if let Some(image) = req.config.image.clone() {
+        req.config.image = Some(crate::images::ensure_on_host(&ctx, &host, &image).await?);
+    }
     let field = ctx.store.allocate_machine_field(host.id)?;
     let addr = FleetAddr::primary(app.network_id, host.id, field);
     let id = new_machine_id();

@@ -36,6 +36,19 @@ pub struct DevArgs {
     /// How the address-mapping bridge is done on every host: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
     bridge_mode: super::agent::BridgeModeArg,
+    /// A registry the fleet pulls images from over plain HTTP (repeatable), e.g. a
+    /// `docker-registry` on 127.0.0.1:5000 (loopback registries are plain HTTP anyway; this
+    /// also covers other addresses). Then: `ferry machine run --app web --image ADDR/repo:tag`.
+    #[arg(long, value_name = "ADDR")]
+    registry: Vec<String>,
+    /// Registry credentials, a JSON file: `{"registry.example:5000": {"username": "u",
+    /// "password": "p"}, "other.example": {"token": "..."}}`. Kept in the store, sent to agents
+    /// only with a pull, never logged or shown (`ferry image registry list` shows the kind).
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// The largest compressed image layer a host accepts, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    image_max_layer_mb: u64,
     /// Skip the demo apps on a fresh state directory.
     #[arg(long)]
     no_demo: bool,
@@ -186,6 +199,35 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
         .collect();
     super::dns::serve(&rt, zone, &host_ns, args.dns_listen)?;
+    for r in &args.registry {
+        let mut settings = ferry_api::images::registries(&ctx)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .remove(r)
+            .unwrap_or_default();
+        settings.insecure = true;
+        ferry_api::images::set_registry(&ctx, r, Some(settings))
+            .map_err(|e| anyhow::anyhow!("--registry {r}: {e}"))?;
+    }
+    if let Some(file) = &args.registry_auth {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let creds: std::collections::BTreeMap<String, ferry_api::proto::RegistryCredentials> =
+            serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: not a map of registry -> {{username, password}} or {{token}}",
+                    file.display()
+                )
+            })?;
+        for (r, c) in creds {
+            let mut settings = ferry_api::images::registries(&ctx)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .remove(&r)
+                .unwrap_or_default();
+            settings.credentials = Some(c);
+            ferry_api::images::set_registry(&ctx, &r, Some(settings))
+                .map_err(|e| anyhow::anyhow!("--registry-auth {r}: {e}"))?;
+        }
+    }
     let app = server::router(ctx.clone());
     rt.spawn(async move { axum::serve(listener, app).await });
     let api = format!("http://{}", args.listen);
@@ -256,6 +298,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             "  ferry machine list          ferry host list          ferry machine status <id>"
         );
         println!("  ferry machine run --app web -- python3 -m http.server 8080 --bind ::");
+        for r in &args.registry {
+            println!("  ferry machine run --app web --image {r}/<repository>:<tag>   ferry image list");
+        }
         println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
         println!(
             "  dig @{} -p {} +short AAAA hello.internal",
@@ -338,11 +383,12 @@ impl Agents {
     fn start(args: &DevArgs, hosts: &[u32], api: &str) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let spawn = {
-            let (exe, name, dir, api) = (
+            let (exe, name, dir, api, max_layer) = (
                 exe.clone(),
                 args.name.clone(),
                 args.state_dir.clone(),
                 api.to_owned(),
+                args.image_max_layer_mb.to_string(),
             );
             let mode = match args.bridge_mode {
                 super::agent::BridgeModeArg::Ebpf => "ebpf",
@@ -372,6 +418,7 @@ impl Agents {
                     .arg("--state-dir")
                     .arg(&sd)
                     .args(["--server", &api, "--bridge-mode", mode])
+                    .args(["--image-max-layer-mb", &max_layer])
                     .spawn()
             }
         };
