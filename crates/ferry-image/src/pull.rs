@@ -484,8 +484,18 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// A transfer that broke off mid-blob.
-fn stream_error(name: &str, e: impl std::fmt::Display) -> ImageError {
+/// A transfer that broke off mid-blob, or bytes the client's own check found wrong.
+fn stream_error(name: &str, e: std::io::Error) -> ImageError {
+    if let Some(d) = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<oci_client::errors::DigestError>())
+    {
+        return ImageError::DigestMismatch {
+            what: format!("a blob of {name}"),
+            expected: "the digest that names it".into(),
+            actual: d.to_string(),
+        };
+    }
     ImageError::Unreachable {
         registry: name.split('/').next().unwrap_or(name).to_string(),
         detail: format!("the transfer broke off: {e}"),

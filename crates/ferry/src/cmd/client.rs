@@ -62,6 +62,42 @@ impl Client {
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
     }
+    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+    }
+
+    /// POSTs and hands each line of a newline-delimited JSON answer to `each` as it arrives
+    /// (a pull's progress); an error status is reported like any other call's.
+    pub fn post_lines<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        mut each: impl FnMut(T) -> Result<()>,
+    ) -> Result<()> {
+        use std::io::BufRead;
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .map_err(|e| anyhow!("cannot reach the ferry API at {} ({e})", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text()?;
+            match serde_json::from_str::<ferry_api::error::ErrorBody>(&text) {
+                Ok(b) => bail!("{} ({})", b.error, b.code),
+                Err(_) => bail!("HTTP {status}: {text}"),
+            }
+        }
+        for line in std::io::BufReader::new(resp).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            each(serde_json::from_str(&line).map_err(|e| anyhow!("unexpected line {line:?}: {e}"))?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Prints rows under a header, each column as wide as its widest cell.

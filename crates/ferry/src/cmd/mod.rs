@@ -5,6 +5,7 @@ pub mod bridge;
 pub mod client;
 pub mod dev;
 pub mod dns;
+pub mod image;
 pub mod machine;
 pub mod migrate;
 pub mod server;
