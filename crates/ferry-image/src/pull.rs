@@ -235,6 +235,7 @@ impl Puller {
 
         // Layers: download one while the previous one unpacks.
         let mut unpacks = Vec::new();
+        let mut first_err = None;
         for (i, l) in layers.iter().enumerate() {
             if self.store.has_layer(&l.digest) {
                 progress(Progress::Unpacked {
@@ -254,9 +255,17 @@ impl Puller {
             if self.store.has_layer(&l.digest) {
                 continue; // another pull finished it while we waited
             }
-            let blob = self
+            let blob = match self
                 .download(&client, &image_ref, &name, i, l, limits, progress)
-                .await?;
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    // Unpacks already under way finish (or fail) before the cleanup below.
+                    first_err = Some(e);
+                    break;
+                }
+            };
             let store = self.store.clone();
             let desc = l.clone();
             let diff_id = cfg.diff_ids[i].clone();
@@ -272,7 +281,6 @@ impl Puller {
                 }),
             ));
         }
-        let mut first_err = None;
         for (i, d, h) in unpacks {
             match h.await {
                 Ok(Ok(())) => progress(Progress::Unpacked {

@@ -210,11 +210,11 @@ fn machines_run_images_with_their_config_and_share_layers() {
 }
 
 /// Every bad image is refused with its own status and code, and leaves no machine, no image
-/// and no layer behind (the agent's limit here: 1 MiB per layer).
+/// and no layer behind (the agent's limit here: 2 MiB per layer).
 #[test]
 fn bad_images_are_refused_and_create_nothing() {
     let mut reg = Registry::start();
-    let dev = Dev::start_with("imgbad", 1, &["--image-max-layer-mb", "1"]);
+    let dev = Dev::start_with("imgbad", 1, &["--image-max-layer-mb", "2"]);
     let host = dev.hosts()[0].clone();
     let _ = dev.call("POST", "/v1/apps", Some(&json!({"app_name": "bad"}).to_string()));
     let run_json = |image: &str| {
@@ -266,10 +266,11 @@ fn bad_images_are_refused_and_create_nothing() {
     let r = reg.push(&through.dir, "bad/symlink", "1", false);
     check(&r, 422, "image_layer_escape");
     assert!(!outside.join("pwned").exists());
-    // A hard link to a host file.
+    // A hard link to a host file (the layer has no /etc/shadow; the host does). A link to the
+    // layer's own /etc/passwd would be fine: absolute link names are inside the layer.
     let hard = layout(
         "1",
-        vec![busybox_layer().hardlink("passwd", "/etc/passwd")],
+        vec![busybox_layer().hardlink("shadow", "/etc/shadow")],
         run.clone(),
         host_arch(),
         false,
@@ -287,9 +288,9 @@ fn bad_images_are_refused_and_create_nothing() {
     let r = reg.push(&foreign1.dir, "bad/platform1", "1", false);
     check(&r, 422, "image_platform");
 
-    // A layer over the limit (incompressible: 2 MiB of pseudo-random bytes).
+    // A layer over the limit (incompressible: 3 MiB of pseudo-random bytes).
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..2 << 20)
+    let noise: Vec<u8> = (0..3 << 20)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;

@@ -145,8 +145,12 @@ impl Layer {
         self
     }
 
-    pub fn dir(mut self, path: &str) -> Layer {
-        let h = Self::header(tar::EntryType::Directory, path, 0, 0o755);
+    pub fn dir(self, path: &str) -> Layer {
+        self.dir_mode(path, 0o755)
+    }
+
+    pub fn dir_mode(mut self, path: &str, mode: u32) -> Layer {
+        let h = Self::header(tar::EntryType::Directory, path, 0, mode);
         self.0.append(&h, &[][..]).unwrap();
         self
     }
@@ -196,7 +200,7 @@ pub fn busybox_layer() -> Layer {
     let mut l = Layer::new()
         .dir("bin/")
         .dir("etc/")
-        .dir("tmp/")
+        .dir_mode("tmp/", 0o1777)
         .file_mode("bin/busybox", &busybox, 0o755)
         .file(
             "etc/passwd",
