@@ -407,3 +407,63 @@ fn migration_moves_the_digest_and_pulls_before_the_stop() {
     assert_eq!(after["instance_id"], instance, "the source kept running");
     assert!(done["stats"]["stopped_at_ms"].is_null(), "{done}");
 }
+
+/// A registry that wants credentials: without them a clear 401 and nothing created; with basic
+/// credentials set through the API the machine runs; the API never shows the password.
+#[test]
+fn registry_credentials_come_from_the_api_and_are_never_shown() {
+    let password = format!("pw-{}", std::process::id());
+    let reg = Registry::start_auth(Some(("ci", &password)));
+    let dev = Dev::start("imgauth", 1);
+    let host = dev.hosts()[0].clone();
+    let img = layout(
+        "1",
+        vec![busybox_layer()],
+        json!({"Cmd": ["/bin/sleep", "600"], "Env": ["PATH=/bin"]}),
+        host_arch(),
+        false,
+    );
+    let r = reg.push(&img.dir, "private/app", "1", false);
+    let _ = dev.call("POST", "/v1/apps", Some(&json!({"app_name": "priv"}).to_string()));
+    let create = || {
+        dev.call(
+            "POST",
+            "/v1/apps/priv/machines",
+            Some(&json!({"host": host, "config": {"image": r}}).to_string()),
+        )
+    };
+    let (s, v) = create();
+    assert_eq!((s, v["code"].as_str().unwrap()), (401, "registry_unauthorized"), "{v}");
+    let (_, machines) = dev.call("GET", "/v1/apps/priv/machines", None);
+    assert_eq!(machines.as_array().unwrap().len(), 0);
+
+    // Wrong password: still refused.
+    let put = |pw: &str| {
+        let url = format!("{}/v1/registries/{}", dev.api, reg.addr);
+        let resp = reqwest::blocking::Client::new()
+            .put(url)
+            .json(&json!({"credentials": {"username": "ci", "password": pw}}))
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    let (s, body) = put("wrong");
+    assert_eq!(s, 200, "{body}");
+    let (s, v) = create();
+    assert_eq!((s, v["code"].as_str().unwrap()), (401, "registry_unauthorized"), "{v}");
+
+    let (s, body) = put(&password);
+    assert_eq!(s, 200, "{body}");
+    assert!(!body.contains(&password), "{body}");
+    let (s, v) = create();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(sh(&dev, &v, "echo in"), "in\n");
+
+    // Listing shows the kind of auth and the user, never the secret.
+    let out = dev.cli(&["image", "registry", "list", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("basic") && text.contains("\"ci\""), "{text}");
+    assert!(!text.contains(&password), "{text}");
+    let (_, list) = dev.call("GET", "/v1/registries", None);
+    assert!(!list.to_string().contains(&password));
+}

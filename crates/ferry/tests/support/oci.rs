@@ -15,11 +15,19 @@ pub struct Registry {
     pub addr: String,
     child: Option<Child>,
     pub dir: PathBuf,
+    /// `user:password` when the registry wants basic auth.
+    creds: Option<String>,
 }
 
 impl Registry {
     /// Starts a registry on a free loopback port and waits (bounded) until it answers.
     pub fn start() -> Registry {
+        Registry::start_auth(None)
+    }
+
+    /// Like [`Registry::start`], requiring HTTP basic auth as `user` with `password` (an
+    /// htpasswd file with a bcrypt hash, made by Python's crypt module).
+    pub fn start_auth(auth: Option<(&str, &str)>) -> Registry {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,14 +37,30 @@ impl Registry {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("storage")).unwrap();
         let cfg = dir.join("config.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("storage").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("storage").display()
+        );
+        if let Some((user, password)) = auth {
+            let out = Command::new("python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                    password,
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let hash = String::from_utf8(out.stdout).unwrap();
+            std::fs::write(dir.join("htpasswd"), format!("{user}:{}\n", hash.trim())).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: ferry-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(&cfg, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&cfg)
@@ -48,11 +72,14 @@ impl Registry {
             addr: format!("127.0.0.1:{port}"),
             child: Some(child),
             dir,
+            creds: auth.map(|(u, p)| format!("{u}:{p}")),
         };
         let url = format!("http://{}/v2/", r.addr);
         assert!(
             super::eventually(Duration::from_secs(20), || {
-                reqwest::blocking::get(&url).is_ok_and(|x| x.status().is_success())
+                // Up means answering: 200, or 401 when it wants credentials.
+                reqwest::blocking::get(&url)
+                    .is_ok_and(|x| x.status().is_success() || x.status().as_u16() == 401)
             }),
             "the registry did not come up: {}",
             std::fs::read_to_string(r.dir.join("log")).unwrap_or_default()
@@ -68,6 +95,9 @@ impl Registry {
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
         if all {
             cmd.arg("--all");
+        }
+        if let Some(c) = &self.creds {
+            cmd.args(["--dest-creds", c]);
         }
         let out = cmd
             .arg(format!("oci:{}:{tag}", layout.display()))
