@@ -671,7 +671,9 @@ impl Agent {
     }
 
     /// Image digest -> the machines of this host whose config names it (running or not).
-    pub(crate) fn image_users(&self) -> std::collections::BTreeMap<ferry_image::Digest, Vec<String>> {
+    pub(crate) fn image_users(
+        &self,
+    ) -> std::collections::BTreeMap<ferry_image::Digest, Vec<String>> {
         let mut out: std::collections::BTreeMap<_, Vec<String>> = Default::default();
         for (id, s) in self.machines.lock().unwrap().iter() {
             let Some(image) = &s.run.config.image else {

@@ -96,8 +96,7 @@ pub fn set_registry(ctx: &Ctx, registry: &str, s: Option<RegistrySettings>) -> R
 fn validate_registry(r: &str) -> Result<()> {
     let ok = !r.is_empty()
         && r.len() <= 255
-        && r
-            .bytes()
+        && r.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
     if ok {
         Ok(())
@@ -112,8 +111,7 @@ fn validate_registry(r: &str) -> Result<()> {
 /// as the reference grammar says; Docker Hub otherwise).
 pub fn registry_of(image: &str) -> String {
     let first = image.split('/').next().unwrap_or("");
-    if image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost")
-    {
+    if image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost") {
         first.to_string()
     } else {
         "docker.io".into()
@@ -449,8 +447,8 @@ pub async fn remove(
             removed_layers: Vec<String>,
         }
         let url = format!("{}/v1/images/remove", h.endpoint);
-        let a: Answer = crate::server::call_agent(&ctx, &url, &ImageRemove { reference: digest })
-            .await?;
+        let a: Answer =
+            crate::server::call_agent(&ctx, &url, &ImageRemove { reference: digest }).await?;
         out.push(RemovedView {
             host: format!("{:x}", h.id.get()),
             removed_layers: a.removed_layers,

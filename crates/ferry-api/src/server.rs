@@ -141,7 +141,9 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route(
             "/openapi.json",
-            get(|| async { Json(ApiDoc::openapi().merge_from(crate::images::ImagesDoc::openapi())) }),
+            get(|| async {
+                Json(ApiDoc::openapi().merge_from(crate::images::ImagesDoc::openapi()))
+            }),
         )
         .route("/v1/apps", post(create_app).get(list_apps))
         .route("/v1/apps/{app}", get(get_app).delete(delete_app))

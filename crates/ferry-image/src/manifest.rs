@@ -27,7 +27,10 @@ impl Digest {
         let hex = s
             .strip_prefix("sha256:")
             .ok_or_else(|| ImageError::BadManifest(format!("digest {s:?} is not sha256:")))?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(ImageError::BadManifest(format!(
                 "digest {s:?} is not 64 lowercase hex characters"
@@ -39,7 +42,10 @@ impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Digest {
         use sha2::Digest as _;
-        Digest(format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))))
+        Digest(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
     }
 
     /// The 64 hex characters (a safe file name).
@@ -331,7 +337,9 @@ pub fn parse_config(bytes: &[u8], layer_count: usize, want: &Platform) -> Result
     let c = raw.config.unwrap_or_default();
     let env = c.env.unwrap_or_default();
     let bad_str = |s: &String| s.contains('\0');
-    if env.iter().any(|e| bad_str(e) || !e.contains('=') || e.starts_with('='))
+    if env
+        .iter()
+        .any(|e| bad_str(e) || !e.contains('=') || e.starts_with('='))
         || c.entrypoint.iter().flatten().any(bad_str)
         || c.cmd.iter().flatten().any(bad_str)
     {
@@ -411,8 +419,14 @@ mod tests {
             "image_invalid",
         );
         check(manifest(OCI_LAYER_GZIP, 3 << 30), "image_too_big");
-        check(manifest(OCI_LAYER_GZIP, 5).replace(&d(2), "sha256:xyz"), "image_invalid");
-        check(manifest(OCI_LAYER_GZIP, 5).replace("sha256:", "md5:"), "image_invalid");
+        check(
+            manifest(OCI_LAYER_GZIP, 5).replace(&d(2), "sha256:xyz"),
+            "image_invalid",
+        );
+        check(
+            manifest(OCI_LAYER_GZIP, 5).replace("sha256:", "md5:"),
+            "image_invalid",
+        );
         check(r#"{"schemaVersion":1}"#.into(), "image_invalid");
         check("not json".into(), "image_invalid");
         check(r#"{"schemaVersion":2}"#.into(), "image_invalid");
@@ -453,8 +467,14 @@ mod tests {
         assert_eq!(c.command(&["exit 3".into()]), ["/bin/sh", "-c", "exit 3"]);
         assert_eq!(c.env_pairs()[1], ("B".into(), "x=y".into()));
         assert_eq!(c.user, "1000:1000");
-        assert_eq!(parse_config(cfg.as_bytes(), 2, &host).unwrap_err().code(), "image_invalid");
+        assert_eq!(
+            parse_config(cfg.as_bytes(), 2, &host).unwrap_err().code(),
+            "image_invalid"
+        );
         let other = cfg.replacen(&host.architecture, "riscv64", 1);
-        assert_eq!(parse_config(other.as_bytes(), 1, &host).unwrap_err().code(), "image_platform");
+        assert_eq!(
+            parse_config(other.as_bytes(), 1, &host).unwrap_err().code(),
+            "image_platform"
+        );
     }
 }

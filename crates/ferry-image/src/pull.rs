@@ -48,7 +48,9 @@ impl Credentials {
         use oci_client::secrets::RegistryAuth as A;
         match self {
             Credentials::Anonymous => A::Anonymous,
-            Credentials::Basic { username, password } => A::Basic(username.clone(), password.clone()),
+            Credentials::Basic { username, password } => {
+                A::Basic(username.clone(), password.clone())
+            }
             Credentials::Bearer { token } => A::Bearer(token.clone()),
         }
     }
@@ -104,7 +106,11 @@ pub fn registry_of(reference: &str) -> Result<String> {
 }
 
 fn parse_reference(reference: &str) -> Result<Reference> {
-    if reference.len() > 1024 || reference.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if reference.len() > 1024
+        || reference
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(ImageError::BadReference(
             reference.into(),
             "too long, or holds spaces or control characters".into(),
@@ -203,7 +209,10 @@ impl Puller {
             ));
         };
         let digest = Digest::of(&bytes);
-        let cached = layers.iter().filter(|l| self.store.has_layer(&l.digest)).count();
+        let cached = layers
+            .iter()
+            .filter(|l| self.store.has_layer(&l.digest))
+            .count();
         progress(Progress::Resolved {
             digest: digest.to_string(),
             layers: layers.len(),
@@ -329,10 +338,10 @@ impl Puller {
         limits: &Limits,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PathBuf> {
-        let path = self
-            .store
-            .tmp_dir()
-            .join(format!("{}.{}.blob", l.digest.hex(), std::process::id()));
+        let path =
+            self.store
+                .tmp_dir()
+                .join(format!("{}.{}.blob", l.digest.hex(), std::process::id()));
         let mut f =
             std::fs::File::create(&path).map_err(|e| ImageError::io_at("creating", &path, e))?;
         let res: Result<()> = async {
@@ -437,9 +446,11 @@ fn unpack_blob(
     diff_id: &Digest,
     max_bytes: u64,
 ) -> Result<()> {
-    let dir = store
-        .tmp_dir()
-        .join(format!("{}.{}.unpack", desc.digest.hex(), std::process::id()));
+    let dir = store.tmp_dir().join(format!(
+        "{}.{}.unpack",
+        desc.digest.hex(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| ImageError::io_at("creating", &dir, e))?;
     let r = (|| {

@@ -66,7 +66,9 @@ impl Store {
     }
 
     fn record_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("images").join(format!("{}.json", digest.hex()))
+        self.root
+            .join("images")
+            .join(format!("{}.json", digest.hex()))
     }
 
     pub fn get(&self, digest: &Digest) -> Option<ImageRecord> {
@@ -82,7 +84,9 @@ impl Store {
         let mut dirs = Vec::with_capacity(rec.layers.len());
         for l in rec.layers.iter().rev() {
             if !self.has_layer(l) {
-                return Err(ImageError::NotPulled(format!("{digest} (layer {l} is missing)")));
+                return Err(ImageError::NotPulled(format!(
+                    "{digest} (layer {l} is missing)"
+                )));
             }
             dirs.push(self.layer_dir(l));
         }

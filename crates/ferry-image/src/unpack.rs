@@ -39,10 +39,7 @@ pub fn unpack(input: impl Read, dir: &Path, layer: &str, max_bytes: u64) -> Resu
         layer: layer.to_string(),
         detail,
     };
-    for entry in ar
-        .entries()
-        .map_err(|e| bad(format!("not a tar: {e}")))?
-    {
+    for entry in ar.entries().map_err(|e| bad(format!("not a tar: {e}")))? {
         let mut entry = entry.map_err(|e| bad(format!("reading the tar: {e}")))?;
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
@@ -87,9 +84,8 @@ pub fn unpack(input: impl Read, dir: &Path, layer: &str, max_bytes: u64) -> Resu
         }
 
         let c = cstring(name);
-        let io = |what: &str| {
-            ImageError::io(format!("{what} {shown}"), std::io::Error::last_os_error())
-        };
+        let io =
+            |what: &str| ImageError::io(format!("{what} {shown}"), std::io::Error::last_os_error());
         use tar::EntryType as T;
         match kind {
             T::Directory => {
@@ -233,7 +229,11 @@ pub fn unpack(input: impl Read, dir: &Path, layer: &str, max_bytes: u64) -> Resu
             // PAX and GNU long-name headers are consumed by the tar crate; anything else
             // (sparse files, volume labels) is not what an image layer holds.
             T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => {}
-            other => return Err(bad(format!("entry {shown:?} has unsupported type {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "entry {shown:?} has unsupported type {other:?}"
+                )))
+            }
         }
     }
     Ok(stats)
@@ -315,7 +315,10 @@ fn walk(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> std::result::Result<
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
                 // SAFETY: mkdirat on a live dirfd with a NUL-terminated name.
                 if unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
-                    return Err(format!("cannot be reached: {}", std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "cannot be reached: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 open_at(&cur, &name, libc::O_DIRECTORY)
                     .map_err(|e| format!("cannot be reached: {e}"))?
@@ -406,7 +409,11 @@ mod tests {
         fn header(kind: tar::EntryType, path: &str, size: u64) -> tar::Header {
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(kind);
-            h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+            h.set_mode(if kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
             h.set_size(size);
             let name = path.as_bytes();
             h.as_ustar_mut().unwrap().name[..name.len()].copy_from_slice(name);
@@ -456,7 +463,10 @@ mod tests {
         assert_eq!(s.whiteouts, 2);
         let p = dir.path();
         assert_eq!(std::fs::read(p.join("etc/motd")).unwrap(), b"hello");
-        assert_eq!(std::fs::read_link(p.join("etc/abs")).unwrap(), Path::new("/etc/motd"));
+        assert_eq!(
+            std::fs::read_link(p.join("etc/abs")).unwrap(),
+            Path::new("/etc/motd")
+        );
         assert_eq!(std::fs::metadata(p.join("etc/hard")).unwrap().nlink(), 2);
         let wh = std::fs::symlink_metadata(p.join("gone/old")).unwrap();
         assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
@@ -504,7 +514,10 @@ mod tests {
     #[test]
     fn content_beyond_the_limit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = RawTar::new().file("a", &[1; 600]).file("b", &[2; 600]).bytes();
+        let t = RawTar::new()
+            .file("a", &[1; 600])
+            .file("b", &[2; 600])
+            .bytes();
         let e = unpack(&t[..], dir.path(), "big", 1000).unwrap_err();
         assert_eq!(e.code(), "image_too_big", "{e}");
     }

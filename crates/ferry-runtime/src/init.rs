@@ -471,8 +471,8 @@ fn pid1(
             }
             Err(e) => {
                 say!("user {u:?}: {e}");
-                let _ = std::fs::File::from(report)
-                    .write_all(Outcome::Exited(126).encode().as_bytes());
+                let _ =
+                    std::fs::File::from(report).write_all(Outcome::Exited(126).encode().as_bytes());
                 return 126;
             }
         }

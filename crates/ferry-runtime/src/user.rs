@@ -20,9 +20,10 @@ pub fn resolve(spec: &str, etc: &Path) -> Result<User> {
         None => (spec, None),
     };
     // passwd: name:x:uid:gid:gecos:home:shell
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
     let uid = match u.parse::<u32>() {
         Ok(n) => n,
         Err(_) => entry
@@ -77,6 +78,9 @@ mod tests {
         assert!(check("nobody").is_err());
         assert!(check("web:nogroup").is_err());
         assert!(check("70000").is_err());
-        assert_eq!(resolve("web", d.path()).unwrap().home.as_deref(), Some("/srv/web"));
+        assert_eq!(
+            resolve("web", d.path()).unwrap().home.as_deref(),
+            Some("/srv/web")
+        );
     }
 }

@@ -106,7 +106,10 @@ fn machines_run_images_with_their_config_and_share_layers() {
         format!("{}/shop/app@{}", reg.addr, app.manifest_digest),
         "the machine records the digest, not the tag"
     );
-    assert_eq!(file_in(&dev, &a, "/tmp/out"), "hi from 1000:1000 in /srv/www\n");
+    assert_eq!(
+        file_in(&dev, &a, "/tmp/out"),
+        "hi from 1000:1000 in /srv/www\n"
+    );
 
     // 2. A command of the machine replaces Cmd (the entrypoint stays); its env wins.
     let b = dev.machine(
@@ -123,7 +126,11 @@ fn machines_run_images_with_their_config_and_share_layers() {
         "hello from the image\n"
     );
     assert_eq!(
-        sh(&dev, &a, "test -e /etc/old-file && echo present || echo gone"),
+        sh(
+            &dev,
+            &a,
+            "test -e /etc/old-file && echo present || echo gone"
+        ),
         "gone\n"
     );
     assert_eq!(sh(&dev, &a, "ls /opt"), "c\n");
@@ -177,7 +184,11 @@ fn machines_run_images_with_their_config_and_share_layers() {
 
     // 6. The CLI: list (JSON), rm refused while machines use the image, then allowed.
     let out = dev.cli(&["image", "list", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     let on_h0 = list
         .as_array()
@@ -188,16 +199,26 @@ fn machines_run_images_with_their_config_and_share_layers() {
     assert_eq!(on_h0["machines"].as_array().unwrap().len(), 3);
     let out = dev.cli(&["image", "rm", &other_ref]);
     assert!(!out.status.success(), "rm of an image in use must fail");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use") || String::from_utf8_lossy(&out.stderr).contains("used by"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use")
+            || String::from_utf8_lossy(&out.stderr).contains("used by")
+    );
     assert_eq!(layer_dirs(&dev, h0).len(), 3);
     let (s, _) = dev.call(
         "DELETE",
-        &format!("/v1/apps/shop/machines/{}?force=true", c["id"].as_str().unwrap()),
+        &format!(
+            "/v1/apps/shop/machines/{}?force=true",
+            c["id"].as_str().unwrap()
+        ),
         None,
     );
     assert_eq!(s, 200);
     let out = dev.cli(&["image", "rm", &other_ref]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Only other's own top layer goes: the base is still app's.
     let mut left: Vec<String> = app
         .layer_digests
@@ -216,7 +237,11 @@ fn bad_images_are_refused_and_create_nothing() {
     let mut reg = Registry::start();
     let dev = Dev::start_with("imgbad", 1, &["--image-max-layer-mb", "2"]);
     let host = dev.hosts()[0].clone();
-    let _ = dev.call("POST", "/v1/apps", Some(&json!({"app_name": "bad"}).to_string()));
+    let _ = dev.call(
+        "POST",
+        "/v1/apps",
+        Some(&json!({"app_name": "bad"}).to_string()),
+    );
     let run_json = |image: &str| {
         dev.call(
             "POST",
@@ -226,21 +251,31 @@ fn bad_images_are_refused_and_create_nothing() {
     };
     let check = |image: &str, status: u16, code: &str| {
         let (s, v) = run_json(image);
-        assert_eq!((s, v["code"].as_str().unwrap_or("")), (status, code), "{image}: {v}");
+        assert_eq!(
+            (s, v["code"].as_str().unwrap_or("")),
+            (status, code),
+            "{image}: {v}"
+        );
         v["error"].as_str().unwrap().to_string()
     };
     let run = json!({"Cmd": ["/bin/sleep", "600"], "Env": ["PATH=/bin"]});
 
     // No such image / repository.
-    check(&format!("{}/nothing/here:1", reg.addr), 404, "image_not_found");
+    check(
+        &format!("{}/nothing/here:1", reg.addr),
+        404,
+        "image_not_found",
+    );
     // A reference that is not one.
     let (s, v) = run_json("Not A Ref");
     assert_eq!(s, 400, "{v}");
 
     // A layer that climbs out with '..'.
-    let outside = std::env::temp_dir().join(format!("ferry-img-escape-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&outside);
-    std::fs::create_dir_all(&outside).unwrap();
+    let outside =
+        TempDir(std::env::temp_dir().join(format!("ferry-img-escape-{}", std::process::id())));
+    let outside = &outside.0;
+    let _ = std::fs::remove_dir_all(outside);
+    std::fs::create_dir_all(outside).unwrap();
     let o = outside.display().to_string();
     let dotdot = layout(
         "1",
@@ -256,9 +291,7 @@ fn bad_images_are_refused_and_create_nothing() {
     // An absolute symlink, then a write through it.
     let through = layout(
         "1",
-        vec![busybox_layer()
-            .symlink("evil", &o)
-            .file("evil/pwned", b"x")],
+        vec![busybox_layer().symlink("evil", &o).file("evil/pwned", b"x")],
         run.clone(),
         host_arch(),
         false,
@@ -279,7 +312,11 @@ fn bad_images_are_refused_and_create_nothing() {
     check(&r, 422, "image_layer_escape");
 
     // The wrong platform: an index with only s390x, and a plain s390x manifest.
-    let other_arch = if host_arch() == "s390x" { "riscv64" } else { "s390x" };
+    let other_arch = if host_arch() == "s390x" {
+        "riscv64"
+    } else {
+        "s390x"
+    };
     let foreign = layout("1", vec![busybox_layer()], run.clone(), other_arch, true);
     let r = reg.push(&foreign.dir, "bad/platform", "1", true);
     let msg = check(&r, 422, "image_platform");
@@ -329,7 +366,11 @@ fn bad_images_are_refused_and_create_nothing() {
     assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
     let (_, images) = dev.call("GET", "/v1/images", None);
     assert_eq!(images.as_array().unwrap().len(), 0, "{images}");
-    assert!(layer_dirs(&dev, &host).is_empty(), "{:?}", layer_dirs(&dev, &host));
+    assert!(
+        layer_dirs(&dev, &host).is_empty(),
+        "{:?}",
+        layer_dirs(&dev, &host)
+    );
     let tmp: Vec<_> = std::fs::read_dir(store_dir(&dev, &host).join("tmp"))
         .unwrap()
         .flatten()
@@ -340,10 +381,13 @@ fn bad_images_are_refused_and_create_nothing() {
     // The registry down: a clear 504, still nothing created.
     let addr = reg.addr.clone();
     reg.kill();
-    check(&format!("{addr}/bad/corrupt:1"), 504, "registry_unreachable");
+    check(
+        &format!("{addr}/bad/corrupt:1"),
+        504,
+        "registry_unreachable",
+    );
     let (_, machines) = dev.call("GET", "/v1/apps/bad/machines", None);
     assert_eq!(machines.as_array().unwrap().len(), 0);
-    let _ = std::fs::remove_dir_all(&outside);
 }
 
 /// A migration moves the image's digest: the destination pulls that exact image (even after
@@ -381,7 +425,11 @@ fn migration_moves_the_digest_and_pulls_before_the_stop() {
     assert_eq!(done["phase"], "done", "{done}");
     let m = dev.get_machine(&m);
     assert_eq!(m["host"], hosts[1].as_str());
-    assert_eq!(file_in(&dev, &m, "/version"), "v1\n", "the digest moved, not the tag");
+    assert_eq!(
+        file_in(&dev, &m, "/version"),
+        "v1\n",
+        "the digest moved, not the tag"
+    );
 
     // Registry down: back to h0, which has the image, works.
     reg.kill();
@@ -398,7 +446,10 @@ fn migration_moves_the_digest_and_pulls_before_the_stop() {
     assert_eq!(done["phase"], "rolled_back", "{done}");
     assert!(
         done["error"].as_str().unwrap_or_default().contains("reach")
-            || done["error"].as_str().unwrap_or_default().contains("unreachable"),
+            || done["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("unreachable"),
         "{done}"
     );
     let after = dev.get_machine(&m);
@@ -424,7 +475,11 @@ fn registry_credentials_come_from_the_api_and_are_never_shown() {
         false,
     );
     let r = reg.push(&img.dir, "private/app", "1", false);
-    let _ = dev.call("POST", "/v1/apps", Some(&json!({"app_name": "priv"}).to_string()));
+    let _ = dev.call(
+        "POST",
+        "/v1/apps",
+        Some(&json!({"app_name": "priv"}).to_string()),
+    );
     let create = || {
         dev.call(
             "POST",
@@ -433,7 +488,11 @@ fn registry_credentials_come_from_the_api_and_are_never_shown() {
         )
     };
     let (s, v) = create();
-    assert_eq!((s, v["code"].as_str().unwrap()), (401, "registry_unauthorized"), "{v}");
+    assert_eq!(
+        (s, v["code"].as_str().unwrap()),
+        (401, "registry_unauthorized"),
+        "{v}"
+    );
     let (_, machines) = dev.call("GET", "/v1/apps/priv/machines", None);
     assert_eq!(machines.as_array().unwrap().len(), 0);
 
@@ -450,7 +509,11 @@ fn registry_credentials_come_from_the_api_and_are_never_shown() {
     let (s, body) = put("wrong");
     assert_eq!(s, 200, "{body}");
     let (s, v) = create();
-    assert_eq!((s, v["code"].as_str().unwrap()), (401, "registry_unauthorized"), "{v}");
+    assert_eq!(
+        (s, v["code"].as_str().unwrap()),
+        (401, "registry_unauthorized"),
+        "{v}"
+    );
 
     let (s, body) = put(&password);
     assert_eq!(s, 200, "{body}");
@@ -466,4 +529,64 @@ fn registry_credentials_come_from_the_api_and_are_never_shown() {
     assert!(!text.contains(&password), "{text}");
     let (_, list) = dev.call("GET", "/v1/registries", None);
     assert!(!list.to_string().contains(&password));
+}
+
+/// An image whose /etc, /proc and /data are symlinks to host paths: ferry init (host root while
+/// it builds the machine) resolves them inside the machine's root, so nothing is written or
+/// mounted on the host, and the machine still gets its resolv.conf and its volume.
+#[test]
+fn image_symlinks_never_lead_ferry_onto_the_host() {
+    let reg = Registry::start();
+    let dev = Dev::start("imgln", 1);
+    let host = dev.hosts()[0].clone();
+    let bait = TempDir(std::env::temp_dir().join(format!("ferry-img-bait-{}", std::process::id())));
+    let bait = &bait.0;
+    let _ = std::fs::remove_dir_all(bait);
+    for d in ["etc", "proc", "data"] {
+        std::fs::create_dir_all(bait.join(d)).unwrap();
+    }
+    let b = bait.display().to_string();
+    let img = layout(
+        "1",
+        vec![Layer::new()
+            .dir("bin/")
+            .file_mode(
+                "bin/busybox",
+                &std::fs::read("/bin/busybox").unwrap(),
+                0o755,
+            )
+            .symlink("bin/sh", "busybox")
+            .symlink("bin/cat", "busybox")
+            .symlink("bin/ls", "busybox")
+            .symlink("bin/sleep", "busybox")
+            .symlink("etc", &format!("{b}/etc"))
+            .symlink("proc", &format!("{b}/proc"))
+            .symlink("data", &format!("{b}/data"))],
+        json!({"Cmd": ["/bin/sleep", "600"], "Env": ["PATH=/bin"]}),
+        host_arch(),
+        false,
+    );
+    let r = reg.push(&img.dir, "ln/app", "1", false);
+    let vol = dev.ok("POST", "/v1/volumes", json!({"size_mb": 16}));
+    let m = dev.machine(
+        "ln",
+        &host,
+        json!({"image": r, "mounts": [{"volume": vol["id"], "path": "/data"}]}),
+    );
+    assert!(sh(&dev, &m, "cat /etc/resolv.conf").contains("fdaa::3"));
+    assert!(sh(&dev, &m, "cat /proc/self/status").contains("Pid:"));
+    sh(&dev, &m, "echo kept > /data/f");
+    for d in ["etc", "proc", "data"] {
+        let left: Vec<_> = std::fs::read_dir(bait.join(d)).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{d} on the host got {left:?}");
+    }
+}
+
+/// A directory removed on drop (also when the test panics).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

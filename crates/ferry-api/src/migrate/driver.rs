@@ -593,7 +593,9 @@ async fn image_on_destination(ctx: &Ctx, mig: &Migration, m: &Machine) -> Step<(
     if mig.stats.stopped_at_ms.is_some() {
         return Ok(()); // pulled before this stop already (a resumed step)
     }
-    let host = ctx.store.get_host(crate::server::parse_host(&mig.to_host)?)?;
+    let host = ctx
+        .store
+        .get_host(crate::server::parse_host(&mig.to_host)?)?;
     crate::images::ensure_on_host(ctx, &host, image).await?;
     Ok(())
 }

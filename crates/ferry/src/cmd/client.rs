@@ -94,7 +94,10 @@ impl Client {
             if line.trim().is_empty() {
                 continue;
             }
-            each(serde_json::from_str(&line).map_err(|e| anyhow!("unexpected line {line:?}: {e}"))?)?;
+            each(
+                serde_json::from_str(&line)
+                    .map_err(|e| anyhow!("unexpected line {line:?}: {e}"))?,
+            )?;
         }
         Ok(())
     }

@@ -209,8 +209,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("--registry {r}: {e}"))?;
     }
     if let Some(file) = &args.registry_auth {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let creds: std::collections::BTreeMap<String, ferry_api::proto::RegistryCredentials> =
             serde_json::from_str(&text).with_context(|| {
                 format!(
@@ -299,7 +299,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         );
         println!("  ferry machine run --app web -- python3 -m http.server 8080 --bind ::");
         for r in &args.registry {
-            println!("  ferry machine run --app web --image {r}/<repository>:<tag>   ferry image list");
+            println!(
+                "  ferry machine run --app web --image {r}/<repository>:<tag>   ferry image list"
+            );
         }
         println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
         println!(

@@ -33,7 +33,8 @@ impl Registry {
             .local_addr()
             .unwrap()
             .port();
-        let dir = std::env::temp_dir().join(format!("ferry-registry-{}-{port}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ferry-registry-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("storage")).unwrap();
         let cfg = dir.join("config.yml");
@@ -52,7 +53,11 @@ impl Registry {
                 ])
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let hash = String::from_utf8(out.stdout).unwrap();
             std::fs::write(dir.join("htpasswd"), format!("{user}:{}\n", hash.trim())).unwrap();
             yaml.push_str(&format!(
@@ -309,8 +314,10 @@ pub fn layout(tag: &str, layers: Vec<Layer>, run: Value, arch: &str, index: bool
         let gz = gzip(&tar);
         let d = put_blob(&dir, &gz);
         layer_digests.push(d.clone());
-        descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                          "digest": d, "size": gz.len()}));
+        descs.push(
+            json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                          "digest": d, "size": gz.len()}),
+        );
     }
     let config = serde_json::to_vec(&json!({
         "architecture": arch, "os": "linux", "config": run,
