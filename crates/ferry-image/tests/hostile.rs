@@ -74,7 +74,11 @@ fn tar_of(entries: &[Entry], outside: &str) -> Vec<u8> {
         if name.len() > 99 || link.as_ref().is_some_and(|l| l.len() > 99) {
             continue;
         }
-        let data: &[u8] = if kind == tar::EntryType::Regular { b"x" } else { b"" };
+        let data: &[u8] = if kind == tar::EntryType::Regular {
+            b"x"
+        } else {
+            b""
+        };
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(kind);
         h.set_mode(0o755);

@@ -227,6 +227,50 @@ fn machines_run_images_with_their_config_and_share_layers() {
         .collect();
     left.sort();
     assert_eq!(layer_dirs(&dev, h0), left);
+
+    // 7. A pull ahead of time: the API streams progress, the CLI says where the image landed.
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/images/pull", dev.api))
+        .json(&json!({"image": other_ref, "host": h1}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let lines: Vec<Value> = resp
+        .text()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["progress"]["kind"] == "layer"),
+        "no layer progress: {lines:?}"
+    );
+    assert_eq!(
+        lines.last().unwrap()["image"]["host"],
+        h1.as_str(),
+        "{lines:?}"
+    );
+    // h1 had app's two layers (the client machine); other shares the base: one more.
+    assert_eq!(layer_dirs(&dev, h1).len(), 3);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["progress"]["kind"] == "resolved" && l["progress"]["cached"] == 1),
+        "the shared base is not downloaded again: {lines:?}"
+    );
+    let out = dev.cli(&["image", "pull", &app_ref, "--host", h1, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        res[0]["image"]["digest"],
+        app.manifest_digest.as_str(),
+        "{res}"
+    );
+    assert_eq!(layer_dirs(&dev, h1).len(), 3, "app was all there already");
     drop(reg);
 }
 

@@ -38,7 +38,9 @@ impl Drop for Registry {
 }
 
 fn registry() -> Result<Registry> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let dir = std::env::temp_dir().join(format!("ferry-bench-registry-{port}"));
     std::fs::create_dir_all(dir.join("storage"))?;
     std::fs::write(
@@ -62,7 +64,9 @@ fn registry() -> Result<Registry> {
     };
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(20) {
-        if reqwest::blocking::get(format!("http://{}/v2/", r.addr)).is_ok_and(|x| x.status().is_success()) {
+        if reqwest::blocking::get(format!("http://{}/v2/", r.addr))
+            .is_ok_and(|x| x.status().is_success())
+        {
             return Ok(r);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -112,17 +116,26 @@ fn push(reg: &Registry, repo: &str, layers: Vec<Vec<u8>>) -> Result<(String, Str
         let gz = e.finish()?;
         descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(&gz)?, "size": gz.len()}));
     }
-    let arch = if std::env::consts::ARCH == "aarch64" { "arm64" } else { "amd64" };
+    let arch = if std::env::consts::ARCH == "aarch64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
     let cfg = serde_json::to_vec(&json!({"architecture": arch, "os": "linux",
         "config": {"Cmd": ["/bin/sleep", "3600"], "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids}}))?;
-    let man = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    let man = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&cfg)?, "size": cfg.len()},
-        "layers": descs}))?;
+        "layers": descs}),
+    )?;
     let md = put(&man)?;
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [
         {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": man.len(),
-         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))?)?;
+         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))?,
+    )?;
     let tag = format!("{}/{repo}:1", reg.addr);
     let st = Command::new("skopeo")
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
@@ -136,7 +149,10 @@ fn push(reg: &Registry, repo: &str, layers: Vec<Vec<u8>>) -> Result<(String, Str
 
 fn busybox_layer() -> Result<Vec<u8>> {
     let bb = std::fs::read("/bin/busybox").context("busybox-static")?;
-    tar_of(&[("bin/busybox", &bb, 0o755)], &[("bin/sleep", "busybox"), ("bin/sh", "busybox")])
+    tar_of(
+        &[("bin/busybox", &bb, 0o755)],
+        &[("bin/sleep", "busybox"), ("bin/sh", "busybox")],
+    )
 }
 
 fn noise(n: usize, seed: u64) -> Vec<u8> {
@@ -153,9 +169,18 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 fn main() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
-    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let rounds: usize = std::env::var("R").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let big_mb: usize = std::env::var("BIG_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let n: usize = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let rounds: usize = std::env::var("R")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let big_mb: usize = std::env::var("BIG_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let tag = std::process::id() & 0xffff;
     let reg = registry()?;
     let (_, small) = push(&reg, "small", vec![busybox_layer()?])?;
@@ -178,18 +203,41 @@ fn main() -> Result<()> {
     for i in 0..2 * n {
         let cfg = if i % 2 == 0 { &default_cfg } else { &image_cfg };
         let t = Instant::now();
-        let m = dev.call(Method::POST, "/v1/apps/bench/machines", json!({"config": cfg}))?;
+        let m = dev.call(
+            Method::POST,
+            "/v1/apps/bench/machines",
+            json!({"config": cfg}),
+        )?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         ensure!(m["state"] == "started", "{m}");
-        if i % 2 == 0 { lat_default.push(ms) } else { lat_image.push(ms) }
+        if i % 2 == 0 {
+            lat_default.push(ms)
+        } else {
+            lat_image.push(ms)
+        }
         ids.push(m["id"].as_str().unwrap().to_owned());
     }
     println!("create->started, {n} machines each, alternated, 2 hosts:");
-    println!("  default image       p50 {:.1} ms  p99 {:.1} ms", median(&lat_default), pct(&lat_default, 0.99));
-    println!("  cached OCI image    p50 {:.1} ms  p99 {:.1} ms", median(&lat_image), pct(&lat_image, 0.99));
-    println!("  ratio image/default p50 {:.2} (goal <= 1.2)", median(&lat_image) / median(&lat_default));
+    println!(
+        "  default image       p50 {:.1} ms  p99 {:.1} ms",
+        median(&lat_default),
+        pct(&lat_default, 0.99)
+    );
+    println!(
+        "  cached OCI image    p50 {:.1} ms  p99 {:.1} ms",
+        median(&lat_image),
+        pct(&lat_image, 0.99)
+    );
+    println!(
+        "  ratio image/default p50 {:.2} (goal <= 1.2)",
+        median(&lat_image) / median(&lat_default)
+    );
     for id in &ids {
-        dev.call(Method::DELETE, &format!("/v1/apps/bench/machines/{id}?force=true"), json!({}))?;
+        dev.call(
+            Method::DELETE,
+            &format!("/v1/apps/bench/machines/{id}?force=true"),
+            json!({}),
+        )?;
     }
     drop(dev);
 
@@ -197,7 +245,14 @@ fn main() -> Result<()> {
     let mut layers = vec![busybox_layer()?];
     let per = big_mb / 4;
     for i in 0..4 {
-        layers.push(tar_of(&[(&format!("data/{i}"), &noise(per << 20, 0x9e37_79b9 + i as u64), 0o644)], &[])?);
+        layers.push(tar_of(
+            &[(
+                &format!("data/{i}"),
+                &noise(per << 20, 0x9e37_79b9 + i as u64),
+                0o644,
+            )],
+            &[],
+        )?);
     }
     let (big_tag, _) = push(&reg, "big", layers)?;
     let dev = BenchFleet::start(&ferry, &format!("bj{tag:x}"), 1, &[])?;
@@ -217,17 +272,39 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_dir_all(&out);
 
         let t = Instant::now();
-        let m = dev.call(Method::POST, "/v1/apps/big/machines", json!({"config": {"image": big_tag}}))?;
+        let m = dev.call(
+            Method::POST,
+            "/v1/apps/big/machines",
+            json!({"config": {"image": big_tag}}),
+        )?;
         first.push(t.elapsed().as_secs_f64());
         ensure!(m["state"] == "started", "{m}");
         // Back to nothing cached: destroy, then remove the image (and so its layers).
-        dev.call(Method::DELETE, &format!("/v1/apps/big/machines/{}?force=true", m["id"].as_str().unwrap()), json!({}))?;
+        dev.call(
+            Method::DELETE,
+            &format!(
+                "/v1/apps/big/machines/{}?force=true",
+                m["id"].as_str().unwrap()
+            ),
+            json!({}),
+        )?;
         dev.call(Method::POST, "/v1/images/remove", json!({"image": big_tag}))?;
     }
     println!("first start of a {big_mb} MB image (5 layers, nothing cached) vs skopeo copy to a dir, {rounds} rounds alternated:");
-    println!("  ferry create->started  median {:.2} s  ({:?})", median(&first), first.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>());
-    println!("  skopeo copy            median {:.2} s  ({:?})", median(&bare), bare.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>());
-    println!("  ratio ferry/skopeo {:.2} (goal <= 1.5)", median(&first) / median(&bare));
+    println!(
+        "  ferry create->started  median {:.2} s  ({:?})",
+        median(&first),
+        first.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>()
+    );
+    println!(
+        "  skopeo copy            median {:.2} s  ({:?})",
+        median(&bare),
+        bare.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>()
+    );
+    println!(
+        "  ratio ferry/skopeo {:.2} (goal <= 1.5)",
+        median(&first) / median(&bare)
+    );
     let _ = Path::new(&out);
     Ok(())
 }
