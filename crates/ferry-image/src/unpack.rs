@@ -48,7 +48,7 @@ pub fn unpack(input: impl Read, dir: &Path, layer: &str, max_bytes: u64) -> Resu
             path: shown.clone(),
             reason: reason.to_string(),
         };
-        let comps = components(&raw_path).map_err(|r| escape(r))?;
+        let comps = components(&raw_path).map_err(&escape)?;
         let Some((name, parents)) = comps.split_last() else {
             continue; // "./" or "/": the root itself
         };

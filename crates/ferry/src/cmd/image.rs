@@ -107,7 +107,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
             let mut failed = false;
             let mut results = Vec::new();
             c.post_lines(
-                &"/v1/images/pull",
+                "/v1/images/pull",
                 &PullRequest { image, host },
                 |line: PullLine| {
                     match &line {

@@ -22,7 +22,7 @@ pub struct MachineArgs {
 enum MachineCmd {
     /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`,
     /// or from an OCI image: `ferry machine run --app web --image localhost:5000/web:1`.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List machines (of one app, or all).
     List {
         #[arg(long)]
@@ -128,7 +128,7 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
     let json = args.api.json;
     match args.cmd {
         MachineCmd::Run(r) => {
-            let m = run_machine(&c, r)?;
+            let m = run_machine(&c, *r)?;
             if json {
                 print_json(&m)?;
             } else {
