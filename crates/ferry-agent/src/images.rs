@@ -147,9 +147,10 @@ pub(crate) async fn remove(
         }));
     }
     let in_use: BTreeSet<Digest> = users.keys().cloned().collect();
-    let removed = tokio::task::spawn_blocking(move || store.remove(&rec.digest, &in_use))
+    let removed = a
+        .images
+        .remove(&rec.digest, &in_use)
         .await
-        .map_err(ApiError::internal)?
         .map_err(image_err)?;
     Ok(Json(serde_json::json!({
         "removed_layers": removed.iter().map(|d| d.to_string()).collect::<Vec<_>>()

@@ -92,6 +92,9 @@ pub struct Puller {
     store: Store,
     platform: Platform,
     layer_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pulls hold it shared, removal and GC exclusively: a layer a pull just unpacked has no
+    /// record yet, and GC must not take it from under that pull.
+    gc_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// `registry/repository` of a reference, and the pinned form `registry/repository@digest`.
@@ -136,7 +139,26 @@ impl Puller {
             store,
             platform: Platform::host(),
             layer_locks: Mutex::new(HashMap::new()),
+            gc_lock: Arc::new(tokio::sync::RwLock::new(())),
         }
+    }
+
+    /// Removes an image and the layers no other image uses, once no pull is under way (see
+    /// [`Store::remove`]).
+    pub async fn remove(
+        &self,
+        digest: &Digest,
+        in_use: &std::collections::BTreeSet<Digest>,
+    ) -> Result<Vec<Digest>> {
+        let guard = self.gc_lock.clone().write_owned().await;
+        let (store, digest, in_use) = (self.store.clone(), digest.clone(), in_use.clone());
+        tokio::task::spawn_blocking(move || {
+            let r = store.remove(&digest, &in_use);
+            drop(guard);
+            r
+        })
+        .await
+        .map_err(|e| ImageError::io("removing", std::io::Error::other(e.to_string())))?
     }
 
     pub fn store(&self) -> &Store {
@@ -154,6 +176,7 @@ impl Puller {
     ) -> Result<ImageRecord> {
         let r = parse_reference(reference)?;
         let name = r.whole();
+        let gc_guard = self.gc_lock.read().await;
         if let Some(d) = r.digest() {
             let d = Digest::parse(d)?;
             if self.store.resolved(&d).is_ok() {
@@ -308,8 +331,12 @@ impl Puller {
             }
         }
         if let Some(e) = first_err {
-            // Layers of this image that did unpack are kept only if another image uses them.
-            let _ = self.store.gc();
+            // Layers of this image that did unpack are kept only if another image uses them;
+            // with other pulls under way (which may need them) the next GC takes them instead.
+            drop(gc_guard);
+            if let Ok(_only_one) = self.gc_lock.try_write() {
+                let _ = self.store.gc();
+            }
             return Err(e);
         }
         let rec = ImageRecord {
