@@ -634,3 +634,32 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Credentials from `ferry dev --registry-auth FILE`.
+#[test]
+fn registry_credentials_from_a_file() {
+    let password = format!("file-pw-{}", std::process::id());
+    let reg = Registry::start_auth(Some(("ops", &password)));
+    let file = TempDir(std::env::temp_dir().join(format!("ferry-img-auth-{}", std::process::id())));
+    std::fs::create_dir_all(&file.0).unwrap();
+    let path = file.0.join("auth.json");
+    std::fs::write(
+        &path,
+        json!({reg.addr.clone(): {"username": "ops", "password": password}}).to_string(),
+    )
+    .unwrap();
+    let dev = Dev::start_with("imgfile", 1, &["--registry-auth", path.to_str().unwrap()]);
+    let img = layout(
+        "1",
+        vec![busybox_layer()],
+        json!({"Cmd": ["/bin/sleep", "600"], "Env": ["PATH=/bin"]}),
+        host_arch(),
+        false,
+    );
+    let r = reg.push(&img.dir, "private/file", "1", false);
+    let m = dev.machine("filecred", &dev.hosts()[0], json!({"image": r}));
+    assert_eq!(sh(&dev, &m, "echo ok"), "ok\n");
+    let (_, list) = dev.call("GET", "/v1/registries", None);
+    assert_eq!(list[0]["auth"], "basic", "{list}");
+    assert!(!list.to_string().contains(&password));
+}

@@ -199,35 +199,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
         .collect();
     super::dns::serve(&rt, zone, &host_ns, args.dns_listen)?;
-    for r in &args.registry {
-        let mut settings = ferry_api::images::registries(&ctx)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .remove(r)
-            .unwrap_or_default();
-        settings.insecure = true;
-        ferry_api::images::set_registry(&ctx, r, Some(settings))
-            .map_err(|e| anyhow::anyhow!("--registry {r}: {e}"))?;
-    }
-    if let Some(file) = &args.registry_auth {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let creds: std::collections::BTreeMap<String, ferry_api::proto::RegistryCredentials> =
-            serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{}: not a map of registry -> {{username, password}} or {{token}}",
-                    file.display()
-                )
-            })?;
-        for (r, c) in creds {
-            let mut settings = ferry_api::images::registries(&ctx)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .remove(&r)
-                .unwrap_or_default();
-            settings.credentials = Some(c);
-            ferry_api::images::set_registry(&ctx, &r, Some(settings))
-                .map_err(|e| anyhow::anyhow!("--registry-auth {r}: {e}"))?;
-        }
-    }
+    super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
     let app = server::router(ctx.clone());
     rt.spawn(async move { axum::serve(listener, app).await });
     let api = format!("http://{}", args.listen);

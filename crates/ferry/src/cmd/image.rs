@@ -266,3 +266,43 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
     }
     .map_err(|e: anyhow::Error| anyhow!("{e:#}"))
 }
+
+/// `--registry ADDR` (plain HTTP) and `--registry-auth FILE` (credentials) of `ferry dev` and
+/// `ferry server`: written to the store's registry settings at start.
+pub fn apply_registry_flags(
+    ctx: &ferry_api::server::Ctx,
+    insecure: &[String],
+    auth_file: Option<&std::path::Path>,
+) -> Result<()> {
+    use anyhow::Context;
+    let current = |r: &str| -> Result<RegistrySettings> {
+        Ok(ferry_api::images::registries(ctx)
+            .map_err(|e| anyhow!("{e}"))?
+            .remove(r)
+            .unwrap_or_default())
+    };
+    for r in insecure {
+        let mut s = current(r)?;
+        s.insecure = true;
+        ferry_api::images::set_registry(ctx, r, Some(s))
+            .map_err(|e| anyhow!("--registry {r}: {e}"))?;
+    }
+    if let Some(file) = auth_file {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let creds: BTreeMap<String, RegistryCredentials> = serde_json::from_str(&text)
+            .with_context(|| {
+                format!(
+                    "{}: not a map of registry -> {{username, password}} or {{token}}",
+                    file.display()
+                )
+            })?;
+        for (r, c) in creds {
+            let mut s = current(&r)?;
+            s.credentials = Some(c);
+            ferry_api::images::set_registry(ctx, &r, Some(s))
+                .map_err(|e| anyhow!("--registry-auth {r}: {e}"))?;
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,13 @@ pub struct ServerArgs {
     /// The API listener.
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: std::net::SocketAddr,
+    /// A registry to pull images from over plain HTTP (repeatable; loopback ones always are).
+    #[arg(long, value_name = "ADDR")]
+    registry: Vec<String>,
+    /// Registry credentials, a JSON file: `{"reg.example:5000": {"username": "u", "password":
+    /// "p"}, "other.example": {"token": "..."}}`; never logged or shown.
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
@@ -22,6 +29,7 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let store = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
     let ctx = Ctx::new(store, args.state_dir.join("volumes"));
+    super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
