@@ -14,6 +14,7 @@ PACKAGES=(
   pkg-config
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
   postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
+  docker-registry skopeo umoci busybox-static    # images: a real registry on loopback, images built by the tests, the pull baseline
 )
 
 missing=()

@@ -10,6 +10,7 @@
 //! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
 
 pub mod disk;
+mod images;
 mod machines;
 mod nft;
 mod volumes;
@@ -47,6 +48,8 @@ pub enum AgentError {
     /// A volume holds something a fork never copies (a device node): retrying cannot help.
     #[error("{0}")]
     VolumeUnsupported(String),
+    #[error("image: {0}")]
+    Image(#[from] ferry_image::ImageError),
 }
 
 impl AgentError {

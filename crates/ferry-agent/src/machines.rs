@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub bridge_mode: crate::BridgeMode,
     /// The volume receiver's port on the host's fabric address.
     pub volume_port: u16,
+    /// What image pulls accept (layer sizes above all).
+    pub image_limits: ferry_image::Limits,
 }
 
 struct Slot {
@@ -64,9 +66,11 @@ pub struct Agent {
     nft_seen: Mutex<NftSeen>,
     /// Volume forks to and from this host (migration).
     volumes: Arc<crate::volumes::Volumes>,
-    /// The root filesystem layers of every machine (the default image; see ferry-runtime's
-    /// sandbox module).
+    /// The root filesystem layers of every machine without an OCI image (the default image;
+    /// see ferry-runtime's sandbox module).
     image: Vec<ferry_runtime::Layer>,
+    /// OCI images: the host's layer store and its puller (`images.rs`).
+    pub(crate) images: Arc<ferry_image::Puller>,
 }
 
 /// Every machine's process limit (threads count too): generous for real workloads, and a fork
@@ -84,6 +88,7 @@ fn api_err(e: AgentError) -> ApiError {
         AgentError::NotRunning(_) => ApiError::conflict("not_running", e.to_string()),
         AgentError::Invalid(m) => ApiError::invalid(m),
         AgentError::VolumeUnsupported(m) => ApiError::new(422, PERMANENT_VOLUME_ERROR, m),
+        AgentError::Image(e) => crate::images::image_err(e),
         e => ApiError::internal(e),
     }
 }
@@ -115,6 +120,9 @@ impl Agent {
         std::fs::create_dir_all(cfg.state_dir.join("machines"))
             .map_err(|e| AgentError::io("creating the state dir", e))?;
         let image = ferry_runtime::default_image(&cfg.state_dir.join("images"))?;
+        let images = Arc::new(ferry_image::Puller::new(ferry_image::Store::open(
+            &cfg.state_dir.join("images").join("oci"),
+        )?));
         let volumes = crate::volumes::Volumes::start(
             &ns,
             &cfg.state_dir,
@@ -132,6 +140,7 @@ impl Agent {
             nft_seen: Mutex::new(HashMap::new()),
             volumes,
             image,
+            images,
         });
         agent.reattach()?;
         Ok(agent)
@@ -305,6 +314,36 @@ impl Agent {
             b.set_machine(id, net, addr, run.bridge_enabled)
                 .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
         }
+        // An image's layers replace the default root; its config gives the command (a cmd of
+        // the machine's replaces the image's Cmd), env (the machine's win), workdir and user.
+        let (layers, cmd, env, workdir, user) = match &run.config.image {
+            None => (
+                self.image.clone(),
+                run.config.init.cmd.clone(),
+                run.config.env.clone(),
+                None,
+                None,
+            ),
+            Some(image) => {
+                let (layer, ic) = self.image_root(image)?;
+                let mut env: std::collections::BTreeMap<String, String> =
+                    ic.env_pairs().into_iter().collect();
+                env.extend(run.config.env.clone());
+                let cmd = ic.command(&run.config.init.cmd);
+                if cmd.is_empty() {
+                    return Err(AgentError::Invalid(format!(
+                        "image {image} has no entrypoint or cmd, and the machine gives no command"
+                    )));
+                }
+                (
+                    vec![layer],
+                    cmd,
+                    env,
+                    Some(ic.working_dir.clone()).filter(|w| !w.is_empty()),
+                    Some(ic.user.clone()).filter(|u| !u.is_empty()),
+                )
+            }
+        };
         let run_dir = self.run_dir(&run.id);
         std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
         let spec = InitSpec {
@@ -312,8 +351,8 @@ impl Agent {
             app: run.app.clone(),
             private_ip: run.private_ip.clone(),
             region: run.region.clone(),
-            cmd: run.config.init.cmd.clone(),
-            env: run.config.env.clone(),
+            cmd,
+            env,
             mounts: run
                 .config
                 .mounts
@@ -324,12 +363,13 @@ impl Agent {
                     guest_path: m.path.clone().into(),
                 })
                 .collect(),
-            workdir: None,
+            workdir,
+            user,
             sandbox: Some(ferry_runtime::SandboxSpec {
                 // The machine's cgroup lives as long as the machine: the range is its own until
                 // then (machines of other agents on this box included).
                 id_base: ferry_runtime::claim_id_range(&cg.dirs()[0].1)?,
-                layers: self.image.clone(),
+                layers,
             }),
         };
         // The record first: a crash between the two leaves a run dir that reattach can read.
@@ -626,6 +666,28 @@ impl Agent {
         })
     }
 
+    pub(crate) fn image_limits(&self) -> ferry_image::Limits {
+        self.cfg.image_limits
+    }
+
+    /// Image digest -> the machines of this host whose config names it (running or not).
+    pub(crate) fn image_users(
+        &self,
+    ) -> std::collections::BTreeMap<ferry_image::Digest, Vec<String>> {
+        let mut out: std::collections::BTreeMap<_, Vec<String>> = Default::default();
+        for (id, s) in self.machines.lock().unwrap().iter() {
+            let Some(image) = &s.run.config.image else {
+                continue;
+            };
+            let digest = crate::images::pinned_digest(image)
+                .or_else(|| self.images.store().find(image).map(|r| r.digest));
+            if let Some(d) = digest {
+                out.entry(d).or_default().push(id.clone());
+            }
+        }
+        out
+    }
+
     fn list(&self) -> Vec<LocalMachine> {
         let t = self.machines.lock().unwrap();
         t.iter()
@@ -654,6 +716,9 @@ impl Agent {
             .route("/v1/volumes/send", post(volume_send))
             .route("/v1/volumes/progress/{session}", get(volume_progress))
             .route("/v1/volumes/remove", post(volume_remove))
+            .route("/v1/images", get(crate::images::list))
+            .route("/v1/images/pull", post(crate::images::pull))
+            .route("/v1/images/remove", post(crate::images::remove))
             .with_state(self)
     }
 }

@@ -9,10 +9,13 @@
 
 use crate::error::{ApiError, PERMANENT_VOLUME_ERROR};
 use crate::proto::{
-    BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, RunMachine, StopMachine,
-    VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove, VolumeRound, VolumeSend,
+    BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
+    PullLine, RunMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove,
+    VolumeRound, VolumeSend,
 };
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 pub type AgentResult<'a, T> = BoxFuture<'a, Result<T, ApiError>>;
@@ -63,6 +66,20 @@ pub trait Agents: Send + Sync {
     ) -> AgentResult<'a, VolumeProgress>;
     fn volume_remove<'a>(&'a self, endpoint: &'a str, req: &'a VolumeRemove)
         -> AgentResult<'a, ()>;
+    /// Starts a pull; its answer lines as they come (progress, then the image or an error). An
+    /// agent that refuses the pull answers one error line; only an unreachable agent is `Err`.
+    fn image_pull<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a ImagePull,
+    ) -> AgentResult<'a, BoxStream<'static, PullLine>>;
+    fn image_list<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<ImageInfo>>;
+    /// Removes an image; the layers that went with it.
+    fn image_remove<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a ImageRemove,
+    ) -> AgentResult<'a, Vec<String>>;
 }
 
 /// The agents over HTTP/JSON.
@@ -194,4 +211,100 @@ impl Agents for HttpAgents {
             Ok(())
         })
     }
+    fn image_pull<'a>(
+        &'a self,
+        ep: &'a str,
+        req: &'a ImagePull,
+    ) -> AgentResult<'a, BoxStream<'static, PullLine>> {
+        Box::pin(async move {
+            let resp = self
+                .http
+                .post(format!("{ep}/v1/images/pull"))
+                .json(req)
+                .send()
+                .await
+                .map_err(|e| {
+                    ApiError::unavailable(format!("the host's agent did not answer: {e}"))
+                })?;
+            if !resp.status().is_success() {
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                let (message, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+                    .map(|b| (b.error, b.code))
+                    .unwrap_or((text, "agent_error".into()));
+                let line = PullLine::Error {
+                    status,
+                    code,
+                    message,
+                };
+                return Ok(futures::stream::once(async move { line }).boxed());
+            }
+            Ok(ndjson_lines(resp.bytes_stream()).boxed())
+        })
+    }
+    fn image_list<'a>(&'a self, ep: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
+        Box::pin(async move { answer(self.http.get(format!("{ep}/v1/images")).send().await).await })
+    }
+    fn image_remove<'a>(
+        &'a self,
+        ep: &'a str,
+        req: &'a ImageRemove,
+    ) -> AgentResult<'a, Vec<String>> {
+        #[derive(Deserialize)]
+        struct Removed {
+            removed_layers: Vec<String>,
+        }
+        Box::pin(async move {
+            let r: Removed = self.post(format!("{ep}/v1/images/remove"), req).await?;
+            Ok(r.removed_layers)
+        })
+    }
+}
+
+/// Splits a streamed answer into pull lines as it arrives; a line that does not parse, or a body
+/// that breaks off, becomes an `agent_error` line.
+fn ndjson_lines(
+    bytes: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+) -> impl futures::Stream<Item = PullLine> + Send + 'static {
+    futures::stream::unfold(
+        (Box::pin(bytes), Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, mut done)| async move {
+            loop {
+                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let parsed = serde_json::from_slice::<PullLine>(&line).unwrap_or_else(|e| {
+                        PullLine::Error {
+                            status: 502,
+                            code: "agent_error".into(),
+                            message: format!("the agent's answer is not a pull line: {e}"),
+                        }
+                    });
+                    return Some((parsed, (bytes, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        done = true;
+                        buf.clear();
+                        let l = PullLine::Error {
+                            status: 502,
+                            code: "agent_error".into(),
+                            message: format!("the agent's answer broke off: {e}"),
+                        };
+                        return Some((l, (bytes, buf, done)));
+                    }
+                    None => {
+                        done = true;
+                        if buf.is_empty() {
+                            return None;
+                        }
+                        buf.push(b'\n');
+                    }
+                }
+            }
+        },
+    )
 }

@@ -19,6 +19,12 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
+    /// An OCI image (`registry/repository:tag` or `...@sha256:...`) to run instead of the default
+    /// root filesystem. The server pins it to the digest it resolved on the machine's host, so
+    /// a stored machine always names the exact image it runs (and a migration moves that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
     pub init: InitConfig,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -37,11 +43,13 @@ pub struct MachineConfig {
     pub metadata: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
-    /// The command and its arguments (no shell).
-    #[schema(min_items = 1, max_items = 1024)]
+    /// The command and its arguments (no shell). With an image: replaces the image's `Cmd`
+    /// (its `Entrypoint` stays in front), as `docker run IMAGE CMD...` does; empty keeps it.
+    #[serde(default)]
+    #[schema(max_items = 1024)]
     pub cmd: Vec<String>,
 }
 
@@ -194,6 +202,24 @@ pub fn validate_name(what: &str, s: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A light syntax check of an image reference at the edge (the agent parses it fully when it
+/// pulls): 1-512 characters of the reference grammar's alphabet.
+pub fn validate_image_ref(s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= 512
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:/@".contains(&b))
+        && !s.starts_with(['/', ':', '@', '-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "image",
+            format!("{s:?} is not an image reference like registry:5000/repo:tag"),
+        ))
+    }
+}
+
 /// Checks a machine ID: 14 lowercase hex characters.
 pub fn validate_machine_id(s: &str) -> Result<(), ApiError> {
     if s.len() == 14
@@ -217,8 +243,14 @@ impl MachineConfig {
     /// Everything the server and agents rely on, checked once at the edge.
     pub fn validate(&self) -> Result<(), ApiError> {
         let cmd = &self.init.cmd;
-        if cmd.is_empty() || cmd[0].is_empty() {
-            return Err(bad("init.cmd", "must name a program to run"));
+        if let Some(image) = &self.image {
+            validate_image_ref(image)?;
+        }
+        if (cmd.is_empty() && self.image.is_none()) || cmd.first().is_some_and(|c| c.is_empty()) {
+            return Err(bad(
+                "init.cmd",
+                "must name a program to run (or give an image, whose command runs then)",
+            ));
         }
         if cmd.len() > 1024 || cmd.iter().map(|a| a.len()).sum::<usize>() > 128 * 1024 {
             return Err(bad(

@@ -13,6 +13,7 @@ pub mod bridge;
 pub mod config;
 pub mod doc;
 pub mod error;
+pub mod images;
 pub mod migrate;
 pub mod proto;
 pub mod server;

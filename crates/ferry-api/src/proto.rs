@@ -205,3 +205,79 @@ pub struct VolumeProgress {
 pub struct VolumeRemove {
     pub dir: String,
 }
+
+/// Registry credentials as the API and agents carry them. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum RegistryCredentials {
+    /// HTTP basic auth (also what token servers are asked with).
+    Basic { username: String, password: String },
+    /// A bearer token sent as it is.
+    Bearer { token: String },
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryCredentials::Basic { username, .. } => {
+                write!(f, "Basic({username}, <redacted>)")
+            }
+            RegistryCredentials::Bearer { .. } => f.write_str("Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// Server -> agent: make sure this host has the image (pull what it lacks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImagePull {
+    pub reference: String,
+    /// Plain HTTP (loopback registries and those the operator marked insecure).
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub credentials: Option<RegistryCredentials>,
+}
+
+/// An image on one host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageInfo {
+    /// The image manifest's digest (`sha256:...`).
+    pub digest: String,
+    /// `registry/repository@digest`: what a machine's config records.
+    pub pinned: String,
+    /// References it was pulled as.
+    pub names: Vec<String>,
+    pub layers: usize,
+    /// Compressed bytes of its layers.
+    pub size: u64,
+    pub pulled_at_ms: i64,
+    /// Machines on the host that use it (it cannot be removed while any does).
+    #[serde(default)]
+    pub machines: Vec<String>,
+    /// The host (hex); set by the server when it lists a fleet's images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// One line of a pull's answer (newline-delimited JSON): progress lines, then exactly one
+/// `image` or `error` line.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PullLine {
+    /// A step: `{"kind":"resolved"|"layer"|"unpacked", ...}`.
+    #[schema(value_type = Object)]
+    Progress(serde_json::Value),
+    Image(ImageInfo),
+    Error {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// Server -> agent: remove an image (by digest, pinned reference or pulled name) and the layers
+/// no other image uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRemove {
+    pub reference: String,
+}

@@ -46,6 +46,8 @@ pub struct Ctx {
     pub agents: Arc<dyn crate::agents::Agents>,
     /// The migrations this process drives.
     pub migrations: crate::migrate::InFlight,
+    /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
+    host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
     /// Bumped on every machine state change; `wait` listens to it.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
@@ -80,11 +82,58 @@ impl Ctx {
             http,
             agents,
             migrations: Default::default(),
+            host_dir_roots: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
             on_change: std::sync::OnceLock::new(),
         })
     }
+    /// Allows directory volumes (`host_dir`) below these directories. None by default: a
+    /// directory volume is a host directory mounted read-write into a machine (as the
+    /// machine's root), so only directories the operator set aside for it may be one.
+    pub fn allow_host_dirs(&self, roots: Vec<PathBuf>) -> std::io::Result<()> {
+        let roots = roots
+            .iter()
+            .map(|r| r.canonicalize())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        *self.host_dir_roots.write().unwrap() = roots;
+        Ok(())
+    }
+
+    /// `d` as a directory volume may have it: an existing directory that is, with every
+    /// symlink and `..` resolved, below an allowed root.
+    fn allowed_host_dir(&self, d: &str) -> Result<PathBuf> {
+        let roots = self.host_dir_roots.read().unwrap().clone();
+        if roots.is_empty() {
+            return Err(ApiError::invalid(
+                "directory volumes are off on this server (its operator allows them below \
+                 chosen directories with --host-dir-root); use size_mb",
+            ));
+        }
+        let p = PathBuf::from(d);
+        let real = p
+            .is_absolute()
+            .then(|| p.canonicalize().ok())
+            .flatten()
+            .filter(|r| r.is_dir())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "host_dir {d:?} is not an existing absolute directory"
+                ))
+            })?;
+        if !roots.iter().any(|r| real.starts_with(r) && real != *r) {
+            return Err(ApiError::invalid(format!(
+                "host_dir {d:?} is not below a directory this server allows for volumes ({})",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(real)
+    }
+
     /// Publishes a machine change (DNS snapshot, waiters).
     pub fn changed(&self) {
         if let Some(f) = self.on_change.get() {
@@ -120,7 +169,7 @@ pub struct ApiDoc;
 
 /// The public API: every route with its OpenAPI operation, registered together.
 fn api() -> OpenApiRouter<Arc<Ctx>> {
-    use crate::{bridge, migrate};
+    use crate::{bridge, images, migrate};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_app, list_apps))
         .routes(routes!(get_app, delete_app))
@@ -145,6 +194,11 @@ fn api() -> OpenApiRouter<Arc<Ctx>> {
         .routes(routes!(bridge::report))
         .routes(routes!(bridge::retire))
         .routes(routes!(bridge::set_gate))
+        .routes(routes!(images::list))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::remove))
+        .routes(routes!(images::list_registries))
+        .routes(routes!(images::put_registry, images::delete_registry))
 }
 
 /// The OpenAPI document, exactly as `/openapi.json` serves it.
@@ -385,6 +439,12 @@ async fn create_machine(
         }
     }
     let host = place(&ctx, want.as_deref())?;
+    // The host pulls the image first (nothing exists yet if that fails); the config records
+    // the digest it resolved, never the tag.
+    let mut req = req;
+    if let Some(image) = req.config.image.clone() {
+        req.config.image = Some(crate::images::ensure_on_host(&ctx, &host, &image).await?);
+    }
     let field = ctx.store.allocate_machine_field(host.id)?;
     let addr = FleetAddr::primary(app.network_id, host.id, field);
     let id = new_machine_id();
@@ -957,15 +1017,7 @@ async fn create_volume(
             // volume data.
             (PathBuf::new(), Some(s))
         }
-        (None, Some(d)) => {
-            let p = PathBuf::from(&d);
-            if !p.is_absolute() || !p.is_dir() {
-                return Err(ApiError::invalid(format!(
-                    "host_dir {d:?} is not an existing absolute directory"
-                )));
-            }
-            (p, None)
-        }
+        (None, Some(d)) => (ctx.allowed_host_dir(&d)?, None),
         _ => return Err(ApiError::invalid("give exactly one of size_mb or host_dir")),
     };
     let v = VolumeView {

@@ -125,6 +125,19 @@ impl Agents for Double {
     fn volume_remove<'a>(&'a self, _: &'a str, _: &'a VolumeRemove) -> AgentResult<'a, ()> {
         ready(Ok(()))
     }
+    fn image_pull<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a ImagePull,
+    ) -> AgentResult<'a, futures::stream::BoxStream<'static, PullLine>> {
+        ready(Err(ApiError::internal("no images here")))
+    }
+    fn image_list<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
+        ready(Ok(vec![]))
+    }
+    fn image_remove<'a>(&'a self, _: &'a str, _: &'a ImageRemove) -> AgentResult<'a, Vec<String>> {
+        ready(Ok(vec![]))
+    }
 }
 
 struct Harness {

@@ -11,7 +11,9 @@
 //! construction; what the table guards is the routing: methods, paths and parameters.
 
 use ferry_api::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
+use ferry_api::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
 use ferry_api::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate};
+use ferry_api::proto::{ImageInfo, PullLine};
 use ferry_api::views::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -133,6 +135,12 @@ operations! {
     BRIDGE_REPORT = "bridge_report" "GET" "/v1/bridge/report" - -> "[ReportLine]";
     RETIRE_BRIDGE_MAPPINGS = "retire_bridge_mappings" "POST" "/v1/bridge/retire" "RetireRequest" -> "[MappingView]";
     SET_BRIDGE_GATE = "set_bridge_gate" "POST" "/v1/bridge/gate" "GateRequest" -> "Gates";
+    LIST_IMAGES = "list_images" "GET" "/v1/images" - -> "[ImageInfo]";
+    PULL_IMAGE = "pull_image" "POST" "/v1/images/pull" "PullRequest" -> "PullLine";
+    REMOVE_IMAGE = "remove_image" "POST" "/v1/images/remove" "RemoveRequest" -> "[RemovedView]";
+    LIST_REGISTRIES = "list_registries" "GET" "/v1/registries" - -> "[RegistryView]";
+    PUT_REGISTRY = "put_registry" "PUT" "/v1/registries/{registry}" "RegistrySettings" -> "RegistryView";
+    DELETE_REGISTRY = "delete_registry" "DELETE" "/v1/registries/{registry}" - -> "RegistryView";
 }
 
 /// The schema name of a Rust type as the document spells it: `Vec<T>` is `[T]`.
@@ -262,13 +270,38 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&B>,
     ) -> Result<R> {
+        debug_assert_eq!(schema_name::<R>(), op.response, "{}: response type", op.id);
+        let (status, text) = self.send(op, args, query, body, |r| {
+            let status = r.status().as_u16();
+            r.text()
+                .map(|t| (status, t))
+                .map_err(|e| ClientError::Unexpected {
+                    status,
+                    detail: e.to_string(),
+                })
+        })?;
+        serde_json::from_str(&text).map_err(|e| ClientError::Unexpected {
+            status,
+            detail: format!("{e}: {text}"),
+        })
+    }
+
+    /// Sends the request (failing over between servers) and hands a successful answer to
+    /// `read`; an error answer becomes [`ClientError::Api`].
+    fn send<B: Serialize, T>(
+        &self,
+        op: &Operation,
+        args: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+        read: impl FnOnce(reqwest::blocking::Response) -> Result<T>,
+    ) -> Result<T> {
         debug_assert_eq!(
             body.map(|_| schema_name::<B>()).as_deref(),
             op.request,
             "{}: request type",
             op.id
         );
-        debug_assert_eq!(schema_name::<R>(), op.response, "{}: response type", op.id);
         let method = reqwest::Method::from_bytes(op.method.as_bytes()).expect("a method");
         let first = self.current.load(Ordering::Relaxed);
         let mut tried = 0;
@@ -305,11 +338,8 @@ impl Client {
             }
         };
         let status = resp.status().as_u16();
-        let text = resp.text().map_err(|e| ClientError::Unexpected {
-            status,
-            detail: e.to_string(),
-        })?;
         if !(200..300).contains(&status) {
+            let text = resp.text().unwrap_or_default();
             return Err(
                 match serde_json::from_str::<ferry_api::error::ErrorBody>(&text) {
                     Ok(b) => ClientError::Api {
@@ -324,10 +354,7 @@ impl Client {
                 },
             );
         }
-        serde_json::from_str(&text).map_err(|e| ClientError::Unexpected {
-            status,
-            detail: format!("{e}: {text}"),
-        })
+        read(resp)
     }
 
     fn get<R: DeserializeOwned>(&self, op: &Operation, args: &[&str]) -> Result<R> {
@@ -475,6 +502,52 @@ impl Client {
     }
     pub fn set_bridge_gate(&self, req: &GateRequest) -> Result<Gates> {
         self.call(&op::SET_BRIDGE_GATE, &[], &[], Some(req))
+    }
+
+    // ---- images ---------------------------------------------------------------------------
+
+    pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        self.get(&op::LIST_IMAGES, &[])
+    }
+    /// Pulls an image, handing each line of the answer (progress, then per host the image or
+    /// an error) to `each` as it arrives.
+    pub fn pull_image(
+        &self,
+        req: &PullRequest,
+        mut each: impl FnMut(PullLine) -> Result<()>,
+    ) -> Result<()> {
+        debug_assert_eq!(schema_name::<PullLine>(), op::PULL_IMAGE.response);
+        self.send(&op::PULL_IMAGE, &[], &[], Some(req), |resp| {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(resp).lines() {
+                let line = line.map_err(|e| ClientError::Unexpected {
+                    status: 200,
+                    detail: format!("the answer broke off: {e}"),
+                })?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                each(
+                    serde_json::from_str(&line).map_err(|e| ClientError::Unexpected {
+                        status: 200,
+                        detail: format!("{e}: {line}"),
+                    })?,
+                )?;
+            }
+            Ok(())
+        })
+    }
+    pub fn remove_image(&self, req: &RemoveRequest) -> Result<Vec<RemovedView>> {
+        self.call(&op::REMOVE_IMAGE, &[], &[], Some(req))
+    }
+    pub fn list_registries(&self) -> Result<Vec<RegistryView>> {
+        self.get(&op::LIST_REGISTRIES, &[])
+    }
+    pub fn put_registry(&self, registry: &str, req: &RegistrySettings) -> Result<RegistryView> {
+        self.call(&op::PUT_REGISTRY, &[registry], &[], Some(req))
+    }
+    pub fn delete_registry(&self, registry: &str) -> Result<RegistryView> {
+        self.call::<NoBody, _>(&op::DELETE_REGISTRY, &[registry], &[], None)
     }
 }
 

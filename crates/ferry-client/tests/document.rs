@@ -11,7 +11,8 @@ fn document() -> Value {
 }
 
 fn schema_of(v: &Value) -> Option<String> {
-    let s = &v["content"]["application/json"]["schema"];
+    // The one content type of the body (JSON, or newline-delimited JSON for a pull).
+    let s = &v["content"].as_object()?.values().next()?["schema"];
     let name = |r: &Value| {
         r["$ref"]
             .as_str()

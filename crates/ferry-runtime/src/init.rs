@@ -115,6 +115,10 @@ pub struct InitSpec {
     pub mounts: Vec<MountSpec>,
     #[serde(default)]
     pub workdir: Option<String>,
+    /// Who the command runs as (an image's `User`): `name`, `uid`, `uid:gid`, `name:group`;
+    /// names are looked up in the machine's own `/etc/passwd` and `/etc/group`. Root if unset.
+    #[serde(default)]
+    pub user: Option<String>,
     /// The machine's sandbox (docs/design.md#sandbox). `None` runs the command in the host's root filesystem
     /// as host root, as ferry did before the sandbox; the agent always sets it, the runtime's
     /// benchmark keeps `None` as its baseline.
@@ -453,6 +457,26 @@ fn pid1(
         .env_clear()
         .envs(spec.machine_env())
         .current_dir(spec.workdir());
+    if let Some(u) = spec.user.as_deref().filter(|u| !u.is_empty()) {
+        // Looked up now: init is inside the machine's root, so these are the image's files.
+        match crate::user::resolve(u, Path::new("/etc")) {
+            Ok(who) => {
+                // std drops supplementary groups (setgroups(0)) before setgid/setuid.
+                cmd.uid(who.uid).gid(who.gid);
+                if let Some(home) = who.home {
+                    if !spec.env.contains_key("HOME") {
+                        cmd.env("HOME", home);
+                    }
+                }
+            }
+            Err(e) => {
+                say!("user {u:?}: {e}");
+                let _ =
+                    std::fs::File::from(report).write_all(Outcome::Exited(126).encode().as_bytes());
+                return 126;
+            }
+        }
+    }
     // SAFETY: the closure only calls pthread_sigmask on a stack value (async-signal-safe).
     unsafe { cmd.pre_exec(crate::sys::unblock_all_signals) };
     let workload = match cmd.spawn() {

@@ -19,6 +19,7 @@ pub mod init;
 pub mod machine;
 pub mod sandbox;
 mod sys;
+pub mod user;
 
 pub use cgroup::{CgroupKind, CgroupLayout, Limits, MachineCgroup};
 pub use checks::{run_check, Check, CheckKind, CheckResult, CheckRole};

@@ -54,6 +54,14 @@ pub const DEFAULT_CAPS: u64 = 0xa804_25fb;
 pub struct Layer {
     pub source: PathBuf,
     pub target: PathBuf,
+    /// More read-only directories stacked below `source`, topmost first (an OCI image's layers:
+    /// `source` is its top layer). Each is idmapped like `source`; overlayfs merges them and
+    /// honours the whiteouts and opaque directories they hold.
+    /// Image layers are untrusted: their symlinks may point anywhere, so every path ferry
+    /// mounts on or writes to is resolved inside the machine's root (`in_root`) and the fixed
+    /// mount points (`/proc`, `/dev`, `/sys`, `/etc`) are made real directories (`real_dir`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub below: Vec<PathBuf>,
 }
 
 /// How a machine is sandboxed (part of its [`InitSpec`](crate::InitSpec)).
@@ -73,13 +81,22 @@ impl SandboxSpec {
                 self.id_base
             )));
         }
+        // overlayfs' limit is 500 lower directories; the option string must fit a page.
+        if self.layers.iter().any(|l| l.below.len() > 400) {
+            return Err(RuntimeError::Invalid(
+                "sandbox layers: more than 400 directories in one layer".into(),
+            ));
+        }
         if self.layers.first().map(|l| l.target.as_path()) != Some(Path::new("/")) {
             return Err(RuntimeError::Invalid(
                 "sandbox layers: the first layer must be the root (/)".into(),
             ));
         }
         for l in &self.layers {
-            if !l.source.is_absolute() || !l.target.is_absolute() {
+            if !l.source.is_absolute()
+                || !l.target.is_absolute()
+                || l.below.iter().any(|b| !b.is_absolute())
+            {
                 return Err(RuntimeError::Invalid(format!(
                     "sandbox layer {} -> {}: paths must be absolute",
                     l.source.display(),
@@ -187,6 +204,7 @@ pub fn default_image(images_dir: &Path) -> Result<Vec<Layer>> {
     let mut layers = vec![Layer {
         source: skel,
         target: "/".into(),
+        below: Vec::new(),
     }];
     for d in SYSTEM_DIRS {
         let host = Path::new("/").join(d);
@@ -194,6 +212,7 @@ pub fn default_image(images_dir: &Path) -> Result<Vec<Layer>> {
             layers.push(Layer {
                 source: host.clone(),
                 target: host,
+                below: Vec::new(),
             });
         }
     }
@@ -666,9 +685,73 @@ fn idmapped_bind(src: &Path, dst: &Path, userns: &OwnedFd, read_only: bool) -> R
     Ok(())
 }
 
-/// `dst` below `root` for an absolute guest path.
-fn in_root(root: &Path, guest: &Path) -> PathBuf {
-    root.join(guest.strip_prefix("/").unwrap_or(guest))
+/// `guest` (an absolute path inside the machine) below `root`, with every symlink on the way
+/// resolved as the machine would see it: an absolute target starts again at `root`, `..` stops
+/// at `root`. An image's symlink (`/data -> /`, `/etc -> ../../../..`) can then never make init,
+/// still host root in the host's tree, mount on or write to a host path. Nothing in the machine
+/// runs yet, so what is resolved here is what gets used.
+fn in_root(root: &Path, guest: &Path) -> Result<PathBuf> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let mut resolved = PathBuf::new();
+    let mut pending: VecDeque<std::ffi::OsString> = guest
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(c) = pending.pop_front() {
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let cand = root.join(&resolved).join(&c);
+        match std::fs::symlink_metadata(&cand) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{}: too many symlinks in the image",
+                        guest.display()
+                    )));
+                }
+                let target = std::fs::read_link(&cand)
+                    .map_err(|e| RuntimeError::io(format!("reading {}", cand.display()), e))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                let mut front: VecDeque<std::ffi::OsString> = target
+                    .components()
+                    .filter_map(|c| match c {
+                        Component::Normal(n) => Some(n.to_os_string()),
+                        Component::ParentDir => Some("..".into()),
+                        _ => None,
+                    })
+                    .collect();
+                front.extend(pending);
+                pending = front;
+            }
+            _ => resolved.push(c),
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+/// `root/name` as a real directory: whatever else an image put there (a symlink, a file) is
+/// removed first (in the machine's own writable layer).
+fn real_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    let p = root.join(name);
+    match std::fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => return Ok(p),
+        Ok(_) => std::fs::remove_file(&p)
+            .map_err(|e| RuntimeError::io(format!("replacing /{name}"), e))?,
+        Err(_) => {}
+    }
+    make_mountpoint(&p, false)?;
+    Ok(p)
 }
 
 /// Creates `path` (and its parents) as a directory, or as an empty file when `file`.
@@ -800,6 +883,15 @@ pub(crate) fn enter(
             make_mountpoint(d, false)?;
         }
         idmapped_bind(&layer.source, &low, userns, true)?;
+        let mut lowers = format!("l{i}");
+        for (j, b) in layer.below.iter().enumerate() {
+            let name = format!("l{i}.{j}");
+            let dir = stage.join(&name);
+            make_mountpoint(&dir, false)?;
+            idmapped_bind(b, &dir, userns, true)?;
+            lowers.push(':');
+            lowers.push_str(&name);
+        }
         // The upper directory is the overlay's root directory: it must look like the layer's.
         let mode = std::fs::metadata(&low)
             .map(|m| m.permissions().mode() & 0o7777)
@@ -807,12 +899,12 @@ pub(crate) fn enter(
         let _ = std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode));
         std::os::unix::fs::chown(&up, Some(base), Some(base))
             .map_err(|e| RuntimeError::io("chown upper", e))?;
-        let target = in_root(&root, &layer.target);
+        let target = in_root(&root, &layer.target)?;
         make_mountpoint(&target, false)?;
         // Relative to the stage (init's working directory here): the options are shown in the
         // machine's /proc/self/mountinfo, and host paths (ferry's state dir) are none of its
         // business.
-        let opts = format!("lowerdir=l{i},upperdir=u{i},workdir=w{i}");
+        let opts = format!("lowerdir={lowers},upperdir=u{i},workdir=w{i}");
         mount(
             Some("overlay"),
             &target,
@@ -823,8 +915,7 @@ pub(crate) fn enter(
     }
 
     // /proc of the machine's pid namespace, with Docker's masks.
-    let proc_ = root.join("proc");
-    make_mountpoint(&proc_, false)?;
+    let proc_ = real_dir(&root, "proc")?;
     mount(
         Some("proc"),
         &proc_,
@@ -834,8 +925,7 @@ pub(crate) fn enter(
     )?;
 
     // A minimal /dev owned by the machine's root.
-    let dev = root.join("dev");
-    make_mountpoint(&dev, false)?;
+    let dev = real_dir(&root, "dev")?;
     mount(
         Some("tmpfs"),
         &dev,
@@ -903,8 +993,7 @@ pub(crate) fn enter(
     // network class then shows the machine's interfaces only (a bind of the host's would list
     // every machine's veth). A fresh sysfs has none of the host's submounts (no /sys/fs/bpf, no
     // debugfs, no host cgroup trees); the machine's own cgroup (cgroup namespace) goes in it.
-    let sys = root.join("sys");
-    make_mountpoint(&sys, false)?;
+    let sys = real_dir(&root, "sys")?;
     mount(
         Some("sysfs"),
         &sys,
@@ -929,7 +1018,7 @@ pub(crate) fn enter(
     }
 
     // /etc/resolv.conf and /etc/hosts: this run's, owned by the machine's root.
-    let etc_dir = root.join("etc");
+    let etc_dir = real_dir(&root, "etc")?;
     for (name, text) in [("resolv.conf", etc.resolv), ("hosts", etc.hosts)] {
         let p = etc_dir.join(name);
         match std::fs::remove_file(&p) {
@@ -937,7 +1026,8 @@ pub(crate) fn enter(
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(RuntimeError::io(format!("replacing /etc/{name}"), e)),
         }
-        let mut f = std::fs::File::create(&p)
+        // create_new: never through a symlink (the old file, whatever it was, is gone).
+        let mut f = std::fs::File::create_new(&p)
             .map_err(|e| RuntimeError::io(format!("writing /etc/{name}"), e))?;
         f.write_all(text.as_bytes())
             .map_err(|e| RuntimeError::io(format!("writing /etc/{name}"), e))?;
@@ -950,7 +1040,7 @@ pub(crate) fn enter(
     for m in &spec.mounts {
         let meta = std::fs::metadata(&m.host_path)
             .map_err(|e| RuntimeError::io(format!("volume {}", m.host_path.display()), e))?;
-        let target = in_root(&root, &m.guest_path);
+        let target = in_root(&root, &m.guest_path)?;
         make_mountpoint(&target, !meta.is_dir())?;
         idmapped_bind(&m.host_path, &target, userns, false)?;
     }

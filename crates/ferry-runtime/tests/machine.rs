@@ -75,6 +75,7 @@ impl TestMachine {
             env: BTreeMap::new(),
             mounts: Vec::new(),
             workdir: None,
+            user: None,
             sandbox: Some(self.sandbox()),
         }
     }

@@ -26,6 +26,8 @@ enum Cmd {
     Host(cmd::app::HostArgs),
     /// Volumes: list, create.
     Volume(cmd::app::VolumeArgs),
+    /// OCI images on the hosts: pull (with progress), list, rm; registry settings.
+    Image(cmd::image::ImageArgs),
     /// Migrations: list, status, watch.
     Migration(cmd::migrate::MigrationArgs),
     /// The address-mapping bridge: map, list, report, retire, enable, disable.
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::App(args) => cmd::app::run(args),
         Cmd::Host(args) => cmd::app::host(args),
         Cmd::Volume(args) => cmd::app::volume(args),
+        Cmd::Image(args) => cmd::image::run(args),
         Cmd::Migration(args) => cmd::migrate::run(args),
         Cmd::Agent(args) => cmd::agent::run(args),
         Cmd::Server(args) => cmd::server::run(args),

@@ -537,6 +537,7 @@ fn unavailability(
 
 async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     let m = ctx.store.get_machine(&mig.machine_id)?;
+    image_on_destination(ctx, mig, &m).await?;
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
         // max_unavailable: the others that should run and are not ready, plus this one, must fit.
         let policy = load_policy(ctx, &mig.app)?;
@@ -582,6 +583,23 @@ async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
 
 /// Stops the machine where the store places it, with its stop_config (idempotent; also finishes
 /// a stop a crashed server left in `stopping`).
+/// The destination holds the machine's image (the digest its config pins, never a tag) before
+/// the source stops: a pull that fails (registry down, image gone) leaves the machine running
+/// where it is and the migration rolls back. A host that has it already needs no registry.
+async fn image_on_destination(ctx: &Ctx, mig: &Migration, m: &Machine) -> Step<()> {
+    let Some(image) = m.config.get("image").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    if mig.stats.stopped_at_ms.is_some() {
+        return Ok(()); // pulled before this stop already (a resumed step)
+    }
+    let host = ctx
+        .store
+        .get_host(crate::server::parse_host(&mig.to_host)?)?;
+    crate::images::ensure_on_host(ctx, &host, image).await?;
+    Ok(())
+}
+
 async fn stop_machine_now(ctx: &Ctx, m: &Machine) -> Step<()> {
     let config: MachineConfig =
         serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;

@@ -56,6 +56,7 @@ fn one(
             env: Default::default(),
             mounts: Vec::new(),
             workdir: None,
+            user: None,
             sandbox,
         };
         let run_dir = dir.join(id);

@@ -32,6 +32,10 @@ pub struct AgentArgs {
     /// it from other hosts).
     #[arg(long, default_value_t = 4290)]
     volume_port: u16,
+    /// The largest compressed image layer a pull accepts, in MiB (bigger ones are refused with
+    /// `image_too_big` before a byte is downloaded; a layer may unpack to 4x that).
+    #[arg(long, default_value_t = 2048)]
+    image_max_layer_mb: u64,
     /// Listen address for the server's calls (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
@@ -77,6 +81,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
             volume_port: args.volume_port,
+            image_limits: ferry_image::Limits {
+                max_layer_bytes: args.image_max_layer_mb << 20,
+                max_unpacked_layer_bytes: (args.image_max_layer_mb << 20).saturating_mul(4),
+                ..Default::default()
+            },
             bridge_mode: match args.bridge_mode {
                 BridgeModeArg::Ebpf => ferry_agent::BridgeMode::Ebpf,
                 BridgeModeArg::Nft => ferry_agent::BridgeMode::Nft,

@@ -36,6 +36,24 @@ pub struct DevArgs {
     /// How the address-mapping bridge is done on every host: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
     bridge_mode: super::agent::BridgeModeArg,
+    /// A registry the fleet pulls images from over plain HTTP (repeatable), e.g. a
+    /// `docker-registry` on 127.0.0.1:5000 (loopback registries are plain HTTP anyway; this
+    /// also covers other addresses). Then: `ferry machine run --app web --image ADDR/repo:tag`.
+    #[arg(long, value_name = "ADDR")]
+    registry: Vec<String>,
+    /// Registry credentials, a JSON file: `{"registry.example:5000": {"username": "u",
+    /// "password": "p"}, "other.example": {"token": "..."}}`. Kept in the store, sent to agents
+    /// only with a pull, never logged or shown (`ferry image registry list` shows the kind).
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// A directory below which operators' directory volumes (`ferry volume create --host-dir`,
+    /// `--volume /dir:/path`) may be (repeatable). None by default: such a volume is a host
+    /// directory mounted read-write into a machine, so only directories set aside for it.
+    #[arg(long, value_name = "DIR")]
+    host_dir_root: Vec<PathBuf>,
+    /// The largest compressed image layer a host accepts, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    image_max_layer_mb: u64,
     /// Skip the demo apps on a fresh state directory.
     #[arg(long)]
     no_demo: bool,
@@ -178,6 +196,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         &host_ns,
     )?;
     let ctx = cp.ctx.clone();
+    ctx.allow_host_dirs(args.host_dir_root.clone())
+        .context("--host-dir-root")?;
+    super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
     let api = format!("http://{}", args.listen);
 
     let agents = Agents::start(
@@ -243,6 +264,11 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             "  ferry machine list          ferry host list          ferry machine status <id>"
         );
         println!("  ferry machine run --app web -- python3 -m http.server 8080 --bind ::");
+        for r in &args.registry {
+            println!(
+                "  ferry machine run --app web --image {r}/<repository>:<tag>   ferry image list"
+            );
+        }
         println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
         println!(
             "  dig @{} -p {} +short AAAA hello.internal",
@@ -325,11 +351,12 @@ impl Agents {
     fn start(args: &DevArgs, hosts: &[u32], api: &str) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let spawn = {
-            let (exe, name, dir, api) = (
+            let (exe, name, dir, api, max_layer) = (
                 exe.clone(),
                 args.name.clone(),
                 args.state_dir.clone(),
                 api.to_owned(),
+                args.image_max_layer_mb.to_string(),
             );
             let mode = match args.bridge_mode {
                 super::agent::BridgeModeArg::Ebpf => "ebpf",
@@ -359,6 +386,7 @@ impl Agents {
                     .arg("--state-dir")
                     .arg(&sd)
                     .args(["--server", &api, "--bridge-mode", mode])
+                    .args(["--image-max-layer-mb", &max_layer])
                     .spawn()
             }
         };

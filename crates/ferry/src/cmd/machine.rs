@@ -20,8 +20,9 @@ pub struct MachineArgs {
 
 #[derive(clap::Subcommand)]
 enum MachineCmd {
-    /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`.
-    Run(RunArgs),
+    /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`,
+    /// or from an OCI image: `ferry machine run --app web --image localhost:5000/web:1`.
+    Run(Box<RunArgs>),
     /// List machines (of one app, or all).
     List {
         #[arg(long)]
@@ -106,6 +107,14 @@ struct RunArgs {
     /// Restart policy: no, on-failure, always.
     #[arg(long, default_value = "no")]
     restart: String,
+    /// Run an OCI image (`registry[:port]/repository:tag` or `...@sha256:...`) instead of the
+    /// host's system directories. The machine's host pulls it first (only the layers it lacks);
+    /// the machine records the digest, not the tag. The image's entrypoint, cmd, env, user and
+    /// working directory apply; a command after `--` replaces the image's cmd (its entrypoint
+    /// stays), `--env` adds to or overrides its env. Registries on loopback are spoken to over
+    /// plain HTTP; others over HTTPS unless `ferry image registry set --insecure` says otherwise.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
     /// The whole config as JSON (a file path, or - for stdin); flags above are then ignored.
     #[arg(long)]
     config: Option<String>,
@@ -119,7 +128,7 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
     let json = args.api.json;
     match args.cmd {
         MachineCmd::Run(r) => {
-            let m = run_machine(&c, r)?;
+            let m = run_machine(&c, *r)?;
             if json {
                 print_json(&m)?;
             } else {
@@ -283,8 +292,8 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
                 .with_context(|| format!("{src} is not a machine config"))?
         }
         None => {
-            if r.cmd.is_empty() {
-                bail!("give the command after --, e.g. `ferry machine run --app web -- sleep 60`");
+            if r.cmd.is_empty() && r.image.is_none() {
+                bail!("give the command after --, e.g. `ferry machine run --app web -- sleep 60`, or an --image");
             }
             let mut env = BTreeMap::new();
             for kv in &r.env {
@@ -296,6 +305,7 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
             let restart = serde_json::from_value(serde_json::json!({"policy": r.restart}))
                 .map_err(|_| anyhow!("--restart {:?}: use no, on-failure or always", r.restart))?;
             MachineConfig {
+                image: r.image.clone(),
                 init: InitConfig { cmd: r.cmd.clone() },
                 env,
                 guest: ferry_api::config::GuestConfig {

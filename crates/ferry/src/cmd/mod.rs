@@ -6,6 +6,7 @@ pub mod client;
 pub mod control;
 pub mod dev;
 pub mod dns;
+pub mod image;
 pub mod machine;
 pub mod migrate;
 pub mod server;

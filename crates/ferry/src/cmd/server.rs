@@ -20,6 +20,18 @@ pub struct ServerArgs {
     /// that forward to the server, e.g. 127.0.0.1:5353.
     #[arg(long)]
     dns_listen: Option<std::net::SocketAddr>,
+    /// A registry to pull images from over plain HTTP (repeatable; loopback ones always are).
+    #[arg(long, value_name = "ADDR")]
+    registry: Vec<String>,
+    /// Registry credentials, a JSON file: `{"reg.example:5000": {"username": "u", "password":
+    /// "p"}, "other.example": {"token": "..."}}`; never logged or shown.
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// A directory below which operators' directory volumes (`ferry volume create --host-dir`,
+    /// `--volume /dir:/path`) may be (repeatable). None by default: such a volume is a host
+    /// directory mounted read-write into a machine, so only directories set aside for it.
+    #[arg(long, value_name = "DIR")]
+    host_dir_root: Vec<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
@@ -37,6 +49,10 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         args.dns_listen,
         &[],
     )?;
+    cp.ctx
+        .allow_host_dirs(args.host_dir_root.clone())
+        .context("--host-dir-root")?;
+    super::image::apply_registry_flags(&cp.ctx, &args.registry, args.registry_auth.as_deref())?;
     cp.resume(&rt);
     eprintln!("ferry server: API on http://{}", args.listen);
     if let Some(d) = args.dns_listen {

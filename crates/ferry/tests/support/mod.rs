@@ -2,6 +2,8 @@
 //! real HTTP API and CLI, stopped and cleaned up on drop even when the test panics.
 #![allow(dead_code)]
 
+pub mod oci;
+
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
