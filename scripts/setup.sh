@@ -14,6 +14,8 @@ PACKAGES=(
   pkg-config
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
   postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
+  etcd-server                                    # the etcd store backend: its conformance tests start a real etcd
+  protobuf-compiler libprotobuf-dev              # protoc and the well-known .proto files (descriptor, struct) that etcd-client's build script compiles
 )
 
 missing=()
