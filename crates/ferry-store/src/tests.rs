@@ -7,6 +7,10 @@
 //! exactly one winner, leases expire on the injected clock, and a failed call changes nothing
 //! (compared as a full dump of every table or key, not just counts).
 
+#[path = "tests_records.rs"]
+mod records;
+use records::*;
+
 use crate::testing::{shared_etcd, EtcdCluster};
 use crate::*;
 use ferry_addr::{FleetAddr, HostId, MachineField};
@@ -733,4 +737,15 @@ conformance!(
     named_locks_hold_and_expire,
     machine_records_are_validated_and_failures_change_nothing,
     update_machine_and_its_compare_and_set_variant,
+    volumes_are_created_listed_and_compare_and_swapped,
+    migrations_keep_one_active_per_machine,
+    policies_are_created_once_then_compare_and_swapped,
+    instance_histories_append_once_in_order,
+    bridge_mappings_change_one_at_a_time_or_by_network_revision,
+    concurrent_cas_updates_lose_nothing,
+    concurrent_migrations_keep_every_record_and_index,
+    concurrent_bridge_changes_lose_no_mapping,
+    concurrent_allocations_never_repeat,
+    concurrent_machine_creates_are_all_indexed,
+    concurrent_delete_app_never_orphans_a_machine,
 );
