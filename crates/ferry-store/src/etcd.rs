@@ -70,9 +70,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long one etcd request may take before the call fails with [`StoreError::Unavailable`].
-/// Long enough for a leader election on a healthy cluster (about a second), short enough that an
-/// API request without quorum answers 503 quickly.
-pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Long enough for a leader election on a loaded cluster (1 to 2 s with etcd's defaults, during
+/// which refused requests are retried), short enough that an API request without quorum answers
+/// 503 in seconds.
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Optimistic transactions retried this often before giving up: every round some writer commits,
 /// so only a storm of writers on one key gets here.
@@ -120,25 +121,79 @@ fn unavailable(reason: impl Into<String>) -> StoreError {
 
 /// Availability problems become [`StoreError::Unavailable`]; the rest are etcd's refusals.
 fn from_etcd(e: etcd_client::Error) -> StoreError {
+    match from_etcd_ref(&e) {
+        Kind::Unavailable => unavailable(e.to_string()),
+        Kind::Other => StoreError::Etcd {
+            what: e.to_string(),
+        },
+    }
+}
+
+/// Whether the request never left: the member it was routed to refused the connection (it is
+/// down). Only then may a write be sent again as is: a request that was sent and whose answer was
+/// lost may have committed, and is reported as [`StoreError::Unavailable`] instead.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    // etcd_client::Error does not chain its sources: start from the status or transport error.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => None,
+    };
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether etcd refused the request before proposing it to raft (so it was not and will not be
+/// applied): its member has no leader (we ask members to refuse rather than queue then, see
+/// `with_require_leader`) or is overloaded. These are etcd's stable gRPC error descriptions
+/// (`rpctypes` in etcd's own client, which matches them the same way).
+fn refused_before_proposal(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if matches!(s.message(), "etcdserver: no leader" | "etcdserver: too many requests"))
+}
+
+/// Whether a read may simply be asked again: any availability failure (reads change nothing).
+fn retry_read(e: &etcd_client::Error) -> bool {
+    matches!(from_etcd_ref(e), Kind::Unavailable)
+}
+
+enum Kind {
+    Unavailable,
+    Other,
+}
+
+fn from_etcd_ref(e: &etcd_client::Error) -> Kind {
     use etcd_client::Error as E;
     match e {
-        E::TransportError(_) | E::IoError(_) => unavailable(e.to_string()),
-        E::GRpcStatus(ref s)
+        E::TransportError(_) | E::IoError(_) => Kind::Unavailable,
+        E::GRpcStatus(s)
             if matches!(
                 s.code(),
                 tonic::Code::Unavailable
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Cancelled
                     | tonic::Code::Unknown
+                    | tonic::Code::ResourceExhausted
             ) =>
         {
-            unavailable(e.to_string())
+            Kind::Unavailable
         }
-        other => StoreError::Etcd {
-            what: other.to_string(),
-        },
+        _ => Kind::Other,
     }
 }
+
+/// How long to wait before sending a refused request again (to another member, as the channel
+/// balances over all of them).
+const REFUSED_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Runs `fut` on `rt` and waits for it from this (synchronous) thread; see the module doc.
 fn block_on<T: Send + 'static>(
@@ -249,11 +304,11 @@ impl<'s> Tx<'s> {
         if self.prefix_deletes.iter().any(|p| full.starts_with(p)) {
             return Ok(None);
         }
-        let mut kv = self.s.kv.clone();
         let (k, o) = (full.clone(), self.opts());
-        let mut resp = self
-            .s
-            .run(async move { kv.get(k, Some(o)).await.map_err(from_etcd) })?;
+        let mut resp = self.s.call(true, move |mut kv| {
+            let (k, o) = (k.clone(), o.clone());
+            async move { kv.get(k, Some(o)).await }
+        })?;
         self.pin(resp.header().map(|h| h.revision()));
         let found = resp.take_kvs().into_iter().next();
         self.reads
@@ -273,11 +328,11 @@ impl<'s> Tx<'s> {
     /// Every key under `prefix` (relative), in key order, this transaction's writes included.
     fn range(&mut self, prefix: &str) -> Result<Vec<Kv>> {
         let full = self.s.key(prefix);
-        let mut kv = self.s.kv.clone();
         let (k, o) = (full.clone(), self.opts().with_prefix());
-        let mut resp = self
-            .s
-            .run(async move { kv.get(k, Some(o)).await.map_err(from_etcd) })?;
+        let mut resp = self.s.call(true, move |mut kv| {
+            let (k, o) = (k.clone(), o.clone());
+            async move { kv.get(k, Some(o)).await }
+        })?;
         self.pin(resp.header().map(|h| h.revision()));
         self.ranges.push(full.clone());
         let mut out: BTreeMap<String, Kv> = BTreeMap::new();
@@ -338,10 +393,11 @@ impl<'s> Tx<'s> {
                 .iter()
                 .map(|k| TxnOp::get(self.s.key(k), Some(self.opts())))
                 .collect();
-            let mut kv = self.s.kv.clone();
-            let resp = self
-                .s
-                .run(async move { kv.txn(Txn::new().and_then(ops)).await.map_err(from_etcd) })?;
+            let txn = Txn::new().and_then(ops);
+            let resp = self.s.call(true, move |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })?;
             for (k, r) in chunk.iter().zip(resp.op_responses()) {
                 let TxnOpResponse::Get(mut g) = r else {
                     return Err(StoreError::Etcd {
@@ -416,11 +472,12 @@ impl<'s> Tx<'s> {
                 None => TxnOp::delete(k, None),
             });
         }
-        let mut kv = self.s.kv.clone();
-        let resp = self.s.run(async move {
-            kv.txn(Txn::new().when(cmps).and_then(ops))
-                .await
-                .map_err(from_etcd)
+        let txn = Txn::new().when(cmps).and_then(ops);
+        // Sent again only if it never reached a member (see `never_sent`): a commit is never
+        // applied twice.
+        let resp = self.s.call(false, move |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
         })?;
         Ok(resp
             .succeeded()
@@ -466,7 +523,10 @@ impl EtcdStore {
             .build()?;
         let eps = endpoints.to_vec();
         let client = block_on(&rt, async move {
+            // require_leader: a member cut off from the leader refuses at once ("no leader", which
+            // `call` retries on another member) instead of holding the request.
             let opts = ConnectOptions::new()
+                .with_require_leader(true)
                 .with_connect_timeout(CONNECT_TIMEOUT)
                 .with_timeout(OP_TIMEOUT);
             Client::connect(eps, Some(opts)).await.map_err(from_etcd)
@@ -498,14 +558,36 @@ impl EtcdStore {
         format!("{}{k}", self.prefix)
     }
 
-    fn run<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = Result<T>> + Send + 'static,
-    ) -> Result<T> {
-        match &self.rt {
-            Some(rt) => block_on(rt, fut),
-            None => Err(unavailable("the store is being dropped")),
-        }
+    /// Sends one request built by `op` within [`OP_TIMEOUT`], and again while it is known not
+    /// to have been applied: the member refused the connection (it is down; the channel
+    /// balances the next try over the others) or refused before proposing (no leader during an
+    /// election). A `read` is also sent again after any availability failure. A write whose
+    /// fate is unknown (sent, then the answer was lost) is never sent again: it fails with
+    /// [`StoreError::Unavailable`].
+    fn call<T, F, Fut>(&self, read: bool, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(KvClient) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>> + Send,
+    {
+        let Some(rt) = &self.rt else {
+            return Err(unavailable("the store is being dropped"));
+        };
+        let kv = self.kv.clone();
+        block_on(rt, async move {
+            loop {
+                match op(kv.clone()).await {
+                    Err(e)
+                        if never_sent(&e)
+                            || refused_before_proposal(&e)
+                            || (read && retry_read(&e)) =>
+                    {
+                        tokio::time::sleep(REFUSED_BACKOFF).await
+                    }
+                    r => return r.map_err(from_etcd),
+                }
+            }
+        })
     }
 
     /// One read-only snapshot.

@@ -204,11 +204,35 @@ impl EtcdCluster {
     }
 
     /// Starts member `i` again on its data directory and waits until it is healthy (which, in a
-    /// cluster, needs a quorum of members running).
+    /// cluster, needs a quorum of members running: use [`EtcdCluster::restart_all`] after all
+    /// were killed).
     pub fn restart(&mut self, i: usize) -> Result<(), EtcdTestError> {
         self.kill(i);
         self.spawn(i, "existing")?;
         self.wait_healthy(i)
+    }
+
+    /// Starts every member that is not running again, then waits until all are healthy.
+    pub fn restart_all(&mut self) -> Result<(), EtcdTestError> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.spawn(i, "existing")?;
+            }
+        }
+        for i in 0..self.members.len() {
+            self.wait_healthy(i)?;
+        }
+        Ok(())
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Never true: a cluster has at least one member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 
     /// The temporary directory holding the data directories and logs.

@@ -7,6 +7,8 @@
 //! exactly one winner, leases expire on the injected clock, and a failed call changes nothing
 //! (compared as a full dump of every table or key, not just counts).
 
+#[path = "tests_etcd.rs"]
+mod etcd_only;
 #[path = "tests_records.rs"]
 mod records;
 use records::*;
