@@ -1,9 +1,17 @@
 //! The durable state of the fleet (SPEC §4): orgs and their network IDs, apps, hosts, machines,
-//! their event logs, leases, named locks and a few settings.
+//! their event logs, leases, named locks, the control plane's typed records (volumes, migrations,
+//! migration policies, instance histories, bridge mappings and gates) and a few settings.
 //!
 //! Its job: remember, atomically and durably, and never hand out an ID twice. Everything goes
-//! through the [`Store`] trait so that a multi-server deployment can swap the embedded
-//! [`SqliteStore`] for an etcd backend; leases and locks are part of the trait for that reason.
+//! through the [`Store`] trait, with two backends that pass one conformance suite: the embedded
+//! [`SqliteStore`] (the default) and [`EtcdStore`] (several servers on one etcd cluster; its
+//! module doc says how its transactions, allocators and leases work). [`open`] picks one from a
+//! connect string (`sqlite://PATH`, `sqlite::memory:`, `etcd://HOST:PORT[,HOST:PORT...]`).
+//!
+//! Records that callers change by read-modify-write carry a `revision`: an update names the
+//! revision it read and fails with [`StoreError::StaleRevision`] if the record changed meanwhile,
+//! so concurrent servers never lose each other's updates; indexes (a machine's active migration,
+//! volumes by state, mappings by network) change in the same transaction as their records.
 //!
 //! What it must never do: **no other crate opens SQLite** (they all come through here); it never
 //! talks to hosts, the network or the kernel; it never reuses a network ID, host ID or machine
@@ -265,7 +273,11 @@ pub trait Store: Send + Sync {
 
     // ---- settings ---------------------------------------------------------------------------
 
+    /// A free-form setting (fleet name, feature flags). Not for records that are listed,
+    /// indexed or changed by read-modify-write: those have typed methods above, because
+    /// `kv_get` then `kv_put` loses concurrent updates.
     fn kv_get(&self, key: &str) -> Result<Option<String>>;
+    /// Sets a setting (last writer wins).
     fn kv_put(&self, key: &str, value: &str) -> Result<()>;
 }
 

@@ -480,7 +480,7 @@ pub(super) fn concurrent_bridge_changes_lose_no_mapping(fx: &Fx) {
             }
             loop {
                 let n = s.bridge_network(net).unwrap();
-                match s.update_bridge_network(net, n.revision, &[m.clone()], &[]) {
+                match s.update_bridge_network(net, n.revision, std::slice::from_ref(&m), &[]) {
                     Ok(_) => break,
                     Err(StoreError::StaleRevision { .. }) => {}
                     Err(e) => panic!("{e}"),
