@@ -75,6 +75,9 @@ use std::time::Duration;
 /// 503 in seconds.
 pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One gRPC request's deadline, shorter than [`OP_TIMEOUT`] so that a read stuck on a member that
+/// just died is sent again to another one within the call.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Optimistic transactions retried this often before giving up: every round some writer commits,
 /// so only a storm of writers on one key gets here.
 const MAX_ATTEMPTS: usize = 500;
@@ -243,6 +246,7 @@ fn machine_alloc(h: HostId) -> String {
 }
 
 /// One value read: what a range or get returns, relative to the store's prefix.
+#[derive(Clone)]
 struct Kv {
     key: String,
     value: Vec<u8>,
@@ -262,11 +266,18 @@ struct Tx<'s> {
     writes: BTreeMap<String, Option<Vec<u8>>>,
     /// Full prefixes to delete whole.
     prefix_deletes: Vec<String>,
+    /// Full key -> what the snapshot holds there (None: absent), for keys read or prefetched.
+    cache: BTreeMap<String, Option<Kv>>,
+    /// Reads after the first may be served by the member from its local state, without a round
+    /// of the leader (etcd's "serializable" reads). Only for read-write transactions, whose
+    /// reads are all checked by the commit's compares anyway (and, on an error path, by
+    /// `Tx::still_current`).
+    serializable: bool,
     now: i64,
 }
 
 impl<'s> Tx<'s> {
-    fn new(s: &'s EtcdStore) -> Self {
+    fn new(s: &'s EtcdStore, serializable: bool) -> Self {
         Tx {
             s,
             rev: 0,
@@ -274,15 +285,24 @@ impl<'s> Tx<'s> {
             ranges: Vec::new(),
             writes: BTreeMap::new(),
             prefix_deletes: Vec::new(),
+            cache: BTreeMap::new(),
+            serializable,
             now: s.clock.now_ms(),
         }
     }
 
     fn opts(&self) -> GetOptions {
-        if self.rev > 0 {
+        let o = if self.rev > 0 {
             GetOptions::new().with_revision(self.rev)
         } else {
             GetOptions::new()
+        };
+        // The first read stays linearizable: it waits out an election (and is retried) instead
+        // of letting the commit run into a member that lost its leader a moment ago.
+        if self.serializable && self.rev > 0 {
+            o.with_serializable()
+        } else {
+            o
         }
     }
 
@@ -304,6 +324,9 @@ impl<'s> Tx<'s> {
         if self.prefix_deletes.iter().any(|p| full.starts_with(p)) {
             return Ok(None);
         }
+        if let Some(hit) = self.cache.get(&full) {
+            return Ok(hit.clone());
+        }
         let (k, o) = (full.clone(), self.opts());
         let mut resp = self.s.call(true, move |mut kv| {
             let (k, o) = (k.clone(), o.clone());
@@ -312,13 +335,15 @@ impl<'s> Tx<'s> {
         self.pin(resp.header().map(|h| h.revision()));
         let found = resp.take_kvs().into_iter().next();
         self.reads
-            .entry(full)
+            .entry(full.clone())
             .or_insert(found.as_ref().map_or(0, |kv| kv.mod_revision()));
-        Ok(found.map(|kv| Kv {
+        let found = found.map(|kv| Kv {
             key: key.to_owned(),
             create_revision: kv.create_revision(),
             value: kv.value().to_vec(),
-        }))
+        });
+        self.cache.insert(full, found.clone());
+        Ok(found)
     }
 
     fn get_json<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
@@ -373,32 +398,40 @@ impl<'s> Tx<'s> {
         Ok(out.into_values().collect())
     }
 
-    /// The values of `keys` (relative) at the snapshot, in batches of read-only `Txn`s: an index
-    /// scan followed by one round trip per [`GET_BATCH`] records, not one per record.
+    /// The values of `keys` (relative) at the snapshot, fetched in batches of read-only `Txn`s:
+    /// one round trip per [`GET_BATCH`] keys instead of one per key (index scans, and the keys an
+    /// operation is known to need, see [`Tx::prefetch`]).
     fn get_many(&mut self, keys: &[String]) -> Result<Vec<Option<Kv>>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(GET_BATCH) {
-            if self.rev == 0
-                || chunk
-                    .iter()
-                    .any(|k| self.writes.contains_key(&self.s.key(k)))
-            {
-                // Simple path when the snapshot is not pinned yet or our own writes matter.
-                for k in chunk {
-                    out.push(self.get(k)?);
-                }
-                continue;
-            }
+        let missing: Vec<String> = keys
+            .iter()
+            .map(|k| self.s.key(k))
+            .filter(|full| {
+                !self.cache.contains_key(full)
+                    && !self.writes.contains_key(full)
+                    && !self.prefix_deletes.iter().any(|p| full.starts_with(p))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in missing.chunks(GET_BATCH) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|k| TxnOp::get(self.s.key(k), Some(self.opts())))
+                .map(|k| TxnOp::get(k.clone(), Some(self.opts())))
                 .collect();
             let txn = Txn::new().and_then(ops);
             let resp = self.s.call(true, move |mut kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             })?;
-            for (k, r) in chunk.iter().zip(resp.op_responses()) {
+            // A read-only Txn is one consistent read: its revision can be the snapshot's.
+            self.pin(resp.header().map(|h| h.revision()));
+            let answers = resp.op_responses();
+            if answers.len() != chunk.len() {
+                return Err(StoreError::Etcd {
+                    what: format!("{} gets answered {} times", chunk.len(), answers.len()),
+                });
+            }
+            for (full, r) in chunk.iter().zip(answers) {
                 let TxnOpResponse::Get(mut g) = r else {
                     return Err(StoreError::Etcd {
                         what: "a read-only txn answered something other than a get".into(),
@@ -406,16 +439,56 @@ impl<'s> Tx<'s> {
                 };
                 let found = g.take_kvs().into_iter().next();
                 self.reads
-                    .entry(self.s.key(k))
+                    .entry(full.clone())
                     .or_insert(found.as_ref().map_or(0, |kv| kv.mod_revision()));
-                out.push(found.map(|kv| Kv {
-                    key: k.clone(),
+                let found = found.map(|kv| Kv {
+                    key: full[self.s.prefix.len()..].to_owned(),
                     create_revision: kv.create_revision(),
                     value: kv.value().to_vec(),
-                }));
+                });
+                self.cache.insert(full.clone(), found);
             }
         }
-        Ok(out)
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+
+    /// Reads `keys` in one round trip now, so the operation's later `get`s of them are free.
+    fn prefetch(&mut self, keys: &[String]) -> Result<()> {
+        self.get_many(keys).map(drop)
+    }
+
+    /// Whether everything this transaction read is still what it read (a compare-only `Txn`):
+    /// an error computed from serializable reads is returned only if it still holds.
+    fn still_current(&self) -> Result<bool> {
+        let cmps = self.compares();
+        if cmps.is_empty() {
+            return Ok(true);
+        }
+        let txn = Txn::new().when(cmps);
+        let resp = self.s.call(true, move |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })?;
+        Ok(resp.succeeded())
+    }
+
+    fn compares(&self) -> Vec<Compare> {
+        let mut cmps = Vec::with_capacity(self.reads.len() + self.ranges.len());
+        for (k, mr) in &self.reads {
+            cmps.push(if *mr == 0 {
+                Compare::version(k.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(k.clone(), CompareOp::Equal, *mr)
+            });
+        }
+        for p in &self.ranges {
+            // No key under the prefix was created or changed since the snapshot (deleted ones
+            // are caught by their own compare above).
+            cmps.push(
+                Compare::mod_revision(p.clone(), CompareOp::Less, self.rev + 1).with_prefix(),
+            );
+        }
+        cmps
     }
 
     fn put_raw(&mut self, key: &str, value: Vec<u8>) {
@@ -444,21 +517,7 @@ impl<'s> Tx<'s> {
         if self.writes.is_empty() && self.prefix_deletes.is_empty() {
             return Ok(Some(self.rev));
         }
-        let mut cmps = Vec::with_capacity(self.reads.len() + self.ranges.len());
-        for (k, mr) in &self.reads {
-            cmps.push(if *mr == 0 {
-                Compare::version(k.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(k.clone(), CompareOp::Equal, *mr)
-            });
-        }
-        for p in &self.ranges {
-            // No key under the prefix was created or changed since the snapshot (deleted ones
-            // are caught by their own compare above).
-            cmps.push(
-                Compare::mod_revision(p.clone(), CompareOp::Less, self.rev + 1).with_prefix(),
-            );
-        }
+        let cmps = self.compares();
         let mut ops = Vec::new();
         for p in &self.prefix_deletes {
             ops.push(TxnOp::delete(
@@ -528,7 +587,7 @@ impl EtcdStore {
             let opts = ConnectOptions::new()
                 .with_require_leader(true)
                 .with_connect_timeout(CONNECT_TIMEOUT)
-                .with_timeout(OP_TIMEOUT);
+                .with_timeout(REQUEST_TIMEOUT);
             Client::connect(eps, Some(opts)).await.map_err(from_etcd)
         })?;
         let store = EtcdStore {
@@ -592,7 +651,8 @@ impl EtcdStore {
 
     /// One read-only snapshot.
     fn read<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        f(&mut Tx::new(self))
+        // Linearizable: a read sees every write committed before it began, by any server.
+        f(&mut Tx::new(self, false))
     }
 
     /// One optimistic read-write transaction, run again until it commits on an unchanged
@@ -604,8 +664,22 @@ impl EtcdStore {
     /// [`EtcdStore::write`], also returning the revision the change was committed at.
     fn write_rev<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<(T, i64)> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut tx = Tx::new(self);
-            let out = f(&mut tx)?;
+            let mut tx = Tx::new(self, true);
+            let out = match f(&mut tx) {
+                Ok(out) => out,
+                // A refusal computed from a member's possibly lagging state (e.g. "app not
+                // found" just after another server created it) is only final if what it read
+                // is still current; otherwise run again.
+                Err(e)
+                    if !matches!(e, StoreError::Unavailable { .. } | StoreError::Etcd { .. }) =>
+                {
+                    if tx.still_current()? {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(rev) = tx.commit()? {
                 return Ok((out, rev));
             }
@@ -859,11 +933,25 @@ fn write_machine(tx: &mut Tx<'_>, m: &Machine, old: Option<&Machine>) -> Result<
     tx.put(&machine_key(&m.id), m)
 }
 
+/// The keys creating or updating `m` reads, fetched in one round trip up front.
+fn machine_keys(m: &Machine) -> Vec<String> {
+    let mut keys = vec![machine_key(&m.id), app_key(&m.app)];
+    if let Some(h) = m.host {
+        keys.push(host_key(h));
+        keys.push(machine_alloc(h));
+        if let Some(f) = m.machine_field {
+            keys.push(field_idx(h, f));
+        }
+    }
+    keys
+}
+
 fn update_machine_tx(
     tx: &mut Tx<'_>,
     m: &Machine,
     allowed_from: Option<&[MachineState]>,
 ) -> Result<Machine> {
+    tx.prefetch(&machine_keys(m))?;
     let cur = load_machine(tx, &m.id)?;
     if m.app != cur.app {
         return Err(invalid(format!(
@@ -1036,6 +1124,7 @@ impl Store for EtcdStore {
             if name.is_empty() {
                 return Err(invalid("an app name must not be empty"));
             }
+            tx.prefetch(&[app_key(name), org_key(org), NETWORK_ALLOC.to_owned()])?;
             if tx.get(&app_key(name))?.is_some() {
                 return Err(StoreError::AppExists {
                     name: name.to_owned(),
@@ -1166,8 +1255,9 @@ impl Store for EtcdStore {
 
     fn allocate_machine_field(&self, host: HostId) -> Result<MachineField> {
         self.write(|tx| {
-            load_host(tx, host)?;
             let key = machine_alloc(host);
+            tx.prefetch(&[host_key(host), key.clone()])?;
+            load_host(tx, host)?;
             let mut a = load_alloc(tx, &key)?
                 .map(MachineAllocator::restore)
                 .unwrap_or_default();
@@ -1181,6 +1271,7 @@ impl Store for EtcdStore {
 
     fn create_machine(&self, m: &Machine) -> Result<Machine> {
         self.write(|tx| {
+            tx.prefetch(&machine_keys(m))?;
             if tx.get(&machine_key(&m.id))?.is_some() {
                 return Err(StoreError::MachineExists { id: m.id.clone() });
             }
@@ -1319,6 +1410,7 @@ impl Store for EtcdStore {
     ) -> Result<Lease> {
         let ttl = ttl(ttl_ms)?;
         self.write(|tx| {
+            tx.prefetch(&[machine_key(machine_id), lease_key(machine_id)])?;
             machine_exists(tx, machine_id)?;
             if let Some(held) = live_lease(tx, machine_id)? {
                 return Err(StoreError::LeaseHeld {
@@ -1526,6 +1618,7 @@ impl Store for EtcdStore {
             if m.id.is_empty() || m.machine_id.is_empty() {
                 return Err(invalid("a migration needs an ID and a machine"));
             }
+            tx.prefetch(&[migration_key(&m.id), active_idx(&m.machine_id)])?;
             if tx.get(&migration_key(&m.id))?.is_some() {
                 return Err(StoreError::Exists {
                     kind: "migration",
