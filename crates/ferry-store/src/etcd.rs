@@ -38,6 +38,25 @@
 //! next acquire replaces it. (Claiming a whole migration driver through an etcd lease with
 //! keep-alives is a separate, later API.)
 //!
+//! # Key layout (under the store's prefix, `/ferry/` by default)
+//! Records are JSON; names inside keys are escaped (`%` and `/`), host IDs zero-padded so that
+//! key order is ID order. Index keys are empty values whose last segment is the record's ID.
+//!
+//! | keys | what |
+//! |---|---|
+//! | `alloc/network`, `alloc/host`, `alloc/machine/<host>` | allocator states (`{"next":N}`) |
+//! | `orgs/<org>`, `apps/<app>`, `idx/app_org/<org>/<app>` | orgs, apps, apps by org |
+//! | `hosts/<host>` | hosts |
+//! | `machines/<id>`, `idx/machine_app/<app>/<id>`, `idx/machine_host/<host>/<id>` | machines and their indexes |
+//! | `idx/machine_field/<host>/<field>` | the machine holding a field (unique per host) |
+//! | `events/<machine>/<nonce>` | events; ID = the revision that created the key |
+//! | `leases/<machine>`, `locks/<name>`, `kv/<key>` | leases, named locks, settings |
+//! | `volumes/<id>`, `idx/volume_state/<state>/<id>` | volumes, by state |
+//! | `migrations/<id>`, `idx/mig_{machine,app,network,drain}/<v>/<id>`, `idx/mig_unfinished/<id>` | migrations and their indexes |
+//! | `idx/mig_active/<machine>` | the machine's unfinished migration (its ID) |
+//! | `policies/<app>`, `instances/<machine>/<instance>` | policies; instance histories (append order = create revision) |
+//! | `bridge/net/<network>`, `bridge/map/<network>/<old>`, `bridge/gate/<org\|app>/<name>` | a network's revision, its mappings, gates |
+//!
 //! # Limits
 //! etcd refuses a transaction with more than `--max-txn-ops` operations (128 by default; compares
 //! count too). The largest ones here are `delete_app` (about 6 operations per terminal machine of
@@ -364,14 +383,14 @@ impl<'s> Tx<'s> {
         for kv in resp.take_kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             self.reads.entry(key.clone()).or_insert(kv.mod_revision());
-            out.insert(
-                key.clone(),
-                Kv {
-                    key: key[self.s.prefix.len()..].to_owned(),
-                    create_revision: kv.create_revision(),
-                    value: kv.value().to_vec(),
-                },
-            );
+            let kv = Kv {
+                key: key[self.s.prefix.len()..].to_owned(),
+                create_revision: kv.create_revision(),
+                value: kv.value().to_vec(),
+            };
+            // Same snapshot: a later `get` of one of these keys needs no round trip.
+            self.cache.insert(key.clone(), Some(kv.clone()));
+            out.insert(key, kv);
         }
         for (k, w) in self.writes.range(full.clone()..) {
             if !k.starts_with(&full) {

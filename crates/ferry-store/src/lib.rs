@@ -67,7 +67,7 @@ pub use model::{
     is_machine_id, new_instance_id, new_machine_id, App, Event, Host, Lease, Lock, Machine,
     MachineState, Org, ParseStateError,
 };
-pub use open::{open, open_with_clock};
+pub use open::{open, open_with_clock, DEFAULT_ETCD_PREFIX};
 pub use records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
     PolicyRecord, VolumeRecord,

@@ -750,4 +750,5 @@ conformance!(
     concurrent_allocations_never_repeat,
     concurrent_machine_creates_are_all_indexed,
     concurrent_delete_app_never_orphans_a_machine,
+    fifty_migrations_across_ten_networks_lose_nothing,
 );
