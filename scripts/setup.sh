@@ -15,6 +15,8 @@ PACKAGES=(
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
   postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
   docker-registry skopeo umoci busybox-static    # images: a real registry on loopback, images built by the tests, the pull baseline
+  etcd-server                                    # the etcd store backend: its conformance tests start a real etcd
+  protobuf-compiler libprotobuf-dev              # protoc and the well-known .proto files (descriptor, struct) that etcd-client's build script compiles
 )
 
 missing=()
