@@ -80,6 +80,8 @@ impl From<ferry_store::StoreError> for ApiError {
             "lock_held" | "lock_mismatch" => (409, "lock_held"),
             "app_has_machines" => (409, "app_has_machines"),
             "conflict" => (409, "conflict"),
+            "stale_revision" => (409, "conflict"),
+            "migration_in_progress" => (409, "migration_in_progress"),
             "invalid" => (400, "invalid_argument"),
             "busy" | "unavailable" => (503, "unavailable"),
             _ => (500, "internal"),

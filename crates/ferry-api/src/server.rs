@@ -548,11 +548,13 @@ pub(crate) fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String
 
 pub(crate) fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
     validate_volume_id(id)?;
-    let raw = ctx
-        .store
-        .kv_get(&format!("volume/{id}"))?
-        .ok_or_else(|| ApiError::not_found(format!("volume {id}")))?;
-    serde_json::from_str(&raw).map_err(ApiError::internal)
+    volume_view(ctx.store.get_volume(id)?)
+}
+
+fn volume_view(r: ferry_store::VolumeRecord) -> Result<VolumeView> {
+    let mut v: VolumeView = serde_json::from_value(r.detail).map_err(ApiError::internal)?;
+    v.revision = r.revision;
+    Ok(v)
 }
 
 /// The endpoint of the agent of the machine's host.
@@ -1031,6 +1033,7 @@ async fn create_volume(
         forked_from: None,
         destroy_after: None,
         destroy_after_ms: None,
+        revision: 0,
     };
     put_volume(&ctx, &v)?;
     Ok((StatusCode::CREATED, Json(v)))
@@ -1039,40 +1042,48 @@ async fn create_volume(
 /// Smallest size-limited volume (an ext4 file system with a journal needs a few MiB).
 pub const MIN_VOLUME_MB: u64 = 8;
 
-/// Records a volume (new or changed); idempotent.
+/// Records a volume. One read before (`v.revision` from [`volume`]): a compare-and-swap, so a
+/// concurrent change is a conflict instead of a lost update. A new one (revision 0): created,
+/// or, when its creator repeats the step after a crash, replaced.
 pub(crate) fn put_volume(ctx: &Ctx, v: &VolumeView) -> Result<()> {
-    ctx.store.kv_put(
-        &format!("volume/{}", v.id),
-        &serde_json::to_string(v).map_err(ApiError::internal)?,
-    )?;
-    let mut ids = volume_ids(ctx)?;
-    if !ids.contains(&v.id) {
-        ids.push(v.id.clone());
-        ctx.store.kv_put(
-            "volumes",
-            &serde_json::to_string(&ids).map_err(ApiError::internal)?,
-        )?;
+    let mut rec = ferry_store::VolumeRecord {
+        id: v.id.clone(),
+        state: v.state.clone(),
+        host: v.host.clone(),
+        destroy_after_ms: v.destroy_after_ms,
+        detail: serde_json::to_value(v).map_err(ApiError::internal)?,
+        revision: v.revision,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    if v.revision != 0 {
+        ctx.store.update_volume(&rec)?;
+        return Ok(());
     }
-    Ok(())
+    match ctx.store.create_volume(&rec) {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == "conflict" => {
+            rec.revision = ctx.store.get_volume(&v.id)?.revision;
+            ctx.store.update_volume(&rec)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-pub(crate) fn volume_ids(ctx: &Ctx) -> Result<Vec<String>> {
-    Ok(ctx
-        .store
-        .kv_get("volumes")?
-        .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default())
+/// Every volume, oldest first.
+pub(crate) fn volumes(ctx: &Ctx, state: Option<&str>) -> Result<Vec<VolumeView>> {
+    ctx.store
+        .list_volumes(state)?
+        .into_iter()
+        .map(volume_view)
+        .collect()
 }
 
 #[utoipa::path(get, path = "/v1/volumes", tag = "volumes", responses((status = 200, body = [VolumeView]), ServerFailed))]
 async fn list_volumes(State(ctx): Shared) -> Result<Json<Vec<VolumeView>>> {
     crate::migrate::expire_volumes(&ctx).await;
-    let ids = volume_ids(&ctx)?;
-    Ok(Json(
-        ids.iter()
-            .map(|id| volume(&ctx, id))
-            .collect::<Result<_>>()?,
-    ))
+    Ok(Json(volumes(&ctx, None)?))
 }
 
 // ---- agents -----------------------------------------------------------------------------------

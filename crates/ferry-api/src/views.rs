@@ -212,6 +212,9 @@ pub struct VolumeView {
     /// Milliseconds since the epoch, for `destroy_after`.
     #[serde(default)]
     pub destroy_after_ms: Option<i64>,
+    /// The store revision this copy was read at (0: not stored yet); see `put_volume`.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 impl VolumeView {

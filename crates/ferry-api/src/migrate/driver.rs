@@ -509,9 +509,12 @@ fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
 
 /// An unfinished migration of a machine that was running when it began.
 fn being_moved_while_running(ctx: &Ctx, machine: &str) -> bool {
-    ids(ctx).unwrap_or_default().iter().rev().any(|id| {
-        load(ctx, id).is_ok_and(|m| m.machine_id == machine && m.was_running && !m.phase.finished())
-    })
+    ctx.store
+        .active_migration(machine)
+        .ok()
+        .flatten()
+        .and_then(|r| from_record(r).ok())
+        .is_some_and(|m| m.was_running && !m.phase.finished())
 }
 
 /// [`unavailable`]'s rule on plain facts (unit-tested): the state, whether the checks pass
@@ -698,6 +701,7 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                     forked_from: Some(src.id.clone()),
                     destroy_after: None,
                     destroy_after_ms: None,
+                    revision: 0,
                 },
             )?;
         }

@@ -172,6 +172,10 @@ pub struct Migration {
     /// While a copy round runs: the source agent's progress (not stored).
     #[serde(default)]
     pub progress: Option<VolumeProgress>,
+    /// The store revision this copy was read at: a save names it, so two writers never lose
+    /// each other's update (the second gets a conflict).
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 /// An app's rules for moving its machines.
@@ -267,41 +271,64 @@ pub struct DrainView {
 
 // ---- records ----------------------------------------------------------------------------------
 
-fn key(id: &str) -> String {
-    format!("migration/{id}")
+/// The store's typed record of a migration: the fields it indexes, and the rest as detail.
+fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
+    let mut stored = m.clone();
+    stored.progress = None;
+    Ok(ferry_store::MigrationRecord {
+        id: m.id.clone(),
+        machine_id: m.machine_id.clone(),
+        app: m.app.clone(),
+        network_id: m.network_id,
+        phase: m.phase.as_str().into(),
+        finished: m.phase.finished(),
+        drain: m.drain.clone(),
+        detail: serde_json::to_value(&stored).map_err(ApiError::internal)?,
+        revision: m.revision,
+        created_at_ms: m.created_at_ms,
+        updated_at_ms: m.updated_at_ms,
+    })
+}
+
+fn from_record(r: ferry_store::MigrationRecord) -> Result<Migration> {
+    let mut m: Migration = serde_json::from_value(r.detail).map_err(ApiError::internal)?;
+    m.revision = r.revision;
+    Ok(m)
 }
 
 fn load(ctx: &Ctx, id: &str) -> Result<Migration> {
-    let raw = ctx
-        .store
-        .kv_get(&key(id))?
-        .ok_or_else(|| ApiError::not_found(format!("migration {id}")))?;
-    serde_json::from_str(&raw).map_err(ApiError::internal)
+    from_record(ctx.store.get_migration(id)?)
 }
 
+/// Writes the migration if nobody else changed it since it was read (compare-and-swap on its
+/// revision); a conflict otherwise, and nothing is written.
 fn save(ctx: &Ctx, m: &mut Migration) -> Result<()> {
     m.updated_at_ms = ctx.store.now_ms();
-    let mut stored = m.clone();
-    stored.progress = None;
-    ctx.store.kv_put(
-        &key(&m.id),
-        &serde_json::to_string(&stored).map_err(ApiError::internal)?,
-    )?;
+    let r = ctx.store.update_migration(&record(m)?)?;
+    m.revision = r.revision;
     Ok(())
 }
 
-fn ids(ctx: &Ctx) -> Result<Vec<String>> {
-    Ok(ctx
-        .store
-        .kv_get("migrations")?
-        .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default())
+fn list_where(ctx: &Ctx, f: ferry_store::MigrationFilter<'_>) -> Result<Vec<Migration>> {
+    ctx.store
+        .list_migrations(f)?
+        .into_iter()
+        .map(from_record)
+        .collect()
 }
 
 pub fn load_policy(ctx: &Ctx, app: &str) -> Result<MigratePolicy> {
-    match ctx.store.kv_get(&format!("policy/{app}"))? {
-        Some(s) => serde_json::from_str(&s).map_err(ApiError::internal),
-        None => Ok(MigratePolicy::default()),
+    Ok(load_policy_rev(ctx, app)?.0)
+}
+
+/// The app's policy (webhook secret included) and the revision it was read at (0: none stored).
+fn load_policy_rev(ctx: &Ctx, app: &str) -> Result<(MigratePolicy, u64)> {
+    match ctx.store.get_policy(app)? {
+        Some(r) => Ok((
+            serde_json::from_value(r.detail).map_err(ApiError::internal)?,
+            r.revision,
+        )),
+        None => Ok((MigratePolicy::default(), 0)),
     }
 }
 
@@ -390,24 +417,9 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             ));
         }
     }
-    // One migration per machine at a time. The check and the write are under a short lock so two
-    // concurrent requests cannot both pass the check.
-    let guard = format!("migrate/machine/{}", m.id);
-    let lock = ctx.store.acquire_lock(&guard, 5_000, "api").map_err(|_| {
-        ApiError::conflict(
-            "migration_in_progress",
-            "a migration of this machine is being created",
-        )
-    })?;
+    // One migration per machine at a time: the store records it as the machine's active one in
+    // the same step, or refuses (migration_in_progress) if the machine has one.
     let result = (|| {
-        if let Some(active) = ctx.store.kv_get(&format!("migrating/{}", m.id))? {
-            if load(ctx, &active).is_ok_and(|a| !a.phase.finished()) {
-                return Err(ApiError::conflict(
-                    "migration_in_progress",
-                    format!("machine {} is already migrating ({active})", m.id),
-                ));
-            }
-        }
         let now = ctx.store.now_ms();
         let mut mig = Migration {
             id: format!("mig_{}", random_hex(8)),
@@ -438,15 +450,9 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             launch_recorded: false,
             retries: 0,
             progress: None,
+            revision: 0,
         };
-        save(ctx, &mut mig)?;
-        let mut all = ids(ctx)?;
-        all.push(mig.id.clone());
-        ctx.store.kv_put(
-            "migrations",
-            &serde_json::to_string(&all).map_err(ApiError::internal)?,
-        )?;
-        ctx.store.kv_put(&format!("migrating/{}", m.id), &mig.id)?;
+        mig.revision = ctx.store.create_migration(&record(&mig)?)?.revision;
         ctx.store.add_event(
             &m.id,
             "migrate",
@@ -456,7 +462,6 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
         )?;
         Ok(mig)
     })();
-    let _ = ctx.store.release_lock(&guard, &lock.nonce);
     result
 }
 
@@ -472,9 +477,13 @@ pub struct ListQuery {
 /// `GET /v1/migrations`: newest last.
 #[utoipa::path(get, path = "/v1/migrations", operation_id = "list_migrations", tag = "migrations", params(ListQuery), responses((status = 200, description = "Migrations, oldest first.", body = [Migration]), BadRequest, ServerFailed))]
 pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
+    let filter = match (&q.machine, &q.drain) {
+        (Some(m), _) => ferry_store::MigrationFilter::Machine(m),
+        (None, Some(d)) => ferry_store::MigrationFilter::Drain(d),
+        (None, None) => ferry_store::MigrationFilter::All,
+    };
     let mut out = Vec::new();
-    for id in ids(&ctx)? {
-        let m = load(&ctx, &id)?;
+    for m in list_where(&ctx, filter)? {
         if q.machine.as_ref().is_some_and(|x| *x != m.machine_id)
             || q.drain
                 .as_ref()
@@ -537,7 +546,7 @@ pub async fn set_policy(
     Body(req): Body<PolicyUpdate>,
 ) -> Result<Json<MigratePolicy>> {
     ctx.store.get_app(&app)?;
-    let mut p = load_policy(&ctx, &app)?;
+    let (mut p, revision) = load_policy_rev(&ctx, &app)?;
     if let Some(n) = req.max_unavailable {
         if !(1..=10_000).contains(&n) {
             return Err(ApiError::invalid("max_unavailable must be 1..=10000"));
@@ -591,8 +600,12 @@ pub async fn set_policy(
     // The secret is not shown back, so it is stored separately from what GET returns.
     let mut stored = serde_json::to_value(&p).map_err(ApiError::internal)?;
     stored["webhook_secret"] = serde_json::json!(p.webhook_secret);
-    ctx.store
-        .kv_put(&format!("policy/{app}"), &stored.to_string())?;
+    // Compare-and-swap: a concurrent change of the same policy is a conflict, not a lost update.
+    ctx.store.put_policy(&ferry_store::PolicyRecord {
+        app: app.clone(),
+        detail: stored,
+        revision,
+    })?;
     Ok(Json(p))
 }
 
@@ -658,10 +671,8 @@ pub async fn drain(
 
 /// Drives every unfinished migration (after a server restart), and expires volumes from then on.
 pub fn resume_unfinished(ctx: &Arc<Ctx>) {
-    for id in ids(ctx).unwrap_or_default() {
-        if load(ctx, &id).is_ok_and(|m| !m.phase.finished()) {
-            spawn_driver(ctx.clone(), id);
-        }
+    for m in list_where(ctx, ferry_store::MigrationFilter::Unfinished).unwrap_or_default() {
+        spawn_driver(ctx.clone(), m.id);
     }
     let c = ctx.clone();
     tokio::spawn(async move {
@@ -684,10 +695,7 @@ fn mark_pending_destroy(v: &mut VolumeView, now_ms: i64, retention_ms: u64) {
 /// Deletes the source volumes whose retention ran out (best effort; retried on the next call).
 pub async fn expire_volumes(ctx: &Ctx) {
     let now = ctx.store.now_ms();
-    for id in server::volume_ids(ctx).unwrap_or_default() {
-        let Ok(mut v) = server::volume(ctx, &id) else {
-            continue;
-        };
+    for mut v in server::volumes(ctx, Some("pending_destroy")).unwrap_or_default() {
         if v.state != "pending_destroy" || v.destroy_after_ms.is_none_or(|t| t > now) {
             continue;
         }
@@ -723,23 +731,31 @@ pub async fn expire_volumes(ctx: &Ctx) {
 
 pub fn instances(ctx: &Ctx, machine: &str) -> Vec<InstanceRecord> {
     ctx.store
-        .kv_get(&format!("instances/{machine}"))
-        .ok()
-        .flatten()
-        .and_then(|s| serde_json::from_str(&s).ok())
+        .list_instances(machine)
         .unwrap_or_default()
+        .into_iter()
+        .map(|r| InstanceRecord {
+            instance_id: r.instance_id,
+            host: r.host,
+            private_ip: r.private_ip,
+            state: r.state,
+            ended_at: r.ended_at,
+            migration: r.migration,
+        })
+        .collect()
 }
 
+/// Appends to the machine's instance history (idempotent: a resumed migration repeats it).
 fn add_instance(ctx: &Ctx, machine: &str, rec: InstanceRecord) -> Result<()> {
-    let mut all = instances(ctx, machine);
-    if all.iter().any(|r| r.instance_id == rec.instance_id) {
-        return Ok(()); // idempotent on resume
-    }
-    all.push(rec);
-    ctx.store.kv_put(
-        &format!("instances/{machine}"),
-        &serde_json::to_string(&all).map_err(ApiError::internal)?,
-    )?;
+    ctx.store.append_instance(&ferry_store::InstanceRecord {
+        machine_id: machine.to_owned(),
+        instance_id: rec.instance_id,
+        host: rec.host,
+        private_ip: rec.private_ip,
+        state: rec.state,
+        ended_at: rec.ended_at,
+        migration: rec.migration,
+    })?;
     Ok(())
 }
 
