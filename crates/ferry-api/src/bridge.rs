@@ -19,7 +19,6 @@ use utoipa::ToSchema;
 type Result<T> = std::result::Result<T, ApiError>;
 type Shared = State<Arc<Ctx>>;
 
-
 /// Orgs and apps whose machines do not get the bridge (it is on by default).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Gates {

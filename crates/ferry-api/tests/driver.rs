@@ -339,3 +339,148 @@ async fn a_destination_that_cannot_start_the_machine_rolls_it_back_to_its_source
     );
     assert_eq!(now["state"], "started");
 }
+
+/// The scenario end to end through the API: 50 migrations across 10 networks at once,
+/// with bridge map calls in the same networks alongside; afterwards no migration record, no
+/// active-migration index entry, no instance and no mapping is missing or left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_migrations_in_ten_networks_lose_nothing() {
+    let h = Arc::new(Harness::new(2).await);
+    let mut machines = Vec::new(); // (app, id, private_ip)
+    for n in 0..10 {
+        let app = format!("app{n}");
+        let (s, a) = h
+            .call(
+                "POST",
+                "/v1/apps",
+                json!({"app_name": app, "org_slug": format!("org{n}")}),
+            )
+            .await;
+        assert_eq!(s, 201, "{a}");
+        let (s, p) = h
+            .call(
+                "POST",
+                &format!("/v1/apps/{app}/policy"),
+                json!({"min_healthy_time": "1s", "healthy_deadline": "10m", "max_unavailable": 5}),
+            )
+            .await;
+        assert_eq!(s, 200, "{p}");
+        for _ in 0..5 {
+            let m = h.machine(&app).await;
+            let ip = m["private_ip"].as_str().unwrap().to_owned();
+            machines.push((app.clone(), m["id"].as_str().unwrap().to_owned(), ip));
+        }
+    }
+    let before = h.agents.running();
+
+    // Every migration and every map call at once.
+    let mut tasks = Vec::new();
+    for (app, id, _) in &machines {
+        let (h, path) = (h.clone(), format!("/v1/apps/{app}/machines/{id}/migrate"));
+        tasks.push(tokio::spawn(async move {
+            let (s, m) = h.call("POST", &path, json!({})).await;
+            assert_eq!(s, 202, "{m}");
+            format!("mig {}", m["id"].as_str().unwrap())
+        }));
+    }
+    let mut manual = Vec::new(); // (old, new) of the map calls
+    for (k, (_, _, ip)) in machines.iter().enumerate() {
+        // Addresses in the machine's network on hosts that do not exist: old -> new.
+        let net: ferry_addr::FleetAddr = ip.parse().unwrap();
+        let fake = |host: u32| {
+            ferry_addr::FleetAddr::new(
+                net.network(),
+                ferry_addr::HostId::new(host).unwrap(),
+                ferry_addr::MachineField(1000 + k as u32),
+                2,
+            )
+            .to_string()
+        };
+        let (old, new) = (fake(0x8000_0100), fake(0x8000_0101));
+        manual.push((old.clone(), new.clone()));
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let (s, m) = h
+                .call("POST", "/v1/bridge", json!({"old": old, "new": new}))
+                .await;
+            assert_eq!(s, 201, "{m}");
+            "map".to_string()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        if let Some(id) = r.strip_prefix("mig ") {
+            ids.push(id.to_owned());
+        }
+    }
+    assert_eq!(ids.len(), 50);
+
+    // Let them run: the manual clock moves 250 ms per round (health is measured on it).
+    let mut done = false;
+    for _ in 0..2400 {
+        let all = h
+            .store
+            .list_migrations(ferry_store::MigrationFilter::All)
+            .unwrap();
+        if all.len() == 50 && all.iter().all(|m| m.finished) {
+            done = true;
+            break;
+        }
+        h.clock.advance(250);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(done, "the 50 migrations did not all finish");
+
+    let all = h
+        .store
+        .list_migrations(ferry_store::MigrationFilter::All)
+        .unwrap();
+    let recorded: BTreeSet<String> = all.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(
+        recorded,
+        ids.iter().cloned().collect(),
+        "every migration is recorded once"
+    );
+    assert!(
+        all.iter().all(|m| m.phase == "done"),
+        "{:?}",
+        all.iter().map(|m| &m.phase).collect::<Vec<_>>()
+    );
+    let mappings = h.store.list_bridge_mappings(None).unwrap();
+    for (app, id, old_ip) in &machines {
+        assert!(
+            h.store.active_migration(id).unwrap().is_none(),
+            "{id} still has an active migration"
+        );
+        assert_eq!(
+            h.store
+                .list_migrations(ferry_store::MigrationFilter::Machine(id))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            h.store.list_instances(id).unwrap().len(),
+            1,
+            "{id}'s instance history"
+        );
+        assert_ne!(h.agents.running().get(id), before.get(id), "{id} moved");
+        let (_, now) = h
+            .call("GET", &format!("/v1/apps/{app}/machines/{id}"), json!(null))
+            .await;
+        let new_ip = now["private_ip"].as_str().unwrap();
+        assert!(
+            mappings.iter().any(|m| &m.old == old_ip && m.new == new_ip),
+            "the bridge mapping of {id}'s move"
+        );
+    }
+    for (old, new) in &manual {
+        assert!(
+            mappings.iter().any(|m| &m.old == old && &m.new == new),
+            "map {old} -> {new}"
+        );
+    }
+    assert_eq!(mappings.len(), 100, "nothing lost, nothing extra");
+    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+}
