@@ -100,3 +100,102 @@ fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn start_server(store: &str, state: &std::path::Path) -> (Server, String) {
+    let api = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["server", "--store", store, "--state-dir"])
+        .arg(state)
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{api}");
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{url}/v1/hosts")).send().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ferry server on {store} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Server(child), url)
+}
+
+/// Two servers on one 3-member etcd cluster serve one fleet: what one records the other
+/// answers. One member down: everything goes on. Every member down: the API answers 503 with a
+/// clear error and changes nothing; etcd back: service resumes with no manual step.
+#[test]
+fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
+    let mut etcd = ferry_store::testing::EtcdCluster::start(3).unwrap();
+    let url = etcd.url("ferry-server-test");
+    let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, a) = start_server(&url, sa.path());
+    let (_b, b) = start_server(&url, sb.path());
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let create = |api: &str, name: &str| {
+        let r = http
+            .post(format!("{api}/v1/apps"))
+            .json(&serde_json::json!({"app_name": name}))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap())
+    };
+    let names = |api: &str| -> Vec<String> {
+        let v: serde_json::Value = http
+            .get(format!("{api}/v1/apps"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    assert_eq!(create(&a, "web").0, 201);
+    assert_eq!(names(&b), ["web"], "server B sees what server A recorded");
+    // The name is the fleet's: B refuses it too.
+    assert_eq!(create(&b, "web").0, 409);
+
+    etcd.kill(1);
+    assert_eq!(create(&b, "db").0, 201, "one member down: B goes on");
+    assert_eq!(names(&a), ["db", "web"]);
+
+    etcd.kill(0);
+    etcd.kill(2);
+    let (s, e) = create(&a, "cache");
+    assert_eq!((s, e["code"].as_str()), (503, Some("unavailable")), "{e}");
+    let r = http.get(format!("{b}/v1/apps")).send().unwrap();
+    assert_eq!(r.status(), 503);
+
+    etcd.restart_all().unwrap();
+    // Back without a manual step (bounded: the clients reconnect on their own).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{a}/v1/apps")).send() {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service did not resume after etcd came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        names(&b),
+        ["db", "web"],
+        "the refused create changed nothing"
+    );
+    assert_eq!(create(&b, "cache").0, 201);
+}

@@ -51,6 +51,11 @@ pub struct DevArgs {
     /// directory mounted read-write into a machine, so only directories set aside for it.
     #[arg(long, value_name = "DIR")]
     host_dir_root: Vec<PathBuf>,
+    /// Where the fleet's state lives: `sqlite://PATH` (default: `ferry.db` in the state
+    /// directory) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (several servers can share one
+    /// etcd cluster; etcd needs `--max-txn-ops` of 1024 or more).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// The largest compressed image layer a host accepts, in MiB.
     #[arg(long, default_value_t = 2048)]
     image_max_layer_mb: u64,
@@ -136,7 +141,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         args.state_dir.join("dev.pid"),
         std::process::id().to_string(),
     )?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
+    let store: Arc<dyn Store> = match &args.store {
+        Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
+        None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
+    };
     let t0 = Instant::now();
 
     // Hosts keep their IDs across restarts: the store allocated them once.

@@ -32,12 +32,20 @@ pub struct ServerArgs {
     /// directory mounted read-write into a machine, so only directories set aside for it.
     #[arg(long, value_name = "DIR")]
     host_dir_root: Vec<PathBuf>,
+    /// Where the fleet's state lives: `sqlite://PATH` (default: `ferry.db` in the state
+    /// directory) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (several servers can share one
+    /// etcd cluster; etcd needs `--max-txn-ops` of 1024 or more).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let store = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
+    let store: Arc<dyn ferry_store::Store> = match &args.store {
+        Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
+        None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
