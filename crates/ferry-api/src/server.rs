@@ -46,6 +46,8 @@ pub struct Ctx {
     pub agents: Arc<dyn crate::agents::Agents>,
     /// The migrations this process drives.
     pub migrations: crate::migrate::InFlight,
+    /// This server process among the fleet's servers (its claims on migrations carry it).
+    pub server_id: String,
     /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
     host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
     /// Bumped on every machine state change; `wait` listens to it.
@@ -82,6 +84,7 @@ impl Ctx {
             http,
             agents,
             migrations: Default::default(),
+            server_id: format!("server-{}", random_hex(6)),
             host_dir_roots: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,

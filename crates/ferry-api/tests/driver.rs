@@ -484,3 +484,117 @@ async fn fifty_concurrent_migrations_in_ten_networks_lose_nothing() {
     assert_eq!(mappings.len(), 100, "nothing lost, nothing extra");
     assert!(h.agents.0.lock().unwrap().violations.is_empty());
 }
+
+/// Two servers on one store: the one driving a migration dies (its runtime, with every task of
+/// it, is gone); the other takes the migration over once the dead one's claim expires and
+/// finishes it from the recorded phase, with never two running copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_server_takes_over_a_migration_whose_server_died() {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let store = Arc::new(SqliteStore::in_memory_with_clock(clock.clone()).unwrap());
+    for i in 0..2 {
+        store
+            .register_host("ord", &format!("agent://h{i}"))
+            .unwrap();
+    }
+    let agents = Arc::new(Double::default());
+    let dir = tempfile::tempdir().unwrap();
+
+    // Server A, on a runtime of its own: shutting that runtime down is A dying.
+    let rt_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ctx_a = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let a = format!("http://{}", listener.local_addr().unwrap());
+    let app_a = router(ctx_a.clone());
+    rt_a.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(listener).unwrap();
+        axum::serve(l, app_a).await
+    });
+
+    let http = reqwest::Client::new();
+    let post = |url: String, body: Value| {
+        let http = http.clone();
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    post(format!("{a}/v1/apps"), json!({"app_name": "web"})).await;
+    // Healthy for half an hour of the store's clock: the migration waits at `started` until the test
+    // moves the clock, so A dies in the middle of it.
+    let (s, p) = post(
+        format!("{a}/v1/apps/web/policy"),
+        json!({"min_healthy_time": "30m", "healthy_deadline": "1h"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    let (_, m) = post(
+        format!("{a}/v1/apps/web/machines"),
+        json!({"config": {"init": {"cmd": ["sleep", "inf"]}}}),
+    )
+    .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let from = agents.running()[&id].clone();
+    let (s, mig) = post(format!("{a}/v1/apps/web/machines/{id}/migrate"), json!({})).await;
+    assert_eq!(s, 202, "{mig}");
+    let mig_id = mig["id"].as_str().unwrap().to_owned();
+    let phase = || store.get_migration(&mig_id).unwrap().phase;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while phase() != "started" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never got to started: {}",
+            phase()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let claim = format!("migration-driver/{mig_id}");
+    let holder = || store.current_lock(&claim).unwrap().map(|l| l.owner);
+    assert_eq!(holder(), Some(ctx_a.server_id.clone()));
+    // A dies.
+    tokio::task::spawn_blocking(move || rt_a.shutdown_timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    drop(ctx_a);
+
+    // Server B starts (resuming and scanning for migrations nobody drives).
+    let ctx_b = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
+    ferry_api::migrate::resume_unfinished(&ctx_b);
+    // A's claim holds until its TTL runs out on the store's clock; B must not drive it before.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(phase(), "started");
+    assert_ne!(
+        holder(),
+        Some(ctx_b.server_id.clone()),
+        "B took a claim that had not expired"
+    );
+    clock.advance(ferry_api::migrate::CLAIM_TTL_MS as i64 + 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while holder() != Some(ctx_b.server_id.clone()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B did not take the migration over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B carries on from `started`: done once the machine has been healthy for half an hour of
+    // the store's clock (a minute per round here).
+    while phase() != "done" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B did not finish it: {:?}",
+            store.get_migration(&mig_id).unwrap()
+        );
+        clock.advance(60_000);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let to = agents.running()[&id].clone();
+    assert_ne!(from, to);
+    assert!(agents.0.lock().unwrap().violations.is_empty());
+    assert!(store.active_migration(&id).unwrap().is_none());
+}

@@ -44,14 +44,61 @@ pub fn spawn_driver(ctx: Arc<Ctx>, id: String) {
     });
 }
 
+/// Holds (or takes again, if it expired and nobody else took it) this server's claim on
+/// driving migration `id`. `Ok(false)`: another server drives it.
+fn keep_claim(ctx: &Ctx, id: &str, nonce: &mut Option<String>) -> Result<bool> {
+    let name = claim_name(id);
+    if let Some(n) = nonce.as_deref() {
+        if ctx.store.refresh_lock(&name, n, CLAIM_TTL_MS).is_ok() {
+            return Ok(true);
+        }
+    }
+    match ctx.store.acquire_lock(&name, CLAIM_TTL_MS, &ctx.server_id) {
+        Ok(l) => {
+            *nonce = Some(l.nonce);
+            Ok(true)
+        }
+        Err(StoreError::LockHeld { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn claim_name(id: &str) -> String {
+    format!("migration-driver/{id}")
+}
+
 async fn drive(ctx: &Arc<Ctx>, id: &str) {
-    // The lock's heartbeat: refreshed while this driver lives, so only a dead coordinator's lock
-    // expires.
+    // Exactly one server drives a migration at a time: the one holding its claim, a store lock
+    // with a short TTL that this driver's heartbeat refreshes. A server that dies stops
+    // refreshing; every server's takeover scan ([`super::resume_unfinished`]) then claims it
+    // and carries on from the recorded phase.
+    let mut claim = None;
+    match keep_claim(ctx, id, &mut claim) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!("migration {id}: claim: {e}");
+            return;
+        }
+    }
+    let claim = Arc::new(std::sync::Mutex::new(claim));
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
+    // dead server's expire.
     let hb = {
-        let (ctx, id) = (ctx.clone(), id.to_owned());
+        let (ctx, id, claim, lost) = (ctx.clone(), id.to_owned(), claim.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(LOCK_TTL_MS / 3)).await;
+                tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 5)).await;
+                let mut c = claim.lock().unwrap().clone();
+                match keep_claim(&ctx, &id, &mut c) {
+                    Ok(true) => *claim.lock().unwrap() = c,
+                    Ok(false) => {
+                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    Err(_) => {} // store unreachable: try again; the claim may still hold
+                }
                 if let Ok(m) = load(&ctx, &id) {
                     if let Some(n) = &m.lock_nonce {
                         let _ = ctx.store.refresh_lock(&lock_name(&m), n, LOCK_TTL_MS);
@@ -61,6 +108,10 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         })
     };
     loop {
+        if lost.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("migration {id}: another server took it over");
+            break;
+        }
         let mut mig = match load(ctx, id) {
             Ok(m) => m,
             Err(e) => {
@@ -130,6 +181,10 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         }
     }
     hb.abort();
+    let held = claim.lock().unwrap().clone();
+    if let Some(n) = held {
+        let _ = ctx.store.release_lock(&claim_name(id), &n);
+    }
 }
 
 /// Refreshes the network lock this migration holds, or takes it again if it expired and is

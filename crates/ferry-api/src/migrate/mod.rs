@@ -41,6 +41,11 @@ type Shared = State<Arc<Ctx>>;
 
 /// How long the per-network lock lives without a refresh (a dead coordinator's lock expires).
 const LOCK_TTL_MS: u64 = 15_000;
+/// How long a server's claim on driving a migration outlives its last heartbeat: the longest a
+/// migration waits for another server to take it over after its server died.
+pub const CLAIM_TTL_MS: u64 = 5_000;
+/// How often every server looks for unfinished migrations nobody drives.
+const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
 /// Transient failures (an agent restarting) are retried this many times before a rollback.
 const MAX_RETRIES: u32 = 40;
 
@@ -671,9 +676,17 @@ pub async fn drain(
 
 /// Drives every unfinished migration (after a server restart), and expires volumes from then on.
 pub fn resume_unfinished(ctx: &Arc<Ctx>) {
-    for m in list_where(ctx, ferry_store::MigrationFilter::Unfinished).unwrap_or_default() {
-        spawn_driver(ctx.clone(), m.id);
-    }
+    // Now and from then on: a migration whose server died (its claim expired) is taken over by
+    // whichever server claims it first; the others' drivers see the claim held and stop at once.
+    let c = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            for m in list_where(&c, ferry_store::MigrationFilter::Unfinished).unwrap_or_default() {
+                spawn_driver(c.clone(), m.id);
+            }
+            tokio::time::sleep(TAKEOVER_SCAN).await;
+        }
+    });
     let c = ctx.clone();
     tokio::spawn(async move {
         loop {
