@@ -25,35 +25,11 @@ fn free_port() -> u16 {
 fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
     let state = tempfile::tempdir().unwrap();
     // A store with one started machine, as agents would have left it.
-    let ip = {
-        let store = SqliteStore::open(state.path().join("ferry.db")).unwrap();
-        let app = store.create_app("web", "acme").unwrap();
-        let host = store.register_host("ord", "").unwrap();
-        let field = store.allocate_machine_field(host.id).unwrap();
-        let ip = ferry_addr::FleetAddr::new(app.network_id, host.id, field, 2);
-        let m = store
-            .create_machine(&Machine {
-                id: "0123456789abcd".into(),
-                name: "web-1".into(),
-                app: app.name.clone(),
-                org: app.org.clone(),
-                network_id: app.network_id,
-                host: Some(host.id),
-                region: "ord".into(),
-                machine_field: Some(field),
-                private_ip: Some(ip.to_string()),
-                instance_id: ferry_store::new_instance_id(),
-                state: MachineState::Created,
-                config: serde_json::json!({"init": {"cmd": ["sleep", "inf"]}}),
-                created_at_ms: 0,
-                updated_at_ms: 0,
-            })
-            .unwrap();
-        store
-            .transition(&m.id, &[MachineState::Created], MachineState::Started)
-            .unwrap();
-        ip
-    };
+    let ip = seed_machine(
+        &SqliteStore::open(state.path().join("ferry.db")).unwrap(),
+        "web",
+        "0123456789abcd",
+    );
 
     let (api, dns) = (free_port(), free_port());
     let _server = Server(
@@ -81,32 +57,16 @@ fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
     };
     assert_eq!(machines[0]["id"], "0123456789abcd", "{machines}");
 
-    let out = Command::new("dig")
-        .args([
-            "@127.0.0.1",
-            "-p",
-            &dns.to_string(),
-            "+short",
-            "+time=2",
-            "+tries=3",
-        ])
-        .args(["AAAA", "0123456789abcd.vm.web.internal"])
-        .output()
-        .expect("dig (scripts/setup.sh installs dnsutils)");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        ip.to_string(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(dig(dns, "0123456789abcd.vm.web.internal"), ip.to_string());
 }
 
-fn start_server(store: &str, state: &std::path::Path) -> (Server, String) {
+fn start_server(store: &str, state: &std::path::Path, dns: Option<u16>) -> (Server, String) {
     let api = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["server", "--store", store, "--state-dir"])
         .arg(state)
         .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(dns.map(|d| format!("--dns-listen=127.0.0.1:{d}")))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -124,16 +84,71 @@ fn start_server(store: &str, state: &std::path::Path) -> (Server, String) {
     (Server(child), url)
 }
 
+/// A started machine in the store, as agents would have left it; its address.
+fn seed_machine(store: &dyn Store, app: &str, id: &str) -> ferry_addr::FleetAddr {
+    let app = store.create_app(app, "acme").unwrap();
+    let host = store.register_host("ord", "").unwrap();
+    let field = store.allocate_machine_field(host.id).unwrap();
+    let ip = ferry_addr::FleetAddr::new(app.network_id, host.id, field, 2);
+    let m = store
+        .create_machine(&Machine {
+            id: id.into(),
+            name: format!("{}-1", app.name),
+            app: app.name.clone(),
+            org: app.org.clone(),
+            network_id: app.network_id,
+            host: Some(host.id),
+            region: "ord".into(),
+            machine_field: Some(field),
+            private_ip: Some(ip.to_string()),
+            instance_id: ferry_store::new_instance_id(),
+            state: MachineState::Created,
+            config: serde_json::json!({"init": {"cmd": ["sleep", "inf"]}}),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        })
+        .unwrap();
+    store
+        .transition(&m.id, &[MachineState::Created], MachineState::Started)
+        .unwrap();
+    ip
+}
+
+fn dig(port: u16, name: &str) -> String {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "+short",
+            "+time=2",
+            "+tries=3",
+        ])
+        .args(["AAAA", name])
+        .output()
+        .expect("dig (scripts/setup.sh installs dnsutils)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Two servers on one 3-member etcd cluster serve one fleet: what one records the other
 /// answers. One member down: everything goes on. Every member down: the API answers 503 with a
-/// clear error and changes nothing; etcd back: service resumes with no manual step.
+/// clear error and changes nothing, and DNS keeps answering; etcd back: service resumes with no
+/// manual step.
 #[test]
 fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     let mut etcd = ferry_store::testing::EtcdCluster::start(3).unwrap();
     let url = etcd.url("ferry-server-test");
+    let ip = seed_machine(
+        ferry_store::open(&url).unwrap().as_ref(),
+        "seed",
+        "00aa11bb22cc33",
+    );
     let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_a, a) = start_server(&url, sa.path());
-    let (_b, b) = start_server(&url, sb.path());
+    let dns = free_port();
+    let (_a, a) = start_server(&url, sa.path(), Some(dns));
+    let (_b, b) = start_server(&url, sb.path(), None);
+    let name = "00aa11bb22cc33.vm.seed.internal";
+    assert_eq!(dig(dns, name), ip.to_string());
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -162,13 +177,17 @@ fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     };
 
     assert_eq!(create(&a, "web").0, 201);
-    assert_eq!(names(&b), ["web"], "server B sees what server A recorded");
+    assert_eq!(
+        names(&b),
+        ["seed", "web"],
+        "server B sees what server A recorded"
+    );
     // The name is the fleet's: B refuses it too.
     assert_eq!(create(&b, "web").0, 409);
 
     etcd.kill(1);
     assert_eq!(create(&b, "db").0, 201, "one member down: B goes on");
-    assert_eq!(names(&a), ["db", "web"]);
+    assert_eq!(names(&a), ["db", "seed", "web"]);
 
     etcd.kill(0);
     etcd.kill(2);
@@ -176,6 +195,7 @@ fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     assert_eq!((s, e["code"].as_str()), (503, Some("unavailable")), "{e}");
     let r = http.get(format!("{b}/v1/apps")).send().unwrap();
     assert_eq!(r.status(), 503);
+    assert_eq!(dig(dns, name), ip.to_string(), "DNS answers with etcd down");
 
     etcd.restart_all().unwrap();
     // Back without a manual step (bounded: the clients reconnect on their own).
@@ -194,7 +214,7 @@ fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     }
     assert_eq!(
         names(&b),
-        ["db", "web"],
+        ["db", "seed", "web"],
         "the refused create changed nothing"
     );
     assert_eq!(create(&b, "cache").0, 201);

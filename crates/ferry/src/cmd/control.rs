@@ -35,10 +35,16 @@ impl ControlPlane {
                 format!("listening on {listen} (is another ferry server or dev running?)")
             })?;
         let zone = Arc::new(ZoneData::new());
-        zone.publish(super::dns::snapshot(store.as_ref()));
+        // With the store unreachable there is no new snapshot, and DNS keeps answering the
+        // last one it had.
+        if let Some(s) = super::dns::snapshot(store.as_ref()) {
+            zone.publish(s);
+        }
         let z = zone.clone();
         let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
-            z.publish(super::dns::snapshot(s));
+            if let Some(snap) = super::dns::snapshot(s) {
+                z.publish(snap);
+            }
         }));
         if let Some(dns) = dns {
             super::dns::serve(rt, zone.clone(), host_ns, dns)?;

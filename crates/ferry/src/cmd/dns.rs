@@ -13,11 +13,10 @@ use std::net::{SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 
 /// What DNS should answer, from the store.
-pub fn snapshot(store: &dyn Store) -> Snapshot {
-    let Ok(machines) = store.list_machines(None) else {
-        return Snapshot::default();
-    };
-    Snapshot {
+pub fn snapshot(store: &dyn Store) -> Option<Snapshot> {
+    // A store that cannot answer gives no snapshot (not an empty one): DNS keeps the last.
+    let machines = store.list_machines(None).ok()?;
+    Some(Snapshot {
         machines: machines
             .into_iter()
             .filter_map(|m| {
@@ -38,7 +37,7 @@ pub fn snapshot(store: &dyn Store) -> Snapshot {
                 })
             })
             .collect(),
-    }
+    })
 }
 
 /// Starts the listeners on `rt`: `[fdaa::3]:53` (UDP and TCP) in each host namespace, and
