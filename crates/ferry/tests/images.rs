@@ -271,6 +271,21 @@ fn machines_run_images_with_their_config_and_share_layers() {
         "{res}"
     );
     assert_eq!(layer_dirs(&dev, h1).len(), 3, "app was all there already");
+
+    // The API document describes the image and registry routes.
+    let doc = dev.call("GET", "/openapi.json", None).1;
+    for (path, method) in [
+        ("/v1/images", "get"),
+        ("/v1/images/pull", "post"),
+        ("/v1/images/remove", "post"),
+        ("/v1/registries/{registry}", "put"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{path}: {}",
+            doc["paths"]
+        );
+    }
     drop(reg);
 }
 
