@@ -15,6 +15,8 @@ PACKAGES=(
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests
   postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
   docker-registry skopeo umoci busybox-static    # images: a real registry on loopback, images built by the tests, the pull baseline
+  etcd-server                                    # the etcd store backend: its conformance tests start a real etcd
+  protobuf-compiler libprotobuf-dev              # protoc and the well-known .proto files (descriptor, struct) that etcd-client's build script compiles
 )
 
 missing=()
@@ -29,6 +31,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python tools for the API contract test (crates/ferry/tests/api_contract.rs): schemathesis and
+# an OpenAPI validator, pinned, in their own virtualenv so nothing of the system's Python changes.
+PYTOOLS=/opt/ferry/pytools
+PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+# (The list is read whole first: `pip freeze | grep -q` under pipefail fails when grep exits
+# early and pip gets SIGPIPE.)
+have=$("$PYTOOLS/bin/pip" freeze 2>/dev/null || true)
+if ! grep -qx "${PYPKGS[0]}" <<<"$have" || ! grep -qx "${PYPKGS[1]}" <<<"$have"; then
+  echo "setup: installing ${PYPKGS[*]} into $PYTOOLS" >&2
+  python3 -m venv "$PYTOOLS"
+  "$PYTOOLS/bin/pip" install -q --disable-pip-version-check "${PYPKGS[@]}"
 fi
 
 # The kernel's BPF filesystem: ferry pins programs and maps there so they

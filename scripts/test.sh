@@ -7,6 +7,7 @@ bash scripts/setup.sh
 cargo build -q -p ferry
 ./target/debug/ferry dev clean >/dev/null
 cargo fmt --all -- --check
+bash scripts/check-doc-anchors.sh
 cargo clippy -q --workspace --all-targets -- -D warnings
 cargo test --workspace
 # Nothing of ours may be left behind by the tests.

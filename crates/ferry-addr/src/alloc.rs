@@ -2,7 +2,7 @@
 //!
 //! Each allocator is a high-water mark: values are handed out in increasing order and never
 //! returned to a pool. Freed machine fields stay burned because a bridge may still map the old
-//! address (SPEC §2: reuse would hand one machine's clients to another). The caller persists
+//! address (docs/design.md#allocation: reuse would hand one machine's clients to another). The caller persists
 //! [`AllocatorState`] *before* using the value it got, so a crash can skip values but never repeat
 //! one.
 

@@ -1,5 +1,5 @@
 //! The three ID spaces of the address plan. Network and host IDs live in disjoint halves of the
-//! 32-bit space so a guest-form address can never be read as an infra-form one (SPEC §2).
+//! 32-bit space so a guest-form address can never be read as an infra-form one (docs/design.md#id-spaces).
 
 use crate::AddrError;
 use serde::{Deserialize, Serialize};

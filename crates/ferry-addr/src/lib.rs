@@ -1,4 +1,4 @@
-//! The ferry address plan (SPEC §2): every private address is
+//! The ferry address plan (docs/design.md#address-plan): every private address is
 //!
 //! ```text
 //! fdaa : NNNN:NNNN : HHHH:HHHH : MMMM:MMMM : SSSS

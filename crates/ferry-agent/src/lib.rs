@@ -1,4 +1,4 @@
-//! The per-host agent (SPEC §4). It owns everything of its host's machines: their network
+//! The per-host agent (docs/design.md#machine-lifecycle). It owns everything of its host's machines: their network
 //! namespaces and veths (through `ferry-net`), cgroups and processes (through `ferry-runtime`),
 //! and their run directories. The server tells it what to run over loopback HTTP; it tells the
 //! server what happened by itself (exits, restarts, checks).
@@ -20,7 +20,7 @@ pub use machines::{Agent, AgentConfig};
 /// How the address-mapping bridge is implemented on a host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BridgeMode {
-    /// cgroup eBPF programs on every machine (SPEC §8).
+    /// cgroup eBPF programs on every machine (docs/design.md#bridge).
     #[default]
     Ebpf,
     /// nftables DNAT inside every machine's namespace (comparison; kernels without cgroup BPF).

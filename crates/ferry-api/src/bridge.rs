@@ -1,7 +1,8 @@
-//! The bridge's control plane (SPEC §8): mappings per network, the feature gate per org and app,
+//! The bridge's control plane (docs/design.md#bridge): mappings per network, the feature gate per org and app,
 //! hits gathered from every host, retirement. The state lives in the store; every change is
 //! pushed whole to every agent, which makes its host's BPF maps equal to it.
 
+use crate::doc::{BadRequest, Conflict, NotFound, ServerFailed};
 use crate::error::ApiError;
 use crate::proto::{BridgeHit, BridgeMapping, BridgeSync};
 use crate::server::Ctx;
@@ -18,9 +19,6 @@ use utoipa::ToSchema;
 type Result<T> = std::result::Result<T, ApiError>;
 type Shared = State<Arc<Ctx>>;
 
-const MAPPINGS: &str = "bridge/mappings";
-const GATES: &str = "bridge/gates";
-
 /// Orgs and apps whose machines do not get the bridge (it is on by default).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Gates {
@@ -28,53 +26,128 @@ pub struct Gates {
     pub apps_off: BTreeSet<String>,
 }
 
-fn load<T: serde::de::DeserializeOwned + Default>(ctx: &Ctx, key: &str) -> Result<T> {
-    match ctx.store.kv_get(key)? {
-        Some(s) => serde_json::from_str(&s).map_err(ApiError::internal),
-        None => Ok(T::default()),
+fn from_store(m: ferry_store::BridgeMapping) -> BridgeMapping {
+    BridgeMapping {
+        network_id: m.network_id,
+        old: m.old,
+        new: m.new,
+        retired: m.retired,
+        created_at: m.created_at_ms,
     }
 }
 
-fn save<T: Serialize>(ctx: &Ctx, key: &str, v: &T) -> Result<()> {
-    ctx.store
-        .kv_put(key, &serde_json::to_string(v).map_err(ApiError::internal)?)?;
-    Ok(())
+fn to_store(m: &BridgeMapping) -> ferry_store::BridgeMapping {
+    ferry_store::BridgeMapping {
+        network_id: m.network_id,
+        old: m.old.clone(),
+        new: m.new.clone(),
+        retired: m.retired,
+        created_at_ms: m.created_at,
+    }
+}
+
+/// Every mapping of every network.
+fn mappings(ctx: &Ctx) -> Result<Vec<BridgeMapping>> {
+    Ok(ctx
+        .store
+        .list_bridge_mappings(None)?
+        .into_iter()
+        .map(from_store)
+        .collect())
+}
+
+/// How many times a change of one network's mappings is planned again when another change of
+/// the same network landed first (other networks never conflict with it).
+const NETWORK_RETRIES: usize = 50;
+
+/// Changes one network's mappings: `plan` sees them as they are and answers what to put and
+/// which old addresses to remove (or an error, or `None` for "nothing to do"); the change lands
+/// only if the network did not change since it was read, else it is planned again. Mappings of
+/// other networks are never read or written.
+fn change_network<T>(
+    ctx: &Ctx,
+    network_id: u32,
+    mut plan: impl FnMut(&[BridgeMapping]) -> Result<Option<(Vec<BridgeMapping>, Vec<String>, T)>>,
+) -> Result<Option<T>> {
+    for _ in 0..NETWORK_RETRIES {
+        let net = ctx.store.bridge_network(network_id)?;
+        let now: Vec<BridgeMapping> = net.mappings.into_iter().map(from_store).collect();
+        let Some((puts, removes, out)) = plan(&now)? else {
+            return Ok(None);
+        };
+        let puts: Vec<_> = puts.iter().map(to_store).collect();
+        match ctx
+            .store
+            .update_bridge_network(network_id, net.revision, &puts, &removes)
+        {
+            Ok(_) => return Ok(Some(out)),
+            Err(e) if e.code() == "stale_revision" => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(
+        "conflict",
+        format!("network {network_id}'s bridge kept changing; try again"),
+    ))
+}
+
+fn gates(ctx: &Ctx) -> Result<Gates> {
+    let mut g = Gates::default();
+    for (scope, name) in ctx.store.bridge_gates_off()? {
+        match scope {
+            ferry_store::GateScope::Org => g.orgs_off.insert(name),
+            ferry_store::GateScope::App => g.apps_off.insert(name),
+        };
+    }
+    Ok(g)
 }
 
 /// Whether a machine gets the bridge: on unless its org or app switched it off.
 pub fn gate(ctx: &Ctx, m: &Machine) -> Result<bool> {
-    let g: Gates = load(ctx, GATES)?;
+    let g = gates(ctx)?;
     Ok(!g.orgs_off.contains(&m.org) && !g.apps_off.contains(&m.app))
 }
 
 /// Pushes the whole bridge state to every registered agent. Failures are reported, not fatal:
-/// an agent that missed a push gets the state again when it registers.
+/// an agent that missed a push gets the state again when it registers ([`sync_host`]).
 pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
-    let mut errors = Vec::new();
-    let (mappings, hosts) = match (
-        load::<Vec<BridgeMapping>>(ctx, MAPPINGS),
-        ctx.store.list_hosts(),
-    ) {
+    let (mappings, hosts) = match (mappings(ctx), ctx.store.list_hosts()) {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
-    for h in hosts.into_iter().filter(|h| !h.endpoint.is_empty()) {
-        let mut sync = BridgeSync {
-            mappings: mappings.clone(),
-            gates: Default::default(),
-        };
-        for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
-            let on = gate(ctx, &m).unwrap_or(true);
-            sync.gates.insert(m.id, on);
-        }
-        let url = format!("{}/v1/bridge/sync", h.endpoint);
-        match ctx.http.post(&url).json(&sync).send().await {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => errors.push(format!("host {:x}: {}", h.id.get(), r.status())),
-            Err(e) => errors.push(format!("host {:x}: {e}", h.id.get())),
+    let mut errors = Vec::new();
+    for h in hosts.iter().filter(|h| !h.endpoint.is_empty()) {
+        if let Err(e) = push(ctx, h, &mappings).await {
+            errors.push(e);
         }
     }
     errors
+}
+
+/// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
+/// new host knows every mapping before its first machine dials an old address.
+pub async fn sync_host(ctx: &Ctx, host: &ferry_store::Host) -> std::result::Result<(), String> {
+    let mappings = mappings(ctx).map_err(|e| e.to_string())?;
+    push(ctx, host, &mappings).await
+}
+
+async fn push(
+    ctx: &Ctx,
+    h: &ferry_store::Host,
+    mappings: &[BridgeMapping],
+) -> std::result::Result<(), String> {
+    let mut sync = BridgeSync {
+        mappings: mappings.to_vec(),
+        gates: Default::default(),
+    };
+    for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
+        let on = gate(ctx, &m).unwrap_or(true);
+        sync.gates.insert(m.id, on);
+    }
+    ctx.agents
+        .bridge_sync(&h.endpoint, &sync)
+        .await
+        .map_err(|e| format!("host {:x}: {e}", h.id.get()))
 }
 
 async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
@@ -85,10 +158,9 @@ async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
         .into_iter()
         .filter(|h| !h.endpoint.is_empty())
     {
-        let url = format!("{}/v1/bridge/hits", h.endpoint);
-        let hits: Vec<BridgeHit> = match ctx.http.get(&url).send().await {
-            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
-            _ => continue, // a host that does not answer has no hits to show now
+        let hits: Vec<BridgeHit> = match ctx.agents.bridge_hits(&h.endpoint).await {
+            Ok(hits) => hits,
+            Err(_) => continue, // a host that does not answer has no hits to show now
         };
         out.extend(hits);
     }
@@ -123,6 +195,7 @@ fn parse_guest(what: &str, s: &str) -> Result<FleetAddr> {
 }
 
 /// `POST /v1/bridge`: map OLD to NEW (both in one org's network).
+#[utoipa::path(post, path = "/v1/bridge", operation_id = "map_address", tag = "bridge", request_body = MapRequest, responses((status = 201, description = "The mapping, pushed to every host.", body = MappingView), BadRequest, Conflict, ServerFailed))]
 pub async fn map(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<MapRequest>,
@@ -158,34 +231,39 @@ pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<Bridge
             old.network()
         )));
     }
-    let mut all: Vec<BridgeMapping> = load(ctx, MAPPINGS)?;
     let (o, n) = (old.to_string(), new.to_string());
-    if let Some(same) = all.iter().find(|m| m.old == o && m.new == n && !m.retired) {
-        let same = same.clone();
-        let _ = sync_all(ctx).await; // an agent may have missed the first push
-        return Ok(same);
-    }
-    if all.iter().any(|m| m.old == new.to_string()) {
-        return Err(ApiError::conflict(
-            "bridge_loop",
-            format!("{new} is itself mapped: map {old} to its target instead"),
-        ));
-    }
-    all.retain(|m| m.old != old.to_string());
-    // Chains stay one step deep: whatever pointed at OLD now points at NEW.
-    for m in all.iter_mut().filter(|m| m.new == old.to_string()) {
-        m.new = new.to_string();
-    }
-    let rec = BridgeMapping {
-        network_id: old.network().get(),
-        old: old.to_string(),
-        new: new.to_string(),
-        retired: false,
-        created_at: ctx.store.now_ms(),
-    };
-    all.push(rec.clone());
-    save(ctx, MAPPINGS, &all)?;
-    let errors = sync_all(ctx).await;
+    let now = ctx.store.now_ms();
+    let changed = change_network(ctx, old.network().get(), |all| {
+        if let Some(same) = all.iter().find(|m| m.old == o && m.new == n && !m.retired) {
+            return Ok(Some((Vec::new(), Vec::new(), same.clone())));
+        }
+        if all.iter().any(|m| m.old == n) {
+            return Err(ApiError::conflict(
+                "bridge_loop",
+                format!("{n} is itself mapped: map {o} to its target instead"),
+            ));
+        }
+        // Chains stay one step deep: whatever pointed at OLD now points at NEW.
+        let mut puts: Vec<BridgeMapping> = all
+            .iter()
+            .filter(|m| m.new == o)
+            .map(|m| BridgeMapping {
+                new: n.clone(),
+                ..m.clone()
+            })
+            .collect();
+        let rec = BridgeMapping {
+            network_id: old.network().get(),
+            old: o.clone(),
+            new: n.clone(),
+            retired: false,
+            created_at: now,
+        };
+        puts.push(rec.clone()); // replaces an earlier mapping of OLD, if any
+        Ok(Some((puts, Vec::new(), rec)))
+    })?;
+    let rec = changed.expect("install always plans a change");
+    let errors = sync_all(ctx).await; // also when nothing changed: an agent may have missed it
     if !errors.is_empty() {
         tracing::warn!("bridge sync: {errors:?}");
     }
@@ -194,15 +272,28 @@ pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<Bridge
 
 /// Removes the mapping OLD -> NEW if it exists (a rolled-back migration: OLD is current again).
 pub async fn uninstall(ctx: &Ctx, old: &str, new: &str) -> Result<()> {
-    let mut all: Vec<BridgeMapping> = load(ctx, MAPPINGS)?;
-    let before = all.clone();
-    all.retain(|m| !(m.old == old && m.new == new));
-    // Undo what `install` did to chains too: older addresses it re-pointed at NEW go back to OLD.
-    for m in all.iter_mut().filter(|m| m.new == new) {
-        m.new = old.to_owned();
-    }
-    if all != before {
-        save(ctx, MAPPINGS, &all)?;
+    let Ok(network) = old.parse::<FleetAddr>().map(|a| a.network().get()) else {
+        return Ok(()); // never a mapping's old address
+    };
+    let changed = change_network(ctx, network, |all| {
+        let removes: Vec<String> = all
+            .iter()
+            .filter(|m| m.old == old && m.new == new)
+            .map(|m| m.old.clone())
+            .collect();
+        // Undo what `install` did to chains too: older addresses it re-pointed at NEW go back
+        // to OLD.
+        let puts: Vec<BridgeMapping> = all
+            .iter()
+            .filter(|m| m.new == new && m.old != old)
+            .map(|m| BridgeMapping {
+                new: old.to_owned(),
+                ..m.clone()
+            })
+            .collect();
+        Ok((!removes.is_empty() || !puts.is_empty()).then_some((puts, removes, ())))
+    })?;
+    if changed.is_some() {
         let errors = sync_all(ctx).await;
         if !errors.is_empty() {
             tracing::warn!("bridge sync: {errors:?}");
@@ -232,8 +323,9 @@ fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {
 }
 
 /// `GET /v1/bridge`: every mapping with its hits.
+#[utoipa::path(get, path = "/v1/bridge", operation_id = "list_bridge_mappings", tag = "bridge", responses((status = 200, description = "Every mapping, with its hits so far.", body = [MappingView]), ServerFailed))]
 pub async fn list(State(ctx): Shared) -> Result<Json<Vec<MappingView>>> {
-    let all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
+    let all = mappings(&ctx)?;
     let hits = all_hits(&ctx).await?;
     Ok(Json(all.iter().map(|m| view(m, &hits)).collect()))
 }
@@ -247,6 +339,7 @@ pub struct ReportLine {
 }
 
 /// `GET /v1/bridge/report`: per machine, the old addresses it still dials.
+#[utoipa::path(get, path = "/v1/bridge/report", operation_id = "bridge_report", tag = "bridge", responses((status = 200, description = "Per machine, the old addresses it still dials.", body = [ReportLine]), ServerFailed))]
 pub async fn report(State(ctx): Shared) -> Result<Json<Vec<ReportLine>>> {
     let hits = all_hits(&ctx).await?;
     let mut ids: Vec<String> = hits.iter().map(|h| h.machine_id.clone()).collect();
@@ -285,39 +378,57 @@ pub struct RetireRequest {
 }
 
 /// `POST /v1/bridge/retire`: the old address fails fast from now on and never reaches anyone.
+#[utoipa::path(post, path = "/v1/bridge/retire", operation_id = "retire_bridge_mappings", tag = "bridge", request_body = RetireRequest, responses((status = 200, description = "The mappings retired by this call.", body = [MappingView]), BadRequest, NotFound, ServerFailed))]
 pub async fn retire(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<RetireRequest>,
 ) -> Result<Json<Vec<MappingView>>> {
-    let mut all: Vec<BridgeMapping> = load(&ctx, MAPPINGS)?;
     let hits = all_hits(&ctx).await?;
     let now = ctx.store.now_ms();
     let mut retired = Vec::new();
     match (&req.old, &req.unused_for) {
         (Some(old), None) => {
-            let old = parse_guest("old", old)?.to_string();
-            let m = all
-                .iter_mut()
-                .find(|m| m.old == old)
-                .ok_or_else(|| ApiError::not_found(format!("mapping of {old}")))?;
-            m.retired = true;
-            retired.push(m.clone());
+            let addr = parse_guest("old", old)?;
+            let old = addr.to_string();
+            let r = change_network(&ctx, addr.network().get(), |all| {
+                let m = all
+                    .iter()
+                    .find(|m| m.old == old)
+                    .ok_or_else(|| ApiError::not_found(format!("mapping of {old}")))?;
+                let m = BridgeMapping {
+                    retired: true,
+                    ..m.clone()
+                };
+                Ok(Some((vec![m.clone()], Vec::new(), m)))
+            })?;
+            retired.extend(r);
         }
         (None, Some(d)) => {
             let d = humantime::parse_duration(d).map_err(|_| {
                 ApiError::invalid(format!("unused_for {d:?} is not a duration like 7d"))
             })?;
-            for m in all.iter_mut().filter(|m| !m.retired) {
-                let last = view(m, &hits).last_use.unwrap_or(m.created_at);
-                if now - last >= d.as_millis() as i64 {
-                    m.retired = true;
-                    retired.push(m.clone());
-                }
+            let networks: BTreeSet<u32> = mappings(&ctx)?.iter().map(|m| m.network_id).collect();
+            for n in networks {
+                let r = change_network(&ctx, n, |all| {
+                    let puts: Vec<BridgeMapping> = all
+                        .iter()
+                        .filter(|m| !m.retired)
+                        .filter(|m| {
+                            let last = view(m, &hits).last_use.unwrap_or(m.created_at);
+                            now - last >= d.as_millis() as i64
+                        })
+                        .map(|m| BridgeMapping {
+                            retired: true,
+                            ..m.clone()
+                        })
+                        .collect();
+                    Ok((!puts.is_empty()).then(|| (puts.clone(), Vec::new(), puts)))
+                })?;
+                retired.extend(r.into_iter().flatten());
             }
         }
         _ => return Err(ApiError::invalid("give exactly one of old or unused_for")),
     }
-    save(&ctx, MAPPINGS, &all)?;
     sync_all(&ctx).await;
     Ok(Json(retired.iter().map(|m| view(m, &hits)).collect()))
 }
@@ -333,31 +444,25 @@ pub struct GateRequest {
 }
 
 /// `POST /v1/bridge/gate`: switch the bridge on or off for an org or an app.
+#[utoipa::path(post, path = "/v1/bridge/gate", operation_id = "set_bridge_gate", tag = "bridge", request_body = GateRequest, responses((status = 200, description = "The gates now in force.", body = Gates), BadRequest, NotFound, ServerFailed))]
 pub async fn set_gate(
     State(ctx): Shared,
     crate::server::Body(req): crate::server::Body<GateRequest>,
 ) -> Result<Json<Gates>> {
-    let mut g: Gates = load(&ctx, GATES)?;
+    // One gate is one record: switching it never rewrites another's.
     match (&req.org, &req.app) {
         (Some(o), None) => {
             ctx.store.get_org(o)?;
-            if req.enabled {
-                g.orgs_off.remove(o)
-            } else {
-                g.orgs_off.insert(o.clone())
-            };
+            ctx.store
+                .set_bridge_gate(ferry_store::GateScope::Org, o, !req.enabled)?;
         }
         (None, Some(a)) => {
             ctx.store.get_app(a)?;
-            if req.enabled {
-                g.apps_off.remove(a)
-            } else {
-                g.apps_off.insert(a.clone())
-            };
+            ctx.store
+                .set_bridge_gate(ferry_store::GateScope::App, a, !req.enabled)?;
         }
         _ => return Err(ApiError::invalid("give exactly one of org or app")),
     }
-    save(&ctx, GATES, &g)?;
     sync_all(&ctx).await;
-    Ok(Json(g))
+    Ok(Json(gates(&ctx)?))
 }

@@ -1,4 +1,4 @@
-//! The machine config (SPEC §4, Fly-shaped JSON) and its validation. Everything that enters
+//! The machine config (docs/design.md#machine-config, Fly-shaped JSON) and its validation. Everything that enters
 //! through the API or the CLI is checked here, before anything is stored or started, so bad input
 //! changes nothing.
 
@@ -31,6 +31,7 @@ pub struct MachineConfig {
     #[serde(default)]
     pub guest: GuestConfig,
     #[serde(default)]
+    #[schema(max_items = 16)]
     pub mounts: Vec<MountConfig>,
     #[serde(default)]
     pub stop_config: StopConfig,
@@ -48,6 +49,7 @@ pub struct InitConfig {
     /// The command and its arguments (no shell). With an image: replaces the image's `Cmd`
     /// (its `Entrypoint` stays in front), as `docker run IMAGE CMD...` does; empty keeps it.
     #[serde(default)]
+    #[schema(max_items = 1024)]
     pub cmd: Vec<String>,
 }
 
@@ -55,8 +57,10 @@ pub struct InitConfig {
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16, maximum = 65536)]
     pub memory_mb: u32,
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
 }
 fn default_memory() -> u32 {

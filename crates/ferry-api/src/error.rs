@@ -12,6 +12,9 @@ pub struct ApiError {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    /// For an `agent_error`: the code the host's agent answered (`not_running`, `not_found`,
+    /// `invalid_argument`, `internal`, ...), so callers decide by code, never by message text.
+    pub agent_code: Option<String>,
 }
 
 /// An agent's code for a volume fork that can never succeed as the volume is (a device node
@@ -31,6 +34,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            agent_code: None,
         }
     }
     pub fn invalid(m: impl Into<String>) -> Self {
@@ -64,25 +68,23 @@ impl IntoResponse for ApiError {
 }
 
 impl From<ferry_store::StoreError> for ApiError {
+    /// Every store error code has its status here: a store validation error is the caller's
+    /// 400 (not a 500 the migration driver would retry), a busy or unreachable store a 503.
     fn from(e: ferry_store::StoreError) -> Self {
-        let code = e.code();
-        let status = match code {
-            "not_found" => 404,
-            "app_exists" | "illegal_transition" | "lease_held" | "lease_mismatch" | "conflict"
-            | "app_has_machines" => 409,
-            "invalid_argument" => 400,
-            _ => 500,
-        };
-        let code: &'static str = match code {
-            "not_found" => "not_found",
-            "app_exists" => "app_exists",
-            "illegal_transition" => "illegal_transition",
-            "lease_held" => "lease_held",
-            "lease_mismatch" => "lease_mismatch",
-            "app_has_machines" => "app_has_machines",
-            "conflict" => "conflict",
-            "invalid_argument" => "invalid_argument",
-            _ => "internal",
+        let (status, code) = match e.code() {
+            "not_found" => (404, "not_found"),
+            "app_exists" => (409, "app_exists"),
+            "illegal_transition" => (409, "illegal_transition"),
+            "lease_held" => (409, "lease_held"),
+            "lease_mismatch" => (409, "lease_mismatch"),
+            "lock_held" | "lock_mismatch" => (409, "lock_held"),
+            "app_has_machines" => (409, "app_has_machines"),
+            "conflict" => (409, "conflict"),
+            "stale_revision" => (409, "conflict"),
+            "migration_in_progress" => (409, "migration_in_progress"),
+            "invalid" => (400, "invalid_argument"),
+            "busy" | "unavailable" => (503, "unavailable"),
+            _ => (500, "internal"),
         };
         ApiError::new(status, code, e.to_string())
     }

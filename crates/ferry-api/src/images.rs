@@ -11,17 +11,18 @@
 //! **Invariant:** a machine is created (or moved) only after its host holds its image, so an
 //! image that cannot be pulled, verified or unpacked creates nothing.
 
-use crate::error::{ApiError, ErrorBody};
+use crate::doc::{AgentFailed, BadRequest, Conflict, NotFound, ServerFailed};
+use crate::error::ApiError;
 use crate::proto::{ImageInfo, ImagePull, ImageRemove, PullLine, RegistryCredentials};
-use crate::server::{parse_host, Body, Ctx};
-use axum::extract::{Path, State};
+use crate::server::{parse_host, Body, Ctx, Path};
+use axum::extract::State;
 use axum::Json;
 use ferry_store::Host;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 type Shared = State<Arc<Ctx>>;
@@ -178,65 +179,8 @@ async fn agent_pull(
     ctx: &Ctx,
     host: &Host,
     req: &ImagePull,
-) -> Result<impl futures::Stream<Item = PullLine>> {
-    let resp = ctx
-        .http
-        .post(format!("{}/v1/images/pull", host.endpoint))
-        .json(req)
-        .send()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
-    if !resp.status().is_success() {
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        let (msg, code) = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| (b.error, b.code))
-            .unwrap_or((text, String::new()));
-        return Err(line_error(host, status, &code, &msg));
-    }
-    // Split the body into lines as it arrives.
-    let bytes = resp.bytes_stream();
-    Ok(futures::stream::unfold(
-        (bytes, Vec::<u8>::new(), false),
-        |(mut bytes, mut buf, mut done)| async move {
-            loop {
-                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    let parsed = serde_json::from_slice::<PullLine>(&line).unwrap_or_else(|e| {
-                        PullLine::Error {
-                            status: 502,
-                            code: "agent_error".into(),
-                            message: format!("the agent's answer is not a pull line: {e}"),
-                        }
-                    });
-                    return Some((parsed, (bytes, buf, done)));
-                }
-                if done {
-                    return None;
-                }
-                match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => {
-                        done = true;
-                        buf.clear();
-                        let l = PullLine::Error {
-                            status: 502,
-                            code: "agent_error".into(),
-                            message: format!("the agent's answer broke off: {e}"),
-                        };
-                        return Some((l, (bytes, buf, done)));
-                    }
-                    None => {
-                        done = true;
-                        if buf.is_empty() {
-                            return None;
-                        }
-                        buf.push(b'\n');
-                    }
-                }
-            }
-        },
-    ))
+) -> Result<futures::stream::BoxStream<'static, PullLine>> {
+    ctx.agents.image_pull(&host.endpoint, req).await
 }
 
 /// Makes `host` hold `image` (pulling what it lacks) and answers the pinned reference a
@@ -298,13 +242,14 @@ fn target_hosts(ctx: &Ctx, host: Option<&str>) -> Result<Vec<Host>> {
 /// `POST /v1/images/pull`: pulls on one host or on all, answering newline-delimited JSON as it
 /// goes: `{"progress": {...}}` lines, then per host one `{"image": {...}}` (with `host` set) or
 /// `{"error": {"status", "code", "message"}}`. A bad request is refused before the stream.
-#[utoipa::path(post, path = "/v1/images/pull", request_body = PullRequest,
+#[utoipa::path(post, path = "/v1/images/pull", operation_id = "pull_image", tag = "images", request_body = PullRequest,
     responses(
-        (status = 200, description = "one PullLine per line", content_type = "application/x-ndjson", body = PullLine),
-        (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody, description = "no such host"),
-        (status = 503, body = ErrorBody, description = "no host is available")))]
-pub async fn pull(State(ctx): Shared, Body(req): Body<PullRequest>) -> Result<axum::body::Body> {
+        (status = 200, description = "Newline-delimited JSON, one PullLine per line: progress, then per host the image (with `host`) or an error.", content_type = "application/x-ndjson", body = PullLine),
+        BadRequest, NotFound, ServerFailed))]
+pub async fn pull(
+    State(ctx): Shared,
+    Body(req): Body<PullRequest>,
+) -> Result<impl axum::response::IntoResponse> {
     crate::config::validate_image_ref(&req.image)?;
     let hosts = target_hosts(&ctx, req.host.as_deref())?;
     let pull = pull_request(&ctx, &req.image)?;
@@ -346,20 +291,17 @@ pub async fn pull(State(ctx): Shared, Body(req): Body<PullRequest>) -> Result<ax
         bytes.push(b'\n');
         Some((Ok::<_, std::convert::Infallible>(bytes), rx))
     });
-    Ok(axum::body::Body::from_stream(body))
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    ))
 }
 
 async fn host_images(ctx: &Ctx, h: &Host) -> Result<Vec<ImageInfo>> {
-    let resp = ctx
-        .http
-        .get(format!("{}/v1/images", h.endpoint))
-        .send()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("host {:x}: {e}", h.id.get())))?;
-    let mut v: Vec<ImageInfo> = resp
-        .json()
-        .await
-        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))?;
+    let mut v = ctx.agents.image_list(&h.endpoint).await.map_err(|mut e| {
+        e.message = format!("host {:x}: {}", h.id.get(), e.message);
+        e
+    })?;
     for i in &mut v {
         i.host = Some(format!("{:x}", h.id.get()));
     }
@@ -367,8 +309,8 @@ async fn host_images(ctx: &Ctx, h: &Host) -> Result<Vec<ImageInfo>> {
 }
 
 /// `GET /v1/images`: every image on every host, with the machines using it.
-#[utoipa::path(get, path = "/v1/images",
-    responses((status = 200, body = [ImageInfo]), (status = 503, body = ErrorBody, description = "an agent did not answer")))]
+#[utoipa::path(get, path = "/v1/images", operation_id = "list_images", tag = "images",
+    responses((status = 200, description = "Every image on every host, with the machines using it.", body = [ImageInfo]), AgentFailed, ServerFailed))]
 pub async fn list(State(ctx): Shared) -> Result<Json<Vec<ImageInfo>>> {
     let mut out = Vec::new();
     for h in ctx.store.list_hosts()? {
@@ -399,13 +341,10 @@ pub struct RemovedView {
 /// `POST /v1/images/remove`: removes the image from the hosts that hold it, and with it every
 /// layer no other image there uses. Refused (409 `image_in_use`, nothing removed anywhere) while
 /// a machine names it.
-#[utoipa::path(post, path = "/v1/images/remove", request_body = RemoveRequest,
+#[utoipa::path(post, path = "/v1/images/remove", operation_id = "remove_image", tag = "images", request_body = RemoveRequest,
     responses(
-        (status = 200, body = [RemovedView]),
-        (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody, description = "no host holds the image"),
-        (status = 409, body = ErrorBody, description = "a machine uses it"),
-        (status = 503, body = ErrorBody, description = "an agent did not answer")))]
+        (status = 200, description = "What was removed on each host.", body = [RemovedView]),
+        BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 pub async fn remove(
     State(ctx): Shared,
     Body(req): Body<RemoveRequest>,
@@ -442,23 +381,21 @@ pub async fn remove(
     }
     let mut out = Vec::new();
     for (h, digest) in holders {
-        #[derive(Deserialize)]
-        struct Answer {
-            removed_layers: Vec<String>,
-        }
-        let url = format!("{}/v1/images/remove", h.endpoint);
-        let a: Answer =
-            crate::server::call_agent(&ctx, &url, &ImageRemove { reference: digest }).await?;
+        let removed_layers = ctx
+            .agents
+            .image_remove(&h.endpoint, &ImageRemove { reference: digest })
+            .await?;
         out.push(RemovedView {
             host: format!("{:x}", h.id.get()),
-            removed_layers: a.removed_layers,
+            removed_layers,
         });
     }
     Ok(Json(out))
 }
 
 /// `GET /v1/registries`: settings of every registry (no secrets).
-#[utoipa::path(get, path = "/v1/registries", responses((status = 200, body = [RegistryView])))]
+#[utoipa::path(get, path = "/v1/registries", tag = "images",
+    responses((status = 200, description = "Registry settings, without secrets.", body = [RegistryView]), ServerFailed))]
 pub async fn list_registries(State(ctx): Shared) -> Result<Json<Vec<RegistryView>>> {
     Ok(Json(
         registries(&ctx)?
@@ -469,9 +406,9 @@ pub async fn list_registries(State(ctx): Shared) -> Result<Json<Vec<RegistryView
 }
 
 /// `PUT /v1/registries/{registry}`: plain HTTP and credentials for one registry.
-#[utoipa::path(put, path = "/v1/registries/{registry}", request_body = RegistrySettings,
-    params(("registry" = String, Path, description = "host[:port], as image references name it")),
-    responses((status = 200, body = RegistryView), (status = 400, body = ErrorBody)))]
+#[utoipa::path(put, path = "/v1/registries/{registry}", tag = "images", request_body = RegistrySettings,
+    params(RegistryPath),
+    responses((status = 200, body = RegistryView), BadRequest, ServerFailed))]
 pub async fn put_registry(
     State(ctx): Shared,
     Path(registry): Path<String>,
@@ -493,9 +430,9 @@ pub async fn put_registry(
 }
 
 /// `DELETE /v1/registries/{registry}`: forget its settings (and credentials).
-#[utoipa::path(delete, path = "/v1/registries/{registry}",
-    params(("registry" = String, Path, description = "host[:port]")),
-    responses((status = 200, body = RegistryView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/registries/{registry}", tag = "images",
+    params(RegistryPath),
+    responses((status = 200, description = "The settings that were removed.", body = RegistryView), BadRequest, NotFound, ServerFailed))]
 pub async fn delete_registry(
     State(ctx): Shared,
     Path(registry): Path<String>,
@@ -508,23 +445,13 @@ pub async fn delete_registry(
     Ok(Json(RegistryView::new(&registry, &s)))
 }
 
-/// The image routes' part of the OpenAPI document (merged into the server's).
-#[derive(OpenApi)]
-#[openapi(
-    paths(pull, list, remove, list_registries, put_registry, delete_registry),
-    components(schemas(
-        PullRequest,
-        RemoveRequest,
-        RemovedView,
-        RegistrySettings,
-        RegistryView,
-        ImageInfo,
-        PullLine,
-        RegistryCredentials,
-        ErrorBody
-    ))
-)]
-pub struct ImagesDoc;
+/// `/v1/registries/{registry}`
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct RegistryPath {
+    /// `host[:port]`, as image references name it.
+    pub registry: String,
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! ferry's REST API (SPEC §5): Fly Machines-shaped JSON over HTTP.
+//! ferry's REST API (docs/design.md#api): Fly Machines-shaped JSON over HTTP.
 //!
 //! * [`config`]: the machine config and its validation (the edge: nothing invalid gets past it).
 //! * [`error`]: JSON errors with stable codes.
@@ -8,8 +8,10 @@
 //!
 //! The server never touches the kernel: agents do, on their hosts.
 
+pub mod agents;
 pub mod bridge;
 pub mod config;
+pub mod doc;
 pub mod error;
 pub mod images;
 pub mod migrate;

@@ -105,7 +105,7 @@ pub struct LocalMachine {
     pub pid: Option<i32>,
 }
 
-/// One old -> new mapping of the bridge (SPEC §8), per network.
+/// One old -> new mapping of the bridge (docs/design.md#bridge-mappings), per network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BridgeMapping {
     pub network_id: u32,

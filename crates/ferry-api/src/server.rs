@@ -8,6 +8,10 @@ use crate::config::{
     validate_machine_id, validate_name, validate_volume_id, MachineConfig, ALLOWED_SIGNALS,
     MAX_STOP_TIMEOUT,
 };
+use crate::doc::{
+    AgentFailed, AppPath, BadRequest, Conflict, MachinePath, NotFound, ServerFailed, Unprocessable,
+    WaitTimeout,
+};
 use crate::error::ApiError;
 use crate::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, RegisterHost, RunMachine, StopMachine,
@@ -15,7 +19,7 @@ use crate::proto::{
 };
 use crate::views::*;
 use crate::LEASE_HEADER;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 type Result<T> = std::result::Result<T, ApiError>;
 use MachineState as S;
@@ -37,6 +42,14 @@ pub type ChangeHook = Box<dyn Fn(&dyn Store) + Send + Sync>;
 pub struct Ctx {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
+    /// Every call to a host's agent goes through this ([`crate::agents`]).
+    pub agents: Arc<dyn crate::agents::Agents>,
+    /// The migrations this process drives.
+    pub migrations: crate::migrate::InFlight,
+    /// This server process among the fleet's servers (its claims on migrations carry it).
+    pub server_id: String,
+    /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
+    host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
     /// Bumped on every machine state change; `wait` listens to it.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
@@ -52,14 +65,78 @@ impl Ctx {
             .timeout(Duration::from_secs(330)) // above the longest stop timeout
             .build()
             .expect("building an HTTP client");
+        Self::with_agents(
+            store,
+            volumes_dir,
+            Arc::new(crate::agents::HttpAgents::new(http)),
+        )
+    }
+
+    /// A context whose agent calls go to `agents` (a recording double in unit tests).
+    pub fn with_agents(
+        store: Arc<dyn Store>,
+        volumes_dir: PathBuf,
+        agents: Arc<dyn crate::agents::Agents>,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::new();
         Arc::new(Ctx {
             store,
             http,
+            agents,
+            migrations: Default::default(),
+            server_id: format!("server-{}", random_hex(6)),
+            host_dir_roots: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
             on_change: std::sync::OnceLock::new(),
         })
     }
+    /// Allows directory volumes (`host_dir`) below these directories. None by default: a
+    /// directory volume is a host directory mounted read-write into a machine (as the
+    /// machine's root), so only directories the operator set aside for it may be one.
+    pub fn allow_host_dirs(&self, roots: Vec<PathBuf>) -> std::io::Result<()> {
+        let roots = roots
+            .iter()
+            .map(|r| r.canonicalize())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        *self.host_dir_roots.write().unwrap() = roots;
+        Ok(())
+    }
+
+    /// `d` as a directory volume may have it: an existing directory that is, with every
+    /// symlink and `..` resolved, below an allowed root.
+    fn allowed_host_dir(&self, d: &str) -> Result<PathBuf> {
+        let roots = self.host_dir_roots.read().unwrap().clone();
+        if roots.is_empty() {
+            return Err(ApiError::invalid(
+                "directory volumes are off on this server (its operator allows them below \
+                 chosen directories with --host-dir-root); use size_mb",
+            ));
+        }
+        let p = PathBuf::from(d);
+        let real = p
+            .is_absolute()
+            .then(|| p.canonicalize().ok())
+            .flatten()
+            .filter(|r| r.is_dir())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "host_dir {d:?} is not an existing absolute directory"
+                ))
+            })?;
+        if !roots.iter().any(|r| real.starts_with(r) && real != *r) {
+            return Err(ApiError::invalid(format!(
+                "host_dir {d:?} is not below a directory this server allows for volumes ({})",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(real)
+    }
+
     /// Publishes a machine change (DNS snapshot, waiters).
     pub fn changed(&self) {
         if let Some(f) = self.on_change.get() {
@@ -71,129 +148,111 @@ impl Ctx {
 
 type Shared = State<Arc<Ctx>>;
 
+/// The document's frame: its info and the schemas no route names directly. Paths come from the
+/// router itself ([`api`]), so a public route cannot exist without its documentation.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "ferry",
-        description = "Run machines on a fleet of hosts (Fly Machines-shaped)."
-    ),
-    paths(
-        create_app,
-        list_apps,
-        get_app,
-        delete_app,
-        list_machines,
-        create_machine,
-        get_machine,
-        destroy_machine,
-        stop_machine,
-        start_machine,
-        wait_machine,
-        machine_events,
-        acquire_lease,
-        get_lease,
-        release_lease,
-        exec_machine,
-        list_hosts,
-        create_volume,
-        list_volumes,
-        crate::migrate::migrate_machine,
-        crate::migrate::list,
-        crate::migrate::get,
-        crate::migrate::get_policy,
-        crate::migrate::set_policy,
-        crate::migrate::cordon,
-        crate::migrate::uncordon,
-        crate::migrate::drain
+        description = "Run machines on a fleet of hosts (Fly Machines-shaped). Every error is \
+                       a JSON `ErrorBody` with a stable `code`; each operation lists the \
+                       statuses it can answer.",
+        version = "1"
     ),
     components(schemas(
         crate::error::ErrorBody,
-        MachineConfig,
-        MachineView,
-        EventView,
-        CreateApp,
-        AppView,
-        CreateMachine,
-        StopRequest,
-        ExecBody,
-        ExecView,
-        LeaseRequest,
-        LeaseView,
-        HostView,
-        CreateVolume,
-        VolumeView,
-        WaitView,
-        crate::migrate::Migration,
         crate::migrate::Phase,
         crate::migrate::VolumeFork,
         crate::migrate::MigrationStats,
-        crate::migrate::MigratePolicy,
-        crate::migrate::PolicyUpdate,
-        crate::migrate::MigrateRequest,
         crate::migrate::InstanceRecord,
-        crate::migrate::DrainView,
         crate::proto::VolumeProgress
     ))
 )]
 pub struct ApiDoc;
 
+/// The public API: every route with its OpenAPI operation, registered together.
+fn api() -> OpenApiRouter<Arc<Ctx>> {
+    use crate::{bridge, images, migrate};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_app, list_apps))
+        .routes(routes!(get_app, delete_app))
+        .routes(routes!(list_machines, create_machine))
+        .routes(routes!(get_machine, destroy_machine))
+        .routes(routes!(stop_machine))
+        .routes(routes!(start_machine))
+        .routes(routes!(wait_machine))
+        .routes(routes!(machine_events))
+        .routes(routes!(acquire_lease, get_lease, release_lease))
+        .routes(routes!(exec_machine))
+        .routes(routes!(migrate::migrate_machine))
+        .routes(routes!(migrate::get_policy, migrate::set_policy))
+        .routes(routes!(list_hosts))
+        .routes(routes!(migrate::drain))
+        .routes(routes!(migrate::cordon))
+        .routes(routes!(migrate::uncordon))
+        .routes(routes!(migrate::list))
+        .routes(routes!(migrate::get))
+        .routes(routes!(create_volume, list_volumes))
+        .routes(routes!(bridge::list, bridge::map))
+        .routes(routes!(bridge::report))
+        .routes(routes!(bridge::retire))
+        .routes(routes!(bridge::set_gate))
+        .routes(routes!(images::list))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::remove))
+        .routes(routes!(images::list_registries))
+        .routes(routes!(images::put_registry, images::delete_registry))
+}
+
+/// The OpenAPI document, exactly as `/openapi.json` serves it.
+pub fn openapi() -> serde_json::Value {
+    document(&api().into_openapi())
+}
+
+/// The document as JSON. utoipa 5.5 serializes a response link's fields in snake case
+/// (`operation_id`), which the OpenAPI schema rejects and clients ignore; renamed here so the
+/// links from create to get/stop/start/destroy are real ones.
+fn document(doc: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    fn fix(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(links) = map.get_mut("links").and_then(|l| l.as_object_mut()) {
+                    for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                        for (from, to) in [
+                            ("operation_id", "operationId"),
+                            ("operation_ref", "operationRef"),
+                            ("request_body", "requestBody"),
+                        ] {
+                            if let Some(x) = link.remove(from) {
+                                link.insert(to.into(), x);
+                            }
+                        }
+                    }
+                }
+                map.values_mut().for_each(fix);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(fix),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(doc).expect("the OpenAPI document serializes");
+    fix(&mut v);
+    v
+}
+
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    Router::new()
+    let (public, doc) = api().split_for_parts();
+    let doc = Arc::new(document(&doc));
+    public
         .route(
             "/openapi.json",
-            get(|| async {
-                Json(ApiDoc::openapi().merge_from(crate::images::ImagesDoc::openapi()))
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
             }),
         )
-        .route("/v1/apps", post(create_app).get(list_apps))
-        .route("/v1/apps/{app}", get(get_app).delete(delete_app))
-        .route(
-            "/v1/apps/{app}/machines",
-            get(list_machines).post(create_machine),
-        )
-        .route(
-            "/v1/apps/{app}/machines/{id}",
-            get(get_machine).delete(destroy_machine),
-        )
-        .route("/v1/apps/{app}/machines/{id}/stop", post(stop_machine))
-        .route("/v1/apps/{app}/machines/{id}/start", post(start_machine))
-        .route("/v1/apps/{app}/machines/{id}/wait", get(wait_machine))
-        .route("/v1/apps/{app}/machines/{id}/events", get(machine_events))
-        .route(
-            "/v1/apps/{app}/machines/{id}/lease",
-            post(acquire_lease).get(get_lease).delete(release_lease),
-        )
-        .route("/v1/apps/{app}/machines/{id}/exec", post(exec_machine))
-        .route("/v1/hosts", get(list_hosts))
-        .route(
-            "/v1/apps/{app}/machines/{id}/migrate",
-            post(crate::migrate::migrate_machine),
-        )
-        .route("/v1/migrations", get(crate::migrate::list))
-        .route("/v1/migrations/{id}", get(crate::migrate::get))
-        .route(
-            "/v1/apps/{app}/policy",
-            get(crate::migrate::get_policy).post(crate::migrate::set_policy),
-        )
-        .route("/v1/hosts/{id}/drain", post(crate::migrate::drain))
-        .route("/v1/hosts/{id}/cordon", post(crate::migrate::cordon))
-        .route("/v1/hosts/{id}/uncordon", post(crate::migrate::uncordon))
-        .route("/v1/volumes", post(create_volume).get(list_volumes))
-        .route(
-            "/v1/bridge",
-            get(crate::bridge::list).post(crate::bridge::map),
-        )
-        .route("/v1/bridge/report", get(crate::bridge::report))
-        .route("/v1/bridge/retire", post(crate::bridge::retire))
-        .route("/v1/bridge/gate", post(crate::bridge::set_gate))
-        .route("/v1/images", get(crate::images::list))
-        .route("/v1/images/pull", post(crate::images::pull))
-        .route("/v1/images/remove", post(crate::images::remove))
-        .route("/v1/registries", get(crate::images::list_registries))
-        .route(
-            "/v1/registries/{registry}",
-            axum::routing::put(crate::images::put_registry).delete(crate::images::delete_registry),
-        )
+        // The agents' side of the protocol (registration and reports), not part of the public
+        // document: no user client calls it, and generated requests must not register hosts.
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
         .fallback(|| async { ApiError::not_found("route") })
@@ -209,6 +268,44 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) => Err(ApiError::invalid(format!(
                 "malformed request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A path parameter that fails to parse (e.g. not UTF-8) is our JSON 400 too.
+pub struct Path<T>(pub T);
+impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "malformed path parameter: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A query string that fails to parse (a word where a number goes) is our JSON 400 too.
+pub struct Query<T>(pub T);
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "malformed query: {}",
                 e.body_text()
             ))),
         }
@@ -236,7 +333,7 @@ fn app_view(a: &ferry_store::App) -> AppView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/apps", request_body = CreateApp, responses((status = 201, body = AppView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp, responses((status = 201, description = "The app, in its org's network.", body = AppView, links(("CreateMachine" = (operation_id = "create_machine", parameters(("app" = "$response.body#/name")))), ("GetApp" = (operation_id = "get_app", parameters(("app" = "$response.body#/name")))), ("ListMachines" = (operation_id = "list_machines", parameters(("app" = "$response.body#/name")))), ("DeleteApp" = (operation_id = "delete_app", parameters(("app" = "$response.body#/name")))))), BadRequest, Conflict, ServerFailed))]
 async fn create_app(
     State(ctx): Shared,
     Body(req): Body<CreateApp>,
@@ -248,12 +345,14 @@ async fn create_app(
     Ok((StatusCode::CREATED, Json(app_view(&app))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct OrgQuery {
+    /// Only this org's apps.
     org_slug: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/apps", responses((status = 200, body = [AppView])))]
+#[utoipa::path(get, path = "/v1/apps", tag = "apps", params(OrgQuery), responses((status = 200, description = "Apps by name.", body = [AppView]), BadRequest, ServerFailed))]
 async fn list_apps(State(ctx): Shared, Query(q): Query<OrgQuery>) -> Result<Json<Vec<AppView>>> {
     Ok(Json(
         ctx.store
@@ -264,18 +363,15 @@ async fn list_apps(State(ctx): Shared, Query(q): Query<OrgQuery>) -> Result<Json
     ))
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}", responses((status = 200, body = AppView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = 200, body = AppView), BadRequest, NotFound, ServerFailed))]
 async fn get_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<AppView>> {
     Ok(Json(app_view(&ctx.store.get_app(&app)?)))
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
-async fn delete_app(
-    State(ctx): Shared,
-    Path(app): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+#[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = 200, description = "Deleted, with its destroyed machines' records.", body = OkView), BadRequest, NotFound, Conflict, ServerFailed))]
+async fn delete_app(State(ctx): Shared, Path(app): Path<String>) -> Result<Json<OkView>> {
     ctx.store.delete_app(&app)?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    Ok(Json(OkView { ok: true }))
 }
 
 // ---- machines ---------------------------------------------------------------------------------
@@ -294,13 +390,15 @@ pub(crate) fn lease_nonce(h: &HeaderMap) -> Option<&str> {
     h.get(LEASE_HEADER).and_then(|v| v.to_str().ok())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Also list destroyed and migrated-away machines.
     #[serde(default)]
     include_deleted: bool,
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines", responses((status = 200, body = [MachineView])))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath, ListQuery), responses((status = 200, description = "The app's machines, oldest first.", body = [MachineView]), BadRequest, NotFound, ServerFailed))]
 async fn list_machines(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -315,8 +413,7 @@ async fn list_machines(
     Ok(Json(ms.iter().map(|m| MachineView::new(m, None)).collect()))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines", request_body = CreateMachine,
-    responses((status = 200, body = MachineView), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines", tag = "machines", params(AppPath), request_body = CreateMachine, responses((status = 200, description = "The machine, placed and started (or `failed` with the agent's reason in its events).", body = MachineView, links(("GetMachine" = (operation_id = "get_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("StopMachine" = (operation_id = "stop_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("StartMachine" = (operation_id = "start_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("WaitMachine" = (operation_id = "wait_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("MachineEvents" = (operation_id = "machine_events", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("DestroyMachine" = (operation_id = "destroy_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("ExecMachine" = (operation_id = "exec_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("AcquireLease" = (operation_id = "acquire_lease", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("GetLease" = (operation_id = "get_lease", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))), ("MigrateMachine" = (operation_id = "migrate_machine", parameters(("app" = "$request.path.app"), ("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 async fn create_machine(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -454,60 +551,21 @@ pub(crate) fn resolve_volumes(ctx: &Ctx, c: &MachineConfig) -> Result<Vec<String
 
 pub(crate) fn volume(ctx: &Ctx, id: &str) -> Result<VolumeView> {
     validate_volume_id(id)?;
-    let raw = ctx
-        .store
-        .kv_get(&format!("volume/{id}"))?
-        .ok_or_else(|| ApiError::not_found(format!("volume {id}")))?;
-    serde_json::from_str(&raw).map_err(ApiError::internal)
+    volume_view(ctx.store.get_volume(id)?)
 }
 
-pub(crate) fn agent_url(ctx: &Ctx, m: &Machine, path: &str) -> Result<String> {
+fn volume_view(r: ferry_store::VolumeRecord) -> Result<VolumeView> {
+    let mut v: VolumeView = serde_json::from_value(r.detail).map_err(ApiError::internal)?;
+    v.revision = r.revision;
+    Ok(v)
+}
+
+/// The endpoint of the agent of the machine's host.
+pub(crate) fn machine_endpoint(ctx: &Ctx, m: &Machine) -> Result<String> {
     let host = m
         .host
         .ok_or_else(|| ApiError::conflict("not_placed", format!("machine {} has no host", m.id)))?;
-    Ok(format!(
-        "{}/v1/machines/{}{}",
-        ctx.store.get_host(host)?.endpoint,
-        m.id,
-        path
-    ))
-}
-
-pub(crate) async fn call_agent<B: serde::Serialize, R: serde::de::DeserializeOwned>(
-    ctx: &Ctx,
-    url: &str,
-    body: &B,
-) -> Result<R> {
-    let resp = ctx
-        .http
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
-            .map(|b| (b.error, b.code))
-            .unwrap_or((text, String::new()));
-        if code == crate::error::PERMANENT_VOLUME_ERROR {
-            // Not the agent's failure: the volume cannot be forked as it is. Never retried.
-            return Err(ApiError::new(
-                422,
-                crate::error::PERMANENT_VOLUME_ERROR,
-                format!("the host's agent refused: {msg}"),
-            ));
-        }
-        return Err(ApiError::new(
-            502,
-            "agent_error",
-            format!("the host's agent failed: {msg}"),
-        ));
-    }
-    resp.json()
-        .await
-        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))
+    Ok(ctx.store.get_host(host)?.endpoint)
 }
 
 /// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
@@ -544,16 +602,14 @@ pub(crate) async fn launch(
         volume_dirs,
         bridge_enabled: crate::bridge::gate(ctx, &m)?,
     };
-    let url = agent_url(ctx, &m, "/start")?;
-    match call_agent::<_, serde_json::Value>(ctx, &url, &run).await {
+    let ep = machine_endpoint(ctx, &m)?;
+    match ctx.agents.start(&ep, &run).await {
         Ok(reply) => {
             // A size-limited volume used for the first time now lives on this host.
-            let dirs = reply["volume_dirs"].as_array().cloned().unwrap_or_default();
-            for (r, dir) in run.volumes.iter().zip(dirs) {
-                let Some(dir) = dir.as_str() else { continue };
+            for (r, dir) in run.volumes.iter().zip(&reply.volume_dirs) {
                 let mut v = volume(ctx, &r.id)?;
                 let host = m.host.map(|h| format!("{:x}", h.get()));
-                if v.kept_by_agent && (v.host_dir != dir || v.host != host) {
+                if v.kept_by_agent && (&v.host_dir != dir || v.host != host) {
                     v.host_dir = dir.to_owned();
                     v.host = host;
                     put_volume(ctx, &v)?;
@@ -580,7 +636,7 @@ pub(crate) async fn launch(
     Ok(m)
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}", tag = "machines", params(MachinePath), responses((status = 200, body = MachineView), BadRequest, NotFound, ServerFailed))]
 async fn get_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -638,8 +694,8 @@ pub(crate) async fn stop_inner(
         .store
         .transition(id, &[S::Started, S::Starting], S::Stopping)?;
     ctx.changed();
-    let url = agent_url(ctx, &m, "/stop")?;
-    let exit: ExitInfo = match call_agent(ctx, &url, &params).await {
+    let ep = machine_endpoint(ctx, &m)?;
+    let exit: ExitInfo = match ctx.agents.stop(&ep, id, &params).await {
         Ok(e) => e,
         Err(e) => {
             ctx.store.transition(id, &[S::Stopping], S::Failed)?;
@@ -671,8 +727,7 @@ pub(crate) async fn stop_inner(
     Ok((m, exit))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/stop", request_body = StopRequest,
-    responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/stop", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<StopRequest>, description = "Optional: the signal and timeout (defaults from the machine's config)."), responses((status = 200, description = "The machine, stopped.", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn stop_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -688,7 +743,7 @@ async fn stop_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/start", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), responses((status = 200, description = "The machine, started (or `failed`).", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn start_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -703,13 +758,15 @@ async fn start_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DestroyQuery {
+    /// Destroy a running machine (it is stopped first) instead of answering 409.
     #[serde(default)]
     force: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}", responses((status = 200, body = MachineView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}", tag = "machines", params(MachinePath, DestroyQuery, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), responses((status = 200, description = "The machine, destroyed.", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn destroy_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -742,8 +799,8 @@ async fn destroy_machine(
         .store
         .transition(&id, &[S::Created, S::Stopped, S::Failed], S::Destroying)?;
     ctx.changed();
-    let url = agent_url(&ctx, &m, "/destroy")?;
-    call_agent::<_, serde_json::Value>(&ctx, &url, &serde_json::json!({})).await?;
+    let ep = machine_endpoint(&ctx, &m)?;
+    ctx.agents.destroy(&ep, &id).await?;
     let m = ctx.store.transition(&id, &[S::Destroying], S::Destroyed)?;
     ctx.store
         .add_event(&id, "destroy", "destroyed", "user", serde_json::json!({}))?;
@@ -751,14 +808,19 @@ async fn destroy_machine(
     Ok(Json(MachineView::new(&m, None)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
+    /// The state to wait for (default `started`): created, starting, started, stopping,
+    /// stopped, destroying, destroyed, failed, migrated.
     state: Option<String>,
-    /// Seconds, default 60, at most 300.
+    /// Seconds to wait at most, 0..=300 (default 60). The answer comes within this bound: 200
+    /// as soon as the machine is in the state, 408 when the time is up.
+    #[param(minimum = 0, maximum = 300)]
     timeout: Option<u64>,
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/wait", responses((status = 200, body = WaitView), (status = 408, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/wait", tag = "machines", params(MachinePath, WaitQuery), responses((status = 200, description = "The machine is in the state asked for.", body = WaitView), BadRequest, NotFound, WaitTimeout, ServerFailed))]
 async fn wait_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -807,7 +869,7 @@ async fn wait_machine(
     }
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/events", responses((status = 200, body = [EventView])))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/events", tag = "machines", params(MachinePath), responses((status = 200, description = "The machine's events, oldest first.", body = [EventView]), BadRequest, NotFound, ServerFailed))]
 async fn machine_events(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -832,8 +894,7 @@ fn lease_view(l: &ferry_store::Lease) -> LeaseView {
     }
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/lease", request_body = LeaseRequest,
-    responses((status = 201, body = LeaseView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "Refresh the lease with this nonce instead of taking a new one.")), request_body = LeaseRequest, responses((status = 201, description = "The lease and its nonce.", body = LeaseView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn acquire_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -858,7 +919,7 @@ async fn acquire_lease(
     Ok((StatusCode::CREATED, Json(lease_view(&lease))))
 }
 
-#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200, body = LeaseView), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath), responses((status = 200, body = LeaseView), BadRequest, NotFound, ServerFailed))]
 async fn get_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -871,22 +932,21 @@ async fn get_lease(
     Ok(Json(lease_view(&l)))
 }
 
-#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/lease", responses((status = 200), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/lease", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = String, Header, description = "The nonce of the lease to release.")), responses((status = 200, description = "Released (or already gone).", body = OkView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn release_lease(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<OkView>> {
     machine_of(&ctx, &app, &id)?;
     let nonce = lease_nonce(&headers).ok_or_else(|| {
         ApiError::invalid(format!("releasing a lease needs the {LEASE_HEADER} header"))
     })?;
     ctx.store.release_lease(&id, nonce)?;
-    Ok(Json(serde_json::json!({"ok": true})))
+    Ok(Json(OkView { ok: true }))
 }
 
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", request_body = ExecBody,
-    responses((status = 200, body = ExecView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = ExecBody, responses((status = 200, description = "The command's exit code and output.", body = ExecView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
 async fn exec_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -908,16 +968,18 @@ async fn exec_machine(
             format!("machine {id} is {}", m.state.as_str()),
         ));
     }
-    let url = agent_url(&ctx, &m, "/exec")?;
-    let r: ExecResult = call_agent(
-        &ctx,
-        &url,
-        &ExecRequest {
-            cmd: req.cmd,
-            timeout_ms: timeout * 1000,
-        },
-    )
-    .await?;
+    let ep = machine_endpoint(&ctx, &m)?;
+    let r: ExecResult = ctx
+        .agents
+        .exec(
+            &ep,
+            &id,
+            &ExecRequest {
+                cmd: req.cmd,
+                timeout_ms: timeout * 1000,
+            },
+        )
+        .await?;
     Ok(Json(ExecView {
         exit_code: r.exit_code,
         stdout: r.stdout,
@@ -927,7 +989,7 @@ async fn exec_machine(
 
 // ---- hosts and volumes ------------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = [HostView])))]
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, description = "Hosts by ID, with their machine counts.", body = [HostView]), ServerFailed))]
 async fn list_hosts(State(ctx): Shared) -> Result<Json<Vec<HostView>>> {
     let mut out = Vec::new();
     for h in ctx.store.list_hosts()? {
@@ -943,8 +1005,7 @@ async fn list_hosts(State(ctx): Shared) -> Result<Json<Vec<HostView>>> {
     Ok(Json(out))
 }
 
-#[utoipa::path(post, path = "/v1/volumes", request_body = CreateVolume,
-    responses((status = 201, body = VolumeView), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = CreateVolume, responses((status = 201, body = VolumeView), BadRequest, NotFound, Conflict, ServerFailed))]
 async fn create_volume(
     State(ctx): Shared,
     Body(req): Body<CreateVolume>,
@@ -961,15 +1022,7 @@ async fn create_volume(
             // volume data.
             (PathBuf::new(), Some(s))
         }
-        (None, Some(d)) => {
-            let p = PathBuf::from(&d);
-            if !p.is_absolute() || !p.is_dir() {
-                return Err(ApiError::invalid(format!(
-                    "host_dir {d:?} is not an existing absolute directory"
-                )));
-            }
-            (p, None)
-        }
+        (None, Some(d)) => (ctx.allowed_host_dir(&d)?, None),
         _ => return Err(ApiError::invalid("give exactly one of size_mb or host_dir")),
     };
     let v = VolumeView {
@@ -983,6 +1036,7 @@ async fn create_volume(
         forked_from: None,
         destroy_after: None,
         destroy_after_ms: None,
+        revision: 0,
     };
     put_volume(&ctx, &v)?;
     Ok((StatusCode::CREATED, Json(v)))
@@ -991,40 +1045,48 @@ async fn create_volume(
 /// Smallest size-limited volume (an ext4 file system with a journal needs a few MiB).
 pub const MIN_VOLUME_MB: u64 = 8;
 
-/// Records a volume (new or changed); idempotent.
+/// Records a volume. One read before (`v.revision` from [`volume`]): a compare-and-swap, so a
+/// concurrent change is a conflict instead of a lost update. A new one (revision 0): created,
+/// or, when its creator repeats the step after a crash, replaced.
 pub(crate) fn put_volume(ctx: &Ctx, v: &VolumeView) -> Result<()> {
-    ctx.store.kv_put(
-        &format!("volume/{}", v.id),
-        &serde_json::to_string(v).map_err(ApiError::internal)?,
-    )?;
-    let mut ids = volume_ids(ctx)?;
-    if !ids.contains(&v.id) {
-        ids.push(v.id.clone());
-        ctx.store.kv_put(
-            "volumes",
-            &serde_json::to_string(&ids).map_err(ApiError::internal)?,
-        )?;
+    let mut rec = ferry_store::VolumeRecord {
+        id: v.id.clone(),
+        state: v.state.clone(),
+        host: v.host.clone(),
+        destroy_after_ms: v.destroy_after_ms,
+        detail: serde_json::to_value(v).map_err(ApiError::internal)?,
+        revision: v.revision,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    if v.revision != 0 {
+        ctx.store.update_volume(&rec)?;
+        return Ok(());
     }
-    Ok(())
+    match ctx.store.create_volume(&rec) {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == "conflict" => {
+            rec.revision = ctx.store.get_volume(&v.id)?.revision;
+            ctx.store.update_volume(&rec)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-pub(crate) fn volume_ids(ctx: &Ctx) -> Result<Vec<String>> {
-    Ok(ctx
-        .store
-        .kv_get("volumes")?
-        .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default())
+/// Every volume, oldest first.
+pub(crate) fn volumes(ctx: &Ctx, state: Option<&str>) -> Result<Vec<VolumeView>> {
+    ctx.store
+        .list_volumes(state)?
+        .into_iter()
+        .map(volume_view)
+        .collect()
 }
 
-#[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [VolumeView])))]
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes", responses((status = 200, body = [VolumeView]), ServerFailed))]
 async fn list_volumes(State(ctx): Shared) -> Result<Json<Vec<VolumeView>>> {
     crate::migrate::expire_volumes(&ctx).await;
-    let ids = volume_ids(&ctx)?;
-    Ok(Json(
-        ids.iter()
-            .map(|id| volume(&ctx, id))
-            .collect::<Result<_>>()?,
-    ))
+    Ok(Json(volumes(&ctx, None)?))
 }
 
 // ---- agents -----------------------------------------------------------------------------------
@@ -1071,6 +1133,13 @@ async fn register_host(
         }
     }
     ctx.changed();
+    // The bridge state, after the reply: the agent may wait for this answer before it serves.
+    let (c, h) = (ctx.clone(), host.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::bridge::sync_host(&c, &h).await {
+            tracing::warn!("pushing the bridge state to a host that registered: {e}");
+        }
+    });
     Ok(Json(
         serde_json::json!({"host": format!("{:x}", host.id.get())}),
     ))
@@ -1149,4 +1218,55 @@ pub async fn stop_all(ctx: &Ctx) -> Vec<String> {
         }
     }
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent's error code reaches the caller as a code (the driver decides by it), and a
+    /// permanent volume error keeps its own status.
+    #[tokio::test]
+    async fn agent_error_codes_reach_the_caller() {
+        let agent = Router::new()
+            .route(
+                "/stop",
+                post(|| async { ApiError::conflict("not_running", "machine x is not running") }),
+            )
+            .route(
+                "/fork",
+                post(|| async { ApiError::new(422, crate::error::PERMANENT_VOLUME_ERROR, "dev") }),
+            )
+            .route(
+                "/plain",
+                post(|| async { (StatusCode::BAD_GATEWAY, "proxy") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, agent).await });
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Ctx::new(
+            Arc::new(ferry_store::SqliteStore::in_memory().unwrap()),
+            dir.path().into(),
+        );
+        let call = |p: &str| {
+            let url = format!("{base}{p}");
+            let http = ctx.http.clone();
+            async move {
+                crate::agents::answer::<serde_json::Value>(http.post(url).send().await)
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let e = call("/stop").await;
+        assert_eq!((e.status, e.code), (502, "agent_error"));
+        assert_eq!(e.agent_code.as_deref(), Some("not_running"));
+        let e = call("/fork").await;
+        assert_eq!(
+            (e.status, e.code),
+            (422, crate::error::PERMANENT_VOLUME_ERROR)
+        );
+        let e = call("/plain").await;
+        assert_eq!((e.status, e.agent_code), (502, None));
+    }
 }

@@ -83,9 +83,12 @@ impl From<&Event> for EventView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
+    /// Unique across the fleet: 1-63 lowercase letters, digits and '-', not at either end.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub app_name: String,
     /// The org (tenant); created, with its network, on first use. Default "personal".
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub org_slug: Option<String>,
 }
 
@@ -103,6 +106,7 @@ pub struct AppView {
 #[serde(deny_unknown_fields)]
 pub struct CreateMachine {
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     /// Place on this host (hex ID); default: the least-loaded host.
     #[serde(default)]
@@ -208,6 +212,9 @@ pub struct VolumeView {
     /// Milliseconds since the epoch, for `destroy_after`.
     #[serde(default)]
     pub destroy_after_ms: Option<i64>,
+    /// The store revision this copy was read at (0: not stored yet); see `put_volume`.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 impl VolumeView {
@@ -225,4 +232,18 @@ fn active() -> String {
 pub struct WaitView {
     pub ok: bool,
     pub state: String,
+}
+
+/// The answer of a route that has nothing else to say.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OkView {
+    pub ok: bool,
+}
+
+/// A host's cordon, after `cordon` or `uncordon`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CordonView {
+    /// The host's ID (hex).
+    pub host: String,
+    pub cordoned: bool,
 }

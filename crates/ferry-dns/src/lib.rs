@@ -1,4 +1,4 @@
-//! ferry's authoritative `.internal` DNS server (SPEC §6).
+//! ferry's authoritative `.internal` DNS server (docs/design.md#dns).
 //!
 //! * [`zone`]: the published data ([`Snapshot`] of [`DnsMachine`]s), its atomic swap
 //!   ([`ZoneData::publish`]) and the pure per-view name resolution.

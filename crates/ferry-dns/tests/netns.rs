@@ -1,6 +1,6 @@
 //! The server in a real network namespace, as a host runs it: bound to `[fdaa::3]:53` (UDP and
 //! TCP) by a thread that entered a "host" namespace, queried from a "machine" namespace joined
-//! to it by a veth (the machine's only route is `fdaa::/16` via the host, SPEC §3), with `dig`,
+//! to it by a veth (the machine's only route is `fdaa::/16` via the host, docs/design.md#data-plane), with `dig`,
 //! `getent`, Python's `getaddrinfo` and a Rust client.
 //!
 //! Needs root and `ip` (the test alone uses `ip`; the crate never does). Namespaces are named

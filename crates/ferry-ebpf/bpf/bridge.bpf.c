@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 //
-// ferry's address-mapping bridge (SPEC §8, issue 5): four cgroup socket-address programs attached
+// ferry's address-mapping bridge (docs/design.md#bridge, issue 5): four cgroup socket-address programs attached
 // to every machine's cgroup (cgroup v2), so that a socket aimed at a machine's *old* address
 // reaches its current one and the application still sees the old address as its peer.
 //

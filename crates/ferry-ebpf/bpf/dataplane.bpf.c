@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 //
-// ferry's per-host data plane (SPEC §3): four TC programs, one object per host.
+// ferry's per-host data plane (docs/design.md#tc-programs): four TC programs, one object per host.
 //
 //   machine_in   TC ingress on the host side of a machine veth (packets *from* the machine):
 //                anti-spoofing, org isolation, destination to infra form when it is remote.

@@ -1,4 +1,4 @@
-//! The address-mapping bridge's kernel side (SPEC §8, issue 5): loader and map editor for the
+//! The address-mapping bridge's kernel side (docs/design.md#bridge, issue 5): loader and map editor for the
 //! cgroup socket-address programs in `bpf/bridge.bpf.c`.
 //!
 //! A machine's sockets that target one of its network's *old* addresses (a machine that has

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 /// How hosts reach each other's machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// SPEC §3: eBPF swap to infra form, one static route per other host.
+    /// docs/design.md#routes: eBPF swap to infra form, one static route per other host.
     Swap,
     /// Benchmark baseline: no eBPF, a route per remote machine. Not isolated; never for users.
     PlainRoutes,

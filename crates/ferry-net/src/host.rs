@@ -1,7 +1,7 @@
 //! One host's data plane: what `ferry agent` drives on a real host and `ferry dev` on each
 //! host namespace.
 //!
-//! Routes (SPEC §3), and nothing else:
+//! Routes (docs/design.md#routes), and nothing else:
 //! * one per local machine: its guest /112 on its veth;
 //! * one per *other* host: that host's infra /48 via its underlay address (swap mode);
 //! * none per remote machine (except in [`Mode::PlainRoutes`](crate::Mode), the benchmark
@@ -78,7 +78,7 @@ impl HostNet {
             let nl = Netlink::new()?;
             let lo = nl.require_index("lo")?;
             nl.up(lo, None)?;
-            // Reserved for the DNS server on every host (SPEC §6).
+            // Reserved for the DNS server on every host (docs/design.md#dns).
             match nl.add_address(lo, DNS_ADDR, 128) {
                 Ok(()) => {}
                 Err(NetError::Netlink { msg, .. }) if msg.contains("File exists") => {}

@@ -1,4 +1,4 @@
-//! ferry's host data plane (SPEC §3): network namespaces, veths, routes and the eBPF swap.
+//! ferry's host data plane (docs/design.md#data-plane): network namespaces, veths, routes and the eBPF swap.
 //!
 //! * [`netns`]: named namespaces and threads that live inside them.
 //! * [`nl`]: synchronous rtnetlink for the calling thread's namespace.

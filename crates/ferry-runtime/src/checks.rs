@@ -1,4 +1,4 @@
-//! Machine health checks (SPEC §4): tcp, http and exec, for liveness (failures restart the
+//! Machine health checks (docs/design.md#machine-config): tcp, http and exec, for liveness (failures restart the
 //! machine) and readiness (gates traffic and migrations). Scheduling them every `interval` and
 //! acting on the results is the agent's job; this module runs one check once.
 //!

@@ -50,7 +50,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-/// The DNS server every machine uses (SPEC §4).
+/// The DNS server every machine uses (docs/design.md#dns).
 pub const NAMESERVER: &str = "fdaa::3";
 /// The name `/etc/hosts` gives the machine's own private address.
 pub const LOCAL_6PN: &str = "ferry-local-6pn";
@@ -119,7 +119,7 @@ pub struct InitSpec {
     /// names are looked up in the machine's own `/etc/passwd` and `/etc/group`. Root if unset.
     #[serde(default)]
     pub user: Option<String>,
-    /// The machine's sandbox (SPEC §10). `None` runs the command in the host's root filesystem
+    /// The machine's sandbox (docs/design.md#sandbox). `None` runs the command in the host's root filesystem
     /// as host root, as ferry did before the sandbox; the agent always sets it, the runtime's
     /// benchmark keeps `None` as its baseline.
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! ferry's machine runtime (SPEC §4): runs one machine's processes on this host.
+//! ferry's machine runtime (docs/design.md#machine-lifecycle): runs one machine's processes on this host.
 //!
 //! * [`cgroup`]: discovers the host's cgroup layout (pure v2 or hybrid v1+v2) and creates one
 //!   cgroup per machine *below* the cgroup ferry itself runs in, with memory/cpu limits.

@@ -74,7 +74,7 @@ pub struct StopOutcome {
     pub escalated_to_sigkill: bool,
 }
 
-/// The signals a user may send to a machine (SPEC §4/§5).
+/// The signals a user may send to a machine (docs/design.md#machine-config).
 pub const ALLOWED_SIGNALS: [Signal; 7] = [
     Signal::SIGINT,
     Signal::SIGTERM,

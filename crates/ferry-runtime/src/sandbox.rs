@@ -1,4 +1,4 @@
-//! The machine sandbox (SPEC §10): what a machine sees of the host is its own root filesystem,
+//! The machine sandbox (docs/design.md#sandbox): what a machine sees of the host is its own root filesystem,
 //! its own user, pid, mount, uts and cgroup namespaces, a reduced capability set, a seccomp
 //! filter and `no_new_privs`.
 //!

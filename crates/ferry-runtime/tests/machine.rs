@@ -689,7 +689,7 @@ fn stop_with_sigstop_freezes_then_escalates() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The sandbox (SPEC §10): what a machine sees, and escapes that must fail with the host
+// The sandbox (docs/design.md#sandbox): what a machine sees, and escapes that must fail with the host
 // unchanged afterwards.
 
 /// Runs a shell script in the machine (as `ferry machine exec` does).

@@ -61,6 +61,35 @@ pub enum StoreError {
     /// A stored value does not decode (hand-edited or damaged database).
     #[error("corrupt store: {what}")]
     Corrupt { what: String },
+    /// A record of `kind` (volume, migration, policy, ...) with this key does not exist.
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// A create found a record of `kind` with this key already there.
+    #[error("{kind} {id} already exists")]
+    Exists { kind: &'static str, id: String },
+    /// A compare-and-swap update named revision `expected`, but the record is at `found`
+    /// (someone else changed it since it was read): read it again, re-apply, retry.
+    #[error("{kind} {id} is at revision {found}, not {expected}: it changed since it was read")]
+    StaleRevision {
+        kind: &'static str,
+        id: String,
+        expected: u64,
+        found: u64,
+    },
+    /// The machine already has an unfinished migration.
+    #[error("machine {machine_id} is already migrating ({migration_id})")]
+    MigrationActive {
+        machine_id: String,
+        migration_id: String,
+    },
+    /// The backend cannot be reached or has no quorum (etcd down, network cut, timeout). Nothing
+    /// was changed, or (for a write whose reply was lost) the change is complete or absent as a
+    /// whole; the caller may retry later. The API answers 503.
+    #[error("the store is unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The etcd backend refused a request for a reason other than availability.
+    #[error("etcd: {what}")]
+    Etcd { what: String },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("json: {0}")]
@@ -79,7 +108,11 @@ impl StoreError {
             AppNotFound { .. } | OrgNotFound { .. } | MachineNotFound { .. } => "not_found",
             HostNotFound { .. } => "not_found",
             AppHasMachines { .. } => "app_has_machines",
-            MachineExists { .. } | Conflict { .. } => "conflict",
+            MachineExists { .. } | Conflict { .. } | Exists { .. } => "conflict",
+            NotFound { .. } => "not_found",
+            StaleRevision { .. } => "stale_revision",
+            MigrationActive { .. } => "migration_in_progress",
+            Unavailable { .. } => "unavailable",
             IllegalTransition { .. } => "illegal_transition",
             LeaseHeld { .. } => "lease_held",
             LeaseMismatch { .. } => "lease_mismatch",
@@ -90,7 +123,9 @@ impl StoreError {
             // Another process held the write lock longer than the busy timeout: worth a retry,
             // unlike the other SQLite failures.
             Sqlite(e) if is_busy(e) => "busy",
-            SchemaTooNew { .. } | Corrupt { .. } | Sqlite(_) | Json(_) | Io(_) => "internal",
+            SchemaTooNew { .. } | Corrupt { .. } | Etcd { .. } | Sqlite(_) | Json(_) | Io(_) => {
+                "internal"
+            }
         }
     }
 

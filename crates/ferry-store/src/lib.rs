@@ -1,13 +1,22 @@
-//! The durable state of the fleet (SPEC §4): orgs and their network IDs, apps, hosts, machines,
-//! their event logs, leases, named locks and a few settings.
+//! The durable state of the fleet (docs/design.md#control-plane): orgs and their network IDs,
+//! apps, hosts, machines, their event logs, leases, named locks, the control plane's typed records
+//! (volumes, migrations, migration policies, instance histories, bridge mappings and gates) and a
+//! few settings.
 //!
 //! Its job: remember, atomically and durably, and never hand out an ID twice. Everything goes
-//! through the [`Store`] trait so that a multi-server deployment can swap the embedded
-//! [`SqliteStore`] for an etcd backend; leases and locks are part of the trait for that reason.
+//! through the [`Store`] trait, with two backends that pass one conformance suite: the embedded
+//! [`SqliteStore`] (the default) and [`EtcdStore`] (several servers on one etcd cluster; its
+//! module doc says how its transactions, allocators and leases work). [`open`] picks one from a
+//! connect string (`sqlite://PATH`, `sqlite::memory:`, `etcd://HOST:PORT[,HOST:PORT...]`).
+//!
+//! Records that callers change by read-modify-write carry a `revision`: an update names the
+//! revision it read and fails with [`StoreError::StaleRevision`] if the record changed meanwhile,
+//! so concurrent servers never lose each other's updates; indexes (a machine's active migration,
+//! volumes by state, mappings by network) change in the same transaction as their records.
 //!
 //! What it must never do: **no other crate opens SQLite** (they all come through here); it never
 //! talks to hosts, the network or the kernel; it never reuses a network ID, host ID or machine
-//! field (SPEC §2: a reused address would hand one machine's clients to another); and a failed
+//! field (docs/design.md#allocation: a reused address would hand one machine's clients to another); and a failed
 //! operation never leaves a partial change behind.
 //!
 //! ```
@@ -42,15 +51,27 @@
 
 mod clock;
 mod error;
+mod etcd;
 mod model;
+mod open;
+mod records;
 mod schema;
 mod sqlite;
+mod sqlite_records;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};
+pub use etcd::EtcdStore;
 pub use model::{
     is_machine_id, new_instance_id, new_machine_id, App, Event, Host, Lease, Lock, Machine,
     MachineState, Org, ParseStateError,
+};
+pub use open::{open, open_with_clock, DEFAULT_ETCD_PREFIX};
+pub use records::{
+    BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
+    PolicyRecord, VolumeRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -176,9 +197,88 @@ pub trait Store: Send + Sync {
     /// The unexpired holder, if any.
     fn current_lock(&self, name: &str) -> Result<Option<Lock>>;
 
+    // ---- volumes ----------------------------------------------------------------------------
+
+    /// Records a new volume at revision 1 (timestamps from the clock); [`StoreError::Exists`]
+    /// if the ID is taken.
+    fn create_volume(&self, v: &VolumeRecord) -> Result<VolumeRecord>;
+    /// [`StoreError::NotFound`] if there is none.
+    fn get_volume(&self, id: &str) -> Result<VolumeRecord>;
+    /// All volumes, or those in one `state`, oldest first.
+    fn list_volumes(&self, state: Option<&str>) -> Result<Vec<VolumeRecord>>;
+    /// Compare-and-swap: writes `v` (every field but `id` and `created_at_ms`) only if the stored
+    /// revision is `v.revision`, else [`StoreError::StaleRevision`]. Returns it at the next revision.
+    fn update_volume(&self, v: &VolumeRecord) -> Result<VolumeRecord>;
+    /// Deletes the volume if it is at `revision` ([`StoreError::StaleRevision`] otherwise).
+    fn delete_volume(&self, id: &str, revision: u64) -> Result<()>;
+
+    // ---- migrations -------------------------------------------------------------------------
+
+    /// Records a new migration at revision 1, and, unless it is created `finished`, makes it its
+    /// machine's active migration in the same step: [`StoreError::MigrationActive`] (and nothing
+    /// recorded) if the machine already has an unfinished one; [`StoreError::Exists`] if the ID
+    /// is taken.
+    fn create_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord>;
+    fn get_migration(&self, id: &str) -> Result<MigrationRecord>;
+    /// Oldest first (creation time, then ID).
+    fn list_migrations(&self, filter: MigrationFilter<'_>) -> Result<Vec<MigrationRecord>>;
+    /// The machine's unfinished migration, if any.
+    fn active_migration(&self, machine_id: &str) -> Result<Option<MigrationRecord>>;
+    /// Compare-and-swap by revision, like [`Store::update_volume`]. `machine_id`, `app`,
+    /// `network_id` and `created_at_ms` never change ([`StoreError::Invalid`]); `finished` may go
+    /// from false to true, never back; when it does, the machine's active index is cleared in the
+    /// same step.
+    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord>;
+
+    // ---- migration policies -----------------------------------------------------------------
+
+    /// The app's stored policy, if it has one.
+    fn get_policy(&self, app: &str) -> Result<Option<PolicyRecord>>;
+    /// Creates (`p.revision == 0`: [`StoreError::Exists`] if one exists) or compare-and-swaps
+    /// (`p.revision` = the revision read) the app's policy; returns it at its new revision.
+    fn put_policy(&self, p: &PolicyRecord) -> Result<PolicyRecord>;
+
+    // ---- instance histories -----------------------------------------------------------------
+
+    /// Appends to the machine's instance history. Idempotent: an instance already in the history
+    /// is not appended again (`Ok(false)`); a migration resumed after a crash repeats this.
+    fn append_instance(&self, rec: &InstanceRecord) -> Result<bool>;
+    /// The machine's past instances, in the order they were appended.
+    fn list_instances(&self, machine_id: &str) -> Result<Vec<InstanceRecord>>;
+
+    // ---- bridge -----------------------------------------------------------------------------
+
+    /// All mappings of one network (or of all), by network then old address.
+    fn list_bridge_mappings(&self, network_id: Option<u32>) -> Result<Vec<BridgeMapping>>;
+    /// One network's mappings with its revision, to plan a batch on.
+    fn bridge_network(&self, network_id: u32) -> Result<BridgeNetwork>;
+    /// Inserts or replaces the mapping of (`m.network_id`, `m.old`), touching no other mapping.
+    fn put_bridge_mapping(&self, m: &BridgeMapping) -> Result<BridgeNetwork>;
+    /// Removes the mapping of `old` in the network, if any; other mappings stay as they are.
+    fn remove_bridge_mapping(&self, network_id: u32, old: &str) -> Result<BridgeNetwork>;
+    /// Applies `puts` and `removes` (old addresses) to one network in one step, only if the
+    /// network is still at `expected_revision` ([`StoreError::StaleRevision`] otherwise): for
+    /// changes that depend on the other mappings (chains re-pointed, loops refused, retirement).
+    /// Every mapping in `puts` must be of `network_id` ([`StoreError::Invalid`]).
+    fn update_bridge_network(
+        &self,
+        network_id: u32,
+        expected_revision: u64,
+        puts: &[BridgeMapping],
+        removes: &[String],
+    ) -> Result<BridgeNetwork>;
+    /// Switches the bridge off (`off = true`) or back on for an org's or an app's machines.
+    fn set_bridge_gate(&self, scope: GateScope, name: &str, off: bool) -> Result<()>;
+    /// Everything switched off, by scope then name.
+    fn bridge_gates_off(&self) -> Result<Vec<(GateScope, String)>>;
+
     // ---- settings ---------------------------------------------------------------------------
 
+    /// A free-form setting (fleet name, feature flags). Not for records that are listed,
+    /// indexed or changed by read-modify-write: those have typed methods above, because
+    /// `kv_get` then `kv_put` loses concurrent updates.
     fn kv_get(&self, key: &str) -> Result<Option<String>>;
+    /// Sets a setting (last writer wins).
     fn kv_put(&self, key: &str, value: &str) -> Result<()>;
 }
 

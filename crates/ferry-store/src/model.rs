@@ -37,7 +37,7 @@ pub struct Host {
     pub created_at_ms: i64,
 }
 
-/// A machine's lifecycle state (SPEC §4).
+/// A machine's lifecycle state (docs/design.md#machine-lifecycle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MachineState {
@@ -132,7 +132,7 @@ pub struct Machine {
     /// A ULID, see [`new_instance_id`].
     pub instance_id: String,
     pub state: MachineState,
-    /// The Fly-shaped machine config (SPEC §4), validated by the API before it gets here.
+    /// The Fly-shaped machine config (docs/design.md#machine-config), validated by the API before it gets here.
     pub config: serde_json::Value,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,

@@ -95,6 +95,85 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) STRICT;
     "#,
+    // v2: typed records for what the API kept as JSON in `kv` with hand-kept index lists.
+    // Indexed columns are what the store queries; `detail` is the API's body, never queried.
+    // `revision` is the compare-and-swap counter (1 on insert, +1 per update).
+    r#"
+    CREATE TABLE volumes (
+        id               TEXT PRIMARY KEY,
+        state            TEXT NOT NULL,
+        host             TEXT,
+        destroy_after_ms INTEGER,
+        detail           TEXT NOT NULL,
+        revision         INTEGER NOT NULL CHECK (revision >= 1),
+        created_at_ms    INTEGER NOT NULL,
+        updated_at_ms    INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX volumes_state ON volumes(state, created_at_ms);
+    CREATE INDEX volumes_host ON volumes(host);
+
+    CREATE TABLE migrations (
+        id            TEXT PRIMARY KEY,
+        machine_id    TEXT NOT NULL,
+        app           TEXT NOT NULL,
+        network_id    INTEGER NOT NULL,
+        phase         TEXT NOT NULL,
+        finished      INTEGER NOT NULL CHECK (finished IN (0, 1)),
+        drain         TEXT,
+        detail        TEXT NOT NULL,
+        revision      INTEGER NOT NULL CHECK (revision >= 1),
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX migrations_machine ON migrations(machine_id, created_at_ms);
+    CREATE INDEX migrations_app ON migrations(app, created_at_ms);
+    CREATE INDEX migrations_network ON migrations(network_id, created_at_ms);
+    CREATE INDEX migrations_drain ON migrations(drain, created_at_ms);
+    CREATE INDEX migrations_finished ON migrations(finished, created_at_ms);
+    -- The active-migration index: at most one unfinished migration per machine, enforced by
+    -- the database in the very statement that inserts or finishes one.
+    CREATE UNIQUE INDEX migrations_active ON migrations(machine_id) WHERE finished = 0;
+
+    CREATE TABLE policies (
+        app      TEXT PRIMARY KEY,
+        detail   TEXT NOT NULL,
+        revision INTEGER NOT NULL CHECK (revision >= 1)
+    ) STRICT;
+
+    -- AUTOINCREMENT: seq is the append order and never goes backwards.
+    CREATE TABLE instances (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id  TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        host        TEXT NOT NULL,
+        private_ip  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        ended_at    TEXT NOT NULL,
+        migration   TEXT NOT NULL,
+        UNIQUE (machine_id, instance_id)
+    ) STRICT;
+
+    -- One row per network that ever had a mapping: its revision, bumped by every change.
+    CREATE TABLE bridge_networks (
+        network_id INTEGER PRIMARY KEY,
+        revision   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE bridge_mappings (
+        network_id    INTEGER NOT NULL,
+        old           TEXT NOT NULL,
+        new           TEXT NOT NULL,
+        retired       INTEGER NOT NULL CHECK (retired IN (0, 1)),
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (network_id, old)
+    ) STRICT;
+    CREATE INDEX bridge_mappings_new ON bridge_mappings(network_id, new);
+
+    CREATE TABLE bridge_gates (
+        scope TEXT NOT NULL CHECK (scope IN ('org', 'app')),
+        name  TEXT NOT NULL,
+        PRIMARY KEY (scope, name)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -11,7 +11,12 @@ use crate::error::{Result, StoreError};
 use crate::model::{
     is_machine_id, new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, Org,
 };
+use crate::records::{
+    BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
+    PolicyRecord, VolumeRecord,
+};
 use crate::schema;
+use crate::sqlite_records as rec;
 use crate::Store;
 use ferry_addr::{
     AllocatorState, FleetAddr, HostAllocator, HostId, MachineAllocator, MachineField,
@@ -68,8 +73,8 @@ impl SqliteStore {
         }
         // FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power loss. Losing
         // an allocator step after its value was handed out would hand that network ID, host ID
-        // or machine field out again (SPEC §2 forbids reuse), and losing a transition could
-        // resurrect a migrated machine as a second running copy (SPEC §7). One fsync per write
+        // or machine field out again (docs/design.md#allocation forbids reuse), and losing a transition could
+        // resurrect a migrated machine as a second running copy (docs/design.md#migration-invariants). One fsync per write
         // is the price; writes are per lifecycle step, not per packet.
         conn.pragma_update(None, "synchronous", "FULL")?;
         Self::setup(conn, clock, Some(path.to_owned()))
@@ -140,6 +145,13 @@ impl SqliteStore {
             "leases",
             "locks",
             "kv",
+            "volumes",
+            "migrations",
+            "policies",
+            "instances",
+            "bridge_networks",
+            "bridge_mappings",
+            "bridge_gates",
         ];
         let mut out = Vec::new();
         for t in tables {
@@ -252,7 +264,7 @@ fn machine_field(v: i64) -> Result<MachineField> {
         .map_err(|_| corrupt(format!("machine field {v}")))
 }
 
-fn ttl(ttl_ms: u64) -> Result<i64> {
+pub(crate) fn ttl(ttl_ms: u64) -> Result<i64> {
     if ttl_ms == 0 {
         return Err(StoreError::Invalid {
             reason: "a TTL must be at least 1 ms".into(),
@@ -459,7 +471,7 @@ fn ensure_org_tx(tx: &Transaction<'_>, name: &str, now: i64) -> Result<Org> {
     })
 }
 
-fn invalid(reason: impl Into<String>) -> StoreError {
+pub(crate) fn invalid(reason: impl Into<String>) -> StoreError {
     StoreError::Invalid {
         reason: reason.into(),
     }
@@ -469,6 +481,22 @@ fn invalid(reason: impl Into<String>) -> StoreError {
 /// agree with its app, so nothing downstream (DNS, bridge, data plane) ever sees an address that
 /// belongs to another network, host or machine.
 fn validate_machine(tx: &Transaction<'_>, m: &Machine) -> Result<()> {
+    check_machine(
+        m,
+        &mut &*tx,
+        |tx, name| load_app(tx, name),
+        |tx, host| load_host(tx, host).map(drop),
+    )
+}
+
+/// The machine record rules, shared by both backends: `app` looks the app up and `host` checks
+/// that the host exists, both in the caller's transaction `cx`.
+pub(crate) fn check_machine<C: ?Sized>(
+    m: &Machine,
+    cx: &mut C,
+    app: impl FnOnce(&mut C, &str) -> Result<App>,
+    host: impl FnOnce(&mut C, HostId) -> Result<()>,
+) -> Result<()> {
     if !is_machine_id(&m.id) {
         return Err(invalid(format!(
             "machine ID {:?} is not 14 lowercase hex characters",
@@ -481,15 +509,15 @@ fn validate_machine(tx: &Transaction<'_>, m: &Machine) -> Result<()> {
             m.instance_id
         )));
     }
-    let app = load_app(tx, &m.app)?;
+    let app = app(cx, &m.app)?;
     if m.org != app.org || m.network_id != app.network_id {
         return Err(invalid(format!(
             "machine {} says org {:?} network {}, but app {:?} is in org {:?} network {}",
             m.id, m.org, m.network_id, app.name, app.org, app.network_id
         )));
     }
-    if let Some(host) = m.host {
-        load_host(tx, host)?;
+    if let Some(h) = m.host {
+        host(cx, h)?;
     }
     match (m.host, m.machine_field, m.private_ip.as_deref()) {
         (None, Some(_), _) => return Err(invalid("a machine field needs a host")),
@@ -544,7 +572,7 @@ fn write_machine(tx: &Transaction<'_>, m: &Machine, updated_at_ms: i64) -> Resul
     Ok(())
 }
 
-fn field_conflict(m: &Machine) -> String {
+pub(crate) fn field_conflict(m: &Machine) -> String {
     format!(
         "machine field {:?} on host {:?} already belongs to another machine",
         m.machine_field, m.host
@@ -1115,6 +1143,100 @@ impl Store for SqliteStore {
 
     fn current_lock(&self, name: &str) -> Result<Option<Lock>> {
         self.read(|tx, now| live_lock(tx, name, now))
+    }
+
+    // ---- typed records (sqlite_records.rs) -------------------------------------------------
+
+    fn create_volume(&self, v: &VolumeRecord) -> Result<VolumeRecord> {
+        self.write(|tx, now| rec::create_volume(tx, v, now))
+    }
+
+    fn get_volume(&self, id: &str) -> Result<VolumeRecord> {
+        self.read(|tx, _| rec::get_volume(tx, id))
+    }
+
+    fn list_volumes(&self, state: Option<&str>) -> Result<Vec<VolumeRecord>> {
+        self.read(|tx, _| rec::list_volumes(tx, state))
+    }
+
+    fn update_volume(&self, v: &VolumeRecord) -> Result<VolumeRecord> {
+        self.write(|tx, now| rec::update_volume(tx, v, now))
+    }
+
+    fn delete_volume(&self, id: &str, revision: u64) -> Result<()> {
+        self.write(|tx, _| rec::delete_volume(tx, id, revision))
+    }
+
+    fn create_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
+        self.write(|tx, now| rec::create_migration(tx, m, now))
+    }
+
+    fn get_migration(&self, id: &str) -> Result<MigrationRecord> {
+        self.read(|tx, _| rec::get_migration(tx, id))
+    }
+
+    fn list_migrations(&self, filter: MigrationFilter<'_>) -> Result<Vec<MigrationRecord>> {
+        self.read(|tx, _| rec::list_migrations(tx, filter))
+    }
+
+    fn active_migration(&self, machine_id: &str) -> Result<Option<MigrationRecord>> {
+        self.read(|tx, _| rec::active_migration(tx, machine_id))
+    }
+
+    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
+        self.write(|tx, now| rec::update_migration(tx, m, now))
+    }
+
+    fn get_policy(&self, app: &str) -> Result<Option<PolicyRecord>> {
+        self.read(|tx, _| rec::get_policy(tx, app))
+    }
+
+    fn put_policy(&self, p: &PolicyRecord) -> Result<PolicyRecord> {
+        self.write(|tx, _| rec::put_policy(tx, p))
+    }
+
+    fn append_instance(&self, r: &InstanceRecord) -> Result<bool> {
+        self.write(|tx, _| rec::append_instance(tx, r))
+    }
+
+    fn list_instances(&self, machine_id: &str) -> Result<Vec<InstanceRecord>> {
+        self.read(|tx, _| rec::list_instances(tx, machine_id))
+    }
+
+    fn list_bridge_mappings(&self, network_id: Option<u32>) -> Result<Vec<BridgeMapping>> {
+        self.read(|tx, _| rec::list_bridge_mappings(tx, network_id))
+    }
+
+    fn bridge_network(&self, network_id: u32) -> Result<BridgeNetwork> {
+        self.read(|tx, _| rec::bridge_network(tx, network_id))
+    }
+
+    fn put_bridge_mapping(&self, m: &BridgeMapping) -> Result<BridgeNetwork> {
+        self.write(|tx, _| rec::apply_bridge(tx, m.network_id, None, std::slice::from_ref(m), &[]))
+    }
+
+    fn remove_bridge_mapping(&self, network_id: u32, old: &str) -> Result<BridgeNetwork> {
+        self.write(|tx, _| rec::apply_bridge(tx, network_id, None, &[], &[old.to_owned()]))
+    }
+
+    fn update_bridge_network(
+        &self,
+        network_id: u32,
+        expected_revision: u64,
+        puts: &[BridgeMapping],
+        removes: &[String],
+    ) -> Result<BridgeNetwork> {
+        self.write(|tx, _| {
+            rec::apply_bridge(tx, network_id, Some(expected_revision), puts, removes)
+        })
+    }
+
+    fn set_bridge_gate(&self, scope: GateScope, name: &str, off: bool) -> Result<()> {
+        self.write(|tx, _| rec::set_bridge_gate(tx, scope, name, off))
+    }
+
+    fn bridge_gates_off(&self) -> Result<Vec<(GateScope, String)>> {
+        self.read(|tx, _| rec::bridge_gates_off(tx))
     }
 
     // ---- settings -------------------------------------------------------------------------

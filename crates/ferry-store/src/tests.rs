@@ -1,10 +1,19 @@
-//! Tests of the store on real SQLite files in temporary directories.
+//! The conformance suite: every test here runs against [`SqliteStore`] (a file in a temporary
+//! directory) and against [`EtcdStore`] (a real etcd started by [`crate::testing`], each test
+//! under its own key prefix), through the `conformance!` list at the bottom.
 //!
 //! They check the promises the rest of ferry relies on: data survive a reopen, IDs are never
 //! handed out twice (also across reopen and after destroy), compare-and-set transitions have
 //! exactly one winner, leases expire on the injected clock, and a failed call changes nothing
-//! (compared as a full dump of every table, not just row counts).
+//! (compared as a full dump of every table or key, not just counts).
 
+#[path = "tests_etcd.rs"]
+mod etcd_only;
+#[path = "tests_records.rs"]
+mod records;
+use records::*;
+
+use crate::testing::{shared_etcd, EtcdCluster};
 use crate::*;
 use ferry_addr::{FleetAddr, HostId, MachineField};
 use serde_json::json;
@@ -13,20 +22,62 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use MachineState::*;
 
-fn db(dir: &tempfile::TempDir) -> PathBuf {
-    dir.path().join("state").join("ferry.db")
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    Sqlite,
+    Etcd,
 }
 
-fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(db(dir)).unwrap()
+/// One test's backend: its data (a SQLite file, or a key prefix on a shared etcd) and ways to
+/// open new handles on it, as another server or a restarted one would.
+pub(crate) struct Fx {
+    dir: tempfile::TempDir,
+    etcd: Option<(Arc<EtcdCluster>, String)>,
 }
 
-fn open_clock(dir: &tempfile::TempDir, clock: &ManualClock) -> SqliteStore {
-    SqliteStore::open_with_clock(db(dir), Arc::new(clock.clone())).unwrap()
+impl Fx {
+    pub(crate) fn new(b: Backend) -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = match b {
+            Backend::Sqlite => None,
+            Backend::Etcd => Some((shared_etcd(), format!("/t-{}/", new_machine_id()))),
+        };
+        Fx { dir, etcd }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("state").join("ferry.db")
+    }
+
+    /// A new handle on this test's data.
+    pub(crate) fn open(&self) -> Arc<dyn Store> {
+        self.open_with(Arc::new(SystemClock))
+    }
+
+    pub(crate) fn open_clock(&self, clock: &ManualClock) -> Arc<dyn Store> {
+        self.open_with(Arc::new(clock.clone()))
+    }
+
+    fn open_with(&self, clock: Arc<dyn Clock>) -> Arc<dyn Store> {
+        match &self.etcd {
+            None => Arc::new(SqliteStore::open_with_clock(self.db(), clock).unwrap()),
+            Some((c, prefix)) => {
+                Arc::new(EtcdStore::connect_with_clock(&c.endpoints(), prefix, clock).unwrap())
+            }
+        }
+    }
+
+    /// Everything stored, as text.
+    pub(crate) fn dump(&self) -> Vec<String> {
+        match &self.etcd {
+            None => SqliteStore::open(self.db()).unwrap().dump(),
+            Some((c, prefix)) => EtcdStore::connect(&c.endpoints(), prefix).unwrap().dump(),
+        }
+    }
 }
 
 /// A machine of `app` placed on `host` with a freshly allocated field and its primary address.
-fn new_machine(s: &SqliteStore, app: &str, host: HostId) -> Machine {
+fn new_machine(s: &dyn Store, app: &str, host: HostId) -> Machine {
     let app = s.get_app(app).unwrap();
     let field = s.allocate_machine_field(host).unwrap();
     let m = Machine {
@@ -48,41 +99,35 @@ fn new_machine(s: &SqliteStore, app: &str, host: HostId) -> Machine {
     s.create_machine(&m).unwrap()
 }
 
-/// Runs `f`, which must fail with `code`, and proves the store is byte-for-byte unchanged.
+/// Runs `f`, which must fail with `code`, and proves the store is unchanged, record for record.
 #[track_caller]
 fn fails_cleanly<T: std::fmt::Debug>(
-    s: &SqliteStore,
+    fx: &Fx,
     code: &str,
     f: impl FnOnce() -> Result<T>,
 ) -> StoreError {
-    let before = s.dump();
+    let before = fx.dump();
     let err = f().expect_err("the operation should have failed");
     assert_eq!(err.code(), code, "{err}");
-    assert_eq!(s.dump(), before, "a failed operation changed the store");
+    assert_eq!(fx.dump(), before, "a failed operation changed the store");
     err
 }
 
-#[test]
-fn data_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+fn data_survive_reopen(fx: &Fx) {
     let (app, host, m, ev, lease, lock);
     {
-        let s = open(&dir);
+        let s = fx.open();
         app = s.create_app("web", "acme").unwrap();
         host = s.register_host("ord", "/run/ferry/h1.sock").unwrap();
-        m = new_machine(&s, "web", host.id);
+        m = new_machine(&*s, "web", host.id);
         ev = s
             .add_event(&m.id, "launch", "created", "user", json!({"a": 1}))
             .unwrap();
         lease = s.acquire_lease(&m.id, 3_600_000, "me", "deploy").unwrap();
         lock = s.acquire_lock("migrate/net-1", 3_600_000, "coord").unwrap();
         s.kv_put("fleet.name", "dev").unwrap();
-        assert_eq!(
-            s.path().unwrap().file_name().unwrap().to_str(),
-            Some("ferry.db")
-        );
     }
-    let s = open(&dir);
+    let s = fx.open();
     assert_eq!(s.get_app("web").unwrap(), app);
     assert_eq!(
         s.get_org("acme").unwrap(),
@@ -102,10 +147,15 @@ fn data_survive_reopen() {
 }
 
 #[test]
-fn file_is_wal_with_current_schema() {
-    let dir = tempfile::tempdir().unwrap();
-    drop(open(&dir));
-    let conn = rusqlite::Connection::open(db(&dir)).unwrap();
+fn sqlite_file_is_wal_with_current_schema() {
+    let fx = Fx::new(Backend::Sqlite);
+    let s = SqliteStore::open(fx.db()).unwrap();
+    assert_eq!(
+        s.path().unwrap().file_name().unwrap().to_str(),
+        Some("ferry.db")
+    );
+    drop(s);
+    let conn = rusqlite::Connection::open(fx.db()).unwrap();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -117,19 +167,17 @@ fn file_is_wal_with_current_schema() {
     // A database from a newer ferry is refused rather than misread.
     conn.execute_batch("PRAGMA user_version = 999").unwrap();
     drop(conn);
-    let err = SqliteStore::open(db(&dir)).unwrap_err();
+    let err = SqliteStore::open(fx.db()).unwrap_err();
     assert!(
         matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
         "{err}"
     );
 }
 
-#[test]
-fn network_ids_never_repeat_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+fn network_ids_never_repeat_across_reopen(fx: &Fx) {
     let mut seen = HashSet::new();
     for round in 0..3 {
-        let s = open(&dir);
+        let s = fx.open();
         for i in 0..4 {
             let org = s.ensure_org(&format!("org-{round}-{i}")).unwrap();
             assert!(seen.insert(org.network_id), "network ID reused: {org:?}");
@@ -141,15 +189,13 @@ fn network_ids_never_repeat_across_reopen() {
             .unwrap();
         s.delete_app(&format!("app-{round}")).unwrap();
     }
-    assert_eq!(open(&dir).list_orgs().unwrap().len(), 12);
+    assert_eq!(fx.open().list_orgs().unwrap().len(), 12);
 }
 
-#[test]
-fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id() {
-    let dir = tempfile::tempdir().unwrap();
+fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id(fx: &Fx) {
     let mut seen = HashSet::new();
     {
-        let s = open(&dir);
+        let s = fx.open();
         for i in 0..3 {
             let h = s.register_host("ord", &format!("/run/h{i}.sock")).unwrap();
             assert!(h.id.get() >= HostId::MIN);
@@ -178,7 +224,7 @@ fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id() {
         assert_eq!(again.endpoint, "/run/h10b.sock");
         assert_eq!(again.created_at_ms, h.created_at_ms);
     }
-    let s = open(&dir);
+    let s = fx.open();
     for i in 0..3 {
         let h = s.register_host("ord", &format!("/run/n{i}.sock")).unwrap();
         assert!(seen.insert(h.id), "host ID reused: {h:?}");
@@ -189,23 +235,21 @@ fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id() {
         .set_cordoned(HostId::new(HostId::MIN).unwrap(), true)
         .unwrap();
     assert!(cordoned.cordoned);
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "not_found", || {
         s.set_cordoned(HostId::new(u32::MAX).unwrap(), true)
     });
 }
 
-#[test]
-fn machine_fields_never_repeat_across_reopen_and_destroy() {
-    let dir = tempfile::tempdir().unwrap();
+fn machine_fields_never_repeat_across_reopen_and_destroy(fx: &Fx) {
     let (h1, h2);
     let mut seen = HashSet::new();
     {
-        let s = open(&dir);
+        let s = fx.open();
         s.create_app("web", "acme").unwrap();
         h1 = s.register_host("ord", "/h1").unwrap().id;
         h2 = s.register_host("ord", "/h2").unwrap().id;
         for _ in 0..3 {
-            let m = new_machine(&s, "web", h1);
+            let m = new_machine(&*s, "web", h1);
             seen.insert((h1, m.machine_field.unwrap()));
             s.transition(&m.id, &[Created], Destroyed).unwrap();
         }
@@ -215,31 +259,29 @@ fn machine_fields_never_repeat_across_reopen_and_destroy() {
         s.delete_app("web").unwrap();
         assert!(s.list_machines_all(None).unwrap().is_empty());
     }
-    let s = open(&dir);
+    let s = fx.open();
     for _ in 0..3 {
         let f = s.allocate_machine_field(h1).unwrap();
         assert!(seen.insert((h1, f)), "machine field {f} reused on {h1}");
     }
     assert_eq!(s.allocate_machine_field(h2).unwrap(), MachineField(2));
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "not_found", || {
         s.allocate_machine_field(HostId::new(u32::MAX).unwrap())
     });
 }
 
-#[test]
-fn app_names_are_unique_fleet_wide() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn app_names_are_unique_fleet_wide(fx: &Fx) {
+    let s = fx.open();
     let web = s.create_app("web", "acme").unwrap();
     assert_eq!(web.org, "acme");
     s.create_app("db", "acme").unwrap();
     s.create_app("api", "other").unwrap();
     // Same name in another org (which does not exist yet): refused, and no org or network ID
     // is created or burned on the way.
-    let err = fails_cleanly(&s, "app_exists", || s.create_app("web", "newcomer"));
+    let err = fails_cleanly(fx, "app_exists", || s.create_app("web", "newcomer"));
     assert!(matches!(err, StoreError::AppExists { ref name } if name == "web"));
     assert!(s.get_org("newcomer").unwrap_err().is_not_found());
-    fails_cleanly(&s, "invalid", || s.create_app("", "acme"));
+    fails_cleanly(fx, "invalid", || s.create_app("", "acme"));
 
     let names = |org| -> Vec<String> {
         s.list_apps(org)
@@ -255,25 +297,23 @@ fn app_names_are_unique_fleet_wide() {
     let acme = s.get_org("acme").unwrap().network_id;
     assert_eq!(s.get_app("db").unwrap().network_id, acme);
     assert_ne!(s.get_app("api").unwrap().network_id, acme);
-    fails_cleanly(&s, "not_found", || s.get_app("ghost"));
+    fails_cleanly(fx, "not_found", || s.get_app("ghost"));
 }
 
-#[test]
-fn delete_app_is_refused_while_machines_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn delete_app_is_refused_while_machines_live(fx: &Fx) {
+    let s = fx.open();
     s.create_app("web", "acme").unwrap();
     let h = s.register_host("ord", "/h1").unwrap().id;
-    let a = new_machine(&s, "web", h);
-    let b = new_machine(&s, "web", h);
+    let a = new_machine(&*s, "web", h);
+    let b = new_machine(&*s, "web", h);
     s.add_event(&a.id, "launch", "created", "user", json!({}))
         .unwrap();
     s.acquire_lease(&a.id, 60_000, "me", "").unwrap();
 
-    let err = fails_cleanly(&s, "app_has_machines", || s.delete_app("web"));
+    let err = fails_cleanly(fx, "app_has_machines", || s.delete_app("web"));
     assert!(matches!(err, StoreError::AppHasMachines { count: 2, .. }));
     s.transition(&a.id, &[Created], Destroyed).unwrap();
-    let err = fails_cleanly(&s, "app_has_machines", || s.delete_app("web"));
+    let err = fails_cleanly(fx, "app_has_machines", || s.delete_app("web"));
     assert!(matches!(err, StoreError::AppHasMachines { count: 1, .. }));
     // Migrated counts as gone too.
     s.transition(&b.id, &[Created], Migrated).unwrap();
@@ -282,24 +322,27 @@ fn delete_app_is_refused_while_machines_live() {
     assert!(s.get_app("web").unwrap_err().is_not_found());
     assert!(s.get_machine(&a.id).unwrap_err().is_not_found());
     // Nothing of the app's machines is left behind.
-    let rows = s.dump();
-    assert!(!rows.iter().any(|r| r.starts_with("machines:")
-        || r.starts_with("events:")
-        || r.starts_with("leases:")));
+    // (SQLite rows read "machines: ...", etcd keys "machines/...", "idx/machine_app/...".)
+    let rows = fx.dump();
+    assert!(
+        !rows.iter().any(|r| r.starts_with("machines")
+            || r.starts_with("events")
+            || r.starts_with("leases")
+            || r.starts_with("idx/machine")),
+        "{rows:#?}"
+    );
     // The org (and so its network) survives, and the name is free again.
     s.get_org("acme").unwrap();
     s.create_app("web", "acme").unwrap();
-    fails_cleanly(&s, "not_found", || s.delete_app("ghost"));
+    fails_cleanly(fx, "not_found", || s.delete_app("ghost"));
 }
 
-#[test]
-fn transition_is_compare_and_set() {
-    let dir = tempfile::tempdir().unwrap();
+fn transition_is_compare_and_set(fx: &Fx) {
     let clock = ManualClock::new(1_000);
-    let s = open_clock(&dir, &clock);
+    let s = fx.open_clock(&clock);
     s.create_app("web", "acme").unwrap();
     let h = s.register_host("ord", "/h1").unwrap().id;
-    let m = new_machine(&s, "web", h);
+    let m = new_machine(&*s, "web", h);
     assert_eq!((m.created_at_ms, m.updated_at_ms), (1_000, 1_000));
 
     clock.advance(5);
@@ -308,7 +351,7 @@ fn transition_is_compare_and_set() {
     assert_eq!(m2.updated_at_ms, 1_005);
     assert_eq!(s.get_machine(&m.id).unwrap(), m2);
 
-    let err = fails_cleanly(&s, "illegal_transition", || {
+    let err = fails_cleanly(fx, "illegal_transition", || {
         s.transition(&m.id, &[Created, Stopped], Starting)
     });
     match err {
@@ -318,7 +361,7 @@ fn transition_is_compare_and_set() {
         other => panic!("{other}"),
     }
     assert!(err_text(&s.transition(&m.id, &[], Started)).contains("is starting"));
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "not_found", || {
         s.transition("00000000000000", &[Created], Starting)
     });
     // A clock that steps back never makes updated_at go backwards.
@@ -334,27 +377,25 @@ fn err_text<T>(r: &Result<T>) -> String {
     }
 }
 
-#[test]
-fn concurrent_transitions_have_exactly_one_winner() {
-    let dir = tempfile::tempdir().unwrap();
-    let shared = Arc::new(open(&dir));
+fn concurrent_transitions_have_exactly_one_winner(fx: &Fx) {
+    let shared = fx.open();
     shared.create_app("web", "acme").unwrap();
     let h = shared.register_host("ord", "/h1").unwrap().id;
-    let ids: Vec<String> = (0..5).map(|_| new_machine(&shared, "web", h).id).collect();
+    let ids: Vec<String> = (0..5).map(|_| new_machine(&*shared, "web", h).id).collect();
 
     for id in &ids {
-        // Half the threads share one store (one connection); the other half open their own,
-        // as separate processes would: BEGIN IMMEDIATE must make the CAS atomic either way.
+        // Half the threads share one store (one connection or client); the other half open
+        // their own, as separate servers would: the CAS must be atomic either way.
         let threads = 8;
         let barrier = Arc::new(Barrier::new(threads));
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let barrier = barrier.clone();
                 let id = id.clone();
-                let store: Arc<SqliteStore> = if i % 2 == 0 {
+                let store: Arc<dyn Store> = if i % 2 == 0 {
                     shared.clone()
                 } else {
-                    Arc::new(open(&dir))
+                    fx.open()
                 };
                 std::thread::spawn(move || {
                     barrier.wait();
@@ -375,15 +416,13 @@ fn concurrent_transitions_have_exactly_one_winner() {
     }
 }
 
-#[test]
-fn events_come_back_oldest_first() {
-    let dir = tempfile::tempdir().unwrap();
+fn events_come_back_oldest_first(fx: &Fx) {
     let clock = ManualClock::new(50);
-    let s = open_clock(&dir, &clock);
+    let s = fx.open_clock(&clock);
     s.create_app("web", "acme").unwrap();
     let h = s.register_host("ord", "/h1").unwrap().id;
-    let a = new_machine(&s, "web", h);
-    let b = new_machine(&s, "web", h);
+    let a = new_machine(&*s, "web", h);
+    let b = new_machine(&*s, "web", h);
     let steps = [
         ("launch", "created"),
         ("start", "starting"),
@@ -415,26 +454,24 @@ fn events_come_back_oldest_first() {
     // The JSON shape the API serves: "type", not "r#type".
     let v = serde_json::to_value(&evs[0]).unwrap();
     assert_eq!(v["type"], "launch");
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "not_found", || {
         s.add_event("00000000000000", "launch", "created", "user", json!({}))
     });
 }
 
-#[test]
-fn leases_hold_expire_and_check_nonces() {
-    let dir = tempfile::tempdir().unwrap();
+fn leases_hold_expire_and_check_nonces(fx: &Fx) {
     let clock = ManualClock::new(1_000_000);
-    let s = open_clock(&dir, &clock);
+    let s = fx.open_clock(&clock);
     s.create_app("web", "acme").unwrap();
     let h = s.register_host("ord", "/h1").unwrap().id;
-    let m = new_machine(&s, "web", h).id;
+    let m = new_machine(&*s, "web", h).id;
 
     let lease = s.acquire_lease(&m, 30_000, "alice", "deploy").unwrap();
     assert_eq!(lease.expires_at_ms, 1_030_000);
     assert_eq!(lease.nonce.len(), 32);
     assert_eq!(s.current_lease(&m).unwrap().as_ref(), Some(&lease));
 
-    let err = fails_cleanly(&s, "lease_held", || s.acquire_lease(&m, 1, "bob", ""));
+    let err = fails_cleanly(fx, "lease_held", || s.acquire_lease(&m, 1, "bob", ""));
     assert!(matches!(
         err,
         StoreError::LeaseHeld {
@@ -448,10 +485,10 @@ fn leases_hold_expire_and_check_nonces() {
         s.check_lease(&m, Some("wrong")).unwrap_err().code(),
         "lease_held"
     );
-    fails_cleanly(&s, "lease_mismatch", || s.release_lease(&m, "wrong"));
-    fails_cleanly(&s, "lease_mismatch", || s.refresh_lease(&m, "wrong", 10));
-    fails_cleanly(&s, "invalid", || s.refresh_lease(&m, &lease.nonce, 0));
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "lease_mismatch", || s.release_lease(&m, "wrong"));
+    fails_cleanly(fx, "lease_mismatch", || s.refresh_lease(&m, "wrong", 10));
+    fails_cleanly(fx, "invalid", || s.refresh_lease(&m, &lease.nonce, 0));
+    fails_cleanly(fx, "not_found", || {
         s.acquire_lease("00000000000000", 10, "x", "")
     });
 
@@ -465,7 +502,7 @@ fn leases_hold_expire_and_check_nonces() {
     assert_eq!(s.current_lease(&m).unwrap(), None);
     s.check_lease(&m, None).unwrap();
     // An expired lease cannot be refreshed (it may already belong to someone else)...
-    fails_cleanly(&s, "lease_mismatch", || {
+    fails_cleanly(fx, "lease_mismatch", || {
         s.refresh_lease(&m, &lease.nonce, 1_000)
     });
     // ...and is replaced by the next acquire.
@@ -473,20 +510,18 @@ fn leases_hold_expire_and_check_nonces() {
     assert_ne!(bob.nonce, lease.nonce);
     assert_eq!(s.current_lease(&m).unwrap().unwrap().owner, "bob");
     // Alice's old nonce no longer works for anything.
-    fails_cleanly(&s, "lease_mismatch", || s.release_lease(&m, &lease.nonce));
+    fails_cleanly(fx, "lease_mismatch", || s.release_lease(&m, &lease.nonce));
     s.release_lease(&m, &bob.nonce).unwrap();
     assert_eq!(s.current_lease(&m).unwrap(), None);
     // Releasing what is already gone is fine (retries after a lost reply).
     s.release_lease(&m, &bob.nonce).unwrap();
 }
 
-#[test]
-fn named_locks_hold_and_expire() {
-    let dir = tempfile::tempdir().unwrap();
+fn named_locks_hold_and_expire(fx: &Fx) {
     let clock = ManualClock::new(0);
-    let s = open_clock(&dir, &clock);
+    let s = fx.open_clock(&clock);
     let a = s.acquire_lock("migrate/net-7", 10_000, "coord-a").unwrap();
-    let err = fails_cleanly(&s, "lock_held", || {
+    let err = fails_cleanly(fx, "lock_held", || {
         s.acquire_lock("migrate/net-7", 10_000, "coord-b")
     });
     assert!(matches!(
@@ -498,7 +533,7 @@ fn named_locks_hold_and_expire() {
     ));
     // Other names are independent.
     s.acquire_lock("migrate/net-8", 10_000, "coord-b").unwrap();
-    fails_cleanly(&s, "lock_mismatch", || s.release_lock("migrate/net-7", "x"));
+    fails_cleanly(fx, "lock_mismatch", || s.release_lock("migrate/net-7", "x"));
     clock.set(5_000);
     assert_eq!(
         s.refresh_lock("migrate/net-7", &a.nonce, 10_000)
@@ -510,24 +545,22 @@ fn named_locks_hold_and_expire() {
     clock.set(15_000);
     assert_eq!(s.current_lock("migrate/net-7").unwrap(), None);
     let b = s.acquire_lock("migrate/net-7", 10_000, "coord-b").unwrap();
-    fails_cleanly(&s, "lock_mismatch", || {
+    fails_cleanly(fx, "lock_mismatch", || {
         s.refresh_lock("migrate/net-7", &a.nonce, 1)
     });
-    fails_cleanly(&s, "lock_mismatch", || {
+    fails_cleanly(fx, "lock_mismatch", || {
         s.release_lock("migrate/net-7", &a.nonce)
     });
     s.release_lock("migrate/net-7", &b.nonce).unwrap();
     assert_eq!(s.current_lock("migrate/net-7").unwrap(), None);
 }
 
-#[test]
-fn machine_records_are_validated_and_failures_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+fn machine_records_are_validated_and_failures_change_nothing(fx: &Fx) {
+    let s = fx.open();
     s.create_app("web", "acme").unwrap();
     s.create_app("api", "other").unwrap();
     let h = s.register_host("ord", "/h1").unwrap().id;
-    let good = new_machine(&s, "web", h);
+    let good = new_machine(&*s, "web", h);
 
     let variant = |f: &dyn Fn(&mut Machine)| {
         let mut m = good.clone();
@@ -568,7 +601,7 @@ fn machine_records_are_validated_and_failures_change_nothing() {
         ),
     ];
     for (code, m) in cases {
-        let err = fails_cleanly(&s, code, || s.create_machine(&m));
+        let err = fails_cleanly(fx, code, || s.create_machine(&m));
         if code == "conflict" && m.id == good.id {
             assert!(matches!(err, StoreError::MachineExists { .. }));
         }
@@ -585,16 +618,14 @@ fn machine_records_are_validated_and_failures_change_nothing() {
     assert!(s.list_machines(Some("api")).unwrap().is_empty());
 }
 
-#[test]
-fn update_machine_and_its_compare_and_set_variant() {
-    let dir = tempfile::tempdir().unwrap();
+fn update_machine_and_its_compare_and_set_variant(fx: &Fx) {
     let clock = ManualClock::new(100);
-    let s = open_clock(&dir, &clock);
+    let s = fx.open_clock(&clock);
     s.create_app("web", "acme").unwrap();
     s.create_app("api", "acme").unwrap();
     let h1 = s.register_host("ord", "/h1").unwrap().id;
     let h2 = s.register_host("ams", "/h2").unwrap().id;
-    let m = new_machine(&s, "web", h1);
+    let m = new_machine(&*s, "web", h1);
 
     clock.advance(10);
     let mut next = m.clone();
@@ -617,7 +648,7 @@ fn update_machine_and_its_compare_and_set_variant() {
         state: Starting,
         ..upd.clone()
     };
-    fails_cleanly(&s, "illegal_transition", || {
+    fails_cleanly(fx, "illegal_transition", || {
         s.update_machine_if(&moved, &[Started])
     });
     let got = s.update_machine_if(&moved, &[Stopped]).unwrap();
@@ -626,13 +657,13 @@ fn update_machine_and_its_compare_and_set_variant() {
     assert!(s.list_machines_on_host(h1).unwrap().is_empty());
 
     // The app, and so org and network, cannot change.
-    fails_cleanly(&s, "invalid", || {
+    fails_cleanly(fx, "invalid", || {
         s.update_machine(&Machine {
             app: "api".into(),
             ..got.clone()
         })
     });
-    fails_cleanly(&s, "not_found", || {
+    fails_cleanly(fx, "not_found", || {
         s.update_machine(&Machine {
             id: new_machine_id(),
             ..got.clone()
@@ -681,3 +712,43 @@ fn machine_state_names() {
         .collect();
     assert_eq!(terminal, [Destroyed, Migrated]);
 }
+
+/// Instantiates every conformance test once per backend: `sqlite::NAME` and `etcd::NAME`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::Fx::new(super::Backend::Sqlite)); } )*
+        }
+        mod etcd {
+            $( #[test] fn $name() { super::$name(&super::Fx::new(super::Backend::Etcd)); } )*
+        }
+    };
+}
+
+conformance!(
+    data_survive_reopen,
+    network_ids_never_repeat_across_reopen,
+    host_ids_never_repeat_across_reopen_and_put_host_burns_its_id,
+    machine_fields_never_repeat_across_reopen_and_destroy,
+    app_names_are_unique_fleet_wide,
+    delete_app_is_refused_while_machines_live,
+    transition_is_compare_and_set,
+    concurrent_transitions_have_exactly_one_winner,
+    events_come_back_oldest_first,
+    leases_hold_expire_and_check_nonces,
+    named_locks_hold_and_expire,
+    machine_records_are_validated_and_failures_change_nothing,
+    update_machine_and_its_compare_and_set_variant,
+    volumes_are_created_listed_and_compare_and_swapped,
+    migrations_keep_one_active_per_machine,
+    policies_are_created_once_then_compare_and_swapped,
+    instance_histories_append_once_in_order,
+    bridge_mappings_change_one_at_a_time_or_by_network_revision,
+    concurrent_cas_updates_lose_nothing,
+    concurrent_migrations_keep_every_record_and_index,
+    concurrent_bridge_changes_lose_no_mapping,
+    concurrent_allocations_never_repeat,
+    concurrent_machine_creates_are_all_indexed,
+    concurrent_delete_app_never_orphans_a_machine,
+    fifty_migrations_across_ten_networks_lose_nothing,
+);

@@ -1,6 +1,6 @@
 //! `ferry-sweep`: finds literal fleet addresses (`fdaa::/16`) in config files, says whose they are
 //! (the current or an old address of a machine, or unknown) and rewrites the known ones to the
-//! machine's stable DNS name `<id>.vm.<app>.internal` (SPEC §9; seed 000, phase 3: after a
+//! machine's stable DNS name `<id>.vm.<app>.internal` (docs/design.md#sweep; seed 000, phase 3: after a
 //! migration changes a machine's address, the bridge keeps old literals working until this
 //! sweep has replaced them).
 //!

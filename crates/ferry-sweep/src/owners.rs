@@ -12,7 +12,7 @@
 //! `--fleet` (reading every machine's config and env, and the machine list, through that API)
 //! comes with the machines issue; until then [`fleet_index`] returns a clear error.
 //!
-//! A machine owns its whole /112 (SPEC §2), so any address in the /112 of a machine's current
+//! A machine owns its whole /112 (docs/design.md#address-plan), so any address in the /112 of a machine's current
 //! address is that machine's current address space, and any address in the /112 of one of its
 //! old addresses is an old address of it. Machine fields are never reused, so two machines can
 //! never claim one /112; a list that says otherwise is rejected rather than guessed at.
@@ -109,7 +109,7 @@ fn prefix112(ip: Ipv6Addr) -> Ipv6Addr {
     Prefix::new(ip, 112).addr()
 }
 
-/// A machine ID as SPEC §1 defines it: 14 lowercase hex characters. Checked because it goes into
+/// A machine ID as docs/design.md#machines-and-ids defines it: 14 lowercase hex characters. Checked because it goes into
 /// a DNS name that we write into other people's files.
 fn valid_machine_id(id: &str) -> bool {
     id.len() == 14

@@ -633,7 +633,7 @@ fn dns_names_machines_per_org_and_follows_state_within_100ms() {
         b["private_ip"].as_str().unwrap(),
     );
 
-    // Operators see every org; names follow SPEC §6.
+    // Operators see every org; names follow docs/design.md#dns.
     let mut all: Vec<String> = dev
         .dig("api.internal", "AAAA")
         .lines()

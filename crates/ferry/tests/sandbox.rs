@@ -1,4 +1,4 @@
-//! The machine sandbox end to end (SPEC §10): from inside a machine of one app, nothing of
+//! The machine sandbox end to end (docs/design.md#sandbox): from inside a machine of one app, nothing of
 //! another machine, of ferry or of the host is reachable, and the host is unchanged afterwards.
 
 mod support;

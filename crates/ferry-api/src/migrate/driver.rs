@@ -34,24 +34,71 @@ impl From<StoreError> for StepError {
 type Step<T> = std::result::Result<T, StepError>;
 
 pub fn spawn_driver(ctx: Arc<Ctx>, id: String) {
-    if !DRIVING.lock().unwrap().insert(id.clone()) {
+    if !ctx.migrations.driving.lock().unwrap().insert(id.clone()) {
         return;
     }
     tokio::spawn(async move {
         drive(&ctx, &id).await;
-        DRIVING.lock().unwrap().remove(&id);
-        PROGRESS.lock().unwrap().remove(&id);
+        ctx.migrations.driving.lock().unwrap().remove(&id);
+        ctx.migrations.progress.lock().unwrap().remove(&id);
     });
 }
 
+/// Holds (or takes again, if it expired and nobody else took it) this server's claim on
+/// driving migration `id`. `Ok(false)`: another server drives it.
+fn keep_claim(ctx: &Ctx, id: &str, nonce: &mut Option<String>) -> Result<bool> {
+    let name = claim_name(id);
+    if let Some(n) = nonce.as_deref() {
+        if ctx.store.refresh_lock(&name, n, CLAIM_TTL_MS).is_ok() {
+            return Ok(true);
+        }
+    }
+    match ctx.store.acquire_lock(&name, CLAIM_TTL_MS, &ctx.server_id) {
+        Ok(l) => {
+            *nonce = Some(l.nonce);
+            Ok(true)
+        }
+        Err(StoreError::LockHeld { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn claim_name(id: &str) -> String {
+    format!("migration-driver/{id}")
+}
+
 async fn drive(ctx: &Arc<Ctx>, id: &str) {
-    // The lock's heartbeat: refreshed while this driver lives, so only a dead coordinator's lock
-    // expires.
+    // Exactly one server drives a migration at a time: the one holding its claim, a store lock
+    // with a short TTL that this driver's heartbeat refreshes. A server that dies stops
+    // refreshing; every server's takeover scan ([`super::resume_unfinished`]) then claims it
+    // and carries on from the recorded phase.
+    let mut claim = None;
+    match keep_claim(ctx, id, &mut claim) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!("migration {id}: claim: {e}");
+            return;
+        }
+    }
+    let claim = Arc::new(std::sync::Mutex::new(claim));
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
+    // dead server's expire.
     let hb = {
-        let (ctx, id) = (ctx.clone(), id.to_owned());
+        let (ctx, id, claim, lost) = (ctx.clone(), id.to_owned(), claim.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(LOCK_TTL_MS / 3)).await;
+                tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 5)).await;
+                let mut c = claim.lock().unwrap().clone();
+                match keep_claim(&ctx, &id, &mut c) {
+                    Ok(true) => *claim.lock().unwrap() = c,
+                    Ok(false) => {
+                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    Err(_) => {} // store unreachable: try again; the claim may still hold
+                }
                 if let Ok(m) = load(&ctx, &id) {
                     if let Some(n) = &m.lock_nonce {
                         let _ = ctx.store.refresh_lock(&lock_name(&m), n, LOCK_TTL_MS);
@@ -61,6 +108,10 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         })
     };
     loop {
+        if lost.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("migration {id}: another server took it over");
+            break;
+        }
         let mut mig = match load(ctx, id) {
             Ok(m) => m,
             Err(e) => {
@@ -130,6 +181,10 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         }
     }
     hb.abort();
+    let held = claim.lock().unwrap().clone();
+    if let Some(n) = held {
+        let _ = ctx.store.release_lock(&claim_name(id), &n);
+    }
 }
 
 /// Refreshes the network lock this migration holds, or takes it again if it expired and is
@@ -364,18 +419,19 @@ async fn copy_round(
     size_mb: Option<u64>,
 ) -> Step<(VolumeRound, String)> {
     let (src_ep, dst_ep) = (endpoint(ctx, from)?, endpoint(ctx, to)?);
-    let exp: VolumeExpected = server::call_agent(
-        ctx,
-        &format!("{dst_ep}/v1/volumes/expect"),
-        &VolumeExpect {
-            session: session.to_owned(),
-            token: token.to_owned(),
-            volume_id: target_volume.to_owned(),
-            dir,
-            size_mb,
-        },
-    )
-    .await?;
+    let exp: VolumeExpected = ctx
+        .agents
+        .volume_expect(
+            &dst_ep,
+            &VolumeExpect {
+                session: session.to_owned(),
+                token: token.to_owned(),
+                volume_id: target_volume.to_owned(),
+                dir,
+                size_mb,
+            },
+        )
+        .await?;
     let send = VolumeSend {
         session: session.to_owned(),
         token: token.to_owned(),
@@ -384,26 +440,25 @@ async fn copy_round(
         target: target_volume.to_owned(),
     };
     let poll = {
-        let (http, url, id) = (
-            ctx.http.clone(),
-            format!("{src_ep}/v1/volumes/progress/{session}"),
+        let (agents, progress, ep, session, id) = (
+            ctx.agents.clone(),
+            ctx.migrations.progress.clone(),
+            src_ep.clone(),
+            session.to_owned(),
             mig_id.to_owned(),
         );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                if let Ok(r) = http.get(&url).send().await {
-                    if let Ok(p) = r.json::<VolumeProgress>().await {
-                        PROGRESS.lock().unwrap().insert(id.clone(), p);
-                    }
+                if let Ok(p) = agents.volume_progress(&ep, &session).await {
+                    progress.lock().unwrap().insert(id.clone(), p);
                 }
             }
         })
     };
-    let r = server::call_agent::<_, VolumeRound>(ctx, &format!("{src_ep}/v1/volumes/send"), &send)
-        .await;
+    let r = ctx.agents.volume_send(&src_ep, &send).await;
     poll.abort();
-    PROGRESS.lock().unwrap().remove(mig_id);
+    ctx.migrations.progress.lock().unwrap().remove(mig_id);
     Ok((r?, exp.dir))
 }
 
@@ -509,9 +564,12 @@ fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
 
 /// An unfinished migration of a machine that was running when it began.
 fn being_moved_while_running(ctx: &Ctx, machine: &str) -> bool {
-    ids(ctx).unwrap_or_default().iter().rev().any(|id| {
-        load(ctx, id).is_ok_and(|m| m.machine_id == machine && m.was_running && !m.phase.finished())
-    })
+    ctx.store
+        .active_migration(machine)
+        .ok()
+        .flatten()
+        .and_then(|r| from_record(r).ok())
+        .is_some_and(|m| m.was_running && !m.phase.finished())
 }
 
 /// [`unavailable`]'s rule on plain facts (unit-tested): the state, whether the checks pass
@@ -609,15 +667,11 @@ async fn stop_machine_now(ctx: &Ctx, m: &Machine) -> Step<()> {
             server::stop_inner(ctx, &m.id, params, S::Stopped).await?;
         }
         S::Stopping => {
-            let url = server::agent_url(ctx, m, "/stop")?;
-            match server::call_agent::<_, serde_json::Value>(ctx, &url, &params).await {
+            let ep = server::machine_endpoint(ctx, m)?;
+            match ctx.agents.stop(&ep, &m.id, &params).await {
                 Ok(_) => {}
                 // Not running (or unknown) on its host any more: stopped is what we want.
-                Err(e)
-                    if e.status == 502
-                        && (e.message.contains("not running")
-                            || e.message.contains("not found")
-                            || e.message.contains("unknown")) => {}
+                Err(e) if matches!(e.agent_code.as_deref(), Some("not_running" | "not_found")) => {}
                 Err(e) => return Err(StepError::Retry(e.message)),
             }
             ctx.store.transition(&m.id, &[S::Stopping], S::Stopped)?;
@@ -666,12 +720,7 @@ async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
 /// Removes a machine's local state (process, namespace, cgroup, run dir) on `host`.
 async fn forget_on(ctx: &Ctx, machine: &str, host: &str) -> Step<()> {
     let ep = endpoint(ctx, host)?;
-    server::call_agent::<_, serde_json::Value>(
-        ctx,
-        &format!("{ep}/v1/machines/{machine}/destroy"),
-        &serde_json::json!({}),
-    )
-    .await?;
+    ctx.agents.destroy(&ep, machine).await?;
     Ok(())
 }
 
@@ -707,6 +756,7 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                     forked_from: Some(src.id.clone()),
                     destroy_after: None,
                     destroy_after_ms: None,
+                    revision: 0,
                 },
             )?;
         }
@@ -894,12 +944,10 @@ async fn roll_back(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         // Never switched: the source still owns the machine; drop the partial copies.
         for v in &mig.volumes {
             if let (Some(dir), Ok(ep)) = (&v.dst_dir, endpoint(ctx, &mig.to_host)) {
-                let _ = server::call_agent::<_, serde_json::Value>(
-                    ctx,
-                    &format!("{ep}/v1/volumes/remove"),
-                    &VolumeRemove { dir: dir.clone() },
-                )
-                .await;
+                let _ = ctx
+                    .agents
+                    .volume_remove(&ep, &VolumeRemove { dir: dir.clone() })
+                    .await;
             }
         }
         if mig.was_running {

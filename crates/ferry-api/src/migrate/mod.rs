@@ -1,4 +1,4 @@
-//! Migration (SPEC §7): move a machine to another host with the same ID, a new instance and a new
+//! Migration (docs/design.md#migration): move a machine to another host with the same ID, a new instance and a new
 //! address, its volumes forked over the fabric, DNS and the bridge following it.
 //!
 //! A migration is a durable record (`migration/<id>` in the store) advanced by one driver task
@@ -17,18 +17,22 @@
 //!   refreshed while the driver lives: a dead server's lock expires and another can proceed.
 
 use crate::config::{validate_machine_id, MachineConfig};
+use crate::doc::{
+    AgentFailed, AppPath, BadRequest, Conflict, HostPath, MachinePath, MigrationPath, NotFound,
+    ServerFailed, Unprocessable,
+};
 use crate::error::ApiError;
 use crate::proto::{VolumeProgress, VolumeRemove};
-use crate::server::{self, parse_host, random_hex, Body, Ctx};
-use crate::views::{rfc3339, VolumeView};
-use axum::extract::{Path, Query, State};
+use crate::server::{self, parse_host, random_hex, Body, Ctx, Path, Query};
+use crate::views::{rfc3339, CordonView, VolumeView};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_addr::HostId;
 use ferry_store::{Machine, MachineState as S, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use utoipa::ToSchema;
 
@@ -37,6 +41,11 @@ type Shared = State<Arc<Ctx>>;
 
 /// How long the per-network lock lives without a refresh (a dead coordinator's lock expires).
 const LOCK_TTL_MS: u64 = 15_000;
+/// How long a server's claim on driving a migration outlives its last heartbeat: the longest a
+/// migration waits for another server to take it over after its server died.
+pub const CLAIM_TTL_MS: u64 = 5_000;
+/// How often every server looks for unfinished migrations nobody drives.
+const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
 /// Transient failures (an agent restarting) are retried this many times before a rollback.
 const MAX_RETRIES: u32 = 40;
 
@@ -168,6 +177,10 @@ pub struct Migration {
     /// While a copy round runs: the source agent's progress (not stored).
     #[serde(default)]
     pub progress: Option<VolumeProgress>,
+    /// The store revision this copy was read at: a save names it, so two writers never lose
+    /// each other's update (the second gets a conflict).
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 /// An app's rules for moving its machines.
@@ -263,41 +276,64 @@ pub struct DrainView {
 
 // ---- records ----------------------------------------------------------------------------------
 
-fn key(id: &str) -> String {
-    format!("migration/{id}")
+/// The store's typed record of a migration: the fields it indexes, and the rest as detail.
+fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
+    let mut stored = m.clone();
+    stored.progress = None;
+    Ok(ferry_store::MigrationRecord {
+        id: m.id.clone(),
+        machine_id: m.machine_id.clone(),
+        app: m.app.clone(),
+        network_id: m.network_id,
+        phase: m.phase.as_str().into(),
+        finished: m.phase.finished(),
+        drain: m.drain.clone(),
+        detail: serde_json::to_value(&stored).map_err(ApiError::internal)?,
+        revision: m.revision,
+        created_at_ms: m.created_at_ms,
+        updated_at_ms: m.updated_at_ms,
+    })
+}
+
+fn from_record(r: ferry_store::MigrationRecord) -> Result<Migration> {
+    let mut m: Migration = serde_json::from_value(r.detail).map_err(ApiError::internal)?;
+    m.revision = r.revision;
+    Ok(m)
 }
 
 fn load(ctx: &Ctx, id: &str) -> Result<Migration> {
-    let raw = ctx
-        .store
-        .kv_get(&key(id))?
-        .ok_or_else(|| ApiError::not_found(format!("migration {id}")))?;
-    serde_json::from_str(&raw).map_err(ApiError::internal)
+    from_record(ctx.store.get_migration(id)?)
 }
 
+/// Writes the migration if nobody else changed it since it was read (compare-and-swap on its
+/// revision); a conflict otherwise, and nothing is written.
 fn save(ctx: &Ctx, m: &mut Migration) -> Result<()> {
     m.updated_at_ms = ctx.store.now_ms();
-    let mut stored = m.clone();
-    stored.progress = None;
-    ctx.store.kv_put(
-        &key(&m.id),
-        &serde_json::to_string(&stored).map_err(ApiError::internal)?,
-    )?;
+    let r = ctx.store.update_migration(&record(m)?)?;
+    m.revision = r.revision;
     Ok(())
 }
 
-fn ids(ctx: &Ctx) -> Result<Vec<String>> {
-    Ok(ctx
-        .store
-        .kv_get("migrations")?
-        .map(|s| serde_json::from_str(&s).unwrap_or_default())
-        .unwrap_or_default())
+fn list_where(ctx: &Ctx, f: ferry_store::MigrationFilter<'_>) -> Result<Vec<Migration>> {
+    ctx.store
+        .list_migrations(f)?
+        .into_iter()
+        .map(from_record)
+        .collect()
 }
 
 pub fn load_policy(ctx: &Ctx, app: &str) -> Result<MigratePolicy> {
-    match ctx.store.kv_get(&format!("policy/{app}"))? {
-        Some(s) => serde_json::from_str(&s).map_err(ApiError::internal),
-        None => Ok(MigratePolicy::default()),
+    Ok(load_policy_rev(ctx, app)?.0)
+}
+
+/// The app's policy (webhook secret included) and the revision it was read at (0: none stored).
+fn load_policy_rev(ctx: &Ctx, app: &str) -> Result<(MigratePolicy, u64)> {
+    match ctx.store.get_policy(app)? {
+        Some(r) => Ok((
+            serde_json::from_value(r.detail).map_err(ApiError::internal)?,
+            r.revision,
+        )),
+        None => Ok((MigratePolicy::default(), 0)),
     }
 }
 
@@ -315,17 +351,22 @@ fn endpoint(ctx: &Ctx, host: &str) -> Result<String> {
     Ok(h.endpoint)
 }
 
-/// Live copy progress per migration (not durable: it is only ever a view of a running round).
-static PROGRESS: LazyLock<Mutex<HashMap<String, VolumeProgress>>> = LazyLock::new(Default::default);
-/// Migrations that have a driver in this process.
-static DRIVING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+/// What this server process knows of the migrations it drives (not durable: the store has
+/// everything that must survive; this is per process, so two servers in one test or one process
+/// never see each other's).
+#[derive(Default)]
+pub struct InFlight {
+    /// Live copy progress per migration: only ever a view of a running round.
+    pub(crate) progress: Arc<Mutex<HashMap<String, VolumeProgress>>>,
+    /// Migrations that have a driver here.
+    pub(crate) driving: Mutex<HashSet<String>>,
+}
 
 // ---- API --------------------------------------------------------------------------------------
 
 /// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
 /// follow it with `GET /v1/migrations/{id}`.
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", request_body = MigrateRequest,
-    responses((status = 202, body = Migration), (status = 409, body = crate::error::ErrorBody), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration, links(("GetMigration" = (operation_id = "get_migration", parameters(("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
 pub async fn migrate_machine(
     State(ctx): Shared,
     Path((app, id)): Path<(String, String)>,
@@ -381,24 +422,9 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             ));
         }
     }
-    // One migration per machine at a time. The check and the write are under a short lock so two
-    // concurrent requests cannot both pass the check.
-    let guard = format!("migrate/machine/{}", m.id);
-    let lock = ctx.store.acquire_lock(&guard, 5_000, "api").map_err(|_| {
-        ApiError::conflict(
-            "migration_in_progress",
-            "a migration of this machine is being created",
-        )
-    })?;
+    // One migration per machine at a time: the store records it as the machine's active one in
+    // the same step, or refuses (migration_in_progress) if the machine has one.
     let result = (|| {
-        if let Some(active) = ctx.store.kv_get(&format!("migrating/{}", m.id))? {
-            if load(ctx, &active).is_ok_and(|a| !a.phase.finished()) {
-                return Err(ApiError::conflict(
-                    "migration_in_progress",
-                    format!("machine {} is already migrating ({active})", m.id),
-                ));
-            }
-        }
         let now = ctx.store.now_ms();
         let mut mig = Migration {
             id: format!("mig_{}", random_hex(8)),
@@ -429,15 +455,9 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             launch_recorded: false,
             retries: 0,
             progress: None,
+            revision: 0,
         };
-        save(ctx, &mut mig)?;
-        let mut all = ids(ctx)?;
-        all.push(mig.id.clone());
-        ctx.store.kv_put(
-            "migrations",
-            &serde_json::to_string(&all).map_err(ApiError::internal)?,
-        )?;
-        ctx.store.kv_put(&format!("migrating/{}", m.id), &mig.id)?;
+        mig.revision = ctx.store.create_migration(&record(&mig)?)?.revision;
         ctx.store.add_event(
             &m.id,
             "migrate",
@@ -447,22 +467,28 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
         )?;
         Ok(mig)
     })();
-    let _ = ctx.store.release_lock(&guard, &lock.nonce);
     result
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this machine's migrations.
     machine: Option<String>,
+    /// Only the migrations of this host's drain (the host's ID).
     drain: Option<String>,
 }
 
 /// `GET /v1/migrations`: newest last.
-#[utoipa::path(get, path = "/v1/migrations", responses((status = 200, body = [Migration])))]
+#[utoipa::path(get, path = "/v1/migrations", operation_id = "list_migrations", tag = "migrations", params(ListQuery), responses((status = 200, description = "Migrations, oldest first.", body = [Migration]), BadRequest, ServerFailed))]
 pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
+    let filter = match (&q.machine, &q.drain) {
+        (Some(m), _) => ferry_store::MigrationFilter::Machine(m),
+        (None, Some(d)) => ferry_store::MigrationFilter::Drain(d),
+        (None, None) => ferry_store::MigrationFilter::All,
+    };
     let mut out = Vec::new();
-    for id in ids(&ctx)? {
-        let m = load(&ctx, &id)?;
+    for m in list_where(&ctx, filter)? {
         if q.machine.as_ref().is_some_and(|x| *x != m.machine_id)
             || q.drain
                 .as_ref()
@@ -470,20 +496,20 @@ pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json
         {
             continue;
         }
-        out.push(with_progress(m));
+        out.push(with_progress(&ctx, m));
     }
     Ok(Json(out))
 }
 
-fn with_progress(mut m: Migration) -> Migration {
-    m.progress = PROGRESS.lock().unwrap().get(&m.id).cloned();
+fn with_progress(ctx: &Ctx, mut m: Migration) -> Migration {
+    m.progress = ctx.migrations.progress.lock().unwrap().get(&m.id).cloned();
     m.lock_nonce = None;
     m.volumes.iter_mut().for_each(|v| v.token.clear());
     m
 }
 
 /// `GET /v1/migrations/{id}`.
-#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = Migration), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}", operation_id = "get_migration", tag = "migrations", params(MigrationPath), responses((status = 200, body = Migration), BadRequest, NotFound, ServerFailed))]
 pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migration>> {
     if !id.starts_with("mig_") || id.len() != 20 || !id[4..].bytes().all(|b| b.is_ascii_hexdigit())
     {
@@ -491,11 +517,11 @@ pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migr
             "{id:?} is not a migration ID (mig_ + 16 hex)"
         )));
     }
-    Ok(Json(with_progress(load(&ctx, &id)?)))
+    Ok(Json(with_progress(&ctx, load(&ctx, &id)?)))
 }
 
 /// `GET /v1/apps/{app}/policy`.
-#[utoipa::path(get, path = "/v1/apps/{app}/policy", responses((status = 200, body = MigratePolicy)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), responses((status = 200, body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
 pub async fn get_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
@@ -518,15 +544,14 @@ fn parse_duration(what: &str, s: &str, max: Duration) -> Result<u64> {
 
 /// `POST /v1/apps/{app}/policy`: changes the given fields; everything is checked before any is
 /// stored.
-#[utoipa::path(post, path = "/v1/apps/{app}/policy", request_body = PolicyUpdate,
-    responses((status = 200, body = MigratePolicy), (status = 400, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), request_body = PolicyUpdate, responses((status = 200, description = "The policy now in force.", body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
 pub async fn set_policy(
     State(ctx): Shared,
     Path(app): Path<String>,
     Body(req): Body<PolicyUpdate>,
 ) -> Result<Json<MigratePolicy>> {
     ctx.store.get_app(&app)?;
-    let mut p = load_policy(&ctx, &app)?;
+    let (mut p, revision) = load_policy_rev(&ctx, &app)?;
     if let Some(n) = req.max_unavailable {
         if !(1..=10_000).contains(&n) {
             return Err(ApiError::invalid("max_unavailable must be 1..=10000"));
@@ -580,38 +605,38 @@ pub async fn set_policy(
     // The secret is not shown back, so it is stored separately from what GET returns.
     let mut stored = serde_json::to_value(&p).map_err(ApiError::internal)?;
     stored["webhook_secret"] = serde_json::json!(p.webhook_secret);
-    ctx.store
-        .kv_put(&format!("policy/{app}"), &stored.to_string())?;
+    // Compare-and-swap: a concurrent change of the same policy is a conflict, not a lost update.
+    ctx.store.put_policy(&ferry_store::PolicyRecord {
+        app: app.clone(),
+        detail: stored,
+        revision,
+    })?;
     Ok(Json(p))
 }
 
 /// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
-#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn cordon(
-    State(ctx): Shared,
-    Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes no new machines.", body = CordonView), BadRequest, NotFound, ServerFailed))]
+pub async fn cordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, true)?;
-    Ok(Json(
-        serde_json::json!({"host": host_hex(h.id), "cordoned": true}),
-    ))
+    Ok(Json(CordonView {
+        host: host_hex(h.id),
+        cordoned: h.cordoned,
+    }))
 }
 
-#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", responses((status = 200), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn uncordon(
-    State(ctx): Shared,
-    Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes machines again.", body = CordonView), BadRequest, NotFound, ServerFailed))]
+pub async fn uncordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
     let h = ctx.store.set_cordoned(parse_host(&host)?, false)?;
-    Ok(Json(
-        serde_json::json!({"host": host_hex(h.id), "cordoned": false}),
-    ))
+    Ok(Json(CordonView {
+        host: host_hex(h.id),
+        cordoned: h.cordoned,
+    }))
 }
 
 /// `POST /v1/hosts/{id}/drain`: cordon, then a migration for every machine on the host. Within a
 /// network they run one at a time (the network lock), each waiting for its machine to be healthy
 /// for the app's `min_healthy_time` before the next starts; networks proceed in parallel.
-#[utoipa::path(post, path = "/v1/hosts/{id}/drain", responses((status = 202, body = DrainView), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts", params(HostPath), responses((status = 202, description = "The host is cordoned and its machines are moving.", body = DrainView), BadRequest, NotFound, Conflict, ServerFailed))]
 pub async fn drain(
     State(ctx): Shared,
     Path(host): Path<String>,
@@ -651,11 +676,17 @@ pub async fn drain(
 
 /// Drives every unfinished migration (after a server restart), and expires volumes from then on.
 pub fn resume_unfinished(ctx: &Arc<Ctx>) {
-    for id in ids(ctx).unwrap_or_default() {
-        if load(ctx, &id).is_ok_and(|m| !m.phase.finished()) {
-            spawn_driver(ctx.clone(), id);
+    // Now and from then on: a migration whose server died (its claim expired) is taken over by
+    // whichever server claims it first; the others' drivers see the claim held and stop at once.
+    let c = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            for m in list_where(&c, ferry_store::MigrationFilter::Unfinished).unwrap_or_default() {
+                spawn_driver(c.clone(), m.id);
+            }
+            tokio::time::sleep(TAKEOVER_SCAN).await;
         }
-    }
+    });
     let c = ctx.clone();
     tokio::spawn(async move {
         loop {
@@ -677,24 +708,22 @@ fn mark_pending_destroy(v: &mut VolumeView, now_ms: i64, retention_ms: u64) {
 /// Deletes the source volumes whose retention ran out (best effort; retried on the next call).
 pub async fn expire_volumes(ctx: &Ctx) {
     let now = ctx.store.now_ms();
-    for id in server::volume_ids(ctx).unwrap_or_default() {
-        let Ok(mut v) = server::volume(ctx, &id) else {
-            continue;
-        };
+    for mut v in server::volumes(ctx, Some("pending_destroy")).unwrap_or_default() {
         if v.state != "pending_destroy" || v.destroy_after_ms.is_none_or(|t| t > now) {
             continue;
         }
         let removed = match &v.host {
             Some(h) => match endpoint(ctx, h) {
-                Ok(ep) => server::call_agent::<_, serde_json::Value>(
-                    ctx,
-                    &format!("{ep}/v1/volumes/remove"),
-                    &VolumeRemove {
-                        dir: v.host_dir.clone(),
-                    },
-                )
-                .await
-                .is_ok(),
+                Ok(ep) => ctx
+                    .agents
+                    .volume_remove(
+                        &ep,
+                        &VolumeRemove {
+                            dir: v.host_dir.clone(),
+                        },
+                    )
+                    .await
+                    .is_ok(),
                 Err(_) => false,
             },
             // Only what the server itself created (never an operator's host_dir volume).
@@ -715,23 +744,31 @@ pub async fn expire_volumes(ctx: &Ctx) {
 
 pub fn instances(ctx: &Ctx, machine: &str) -> Vec<InstanceRecord> {
     ctx.store
-        .kv_get(&format!("instances/{machine}"))
-        .ok()
-        .flatten()
-        .and_then(|s| serde_json::from_str(&s).ok())
+        .list_instances(machine)
         .unwrap_or_default()
+        .into_iter()
+        .map(|r| InstanceRecord {
+            instance_id: r.instance_id,
+            host: r.host,
+            private_ip: r.private_ip,
+            state: r.state,
+            ended_at: r.ended_at,
+            migration: r.migration,
+        })
+        .collect()
 }
 
+/// Appends to the machine's instance history (idempotent: a resumed migration repeats it).
 fn add_instance(ctx: &Ctx, machine: &str, rec: InstanceRecord) -> Result<()> {
-    let mut all = instances(ctx, machine);
-    if all.iter().any(|r| r.instance_id == rec.instance_id) {
-        return Ok(()); // idempotent on resume
-    }
-    all.push(rec);
-    ctx.store.kv_put(
-        &format!("instances/{machine}"),
-        &serde_json::to_string(&all).map_err(ApiError::internal)?,
-    )?;
+    ctx.store.append_instance(&ferry_store::InstanceRecord {
+        machine_id: machine.to_owned(),
+        instance_id: rec.instance_id,
+        host: rec.host,
+        private_ip: rec.private_ip,
+        state: rec.state,
+        ended_at: rec.ended_at,
+        migration: rec.migration,
+    })?;
     Ok(())
 }
 

@@ -166,11 +166,15 @@ pub fn tcp_echo_src(
         )
         .ok()?;
         if let Some(src) = src {
-            bind(
-                fd.as_raw_fd(),
-                &SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, 0)),
-            )
-            .ok()?;
+            // A bind that fails must not pass for "nothing got through": retried while a fresh
+            // address is still tentative (DAD), then a panic.
+            retry_bind(|| {
+                bind(
+                    fd.as_raw_fd(),
+                    &SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, 0)),
+                )
+                .map_err(std::io::Error::from)
+            });
         }
         let _ = connect(
             fd.as_raw_fd(),
@@ -202,13 +206,15 @@ pub fn udp_echo(
 ) -> Option<Vec<u8>> {
     let payload = payload.to_vec();
     netns::run_in(&from.ns, move || {
-        let s = UdpSocket::bind(SocketAddrV6::new(
-            src.unwrap_or(Ipv6Addr::UNSPECIFIED),
-            0,
-            0,
-            0,
-        ))
-        .unwrap();
+        // A fresh source address is unusable while it is tentative (duplicate address detection).
+        let s = retry_bind(|| {
+            UdpSocket::bind(SocketAddrV6::new(
+                src.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                0,
+                0,
+                0,
+            ))
+        });
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 1 << 16];
@@ -224,10 +230,10 @@ pub fn udp_echo(
     .unwrap()
 }
 
-/// Binds, retrying for up to 2 s (a fresh address can briefly be unusable on a loaded box);
-/// panics with the error if it never works.
+/// Binds, retrying for up to 10 s (a fresh address is unusable while duplicate address detection
+/// runs, about a second, longer on a loaded box); panics with the error if it never works.
 fn retry_bind<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match f() {
             Ok(v) => return v,

@@ -62,13 +62,10 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
     let c = Client::new(&args.api)?;
     match args.cmd {
         AppCmd::Create { name, org } => {
-            let a: AppView = c.post(
-                "/v1/apps",
-                &CreateApp {
-                    app_name: name,
-                    org_slug: Some(org),
-                },
-            )?;
+            let a: AppView = c.create_app(&CreateApp {
+                app_name: name,
+                org_slug: Some(org),
+            })?;
             if args.api.json {
                 print_json(&a)?;
             } else {
@@ -79,11 +76,7 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
             }
         }
         AppCmd::List { org } => {
-            let path = match org {
-                Some(o) => format!("/v1/apps?org_slug={o}"),
-                None => "/v1/apps".into(),
-            };
-            let apps: Vec<AppView> = c.get(&path)?;
+            let apps: Vec<AppView> = c.list_apps(org.as_deref())?;
             if args.api.json {
                 print_json(&apps)?;
             } else {
@@ -127,7 +120,7 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
             );
         }
         AppCmd::Destroy { name } => {
-            let v: serde_json::Value = c.delete(&format!("/v1/apps/{name}"))?;
+            let v = c.delete_app(&name)?;
             if args.api.json {
                 print_json(&v)?;
             } else {
@@ -170,13 +163,11 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             return super::migrate::drain(&c, &host, detach, args.api.json);
         }
         HostCmd::Cordon { ref host } | HostCmd::Uncordon { ref host } => {
-            let verb = if matches!(args.cmd, HostCmd::Cordon { .. }) {
-                "cordon"
+            let (v, verb) = if matches!(args.cmd, HostCmd::Cordon { .. }) {
+                (c.cordon(host)?, "cordon")
             } else {
-                "uncordon"
+                (c.uncordon(host)?, "uncordon")
             };
-            let v: serde_json::Value =
-                c.post(&format!("/v1/hosts/{host}/{verb}"), &serde_json::json!({}))?;
             if args.api.json {
                 print_json(&v)?;
             } else {
@@ -184,7 +175,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
             }
         }
         HostCmd::List => {
-            let hosts: Vec<HostView> = c.get("/v1/hosts")?;
+            let hosts: Vec<HostView> = c.list_hosts()?;
             if args.api.json {
                 print_json(&hosts)?;
             } else {
@@ -254,7 +245,7 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
     let c = Client::new(&args.api)?;
     match args.cmd {
         VolumeCmd::List => {
-            let vs: Vec<VolumeView> = c.get("/v1/volumes")?;
+            let vs: Vec<VolumeView> = c.list_volumes()?;
             if args.api.json {
                 print_json(&vs)?;
             } else {
@@ -296,7 +287,7 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
             if size_mb.is_none() && host_dir.is_none() {
                 anyhow::bail!("give --size-mb N or --host-dir DIR");
             }
-            let v: VolumeView = c.post("/v1/volumes", &CreateVolume { size_mb, host_dir })?;
+            let v: VolumeView = c.create_volume(&CreateVolume { size_mb, host_dir })?;
             if args.api.json {
                 print_json(&v)?;
             } else {

@@ -77,7 +77,7 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
     ];
     match args.cmd {
         BridgeCmd::List => {
-            let v: Vec<MappingView> = c.get("/v1/bridge")?;
+            let v: Vec<MappingView> = c.list_bridge_mappings()?;
             if json {
                 print_json(&v)?
             } else {
@@ -85,7 +85,7 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
             }
         }
         BridgeCmd::Map { old, new } => {
-            let v: MappingView = c.post("/v1/bridge", &MapRequest { old, new })?;
+            let v: MappingView = c.map_address(&MapRequest { old, new })?;
             if json {
                 print_json(&v)?
             } else {
@@ -93,7 +93,7 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
             }
         }
         BridgeCmd::Report => {
-            let v: Vec<ReportLine> = c.get("/v1/bridge/report")?;
+            let v: Vec<ReportLine> = c.bridge_report()?;
             if json {
                 print_json(&v)?
             } else {
@@ -130,7 +130,7 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
                 bail!("give an old address, or --unused-for DURATION");
             }
             let v: Vec<MappingView> =
-                c.post("/v1/bridge/retire", &RetireRequest { old, unused_for })?;
+                c.retire_bridge_mappings(&RetireRequest { old, unused_for })?;
             if json {
                 print_json(&v)?
             } else {
@@ -144,14 +144,11 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
             bail!("give --org ORG or --app APP")
         }
         BridgeCmd::Enable { org, app } => {
-            let g: Gates = c.post(
-                "/v1/bridge/gate",
-                &GateRequest {
-                    org,
-                    app,
-                    enabled: true,
-                },
-            )?;
+            let g: Gates = c.set_bridge_gate(&GateRequest {
+                org,
+                app,
+                enabled: true,
+            })?;
             if json {
                 print_json(&g)?
             } else {
@@ -162,14 +159,11 @@ pub fn run(args: BridgeArgs) -> Result<ExitCode> {
             }
         }
         BridgeCmd::Disable { org, app } => {
-            let g: Gates = c.post(
-                "/v1/bridge/gate",
-                &GateRequest {
-                    org,
-                    app,
-                    enabled: false,
-                },
-            )?;
+            let g: Gates = c.set_bridge_gate(&GateRequest {
+                org,
+                app,
+                enabled: false,
+            })?;
             if json {
                 print_json(&g)?
             } else {

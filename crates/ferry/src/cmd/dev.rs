@@ -2,7 +2,7 @@
 //! host, the embedded store), with a demo; `ferry dev clean` removes what ferry left behind.
 
 use anyhow::{bail, Context, Result};
-use ferry_api::server::{self, Ctx};
+use ferry_api::server;
 use ferry_net::{netns, DevFleet, Mode};
 use ferry_store::{SqliteStore, Store};
 use std::path::PathBuf;
@@ -50,6 +50,16 @@ pub struct DevArgs {
     /// `--registry 127.0.0.1:5000 --demo-image 127.0.0.1:5000/web:1`.
     #[arg(long, value_name = "REF")]
     demo_image: Option<String>,
+    /// A directory below which operators' directory volumes (`ferry volume create --host-dir`,
+    /// `--volume /dir:/path`) may be (repeatable). None by default: such a volume is a host
+    /// directory mounted read-write into a machine, so only directories set aside for it.
+    #[arg(long, value_name = "DIR")]
+    host_dir_root: Vec<PathBuf>,
+    /// Where the fleet's state lives: `sqlite://PATH` (default: `ferry.db` in the state
+    /// directory) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (several servers can share one
+    /// etcd cluster; etcd needs `--max-txn-ops` of 1024 or more).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// The largest compressed image layer a host accepts, in MiB.
     #[arg(long, default_value_t = 2048)]
     image_max_layer_mb: u64,
@@ -135,7 +145,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         args.state_dir.join("dev.pid"),
         std::process::id().to_string(),
     )?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
+    let store: Arc<dyn Store> = match &args.store {
+        Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
+        None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
+    };
     let t0 = Instant::now();
 
     // Hosts keep their IDs across restarts: the store allocated them once.
@@ -182,30 +195,22 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let ctx = Ctx::new(store.clone(), args.state_dir.join("volumes"));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(args.listen))
-        .with_context(|| {
-            format!(
-                "listening on {} (is another ferry dev running? use --listen)",
-                args.listen
-            )
-        })?;
-    // DNS: a fresh snapshot after every change, served in every host namespace and on loopback.
-    let zone = Arc::new(ferry_dns::ZoneData::new());
-    zone.publish(super::dns::snapshot(store.as_ref()));
-    let z = zone.clone();
-    let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
-        z.publish(super::dns::snapshot(s));
-    }));
     let host_ns: Vec<netns::NetNs> = hosts
         .iter()
         .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
         .collect();
-    super::dns::serve(&rt, zone, &host_ns, args.dns_listen)?;
+    let cp = super::control::ControlPlane::start(
+        &rt,
+        store.clone(),
+        args.state_dir.join("volumes"),
+        args.listen,
+        Some(args.dns_listen),
+        &host_ns,
+    )?;
+    let ctx = cp.ctx.clone();
+    ctx.allow_host_dirs(args.host_dir_root.clone())
+        .context("--host-dir-root")?;
     super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
-    let app = server::router(ctx.clone());
-    rt.spawn(async move { axum::serve(listener, app).await });
     let api = format!("http://{}", args.listen);
 
     let agents = Agents::start(
@@ -238,10 +243,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     }
     store.kv_put("dev/resume", "[]")?;
     // Migrations a crash or a stop interrupted carry on (or roll back) from their last step.
-    {
-        let _guard = rt.enter();
-        ferry_api::migrate::resume_unfinished(&ctx);
-    }
+    cp.resume(&rt);
 
     println!(
         "ferry dev: fleet {:?}, {} hosts, API {api}, DNS {} (and [fdaa::3]:53 in every machine), state in {} (up in {:.1?}{})",

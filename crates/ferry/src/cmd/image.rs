@@ -115,57 +115,52 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
             let mut done: BTreeMap<(String, usize), u64> = BTreeMap::new();
             let mut failed = false;
             let mut results = Vec::new();
-            c.post_lines(
-                "/v1/images/pull",
-                &PullRequest { image, host },
-                |line: PullLine| {
-                    match &line {
-                        PullLine::Progress(p) => {
-                            if let Some(b) = &bar {
-                                let host = p["host"].as_str().unwrap_or("").to_string();
-                                match p["kind"].as_str() {
-                                    Some("resolved") => {
-                                        b.inc_length(p["bytes"].as_u64().unwrap_or(0));
-                                        b.set_message(format!(
-                                            "host {host}: {} layers, {} cached",
-                                            p["layers"], p["cached"]
-                                        ));
-                                    }
-                                    Some("layer") => {
-                                        let i = p["index"].as_u64().unwrap_or(0) as usize;
-                                        let now = p["done"].as_u64().unwrap_or(0);
-                                        let before =
-                                            done.insert((host.clone(), i), now).unwrap_or(0);
-                                        b.inc(now.saturating_sub(before));
-                                        b.set_message(format!("host {host}: layer {}", i + 1));
-                                    }
-                                    _ => {}
+            c.pull_image(&PullRequest { image, host }, |line: PullLine| {
+                match &line {
+                    PullLine::Progress(p) => {
+                        if let Some(b) = &bar {
+                            let host = p["host"].as_str().unwrap_or("").to_string();
+                            match p["kind"].as_str() {
+                                Some("resolved") => {
+                                    b.inc_length(p["bytes"].as_u64().unwrap_or(0));
+                                    b.set_message(format!(
+                                        "host {host}: {} layers, {} cached",
+                                        p["layers"], p["cached"]
+                                    ));
                                 }
+                                Some("layer") => {
+                                    let i = p["index"].as_u64().unwrap_or(0) as usize;
+                                    let now = p["done"].as_u64().unwrap_or(0);
+                                    let before = done.insert((host.clone(), i), now).unwrap_or(0);
+                                    b.inc(now.saturating_sub(before));
+                                    b.set_message(format!("host {host}: layer {}", i + 1));
+                                }
+                                _ => {}
                             }
-                        }
-                        PullLine::Image(i) => {
-                            if let Some(b) = &bar {
-                                b.println(format!(
-                                    "host {}: {} ({} layers, {})",
-                                    i.host.as_deref().unwrap_or("?"),
-                                    i.pinned,
-                                    i.layers,
-                                    human_size(i.size)
-                                ));
-                            }
-                            results.push(line.clone());
-                        }
-                        PullLine::Error { message, code, .. } => {
-                            failed = true;
-                            if let Some(b) = &bar {
-                                b.println(format!("error: {message} ({code})"));
-                            }
-                            results.push(line.clone());
                         }
                     }
-                    Ok(())
-                },
-            )?;
+                    PullLine::Image(i) => {
+                        if let Some(b) = &bar {
+                            b.println(format!(
+                                "host {}: {} ({} layers, {})",
+                                i.host.as_deref().unwrap_or("?"),
+                                i.pinned,
+                                i.layers,
+                                human_size(i.size)
+                            ));
+                        }
+                        results.push(line.clone());
+                    }
+                    PullLine::Error { message, code, .. } => {
+                        failed = true;
+                        if let Some(b) = &bar {
+                            b.println(format!("error: {message} ({code})"));
+                        }
+                        results.push(line.clone());
+                    }
+                }
+                Ok(())
+            })?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -179,7 +174,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
             })
         }
         ImageCmd::List => {
-            let v: Vec<ImageInfo> = c.get("/v1/images")?;
+            let v: Vec<ImageInfo> = c.list_images()?;
             if json {
                 print_json(&v)?;
             } else {
@@ -206,8 +201,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ImageCmd::Rm { image, host } => {
-            let v: Vec<RemovedView> =
-                c.post("/v1/images/remove", &RemoveRequest { image, host })?;
+            let v: Vec<RemovedView> = c.remove_image(&RemoveRequest { image, host })?;
             if json {
                 print_json(&v)?;
             } else {
@@ -240,17 +234,17 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
                         }),
                         (None, false) => None,
                     };
-                    vec![c.put(
-                        &format!("/v1/registries/{registry}"),
+                    vec![c.put_registry(
+                        &registry,
                         &RegistrySettings {
                             insecure,
                             credentials,
                         },
                     )?]
                 }
-                RegistryCmd::List => c.get("/v1/registries")?,
+                RegistryCmd::List => c.list_registries()?,
                 RegistryCmd::Rm { registry } => {
-                    vec![c.delete(&format!("/v1/registries/{registry}"))?]
+                    vec![c.delete_registry(&registry)?]
                 }
             };
             if json {

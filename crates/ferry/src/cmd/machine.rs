@@ -4,7 +4,7 @@ use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_api::config::{InitConfig, MachineConfig, MountConfig};
 use ferry_api::views::{
-    AppView, CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, StopRequest,
+    CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, StopRequest,
     VolumeView,
 };
 use std::collections::BTreeMap;
@@ -147,15 +147,11 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
         MachineCmd::List { app } => {
             let apps: Vec<String> = match app {
                 Some(a) => vec![a],
-                None => c
-                    .get::<Vec<AppView>>("/v1/apps")?
-                    .into_iter()
-                    .map(|a| a.name)
-                    .collect(),
+                None => c.list_apps(None)?.into_iter().map(|a| a.name).collect(),
             };
             let mut all = Vec::new();
             for a in apps {
-                all.extend(c.get::<Vec<MachineView>>(&format!("/v1/apps/{a}/machines"))?);
+                all.extend(c.list_machines(&a, false)?);
             }
             if json {
                 print_json(&all)?;
@@ -192,7 +188,7 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
         }
         MachineCmd::Status { id } => {
             let m = find(&c, &id)?;
-            let full: MachineView = c.get(&format!("/v1/apps/{}/machines/{}", m.app, id))?;
+            let full: MachineView = c.get_machine(&m.app, &id)?;
             if json {
                 print_json(&full)?;
             } else {
@@ -205,24 +201,17 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
             timeout,
         } => {
             let m = find(&c, &id)?;
-            let m: MachineView = c.post(
-                &format!("/v1/apps/{}/machines/{id}/stop", m.app),
-                &StopRequest { signal, timeout },
-            )?;
+            let m: MachineView = c.stop_machine(&m.app, &id, &StopRequest { signal, timeout })?;
             done(json, &m, "stopped")?;
         }
         MachineCmd::Start { id } => {
             let m = find(&c, &id)?;
-            let m: MachineView = c.post(
-                &format!("/v1/apps/{}/machines/{id}/start", m.app),
-                &serde_json::json!({}),
-            )?;
+            let m: MachineView = c.start_machine(&m.app, &id)?;
             done(json, &m, "started")?;
         }
         MachineCmd::Destroy { id, force } => {
             let m = find(&c, &id)?;
-            let m: MachineView =
-                c.delete(&format!("/v1/apps/{}/machines/{id}?force={force}", m.app))?;
+            let m: MachineView = c.destroy_machine(&m.app, &id, force)?;
             done(json, &m, "destroyed")?;
         }
         MachineCmd::Migrate {
@@ -236,8 +225,9 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
         }
         MachineCmd::Exec { id, timeout, cmd } => {
             let m = find(&c, &id)?;
-            let r: ExecView = c.post(
-                &format!("/v1/apps/{}/machines/{id}/exec", m.app),
+            let r: ExecView = c.exec_machine(
+                &m.app,
+                &id,
                 &ExecBody {
                     cmd,
                     timeout: Some(timeout),
@@ -265,15 +255,12 @@ fn done(json: bool, m: &MachineView, what: &str) -> Result<()> {
 }
 
 /// Finds a machine by ID across apps (the CLI takes bare IDs; the API is per app).
-fn find(c: &Client, id: &str) -> Result<MachineView> {
+fn find(c: &ferry_client::Client, id: &str) -> Result<MachineView> {
     if id.len() != 14 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("{id:?} is not a machine ID (14 hex characters, as `ferry machine list` shows)");
     }
-    for a in c.get::<Vec<AppView>>("/v1/apps")? {
-        let ms: Vec<MachineView> = c.get(&format!(
-            "/v1/apps/{}/machines?include_deleted=true",
-            a.name
-        ))?;
+    for a in c.list_apps(None)? {
+        let ms: Vec<MachineView> = c.list_machines(&a.name, true)?;
         if let Some(m) = ms.into_iter().find(|m| m.id == id) {
             return Ok(m);
         }
@@ -293,7 +280,7 @@ fn parse_size_mb(s: &str) -> Option<u64> {
     num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
 }
 
-fn run_machine(c: &Client, r: RunArgs) -> Result<MachineView> {
+fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
     ferry_api::config::validate_name("app name", &r.app).map_err(|e| anyhow!("{e}"))?;
     let mut config = match &r.config {
         Some(src) => {
@@ -370,28 +357,30 @@ fn run_machine(c: &Client, r: RunArgs) -> Result<MachineView> {
             Some((req, path))
         }
     };
-    if c.get::<AppView>(&format!("/v1/apps/{}", r.app)).is_err() {
-        let _: AppView = c.post(
-            "/v1/apps",
-            &CreateApp {
+    // The app is made on first use; any other failure than "no such app" is the user's to see.
+    match c.get_app(&r.app) {
+        Ok(_) => {}
+        Err(e) if e.code() == Some("not_found") => {
+            c.create_app(&CreateApp {
                 app_name: r.app.clone(),
                 org_slug: Some(r.org.clone()),
-            },
-        )?;
+            })?;
+        }
+        Err(e) => return Err(e.into()),
     }
     if let Some((req, path)) = volume_req {
-        let v: VolumeView = c.post("/v1/volumes", &req)?;
+        let v: VolumeView = c.create_volume(&req)?;
         config.mounts.push(MountConfig { volume: v.id, path });
     }
-    c.post(
-        &format!("/v1/apps/{}/machines", r.app),
+    Ok(c.create_machine(
+        &r.app,
         &CreateMachine {
             name: r.name,
             host: r.host,
             config,
             skip_launch: false,
         },
-    )
+    )?)
 }
 
 /// The machine and its Event Logs table, like `fly machine status`.

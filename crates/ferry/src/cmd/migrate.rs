@@ -33,11 +33,7 @@ pub fn run(args: MigrationArgs) -> Result<ExitCode> {
     let json = args.api.json;
     match args.cmd {
         MigrationCmd::List { machine } => {
-            let path = match machine {
-                Some(m) => format!("/v1/migrations?machine={m}"),
-                None => "/v1/migrations".into(),
-            };
-            let all: Vec<Migration> = c.get(&path)?;
+            let all: Vec<Migration> = c.list_migrations(machine.as_deref(), None)?;
             if json {
                 print_json(&all)?;
             } else {
@@ -65,7 +61,7 @@ pub fn run(args: MigrationArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         MigrationCmd::Status { id } => {
-            let m: Migration = c.get(&format!("/v1/migrations/{id}"))?;
+            let m: Migration = c.get_migration(&id)?;
             if json {
                 print_json(&m)?;
             } else {
@@ -115,7 +111,7 @@ fn describe(m: &Migration) {
 
 /// Polls a migration until it ends, with a progress bar while volumes are copied. Exit status 0
 /// only if it completed.
-fn follow(c: &Client, id: &str, json: bool) -> Result<ExitCode> {
+fn follow(c: &ferry_client::Client, id: &str, json: bool) -> Result<ExitCode> {
     let bar = (!json).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -130,7 +126,7 @@ fn follow(c: &Client, id: &str, json: bool) -> Result<ExitCode> {
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(3600);
     let m = loop {
-        let m: Migration = c.get(&format!("/v1/migrations/{id}"))?;
+        let m: Migration = c.get_migration(id)?;
         if let Some(b) = &bar {
             match &m.progress {
                 Some(p) => {
@@ -166,7 +162,7 @@ fn follow(c: &Client, id: &str, json: bool) -> Result<ExitCode> {
 
 /// `ferry machine migrate ID [--to HOST] [--detach]`.
 pub fn machine_migrate(
-    c: &Client,
+    c: &ferry_client::Client,
     app: &str,
     id: &str,
     to: Option<String>,
@@ -174,9 +170,13 @@ pub fn machine_migrate(
     detach: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let m: Migration = c.post(
-        &format!("/v1/apps/{app}/machines/{id}/migrate"),
-        &serde_json::json!({ "to": to, "precopy": precopy }),
+    let m: Migration = c.migrate_machine(
+        app,
+        id,
+        &ferry_api::migrate::MigrateRequest {
+            to,
+            precopy: Some(precopy),
+        },
     )?;
     if detach {
         if json {
@@ -197,8 +197,8 @@ pub fn machine_migrate(
 }
 
 /// `ferry host drain HOST`: cordon, move everything off, report each machine's outcome.
-pub fn drain(c: &Client, host: &str, detach: bool, json: bool) -> Result<ExitCode> {
-    let d: DrainView = c.post(&format!("/v1/hosts/{host}/drain"), &serde_json::json!({}))?;
+pub fn drain(c: &ferry_client::Client, host: &str, detach: bool, json: bool) -> Result<ExitCode> {
+    let d: DrainView = c.drain(host)?;
     if !json {
         eprintln!(
             "host {} cordoned; {} machines to move{}",
@@ -228,7 +228,7 @@ pub fn drain(c: &Client, host: &str, detach: bool, json: bool) -> Result<ExitCod
             if done.contains(id) {
                 continue;
             }
-            let m: Migration = c.get(&format!("/v1/migrations/{id}"))?;
+            let m: Migration = c.get_migration(id)?;
             if m.phase.finished() {
                 done.insert(id.clone());
                 if m.phase != Phase::Done {
@@ -257,7 +257,7 @@ pub fn drain(c: &Client, host: &str, detach: bool, json: bool) -> Result<ExitCod
         std::thread::sleep(Duration::from_millis(250));
     }
     if json {
-        let all: Vec<Migration> = c.get(&format!("/v1/migrations?drain={host}"))?;
+        let all: Vec<Migration> = c.list_migrations(None, Some(host))?;
         print_json(&all)?;
     } else {
         eprintln!(
@@ -274,14 +274,19 @@ pub fn drain(c: &Client, host: &str, detach: bool, json: bool) -> Result<ExitCod
 
 /// `ferry app policy APP [--max-unavailable N] ...`: shows the policy, after changing the given
 /// fields.
-pub fn policy(c: &Client, app: &str, update: PolicyUpdate, json: bool) -> Result<ExitCode> {
+pub fn policy(
+    c: &ferry_client::Client,
+    app: &str,
+    update: PolicyUpdate,
+    json: bool,
+) -> Result<ExitCode> {
     let changing = serde_json::to_value(&update)?
         .as_object()
         .is_some_and(|o| o.values().any(|v| !v.is_null()));
     let p: MigratePolicy = if changing {
-        c.post(&format!("/v1/apps/{app}/policy"), &update)?
+        c.set_policy(app, &update)?
     } else {
-        c.get(&format!("/v1/apps/{app}/policy"))?
+        c.get_policy(app)?
     };
     if json {
         print_json(&p)?;

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod app;
 pub mod bridge;
 pub mod client;
+pub mod control;
 pub mod dev;
 pub mod dns;
 pub mod image;

@@ -1,7 +1,8 @@
-//! `ferry server`: the API server alone, for fleets whose hosts run `ferry agent` themselves.
+//! `ferry server`: the control plane alone, for fleets whose hosts run `ferry agent` themselves.
+//! It runs the same components as `ferry dev` ([`super::control`]): the API, DNS state, resumed
+//! migrations, volume expiry and the bridge state pushed to hosts that register.
 
 use anyhow::{Context, Result};
-use ferry_api::server::{self, Ctx};
 use ferry_store::SqliteStore;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,12 +10,16 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
-    /// Where the store (SQLite) and new volumes live.
+    /// Where the store (SQLite) lives.
     #[arg(long, default_value = "/var/lib/ferry/server")]
     state_dir: PathBuf,
     /// The API listener.
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: std::net::SocketAddr,
+    /// Also answer `.internal` DNS queries here (UDP and TCP), for operators and for hosts
+    /// that forward to the server, e.g. 127.0.0.1:5353.
+    #[arg(long)]
+    dns_listen: Option<std::net::SocketAddr>,
     /// A registry to pull images from over plain HTTP (repeatable; loopback ones always are).
     #[arg(long, value_name = "ADDR")]
     registry: Vec<String>,
@@ -22,23 +27,48 @@ pub struct ServerArgs {
     /// "p"}, "other.example": {"token": "..."}}`; never logged or shown.
     #[arg(long, value_name = "FILE")]
     registry_auth: Option<PathBuf>,
+    /// A directory below which operators' directory volumes (`ferry volume create --host-dir`,
+    /// `--volume /dir:/path`) may be (repeatable). None by default: such a volume is a host
+    /// directory mounted read-write into a machine, so only directories set aside for it.
+    #[arg(long, value_name = "DIR")]
+    host_dir_root: Vec<PathBuf>,
+    /// Where the fleet's state lives: `sqlite://PATH` (default: `ferry.db` in the state
+    /// directory) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (several servers can share one
+    /// etcd cluster; etcd needs `--max-txn-ops` of 1024 or more).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let store = Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?);
-    let ctx = Ctx::new(store, args.state_dir.join("volumes"));
-    super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
+    let store: Arc<dyn ferry_store::Store> = match &args.store {
+        Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
+        None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        eprintln!("ferry server: API on http://{}", args.listen);
-        axum::serve(listener, server::router(ctx)).await?;
+    let cp = super::control::ControlPlane::start(
+        &rt,
+        store,
+        args.state_dir.join("volumes"),
+        args.listen,
+        args.dns_listen,
+        &[],
+    )?;
+    cp.ctx
+        .allow_host_dirs(args.host_dir_root.clone())
+        .context("--host-dir-root")?;
+    super::image::apply_registry_flags(&cp.ctx, &args.registry, args.registry_auth.as_deref())?;
+    cp.resume(&rt);
+    eprintln!("ferry server: API on http://{}", args.listen);
+    if let Some(d) = args.dns_listen {
+        eprintln!("ferry server: .internal DNS on {d}");
+    }
+    rt.block_on(async {
+        tokio::signal::ctrl_c().await?;
+        eprintln!("ferry server: stopping");
         Ok(ExitCode::SUCCESS)
     })
 }

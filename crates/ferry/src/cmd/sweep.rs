@@ -183,12 +183,11 @@ fn fleet_snapshot(api: &str) -> anyhow::Result<FleetSnapshot> {
         api: api.to_owned(),
         json: false,
     })?;
-    let apps: Vec<ferry_api::views::AppView> = c.get("/v1/apps")?;
+    let apps = c.list_apps(None)?;
     let dir = tempfile::tempdir().context("creating a scratch directory")?;
     let mut records = Vec::new();
     for a in apps {
-        let ms: Vec<ferry_api::views::MachineView> =
-            c.get(&format!("/v1/apps/{}/machines", a.name))?;
+        let ms = c.list_machines(&a.name, false)?;
         for m in ms {
             let d = dir.path().join(&m.app);
             std::fs::create_dir_all(&d)?;
@@ -204,7 +203,7 @@ fn fleet_snapshot(api: &str) -> anyhow::Result<FleetSnapshot> {
         }
     }
     // Old addresses: what the bridge still maps to a machine's current one.
-    let mappings: Vec<ferry_api::bridge::MappingView> = c.get("/v1/bridge")?;
+    let mappings = c.list_bridge_mappings()?;
     for mapping in mappings {
         if let Some(r) = records.iter_mut().find(|r| r.private_ip == mapping.new) {
             r.old_ips.push(mapping.old);

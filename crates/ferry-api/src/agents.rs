@@ -1,0 +1,310 @@
+//! The server's side of the agent protocol: one typed client, behind the [`Agents`] trait, for
+//! every call the server makes to a host's agent. Handlers, placement and the migration driver
+//! only ever talk to hosts through it, so unit tests drive them with a recording double (see
+//! `tests/driver.rs`) while the real-kernel tests use [`HttpAgents`].
+//!
+//! Errors are typed: an agent's answer keeps its code ([`ApiError::agent_code`]); a fork the
+//! agent calls permanently impossible is 422 `volume_unsupported` (never retried); an agent that
+//! cannot be reached is 503 `unavailable` (retried).
+
+use crate::error::{ApiError, PERMANENT_VOLUME_ERROR};
+use crate::proto::{
+    BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
+    PullLine, RunMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove,
+    VolumeRound, VolumeSend,
+};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+pub type AgentResult<'a, T> = BoxFuture<'a, Result<T, ApiError>>;
+
+/// What an agent answers to a start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Started {
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The host directory of each mount, in order (where a new volume was made).
+    #[serde(default)]
+    pub volume_dirs: Vec<String>,
+}
+
+/// Every call the server makes to an agent. `endpoint` is the agent's base URL as it registered.
+pub trait Agents: Send + Sync {
+    fn start<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started>;
+    fn stop<'a>(
+        &'a self,
+        endpoint: &'a str,
+        machine: &'a str,
+        params: &'a StopMachine,
+    ) -> AgentResult<'a, ExitInfo>;
+    /// Removes the machine's local state (process, namespace, cgroup, run directory).
+    fn destroy<'a>(&'a self, endpoint: &'a str, machine: &'a str) -> AgentResult<'a, ()>;
+    fn exec<'a>(
+        &'a self,
+        endpoint: &'a str,
+        machine: &'a str,
+        req: &'a ExecRequest,
+    ) -> AgentResult<'a, ExecResult>;
+    fn bridge_sync<'a>(&'a self, endpoint: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()>;
+    fn bridge_hits<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<BridgeHit>>;
+    fn volume_expect<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a VolumeExpect,
+    ) -> AgentResult<'a, VolumeExpected>;
+    fn volume_send<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a VolumeSend,
+    ) -> AgentResult<'a, VolumeRound>;
+    fn volume_progress<'a>(
+        &'a self,
+        endpoint: &'a str,
+        session: &'a str,
+    ) -> AgentResult<'a, VolumeProgress>;
+    fn volume_remove<'a>(&'a self, endpoint: &'a str, req: &'a VolumeRemove)
+        -> AgentResult<'a, ()>;
+    /// Starts a pull; its answer lines as they come (progress, then the image or an error). An
+    /// agent that refuses the pull answers one error line; only an unreachable agent is `Err`.
+    fn image_pull<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a ImagePull,
+    ) -> AgentResult<'a, BoxStream<'static, PullLine>>;
+    fn image_list<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<ImageInfo>>;
+    /// Removes an image; the layers that went with it.
+    fn image_remove<'a>(
+        &'a self,
+        endpoint: &'a str,
+        req: &'a ImageRemove,
+    ) -> AgentResult<'a, Vec<String>>;
+}
+
+/// The agents over HTTP/JSON.
+pub struct HttpAgents {
+    http: reqwest::Client,
+}
+
+impl HttpAgents {
+    pub fn new(http: reqwest::Client) -> Self {
+        HttpAgents { http }
+    }
+
+    async fn post<B: Serialize + ?Sized, R: serde::de::DeserializeOwned>(
+        &self,
+        url: String,
+        body: &B,
+    ) -> Result<R, ApiError> {
+        answer(self.http.post(url).json(body).send().await).await
+    }
+}
+
+/// Turns an agent's HTTP answer into the typed result (see the module doc for the rules).
+pub(crate) async fn answer<R: serde::de::DeserializeOwned>(
+    sent: reqwest::Result<reqwest::Response>,
+) -> Result<R, ApiError> {
+    let resp =
+        sent.map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+            .map(|b| (b.error, b.code))
+            .unwrap_or((text, String::new()));
+        if code == PERMANENT_VOLUME_ERROR {
+            // Not the agent's failure: the volume cannot be forked as it is. Never retried.
+            return Err(ApiError::new(
+                422,
+                PERMANENT_VOLUME_ERROR,
+                format!("the host's agent refused: {msg}"),
+            ));
+        }
+        let mut e = ApiError::new(
+            502,
+            "agent_error",
+            format!("the host's agent failed: {msg}"),
+        );
+        e.agent_code = (!code.is_empty()).then_some(code);
+        return Err(e);
+    }
+    resp.json()
+        .await
+        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))
+}
+
+/// An answer whose body the server does not need.
+#[derive(Deserialize)]
+struct Ignored {}
+
+impl Agents for HttpAgents {
+    fn start<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started> {
+        Box::pin(self.post(format!("{ep}/v1/machines/{}/start", run.id), run))
+    }
+    fn stop<'a>(
+        &'a self,
+        ep: &'a str,
+        machine: &'a str,
+        params: &'a StopMachine,
+    ) -> AgentResult<'a, ExitInfo> {
+        Box::pin(self.post(format!("{ep}/v1/machines/{machine}/stop"), params))
+    }
+    fn destroy<'a>(&'a self, ep: &'a str, machine: &'a str) -> AgentResult<'a, ()> {
+        Box::pin(async move {
+            let _: Ignored = self
+                .post(
+                    format!("{ep}/v1/machines/{machine}/destroy"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+    fn exec<'a>(
+        &'a self,
+        ep: &'a str,
+        machine: &'a str,
+        req: &'a ExecRequest,
+    ) -> AgentResult<'a, ExecResult> {
+        Box::pin(self.post(format!("{ep}/v1/machines/{machine}/exec"), req))
+    }
+    fn bridge_sync<'a>(&'a self, ep: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()> {
+        Box::pin(async move {
+            let _: Ignored = self.post(format!("{ep}/v1/bridge/sync"), sync).await?;
+            Ok(())
+        })
+    }
+    fn bridge_hits<'a>(&'a self, ep: &'a str) -> AgentResult<'a, Vec<BridgeHit>> {
+        Box::pin(
+            async move { answer(self.http.get(format!("{ep}/v1/bridge/hits")).send().await).await },
+        )
+    }
+    fn volume_expect<'a>(
+        &'a self,
+        ep: &'a str,
+        req: &'a VolumeExpect,
+    ) -> AgentResult<'a, VolumeExpected> {
+        Box::pin(self.post(format!("{ep}/v1/volumes/expect"), req))
+    }
+    fn volume_send<'a>(&'a self, ep: &'a str, req: &'a VolumeSend) -> AgentResult<'a, VolumeRound> {
+        Box::pin(self.post(format!("{ep}/v1/volumes/send"), req))
+    }
+    fn volume_progress<'a>(
+        &'a self,
+        ep: &'a str,
+        session: &'a str,
+    ) -> AgentResult<'a, VolumeProgress> {
+        Box::pin(async move {
+            answer(
+                self.http
+                    .get(format!("{ep}/v1/volumes/progress/{session}"))
+                    .send()
+                    .await,
+            )
+            .await
+        })
+    }
+    fn volume_remove<'a>(&'a self, ep: &'a str, req: &'a VolumeRemove) -> AgentResult<'a, ()> {
+        Box::pin(async move {
+            let _: Ignored = self.post(format!("{ep}/v1/volumes/remove"), req).await?;
+            Ok(())
+        })
+    }
+    fn image_pull<'a>(
+        &'a self,
+        ep: &'a str,
+        req: &'a ImagePull,
+    ) -> AgentResult<'a, BoxStream<'static, PullLine>> {
+        Box::pin(async move {
+            let resp = self
+                .http
+                .post(format!("{ep}/v1/images/pull"))
+                .json(req)
+                .send()
+                .await
+                .map_err(|e| {
+                    ApiError::unavailable(format!("the host's agent did not answer: {e}"))
+                })?;
+            if !resp.status().is_success() {
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                let (message, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+                    .map(|b| (b.error, b.code))
+                    .unwrap_or((text, "agent_error".into()));
+                let line = PullLine::Error {
+                    status,
+                    code,
+                    message,
+                };
+                return Ok(futures::stream::once(async move { line }).boxed());
+            }
+            Ok(ndjson_lines(resp.bytes_stream()).boxed())
+        })
+    }
+    fn image_list<'a>(&'a self, ep: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
+        Box::pin(async move { answer(self.http.get(format!("{ep}/v1/images")).send().await).await })
+    }
+    fn image_remove<'a>(
+        &'a self,
+        ep: &'a str,
+        req: &'a ImageRemove,
+    ) -> AgentResult<'a, Vec<String>> {
+        #[derive(Deserialize)]
+        struct Removed {
+            removed_layers: Vec<String>,
+        }
+        Box::pin(async move {
+            let r: Removed = self.post(format!("{ep}/v1/images/remove"), req).await?;
+            Ok(r.removed_layers)
+        })
+    }
+}
+
+/// Splits a streamed answer into pull lines as it arrives; a line that does not parse, or a body
+/// that breaks off, becomes an `agent_error` line.
+fn ndjson_lines(
+    bytes: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+) -> impl futures::Stream<Item = PullLine> + Send + 'static {
+    futures::stream::unfold(
+        (Box::pin(bytes), Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, mut done)| async move {
+            loop {
+                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let parsed = serde_json::from_slice::<PullLine>(&line).unwrap_or_else(|e| {
+                        PullLine::Error {
+                            status: 502,
+                            code: "agent_error".into(),
+                            message: format!("the agent's answer is not a pull line: {e}"),
+                        }
+                    });
+                    return Some((parsed, (bytes, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        done = true;
+                        buf.clear();
+                        let l = PullLine::Error {
+                            status: 502,
+                            code: "agent_error".into(),
+                            message: format!("the agent's answer broke off: {e}"),
+                        };
+                        return Some((l, (bytes, buf, done)));
+                    }
+                    None => {
+                        done = true;
+                        if buf.is_empty() {
+                            return None;
+                        }
+                        buf.push(b'\n');
+                    }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,145 @@
+//! Tests of what only the etcd backend has: members that die and come back, a 3-member cluster
+//! losing one member, the synchronous calls made from inside tokio runtimes, and the latency of
+//! `create_machine` on both backends (printed for the benchmark).
+
+use super::{new_machine, Backend, Fx};
+use crate::testing::EtcdCluster;
+use crate::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Calls `f` until it succeeds, for at most `within` (a client reconnecting after a restart).
+#[track_caller]
+fn eventually<T>(within: Duration, mut f: impl FnMut() -> Result<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), "unavailable", "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("still failing after {within:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn etcd_down_is_unavailable_changes_nothing_and_recovers() {
+    let mut c = EtcdCluster::start(1).unwrap();
+    let s = EtcdStore::connect(&c.endpoints(), "/down").unwrap();
+    let org = s.ensure_org("acme").unwrap();
+    c.kill(0);
+    let t = Instant::now();
+    for r in [s.ensure_org("other").map(drop), s.get_org("acme").map(drop)] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+        assert_eq!(e.code(), "unavailable");
+    }
+    // Bounded: the API must answer 503 promptly, not hang.
+    assert!(t.elapsed() < 3 * etcd::OP_TIMEOUT);
+    c.restart(0).unwrap();
+    // The same handle recovers by itself.
+    assert_eq!(
+        eventually(Duration::from_secs(15), || s.get_org("acme")),
+        org
+    );
+    assert!(s.get_org("other").unwrap_err().is_not_found());
+    // A store cannot be opened on an endpoint nobody serves.
+    c.kill(0);
+    let e = EtcdStore::connect(&c.endpoints(), "/down").unwrap_err();
+    assert_eq!(e.code(), "unavailable", "{e}");
+}
+
+#[test]
+fn three_member_cluster_goes_on_without_one_member() {
+    let mut c = EtcdCluster::start(3).unwrap();
+    let s = open(&c.url("/trio")).unwrap();
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "/h1").unwrap().id;
+    for victim in 0..3 {
+        c.kill(victim);
+        // Quorum (2 of 3) holds: every call goes on, through whichever member answers (also
+        // when the killed member was the leader: the election fits in a call's deadline).
+        for _ in 0..5 {
+            s.allocate_machine_field(h).unwrap();
+        }
+        new_machine(&*s, "web", h);
+        c.restart(victim).unwrap();
+    }
+    assert_eq!(s.list_machines(Some("web")).unwrap().len(), 3);
+    // Without quorum: unavailable, nothing changed; all back: service resumes with no step.
+    c.kill(0);
+    c.kill(1);
+    let e = s.ensure_org("no-quorum").unwrap_err();
+    assert_eq!(e.code(), "unavailable", "{e}");
+    c.restart_all().unwrap();
+    eventually(Duration::from_secs(20), || s.list_apps(None));
+    assert!(s.get_org("no-quorum").unwrap_err().is_not_found());
+    assert_eq!(s.list_machines(Some("web")).unwrap().len(), 3);
+}
+
+#[test]
+fn sync_calls_work_from_inside_tokio_runtimes() {
+    let fx = Fx::new(Backend::Etcd);
+    let s = fx.open();
+    // A multi-threaded runtime's worker (an axum handler): the wait is block_in_place'd.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s2 = s.clone();
+    let org = rt
+        .block_on(async move { tokio::spawn(async move { s2.ensure_org("acme") }).await })
+        .unwrap()
+        .unwrap();
+    // A current-thread runtime: the call blocks its only thread, and still completes because
+    // the client's futures run on the store's own runtime.
+    let ct = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s3 = s.clone();
+    assert_eq!(ct.block_on(async move { s3.get_org("acme") }).unwrap(), org);
+    // The last handle dropped inside a runtime must not panic (the store's runtime is shut
+    // down in the background).
+    drop(s);
+    let last = fx.open();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            last.get_org("acme").unwrap();
+            drop(last);
+        })
+        .await
+        .unwrap()
+    });
+}
+
+/// p50/p99 of `create_machine` (field allocation included, as the API does it) on each backend,
+/// printed for BENCHMARKS.md; run with `--nocapture` to see them.
+#[test]
+fn create_machine_latency_is_measured_on_both_backends() {
+    for b in [Backend::Sqlite, Backend::Etcd] {
+        let fx = Fx::new(b);
+        let s: Arc<dyn Store> = fx.open();
+        s.create_app("web", "acme").unwrap();
+        let h = s.register_host("ord", "/h1").unwrap().id;
+        let mut ms: Vec<f64> = (0..60)
+            .map(|_| {
+                let t = Instant::now();
+                new_machine(&*s, "web", h);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+        eprintln!(
+            "create_machine {b:?}: p50 {:.2} ms, p99 {:.2} ms ({} machines)",
+            pct(0.5),
+            pct(0.99),
+            ms.len()
+        );
+        assert_eq!(s.list_machines(Some("web")).unwrap().len(), ms.len());
+    }
+}

@@ -1,0 +1,58 @@
+//! The control plane's components, the same under `ferry server` and `ferry dev` (which only
+//! adds hosts and agents around them): the API, DNS state republished after every change, and,
+//! once started, the background work that keeps the fleet right without anyone asking:
+//! unfinished migrations resume (or roll back) and the volumes of finished ones expire. The
+//! bridge state reaches every host that registers (in the API's registration handler).
+
+use anyhow::{Context, Result};
+use ferry_api::server::{self, Ctx};
+use ferry_dns::ZoneData;
+use ferry_net::netns::NetNs;
+use ferry_store::Store;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct ControlPlane {
+    pub ctx: Arc<Ctx>,
+}
+
+impl ControlPlane {
+    /// Serves the API on `listen` and `.internal` DNS on `dns` (UDP and TCP) and in each of
+    /// `host_ns` at `[fdaa::3]:53`, from a snapshot published after every machine change.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        store: Arc<dyn Store>,
+        volumes_dir: PathBuf,
+        listen: SocketAddr,
+        dns: Option<SocketAddr>,
+        host_ns: &[NetNs],
+    ) -> Result<ControlPlane> {
+        let ctx = Ctx::new(store.clone(), volumes_dir);
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .with_context(|| {
+                format!("listening on {listen} (is another ferry server or dev running?)")
+            })?;
+        let zone = Arc::new(ZoneData::new());
+        zone.publish(super::dns::snapshot(store.as_ref()));
+        let z = zone.clone();
+        let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
+            z.publish(super::dns::snapshot(s));
+        }));
+        if let Some(dns) = dns {
+            super::dns::serve(rt, zone.clone(), host_ns, dns)?;
+        }
+        let app = server::router(ctx.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        Ok(ControlPlane { ctx })
+    }
+
+    /// Starts the background work: migrations a crash or a stop interrupted carry on from their
+    /// last recorded step, and the volume expiry loop runs. Call once the hosts can be reached
+    /// (`ferry dev`: after its agents registered; `ferry server`: at once, agents come and go).
+    pub fn resume(&self, rt: &tokio::runtime::Runtime) {
+        let _guard = rt.enter();
+        ferry_api::migrate::resume_unfinished(&self.ctx);
+    }
+}

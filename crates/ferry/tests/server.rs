@@ -1,0 +1,201 @@
+//! `ferry server` alone (no `ferry dev` around it) runs the whole control plane: the API and
+//! `.internal` DNS from its store, so a fleet whose hosts run `ferry agent` has names.
+
+use ferry_store::{Machine, MachineState, SqliteStore, Store};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
+    let state = tempfile::tempdir().unwrap();
+    // A store with one started machine, as agents would have left it.
+    let ip = {
+        let store = SqliteStore::open(state.path().join("ferry.db")).unwrap();
+        let app = store.create_app("web", "acme").unwrap();
+        let host = store.register_host("ord", "").unwrap();
+        let field = store.allocate_machine_field(host.id).unwrap();
+        let ip = ferry_addr::FleetAddr::new(app.network_id, host.id, field, 2);
+        let m = store
+            .create_machine(&Machine {
+                id: "0123456789abcd".into(),
+                name: "web-1".into(),
+                app: app.name.clone(),
+                org: app.org.clone(),
+                network_id: app.network_id,
+                host: Some(host.id),
+                region: "ord".into(),
+                machine_field: Some(field),
+                private_ip: Some(ip.to_string()),
+                instance_id: ferry_store::new_instance_id(),
+                state: MachineState::Created,
+                config: serde_json::json!({"init": {"cmd": ["sleep", "inf"]}}),
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            })
+            .unwrap();
+        store
+            .transition(&m.id, &[MachineState::Created], MachineState::Started)
+            .unwrap();
+        ip
+    };
+
+    let (api, dns) = (free_port(), free_port());
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["server", "--state-dir"])
+            .arg(state.path())
+            .args(["--listen", &format!("127.0.0.1:{api}")])
+            .args(["--dns-listen", &format!("127.0.0.1:{dns}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let machines = loop {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{api}/v1/apps/web/machines"))
+            .send()
+        {
+            break r.json::<serde_json::Value>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "ferry server did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(machines[0]["id"], "0123456789abcd", "{machines}");
+
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &dns.to_string(),
+            "+short",
+            "+time=2",
+            "+tries=3",
+        ])
+        .args(["AAAA", "0123456789abcd.vm.web.internal"])
+        .output()
+        .expect("dig (scripts/setup.sh installs dnsutils)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        ip.to_string(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_server(store: &str, state: &std::path::Path) -> (Server, String) {
+    let api = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["server", "--store", store, "--state-dir"])
+        .arg(state)
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{api}");
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{url}/v1/hosts")).send().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ferry server on {store} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Server(child), url)
+}
+
+/// Two servers on one 3-member etcd cluster serve one fleet: what one records the other
+/// answers. One member down: everything goes on. Every member down: the API answers 503 with a
+/// clear error and changes nothing; etcd back: service resumes with no manual step.
+#[test]
+fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
+    let mut etcd = ferry_store::testing::EtcdCluster::start(3).unwrap();
+    let url = etcd.url("ferry-server-test");
+    let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, a) = start_server(&url, sa.path());
+    let (_b, b) = start_server(&url, sb.path());
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let create = |api: &str, name: &str| {
+        let r = http
+            .post(format!("{api}/v1/apps"))
+            .json(&serde_json::json!({"app_name": name}))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap())
+    };
+    let names = |api: &str| -> Vec<String> {
+        let v: serde_json::Value = http
+            .get(format!("{api}/v1/apps"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    assert_eq!(create(&a, "web").0, 201);
+    assert_eq!(names(&b), ["web"], "server B sees what server A recorded");
+    // The name is the fleet's: B refuses it too.
+    assert_eq!(create(&b, "web").0, 409);
+
+    etcd.kill(1);
+    assert_eq!(create(&b, "db").0, 201, "one member down: B goes on");
+    assert_eq!(names(&a), ["db", "web"]);
+
+    etcd.kill(0);
+    etcd.kill(2);
+    let (s, e) = create(&a, "cache");
+    assert_eq!((s, e["code"].as_str()), (503, Some("unavailable")), "{e}");
+    let r = http.get(format!("{b}/v1/apps")).send().unwrap();
+    assert_eq!(r.status(), 503);
+
+    etcd.restart_all().unwrap();
+    // Back without a manual step (bounded: the clients reconnect on their own).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{a}/v1/apps")).send() {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service did not resume after etcd came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        names(&b),
+        ["db", "web"],
+        "the refused create changed nothing"
+    );
+    assert_eq!(create(&b, "cache").0, 201);
+}
