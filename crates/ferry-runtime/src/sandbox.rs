@@ -1102,6 +1102,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn image_paths_resolve_inside_the_root() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("usr/lib")).unwrap();
+        symlink("/", r.join("to-root")).unwrap();
+        symlink("../../../../..", r.join("climb")).unwrap();
+        symlink("usr/lib", r.join("lib")).unwrap();
+        symlink("/etc/passwd", r.join("passwd")).unwrap();
+        symlink("loop2", r.join("loop1")).unwrap();
+        symlink("loop1", r.join("loop2")).unwrap();
+        let check = |guest: &str, want: &str| {
+            assert_eq!(
+                in_root(r, Path::new(guest)).unwrap(),
+                r.join(want),
+                "{guest}"
+            );
+        };
+        check("/to-root/etc", "etc");
+        check("/climb/etc/shadow", "etc/shadow");
+        check("/../../etc", "etc");
+        check("/lib/x", "usr/lib/x");
+        check("/passwd", "etc/passwd");
+        check("/data", "data");
+        assert!(in_root(r, Path::new("/loop1/x")).is_err());
+    }
+
+    #[test]
     fn id_ranges_are_per_owner_and_freed_with_it() {
         let reg = tempfile::tempdir().unwrap();
         let owners = tempfile::tempdir().unwrap();

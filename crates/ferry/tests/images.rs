@@ -271,6 +271,21 @@ fn machines_run_images_with_their_config_and_share_layers() {
         "{res}"
     );
     assert_eq!(layer_dirs(&dev, h1).len(), 3, "app was all there already");
+
+    // The API document describes the image and registry routes.
+    let doc = dev.call("GET", "/openapi.json", None).1;
+    for (path, method) in [
+        ("/v1/images", "get"),
+        ("/v1/images/pull", "post"),
+        ("/v1/images/remove", "post"),
+        ("/v1/registries/{registry}", "put"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{path}: {}",
+            doc["paths"]
+        );
+    }
     drop(reg);
 }
 
@@ -662,4 +677,66 @@ fn registry_credentials_from_a_file() {
     let (_, list) = dev.call("GET", "/v1/registries", None);
     assert_eq!(list[0]["auth"], "basic", "{list}");
     assert!(!list.to_string().contains(&password));
+}
+
+/// `ferry dev --registry ADDR --demo-image REF --exit-after-demo`: the demo also runs a machine
+/// from the image, and passes.
+#[test]
+fn dev_demo_runs_a_machine_from_an_image() {
+    let reg = Registry::start();
+    let img = layout(
+        "1",
+        vec![busybox_layer()],
+        json!({"Cmd": ["/bin/sleep", "600"], "Env": ["PATH=/bin"]}),
+        host_arch(),
+        false,
+    );
+    let r = reg.push(&img.dir, "demo/app", "1", false);
+    let name = format!("eimgdemo{:x}", std::process::id() & 0xffff);
+    let state = TempDir(std::env::temp_dir().join(format!("ferry-test-{name}")));
+    let logs = TempDir(std::env::temp_dir().join(format!("ferry-test-{name}-logs")));
+    std::fs::create_dir_all(&logs.0).unwrap();
+    let (out_path, err_path) = (logs.0.join("stdout"), logs.0.join("stderr"));
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    // Output to files, not pipes (an agent left behind would hold a pipe open); bounded run.
+    let mut child = std::process::Command::new(FERRY)
+        .args(["dev", "--exit-after-demo", "--name", &name])
+        .arg("--state-dir")
+        .arg(&state.0)
+        .args(["--listen", &format!("127.0.0.1:{}", port())])
+        .args(["--dns-listen", &format!("127.0.0.1:{}", port())])
+        .args(["--registry", &reg.addr, "--demo-image", &r])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "demo failed ({status:?}):\n{text}\n{err}"
+    );
+    let want = format!(
+        "from {}/demo/app@{} is started",
+        reg.addr, img.manifest_digest
+    );
+    assert!(text.contains(&want), "{want:?} not in:\n{text}");
 }

@@ -46,6 +46,10 @@ pub struct DevArgs {
     /// only with a pull, never logged or shown (`ferry image registry list` shows the kind).
     #[arg(long, value_name = "FILE")]
     registry_auth: Option<PathBuf>,
+    /// The demo also runs a machine from this OCI image (with its own command), e.g.
+    /// `--registry 127.0.0.1:5000 --demo-image 127.0.0.1:5000/web:1`.
+    #[arg(long, value_name = "REF")]
+    demo_image: Option<String>,
     /// A directory below which operators' directory volumes (`ferry volume create --host-dir`,
     /// `--volume /dir:/path`) may be (repeatable). None by default: such a volume is a host
     /// directory mounted read-write into a machine, so only directories set aside for it.
@@ -257,7 +261,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     let mut ok = true;
     if !args.no_demo && store.list_apps(None)?.is_empty() {
         // A demo that errs (an API call failed) still tears the fleet down below.
-        ok = match rt.block_on(demo(&api)) {
+        ok = match rt.block_on(demo(&api, args.demo_image.as_deref())) {
             Ok(ok) => ok,
             Err(e) => {
                 eprintln!("demo failed: {e:#}");
@@ -443,7 +447,7 @@ impl Agents {
 
 /// Two apps in one org (a web server and a client that calls it over its private address) and
 /// one app in another org that cannot.
-async fn demo(api: &str) -> Result<bool> {
+async fn demo(api: &str, demo_image: Option<&str>) -> Result<bool> {
     let http = reqwest::Client::new();
     let post = |path: String, body: serde_json::Value| {
         let http = http.clone();
@@ -622,6 +626,27 @@ else:
             }
         );
         ok &= reached;
+    }
+    if let Some(image) = demo_image {
+        // A machine from an OCI image (pulled by its host from the --registry), its own command.
+        post(
+            "/v1/apps".into(),
+            serde_json::json!({"app_name": "image-demo", "org_slug": "personal"}),
+        )
+        .await?;
+        let m = post(
+            "/v1/apps/image-demo/machines".into(),
+            serde_json::json!({"config": {"image": image}}),
+        )
+        .await?;
+        println!(
+            "  image-demo {} from {} is {} on host {}",
+            m["id"].as_str().unwrap_or(""),
+            m["config"]["image"].as_str().unwrap_or(""),
+            m["state"].as_str().unwrap_or(""),
+            m["host"].as_str().unwrap_or("")
+        );
+        ok &= m["state"] == "started";
     }
     Ok(ok)
 }

@@ -17,7 +17,9 @@ pub struct ImageArgs {
 
 #[derive(clap::Subcommand)]
 enum ImageCmd {
-    /// Pull an image onto the fleet's hosts ahead of time (machines pull by themselves too):
+    /// Pull an image onto the fleet's hosts ahead of time, with progress.
+    ///
+    /// Machines pull their image by themselves too; pulling first makes their start fast:
     /// `ferry image pull localhost:5000/web:1`. Shows each layer's progress; layers a host has
     /// already (from any image) are not downloaded again. Every blob is checked against its
     /// digest and every layer is unpacked without writing outside itself; a bad image is
@@ -31,11 +33,13 @@ enum ImageCmd {
     },
     /// List the images on every host: digest, names, layers, size, the machines using it.
     List,
-    /// Remove an image (by name, pinned reference or digest) from every host holding it, and
-    /// the layers no other image there uses. Refused while any machine (running or stopped)
-    /// uses it: destroy those first.
+    /// Remove an image and the layers no other image uses.
+    ///
+    /// By name, pinned reference or digest, from every host holding it (or --host). Refused
+    /// while any machine (running or stopped) uses it: destroy those first.
     Rm {
         image: String,
+        /// Only this host (hex).
         #[arg(long)]
         host: Option<String>,
     },
@@ -48,19 +52,24 @@ enum ImageCmd {
 
 #[derive(clap::Subcommand)]
 enum RegistryCmd {
-    /// Set a registry's options: `ferry image registry set reg.example:5000 --username u
-    /// --password-stdin` (basic auth, also what token servers are asked with), `--token-stdin`
-    /// (a bearer token), `--insecure` (plain HTTP; loopback registries always are). Secrets are
-    /// read from stdin so they never show in `ps` or shell history, and are never printed.
+    /// Set a registry's options (plain HTTP, credentials).
+    ///
+    /// `echo "$PW" | ferry image registry set reg.example:5000 --username u --password-stdin`.
+    /// Secrets are read from stdin so they never show in `ps` or shell history, and are never
+    /// printed.
     Set {
         /// `host[:port]` as image references name it.
         registry: String,
+        /// Speak plain HTTP to it (registries on loopback always are).
         #[arg(long)]
         insecure: bool,
+        /// Basic auth user (also what token servers are asked with); the password on stdin.
         #[arg(long, requires = "password_stdin")]
         username: Option<String>,
+        /// Read the basic-auth password from stdin.
         #[arg(long, requires = "username")]
         password_stdin: bool,
+        /// Read a bearer token from stdin (sent as it is).
         #[arg(long, conflicts_with = "username")]
         token_stdin: bool,
     },

@@ -20,8 +20,9 @@ pub struct MachineArgs {
 
 #[derive(clap::Subcommand)]
 enum MachineCmd {
-    /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`,
-    /// or from an OCI image: `ferry machine run --app web --image localhost:5000/web:1`.
+    /// Create and start a machine: `ferry machine run --app web -- python3 -m http.server 8080`.
+    ///
+    /// From an OCI image: `ferry machine run --app web --image localhost:5000/web:1 [-- CMD]`.
     Run(Box<RunArgs>),
     /// List machines (of one app, or all).
     List {
