@@ -183,9 +183,14 @@ fn refused_before_proposal(e: &etcd_client::Error) -> bool {
         if matches!(s.message(), "etcdserver: no leader" | "etcdserver: too many requests"))
 }
 
-/// Whether a read may simply be asked again: any availability failure (reads change nothing).
+/// Whether a read may simply be asked again: any availability failure (reads change nothing),
+/// and a serializable read at the transaction's revision that reached a member which has not
+/// applied that revision yet ("required revision is a future revision": the member lags the one
+/// that answered the first read; asked again, it or another has caught up).
 fn retry_read(e: &etcd_client::Error) -> bool {
     matches!(from_etcd_ref(e), Kind::Unavailable)
+        || matches!(e, etcd_client::Error::GRpcStatus(s)
+            if s.message() == "etcdserver: mvcc: required revision is a future revision")
 }
 
 enum Kind {
