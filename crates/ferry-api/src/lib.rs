@@ -14,6 +14,7 @@ pub mod config;
 pub mod doc;
 pub mod error;
 pub mod images;
+pub mod legacy;
 pub mod migrate;
 pub mod proto;
 pub mod server;

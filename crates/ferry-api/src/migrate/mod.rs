@@ -277,7 +277,7 @@ pub struct DrainView {
 // ---- records ----------------------------------------------------------------------------------
 
 /// The store's typed record of a migration: the fields it indexes, and the rest as detail.
-fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
+pub(crate) fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
     let mut stored = m.clone();
     stored.progress = None;
     Ok(ferry_store::MigrationRecord {

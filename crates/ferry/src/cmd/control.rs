@@ -29,6 +29,12 @@ impl ControlPlane {
         host_ns: &[NetNs],
     ) -> Result<ControlPlane> {
         let ctx = Ctx::new(store.clone(), volumes_dir);
+        // A store written before the typed records keeps its data: copied over once.
+        match ferry_api::legacy::import(&ctx) {
+            Ok(n) if n != Default::default() => tracing::info!("imported legacy records: {n:?}"),
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("importing the store's legacy records: {e}"),
+        }
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(listen))
             .with_context(|| {
