@@ -14,6 +14,22 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The `p` quantile (0..=1) of a non-empty sample, nearest rank (p99 of 200 runs: the 198th).
+pub fn pct(v: &[f64], p: f64) -> f64 {
+    assert!(!v.is_empty(), "quantile of nothing");
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A setting from the environment (`N=100 bench/x.sh`), or `default` when unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Prints one comparison line: ferry's median, the baseline's, their ratio.
 pub fn report(what: &str, unit: &str, ferry: &[f64], baseline: &[f64]) -> f64 {
     let (f, b) = (median(ferry), median(baseline));

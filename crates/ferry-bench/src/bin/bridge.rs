@@ -17,7 +17,7 @@
 //! (kernel `bpf_stats_enabled`, restored afterwards): ns per program run on each path.
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_bench::{median, report, BenchFleet};
+use ferry_bench::{env_or, median, report, BenchFleet};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
@@ -157,13 +157,6 @@ fn prog_stats(ids: &[u64]) -> Result<Vec<(String, u64, u64)>> {
     }
     v.sort();
     Ok(v)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn orchestrate() -> Result<()> {

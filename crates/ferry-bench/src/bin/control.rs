@@ -6,15 +6,9 @@
 //!   N=100 bench/control.sh
 
 use anyhow::{ensure, Result};
-use ferry_bench::{median, BenchFleet};
+use ferry_bench::{median, pct, BenchFleet};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// Create -> started latencies (ms) of `n` machines of one app.
 fn creates(dev: &BenchFleet, n: usize) -> Result<Vec<f64>> {
@@ -111,10 +105,7 @@ fn drain(dev: &BenchFleet, orgs: usize, per_org: usize) -> Result<f64> {
 
 fn main() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
-    let n: usize = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = ferry_bench::env_or("N", 100);
     let tag = std::process::id() & 0xffff;
     let etcd = ferry_store::testing::EtcdCluster::start(3)?;
     let mut rows = Vec::new();

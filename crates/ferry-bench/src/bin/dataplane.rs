@@ -102,14 +102,8 @@ fn request_response(a: &MachineNet, b: &MachineNet, dur: Duration) -> Result<f64
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let secs: u32 = std::env::var("SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds: usize = ferry_bench::env_or("ROUNDS", 5);
+    let secs: u32 = ferry_bench::env_or("SECS", 3);
     let tag = std::process::id() & 0xffff;
     let (_fs, sa, sb) = pair(&format!("bs{tag:x}"), Mode::Swap)?;
     let (_fp, pa, pb) = pair(&format!("bp{tag:x}"), Mode::PlainRoutes)?;

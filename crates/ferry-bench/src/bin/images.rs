@@ -8,7 +8,7 @@
 //! with `skopeo`.
 
 use anyhow::{ensure, Context, Result};
-use ferry_bench::{median, BenchFleet};
+use ferry_bench::{median, pct, BenchFleet};
 use reqwest::Method;
 use serde_json::json;
 use sha2::Digest as _;
@@ -16,12 +16,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
-}
 
 struct Registry {
     addr: String,
@@ -169,18 +163,9 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 
 fn main() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
-    let n: usize = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let rounds: usize = std::env::var("R")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let big_mb: usize = std::env::var("BIG_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = ferry_bench::env_or("N", 200);
+    let rounds = ferry_bench::env_or("R", 3);
+    let big_mb = ferry_bench::env_or("BIG_MB", 100);
     let tag = std::process::id() & 0xffff;
     let reg = registry()?;
     let (small_tag, small) = push(&reg, "small", vec![busybox_layer()?])?;

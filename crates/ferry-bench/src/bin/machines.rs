@@ -4,7 +4,7 @@
 //! work of a similar sandbox, `unshare --net --pid --mount --uts --fork true`, per start.
 
 use anyhow::{ensure, Result};
-use ferry_bench::{median, BenchFleet};
+use ferry_bench::{median, pct, BenchFleet};
 use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,22 +17,10 @@ fn mem_available_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn main() -> Result<()> {
     let ferry = std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into());
-    let n: usize = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let many: usize = std::env::var("MANY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let n = ferry_bench::env_or("N", 200);
+    let many = ferry_bench::env_or("MANY", 1000);
     let tag = std::process::id() & 0xffff;
 
     // Baseline: the kernel work of a comparable sandbox, no networking set up, no supervision.

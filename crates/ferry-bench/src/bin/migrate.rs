@@ -23,7 +23,7 @@
 //! "1024,4096"), `INTERVAL_US` (2000), `FERRY_BIN`.
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_bench::{median, BenchFleet};
+use ferry_bench::{env_or, median, BenchFleet};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -306,13 +306,6 @@ impl Pick {
 }
 
 // ---- the orchestrator -------------------------------------------------------------------------
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Round {
     size_mb: u64,

@@ -7,6 +7,7 @@
 //!   N=100 bench/sandbox.sh
 
 use anyhow::{Context, Result};
+use ferry_bench::pct;
 use ferry_runtime::{
     claim_id_range, default_image, spawn_machine, stop, CgroupLayout, InitSpec, Limits,
     SandboxSpec, Signal,
@@ -14,12 +15,6 @@ use ferry_runtime::{
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn one(
     ferry: &Path,
@@ -114,10 +109,7 @@ fn main() -> Result<()> {
         std::env::var("FERRY_BIN").unwrap_or_else(|_| "target/release/ferry".into()),
     )
     .context("FERRY_BIN")?;
-    let n: usize = std::env::var("N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = ferry_bench::env_or("N", 100);
     let tag = std::process::id() & 0xffff;
     let dir = tempfile::tempdir()?;
     let images = dir.path().join("images");
