@@ -99,20 +99,43 @@ impl HttpAgents {
     ) -> Result<R, ApiError> {
         answer(self.http.post(url).json(body).send().await).await
     }
+
+    async fn get<R: serde::de::DeserializeOwned>(&self, url: String) -> Result<R, ApiError> {
+        answer(self.http.get(url).send().await).await
+    }
+
+    /// A POST whose answer body the server does not need.
+    async fn post_ignored<B: Serialize + ?Sized>(
+        &self,
+        url: String,
+        body: &B,
+    ) -> Result<(), ApiError> {
+        let _: Ignored = self.post(url, body).await?;
+        Ok(())
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> ApiError {
+    ApiError::unavailable(format!("the host's agent did not answer: {e}"))
+}
+
+/// An error answer's status, sentence and code (the code empty if the body is not ours).
+async fn error_body(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+        .map(|b| (b.error, b.code))
+        .unwrap_or((text, String::new()));
+    (status, msg, code)
 }
 
 /// Turns an agent's HTTP answer into the typed result (see the module doc for the rules).
 pub(crate) async fn answer<R: serde::de::DeserializeOwned>(
     sent: reqwest::Result<reqwest::Response>,
 ) -> Result<R, ApiError> {
-    let resp =
-        sent.map_err(|e| ApiError::unavailable(format!("the host's agent did not answer: {e}")))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
-            .map(|b| (b.error, b.code))
-            .unwrap_or((text, String::new()));
+    let resp = sent.map_err(unreachable)?;
+    if !resp.status().is_success() {
+        let (_, msg, code) = error_body(resp).await;
         if code == PERMANENT_VOLUME_ERROR {
             // Not the agent's failure: the volume cannot be forked as it is. Never retried.
             return Err(ApiError::new(
@@ -152,13 +175,8 @@ impl Agents for HttpAgents {
     }
     fn destroy<'a>(&'a self, ep: &'a str, machine: &'a str) -> AgentResult<'a, ()> {
         Box::pin(async move {
-            let _: Ignored = self
-                .post(
-                    format!("{ep}/v1/machines/{machine}/destroy"),
-                    &serde_json::json!({}),
-                )
-                .await?;
-            Ok(())
+            let url = format!("{ep}/v1/machines/{machine}/destroy");
+            self.post_ignored(url, &serde_json::json!({})).await
         })
     }
     fn exec<'a>(
@@ -170,15 +188,10 @@ impl Agents for HttpAgents {
         Box::pin(self.post(format!("{ep}/v1/machines/{machine}/exec"), req))
     }
     fn bridge_sync<'a>(&'a self, ep: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()> {
-        Box::pin(async move {
-            let _: Ignored = self.post(format!("{ep}/v1/bridge/sync"), sync).await?;
-            Ok(())
-        })
+        Box::pin(self.post_ignored(format!("{ep}/v1/bridge/sync"), sync))
     }
     fn bridge_hits<'a>(&'a self, ep: &'a str) -> AgentResult<'a, Vec<BridgeHit>> {
-        Box::pin(
-            async move { answer(self.http.get(format!("{ep}/v1/bridge/hits")).send().await).await },
-        )
+        Box::pin(self.get(format!("{ep}/v1/bridge/hits")))
     }
     fn volume_expect<'a>(
         &'a self,
@@ -195,21 +208,10 @@ impl Agents for HttpAgents {
         ep: &'a str,
         session: &'a str,
     ) -> AgentResult<'a, VolumeProgress> {
-        Box::pin(async move {
-            answer(
-                self.http
-                    .get(format!("{ep}/v1/volumes/progress/{session}"))
-                    .send()
-                    .await,
-            )
-            .await
-        })
+        Box::pin(self.get(format!("{ep}/v1/volumes/progress/{session}")))
     }
     fn volume_remove<'a>(&'a self, ep: &'a str, req: &'a VolumeRemove) -> AgentResult<'a, ()> {
-        Box::pin(async move {
-            let _: Ignored = self.post(format!("{ep}/v1/volumes/remove"), req).await?;
-            Ok(())
-        })
+        Box::pin(self.post_ignored(format!("{ep}/v1/volumes/remove"), req))
     }
     fn image_pull<'a>(
         &'a self,
@@ -223,15 +225,14 @@ impl Agents for HttpAgents {
                 .json(req)
                 .send()
                 .await
-                .map_err(|e| {
-                    ApiError::unavailable(format!("the host's agent did not answer: {e}"))
-                })?;
+                .map_err(unreachable)?;
             if !resp.status().is_success() {
-                let status = resp.status().as_u16();
-                let text = resp.text().await.unwrap_or_default();
-                let (message, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
-                    .map(|b| (b.error, b.code))
-                    .unwrap_or((text, "agent_error".into()));
+                let (status, message, code) = error_body(resp).await;
+                let code = if code.is_empty() {
+                    "agent_error".into()
+                } else {
+                    code
+                };
                 let line = PullLine::Error {
                     status,
                     code,
@@ -243,7 +244,7 @@ impl Agents for HttpAgents {
         })
     }
     fn image_list<'a>(&'a self, ep: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
-        Box::pin(async move { answer(self.http.get(format!("{ep}/v1/images")).send().await).await })
+        Box::pin(self.get(format!("{ep}/v1/images")))
     }
     fn image_remove<'a>(
         &'a self,
