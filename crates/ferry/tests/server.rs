@@ -31,39 +31,29 @@ fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
         "0123456789abcd",
     );
 
-    let (api, dns) = (free_port(), free_port());
-    let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["server", "--state-dir"])
-            .arg(state.path())
-            .args(["--listen", &format!("127.0.0.1:{api}")])
-            .args(["--dns-listen", &format!("127.0.0.1:{dns}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let http = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let machines = loop {
-        if let Ok(r) = http
-            .get(format!("http://127.0.0.1:{api}/v1/apps/web/machines"))
-            .send()
-        {
-            break r.json::<serde_json::Value>().unwrap();
-        }
-        assert!(Instant::now() < deadline, "ferry server did not answer");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // No --store: the default, SQLite in the state directory.
+    let dns = free_port();
+    let (_server, api) = start_server(None, state.path(), Some(dns));
+    let machines: serde_json::Value = reqwest::blocking::get(format!("{api}/v1/apps/web/machines"))
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(machines[0]["id"], "0123456789abcd", "{machines}");
 
     assert_eq!(dig(dns, "0123456789abcd.vm.web.internal"), ip.to_string());
 }
 
-fn start_server(store: &str, state: &std::path::Path, dns: Option<u16>) -> (Server, String) {
+/// `ferry server` on `store` (None: its default) with its state in `state`, once it answers.
+fn start_server(
+    store: Option<&str>,
+    state: &std::path::Path,
+    dns: Option<u16>,
+) -> (Server, String) {
     let api = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["server", "--store", store, "--state-dir"])
+        .arg("server")
+        .args(store.map(|s| format!("--store={s}")))
+        .arg("--state-dir")
         .arg(state)
         .args(["--listen", &format!("127.0.0.1:{api}")])
         .args(dns.map(|d| format!("--dns-listen=127.0.0.1:{d}")))
@@ -77,7 +67,7 @@ fn start_server(store: &str, state: &std::path::Path, dns: Option<u16>) -> (Serv
     while http.get(format!("{url}/v1/hosts")).send().is_err() {
         assert!(
             Instant::now() < deadline,
-            "ferry server on {store} did not answer"
+            "ferry server on {store:?} did not answer"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -145,8 +135,8 @@ fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     );
     let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dns = free_port();
-    let (_a, a) = start_server(&url, sa.path(), Some(dns));
-    let (_b, b) = start_server(&url, sb.path(), None);
+    let (_a, a) = start_server(Some(&url), sa.path(), Some(dns));
+    let (_b, b) = start_server(Some(&url), sb.path(), None);
     let name = "00aa11bb22cc33.vm.seed.internal";
     assert_eq!(dig(dns, name), ip.to_string());
     let http = reqwest::blocking::Client::builder()
