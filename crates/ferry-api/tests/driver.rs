@@ -197,6 +197,19 @@ impl Harness {
         m
     }
 
+    /// Starts a migration of `id` (202 expected); its ID.
+    async fn migrate(&self, app: &str, id: &str) -> String {
+        let (s, mig) = self
+            .call(
+                "POST",
+                &format!("/v1/apps/{app}/machines/{id}/migrate"),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, 202, "{mig}");
+        mig["id"].as_str().unwrap().to_owned()
+    }
+
     /// Polls the migration until it ends, advancing the manual clock 1 s per poll (the driver
     /// measures health on the store's clock); bounded.
     async fn finish(&self, id: &str) -> Value {
@@ -269,15 +282,7 @@ async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
     let m = h.machine("web").await;
     let id = m["id"].as_str().unwrap();
     let from = h.agents.running()[id].clone();
-    let (s, mig) = h
-        .call(
-            "POST",
-            &format!("/v1/apps/web/machines/{id}/migrate"),
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, 202, "{mig}");
-    let mig = h.finish(mig["id"].as_str().unwrap()).await;
+    let mig = h.finish(&h.migrate("web", id).await).await;
     assert_eq!(mig["phase"], "done", "{mig}");
     let to = h.agents.running()[id].clone();
     assert_ne!(from, to);
@@ -314,15 +319,7 @@ async fn a_destination_that_cannot_start_the_machine_rolls_it_back_to_its_source
         "agent://h0"
     };
     h.agents.0.lock().unwrap().failing.insert(other.into());
-    let (s, mig) = h
-        .call(
-            "POST",
-            &format!("/v1/apps/web/machines/{id}/migrate"),
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, 202, "{mig}");
-    let mig = h.finish(mig["id"].as_str().unwrap()).await;
+    let mig = h.finish(&h.migrate("web", id).await).await;
     assert_eq!(mig["phase"], "rolled_back", "{mig}");
     assert_eq!(
         h.agents.running().get(id),
@@ -376,11 +373,9 @@ async fn fifty_concurrent_migrations_in_ten_networks_lose_nothing() {
     // Every migration and every map call at once.
     let mut tasks = Vec::new();
     for (app, id, _) in &machines {
-        let (h, path) = (h.clone(), format!("/v1/apps/{app}/machines/{id}/migrate"));
+        let (h, app, id) = (h.clone(), app.clone(), id.clone());
         tasks.push(tokio::spawn(async move {
-            let (s, m) = h.call("POST", &path, json!({})).await;
-            assert_eq!(s, 202, "{m}");
-            format!("mig {}", m["id"].as_str().unwrap())
+            format!("mig {}", h.migrate(&app, &id).await)
         }));
     }
     let mut manual = Vec::new(); // (old, new) of the map calls
