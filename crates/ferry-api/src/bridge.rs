@@ -75,13 +75,16 @@ fn change_network<T>(
         let Some((puts, removes, out)) = plan(&now)? else {
             return Ok(None);
         };
+        if puts.is_empty() && removes.is_empty() {
+            return Ok(Some(out)); // nothing to write
+        }
         let puts: Vec<_> = puts.iter().map(to_store).collect();
         match ctx
             .store
             .update_bridge_network(network_id, net.revision, &puts, &removes)
         {
             Ok(_) => return Ok(Some(out)),
-            Err(e) if e.code() == "stale_revision" => continue,
+            Err(ferry_store::StoreError::StaleRevision { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
     }

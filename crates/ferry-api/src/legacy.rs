@@ -39,8 +39,13 @@ pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
     if ctx.store.kv_get(DONE)?.is_some() {
         return Ok(n);
     }
-    let exists =
-        |e: &ferry_store::StoreError| matches!(e.code(), "conflict" | "migration_in_progress");
+    let exists = |e: &ferry_store::StoreError| {
+        matches!(
+            e,
+            ferry_store::StoreError::Exists { .. }
+                | ferry_store::StoreError::MigrationActive { .. }
+        )
+    };
     for id in json::<Vec<String>>(ctx, "volumes")?.unwrap_or_default() {
         if let Some(mut v) = json::<VolumeView>(ctx, &format!("volume/{id}"))? {
             v.revision = 0;

@@ -1065,7 +1065,7 @@ pub(crate) fn put_volume(ctx: &Ctx, v: &VolumeView) -> Result<()> {
     }
     match ctx.store.create_volume(&rec) {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == "conflict" => {
+        Err(ferry_store::StoreError::Exists { .. }) => {
             rec.revision = ctx.store.get_volume(&v.id)?.revision;
             ctx.store.update_volume(&rec)?;
             Ok(())
