@@ -5,14 +5,14 @@ use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_addr::{HostId, MachineField, NetworkId};
-use ferry_api::config::{CheckKind, CheckType, RestartPolicy};
-use ferry_api::error::PERMANENT_VOLUME_ERROR;
-use ferry_api::proto::{
+use ferry_api::ApiError;
+use ferry_core::config::{CheckKind, CheckType, RestartPolicy};
+use ferry_core::error::PERMANENT_VOLUME_ERROR;
+use ferry_core::proto::{
     AgentReport, ExecRequest, ExecResult, ExitInfo, LocalMachine, RegisterHost, RunMachine,
     StopMachine,
 };
-use ferry_api::proto::{BridgeHit, BridgeSync, VolumeRef};
-use ferry_api::ApiError;
+use ferry_core::proto::{BridgeHit, BridgeSync, VolumeRef};
 use ferry_ebpf::bridge::Bridge;
 use ferry_net::{HostNet, NetNs};
 use ferry_runtime::{CgroupLayout, InitSpec, Limits, MachineCgroup, MountSpec, Running};
@@ -748,7 +748,7 @@ async fn start(
         let dirs = run.volume_dirs.clone();
         let r = a.start_machine(run);
         // Test hook: the machine runs but the server never hears so.
-        ferry_api::crash_point("agent-start");
+        ferry_core::crash_point("agent-start");
         r.map(|pid| serde_json::json!({"pid": pid, "volume_dirs": dirs}))
     })
     .await
@@ -760,7 +760,7 @@ async fn stop(
     Json(req): Json<StopMachine>,
 ) -> Result<Json<ExitInfo>, ApiError> {
     blocking(move || {
-        ferry_api::crash_point("agent-stop"); // test hook: asked to stop, dies first
+        ferry_core::crash_point("agent-stop"); // test hook: asked to stop, dies first
         a.stop_machine(&id, &req)
     })
     .await
@@ -772,7 +772,7 @@ async fn destroy(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
         let r = a.destroy_machine(&id);
-        ferry_api::crash_point("agent-destroy"); // test hook: done, but nobody hears so
+        ferry_core::crash_point("agent-destroy"); // test hook: done, but nobody hears so
         r.map(|()| serde_json::json!({"ok": true}))
     })
     .await
@@ -780,28 +780,28 @@ async fn destroy(
 
 async fn volume_expect(
     State(a): Shared,
-    Json(req): Json<ferry_api::proto::VolumeExpect>,
-) -> Result<Json<ferry_api::proto::VolumeExpected>, ApiError> {
+    Json(req): Json<ferry_core::proto::VolumeExpect>,
+) -> Result<Json<ferry_core::proto::VolumeExpected>, ApiError> {
     blocking(move || a.volumes.expect(req)).await
 }
 
 async fn volume_send(
     State(a): Shared,
-    Json(req): Json<ferry_api::proto::VolumeSend>,
-) -> Result<Json<ferry_api::proto::VolumeRound>, ApiError> {
+    Json(req): Json<ferry_core::proto::VolumeSend>,
+) -> Result<Json<ferry_core::proto::VolumeRound>, ApiError> {
     blocking(move || a.volumes.send(req)).await
 }
 
 async fn volume_progress(
     State(a): Shared,
     UrlPath(session): UrlPath<String>,
-) -> Json<ferry_api::proto::VolumeProgress> {
+) -> Json<ferry_core::proto::VolumeProgress> {
     Json(a.volumes.progress(&session))
 }
 
 async fn volume_remove(
     State(a): Shared,
-    Json(req): Json<ferry_api::proto::VolumeRemove>,
+    Json(req): Json<ferry_core::proto::VolumeRemove>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
         a.volumes

@@ -9,7 +9,7 @@
 //! implementation; it runs on a thread inside the machine's namespace, so the table lands there.
 
 use crate::AgentError;
-use ferry_api::proto::BridgeMapping;
+use ferry_core::proto::BridgeMapping;
 use ferry_net::netns::{self, NetNs};
 use std::io::Write;
 use std::net::Ipv6Addr;

@@ -4,7 +4,7 @@
 //! verification, resumable receiver state) is `ferry-volume`'s job.
 
 use crate::AgentError;
-use ferry_api::proto::{VolumeExpect, VolumeExpected, VolumeProgress, VolumeRound, VolumeSend};
+use ferry_core::proto::{VolumeExpect, VolumeExpected, VolumeProgress, VolumeRound, VolumeSend};
 use ferry_net::NetNs;
 use std::collections::HashMap;
 use std::io::Read;
@@ -218,7 +218,7 @@ impl Volumes {
             let prog = self.progress.clone();
             Arc::new(move |p: ferry_volume::Progress| {
                 if p.bytes_total > 0 && p.bytes_done * 2 > p.bytes_total {
-                    ferry_api::crash_point("agent-send");
+                    ferry_core::crash_point("agent-send");
                 }
                 prog.lock().unwrap().insert(
                     session.clone(),
@@ -329,7 +329,7 @@ impl Read for CrashAfter {
         let n = self.inner.read(buf)?;
         self.seen += n as u64;
         if self.seen > 8 << 20 {
-            ferry_api::crash_point("agent-receive");
+            ferry_core::crash_point("agent-receive");
         }
         Ok(n)
     }

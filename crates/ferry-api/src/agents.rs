@@ -1,86 +1,23 @@
-//! The server's side of the agent protocol: one typed client, behind the [`Agents`] trait, for
-//! every call the server makes to a host's agent. Handlers, placement and the migration driver
-//! only ever talk to hosts through it, so unit tests drive them with a recording double (see
-//! `tests/driver.rs`) while the real-kernel tests use [`HttpAgents`].
+//! The HTTP side of the core's side effects: [`HttpAgents`] (the one typed client of the hosts'
+//! agents) and [`HttpWebhooks`].
 //!
-//! Errors are typed: an agent's answer keeps its code ([`ApiError::agent_code`]); a fork the
-//! agent calls permanently impossible is 422 `volume_unsupported` (never retried); an agent that
-//! cannot be reached is 503 `unavailable` (retried).
+//! An agent's error answer keeps its code ([`Error::agent_code`]); a fork the agent calls
+//! permanently impossible is `volume_unsupported` (never retried); an agent that cannot be
+//! reached is `unavailable` (retried).
 
-use crate::error::{ApiError, PERMANENT_VOLUME_ERROR};
-use crate::proto::{
+use ferry_core::agents::{AgentResult, Agents, Started, Webhooks};
+use ferry_core::error::{ErrorBody, PERMANENT_VOLUME_ERROR};
+use ferry_core::proto::{
     BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
     PullLine, RunMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove,
     VolumeRound, VolumeSend,
 };
+use ferry_core::{Error, Kind};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-
-pub type AgentResult<'a, T> = BoxFuture<'a, Result<T, ApiError>>;
-
-/// What an agent answers to a start.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Started {
-    #[serde(default)]
-    pub pid: Option<u32>,
-    /// The host directory of each mount, in order (where a new volume was made).
-    #[serde(default)]
-    pub volume_dirs: Vec<String>,
-}
-
-/// Every call the server makes to an agent. `endpoint` is the agent's base URL as it registered.
-pub trait Agents: Send + Sync {
-    fn start<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started>;
-    fn stop<'a>(
-        &'a self,
-        endpoint: &'a str,
-        machine: &'a str,
-        params: &'a StopMachine,
-    ) -> AgentResult<'a, ExitInfo>;
-    /// Removes the machine's local state (process, namespace, cgroup, run directory).
-    fn destroy<'a>(&'a self, endpoint: &'a str, machine: &'a str) -> AgentResult<'a, ()>;
-    fn exec<'a>(
-        &'a self,
-        endpoint: &'a str,
-        machine: &'a str,
-        req: &'a ExecRequest,
-    ) -> AgentResult<'a, ExecResult>;
-    fn bridge_sync<'a>(&'a self, endpoint: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()>;
-    fn bridge_hits<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<BridgeHit>>;
-    fn volume_expect<'a>(
-        &'a self,
-        endpoint: &'a str,
-        req: &'a VolumeExpect,
-    ) -> AgentResult<'a, VolumeExpected>;
-    fn volume_send<'a>(
-        &'a self,
-        endpoint: &'a str,
-        req: &'a VolumeSend,
-    ) -> AgentResult<'a, VolumeRound>;
-    fn volume_progress<'a>(
-        &'a self,
-        endpoint: &'a str,
-        session: &'a str,
-    ) -> AgentResult<'a, VolumeProgress>;
-    fn volume_remove<'a>(&'a self, endpoint: &'a str, req: &'a VolumeRemove)
-        -> AgentResult<'a, ()>;
-    /// Starts a pull; its answer lines as they come (progress, then the image or an error). An
-    /// agent that refuses the pull answers one error line; only an unreachable agent is `Err`.
-    fn image_pull<'a>(
-        &'a self,
-        endpoint: &'a str,
-        req: &'a ImagePull,
-    ) -> AgentResult<'a, BoxStream<'static, PullLine>>;
-    fn image_list<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<ImageInfo>>;
-    /// Removes an image; the layers that went with it.
-    fn image_remove<'a>(
-        &'a self,
-        endpoint: &'a str,
-        req: &'a ImageRemove,
-    ) -> AgentResult<'a, Vec<String>>;
-}
+use std::time::Duration;
 
 /// The agents over HTTP/JSON.
 pub struct HttpAgents {
@@ -96,11 +33,11 @@ impl HttpAgents {
         &self,
         url: String,
         body: &B,
-    ) -> Result<R, ApiError> {
+    ) -> Result<R, Error> {
         answer(self.http.post(url).json(body).send().await).await
     }
 
-    async fn get<R: serde::de::DeserializeOwned>(&self, url: String) -> Result<R, ApiError> {
+    async fn get<R: serde::de::DeserializeOwned>(&self, url: String) -> Result<R, Error> {
         answer(self.http.get(url).send().await).await
     }
 
@@ -109,43 +46,43 @@ impl HttpAgents {
         &self,
         url: String,
         body: &B,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let _: Ignored = self.post(url, body).await?;
         Ok(())
     }
 }
 
-fn unreachable(e: reqwest::Error) -> ApiError {
-    ApiError::unavailable(format!("the host's agent did not answer: {e}"))
+fn unreachable(e: reqwest::Error) -> Error {
+    Error::unavailable(format!("the host's agent did not answer: {e}"))
 }
 
 /// An error answer's status, sentence and code (the code empty if the body is not ours).
 async fn error_body(resp: reqwest::Response) -> (u16, String, String) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    let (msg, code) = serde_json::from_str::<crate::error::ErrorBody>(&text)
+    let (msg, code) = serde_json::from_str::<ErrorBody>(&text)
         .map(|b| (b.error, b.code))
         .unwrap_or((text, String::new()));
     (status, msg, code)
 }
 
 /// Turns an agent's HTTP answer into the typed result (see the module doc for the rules).
-pub(crate) async fn answer<R: serde::de::DeserializeOwned>(
+pub async fn answer<R: serde::de::DeserializeOwned>(
     sent: reqwest::Result<reqwest::Response>,
-) -> Result<R, ApiError> {
+) -> Result<R, Error> {
     let resp = sent.map_err(unreachable)?;
     if !resp.status().is_success() {
         let (_, msg, code) = error_body(resp).await;
         if code == PERMANENT_VOLUME_ERROR {
             // Not the agent's failure: the volume cannot be forked as it is. Never retried.
-            return Err(ApiError::new(
-                422,
+            return Err(Error::new(
+                Kind::Unprocessable,
                 PERMANENT_VOLUME_ERROR,
                 format!("the host's agent refused: {msg}"),
             ));
         }
-        let mut e = ApiError::new(
-            502,
+        let mut e = Error::new(
+            Kind::Agent,
             "agent_error",
             format!("the host's agent failed: {msg}"),
         );
@@ -154,7 +91,7 @@ pub(crate) async fn answer<R: serde::de::DeserializeOwned>(
     }
     resp.json()
         .await
-        .map_err(|e| ApiError::internal(format!("agent reply: {e}")))
+        .map_err(|e| Error::internal(format!("agent reply: {e}")))
 }
 
 /// An answer whose body the server does not need.
@@ -308,4 +245,85 @@ fn ndjson_lines(
             }
         },
     )
+}
+
+/// Webhooks over HTTP: 5 s per notice.
+pub struct HttpWebhooks {
+    http: reqwest::Client,
+}
+
+impl HttpWebhooks {
+    pub fn new(http: reqwest::Client) -> Self {
+        HttpWebhooks { http }
+    }
+}
+
+impl Webhooks for HttpWebhooks {
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        headers: &'a [(&'static str, String)],
+        body: String,
+    ) -> BoxFuture<'a, serde_json::Value> {
+        Box::pin(async move {
+            let mut req = self.http.post(url).timeout(Duration::from_secs(5));
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            match req.body(body).send().await {
+                Ok(r) => serde_json::json!({"url": url, "status": r.status().as_u16()}),
+                Err(e) => serde_json::json!({"url": url, "error": e.to_string()}),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiError;
+    use axum::routing::post;
+    use axum::Router;
+
+    /// An agent's error code reaches the caller as a code (the driver decides by it), and a
+    /// permanent volume error keeps its own kind.
+    #[tokio::test]
+    async fn agent_error_codes_reach_the_caller() {
+        let agent = Router::new()
+            .route(
+                "/stop",
+                post(|| async { ApiError::conflict("not_running", "machine x is not running") }),
+            )
+            .route(
+                "/fork",
+                post(|| async { ApiError::new(422, PERMANENT_VOLUME_ERROR, "dev") }),
+            )
+            .route(
+                "/plain",
+                post(|| async { (axum::http::StatusCode::BAD_GATEWAY, "proxy") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, agent).await });
+        let http = reqwest::Client::new();
+        let call = |p: &str| {
+            let url = format!("{base}{p}");
+            let http = http.clone();
+            async move {
+                answer::<serde_json::Value>(http.post(url).send().await)
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let e = call("/stop").await;
+        assert_eq!((e.kind, e.code), (Kind::Agent, "agent_error"));
+        assert_eq!(e.agent_code.as_deref(), Some("not_running"));
+        let e = call("/fork").await;
+        assert_eq!(
+            (e.kind, e.code),
+            (Kind::Unprocessable, PERMANENT_VOLUME_ERROR)
+        );
+        let e = call("/plain").await;
+        assert_eq!((e.kind, e.agent_code), (Kind::Agent, None));
+    }
 }

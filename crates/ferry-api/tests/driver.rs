@@ -6,10 +6,10 @@
 //!
 //! The API is the real router over a real (in-memory SQLite) store, called over HTTP.
 
-use ferry_api::agents::{AgentResult, Agents, Started};
-use ferry_api::error::ApiError;
-use ferry_api::proto::*;
-use ferry_api::server::{router, Ctx};
+use ferry_api::server::router;
+use ferry_core::agents::{AgentResult, Agents, Started};
+use ferry_core::proto::*;
+use ferry_core::{Core, Error, Kind};
 use ferry_store::{ManualClock, SqliteStore, Store};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,12 +39,17 @@ impl Double {
     }
 }
 
-fn ready<'a, T: Send + 'a>(v: Result<T, ApiError>) -> AgentResult<'a, T> {
+/// Notices go out over HTTP as in production (a test that wants them runs a receiver).
+fn webhooks() -> Arc<dyn ferry_core::agents::Webhooks> {
+    Arc::new(ferry_api::agents::HttpWebhooks::new(reqwest::Client::new()))
+}
+
+fn ready<'a, T: Send + 'a>(v: Result<T, Error>) -> AgentResult<'a, T> {
     Box::pin(async move { v })
 }
 
-fn agent_error(code: &str, msg: String) -> ApiError {
-    let mut e = ApiError::new(502, "agent_error", msg);
+fn agent_error(code: &str, msg: String) -> Error {
+    let mut e = Error::new(Kind::Agent, "agent_error", msg);
     e.agent_code = Some(code.into());
     e
 }
@@ -98,7 +103,7 @@ impl Agents for Double {
         _: &'a str,
         _: &'a ExecRequest,
     ) -> AgentResult<'a, ExecResult> {
-        ready(Err(ApiError::internal("not used")))
+        ready(Err(Error::internal("not used")))
     }
     fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
         let mut f = self.0.lock().unwrap();
@@ -114,13 +119,13 @@ impl Agents for Double {
         _: &'a str,
         _: &'a VolumeExpect,
     ) -> AgentResult<'a, VolumeExpected> {
-        ready(Err(ApiError::internal("no volumes here")))
+        ready(Err(Error::internal("no volumes here")))
     }
     fn volume_send<'a>(&'a self, _: &'a str, _: &'a VolumeSend) -> AgentResult<'a, VolumeRound> {
-        ready(Err(ApiError::internal("no volumes here")))
+        ready(Err(Error::internal("no volumes here")))
     }
     fn volume_progress<'a>(&'a self, _: &'a str, _: &'a str) -> AgentResult<'a, VolumeProgress> {
-        ready(Err(ApiError::internal("no volumes here")))
+        ready(Err(Error::internal("no volumes here")))
     }
     fn volume_remove<'a>(&'a self, _: &'a str, _: &'a VolumeRemove) -> AgentResult<'a, ()> {
         ready(Ok(()))
@@ -130,7 +135,7 @@ impl Agents for Double {
         _: &'a str,
         _: &'a ImagePull,
     ) -> AgentResult<'a, futures::stream::BoxStream<'static, PullLine>> {
-        ready(Err(ApiError::internal("no images here")))
+        ready(Err(Error::internal("no images here")))
     }
     fn image_list<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
         ready(Ok(vec![]))
@@ -160,7 +165,7 @@ impl Harness {
         }
         let agents = Arc::new(Double::default());
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
+        let ctx = Core::new(store.clone(), dir.path().into(), agents.clone(), webhooks());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router(ctx)).await });
@@ -501,7 +506,7 @@ async fn another_server_takes_over_a_migration_whose_server_died() {
         .enable_all()
         .build()
         .unwrap();
-    let ctx_a = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
+    let ctx_a = Core::new(store.clone(), dir.path().into(), agents.clone(), webhooks());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let a = format!("http://{}", listener.local_addr().unwrap());
@@ -558,8 +563,8 @@ async fn another_server_takes_over_a_migration_whose_server_died() {
     drop(ctx_a);
 
     // Server B starts (resuming and scanning for migrations nobody drives).
-    let ctx_b = Ctx::with_agents(store.clone(), dir.path().into(), agents.clone());
-    ferry_api::migrate::resume_unfinished(&ctx_b);
+    let ctx_b = Core::new(store.clone(), dir.path().into(), agents.clone(), webhooks());
+    ferry_core::migrate::resume_unfinished(&ctx_b);
     // A's claim holds until its TTL runs out on the store's clock; B must not drive it before.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(phase(), "started");
@@ -568,7 +573,7 @@ async fn another_server_takes_over_a_migration_whose_server_died() {
         Some(ctx_b.server_id.clone()),
         "B took a claim that had not expired"
     );
-    clock.advance(ferry_api::migrate::CLAIM_TTL_MS as i64 + 1);
+    clock.advance(ferry_core::migrate::CLAIM_TTL_MS as i64 + 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while holder() != Some(ctx_b.server_id.clone()) {
         assert!(

@@ -2,11 +2,12 @@
 //! server takes only directories below the roots its operator allowed; everything else is a 400
 //! that creates nothing.
 
-use ferry_api::server::{router, Ctx};
+use ferry_api::server::router;
+use ferry_core::Core;
 use ferry_store::SqliteStore;
 use std::sync::Arc;
 
-async fn serve(ctx: Arc<Ctx>) -> String {
+async fn serve(ctx: Arc<Core>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(ctx)).await });
@@ -19,7 +20,7 @@ async fn only_directories_below_an_allowed_root_become_volumes() {
     let root = dir.path().join("volumes");
     std::fs::create_dir_all(root.join("data")).unwrap();
     std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
-    let ctx = Ctx::new(
+    let ctx = ferry_api::http_core(
         Arc::new(SqliteStore::in_memory().unwrap()),
         dir.path().into(),
     );

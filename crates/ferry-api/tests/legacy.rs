@@ -2,7 +2,6 @@
 //! release kept volumes, migrations, policies, instance histories and the bridge) keeps all of
 //! it: a server started on it copies everything into the typed records, once.
 
-use ferry_api::server::Ctx;
 use ferry_store::{SqliteStore, Store};
 use serde_json::json;
 use std::sync::Arc;
@@ -48,8 +47,8 @@ fn legacy_records_are_copied_once_and_nothing_is_lost() {
     kv("bridge/gates", json!({"orgs_off": [], "apps_off": ["db"]}));
 
     let dir = tempfile::tempdir().unwrap();
-    let ctx = Ctx::new(store.clone(), dir.path().into());
-    let n = ferry_api::legacy::import(&ctx).unwrap();
+    let ctx = ferry_api::http_core(store.clone(), dir.path().into());
+    let n = ferry_core::legacy::import(&ctx).unwrap();
     assert_eq!(
         (n.volumes, n.migrations, n.policies, n.mappings, n.gates),
         (1, 1, 1, 1, 1)
@@ -76,6 +75,6 @@ fn legacy_records_are_copied_once_and_nothing_is_lost() {
     assert_eq!(store.bridge_gates_off().unwrap().len(), 1);
 
     // Once: a second start copies nothing (and a record changed since is not overwritten).
-    let again = ferry_api::legacy::import(&ctx).unwrap();
+    let again = ferry_core::legacy::import(&ctx).unwrap();
     assert_eq!(again, Default::default());
 }

@@ -3,7 +3,7 @@
 //! change to the document. `FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-api --test openapi`
 //! rewrites the file after a deliberate change.
 
-use ferry_api::server::{router, Ctx};
+use ferry_api::server::router;
 use ferry_store::SqliteStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ fn checked_in() -> PathBuf {
 async fn served() -> serde_json::Value {
     let store = Arc::new(SqliteStore::in_memory().unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let app = router(Ctx::new(store, dir.path().to_path_buf()));
+    let app = router(ferry_api::http_core(store, dir.path().to_path_buf()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });

@@ -6,8 +6,8 @@
 
 use axum::routing::post;
 use axum::Json;
-use ferry_api::proto::BridgeSync;
-use ferry_api::server::{router, Ctx};
+use ferry_api::server::router;
+use ferry_core::proto::BridgeSync;
 use ferry_store::{SqliteStore, Store};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +24,11 @@ async fn a_registering_host_receives_every_mapping() {
     let store = Arc::new(SqliteStore::in_memory().unwrap());
     let org = store.ensure_org("acme").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let api = serve(router(Ctx::new(store.clone(), dir.path().to_path_buf()))).await;
+    let api = serve(router(ferry_api::http_core(
+        store.clone(),
+        dir.path().to_path_buf(),
+    )))
+    .await;
     let http = reqwest::Client::new();
 
     // A mapping made while no host is registered: nobody to push it to yet.

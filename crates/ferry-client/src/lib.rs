@@ -10,11 +10,11 @@
 //! The request and response types are the server's own (`ferry_api`), so the bytes agree by
 //! construction; what the table guards is the routing: methods, paths and parameters.
 
-use ferry_api::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
-use ferry_api::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
-use ferry_api::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate};
-use ferry_api::proto::{ImageInfo, PullLine};
-use ferry_api::views::*;
+use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
+use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
+use ferry_core::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate};
+use ferry_core::proto::{ImageInfo, PullLine};
+use ferry_core::views::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -341,7 +341,7 @@ impl Client {
         if !(200..300).contains(&status) {
             let text = resp.text().unwrap_or_default();
             return Err(
-                match serde_json::from_str::<ferry_api::error::ErrorBody>(&text) {
+                match serde_json::from_str::<ferry_core::error::ErrorBody>(&text) {
                     Ok(b) => ClientError::Api {
                         status,
                         code: b.code,

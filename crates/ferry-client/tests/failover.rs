@@ -1,7 +1,7 @@
 //! Several server addresses: a call goes to one that can be connected to, and stays there.
 
-use ferry_api::views::CreateApp;
 use ferry_client::Client;
+use ferry_core::views::CreateApp;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ fn server() -> (String, tokio::runtime::Runtime, tempfile::TempDir) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(ferry_store::SqliteStore::in_memory().unwrap());
-    let app = ferry_api::server::router(ferry_api::server::Ctx::new(store, dir.path().into()));
+    let app = ferry_api::server::router(ferry_api::http_core(store, dir.path().into()));
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();

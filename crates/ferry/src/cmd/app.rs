@@ -2,7 +2,7 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::Result;
-use ferry_api::views::{AppView, CreateApp, HostView};
+use ferry_core::views::{AppView, CreateApp, HostView};
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
@@ -107,7 +107,7 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
             return super::migrate::policy(
                 &c,
                 &name,
-                ferry_api::migrate::PolicyUpdate {
+                ferry_core::migrate::PolicyUpdate {
                     max_unavailable,
                     min_healthy_time,
                     healthy_deadline,
@@ -241,7 +241,7 @@ enum VolumeCmd {
 }
 
 pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
-    use ferry_api::views::{CreateVolume, VolumeView};
+    use ferry_core::views::{CreateVolume, VolumeView};
     let c = Client::new(&args.api)?;
     match args.cmd {
         VolumeCmd::List => {

@@ -2,7 +2,7 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{bail, Result};
-use ferry_api::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
+use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
@@ -46,7 +46,7 @@ enum BridgeCmd {
 }
 
 fn ms(t: Option<i64>) -> String {
-    t.map(ferry_api::views::rfc3339)
+    t.map(ferry_core::views::rfc3339)
         .unwrap_or_else(|| "never".into())
 }
 

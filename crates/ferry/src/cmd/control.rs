@@ -5,7 +5,8 @@
 //! bridge state reaches every host that registers (in the API's registration handler).
 
 use anyhow::{Context, Result};
-use ferry_api::server::{self, Ctx};
+use ferry_api::server;
+use ferry_core::Core;
 use ferry_dns::ZoneData;
 use ferry_net::netns::NetNs;
 use ferry_store::Store;
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct ControlPlane {
-    pub ctx: Arc<Ctx>,
+    pub ctx: Arc<Core>,
 }
 
 impl ControlPlane {
@@ -28,9 +29,9 @@ impl ControlPlane {
         dns: Option<SocketAddr>,
         host_ns: &[NetNs],
     ) -> Result<ControlPlane> {
-        let ctx = Ctx::new(store.clone(), volumes_dir);
+        let ctx = ferry_api::http_core(store.clone(), volumes_dir);
         // A store written before the typed records keeps its data: copied over once.
-        match ferry_api::legacy::import(&ctx) {
+        match ferry_core::legacy::import(&ctx) {
             Ok(n) if n != Default::default() => tracing::info!("imported legacy records: {n:?}"),
             Ok(_) => {}
             Err(e) => anyhow::bail!("importing the store's legacy records: {e}"),
@@ -65,6 +66,6 @@ impl ControlPlane {
     /// (`ferry dev`: after its agents registered; `ferry server`: at once, agents come and go).
     pub fn resume(&self, rt: &tokio::runtime::Runtime) {
         let _guard = rt.enter();
-        ferry_api::migrate::resume_unfinished(&self.ctx);
+        ferry_core::migrate::resume_unfinished(&self.ctx);
     }
 }

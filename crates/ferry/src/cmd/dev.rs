@@ -2,7 +2,7 @@
 //! host, the embedded store), with a demo; `ferry dev clean` removes what ferry left behind.
 
 use anyhow::{bail, Context, Result};
-use ferry_api::server;
+use ferry_core::machines;
 use ferry_net::{netns, DevFleet, Mode};
 use ferry_store::{SqliteStore, Store};
 use std::path::PathBuf;
@@ -235,7 +235,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .map(|s| serde_json::from_str(&s).unwrap_or_default())
         .unwrap_or_default();
     let mut resumed = 0;
-    for (id, r) in rt.block_on(server::resume(&ctx, &resume)) {
+    for (id, r) in rt.block_on(machines::resume(&ctx, &resume)) {
         match r {
             Ok(()) => resumed += 1,
             Err(e) => eprintln!("machine {id} did not come back: {e}"),
@@ -291,7 +291,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         let sig = sigs.wait()?;
         eprintln!("{sig:?}: stopping machines");
     }
-    let stopped = rt.block_on(server::stop_all(&ctx));
+    let stopped = rt.block_on(machines::stop_all(&ctx));
     store.kv_put("dev/resume", &serde_json::to_string(&stopped)?)?;
     eprintln!(
         "stopped {} machines; stopping agents and the fleet",

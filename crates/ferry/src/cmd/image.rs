@@ -2,8 +2,8 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{anyhow, bail, Result};
-use ferry_api::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
-use ferry_api::proto::{ImageInfo, PullLine, RegistryCredentials};
+use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
+use ferry_core::proto::{ImageInfo, PullLine, RegistryCredentials};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
@@ -273,13 +273,13 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
 /// `--registry ADDR` (plain HTTP) and `--registry-auth FILE` (credentials) of `ferry dev` and
 /// `ferry server`: written to the store's registry settings at start.
 pub fn apply_registry_flags(
-    ctx: &ferry_api::server::Ctx,
+    ctx: &ferry_core::Core,
     insecure: &[String],
     auth_file: Option<&std::path::Path>,
 ) -> Result<()> {
     use anyhow::Context;
     let current = |r: &str| -> Result<RegistrySettings> {
-        Ok(ferry_api::images::registries(ctx)
+        Ok(ferry_core::images::registries(ctx)
             .map_err(|e| anyhow!("{e}"))?
             .remove(r)
             .unwrap_or_default())
@@ -287,7 +287,7 @@ pub fn apply_registry_flags(
     for r in insecure {
         let mut s = current(r)?;
         s.insecure = true;
-        ferry_api::images::set_registry(ctx, r, Some(s))
+        ferry_core::images::set_registry(ctx, r, Some(s))
             .map_err(|e| anyhow!("--registry {r}: {e}"))?;
     }
     if let Some(file) = auth_file {
@@ -303,7 +303,7 @@ pub fn apply_registry_flags(
         for (r, c) in creds {
             let mut s = current(&r)?;
             s.credentials = Some(c);
-            ferry_api::images::set_registry(ctx, &r, Some(s))
+            ferry_core::images::set_registry(ctx, &r, Some(s))
                 .map_err(|e| anyhow!("--registry-auth {r}: {e}"))?;
         }
     }

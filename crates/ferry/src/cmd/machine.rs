@@ -2,8 +2,8 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_api::config::{InitConfig, MachineConfig, MountConfig};
-use ferry_api::views::{
+use ferry_core::config::{InitConfig, MachineConfig, MountConfig};
+use ferry_core::views::{
     CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, StopRequest,
     VolumeView,
 };
@@ -281,7 +281,7 @@ fn parse_size_mb(s: &str) -> Option<u64> {
 }
 
 fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
-    ferry_api::config::validate_name("app name", &r.app).map_err(|e| anyhow!("{e}"))?;
+    ferry_core::config::validate_name("app name", &r.app).map_err(|e| anyhow!("{e}"))?;
     let mut config = match &r.config {
         Some(src) => {
             let text = if src == "-" {
@@ -309,12 +309,12 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
                 image: r.image.clone(),
                 init: InitConfig { cmd: r.cmd.clone() },
                 env,
-                guest: ferry_api::config::GuestConfig {
+                guest: ferry_core::config::GuestConfig {
                     memory_mb: r.memory_mb,
                     cpus: r.cpus,
                 },
                 mounts: vec![],
-                stop_config: ferry_api::config::StopConfig {
+                stop_config: ferry_core::config::StopConfig {
                     signal: r.stop_signal.clone(),
                     timeout: r.stop_timeout.clone(),
                 },
@@ -333,7 +333,7 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
                 Some((w, p)) if p.starts_with('/') => (w, p.to_owned()),
                 _ => (v.as_str(), "/data".to_owned()),
             };
-            ferry_api::config::validate_guest_path("--volume path", &path)
+            ferry_core::config::validate_guest_path("--volume path", &path)
                 .map_err(|e| anyhow!("{e}"))?;
             let req = match parse_size_mb(what) {
                 Some(mb) if (1..=1_048_576).contains(&mb) => CreateVolume {
@@ -476,7 +476,7 @@ fn status(m: &MachineView) {
                 e.status.to_uppercase(),
                 e.kind.clone(),
                 e.source.clone(),
-                ferry_api::views::rfc3339(e.timestamp),
+                ferry_core::views::rfc3339(e.timestamp),
                 detail,
             ]
         })

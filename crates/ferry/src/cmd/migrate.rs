@@ -3,7 +3,7 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{bail, Result};
-use ferry_api::migrate::{DrainView, MigratePolicy, Migration, Phase, PolicyUpdate};
+use ferry_core::migrate::{DrainView, MigratePolicy, Migration, Phase, PolicyUpdate};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -173,7 +173,7 @@ pub fn machine_migrate(
     let m: Migration = c.migrate_machine(
         app,
         id,
-        &ferry_api::migrate::MigrateRequest {
+        &ferry_core::migrate::MigrateRequest {
             to,
             precopy: Some(precopy),
         },

@@ -11,21 +11,16 @@
 //! **Invariant:** a machine is created (or moved) only after its host holds its image, so an
 //! image that cannot be pulled, verified or unpacked creates nothing.
 
-use crate::doc::{AgentFailed, BadRequest, Conflict, NotFound, ServerFailed};
-use crate::error::ApiError;
+use crate::error::{Error, Kind, Result};
+use crate::hosts::parse_host;
 use crate::proto::{ImageInfo, ImagePull, ImageRemove, PullLine, RegistryCredentials};
-use crate::server::{parse_host, Body, Ctx, Path};
-use axum::extract::State;
-use axum::Json;
+use crate::Core;
 use ferry_store::Host;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use utoipa::ToSchema;
-
-type Result<T, E = ApiError> = std::result::Result<T, E>;
-type Shared = State<Arc<Ctx>>;
 
 const REGISTRIES_KEY: &str = "registries";
 
@@ -71,25 +66,25 @@ impl RegistryView {
 }
 
 /// Every registry's settings.
-pub fn registries(ctx: &Ctx) -> Result<BTreeMap<String, RegistrySettings>> {
-    match ctx.store.kv_get(REGISTRIES_KEY)? {
+pub fn registries(core: &Core) -> Result<BTreeMap<String, RegistrySettings>> {
+    match core.store.kv_get(REGISTRIES_KEY)? {
         None => Ok(BTreeMap::new()),
-        Some(raw) => serde_json::from_str(&raw).map_err(ApiError::internal),
+        Some(raw) => serde_json::from_str(&raw).map_err(Error::internal),
     }
 }
 
 /// Sets (or with `None`, forgets) one registry's settings; `ferry dev --registry` and
 /// `--registry-auth` use this at start.
-pub fn set_registry(ctx: &Ctx, registry: &str, s: Option<RegistrySettings>) -> Result<()> {
+pub fn set_registry(core: &Core, registry: &str, s: Option<RegistrySettings>) -> Result<()> {
     validate_registry(registry)?;
-    let mut all = registries(ctx)?;
+    let mut all = registries(core)?;
     match s {
         Some(s) => all.insert(registry.to_string(), s),
         None => all.remove(registry),
     };
-    ctx.store.kv_put(
+    core.store.kv_put(
         REGISTRIES_KEY,
-        &serde_json::to_string(&all).map_err(ApiError::internal)?,
+        &serde_json::to_string(&all).map_err(Error::internal)?,
     )?;
     Ok(())
 }
@@ -102,7 +97,7 @@ fn validate_registry(r: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(format!(
+        Err(Error::invalid(format!(
             "registry {r:?} is not a host[:port] like localhost:5000"
         )))
     }
@@ -131,9 +126,9 @@ fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|a| a.is_loopback())
 }
 
-fn pull_request(ctx: &Ctx, image: &str) -> Result<ImagePull> {
+fn pull_request(core: &Core, image: &str) -> Result<ImagePull> {
     let registry = registry_of(image);
-    let s = registries(ctx)?.remove(&registry).unwrap_or_default();
+    let s = registries(core)?.remove(&registry).unwrap_or_default();
     Ok(ImagePull {
         reference: image.to_string(),
         insecure: s.insecure || is_loopback(&registry),
@@ -166,9 +161,9 @@ fn static_code(code: &str) -> &'static str {
         })
 }
 
-fn line_error(host: &Host, status: u16, code: &str, message: &str) -> ApiError {
-    ApiError::new(
-        status,
+fn line_error(host: &Host, status: u16, code: &str, message: &str) -> Error {
+    Error::new(
+        Kind::from_wire(status),
         static_code(code),
         format!("host {:x}: {message}", host.id.get()),
     )
@@ -176,19 +171,19 @@ fn line_error(host: &Host, status: u16, code: &str, message: &str) -> ApiError {
 
 /// Starts a pull on `host`'s agent; the stream of its answer lines.
 async fn agent_pull(
-    ctx: &Ctx,
+    core: &Core,
     host: &Host,
     req: &ImagePull,
 ) -> Result<futures::stream::BoxStream<'static, PullLine>> {
-    ctx.agents.image_pull(&host.endpoint, req).await
+    core.agents.image_pull(&host.endpoint, req).await
 }
 
 /// Makes `host` hold `image` (pulling what it lacks) and answers the pinned reference a
 /// machine's config records. Every image error comes back with its own status and code.
-pub async fn ensure_on_host(ctx: &Ctx, host: &Host, image: &str) -> Result<String> {
+pub async fn ensure_on_host(core: &Core, host: &Host, image: &str) -> Result<String> {
     crate::config::validate_image_ref(image)?;
-    let req = pull_request(ctx, image)?;
-    let mut lines = Box::pin(agent_pull(ctx, host, &req).await?);
+    let req = pull_request(core, image)?;
+    let mut lines = Box::pin(agent_pull(core, host, &req).await?);
     while let Some(line) = lines.next().await {
         match line {
             PullLine::Progress(_) => {}
@@ -200,8 +195,8 @@ pub async fn ensure_on_host(ctx: &Ctx, host: &Host, image: &str) -> Result<Strin
             } => return Err(line_error(host, status, &code, &message)),
         }
     }
-    Err(ApiError::new(
-        502,
+    Err(Error::new(
+        Kind::Agent,
         "agent_error",
         format!("host {:x}: the pull ended without an answer", host.id.get()),
     ))
@@ -218,21 +213,21 @@ pub struct PullRequest {
     pub host: Option<String>,
 }
 
-fn target_hosts(ctx: &Ctx, host: Option<&str>) -> Result<Vec<Host>> {
-    let hosts = ctx.store.list_hosts()?;
+fn target_hosts(core: &Core, host: Option<&str>) -> Result<Vec<Host>> {
+    let hosts = core.store.list_hosts()?;
     match host {
         Some(h) => {
             let id = parse_host(h)?;
             let found = hosts
                 .into_iter()
                 .find(|x| x.id == id)
-                .ok_or_else(|| ApiError::not_found(format!("host {h}")))?;
+                .ok_or_else(|| Error::not_found(format!("host {h}")))?;
             Ok(vec![found])
         }
         None => {
             let hs: Vec<Host> = hosts.into_iter().filter(|h| !h.cordoned).collect();
             if hs.is_empty() {
-                return Err(ApiError::unavailable("no host is available"));
+                return Err(Error::unavailable("no host is available"));
             }
             Ok(hs)
         }
@@ -242,25 +237,21 @@ fn target_hosts(ctx: &Ctx, host: Option<&str>) -> Result<Vec<Host>> {
 /// `POST /v1/images/pull`: pulls on one host or on all, answering newline-delimited JSON as it
 /// goes: `{"progress": {...}}` lines, then per host one `{"image": {...}}` (with `host` set) or
 /// `{"error": {"status", "code", "message"}}`. A bad request is refused before the stream.
-#[utoipa::path(post, path = "/v1/images/pull", operation_id = "pull_image", tag = "images", request_body = PullRequest,
-    responses(
-        (status = 200, description = "Newline-delimited JSON, one PullLine per line: progress, then per host the image (with `host`) or an error.", content_type = "application/x-ndjson", body = PullLine),
-        BadRequest, NotFound, ServerFailed))]
-pub async fn pull(
-    State(ctx): Shared,
-    Body(req): Body<PullRequest>,
-) -> Result<impl axum::response::IntoResponse> {
+pub fn pull(
+    core: Arc<Core>,
+    req: PullRequest,
+) -> Result<impl futures::Stream<Item = PullLine> + Send + 'static> {
     crate::config::validate_image_ref(&req.image)?;
-    let hosts = target_hosts(&ctx, req.host.as_deref())?;
-    let pull = pull_request(&ctx, &req.image)?;
+    let hosts = target_hosts(&core, req.host.as_deref())?;
+    let pull = pull_request(&core, &req.image)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<PullLine>();
     tokio::spawn(async move {
         for h in hosts {
             let hex = format!("{:x}", h.id.get());
-            match agent_pull(&ctx, &h, &pull).await {
+            match agent_pull(&core, &h, &pull).await {
                 Err(e) => {
                     let _ = tx.send(PullLine::Error {
-                        status: e.status,
+                        status: crate::proto::wire_status(e.kind),
                         code: e.code.into(),
                         message: e.message,
                     });
@@ -285,20 +276,14 @@ pub async fn pull(
             }
         }
     });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
+    Ok(futures::stream::unfold(rx, |mut rx| async move {
         let line = rx.recv().await?;
-        let mut bytes = serde_json::to_vec(&line).expect("serializable");
-        bytes.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(bytes), rx))
-    });
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(body),
-    ))
+        Some((line, rx))
+    }))
 }
 
-async fn host_images(ctx: &Ctx, h: &Host) -> Result<Vec<ImageInfo>> {
-    let mut v = ctx.agents.image_list(&h.endpoint).await.map_err(|mut e| {
+async fn host_images(core: &Core, h: &Host) -> Result<Vec<ImageInfo>> {
+    let mut v = core.agents.image_list(&h.endpoint).await.map_err(|mut e| {
         e.message = format!("host {:x}: {}", h.id.get(), e.message);
         e
     })?;
@@ -309,14 +294,12 @@ async fn host_images(ctx: &Ctx, h: &Host) -> Result<Vec<ImageInfo>> {
 }
 
 /// `GET /v1/images`: every image on every host, with the machines using it.
-#[utoipa::path(get, path = "/v1/images", operation_id = "list_images", tag = "images",
-    responses((status = 200, description = "Every image on every host, with the machines using it.", body = [ImageInfo]), AgentFailed, ServerFailed))]
-pub async fn list(State(ctx): Shared) -> Result<Json<Vec<ImageInfo>>> {
+pub async fn list(core: &Core) -> Result<Vec<ImageInfo>> {
     let mut out = Vec::new();
-    for h in ctx.store.list_hosts()? {
-        out.extend(host_images(&ctx, &h).await?);
+    for h in core.store.list_hosts()? {
+        out.extend(host_images(core, &h).await?);
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 /// `POST /v1/images/remove` body.
@@ -341,19 +324,12 @@ pub struct RemovedView {
 /// `POST /v1/images/remove`: removes the image from the hosts that hold it, and with it every
 /// layer no other image there uses. Refused (409 `image_in_use`, nothing removed anywhere) while
 /// a machine names it.
-#[utoipa::path(post, path = "/v1/images/remove", operation_id = "remove_image", tag = "images", request_body = RemoveRequest,
-    responses(
-        (status = 200, description = "What was removed on each host.", body = [RemovedView]),
-        BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
-pub async fn remove(
-    State(ctx): Shared,
-    Body(req): Body<RemoveRequest>,
-) -> Result<Json<Vec<RemovedView>>> {
+pub async fn remove(core: &Core, req: RemoveRequest) -> Result<Vec<RemovedView>> {
     crate::config::validate_image_ref(&req.image)
         .or_else(|_| crate::config::validate_image_ref(&format!("x@{}", req.image)))?;
     let hosts = match &req.host {
-        Some(h) => target_hosts(&ctx, Some(h))?,
-        None => ctx.store.list_hosts()?,
+        Some(h) => target_hosts(core, Some(h))?,
+        None => core.store.list_hosts()?,
     };
     // Check everywhere first: a refusal on one host must not leave the others half done.
     let matches = |i: &ImageInfo| {
@@ -361,10 +337,10 @@ pub async fn remove(
     };
     let mut holders = Vec::new();
     for h in hosts {
-        let imgs = host_images(&ctx, &h).await?;
+        let imgs = host_images(core, &h).await?;
         if let Some(i) = imgs.iter().find(|i| matches(i)) {
             if let Some(m) = i.machines.first() {
-                return Err(ApiError::conflict(
+                return Err(Error::conflict(
                     "image_in_use",
                     format!(
                         "image {} is used by machine {m} on host {:x}",
@@ -377,11 +353,11 @@ pub async fn remove(
         }
     }
     if holders.is_empty() {
-        return Err(ApiError::not_found(format!("image {}", req.image)));
+        return Err(Error::not_found(format!("image {}", req.image)));
     }
     let mut out = Vec::new();
     for (h, digest) in holders {
-        let removed_layers = ctx
+        let removed_layers = core
             .agents
             .image_remove(&h.endpoint, &ImageRemove { reference: digest })
             .await?;
@@ -390,30 +366,19 @@ pub async fn remove(
             removed_layers,
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 /// `GET /v1/registries`: settings of every registry (no secrets).
-#[utoipa::path(get, path = "/v1/registries", tag = "images",
-    responses((status = 200, description = "Registry settings, without secrets.", body = [RegistryView]), ServerFailed))]
-pub async fn list_registries(State(ctx): Shared) -> Result<Json<Vec<RegistryView>>> {
-    Ok(Json(
-        registries(&ctx)?
-            .iter()
-            .map(|(r, s)| RegistryView::new(r, s))
-            .collect(),
-    ))
+pub fn list_registries(core: &Core) -> Result<Vec<RegistryView>> {
+    Ok(registries(core)?
+        .iter()
+        .map(|(r, s)| RegistryView::new(r, s))
+        .collect())
 }
 
 /// `PUT /v1/registries/{registry}`: plain HTTP and credentials for one registry.
-#[utoipa::path(put, path = "/v1/registries/{registry}", tag = "images", request_body = RegistrySettings,
-    params(RegistryPath),
-    responses((status = 200, body = RegistryView), BadRequest, ServerFailed))]
-pub async fn put_registry(
-    State(ctx): Shared,
-    Path(registry): Path<String>,
-    Body(s): Body<RegistrySettings>,
-) -> Result<Json<RegistryView>> {
+pub fn put_registry(core: &Core, registry: &str, s: RegistrySettings) -> Result<RegistryView> {
     if let Some(c) = &s.credentials {
         let empty = match c {
             RegistryCredentials::Basic { username, password } => {
@@ -422,35 +387,21 @@ pub async fn put_registry(
             RegistryCredentials::Bearer { token } => token.is_empty(),
         };
         if empty {
-            return Err(ApiError::invalid("credentials: a field is empty"));
+            return Err(Error::invalid("credentials: a field is empty"));
         }
     }
-    set_registry(&ctx, &registry, Some(s.clone()))?;
-    Ok(Json(RegistryView::new(&registry, &s)))
+    set_registry(core, registry, Some(s.clone()))?;
+    Ok(RegistryView::new(registry, &s))
 }
 
 /// `DELETE /v1/registries/{registry}`: forget its settings (and credentials).
-#[utoipa::path(delete, path = "/v1/registries/{registry}", tag = "images",
-    params(RegistryPath),
-    responses((status = 200, description = "The settings that were removed.", body = RegistryView), BadRequest, NotFound, ServerFailed))]
-pub async fn delete_registry(
-    State(ctx): Shared,
-    Path(registry): Path<String>,
-) -> Result<Json<RegistryView>> {
-    validate_registry(&registry)?;
-    let s = registries(&ctx)?
-        .remove(&registry)
-        .ok_or_else(|| ApiError::not_found(format!("registry {registry}")))?;
-    set_registry(&ctx, &registry, None)?;
-    Ok(Json(RegistryView::new(&registry, &s)))
-}
-
-/// `/v1/registries/{registry}`
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-pub struct RegistryPath {
-    /// `host[:port]`, as image references name it.
-    pub registry: String,
+pub fn delete_registry(core: &Core, registry: &str) -> Result<RegistryView> {
+    validate_registry(registry)?;
+    let s = registries(core)?
+        .remove(registry)
+        .ok_or_else(|| Error::not_found(format!("registry {registry}")))?;
+    set_registry(core, registry, None)?;
+    Ok(RegistryView::new(registry, &s))
 }
 
 #[cfg(test)]

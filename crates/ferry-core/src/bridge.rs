@@ -2,22 +2,14 @@
 //! hits gathered from every host, retirement. The state lives in the store; every change is
 //! pushed whole to every agent, which makes its host's BPF maps equal to it.
 
-use crate::doc::{BadRequest, Conflict, NotFound, ServerFailed};
-use crate::error::ApiError;
+use crate::error::{Error, Result};
 use crate::proto::{BridgeHit, BridgeMapping, BridgeSync};
-use crate::server::Ctx;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::Json;
+use crate::Core;
 use ferry_addr::FleetAddr;
 use ferry_store::Machine;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use utoipa::ToSchema;
-
-type Result<T> = std::result::Result<T, ApiError>;
-type Shared = State<Arc<Ctx>>;
 
 /// Orgs and apps whose machines do not get the bridge (it is on by default).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -47,8 +39,8 @@ fn to_store(m: &BridgeMapping) -> ferry_store::BridgeMapping {
 }
 
 /// Every mapping of every network.
-fn mappings(ctx: &Ctx) -> Result<Vec<BridgeMapping>> {
-    Ok(ctx
+fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
+    Ok(core
         .store
         .list_bridge_mappings(None)?
         .into_iter()
@@ -65,12 +57,12 @@ const NETWORK_RETRIES: usize = 50;
 /// only if the network did not change since it was read, else it is planned again. Mappings of
 /// other networks are never read or written.
 fn change_network<T>(
-    ctx: &Ctx,
+    core: &Core,
     network_id: u32,
     mut plan: impl FnMut(&[BridgeMapping]) -> Result<Option<(Vec<BridgeMapping>, Vec<String>, T)>>,
 ) -> Result<Option<T>> {
     for _ in 0..NETWORK_RETRIES {
-        let net = ctx.store.bridge_network(network_id)?;
+        let net = core.store.bridge_network(network_id)?;
         let now: Vec<BridgeMapping> = net.mappings.into_iter().map(from_store).collect();
         let Some((puts, removes, out)) = plan(&now)? else {
             return Ok(None);
@@ -79,7 +71,7 @@ fn change_network<T>(
             return Ok(Some(out)); // nothing to write
         }
         let puts: Vec<_> = puts.iter().map(to_store).collect();
-        match ctx
+        match core
             .store
             .update_bridge_network(network_id, net.revision, &puts, &removes)
         {
@@ -88,15 +80,15 @@ fn change_network<T>(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::conflict(
+    Err(Error::conflict(
         "conflict",
         format!("network {network_id}'s bridge kept changing; try again"),
     ))
 }
 
-fn gates(ctx: &Ctx) -> Result<Gates> {
+fn gates(core: &Core) -> Result<Gates> {
     let mut g = Gates::default();
-    for (scope, name) in ctx.store.bridge_gates_off()? {
+    for (scope, name) in core.store.bridge_gates_off()? {
         match scope {
             ferry_store::GateScope::Org => g.orgs_off.insert(name),
             ferry_store::GateScope::App => g.apps_off.insert(name),
@@ -106,21 +98,21 @@ fn gates(ctx: &Ctx) -> Result<Gates> {
 }
 
 /// Whether a machine gets the bridge: on unless its org or app switched it off.
-pub fn gate(ctx: &Ctx, m: &Machine) -> Result<bool> {
-    let g = gates(ctx)?;
+pub fn gate(core: &Core, m: &Machine) -> Result<bool> {
+    let g = gates(core)?;
     Ok(!g.orgs_off.contains(&m.org) && !g.apps_off.contains(&m.app))
 }
 
 /// Pushes the whole bridge state to every registered agent. Failures are reported, not fatal:
 /// an agent that missed a push gets the state again when it registers ([`sync_host`]).
-pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
-    let (mappings, hosts) = match (mappings(ctx), ctx.store.list_hosts()) {
+pub async fn sync_all(core: &Core) -> Vec<String> {
+    let (mappings, hosts) = match (mappings(core), core.store.list_hosts()) {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
     let mut errors = Vec::new();
     for h in hosts.iter().filter(|h| !h.endpoint.is_empty()) {
-        if let Err(e) = push(ctx, h, &mappings).await {
+        if let Err(e) = push(core, h, &mappings).await {
             errors.push(e);
         }
     }
@@ -129,13 +121,13 @@ pub async fn sync_all(ctx: &Ctx) -> Vec<String> {
 
 /// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
 /// new host knows every mapping before its first machine dials an old address.
-pub async fn sync_host(ctx: &Ctx, host: &ferry_store::Host) -> std::result::Result<(), String> {
-    let mappings = mappings(ctx).map_err(|e| e.to_string())?;
-    push(ctx, host, &mappings).await
+pub async fn sync_host(core: &Core, host: &ferry_store::Host) -> std::result::Result<(), String> {
+    let mappings = mappings(core).map_err(|e| e.to_string())?;
+    push(core, host, &mappings).await
 }
 
 async fn push(
-    ctx: &Ctx,
+    core: &Core,
     h: &ferry_store::Host,
     mappings: &[BridgeMapping],
 ) -> std::result::Result<(), String> {
@@ -143,25 +135,25 @@ async fn push(
         mappings: mappings.to_vec(),
         gates: Default::default(),
     };
-    for m in ctx.store.list_machines_on_host(h.id).unwrap_or_default() {
-        let on = gate(ctx, &m).unwrap_or(true);
+    for m in core.store.list_machines_on_host(h.id).unwrap_or_default() {
+        let on = gate(core, &m).unwrap_or(true);
         sync.gates.insert(m.id, on);
     }
-    ctx.agents
+    core.agents
         .bridge_sync(&h.endpoint, &sync)
         .await
         .map_err(|e| format!("host {:x}: {e}", h.id.get()))
 }
 
-async fn all_hits(ctx: &Ctx) -> Result<Vec<BridgeHit>> {
+async fn all_hits(core: &Core) -> Result<Vec<BridgeHit>> {
     let mut out = Vec::new();
-    for h in ctx
+    for h in core
         .store
         .list_hosts()?
         .into_iter()
         .filter(|h| !h.endpoint.is_empty())
     {
-        let hits: Vec<BridgeHit> = match ctx.agents.bridge_hits(&h.endpoint).await {
+        let hits: Vec<BridgeHit> = match core.agents.bridge_hits(&h.endpoint).await {
             Ok(hits) => hits,
             Err(_) => continue, // a host that does not answer has no hits to show now
         };
@@ -194,54 +186,50 @@ pub struct MappingView {
 
 fn parse_guest(what: &str, s: &str) -> Result<FleetAddr> {
     s.parse::<FleetAddr>()
-        .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+        .map_err(|e| Error::invalid(format!("{what}: {e}")))
 }
 
-/// `POST /v1/bridge`: map OLD to NEW (both in one org's network).
-#[utoipa::path(post, path = "/v1/bridge", operation_id = "map_address", tag = "bridge", request_body = MapRequest, responses((status = 201, description = "The mapping, pushed to every host.", body = MappingView), BadRequest, Conflict, ServerFailed))]
-pub async fn map(
-    State(ctx): Shared,
-    crate::server::Body(req): crate::server::Body<MapRequest>,
-) -> Result<(StatusCode, Json<MappingView>)> {
+/// Maps OLD to NEW (both in one org's network).
+pub async fn map(core: &Core, req: MapRequest) -> Result<MappingView> {
     let (old, new) = (parse_guest("old", &req.old)?, parse_guest("new", &req.new)?);
     if old.network() != new.network() {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{old} is in network {} and {new} in network {}: a mapping never crosses orgs",
             old.network(),
             new.network()
         )));
     }
     if old.machine_prefix() == new.machine_prefix() {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{old} and {new} are the same machine's addresses"
         )));
     }
-    let rec = install(&ctx, old, new).await?;
-    Ok((StatusCode::CREATED, Json(view(&rec, &[]))))
+    let rec = install(core, old, new).await?;
+    Ok(view(&rec, &[]))
 }
 
 /// Maps OLD to NEW (validated by the caller: one network, different machines) and pushes the
 /// whole state to every agent. Idempotent: mapping the same pair again changes nothing.
-pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<BridgeMapping> {
-    if !ctx
+pub async fn install(core: &Core, old: FleetAddr, new: FleetAddr) -> Result<BridgeMapping> {
+    if !core
         .store
         .list_orgs()?
         .iter()
         .any(|o| o.network_id == old.network())
     {
-        return Err(ApiError::not_found(format!(
+        return Err(Error::not_found(format!(
             "network {} (no org has it)",
             old.network()
         )));
     }
     let (o, n) = (old.to_string(), new.to_string());
-    let now = ctx.store.now_ms();
-    let changed = change_network(ctx, old.network().get(), |all| {
+    let now = core.store.now_ms();
+    let changed = change_network(core, old.network().get(), |all| {
         if let Some(same) = all.iter().find(|m| m.old == o && m.new == n && !m.retired) {
             return Ok(Some((Vec::new(), Vec::new(), same.clone())));
         }
         if all.iter().any(|m| m.old == n) {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 "bridge_loop",
                 format!("{n} is itself mapped: map {o} to its target instead"),
             ));
@@ -266,7 +254,7 @@ pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<Bridge
         Ok(Some((puts, Vec::new(), rec)))
     })?;
     let rec = changed.expect("install always plans a change");
-    let errors = sync_all(ctx).await; // also when nothing changed: an agent may have missed it
+    let errors = sync_all(core).await; // also when nothing changed: an agent may have missed it
     if !errors.is_empty() {
         tracing::warn!("bridge sync: {errors:?}");
     }
@@ -274,11 +262,11 @@ pub async fn install(ctx: &Ctx, old: FleetAddr, new: FleetAddr) -> Result<Bridge
 }
 
 /// Removes the mapping OLD -> NEW if it exists (a rolled-back migration: OLD is current again).
-pub async fn uninstall(ctx: &Ctx, old: &str, new: &str) -> Result<()> {
+pub async fn uninstall(core: &Core, old: &str, new: &str) -> Result<()> {
     let Ok(network) = old.parse::<FleetAddr>().map(|a| a.network().get()) else {
         return Ok(()); // never a mapping's old address
     };
-    let changed = change_network(ctx, network, |all| {
+    let changed = change_network(core, network, |all| {
         let removes: Vec<String> = all
             .iter()
             .filter(|m| m.old == old && m.new == new)
@@ -297,7 +285,7 @@ pub async fn uninstall(ctx: &Ctx, old: &str, new: &str) -> Result<()> {
         Ok((!removes.is_empty() || !puts.is_empty()).then_some((puts, removes, ())))
     })?;
     if changed.is_some() {
-        let errors = sync_all(ctx).await;
+        let errors = sync_all(core).await;
         if !errors.is_empty() {
             tracing::warn!("bridge sync: {errors:?}");
         }
@@ -325,12 +313,11 @@ fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {
     }
 }
 
-/// `GET /v1/bridge`: every mapping with its hits.
-#[utoipa::path(get, path = "/v1/bridge", operation_id = "list_bridge_mappings", tag = "bridge", responses((status = 200, description = "Every mapping, with its hits so far.", body = [MappingView]), ServerFailed))]
-pub async fn list(State(ctx): Shared) -> Result<Json<Vec<MappingView>>> {
-    let all = mappings(&ctx)?;
-    let hits = all_hits(&ctx).await?;
-    Ok(Json(all.iter().map(|m| view(m, &hits)).collect()))
+/// Every mapping with its hits.
+pub async fn list(core: &Core) -> Result<Vec<MappingView>> {
+    let all = mappings(core)?;
+    let hits = all_hits(core).await?;
+    Ok(all.iter().map(|m| view(m, &hits)).collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -341,16 +328,15 @@ pub struct ReportLine {
     pub dials: Vec<BridgeHit>,
 }
 
-/// `GET /v1/bridge/report`: per machine, the old addresses it still dials.
-#[utoipa::path(get, path = "/v1/bridge/report", operation_id = "bridge_report", tag = "bridge", responses((status = 200, description = "Per machine, the old addresses it still dials.", body = [ReportLine]), ServerFailed))]
-pub async fn report(State(ctx): Shared) -> Result<Json<Vec<ReportLine>>> {
-    let hits = all_hits(&ctx).await?;
+/// Per machine, the old addresses it still dials.
+pub async fn report(core: &Core) -> Result<Vec<ReportLine>> {
+    let hits = all_hits(core).await?;
     let mut ids: Vec<String> = hits.iter().map(|h| h.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
     let mut out = Vec::new();
     for id in ids {
-        let app = ctx
+        let app = core
             .store
             .get_machine(&id)
             .map(|m| m.app)
@@ -365,7 +351,7 @@ pub async fn report(State(ctx): Shared) -> Result<Json<Vec<ReportLine>>> {
                 .collect(),
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -380,24 +366,20 @@ pub struct RetireRequest {
     pub unused_for: Option<String>,
 }
 
-/// `POST /v1/bridge/retire`: the old address fails fast from now on and never reaches anyone.
-#[utoipa::path(post, path = "/v1/bridge/retire", operation_id = "retire_bridge_mappings", tag = "bridge", request_body = RetireRequest, responses((status = 200, description = "The mappings retired by this call.", body = [MappingView]), BadRequest, NotFound, ServerFailed))]
-pub async fn retire(
-    State(ctx): Shared,
-    crate::server::Body(req): crate::server::Body<RetireRequest>,
-) -> Result<Json<Vec<MappingView>>> {
-    let hits = all_hits(&ctx).await?;
-    let now = ctx.store.now_ms();
+/// Retires mappings: the old address fails fast from now on and never reaches anyone.
+pub async fn retire(core: &Core, req: RetireRequest) -> Result<Vec<MappingView>> {
+    let hits = all_hits(core).await?;
+    let now = core.store.now_ms();
     let mut retired = Vec::new();
     match (&req.old, &req.unused_for) {
         (Some(old), None) => {
             let addr = parse_guest("old", old)?;
             let old = addr.to_string();
-            let r = change_network(&ctx, addr.network().get(), |all| {
+            let r = change_network(core, addr.network().get(), |all| {
                 let m = all
                     .iter()
                     .find(|m| m.old == old)
-                    .ok_or_else(|| ApiError::not_found(format!("mapping of {old}")))?;
+                    .ok_or_else(|| Error::not_found(format!("mapping of {old}")))?;
                 let m = BridgeMapping {
                     retired: true,
                     ..m.clone()
@@ -408,11 +390,11 @@ pub async fn retire(
         }
         (None, Some(d)) => {
             let d = humantime::parse_duration(d).map_err(|_| {
-                ApiError::invalid(format!("unused_for {d:?} is not a duration like 7d"))
+                Error::invalid(format!("unused_for {d:?} is not a duration like 7d"))
             })?;
-            let networks: BTreeSet<u32> = mappings(&ctx)?.iter().map(|m| m.network_id).collect();
+            let networks: BTreeSet<u32> = mappings(core)?.iter().map(|m| m.network_id).collect();
             for n in networks {
-                let r = change_network(&ctx, n, |all| {
+                let r = change_network(core, n, |all| {
                     let puts: Vec<BridgeMapping> = all
                         .iter()
                         .filter(|m| !m.retired)
@@ -430,10 +412,10 @@ pub async fn retire(
                 retired.extend(r.into_iter().flatten());
             }
         }
-        _ => return Err(ApiError::invalid("give exactly one of old or unused_for")),
+        _ => return Err(Error::invalid("give exactly one of old or unused_for")),
     }
-    sync_all(&ctx).await;
-    Ok(Json(retired.iter().map(|m| view(m, &hits)).collect()))
+    sync_all(core).await;
+    Ok(retired.iter().map(|m| view(m, &hits)).collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -446,26 +428,22 @@ pub struct GateRequest {
     pub enabled: bool,
 }
 
-/// `POST /v1/bridge/gate`: switch the bridge on or off for an org or an app.
-#[utoipa::path(post, path = "/v1/bridge/gate", operation_id = "set_bridge_gate", tag = "bridge", request_body = GateRequest, responses((status = 200, description = "The gates now in force.", body = Gates), BadRequest, NotFound, ServerFailed))]
-pub async fn set_gate(
-    State(ctx): Shared,
-    crate::server::Body(req): crate::server::Body<GateRequest>,
-) -> Result<Json<Gates>> {
+/// Switches the bridge on or off for an org or an app.
+pub async fn set_gate(core: &Core, req: GateRequest) -> Result<Gates> {
     // One gate is one record: switching it never rewrites another's.
     match (&req.org, &req.app) {
         (Some(o), None) => {
-            ctx.store.get_org(o)?;
-            ctx.store
+            core.store.get_org(o)?;
+            core.store
                 .set_bridge_gate(ferry_store::GateScope::Org, o, !req.enabled)?;
         }
         (None, Some(a)) => {
-            ctx.store.get_app(a)?;
-            ctx.store
+            core.store.get_app(a)?;
+            core.store
                 .set_bridge_gate(ferry_store::GateScope::App, a, !req.enabled)?;
         }
-        _ => return Err(ApiError::invalid("give exactly one of org or app")),
+        _ => return Err(Error::invalid("give exactly one of org or app")),
     }
-    sync_all(&ctx).await;
-    Ok(Json(gates(&ctx)?))
+    sync_all(core).await;
+    gates(core)
 }

@@ -14,10 +14,10 @@ enum StepError {
     RollBack(String),
 }
 
-impl From<ApiError> for StepError {
-    fn from(e: ApiError) -> Self {
-        // Conflicts and bad input will not fix themselves; unavailable agents and 5xx may.
-        if e.status >= 500 {
+impl From<Error> for StepError {
+    fn from(e: Error) -> Self {
+        // Conflicts and bad input will not fix themselves; unavailable agents and failures may.
+        if e.kind.is_transient() {
             StepError::Retry(e.message)
         } else {
             StepError::RollBack(e.message)
@@ -27,33 +27,36 @@ impl From<ApiError> for StepError {
 
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> Self {
-        StepError::from(ApiError::from(e))
+        StepError::from(Error::from(e))
     }
 }
 
 type Step<T> = std::result::Result<T, StepError>;
 
-pub fn spawn_driver(ctx: Arc<Ctx>, id: String) {
-    if !ctx.migrations.driving.lock().unwrap().insert(id.clone()) {
+pub fn spawn_driver(core: Arc<Core>, id: String) {
+    if !core.migrations.driving.lock().unwrap().insert(id.clone()) {
         return;
     }
     tokio::spawn(async move {
-        drive(&ctx, &id).await;
-        ctx.migrations.driving.lock().unwrap().remove(&id);
-        ctx.migrations.progress.lock().unwrap().remove(&id);
+        drive(&core, &id).await;
+        core.migrations.driving.lock().unwrap().remove(&id);
+        core.migrations.progress.lock().unwrap().remove(&id);
     });
 }
 
 /// Holds (or takes again, if it expired and nobody else took it) this server's claim on
 /// driving migration `id`. `Ok(false)`: another server drives it.
-fn keep_claim(ctx: &Ctx, id: &str, nonce: &mut Option<String>) -> Result<bool> {
+fn keep_claim(core: &Core, id: &str, nonce: &mut Option<String>) -> Result<bool> {
     let name = claim_name(id);
     if let Some(n) = nonce.as_deref() {
-        if ctx.store.refresh_lock(&name, n, CLAIM_TTL_MS).is_ok() {
+        if core.store.refresh_lock(&name, n, CLAIM_TTL_MS).is_ok() {
             return Ok(true);
         }
     }
-    match ctx.store.acquire_lock(&name, CLAIM_TTL_MS, &ctx.server_id) {
+    match core
+        .store
+        .acquire_lock(&name, CLAIM_TTL_MS, &core.server_id)
+    {
         Ok(l) => {
             *nonce = Some(l.nonce);
             Ok(true)
@@ -67,13 +70,13 @@ fn claim_name(id: &str) -> String {
     format!("migration-driver/{id}")
 }
 
-async fn drive(ctx: &Arc<Ctx>, id: &str) {
+async fn drive(core: &Arc<Core>, id: &str) {
     // Exactly one server drives a migration at a time: the one holding its claim, a store lock
     // with a short TTL that this driver's heartbeat refreshes. A server that dies stops
     // refreshing; every server's takeover scan ([`super::resume_unfinished`]) then claims it
     // and carries on from the recorded phase.
     let mut claim = None;
-    match keep_claim(ctx, id, &mut claim) {
+    match keep_claim(core, id, &mut claim) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
@@ -86,12 +89,12 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
     // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
     // dead server's expire.
     let hb = {
-        let (ctx, id, claim, lost) = (ctx.clone(), id.to_owned(), claim.clone(), lost.clone());
+        let (core, id, claim, lost) = (core.clone(), id.to_owned(), claim.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 5)).await;
                 let mut c = claim.lock().unwrap().clone();
-                match keep_claim(&ctx, &id, &mut c) {
+                match keep_claim(&core, &id, &mut c) {
                     Ok(true) => *claim.lock().unwrap() = c,
                     Ok(false) => {
                         lost.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -99,9 +102,9 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
                     }
                     Err(_) => {} // store unreachable: try again; the claim may still hold
                 }
-                if let Ok(m) = load(&ctx, &id) {
+                if let Ok(m) = load(&core, &id) {
                     if let Some(n) = &m.lock_nonce {
-                        let _ = ctx.store.refresh_lock(&lock_name(&m), n, LOCK_TTL_MS);
+                        let _ = core.store.refresh_lock(&lock_name(&m), n, LOCK_TTL_MS);
                     }
                 }
             }
@@ -112,7 +115,7 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
             tracing::warn!("migration {id}: another server took it over");
             break;
         }
-        let mut mig = match load(ctx, id) {
+        let mut mig = match load(core, id) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!("migration {id}: {e}");
@@ -125,7 +128,7 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
         // Every step after `pending` runs under the network's lock. A server that was down
         // longer than the TTL may have lost it to another migration: then wait for it again.
         if mig.phase != Phase::Pending {
-            match hold_lock(ctx, &mut mig) {
+            match hold_lock(core, &mut mig) {
                 Ok(true) => {}
                 Ok(false) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -139,18 +142,18 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
             }
         }
         let before = mig.phase;
-        match step(ctx, &mut mig).await {
+        match step(core, &mut mig).await {
             Ok(()) => {
                 if mig.phase != before {
                     mig.retries = 0;
                     if mig.phase != Phase::RolledBack {
                         mig.error = None; // a retried step succeeded; a rollback keeps its reason
                     }
-                    if save(ctx, &mut mig).is_err() {
+                    if save(core, &mut mig).is_err() {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
                     }
-                    ctx.changed();
+                    core.changed();
                     crate::crash_point(mig.phase.as_str());
                 }
             }
@@ -162,7 +165,7 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
                 } else {
                     mig.error = Some(e);
                 }
-                let _ = save(ctx, &mut mig);
+                let _ = save(core, &mut mig);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(StepError::RollBack(e)) => {
@@ -170,36 +173,36 @@ async fn drive(ctx: &Arc<Ctx>, id: &str) {
                     // Undoing failed in a way retrying will not fix: stay here, say why, retry
                     // slowly (an operator may fix the host).
                     mig.error = Some(format!("rollback blocked: {e}"));
-                    let _ = save(ctx, &mut mig);
+                    let _ = save(core, &mut mig);
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
                 }
                 tracing::warn!("migration {id} rolls back from {}: {e}", mig.phase.as_str());
                 start_rollback(&mut mig, e);
-                let _ = save(ctx, &mut mig);
+                let _ = save(core, &mut mig);
             }
         }
     }
     hb.abort();
     let held = claim.lock().unwrap().clone();
     if let Some(n) = held {
-        let _ = ctx.store.release_lock(&claim_name(id), &n);
+        let _ = core.store.release_lock(&claim_name(id), &n);
     }
 }
 
 /// Refreshes the network lock this migration holds, or takes it again if it expired and is
 /// free. `Ok(false)`: another migration holds it now.
-fn hold_lock(ctx: &Ctx, mig: &mut Migration) -> Result<bool> {
+fn hold_lock(core: &Core, mig: &mut Migration) -> Result<bool> {
     let name = lock_name(mig);
     if let Some(n) = &mig.lock_nonce {
-        if ctx.store.refresh_lock(&name, n, LOCK_TTL_MS).is_ok() {
+        if core.store.refresh_lock(&name, n, LOCK_TTL_MS).is_ok() {
             return Ok(true);
         }
     }
-    match ctx.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
+    match core.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
         Ok(l) => {
             mig.lock_nonce = Some(l.nonce);
-            save(ctx, mig)?;
+            save(core, mig)?;
             Ok(true)
         }
         Err(StoreError::LockHeld { .. }) => Ok(false),
@@ -220,33 +223,33 @@ fn lock_name(m: &Migration) -> String {
 
 /// One step: does the work of the next phase and sets `mig.phase` to it (the driver saves), or
 /// leaves the phase as it is to be called again (waiting).
-async fn step(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
+async fn step(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     match mig.phase {
-        Phase::Pending => lock_and_plan(ctx, mig).await,
-        Phase::Locked => notice(ctx, mig).await,
-        Phase::Noticed => precopy(ctx, mig).await,
-        Phase::Precopied => stop_source(ctx, mig).await,
-        Phase::Stopped => final_sync(ctx, mig).await,
-        Phase::Synced => switch(ctx, mig).await,
-        Phase::Switched => map_old_address(ctx, mig).await,
-        Phase::Mapped => start_destination(ctx, mig).await,
-        Phase::Started => wait_healthy(ctx, mig).await,
-        Phase::RollingBack => roll_back(ctx, mig).await,
+        Phase::Pending => lock_and_plan(core, mig).await,
+        Phase::Locked => notice(core, mig).await,
+        Phase::Noticed => precopy(core, mig).await,
+        Phase::Precopied => stop_source(core, mig).await,
+        Phase::Stopped => final_sync(core, mig).await,
+        Phase::Synced => switch(core, mig).await,
+        Phase::Switched => map_old_address(core, mig).await,
+        Phase::Mapped => start_destination(core, mig).await,
+        Phase::Started => wait_healthy(core, mig).await,
+        Phase::RollingBack => roll_back(core, mig).await,
         Phase::Done | Phase::RolledBack => Ok(()),
     }
 }
 
-async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
+async fn lock_and_plan(core: &Core, mig: &mut Migration) -> Step<()> {
     let name = lock_name(mig);
     let holds = match &mig.lock_nonce {
-        Some(n) => ctx.store.refresh_lock(&name, n, LOCK_TTL_MS).is_ok(),
+        Some(n) => core.store.refresh_lock(&name, n, LOCK_TTL_MS).is_ok(),
         None => false,
     };
     if !holds {
-        match ctx.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
+        match core.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
             Ok(l) => {
                 mig.lock_nonce = Some(l.nonce);
-                save(ctx, mig)?;
+                save(core, mig)?;
             }
             Err(StoreError::LockHeld { .. }) => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -255,7 +258,7 @@ async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+    let m = core.store.get_machine(&mig.machine_id)?;
     if m.instance_id != mig.old_instance_id || !matches!(m.state, S::Started | S::Stopped) {
         return Err(StepError::RollBack(format!(
             "machine {} changed while the migration waited (now {}, instance {})",
@@ -267,10 +270,10 @@ async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     mig.was_running = m.state == S::Started;
     let from = parse_host(&mig.from_host)?;
     let to = if mig.to_host.is_empty() {
-        pick_destination(ctx, from)?
+        pick_destination(core, from)?
     } else {
         let t = parse_host(&mig.to_host)?;
-        if ctx.store.get_host(t)?.cordoned {
+        if core.store.get_host(t)?.cordoned {
             return Err(StepError::RollBack(format!(
                 "host {} was cordoned",
                 mig.to_host
@@ -280,21 +283,21 @@ async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     };
     // A field never used on the destination: the new address is fresh, the old one is never
     // handed out again (allocators only move forward).
-    let field = ctx.store.allocate_machine_field(to)?;
+    let field = core.store.allocate_machine_field(to)?;
     mig.to_host = host_hex(to);
     mig.new_field = field.0;
     mig.new_ip = FleetAddr::primary(m.network_id, to, field).to_string();
     mig.new_instance_id = new_instance_id();
     let config: MachineConfig =
-        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
     mig.volumes = Vec::new();
     for (i, mount) in config.mounts.iter().enumerate() {
-        let v = server::volume(ctx, &mount.volume)?;
+        let v = crate::volumes::volume(core, &mount.volume)?;
         mig.volumes.push(VolumeFork {
             mount_path: mount.path.clone(),
             src_volume: v.id.clone(),
             src_dir: v.host_dir.clone(),
-            dst_volume: server::new_volume_id(),
+            dst_volume: crate::volumes::new_volume_id(),
             dst_dir: None,
             session: format!("{}-{i}", mig.id),
             token: random_hex(16),
@@ -306,28 +309,28 @@ async fn lock_and_plan(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     Ok(())
 }
 
-fn pick_destination(ctx: &Ctx, from: HostId) -> Result<HostId> {
+fn pick_destination(core: &Core, from: HostId) -> Result<HostId> {
     let mut best: Option<(usize, HostId)> = None;
-    for h in ctx.store.list_hosts()? {
+    for h in core.store.list_hosts()? {
         if h.id == from || h.cordoned || h.endpoint.is_empty() {
             continue;
         }
-        let load = ctx.store.list_machines_on_host(h.id)?.len();
+        let load = core.store.list_machines_on_host(h.id)?.len();
         if best.is_none_or(|(l, _)| load < l) {
             best = Some((load, h.id));
         }
     }
     best.map(|(_, h)| h).ok_or_else(|| {
-        ApiError::conflict(
+        Error::conflict(
             "no_destination",
             "no other uncordoned host with a running agent",
         )
     })
 }
 
-async fn notice(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
-    let policy = load_policy(ctx, &mig.app)?;
-    let now = ctx.store.now_ms();
+async fn notice(core: &Core, mig: &mut Migration) -> Step<()> {
+    let policy = load_policy(core, &mig.app)?;
+    let now = core.store.now_ms();
     let at = match mig.notice_at_ms {
         Some(t) => t,
         None => {
@@ -347,11 +350,11 @@ async fn notice(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
             });
             let webhook = match &policy.webhook_url {
                 Some(url) => {
-                    Some(send_webhook(ctx, url, policy.webhook_secret.as_deref(), &payload).await)
+                    Some(send_webhook(core, url, policy.webhook_secret.as_deref(), &payload).await)
                 }
                 None => None,
             };
-            ctx.store.add_event(
+            core.store.add_event(
                 &mig.machine_id,
                 "migrate",
                 "notice",
@@ -359,13 +362,13 @@ async fn notice(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
                 serde_json::json!({"notice": payload, "webhook": webhook}),
             )?;
             mig.notice_at_ms = Some(now);
-            save(ctx, mig)?;
+            save(core, mig)?;
             now
         }
     };
     let until = at + policy.notice_period_ms as i64;
-    if ctx.store.now_ms() < until {
-        let left = (until - ctx.store.now_ms()).clamp(0, 1000) as u64;
+    if core.store.now_ms() < until {
+        let left = (until - core.store.now_ms()).clamp(0, 1000) as u64;
         tokio::time::sleep(Duration::from_millis(left)).await;
         return Ok(()); // come back: the notice period is not over
     }
@@ -377,37 +380,32 @@ async fn notice(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
 /// The outcome goes into the event; a failing webhook does not stop the migration (the event is
 /// the notice of record).
 async fn send_webhook(
-    ctx: &Ctx,
+    core: &Core,
     url: &str,
     secret: Option<&str>,
     payload: &serde_json::Value,
 ) -> serde_json::Value {
     use hmac::Mac;
     let body = payload.to_string();
-    let mut req = ctx
-        .http
-        .post(url)
-        .timeout(Duration::from_secs(5))
-        .header("content-type", "application/json")
-        .header("x-ferry-event", "machine.migrate.notice");
+    let mut headers = vec![
+        ("content-type", "application/json".to_owned()),
+        ("x-ferry-event", "machine.migrate.notice".to_owned()),
+    ];
     if let Some(s) = secret {
         let mut mac =
             hmac::Hmac::<sha2::Sha256>::new_from_slice(s.as_bytes()).expect("any key length");
         mac.update(body.as_bytes());
         let sig = hex::encode(mac.finalize().into_bytes());
-        req = req.header("x-ferry-signature", format!("sha256={sig}"));
+        headers.push(("x-ferry-signature", format!("sha256={sig}")));
     }
-    match req.body(body).send().await {
-        Ok(r) => serde_json::json!({"url": url, "status": r.status().as_u16()}),
-        Err(e) => serde_json::json!({"url": url, "error": e.to_string()}),
-    }
+    core.webhooks.post(url, &headers, body).await
 }
 
 /// One copy round of `fork` from `from` to `to` (agents), `dir` forcing the destination
 /// directory (rollback). Progress is published while it runs.
 #[allow(clippy::too_many_arguments)]
 async fn copy_round(
-    ctx: &Ctx,
+    core: &Core,
     mig_id: &str,
     session: &str,
     token: &str,
@@ -418,8 +416,8 @@ async fn copy_round(
     dir: Option<String>,
     size_mb: Option<u64>,
 ) -> Step<(VolumeRound, String)> {
-    let (src_ep, dst_ep) = (endpoint(ctx, from)?, endpoint(ctx, to)?);
-    let exp: VolumeExpected = ctx
+    let (src_ep, dst_ep) = (endpoint(core, from)?, endpoint(core, to)?);
+    let exp: VolumeExpected = core
         .agents
         .volume_expect(
             &dst_ep,
@@ -441,8 +439,8 @@ async fn copy_round(
     };
     let poll = {
         let (agents, progress, ep, session, id) = (
-            ctx.agents.clone(),
-            ctx.migrations.progress.clone(),
+            core.agents.clone(),
+            core.migrations.progress.clone(),
             src_ep.clone(),
             session.to_owned(),
             mig_id.to_owned(),
@@ -456,19 +454,19 @@ async fn copy_round(
             }
         })
     };
-    let r = ctx.agents.volume_send(&src_ep, &send).await;
+    let r = core.agents.volume_send(&src_ep, &send).await;
     poll.abort();
-    ctx.migrations.progress.lock().unwrap().remove(mig_id);
+    core.migrations.progress.lock().unwrap().remove(mig_id);
     Ok((r?, exp.dir))
 }
 
 /// One copy round of volume `i` from the source host to the destination.
-async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
+async fn forward_round(core: &Core, mig: &Migration, i: usize) -> Step<(VolumeRound, String)> {
     let v = &mig.volumes[i];
     // A fork of a size-limited volume is a file system of the same size on the destination.
-    let size = server::volume(ctx, &v.src_volume)?.agent_size_mb();
+    let size = crate::volumes::volume(core, &v.src_volume)?.agent_size_mb();
     copy_round(
-        ctx,
+        core,
         &mig.id,
         &v.session,
         &v.token,
@@ -482,7 +480,7 @@ async fn forward_round(ctx: &Ctx, mig: &Migration, i: usize) -> Step<(VolumeRoun
     .await
 }
 
-async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
+async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
     if !mig.precopy {
         mig.phase = Phase::Precopied;
         return Ok(());
@@ -493,12 +491,12 @@ async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     // changed meanwhile, so the final round after the stop has little left.
     for round in 0..2 {
         for i in 0..mig.volumes.len() {
-            let (r, dir) = forward_round(ctx, mig, i).await?;
+            let (r, dir) = forward_round(core, mig, i).await?;
             bytes += r.bytes_sent;
             mig.stats.chunks_resent += r.chunks_resent;
             if mig.volumes[i].dst_dir.as_deref() != Some(&dir) {
                 mig.volumes[i].dst_dir = Some(dir);
-                save(ctx, mig)?;
+                save(core, mig)?;
             }
             if round == 0 {
                 crate::crash_point("precopy-round");
@@ -507,7 +505,7 @@ async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     }
     mig.stats.precopy_ms = t0.elapsed().as_millis() as u64;
     mig.stats.precopy_bytes = bytes;
-    ctx.store.add_event(
+    core.store.add_event(
         &mig.machine_id,
         "migrate",
         "precopied",
@@ -519,7 +517,7 @@ async fn precopy(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
 }
 
 /// Started and every check of the current instance passing (or no checks).
-fn ready(ctx: &Ctx, m: &Machine) -> bool {
+fn ready(core: &Core, m: &Machine) -> bool {
     if m.state != S::Started {
         return false;
     }
@@ -529,7 +527,7 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
     if config.checks.is_empty() {
         return true;
     }
-    let Ok(events) = ctx.store.events(&m.id) else {
+    let Ok(events) = core.store.events(&m.id) else {
         return false;
     };
     // The latest result of each check from this instance (the agent reports a check when its
@@ -551,11 +549,11 @@ fn ready(ctx: &Ctx, m: &Machine) -> bool {
 /// by itself (it exited or crashed: its last exit was not asked for). A machine stopped on
 /// purpose (`ferry machine stop`, an earlier migration's stop of a stopped machine) or never
 /// started does not count: it is idle, not an outage the policy protects against.
-fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
+fn unavailable(core: &Core, m: &Machine) -> Option<&'static str> {
     let last_exit_requested =
-        || last_exit_event(ctx, &m.id).map(|e| e.request["exit_event"]["requested_stop"] == true);
-    let why = unavailability(m.state, || ready(ctx, m), last_exit_requested);
-    if why.is_none() && m.state == S::Stopped && being_moved_while_running(ctx, &m.id) {
+        || last_exit_event(core, &m.id).map(|e| e.request["exit_event"]["requested_stop"] == true);
+    let why = unavailability(m.state, || ready(core, m), last_exit_requested);
+    if why.is_none() && m.state == S::Stopped && being_moved_while_running(core, &m.id) {
         // Stopped by its own migration (the stop was "requested", by us): it should run.
         return Some("being migrated");
     }
@@ -563,8 +561,8 @@ fn unavailable(ctx: &Ctx, m: &Machine) -> Option<&'static str> {
 }
 
 /// An unfinished migration of a machine that was running when it began.
-fn being_moved_while_running(ctx: &Ctx, machine: &str) -> bool {
-    ctx.store
+fn being_moved_while_running(core: &Core, machine: &str) -> bool {
+    core.store
         .active_migration(machine)
         .ok()
         .flatten()
@@ -593,21 +591,21 @@ fn unavailability(
     }
 }
 
-async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
-    let m = ctx.store.get_machine(&mig.machine_id)?;
-    image_on_destination(ctx, mig, &m).await?;
+async fn stop_source(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
+    let m = core.store.get_machine(&mig.machine_id)?;
+    image_on_destination(core, mig, &m).await?;
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
         // max_unavailable: the others that should run and are not ready, plus this one, must fit.
-        let policy = load_policy(ctx, &mig.app)?;
-        let down: Vec<String> = ctx
+        let policy = load_policy(core, &mig.app)?;
+        let down: Vec<String> = core
             .store
             .list_machines(Some(&mig.app))?
             .iter()
             .filter(|o| o.id != m.id)
-            .filter_map(|o| unavailable(ctx, o).map(|why| format!("{} ({why})", o.id)))
+            .filter_map(|o| unavailable(core, o).map(|why| format!("{} ({why})", o.id)))
             .collect();
         if down.len() as u32 + 1 > policy.max_unavailable {
-            let waited = ctx.store.now_ms() - mig.updated_at_ms;
+            let waited = core.store.now_ms() - mig.updated_at_ms;
             if waited > policy.healthy_deadline_ms as i64 {
                 return Err(StepError::RollBack(format!(
                     "{} other machines of app {} should be running and are not ready ({}), \
@@ -624,9 +622,9 @@ async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     }
     // A machine that was not running has no downtime: nothing to time, nothing to announce.
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
-        mig.stats.stopped_at_ms = Some(ctx.store.now_ms());
-        save(ctx, mig)?;
-        ctx.store.add_event(
+        mig.stats.stopped_at_ms = Some(core.store.now_ms());
+        save(core, mig)?;
+        core.store.add_event(
             &m.id,
             "migrate",
             "stopping",
@@ -634,7 +632,7 @@ async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
             serde_json::json!({"migration": mig.id}),
         )?;
     }
-    stop_machine_now(ctx, &m).await?;
+    stop_machine_now(core, &m).await?;
     mig.phase = Phase::Stopped;
     Ok(())
 }
@@ -644,50 +642,48 @@ async fn stop_source(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
 /// The destination holds the machine's image (the digest its config pins, never a tag) before
 /// the source stops: a pull that fails (registry down, image gone) leaves the machine running
 /// where it is and the migration rolls back. A host that has it already needs no registry.
-async fn image_on_destination(ctx: &Ctx, mig: &Migration, m: &Machine) -> Step<()> {
+async fn image_on_destination(core: &Core, mig: &Migration, m: &Machine) -> Step<()> {
     let Some(image) = m.config.get("image").and_then(|v| v.as_str()) else {
         return Ok(());
     };
     if mig.stats.stopped_at_ms.is_some() {
         return Ok(()); // pulled before this stop already (a resumed step)
     }
-    let host = ctx
-        .store
-        .get_host(crate::server::parse_host(&mig.to_host)?)?;
-    crate::images::ensure_on_host(ctx, &host, image).await?;
+    let host = core.store.get_host(parse_host(&mig.to_host)?)?;
+    crate::images::ensure_on_host(core, &host, image).await?;
     Ok(())
 }
 
-async fn stop_machine_now(ctx: &Ctx, m: &Machine) -> Step<()> {
+async fn stop_machine_now(core: &Core, m: &Machine) -> Step<()> {
     let config: MachineConfig =
-        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
-    let params = server::stop_params(&StopRequest::default(), &config)?;
+        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+    let params = crate::machines::stop_params(&StopRequest::default(), &config)?;
     match m.state {
         S::Started | S::Starting => {
-            server::stop_inner(ctx, &m.id, params, S::Stopped).await?;
+            crate::machines::stop_inner(core, &m.id, params, S::Stopped).await?;
         }
         S::Stopping => {
-            let ep = server::machine_endpoint(ctx, m)?;
-            match ctx.agents.stop(&ep, &m.id, &params).await {
+            let ep = crate::hosts::machine_endpoint(core, m)?;
+            match core.agents.stop(&ep, &m.id, &params).await {
                 Ok(_) => {}
                 // Not running (or unknown) on its host any more: stopped is what we want.
                 Err(e) if matches!(e.agent_code.as_deref(), Some("not_running" | "not_found")) => {}
                 Err(e) => return Err(StepError::Retry(e.message)),
             }
-            ctx.store.transition(&m.id, &[S::Stopping], S::Stopped)?;
-            ctx.changed();
+            core.store.transition(&m.id, &[S::Stopping], S::Stopped)?;
+            core.changed();
         }
         _ => {}
     }
     Ok(())
 }
 
-async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
+async fn final_sync(core: &Core, mig: &mut Migration) -> Step<()> {
     let t0 = std::time::Instant::now();
     let (mut bytes, mut chunks) = (0, 0);
     for i in 0..mig.volumes.len() {
         let v = mig.volumes[i].clone();
-        let (r, dir) = forward_round(ctx, mig, i).await?;
+        let (r, dir) = forward_round(core, mig, i).await?;
         if !r.verified {
             return Err(StepError::Retry(format!(
                 "volume {} copy not verified (root {})",
@@ -705,7 +701,7 @@ async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
     mig.stats.final_sync_ms = t0.elapsed().as_millis() as u64;
     mig.stats.final_bytes = bytes;
     mig.stats.final_chunks = chunks;
-    ctx.store.add_event(
+    core.store.add_event(
         &mig.machine_id,
         "migrate",
         "synced",
@@ -718,13 +714,13 @@ async fn final_sync(ctx: &Ctx, mig: &mut Migration) -> Step<()> {
 }
 
 /// Removes a machine's local state (process, namespace, cgroup, run dir) on `host`.
-async fn forget_on(ctx: &Ctx, machine: &str, host: &str) -> Step<()> {
-    let ep = endpoint(ctx, host)?;
-    ctx.agents.destroy(&ep, machine).await?;
+async fn forget_on(core: &Core, machine: &str, host: &str) -> Step<()> {
+    let ep = endpoint(core, host)?;
+    core.agents.destroy(&ep, machine).await?;
     Ok(())
 }
 
-async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
+async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     if mig
         .volumes
         .iter()
@@ -733,18 +729,18 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
         // Never start on an unverified volume.
         return Err(StepError::RollBack("a volume copy is not verified".into()));
     }
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+    let m = core.store.get_machine(&mig.machine_id)?;
     let to = parse_host(&mig.to_host)?;
     let already = m.instance_id == mig.new_instance_id;
     if !already {
         // The source copy must never run again.
-        forget_on(ctx, &m.id, &mig.from_host).await?;
-        let policy = load_policy(ctx, &mig.app)?;
-        let now = ctx.store.now_ms();
+        forget_on(core, &m.id, &mig.from_host).await?;
+        let policy = load_policy(core, &mig.app)?;
+        let now = core.store.now_ms();
         for v in &mig.volumes {
-            let src = server::volume(ctx, &v.src_volume)?;
-            server::put_volume(
-                ctx,
+            let src = crate::volumes::volume(core, &v.src_volume)?;
+            crate::volumes::put_volume(
+                core,
                 &VolumeView {
                     id: v.dst_volume.clone(),
                     host_dir: v.dst_dir.clone().unwrap_or_default(),
@@ -761,39 +757,39 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
             )?;
         }
         let mut config: MachineConfig =
-            serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+            serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
         for mount in config.mounts.iter_mut() {
             if let Some(v) = mig.volumes.iter().find(|v| v.src_volume == mount.volume) {
                 mount.volume = v.dst_volume.clone();
             }
         }
-        let host = ctx.store.get_host(to)?;
+        let host = core.store.get_host(to)?;
         let mut next = m.clone();
         next.host = Some(to);
         next.region = host.region.clone();
         next.machine_field = Some(MachineField(mig.new_field));
         next.private_ip = Some(mig.new_ip.clone());
         next.instance_id = mig.new_instance_id.clone();
-        next.config = serde_json::to_value(&config).map_err(ApiError::internal)?;
+        next.config = serde_json::to_value(&config).map_err(Error::internal)?;
         // The commit point: from here the machine is the destination's.
-        ctx.store
+        core.store
             .update_machine_if(&next, &[S::Stopped, S::Failed, S::Created])?;
         for v in &mig.volumes {
-            let mut src = server::volume(ctx, &v.src_volume)?;
+            let mut src = crate::volumes::volume(core, &v.src_volume)?;
             mark_pending_destroy(&mut src, now, policy.volume_retention_ms);
-            server::put_volume(ctx, &src)?;
+            crate::volumes::put_volume(core, &src)?;
         }
-        ctx.changed();
+        core.changed();
     }
     add_instance(
-        ctx,
+        core,
         &m.id,
         InstanceRecord {
             instance_id: mig.old_instance_id.clone(),
             host: mig.from_host.clone(),
             private_ip: mig.old_ip.clone(),
             state: "migrated".into(),
-            ended_at: rfc3339(ctx.store.now_ms()),
+            ended_at: rfc3339(core.store.now_ms()),
             migration: mig.id.clone(),
         },
     )?;
@@ -801,10 +797,10 @@ async fn switch(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
     Ok(())
 }
 
-async fn start_destination(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+async fn start_destination(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
+    let m = core.store.get_machine(&mig.machine_id)?;
     if !mig.launch_recorded {
-        ctx.store.add_event(
+        core.store.add_event(
             &m.id,
             "launch",
             "migrated",
@@ -814,14 +810,14 @@ async fn start_destination(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                 "instance_id": mig.new_instance_id, "old_ip": mig.old_ip, "private_ip": mig.new_ip}),
         )?;
         mig.launch_recorded = true;
-        save(ctx, mig)?;
+        save(core, mig)?;
     }
     if mig.was_running && m.state != S::Started {
         let config: MachineConfig =
-            serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
-        let dirs = server::resolve_volumes(ctx, &config)?;
+            serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+        let dirs = crate::volumes::resolve_volumes(core, &config)?;
         if let Err(e) =
-            server::launch(ctx, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting]).await
+            crate::machines::launch(core, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting]).await
         {
             return Err(StepError::RollBack(format!(
                 "starting on host {}: {}",
@@ -829,39 +825,39 @@ async fn start_destination(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
             )));
         }
     }
-    let now = ctx.store.now_ms();
+    let now = core.store.now_ms();
     mig.stats.started_at_ms = Some(now);
     mig.stats.downtime_ms = mig.stats.stopped_at_ms.map(|s| (now - s).max(0) as u64);
     mig.phase = Phase::Started;
     Ok(())
 }
 
-async fn map_old_address(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
+async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let old: FleetAddr = mig
         .old_ip
         .parse()
-        .map_err(|e| ApiError::internal(format!("{e}")))?;
+        .map_err(|e| Error::internal(format!("{e}")))?;
     let new: FleetAddr = mig
         .new_ip
         .parse()
-        .map_err(|e| ApiError::internal(format!("{e}")))?;
-    crate::bridge::install(ctx, old, new).await?;
+        .map_err(|e| Error::internal(format!("{e}")))?;
+    crate::bridge::install(core, old, new).await?;
     mig.phase = Phase::Mapped;
     Ok(())
 }
 
-async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
-    let policy = load_policy(ctx, &mig.app)?;
+async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
+    let policy = load_policy(core, &mig.app)?;
     if mig.was_running {
         let started = mig
             .stats
             .started_at_ms
-            .unwrap_or_else(|| ctx.store.now_ms());
+            .unwrap_or_else(|| core.store.now_ms());
         let deadline = started + policy.healthy_deadline_ms as i64;
         let mut ready_since: Option<i64> = None;
         loop {
-            let m = ctx.store.get_machine(&mig.machine_id)?;
-            let now = ctx.store.now_ms();
+            let m = core.store.get_machine(&mig.machine_id)?;
+            let now = core.store.now_ms();
             if matches!(m.state, S::Stopped | S::Failed) {
                 // It exited on the destination (its restart policy did not bring it back): it
                 // would never become healthy, so do not wait out the deadline.
@@ -870,11 +866,11 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
                      run for min_healthy_time ({} ms)",
                     mig.to_host,
                     now - started,
-                    last_exit(ctx, &m.id),
+                    last_exit(core, &m.id),
                     policy.min_healthy_time_ms
                 )));
             }
-            if ready(ctx, &m) {
+            if ready(core, &m) {
                 let since = *ready_since.get_or_insert(now);
                 if now - since >= policy.min_healthy_time_ms as i64 {
                     break;
@@ -891,20 +887,20 @@ async fn wait_healthy(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    finish(ctx, mig, "done", None)?;
+    finish(core, mig, "done", None)?;
     mig.phase = Phase::Done;
     Ok(())
 }
 
 /// The machine's latest `exit` event (a stop it was asked for, or an exit of its own).
-fn last_exit_event(ctx: &Ctx, machine: &str) -> Option<ferry_store::Event> {
-    let events = ctx.store.events(machine).ok()?;
+fn last_exit_event(core: &Core, machine: &str) -> Option<ferry_store::Event> {
+    let events = core.store.events(machine).ok()?;
     events.into_iter().rev().find(|e| e.r#type == "exit")
 }
 
 /// The machine's last exit as words, e.g. "exit code 3" or "killed by signal 9".
-fn last_exit(ctx: &Ctx, machine: &str) -> String {
-    let Some(e) = last_exit_event(ctx, machine) else {
+fn last_exit(core: &Core, machine: &str) -> String {
+    let Some(e) = last_exit_event(core, machine) else {
         return "no exit recorded".into();
     };
     let x = &e.request["exit_event"];
@@ -915,12 +911,12 @@ fn last_exit(ctx: &Ctx, machine: &str) -> String {
     }
 }
 
-fn finish(ctx: &Ctx, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
+fn finish(core: &Core, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
     if let Some(n) = mig.lock_nonce.take() {
-        let _ = ctx.store.release_lock(&lock_name(mig), &n);
+        let _ = core.store.release_lock(&lock_name(mig), &n);
     }
-    mig.finished_at_ms = Some(ctx.store.now_ms());
-    ctx.store.add_event(
+    mig.finished_at_ms = Some(core.store.now_ms());
+    core.store.add_event(
         &mig.machine_id,
         "migrate",
         status,
@@ -931,77 +927,77 @@ fn finish(ctx: &Ctx, mig: &mut Migration, status: &str, reason: Option<&str>) ->
     Ok(())
 }
 
-async fn roll_back(ctx: &Arc<Ctx>, mig: &mut Migration) -> Step<()> {
+async fn roll_back(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let from = mig.rollback_from.unwrap_or(Phase::Pending);
     let reason = mig.error.clone().unwrap_or_default();
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+    let m = core.store.get_machine(&mig.machine_id)?;
     // The store says whether the switch happened (a crash may have hit between the switch and
     // the phase's record), not the phase.
     let _ = from;
     if m.instance_id != mig.old_instance_id {
-        undo_switch(ctx, mig, &m).await?;
+        undo_switch(core, mig, &m).await?;
     } else {
         // Never switched: the source still owns the machine; drop the partial copies.
         for v in &mig.volumes {
-            if let (Some(dir), Ok(ep)) = (&v.dst_dir, endpoint(ctx, &mig.to_host)) {
-                let _ = ctx
+            if let (Some(dir), Ok(ep)) = (&v.dst_dir, endpoint(core, &mig.to_host)) {
+                let _ = core
                     .agents
                     .volume_remove(&ep, &VolumeRemove { dir: dir.clone() })
                     .await;
             }
         }
         if mig.was_running {
-            let m = ctx.store.get_machine(&mig.machine_id)?;
+            let m = core.store.get_machine(&mig.machine_id)?;
             if m.state == S::Stopping {
-                stop_machine_now(ctx, &m).await?;
+                stop_machine_now(core, &m).await?;
             }
-            let m = ctx.store.get_machine(&mig.machine_id)?;
+            let m = core.store.get_machine(&mig.machine_id)?;
             if m.state != S::Started {
                 let config: MachineConfig =
-                    serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
-                let dirs = server::resolve_volumes(ctx, &config)?;
-                server::launch(ctx, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting])
+                    serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+                let dirs = crate::volumes::resolve_volumes(core, &config)?;
+                crate::machines::launch(core, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting])
                     .await
                     .map_err(|e| StepError::Retry(e.message))?;
             }
         }
     }
-    finish(ctx, mig, "rolled_back", Some(&reason))?;
+    finish(core, mig, "rolled_back", Some(&reason))?;
     mig.phase = Phase::RolledBack;
     Ok(())
 }
 
 /// Rollback after the destination owned the machine: stop and forget it there, copy its volumes
 /// back (it may have written to them), point the store at the source again, drop the mapping.
-async fn undo_switch(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()> {
+async fn undo_switch(core: &Arc<Core>, mig: &mut Migration, m: &Machine) -> Step<()> {
     let from = parse_host(&mig.from_host)?;
     // Already pointed back at the source by an earlier attempt (then the source may have run and
     // written since: copying back again would lose that).
     let switched_back = m.host == Some(from) && m.private_ip.as_deref() == Some(&mig.old_ip);
     if !switched_back {
-        copy_back(ctx, mig, m).await?;
+        copy_back(core, mig, m).await?;
     }
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+    let m = core.store.get_machine(&mig.machine_id)?;
     let config: MachineConfig =
-        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
-    let now = ctx.store.now_ms();
-    let policy = load_policy(ctx, &mig.app)?;
+        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+    let now = core.store.now_ms();
+    let policy = load_policy(core, &mig.app)?;
     for v in &mig.volumes {
-        if let Ok(mut src) = server::volume(ctx, &v.src_volume) {
+        if let Ok(mut src) = crate::volumes::volume(core, &v.src_volume) {
             src.state = "active".into();
             src.destroy_after = None;
             src.destroy_after_ms = None;
-            server::put_volume(ctx, &src)?;
+            crate::volumes::put_volume(core, &src)?;
         }
-        if let Ok(mut dst) = server::volume(ctx, &v.dst_volume) {
+        if let Ok(mut dst) = crate::volumes::volume(core, &v.dst_volume) {
             if dst.state == "active" {
                 mark_pending_destroy(&mut dst, now, policy.volume_retention_ms);
-                server::put_volume(ctx, &dst)?;
+                crate::volumes::put_volume(core, &dst)?;
             }
         }
     }
     add_instance(
-        ctx,
+        core,
         &m.id,
         InstanceRecord {
             instance_id: mig.new_instance_id.clone(),
@@ -1012,11 +1008,11 @@ async fn undo_switch(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<(
             migration: mig.id.clone(),
         },
     )?;
-    crate::bridge::uninstall(ctx, &mig.old_ip, &mig.new_ip).await?;
-    ctx.changed();
+    crate::bridge::uninstall(core, &mig.old_ip, &mig.new_ip).await?;
+    core.changed();
     if mig.was_running && m.state != S::Started {
-        let dirs = server::resolve_volumes(ctx, &config)?;
-        server::launch(ctx, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting])
+        let dirs = crate::volumes::resolve_volumes(core, &config)?;
+        crate::machines::launch(core, &m.id, dirs, &[S::Stopped, S::Failed, S::Starting])
             .await
             .map_err(|e| StepError::Retry(e.message))?;
     }
@@ -1025,13 +1021,13 @@ async fn undo_switch(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<(
 
 /// Stops and forgets the destination instance, copies its volumes back over the source's, and
 /// points the store at the source placement again (a fresh instance ID, the old address).
-async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()> {
-    stop_machine_now(ctx, m).await?;
-    forget_on(ctx, &m.id, &mig.to_host).await?;
+async fn copy_back(core: &Arc<Core>, mig: &mut Migration, m: &Machine) -> Step<()> {
+    stop_machine_now(core, m).await?;
+    forget_on(core, &m.id, &mig.to_host).await?;
     for v in mig.volumes.clone() {
         let Some(dst_dir) = &v.dst_dir else { continue };
         let (r, _) = copy_round(
-            ctx,
+            core,
             &mig.id,
             &format!("{}-back", v.session),
             &v.token,
@@ -1049,9 +1045,9 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
             ));
         }
     }
-    let m = ctx.store.get_machine(&mig.machine_id)?;
+    let m = core.store.get_machine(&mig.machine_id)?;
     let mut config: MachineConfig =
-        serde_json::from_value(m.config.clone()).map_err(ApiError::internal)?;
+        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
     for mount in config.mounts.iter_mut() {
         if let Some(v) = mig.volumes.iter().find(|v| v.dst_volume == mount.volume) {
             mount.volume = v.src_volume.clone();
@@ -1060,12 +1056,12 @@ async fn copy_back(ctx: &Arc<Ctx>, mig: &mut Migration, m: &Machine) -> Step<()>
     let from = parse_host(&mig.from_host)?;
     let mut back = m.clone();
     back.host = Some(from);
-    back.region = ctx.store.get_host(from)?.region;
+    back.region = core.store.get_host(from)?.region;
     back.machine_field = Some(MachineField(mig.old_field));
     back.private_ip = Some(mig.old_ip.clone());
     back.instance_id = new_instance_id();
-    back.config = serde_json::to_value(&config).map_err(ApiError::internal)?;
-    ctx.store
+    back.config = serde_json::to_value(&config).map_err(Error::internal)?;
+    core.store
         .update_machine_if(&back, &[S::Stopped, S::Failed, S::Created])?;
     Ok(())
 }

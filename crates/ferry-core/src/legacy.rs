@@ -3,11 +3,11 @@
 //! such a store copies them into the typed records once (and marks the store so it never does
 //! again), so an upgraded fleet keeps its volumes, histories and mappings.
 
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::migrate::{InstanceRecord, Migration};
 use crate::proto::BridgeMapping;
-use crate::server::Ctx;
 use crate::views::VolumeView;
+use crate::Core;
 use std::collections::BTreeSet;
 
 const DONE: &str = "legacy/imported";
@@ -23,20 +23,20 @@ pub struct Imported {
     pub gates: usize,
 }
 
-fn json<T: serde::de::DeserializeOwned>(ctx: &Ctx, key: &str) -> Result<Option<T>, ApiError> {
-    match ctx.store.kv_get(key)? {
+fn json<T: serde::de::DeserializeOwned>(core: &Core, key: &str) -> Result<Option<T>, Error> {
+    match core.store.kv_get(key)? {
         Some(s) => serde_json::from_str(&s)
             .map(Some)
-            .map_err(|e| ApiError::internal(format!("legacy record {key}: {e}"))),
+            .map_err(|e| Error::internal(format!("legacy record {key}: {e}"))),
         None => Ok(None),
     }
 }
 
 /// Copies the legacy records into the typed ones; a record that already exists is left as it is
 /// (an import interrupted half way runs again safely). Nothing is deleted.
-pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
+pub fn import(core: &Core) -> Result<Imported, Error> {
     let mut n = Imported::default();
-    if ctx.store.kv_get(DONE)?.is_some() {
+    if core.store.kv_get(DONE)?.is_some() {
         return Ok(n);
     }
     let exists = |e: &ferry_store::StoreError| {
@@ -46,28 +46,28 @@ pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
                 | ferry_store::StoreError::MigrationActive { .. }
         )
     };
-    for id in json::<Vec<String>>(ctx, "volumes")?.unwrap_or_default() {
-        if let Some(mut v) = json::<VolumeView>(ctx, &format!("volume/{id}"))? {
+    for id in json::<Vec<String>>(core, "volumes")?.unwrap_or_default() {
+        if let Some(mut v) = json::<VolumeView>(core, &format!("volume/{id}"))? {
             v.revision = 0;
-            if ctx.store.get_volume(&id).is_err() {
-                crate::server::put_volume(ctx, &v)?;
+            if core.store.get_volume(&id).is_err() {
+                crate::volumes::put_volume(core, &v)?;
                 n.volumes += 1;
             }
         }
     }
-    for id in json::<Vec<String>>(ctx, "migrations")?.unwrap_or_default() {
-        if let Some(m) = json::<Migration>(ctx, &format!("migration/{id}"))? {
-            match ctx.store.create_migration(&crate::migrate::record(&m)?) {
+    for id in json::<Vec<String>>(core, "migrations")?.unwrap_or_default() {
+        if let Some(m) = json::<Migration>(core, &format!("migration/{id}"))? {
+            match core.store.create_migration(&crate::migrate::record(&m)?) {
                 Ok(_) => n.migrations += 1,
                 Err(e) if exists(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
     }
-    for app in ctx.store.list_apps(None)? {
-        if let Some(detail) = json::<serde_json::Value>(ctx, &format!("policy/{}", app.name))? {
-            if ctx.store.get_policy(&app.name)?.is_none() {
-                ctx.store.put_policy(&ferry_store::PolicyRecord {
+    for app in core.store.list_apps(None)? {
+        if let Some(detail) = json::<serde_json::Value>(core, &format!("policy/{}", app.name))? {
+            if core.store.get_policy(&app.name)?.is_none() {
+                core.store.put_policy(&ferry_store::PolicyRecord {
                     app: app.name.clone(),
                     detail,
                     revision: 0,
@@ -75,11 +75,11 @@ pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
                 n.policies += 1;
             }
         }
-        for m in ctx.store.list_machines_all(Some(&app.name))? {
-            for r in json::<Vec<InstanceRecord>>(ctx, &format!("instances/{}", m.id))?
+        for m in core.store.list_machines_all(Some(&app.name))? {
+            for r in json::<Vec<InstanceRecord>>(core, &format!("instances/{}", m.id))?
                 .unwrap_or_default()
             {
-                let added = ctx.store.append_instance(&ferry_store::InstanceRecord {
+                let added = core.store.append_instance(&ferry_store::InstanceRecord {
                     machine_id: m.id.clone(),
                     instance_id: r.instance_id,
                     host: r.host,
@@ -92,15 +92,15 @@ pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
             }
         }
     }
-    let have: BTreeSet<(u32, String)> = ctx
+    let have: BTreeSet<(u32, String)> = core
         .store
         .list_bridge_mappings(None)?
         .into_iter()
         .map(|m| (m.network_id, m.old))
         .collect();
-    for m in json::<Vec<BridgeMapping>>(ctx, "bridge/mappings")?.unwrap_or_default() {
+    for m in json::<Vec<BridgeMapping>>(core, "bridge/mappings")?.unwrap_or_default() {
         if !have.contains(&(m.network_id, m.old.clone())) {
-            ctx.store.put_bridge_mapping(&ferry_store::BridgeMapping {
+            core.store.put_bridge_mapping(&ferry_store::BridgeMapping {
                 network_id: m.network_id,
                 old: m.old,
                 new: m.new,
@@ -110,18 +110,18 @@ pub fn import(ctx: &Ctx) -> Result<Imported, ApiError> {
             n.mappings += 1;
         }
     }
-    if let Some(g) = json::<crate::bridge::Gates>(ctx, "bridge/gates")? {
+    if let Some(g) = json::<crate::bridge::Gates>(core, "bridge/gates")? {
         for o in g.orgs_off {
-            ctx.store
+            core.store
                 .set_bridge_gate(ferry_store::GateScope::Org, &o, true)?;
             n.gates += 1;
         }
         for a in g.apps_off {
-            ctx.store
+            core.store
                 .set_bridge_gate(ferry_store::GateScope::App, &a, true)?;
             n.gates += 1;
         }
     }
-    ctx.store.kv_put(DONE, "1")?;
+    core.store.kv_put(DONE, "1")?;
     Ok(n)
 }

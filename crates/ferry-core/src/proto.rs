@@ -281,3 +281,19 @@ pub enum PullLine {
 pub struct ImageRemove {
     pub reference: String,
 }
+
+/// The status an error of `kind` has on the agent protocol's lines (the inverse of
+/// [`crate::Kind::from_wire`]).
+pub fn wire_status(kind: crate::Kind) -> u16 {
+    use crate::Kind as K;
+    match kind {
+        K::Invalid => 400,
+        K::NotFound => 404,
+        K::Timeout => 408,
+        K::Conflict => 409,
+        K::Unprocessable => 422,
+        K::Internal => 500,
+        K::Agent => 502,
+        K::Unavailable => 503,
+    }
+}

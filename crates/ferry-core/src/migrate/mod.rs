@@ -17,17 +17,14 @@
 //!   refreshed while the driver lives: a dead server's lock expires and another can proceed.
 
 use crate::config::{validate_machine_id, MachineConfig};
-use crate::doc::{
-    AgentFailed, AppPath, BadRequest, Conflict, HostPath, MachinePath, MigrationPath, NotFound,
-    ServerFailed, Unprocessable,
-};
-use crate::error::ApiError;
+use crate::error::{Error, Result};
+use crate::hosts::{host_hex, parse_host};
+use crate::machines::machine_of;
 use crate::proto::{VolumeProgress, VolumeRemove};
-use crate::server::{self, parse_host, random_hex, Body, Ctx, Path, Query};
-use crate::views::{rfc3339, CordonView, VolumeView};
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::Json;
+use crate::random_hex;
+use crate::views::{rfc3339, VolumeView};
+use crate::volumes::{put_volume, volumes};
+use crate::Core;
 use ferry_addr::HostId;
 use ferry_store::{Machine, MachineState as S, StoreError};
 use serde::{Deserialize, Serialize};
@@ -35,9 +32,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use utoipa::ToSchema;
-
-type Result<T> = std::result::Result<T, ApiError>;
-type Shared = State<Arc<Ctx>>;
 
 /// How long the per-network lock lives without a refresh (a dead coordinator's lock expires).
 const LOCK_TTL_MS: u64 = 15_000;
@@ -288,7 +282,7 @@ pub(crate) fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
         phase: m.phase.as_str().into(),
         finished: m.phase.finished(),
         drain: m.drain.clone(),
-        detail: serde_json::to_value(&stored).map_err(ApiError::internal)?,
+        detail: serde_json::to_value(&stored).map_err(Error::internal)?,
         revision: m.revision,
         created_at_ms: m.created_at_ms,
         updated_at_ms: m.updated_at_ms,
@@ -296,55 +290,51 @@ pub(crate) fn record(m: &Migration) -> Result<ferry_store::MigrationRecord> {
 }
 
 fn from_record(r: ferry_store::MigrationRecord) -> Result<Migration> {
-    let mut m: Migration = serde_json::from_value(r.detail).map_err(ApiError::internal)?;
+    let mut m: Migration = serde_json::from_value(r.detail).map_err(Error::internal)?;
     m.revision = r.revision;
     Ok(m)
 }
 
-fn load(ctx: &Ctx, id: &str) -> Result<Migration> {
-    from_record(ctx.store.get_migration(id)?)
+fn load(core: &Core, id: &str) -> Result<Migration> {
+    from_record(core.store.get_migration(id)?)
 }
 
 /// Writes the migration if nobody else changed it since it was read (compare-and-swap on its
 /// revision); a conflict otherwise, and nothing is written.
-fn save(ctx: &Ctx, m: &mut Migration) -> Result<()> {
-    m.updated_at_ms = ctx.store.now_ms();
-    let r = ctx.store.update_migration(&record(m)?)?;
+fn save(core: &Core, m: &mut Migration) -> Result<()> {
+    m.updated_at_ms = core.store.now_ms();
+    let r = core.store.update_migration(&record(m)?)?;
     m.revision = r.revision;
     Ok(())
 }
 
-fn list_where(ctx: &Ctx, f: ferry_store::MigrationFilter<'_>) -> Result<Vec<Migration>> {
-    ctx.store
+fn list_where(core: &Core, f: ferry_store::MigrationFilter<'_>) -> Result<Vec<Migration>> {
+    core.store
         .list_migrations(f)?
         .into_iter()
         .map(from_record)
         .collect()
 }
 
-pub fn load_policy(ctx: &Ctx, app: &str) -> Result<MigratePolicy> {
-    Ok(load_policy_rev(ctx, app)?.0)
+pub fn load_policy(core: &Core, app: &str) -> Result<MigratePolicy> {
+    Ok(load_policy_rev(core, app)?.0)
 }
 
 /// The app's policy (webhook secret included) and the revision it was read at (0: none stored).
-fn load_policy_rev(ctx: &Ctx, app: &str) -> Result<(MigratePolicy, u64)> {
-    match ctx.store.get_policy(app)? {
+fn load_policy_rev(core: &Core, app: &str) -> Result<(MigratePolicy, u64)> {
+    match core.store.get_policy(app)? {
         Some(r) => Ok((
-            serde_json::from_value(r.detail).map_err(ApiError::internal)?,
+            serde_json::from_value(r.detail).map_err(Error::internal)?,
             r.revision,
         )),
         None => Ok((MigratePolicy::default(), 0)),
     }
 }
 
-fn host_hex(h: HostId) -> String {
-    format!("{:x}", h.get())
-}
-
-fn endpoint(ctx: &Ctx, host: &str) -> Result<String> {
-    let h = ctx.store.get_host(parse_host(host)?)?;
+fn endpoint(core: &Core, host: &str) -> Result<String> {
+    let h = core.store.get_host(parse_host(host)?)?;
     if h.endpoint.is_empty() {
-        return Err(ApiError::unavailable(format!(
+        return Err(Error::unavailable(format!(
             "the agent of host {host} is not registered"
         )));
     }
@@ -364,38 +354,36 @@ pub struct InFlight {
 
 // ---- API --------------------------------------------------------------------------------------
 
-/// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
-/// follow it with `GET /v1/migrations/{id}`.
-#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration, links(("GetMigration" = (operation_id = "get_migration", parameters(("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
-pub async fn migrate_machine(
-    State(ctx): Shared,
-    Path((app, id)): Path<(String, String)>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Migration>)> {
-    let req: MigrateRequest = if body.iter().all(|c| c.is_ascii_whitespace()) {
-        MigrateRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid(format!("malformed request body: {e}")))?
-    };
-    let m = server::machine_of(&ctx, &app, &id)?;
-    ctx.store.check_lease(&id, server::lease_nonce(&headers))?;
+/// Starts a migration of the machine and answers at once; the driver moves it from then on.
+pub fn migrate_machine(
+    core: &Arc<Core>,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: MigrateRequest,
+) -> Result<Migration> {
+    let m = machine_of(core, app, id)?;
+    core.store.check_lease(id, lease)?;
     let to = req.to.as_deref().map(parse_host).transpose()?;
-    let mut mig = create(&ctx, &m, to, None)?;
+    let mut mig = create(core, &m, to, None)?;
     if req.precopy == Some(false) {
         mig.precopy = false;
-        save(&ctx, &mut mig)?;
+        save(core, &mut mig)?;
     }
-    spawn_driver(ctx.clone(), mig.id.clone());
-    Ok((StatusCode::ACCEPTED, Json(mig)))
+    spawn_driver(core.clone(), mig.id.clone());
+    Ok(mig)
 }
 
 /// Validates and records a new migration of `m` (phase `pending`).
-fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> Result<Migration> {
+fn create(
+    core: &Core,
+    m: &Machine,
+    to: Option<HostId>,
+    drain: Option<String>,
+) -> Result<Migration> {
     validate_machine_id(&m.id)?;
     if !matches!(m.state, S::Started | S::Stopped) {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             "machine_not_movable",
             format!(
                 "machine {} is {}: only started or stopped machines migrate",
@@ -406,17 +394,17 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
     }
     let from = m
         .host
-        .ok_or_else(|| ApiError::conflict("not_placed", format!("machine {} has no host", m.id)))?;
+        .ok_or_else(|| Error::conflict("not_placed", format!("machine {} has no host", m.id)))?;
     if let Some(t) = to {
-        let h = ctx.store.get_host(t)?;
+        let h = core.store.get_host(t)?;
         if t == from {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 "same_host",
                 format!("machine {} already runs on host {}", m.id, host_hex(t)),
             ));
         }
         if h.cordoned {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 "host_cordoned",
                 format!("host {} is cordoned (draining)", host_hex(t)),
             ));
@@ -425,7 +413,7 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
     // One migration per machine at a time: the store records it as the machine's active one in
     // the same step, or refuses (migration_in_progress) if the machine has one.
     let result = (|| {
-        let now = ctx.store.now_ms();
+        let now = core.store.now_ms();
         let mut mig = Migration {
             id: format!("mig_{}", random_hex(8)),
             machine_id: m.id.clone(),
@@ -457,8 +445,8 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
             progress: None,
             revision: 0,
         };
-        mig.revision = ctx.store.create_migration(&record(&mig)?)?.revision;
-        ctx.store.add_event(
+        mig.revision = core.store.create_migration(&record(&mig)?)?.revision;
+        core.store.add_event(
             &m.id,
             "migrate",
             "pending",
@@ -470,71 +458,54 @@ fn create(ctx: &Ctx, m: &Machine, to: Option<HostId>, drain: Option<String>) -> 
     result
 }
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// Only this machine's migrations.
-    machine: Option<String>,
-    /// Only the migrations of this host's drain (the host's ID).
-    drain: Option<String>,
-}
-
-/// `GET /v1/migrations`: newest last.
-#[utoipa::path(get, path = "/v1/migrations", operation_id = "list_migrations", tag = "migrations", params(ListQuery), responses((status = 200, description = "Migrations, oldest first.", body = [Migration]), BadRequest, ServerFailed))]
-pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
-    let filter = match (&q.machine, &q.drain) {
+/// Migrations, oldest first: of one machine, of one host's drain, or all.
+pub fn list(core: &Core, machine: Option<&str>, drain: Option<&str>) -> Result<Vec<Migration>> {
+    let filter = match (machine, drain) {
         (Some(m), _) => ferry_store::MigrationFilter::Machine(m),
         (None, Some(d)) => ferry_store::MigrationFilter::Drain(d),
         (None, None) => ferry_store::MigrationFilter::All,
     };
     let mut out = Vec::new();
-    for m in list_where(&ctx, filter)? {
-        if q.machine.as_ref().is_some_and(|x| *x != m.machine_id)
-            || q.drain
-                .as_ref()
-                .is_some_and(|d| m.drain.as_ref() != Some(d))
+    for m in list_where(core, filter)? {
+        if machine.is_some_and(|x| x != m.machine_id)
+            || drain.is_some_and(|d| m.drain.as_deref() != Some(d))
         {
             continue;
         }
-        out.push(with_progress(&ctx, m));
+        out.push(with_progress(core, m));
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
-fn with_progress(ctx: &Ctx, mut m: Migration) -> Migration {
-    m.progress = ctx.migrations.progress.lock().unwrap().get(&m.id).cloned();
+fn with_progress(core: &Core, mut m: Migration) -> Migration {
+    m.progress = core.migrations.progress.lock().unwrap().get(&m.id).cloned();
     m.lock_nonce = None;
     m.volumes.iter_mut().for_each(|v| v.token.clear());
     m
 }
 
-/// `GET /v1/migrations/{id}`.
-#[utoipa::path(get, path = "/v1/migrations/{id}", operation_id = "get_migration", tag = "migrations", params(MigrationPath), responses((status = 200, body = Migration), BadRequest, NotFound, ServerFailed))]
-pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migration>> {
+/// One migration, with its live copy progress if this process drives it.
+pub fn get(core: &Core, id: &str) -> Result<Migration> {
     if !id.starts_with("mig_") || id.len() != 20 || !id[4..].bytes().all(|b| b.is_ascii_hexdigit())
     {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{id:?} is not a migration ID (mig_ + 16 hex)"
         )));
     }
-    Ok(Json(with_progress(&ctx, load(&ctx, &id)?)))
+    Ok(with_progress(core, load(core, id)?))
 }
 
-/// `GET /v1/apps/{app}/policy`.
-#[utoipa::path(get, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), responses((status = 200, body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
-pub async fn get_policy(
-    State(ctx): Shared,
-    Path(app): Path<String>,
-) -> Result<Json<MigratePolicy>> {
-    ctx.store.get_app(&app)?;
-    Ok(Json(load_policy(&ctx, &app)?))
+/// The app's migration policy.
+pub fn get_policy(core: &Core, app: &str) -> Result<MigratePolicy> {
+    core.store.get_app(app)?;
+    load_policy(core, app)
 }
 
 fn parse_duration(what: &str, s: &str, max: Duration) -> Result<u64> {
     let d = humantime::parse_duration(s)
-        .map_err(|_| ApiError::invalid(format!("{what} {s:?} is not a duration like \"10s\"")))?;
+        .map_err(|_| Error::invalid(format!("{what} {s:?} is not a duration like \"10s\"")))?;
     if d > max {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{what} {s:?} is over the maximum of {}",
             humantime::format_duration(max)
         )));
@@ -542,19 +513,13 @@ fn parse_duration(what: &str, s: &str, max: Duration) -> Result<u64> {
     Ok(d.as_millis() as u64)
 }
 
-/// `POST /v1/apps/{app}/policy`: changes the given fields; everything is checked before any is
-/// stored.
-#[utoipa::path(post, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), request_body = PolicyUpdate, responses((status = 200, description = "The policy now in force.", body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
-pub async fn set_policy(
-    State(ctx): Shared,
-    Path(app): Path<String>,
-    Body(req): Body<PolicyUpdate>,
-) -> Result<Json<MigratePolicy>> {
-    ctx.store.get_app(&app)?;
-    let (mut p, revision) = load_policy_rev(&ctx, &app)?;
+/// Changes the given fields of the app's policy; everything is checked before any is stored.
+pub fn set_policy(core: &Core, app: &str, req: PolicyUpdate) -> Result<MigratePolicy> {
+    core.store.get_app(app)?;
+    let (mut p, revision) = load_policy_rev(core, app)?;
     if let Some(n) = req.max_unavailable {
         if !(1..=10_000).contains(&n) {
-            return Err(ApiError::invalid("max_unavailable must be 1..=10000"));
+            return Err(Error::invalid("max_unavailable must be 1..=10000"));
         }
         p.max_unavailable = n;
     }
@@ -565,7 +530,7 @@ pub async fn set_policy(
     if let Some(s) = &req.healthy_deadline {
         p.healthy_deadline_ms = parse_duration("healthy_deadline", s, hour)?;
         if p.healthy_deadline_ms == 0 {
-            return Err(ApiError::invalid("healthy_deadline must be above zero"));
+            return Err(Error::invalid("healthy_deadline must be above zero"));
         }
     }
     if let Some(s) = &req.notice_period {
@@ -581,9 +546,9 @@ pub async fn set_policy(
         } else {
             let ok = (u.starts_with("http://") || u.starts_with("https://"))
                 && u.len() <= 2048
-                && reqwest::Url::parse(u).is_ok_and(|x| x.host().is_some());
+                && url::Url::parse(u).is_ok_and(|x| x.host().is_some());
             if !ok {
-                return Err(ApiError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "webhook_url {u:?} is not an http:// or https:// URL with a host"
                 )));
             }
@@ -592,93 +557,70 @@ pub async fn set_policy(
     }
     if let Some(s) = &req.webhook_secret {
         if !(16..=256).contains(&s.len()) {
-            return Err(ApiError::invalid("webhook_secret must be 16..=256 bytes"));
+            return Err(Error::invalid("webhook_secret must be 16..=256 bytes"));
         }
         p.webhook_secret = Some(s.clone());
     }
     if p.min_healthy_time_ms >= p.healthy_deadline_ms {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "min_healthy_time must be shorter than healthy_deadline",
         ));
     }
     p.webhook_secret_set = p.webhook_secret.is_some();
     // The secret is not shown back, so it is stored separately from what GET returns.
-    let mut stored = serde_json::to_value(&p).map_err(ApiError::internal)?;
+    let mut stored = serde_json::to_value(&p).map_err(Error::internal)?;
     stored["webhook_secret"] = serde_json::json!(p.webhook_secret);
     // Compare-and-swap: a concurrent change of the same policy is a conflict, not a lost update.
-    ctx.store.put_policy(&ferry_store::PolicyRecord {
-        app: app.clone(),
+    core.store.put_policy(&ferry_store::PolicyRecord {
+        app: app.to_owned(),
         detail: stored,
         revision,
     })?;
-    Ok(Json(p))
+    Ok(p)
 }
 
-/// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
-#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes no new machines.", body = CordonView), BadRequest, NotFound, ServerFailed))]
-pub async fn cordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
-    let h = ctx.store.set_cordoned(parse_host(&host)?, true)?;
-    Ok(Json(CordonView {
-        host: host_hex(h.id),
-        cordoned: h.cordoned,
-    }))
-}
-
-#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes machines again.", body = CordonView), BadRequest, NotFound, ServerFailed))]
-pub async fn uncordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
-    let h = ctx.store.set_cordoned(parse_host(&host)?, false)?;
-    Ok(Json(CordonView {
-        host: host_hex(h.id),
-        cordoned: h.cordoned,
-    }))
-}
-
-/// `POST /v1/hosts/{id}/drain`: cordon, then a migration for every machine on the host. Within a
-/// network they run one at a time (the network lock), each waiting for its machine to be healthy
-/// for the app's `min_healthy_time` before the next starts; networks proceed in parallel.
-#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts", params(HostPath), responses((status = 202, description = "The host is cordoned and its machines are moving.", body = DrainView), BadRequest, NotFound, Conflict, ServerFailed))]
-pub async fn drain(
-    State(ctx): Shared,
-    Path(host): Path<String>,
-) -> Result<(StatusCode, Json<DrainView>)> {
-    let id = parse_host(&host)?;
-    ctx.store.get_host(id)?;
-    let others = ctx
+/// Drains a host: cordon, then a migration for every machine on it. Within a network they run
+/// one at a time (the network lock), each waiting for its machine to be healthy for the app's
+/// `min_healthy_time` before the next starts; networks proceed in parallel.
+pub fn drain(core: &Arc<Core>, host: &str) -> Result<DrainView> {
+    let id = parse_host(host)?;
+    core.store.get_host(id)?;
+    let others = core
         .store
         .list_hosts()?
         .into_iter()
         .filter(|h| h.id != id && !h.cordoned)
         .count();
     if others == 0 {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             "no_destination",
             format!("no other uncordoned host to move host {host}'s machines to"),
         ));
     }
-    ctx.store.set_cordoned(id, true)?;
+    core.store.set_cordoned(id, true)?;
     let mut view = DrainView {
         host: host_hex(id),
         cordoned: true,
         migrations: Vec::new(),
         skipped: Vec::new(),
     };
-    for m in ctx.store.list_machines_on_host(id)? {
-        match create(&ctx, &m, None, Some(host_hex(id))) {
+    for m in core.store.list_machines_on_host(id)? {
+        match create(core, &m, None, Some(host_hex(id))) {
             Ok(mig) => {
-                spawn_driver(ctx.clone(), mig.id.clone());
+                spawn_driver(core.clone(), mig.id.clone());
                 view.migrations.push(mig.id);
             }
             Err(e) => view.skipped.push((m.id.clone(), e.message)),
         }
     }
-    Ok((StatusCode::ACCEPTED, Json(view)))
+    Ok(view)
 }
 
 /// Drives every unfinished migration (after a server restart), and expires volumes from then on.
-pub fn resume_unfinished(ctx: &Arc<Ctx>) {
+pub fn resume_unfinished(core: &Arc<Core>) {
     // Now and from then on: a migration whose server died (its claim expired) is taken over by
     // whichever server claims it first; the others' drivers see the claim held and stop at once.
-    let c = ctx.clone();
+    let c = core.clone();
     tokio::spawn(async move {
         loop {
             for m in list_where(&c, ferry_store::MigrationFilter::Unfinished).unwrap_or_default() {
@@ -687,7 +629,7 @@ pub fn resume_unfinished(ctx: &Arc<Ctx>) {
             tokio::time::sleep(TAKEOVER_SCAN).await;
         }
     });
-    let c = ctx.clone();
+    let c = core.clone();
     tokio::spawn(async move {
         loop {
             expire_volumes(&c).await;
@@ -706,15 +648,15 @@ fn mark_pending_destroy(v: &mut VolumeView, now_ms: i64, retention_ms: u64) {
 }
 
 /// Deletes the source volumes whose retention ran out (best effort; retried on the next call).
-pub async fn expire_volumes(ctx: &Ctx) {
-    let now = ctx.store.now_ms();
-    for mut v in server::volumes(ctx, Some("pending_destroy")).unwrap_or_default() {
+pub async fn expire_volumes(core: &Core) {
+    let now = core.store.now_ms();
+    for mut v in volumes(core, Some("pending_destroy")).unwrap_or_default() {
         if v.state != "pending_destroy" || v.destroy_after_ms.is_none_or(|t| t > now) {
             continue;
         }
         let removed = match &v.host {
-            Some(h) => match endpoint(ctx, h) {
-                Ok(ep) => ctx
+            Some(h) => match endpoint(core, h) {
+                Ok(ep) => core
                     .agents
                     .volume_remove(
                         &ep,
@@ -728,7 +670,7 @@ pub async fn expire_volumes(ctx: &Ctx) {
             },
             // Only what the server itself created (never an operator's host_dir volume).
             None if v.size_mb.is_some()
-                && std::path::Path::new(&v.host_dir).starts_with(&ctx.volumes_dir) =>
+                && std::path::Path::new(&v.host_dir).starts_with(&core.volumes_dir) =>
             {
                 std::fs::remove_dir_all(&v.host_dir).is_ok()
                     || !std::path::Path::new(&v.host_dir).exists()
@@ -737,13 +679,13 @@ pub async fn expire_volumes(ctx: &Ctx) {
         };
         if removed {
             v.state = "destroyed".into();
-            let _ = server::put_volume(ctx, &v);
+            let _ = put_volume(core, &v);
         }
     }
 }
 
-pub fn instances(ctx: &Ctx, machine: &str) -> Vec<InstanceRecord> {
-    ctx.store
+pub fn instances(core: &Core, machine: &str) -> Vec<InstanceRecord> {
+    core.store
         .list_instances(machine)
         .unwrap_or_default()
         .into_iter()
@@ -759,8 +701,8 @@ pub fn instances(ctx: &Ctx, machine: &str) -> Vec<InstanceRecord> {
 }
 
 /// Appends to the machine's instance history (idempotent: a resumed migration repeats it).
-fn add_instance(ctx: &Ctx, machine: &str, rec: InstanceRecord) -> Result<()> {
-    ctx.store.append_instance(&ferry_store::InstanceRecord {
+fn add_instance(core: &Core, machine: &str, rec: InstanceRecord) -> Result<()> {
+    core.store.append_instance(&ferry_store::InstanceRecord {
         machine_id: machine.to_owned(),
         instance_id: rec.instance_id,
         host: rec.host,

@@ -2,7 +2,7 @@
 //! through the API or the CLI is checked here, before anything is stored or started, so bad input
 //! changes nothing.
 
-use crate::error::ApiError;
+use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -181,12 +181,12 @@ impl CheckConfig {
     }
 }
 
-fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
-    ApiError::invalid(format!("{field}: {msg}"))
+fn bad(field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{field}: {msg}"))
 }
 
 /// Checks a name (app, machine name, org): 1-63 of `a-z 0-9 -`, starting with a letter or digit.
-pub fn validate_name(what: &str, s: &str) -> Result<(), ApiError> {
+pub fn validate_name(what: &str, s: &str) -> Result<(), Error> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -196,7 +196,7 @@ pub fn validate_name(what: &str, s: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(format!(
+        Err(Error::invalid(format!(
             "{what} {s:?} is not valid: use 1-63 lowercase letters, digits and '-', not at either end"
         )))
     }
@@ -204,7 +204,7 @@ pub fn validate_name(what: &str, s: &str) -> Result<(), ApiError> {
 
 /// A light syntax check of an image reference at the edge (the agent parses it fully when it
 /// pulls): 1-512 characters of the reference grammar's alphabet.
-pub fn validate_image_ref(s: &str) -> Result<(), ApiError> {
+pub fn validate_image_ref(s: &str) -> Result<(), Error> {
     let ok = !s.is_empty()
         && s.len() <= 512
         && s.bytes()
@@ -221,27 +221,27 @@ pub fn validate_image_ref(s: &str) -> Result<(), ApiError> {
 }
 
 /// Checks a machine ID: 14 lowercase hex characters.
-pub fn validate_machine_id(s: &str) -> Result<(), ApiError> {
+pub fn validate_machine_id(s: &str) -> Result<(), Error> {
     if s.len() == 14
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         Ok(())
     } else {
-        Err(ApiError::not_found(format!(
+        Err(Error::not_found(format!(
             "machine {s:?} (machine IDs are 14 lowercase hex characters)"
         )))
     }
 }
 
-fn parse_duration(field: &str, s: &str) -> Result<Duration, ApiError> {
+fn parse_duration(field: &str, s: &str) -> Result<Duration, Error> {
     humantime::parse_duration(s)
         .map_err(|e| bad(field, format!("{s:?} is not a duration like \"5s\": {e}")))
 }
 
 impl MachineConfig {
     /// Everything the server and agents rely on, checked once at the edge.
-    pub fn validate(&self) -> Result<(), ApiError> {
+    pub fn validate(&self) -> Result<(), Error> {
         let cmd = &self.init.cmd;
         if let Some(image) = &self.image {
             validate_image_ref(image)?;
@@ -383,7 +383,7 @@ impl MachineConfig {
     }
 }
 
-pub fn validate_volume_id(v: &str) -> Result<(), ApiError> {
+pub fn validate_volume_id(v: &str) -> Result<(), Error> {
     let ok = v.len() == 20
         && v.starts_with("vol_")
         && v[4..]
@@ -399,7 +399,7 @@ pub fn validate_volume_id(v: &str) -> Result<(), ApiError> {
     }
 }
 
-pub fn validate_guest_path(field: &str, p: &str) -> Result<(), ApiError> {
+pub fn validate_guest_path(field: &str, p: &str) -> Result<(), Error> {
     let ok = p.starts_with('/')
         && p != "/"
         && p.len() <= 512

@@ -1,0 +1,100 @@
+//! Migrations, migration policies, cordons and drains over HTTP (the rules: [`migrate`]).
+
+use crate::doc::{
+    AgentFailed, AppPath, BadRequest, Conflict, HostPath, MachinePath, MigrationPath, NotFound,
+    ServerFailed, Unprocessable,
+};
+use crate::server::{lease_nonce, optional_body, Body, Path, Query, Shared};
+use crate::ApiError;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_core::hosts;
+use ferry_core::migrate::{
+    self, DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate,
+};
+use ferry_core::views::CordonView;
+use serde::Deserialize;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this machine's migrations.
+    machine: Option<String>,
+    /// Only the migrations of this host's drain (the host's ID).
+    drain: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}/migrate`: starts a migration and answers at once (202);
+/// follow it with `GET /v1/migrations/{id}`.
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/migrate", tag = "migrations", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<MigrateRequest>, description = "Optional: the destination host and options."), responses((status = 202, description = "The migration, started; follow it at /v1/migrations/{id}.", body = Migration, links(("GetMigration" = (operation_id = "get_migration", parameters(("id" = "$response.body#/id")))))), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
+pub async fn migrate_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Migration>)> {
+    let req: MigrateRequest = optional_body(&body)?;
+    let mig = migrate::migrate_machine(&ctx, &app, &id, lease_nonce(&headers), req)?;
+    Ok((StatusCode::ACCEPTED, Json(mig)))
+}
+
+/// `GET /v1/migrations`: newest last.
+#[utoipa::path(get, path = "/v1/migrations", operation_id = "list_migrations", tag = "migrations", params(ListQuery), responses((status = 200, description = "Migrations, oldest first.", body = [Migration]), BadRequest, ServerFailed))]
+pub async fn list(State(ctx): Shared, Query(q): Query<ListQuery>) -> Result<Json<Vec<Migration>>> {
+    Ok(Json(migrate::list(
+        &ctx,
+        q.machine.as_deref(),
+        q.drain.as_deref(),
+    )?))
+}
+
+/// `GET /v1/migrations/{id}`.
+#[utoipa::path(get, path = "/v1/migrations/{id}", operation_id = "get_migration", tag = "migrations", params(MigrationPath), responses((status = 200, body = Migration), BadRequest, NotFound, ServerFailed))]
+pub async fn get(State(ctx): Shared, Path(id): Path<String>) -> Result<Json<Migration>> {
+    Ok(Json(migrate::get(&ctx, &id)?))
+}
+
+/// `GET /v1/apps/{app}/policy`.
+#[utoipa::path(get, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), responses((status = 200, body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
+pub async fn get_policy(
+    State(ctx): Shared,
+    Path(app): Path<String>,
+) -> Result<Json<MigratePolicy>> {
+    Ok(Json(migrate::get_policy(&ctx, &app)?))
+}
+
+/// `POST /v1/apps/{app}/policy`: changes the given fields; everything is checked before any is
+/// stored.
+#[utoipa::path(post, path = "/v1/apps/{app}/policy", tag = "migrations", params(AppPath), request_body = PolicyUpdate, responses((status = 200, description = "The policy now in force.", body = MigratePolicy), BadRequest, NotFound, ServerFailed))]
+pub async fn set_policy(
+    State(ctx): Shared,
+    Path(app): Path<String>,
+    Body(req): Body<PolicyUpdate>,
+) -> Result<Json<MigratePolicy>> {
+    Ok(Json(migrate::set_policy(&ctx, &app, req)?))
+}
+
+/// `POST /v1/hosts/{id}/cordon` and `/uncordon`.
+#[utoipa::path(post, path = "/v1/hosts/{id}/cordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes no new machines.", body = CordonView), BadRequest, NotFound, ServerFailed))]
+pub async fn cordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
+    Ok(Json(hosts::set_cordoned(&ctx, &host, true)?))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{id}/uncordon", tag = "hosts", params(HostPath), responses((status = 200, description = "The host takes machines again.", body = CordonView), BadRequest, NotFound, ServerFailed))]
+pub async fn uncordon(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<CordonView>> {
+    Ok(Json(hosts::set_cordoned(&ctx, &host, false)?))
+}
+
+/// `POST /v1/hosts/{id}/drain`: cordon, then a migration for every machine on the host. Within a
+/// network they run one at a time (the network lock), each waiting for its machine to be healthy
+/// for the app's `min_healthy_time` before the next starts; networks proceed in parallel.
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts", params(HostPath), responses((status = 202, description = "The host is cordoned and its machines are moving.", body = DrainView), BadRequest, NotFound, Conflict, ServerFailed))]
+pub async fn drain(
+    State(ctx): Shared,
+    Path(host): Path<String>,
+) -> Result<(StatusCode, Json<DrainView>)> {
+    Ok((StatusCode::ACCEPTED, Json(migrate::drain(&ctx, &host)?)))
+}

@@ -1,0 +1,5 @@
+//! The handlers of the public API that are not about apps and machines, one module per area.
+
+pub mod bridge;
+pub mod images;
+pub mod migrate;

@@ -1,0 +1,110 @@
+//! [`Core`]: what every operation of the control plane shares.
+
+use crate::agents::{Agents, Webhooks};
+use crate::error::{Error, Result};
+use ferry_store::Store;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What runs after every machine state change.
+pub type ChangeHook = Box<dyn Fn(&dyn Store) + Send + Sync>;
+
+/// The control plane of one server process: the store, the side effects, and what this process
+/// alone knows (the migrations it drives, its waiters).
+pub struct Core {
+    pub store: Arc<dyn Store>,
+    /// Every call to a host's agent goes through this.
+    pub agents: Arc<dyn Agents>,
+    /// Migration notices go out through this.
+    pub webhooks: Arc<dyn Webhooks>,
+    /// The migrations this process drives.
+    pub migrations: crate::migrate::InFlight,
+    /// This server process among the fleet's servers (its claims on migrations carry it).
+    pub server_id: String,
+    /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
+    host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
+    /// Bumped on every machine state change; `wait` listens to it.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Where new volumes are created.
+    pub volumes_dir: PathBuf,
+    /// Called after every machine state change (e.g. to publish a new DNS snapshot), so
+    /// listeners see changes as soon as the store has them.
+    pub on_change: std::sync::OnceLock<ChangeHook>,
+}
+
+impl Core {
+    /// A core whose side effects go to `agents` and `webhooks` (HTTP in production, recording
+    /// doubles in unit tests).
+    pub fn new(
+        store: Arc<dyn Store>,
+        volumes_dir: PathBuf,
+        agents: Arc<dyn Agents>,
+        webhooks: Arc<dyn Webhooks>,
+    ) -> Arc<Self> {
+        Arc::new(Core {
+            store,
+            agents,
+            webhooks,
+            migrations: Default::default(),
+            server_id: format!("server-{}", crate::random_hex(6)),
+            host_dir_roots: Default::default(),
+            changes: tokio::sync::watch::channel(0).0,
+            volumes_dir,
+            on_change: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Allows directory volumes (`host_dir`) below these directories. None by default: a
+    /// directory volume is a host directory mounted read-write into a machine (as the
+    /// machine's root), so only directories the operator set aside for it may be one.
+    pub fn allow_host_dirs(&self, roots: Vec<PathBuf>) -> std::io::Result<()> {
+        let roots = roots
+            .iter()
+            .map(|r| r.canonicalize())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        *self.host_dir_roots.write().unwrap() = roots;
+        Ok(())
+    }
+
+    /// `d` as a directory volume may have it: an existing directory that is, with every
+    /// symlink and `..` resolved, below an allowed root.
+    pub(crate) fn allowed_host_dir(&self, d: &str) -> Result<PathBuf> {
+        let roots = self.host_dir_roots.read().unwrap().clone();
+        if roots.is_empty() {
+            return Err(Error::invalid(
+                "directory volumes are off on this server (its operator allows them below \
+                 chosen directories with --host-dir-root); use size_mb",
+            ));
+        }
+        let p = PathBuf::from(d);
+        let real = p
+            .is_absolute()
+            .then(|| p.canonicalize().ok())
+            .flatten()
+            .filter(|r| r.is_dir())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "host_dir {d:?} is not an existing absolute directory"
+                ))
+            })?;
+        if !roots.iter().any(|r| real.starts_with(r) && real != *r) {
+            return Err(Error::invalid(format!(
+                "host_dir {d:?} is not below a directory this server allows for volumes ({})",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(real)
+    }
+
+    /// Publishes a machine change (DNS snapshot, waiters).
+    pub fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f(self.store.as_ref());
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+}

@@ -1,0 +1,142 @@
+//! Hosts: placement, the hosts' list, cordons, and what an agent says when it registers.
+
+use crate::error::{Error, Result};
+use crate::proto::RegisterHost;
+use crate::views::{CordonView, HostView};
+use crate::Core;
+use ferry_addr::HostId;
+use ferry_store::{Machine, MachineState};
+use std::sync::Arc;
+
+use MachineState as S;
+
+/// A host ID as the API and CLI write it (hex).
+pub fn parse_host(s: &str) -> Result<HostId> {
+    u32::from_str_radix(s, 16)
+        .ok()
+        .and_then(|v| HostId::new(v).ok())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "host {s:?} is not a host ID (hex, as `ferry host list` shows)"
+            ))
+        })
+}
+
+/// A host ID as the API writes it.
+pub fn host_hex(h: HostId) -> String {
+    format!("{:x}", h.get())
+}
+
+/// The host for a new machine: the one asked for, or the least-loaded uncordoned one.
+pub fn place(core: &Core, want: Option<&str>) -> Result<ferry_store::Host> {
+    let hosts = core.store.list_hosts()?;
+    if let Some(w) = want {
+        let id = parse_host(w)?;
+        let h = hosts
+            .into_iter()
+            .find(|h| h.id == id)
+            .ok_or_else(|| Error::not_found(format!("host {w}")))?;
+        if h.cordoned {
+            return Err(Error::conflict(
+                "host_cordoned",
+                format!("host {w} is cordoned (draining)"),
+            ));
+        }
+        return Ok(h);
+    }
+    let mut best: Option<(usize, ferry_store::Host)> = None;
+    for h in hosts.into_iter().filter(|h| !h.cordoned) {
+        let load = core.store.list_machines_on_host(h.id)?.len();
+        if best.as_ref().is_none_or(|(l, _)| load < *l) {
+            best = Some((load, h));
+        }
+    }
+    best.map(|(_, h)| h).ok_or_else(|| {
+        Error::unavailable("no host is available (none registered, or all cordoned)")
+    })
+}
+
+/// The endpoint of the agent of the machine's host.
+pub fn machine_endpoint(core: &Core, m: &Machine) -> Result<String> {
+    let host = m
+        .host
+        .ok_or_else(|| Error::conflict("not_placed", format!("machine {} has no host", m.id)))?;
+    Ok(core.store.get_host(host)?.endpoint)
+}
+
+/// Hosts by ID, with their machine counts.
+pub fn list_hosts(core: &Core) -> Result<Vec<HostView>> {
+    let mut out = Vec::new();
+    for h in core.store.list_hosts()? {
+        out.push(HostView {
+            id: host_hex(h.id),
+            region: h.region.clone(),
+            endpoint: h.endpoint.clone(),
+            cordoned: h.cordoned,
+            infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
+            machines: core.store.list_machines_on_host(h.id)?.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Cordons (or uncordons) a host: a cordoned host takes no new machines.
+pub fn set_cordoned(core: &Core, host: &str, cordoned: bool) -> Result<CordonView> {
+    let h = core.store.set_cordoned(parse_host(host)?, cordoned)?;
+    Ok(CordonView {
+        host: host_hex(h.id),
+        cordoned: h.cordoned,
+    })
+}
+
+/// An agent (re)registers: its host is recorded with its endpoint, machines the store believes
+/// run there but the agent did not find are recorded stopped, and the bridge state is pushed to
+/// it right after.
+pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::Value> {
+    let id = HostId::new(req.host_id).map_err(|e| Error::invalid(e.to_string()))?;
+    let host = match core.store.get_host(id) {
+        Ok(mut h) => {
+            h.endpoint = req.endpoint.clone();
+            h.region = req.region.clone();
+            core.store.put_host(&h)?
+        }
+        Err(_) => core.store.put_host(&ferry_store::Host {
+            id,
+            region: req.region.clone(),
+            endpoint: req.endpoint.clone(),
+            cordoned: false,
+            created_at_ms: core.store.now_ms(),
+        })?,
+    };
+    // What the store believes runs there but the agent did not find: it died while no agent
+    // watched it.
+    for m in core.store.list_machines_on_host(id)? {
+        if m.state == S::Started && !req.running.contains(&m.id) {
+            core.store.transition(&m.id, &[S::Started], S::Stopped)?;
+            core.store.add_event(
+                &m.id,
+                "exit",
+                "stopped",
+                "flyd",
+                serde_json::json!({"reason": "not running when its agent restarted"}),
+            )?;
+        } else if m.state == S::Started {
+            core.store.add_event(
+                &m.id,
+                "reattach",
+                "started",
+                "flyd",
+                serde_json::json!({"host": format!("{:x}", id.get())}),
+            )?;
+        }
+    }
+    core.changed();
+    // The bridge state, after the reply: the agent may wait for this answer before it serves.
+    let (c, h) = (core.clone(), host.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::bridge::sync_host(&c, &h).await {
+            tracing::warn!("pushing the bridge state to a host that registered: {e}");
+        }
+    });
+    Ok(serde_json::json!({"host": host_hex(host.id)}))
+}

@@ -1,0 +1,605 @@
+//! Apps and machines: create, place, start, stop, destroy, wait, leases, exec, and the agents'
+//! reports. Every operation follows one shape: validate the input (nothing is written before
+//! that), check the lease, move the machine's state with a compare-and-set in the store, call the
+//! agent, record the outcome and an event. Illegal transitions are refused as conflicts and
+//! change nothing.
+
+use crate::config::{
+    validate_machine_id, validate_name, MachineConfig, ALLOWED_SIGNALS, MAX_STOP_TIMEOUT,
+};
+use crate::error::{Error, Kind, Result};
+use crate::hosts::{machine_endpoint, parse_host, place};
+use crate::proto::{
+    AgentReport, ExecRequest, ExecResult, ExitInfo, RunMachine, StopMachine, VolumeRef,
+};
+use crate::views::*;
+use crate::volumes::{put_volume, resolve_volumes, volume};
+use crate::Core;
+use ferry_addr::FleetAddr;
+use ferry_store::{new_instance_id, new_machine_id, Machine, MachineState};
+use std::time::Duration;
+
+use MachineState as S;
+
+// ---- apps -------------------------------------------------------------------------------------
+
+fn app_view(a: &ferry_store::App) -> AppView {
+    let n = a.network_id.get();
+    AppView {
+        name: a.name.clone(),
+        org: a.org.clone(),
+        network_id: n,
+        network: format!("fdaa:{:x}:{:x}::/48", n >> 16, n & 0xffff),
+        created_at: rfc3339(a.created_at_ms),
+    }
+}
+
+/// Creates an app in its org's network (`personal` when no org is given).
+pub fn create_app(core: &Core, req: CreateApp) -> Result<AppView> {
+    validate_name("app name", &req.app_name)?;
+    let org = req.org_slug.unwrap_or_else(|| "personal".into());
+    validate_name("org", &org)?;
+    let app = core.store.create_app(&req.app_name, &org)?;
+    Ok(app_view(&app))
+}
+
+/// Apps by name, of one org or all.
+pub fn list_apps(core: &Core, org: Option<&str>) -> Result<Vec<AppView>> {
+    Ok(core.store.list_apps(org)?.iter().map(app_view).collect())
+}
+
+pub fn get_app(core: &Core, app: &str) -> Result<AppView> {
+    Ok(app_view(&core.store.get_app(app)?))
+}
+
+/// Deletes an app with no machines left but destroyed ones.
+pub fn delete_app(core: &Core, app: &str) -> Result<()> {
+    core.store.delete_app(app)?;
+    Ok(())
+}
+
+// ---- machines ---------------------------------------------------------------------------------
+
+/// Loads a machine and checks it belongs to `app` (another app's machine is "not found").
+pub fn machine_of(core: &Core, app: &str, id: &str) -> Result<Machine> {
+    validate_machine_id(id)?;
+    let m = core.store.get_machine(id)?;
+    if m.app != app {
+        return Err(Error::not_found(format!("machine {id} in app {app}")));
+    }
+    Ok(m)
+}
+
+/// The app's machines, oldest first (with destroyed and migrated-away ones if asked).
+pub fn list_machines(core: &Core, app: &str, include_deleted: bool) -> Result<Vec<MachineView>> {
+    core.store.get_app(app)?;
+    let ms = if include_deleted {
+        core.store.list_machines_all(Some(app))?
+    } else {
+        core.store.list_machines(Some(app))?
+    };
+    Ok(ms.iter().map(|m| MachineView::new(m, None)).collect())
+}
+
+/// Creates a machine: placed (on its volume's host if it has one), its image pulled there, its
+/// address allocated, then launched unless `skip_launch`.
+pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Result<MachineView> {
+    req.config.validate()?;
+    if let Some(n) = &req.name {
+        validate_name("machine name", n)?;
+    }
+    let app = core.store.get_app(app)?;
+    let volume_dirs = resolve_volumes(core, &req.config)?;
+    // A volume that lives on a host already takes its machine there.
+    let mut want = req.host.clone();
+    for mount in &req.config.mounts {
+        let v = volume(core, &mount.volume)?;
+        if let (true, Some(h)) = (v.kept_by_agent, &v.host) {
+            match &want {
+                Some(w) if parse_host(w)? != parse_host(h)? => {
+                    return Err(Error::conflict(
+                        "volume_elsewhere",
+                        format!("volume {} lives on host {h}, not on host {w}", v.id),
+                    ))
+                }
+                _ => want = Some(h.clone()),
+            }
+        }
+    }
+    let host = place(core, want.as_deref())?;
+    // The host pulls the image first (nothing exists yet if that fails); the config records
+    // the digest it resolved, never the tag.
+    let mut req = req;
+    if let Some(image) = req.config.image.clone() {
+        req.config.image = Some(crate::images::ensure_on_host(core, &host, &image).await?);
+    }
+    let field = core.store.allocate_machine_field(host.id)?;
+    let addr = FleetAddr::primary(app.network_id, host.id, field);
+    let id = new_machine_id();
+    let m = Machine {
+        id: id.clone(),
+        name: req
+            .name
+            .unwrap_or_else(|| format!("{}-{}", app.name, &id[..6])),
+        app: app.name.clone(),
+        org: app.org.clone(),
+        network_id: app.network_id,
+        host: Some(host.id),
+        region: host.region.clone(),
+        machine_field: Some(field),
+        private_ip: Some(addr.to_string()),
+        instance_id: new_instance_id(),
+        state: S::Created,
+        config: serde_json::to_value(&req.config).map_err(Error::internal)?,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    core.store.create_machine(&m)?;
+    core.store.add_event(
+        &id,
+        "launch",
+        "created",
+        "user",
+        serde_json::json!({"config": m.config}),
+    )?;
+    core.changed();
+    let m = if req.skip_launch {
+        core.store.get_machine(&id)?
+    } else {
+        launch(core, &id, volume_dirs, &[S::Created]).await?
+    };
+    Ok(MachineView::new(&m, None))
+}
+
+/// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
+pub async fn launch(
+    core: &Core,
+    id: &str,
+    volume_dirs: Vec<String>,
+    from: &[MachineState],
+) -> Result<Machine> {
+    let mut m = core.store.transition(id, from, S::Starting)?;
+    core.changed();
+    let config: MachineConfig =
+        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+    let run = RunMachine {
+        id: m.id.clone(),
+        app: m.app.clone(),
+        instance_id: m.instance_id.clone(),
+        network_id: m.network_id.get(),
+        machine_field: m.machine_field.map(|f| f.0).unwrap_or_default(),
+        private_ip: m.private_ip.clone().unwrap_or_default(),
+        region: m.region.clone(),
+        volumes: config
+            .mounts
+            .iter()
+            .map(|mount| {
+                let v = volume(core, &mount.volume)?;
+                Ok(VolumeRef {
+                    size_mb: v.agent_size_mb(),
+                    id: v.id,
+                })
+            })
+            .collect::<Result<_>>()?,
+        config,
+        volume_dirs,
+        bridge_enabled: crate::bridge::gate(core, &m)?,
+    };
+    let ep = machine_endpoint(core, &m)?;
+    match core.agents.start(&ep, &run).await {
+        Ok(reply) => {
+            // A size-limited volume used for the first time now lives on this host.
+            for (r, dir) in run.volumes.iter().zip(&reply.volume_dirs) {
+                let mut v = volume(core, &r.id)?;
+                let host = m.host.map(|h| format!("{:x}", h.get()));
+                if v.kept_by_agent && (&v.host_dir != dir || v.host != host) {
+                    v.host_dir = dir.to_owned();
+                    v.host = host;
+                    put_volume(core, &v)?;
+                }
+            }
+            m = core.store.transition(id, &[S::Starting], S::Started)?;
+            core.store
+                .add_event(id, "start", "started", "flyd", serde_json::json!({}))?;
+        }
+        Err(e) => {
+            core.store.transition(id, &[S::Starting], S::Failed)?;
+            core.store.add_event(
+                id,
+                "start",
+                "failed",
+                "flyd",
+                serde_json::json!({"error": e.message}),
+            )?;
+            core.changed();
+            return Err(e);
+        }
+    }
+    core.changed();
+    Ok(m)
+}
+
+/// The machine with its events and its instances before migrations.
+pub fn get_machine(core: &Core, app: &str, id: &str) -> Result<MachineView> {
+    let m = machine_of(core, app, id)?;
+    let events = core.store.events(id)?;
+    let mut v = MachineView::new(&m, Some(events));
+    v.previous_instances = crate::migrate::instances(core, id);
+    Ok(v)
+}
+
+pub fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
+    let signal = req
+        .signal
+        .clone()
+        .unwrap_or_else(|| config.stop_config.signal().to_owned())
+        .to_ascii_uppercase();
+    let signal = if signal.starts_with("SIG") {
+        signal
+    } else {
+        format!("SIG{signal}")
+    };
+    if !ALLOWED_SIGNALS.contains(&signal.as_str()) {
+        return Err(Error::invalid(format!(
+            "signal {signal} is not one of {}",
+            ALLOWED_SIGNALS.join(" ")
+        )));
+    }
+    let timeout = match &req.timeout {
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|_| Error::invalid(format!("timeout {t:?} is not a duration like \"5s\"")))?,
+        None => config.stop_config.timeout(),
+    };
+    if timeout > MAX_STOP_TIMEOUT {
+        return Err(Error::invalid(format!(
+            "timeout {:?} is over the maximum of 300s",
+            timeout
+        )));
+    }
+    Ok(StopMachine {
+        signal,
+        timeout_ms: timeout.as_millis() as u64,
+    })
+}
+
+/// started -> stopping -> (agent stops with signal, timeout, SIGKILL) -> stopped.
+pub async fn stop_inner(
+    core: &Core,
+    id: &str,
+    params: StopMachine,
+    next: MachineState,
+) -> Result<(Machine, ExitInfo)> {
+    let m = core
+        .store
+        .transition(id, &[S::Started, S::Starting], S::Stopping)?;
+    core.changed();
+    let ep = machine_endpoint(core, &m)?;
+    let exit: ExitInfo = match core.agents.stop(&ep, id, &params).await {
+        Ok(e) => e,
+        Err(e) => {
+            core.store.transition(id, &[S::Stopping], S::Failed)?;
+            core.store.add_event(
+                id,
+                "exit",
+                "failed",
+                "flyd",
+                serde_json::json!({"error": e.message}),
+            )?;
+            core.changed();
+            return Err(e);
+        }
+    };
+    let m = core.store.transition(id, &[S::Stopping], next)?;
+    let ended_by = if exit.escalated_to_sigkill {
+        "SIGKILL after timeout".to_owned()
+    } else {
+        params.signal.clone()
+    };
+    core.store.add_event(
+        id,
+        "exit",
+        "stopped",
+        "flyd",
+        serde_json::json!({"exit_event": exit, "signal": params.signal, "timeout_ms": params.timeout_ms, "ended_by": ended_by}),
+    )?;
+    core.changed();
+    Ok((m, exit))
+}
+
+/// Stops a machine with its config's signal and timeout, or the ones asked for.
+pub async fn stop_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: StopRequest,
+) -> Result<MachineView> {
+    let m = machine_of(core, app, id)?;
+    let config = config_of(&m)?;
+    let params = stop_params(&req, &config)?;
+    core.store.check_lease(id, lease)?;
+    let (m, _) = stop_inner(core, id, params, S::Stopped).await?;
+    Ok(MachineView::new(&m, None))
+}
+
+/// The machine's config as recorded at create (validated then).
+pub(crate) fn config_of(m: &Machine) -> Result<MachineConfig> {
+    serde_json::from_value(m.config.clone()).map_err(Error::internal)
+}
+
+/// Starts a created, stopped or failed machine.
+pub async fn start_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+) -> Result<MachineView> {
+    let m = machine_of(core, app, id)?;
+    core.store.check_lease(id, lease)?;
+    let dirs = resolve_volumes(core, &config_of(&m)?)?;
+    let m = launch(core, id, dirs, &[S::Created, S::Stopped, S::Failed]).await?;
+    Ok(MachineView::new(&m, None))
+}
+
+/// Destroys a machine; a running one only with `force` (it is stopped first).
+pub async fn destroy_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    force: bool,
+    lease: Option<&str>,
+) -> Result<MachineView> {
+    let m = machine_of(core, app, id)?;
+    core.store.check_lease(id, lease)?;
+    if matches!(m.state, S::Started | S::Starting) {
+        if !force {
+            return Err(Error::conflict(
+                "machine_running",
+                format!(
+                    "machine {id} is {}: stop it first, or destroy with force",
+                    m.state.as_str()
+                ),
+            ));
+        }
+        let params = stop_params(&StopRequest::default(), &config_of(&m)?)?;
+        stop_inner(core, id, params, S::Stopped).await?;
+    }
+    let m = core
+        .store
+        .transition(id, &[S::Created, S::Stopped, S::Failed], S::Destroying)?;
+    core.changed();
+    let ep = machine_endpoint(core, &m)?;
+    core.agents.destroy(&ep, id).await?;
+    let m = core.store.transition(id, &[S::Destroying], S::Destroyed)?;
+    core.store
+        .add_event(id, "destroy", "destroyed", "user", serde_json::json!({}))?;
+    core.changed();
+    Ok(MachineView::new(&m, None))
+}
+
+/// The longest a wait may last.
+pub const MAX_WAIT_SECS: u64 = 300;
+
+/// Answers as soon as the machine is in `state` (default `started`), or a timeout error after
+/// `timeout` seconds (default 60, at most [`MAX_WAIT_SECS`]).
+pub async fn wait_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    state: Option<&str>,
+    timeout: Option<u64>,
+) -> Result<WaitView> {
+    let want: MachineState = state.unwrap_or("started").parse().map_err(|_| {
+        Error::invalid(format!(
+            "state {:?} is not a machine state",
+            state.unwrap_or_default()
+        ))
+    })?;
+    let timeout = timeout.unwrap_or(60);
+    if timeout > MAX_WAIT_SECS {
+        return Err(Error::invalid("timeout is at most 300 seconds"));
+    }
+    machine_of(core, app, id)?;
+    let mut rx = core.changes.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let m = core.store.get_machine(id)?;
+        if m.state == want {
+            return Ok(WaitView {
+                ok: true,
+                state: m.state.as_str().into(),
+            });
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return Err(Error::new(
+                Kind::Timeout,
+                "timeout",
+                format!(
+                    "machine {id} is {}, not {}",
+                    m.state.as_str(),
+                    want.as_str()
+                ),
+            ));
+        }
+    }
+}
+
+/// The machine's events, oldest first.
+pub fn machine_events(core: &Core, app: &str, id: &str) -> Result<Vec<EventView>> {
+    machine_of(core, app, id)?;
+    Ok(core
+        .store
+        .events(id)?
+        .iter()
+        .rev()
+        .map(EventView::from)
+        .collect())
+}
+
+fn lease_view(l: &ferry_store::Lease) -> LeaseView {
+    LeaseView {
+        nonce: l.nonce.clone(),
+        expires_at: l.expires_at_ms,
+        owner: l.owner.clone(),
+        description: l.description.clone(),
+    }
+}
+
+/// Takes the machine's lease (a conflict while someone else holds one), or refreshes the one
+/// whose nonce is given.
+pub fn acquire_lease(
+    core: &Core,
+    app: &str,
+    id: &str,
+    nonce: Option<&str>,
+    req: LeaseRequest,
+) -> Result<LeaseView> {
+    machine_of(core, app, id)?;
+    let ttl = req.ttl.unwrap_or(30);
+    if !(1..=3600).contains(&ttl) {
+        return Err(Error::invalid("lease ttl must be 1..=3600 seconds"));
+    }
+    let desc = req.description.unwrap_or_default();
+    if desc.len() > 256 {
+        return Err(Error::invalid("lease description is at most 256 bytes"));
+    }
+    let lease = match nonce {
+        Some(n) => core.store.refresh_lease(id, n, ttl * 1000)?,
+        None => core.store.acquire_lease(id, ttl * 1000, "api", &desc)?,
+    };
+    Ok(lease_view(&lease))
+}
+
+pub fn get_lease(core: &Core, app: &str, id: &str) -> Result<LeaseView> {
+    machine_of(core, app, id)?;
+    let l = core
+        .store
+        .current_lease(id)?
+        .ok_or_else(|| Error::not_found(format!("lease on machine {id}")))?;
+    Ok(lease_view(&l))
+}
+
+/// Releases the lease with this nonce (already gone is fine).
+pub fn release_lease(core: &Core, app: &str, id: &str, nonce: &str) -> Result<()> {
+    machine_of(core, app, id)?;
+    core.store.release_lease(id, nonce)?;
+    Ok(())
+}
+
+/// Runs a command in a started machine and answers its exit code and output.
+pub async fn exec_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: ExecBody,
+) -> Result<ExecView> {
+    let m = machine_of(core, app, id)?;
+    if req.cmd.is_empty() || req.cmd[0].is_empty() || req.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(Error::invalid("cmd must name a program (no NUL bytes)"));
+    }
+    let timeout = req.timeout.unwrap_or(30);
+    if !(1..=600).contains(&timeout) {
+        return Err(Error::invalid("exec timeout must be 1..=600 seconds"));
+    }
+    core.store.check_lease(id, lease)?;
+    if m.state != S::Started {
+        return Err(Error::conflict(
+            "machine_not_started",
+            format!("machine {id} is {}", m.state.as_str()),
+        ));
+    }
+    let ep = machine_endpoint(core, &m)?;
+    let r: ExecResult = core
+        .agents
+        .exec(
+            &ep,
+            id,
+            &ExecRequest {
+                cmd: req.cmd,
+                timeout_ms: timeout * 1000,
+            },
+        )
+        .await?;
+    Ok(ExecView {
+        exit_code: r.exit_code,
+        stdout: r.stdout,
+        stderr: r.stderr,
+    })
+}
+
+/// An agent's report of what happened to a machine by itself (an exit, a restart, a check).
+pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
+    let m = core.store.get_machine(&r.machine_id)?;
+    if m.instance_id != r.instance_id {
+        return Ok(serde_json::json!({"ignored": "stale instance"}));
+    }
+    let to: MachineState = r
+        .state
+        .parse()
+        .map_err(|_| Error::invalid(format!("state {:?}", r.state)))?;
+    // A check result changes no state; and a machine the server is still starting becomes
+    // `started` by the server's own hand when the agent answers. Refusing those reports would
+    // lose them (the agent reports a check only when its result changes).
+    let news = r.kind != "check" && !(to == S::Started && m.state == S::Starting);
+    if to != m.state && news {
+        // Only a running machine can change by itself; anything else is the server's doing.
+        core.store.transition(&m.id, &[S::Started], to)?;
+    }
+    core.store.add_event(
+        &m.id,
+        &r.kind,
+        &r.state,
+        "flyd",
+        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
+    )?;
+    core.changed();
+    Ok(serde_json::json!({"ok": true}))
+}
+
+/// Starts again every machine in `ids` that is stopped (used when a dev fleet comes back).
+pub async fn resume(core: &Core, ids: &[String]) -> Vec<(String, Result<()>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = async {
+            let m = core.store.get_machine(id)?;
+            let config: MachineConfig =
+                serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+            let dirs = resolve_volumes(core, &config)?;
+            launch(core, id, dirs, &[S::Stopped, S::Failed, S::Started])
+                .await
+                .map(|_| ())
+        }
+        .await;
+        out.push((id.clone(), r));
+    }
+    out
+}
+
+/// Stops every started machine (dev shutdown) and returns their IDs.
+pub async fn stop_all(core: &Core) -> Vec<String> {
+    let mut stopped = Vec::new();
+    let Ok(ms) = core.store.list_machines(None) else {
+        return stopped;
+    };
+    let mut tasks = Vec::new();
+    for m in ms.into_iter().filter(|m| m.state == S::Started) {
+        let Ok(config) = serde_json::from_value::<MachineConfig>(m.config.clone()) else {
+            continue;
+        };
+        let Ok(p) = stop_params(&StopRequest::default(), &config) else {
+            continue;
+        };
+        tasks.push(async move { (m.id.clone(), stop_inner(core, &m.id, p, S::Stopped).await) });
+    }
+    // Concurrently: each stop may wait out its machine's stop timeout.
+    for (id, r) in futures::future::join_all(tasks).await {
+        if r.is_ok() {
+            stopped.push(id);
+        }
+    }
+    stopped
+}
