@@ -6,9 +6,6 @@ use ferry_store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// What runs after every machine state change.
-pub type ChangeHook = Box<dyn Fn(&dyn Store) + Send + Sync>;
-
 /// The control plane of one server process: the store, the side effects, and what this process
 /// alone knows (the migrations it drives, its waiters).
 pub struct Core {
@@ -23,13 +20,11 @@ pub struct Core {
     pub server_id: String,
     /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
     host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
-    /// Bumped on every machine state change; `wait` listens to it.
+    /// Bumped on every machine state change: `wait` listens to it, and so does whatever
+    /// publishes state elsewhere (DNS), off the request's path.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Where new volumes are created.
     pub volumes_dir: PathBuf,
-    /// Called after every machine state change (e.g. to publish a new DNS snapshot), so
-    /// listeners see changes as soon as the store has them.
-    pub on_change: std::sync::OnceLock<ChangeHook>,
 }
 
 impl Core {
@@ -50,7 +45,6 @@ impl Core {
             host_dir_roots: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
-            on_change: std::sync::OnceLock::new(),
         })
     }
 
@@ -100,11 +94,8 @@ impl Core {
         Ok(real)
     }
 
-    /// Publishes a machine change (DNS snapshot, waiters).
+    /// Announces a machine change (to waiters and the DNS publisher).
     pub fn changed(&self) {
-        if let Some(f) = self.on_change.get() {
-            f(self.store.as_ref());
-        }
         self.changes.send_modify(|v| *v += 1);
     }
 }

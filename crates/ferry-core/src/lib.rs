@@ -26,7 +26,7 @@ pub mod proto;
 pub mod views;
 pub mod volumes;
 
-pub use crate::core::{ChangeHook, Core};
+pub use crate::core::Core;
 pub use error::{Error, Kind, Result};
 
 /// Test hook for crash-safety tests: when `FERRY_CRASH_AT` names `step`, the process kills itself

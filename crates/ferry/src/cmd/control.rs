@@ -47,12 +47,24 @@ impl ControlPlane {
         if let Some(s) = super::dns::snapshot(store.as_ref()) {
             zone.publish(s);
         }
-        let z = zone.clone();
-        let _ = ctx.on_change.set(Box::new(move |s: &dyn Store| {
-            if let Some(snap) = super::dns::snapshot(s) {
-                z.publish(snap);
+        // A new snapshot after every machine change, built off the request's path: changes
+        // that land while one is being built are folded into the next (the watch channel keeps
+        // only "changed since you last looked"), so a burst of N changes costs a few rebuilds,
+        // not N full reads of the store inside N requests.
+        let (z, s) = (zone.clone(), store.clone());
+        let mut changes = ctx.changes.subscribe();
+        rt.spawn(async move {
+            while changes.changed().await.is_ok() {
+                let s = s.clone();
+                // No snapshot (the store did not answer): DNS keeps the last one.
+                let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
+                if let Ok(Some(snap)) = built.await {
+                    for e in z.publish(snap) {
+                        tracing::warn!("a machine left out of DNS: {e}");
+                    }
+                }
             }
-        }));
+        });
         if let Some(dns) = dns {
             super::dns::serve(rt, zone.clone(), host_ns, dns)?;
         }
