@@ -7,142 +7,17 @@
 //! The API is the real router over a real (in-memory SQLite) store, called over HTTP.
 
 use ferry_api::server::router;
-use ferry_core::agents::{AgentResult, Agents, Started};
-use ferry_core::proto::*;
-use ferry_core::{Core, Error, Kind};
+use ferry_core::testing::Double;
+use ferry_core::Core;
 use ferry_store::{ManualClock, SqliteStore, Store};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Default)]
-struct Fleet {
-    /// machine -> the endpoint of the host it runs on.
-    running: BTreeMap<String, String>,
-    calls: Vec<String>,
-    /// Starts on these endpoints fail (the agent answers 502).
-    failing: BTreeSet<String>,
-    /// Anything that breaks an invariant, as it happened.
-    violations: Vec<String>,
-}
-
-#[derive(Default)]
-struct Double(Mutex<Fleet>);
-
-impl Double {
-    fn calls(&self) -> Vec<String> {
-        self.0.lock().unwrap().calls.clone()
-    }
-    fn running(&self) -> BTreeMap<String, String> {
-        self.0.lock().unwrap().running.clone()
-    }
-}
 
 /// Notices go out over HTTP as in production (a test that wants them runs a receiver).
 fn webhooks() -> Arc<dyn ferry_core::agents::Webhooks> {
     Arc::new(ferry_api::agents::HttpWebhooks::new(reqwest::Client::new()))
-}
-
-fn ready<'a, T: Send + 'a>(v: Result<T, Error>) -> AgentResult<'a, T> {
-    Box::pin(async move { v })
-}
-
-fn agent_error(code: &str, msg: String) -> Error {
-    let mut e = Error::new(Kind::Agent, "agent_error", msg);
-    e.agent_code = Some(code.into());
-    e
-}
-
-impl Agents for Double {
-    fn start<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started> {
-        let mut f = self.0.lock().unwrap();
-        f.calls.push(format!("start {} {ep}", run.id));
-        if f.failing.contains(ep) {
-            return ready(Err(agent_error("internal", format!("{ep} cannot start"))));
-        }
-        if let Some(other) = f.running.get(&run.id).filter(|o| *o != ep) {
-            let v = format!("{} started on {ep} while running on {other}", run.id);
-            f.violations.push(v);
-        }
-        f.running.insert(run.id.clone(), ep.to_owned());
-        ready(Ok(Started::default()))
-    }
-    fn stop<'a>(
-        &'a self,
-        ep: &'a str,
-        m: &'a str,
-        _: &'a StopMachine,
-    ) -> AgentResult<'a, ExitInfo> {
-        let mut f = self.0.lock().unwrap();
-        f.calls.push(format!("stop {m} {ep}"));
-        if f.running.get(m).map(String::as_str) != Some(ep) {
-            return ready(Err(agent_error(
-                "not_running",
-                format!("{m} is not running"),
-            )));
-        }
-        f.running.remove(m);
-        ready(Ok(ExitInfo {
-            signal: Some(15),
-            requested_stop: true,
-            ..Default::default()
-        }))
-    }
-    fn destroy<'a>(&'a self, ep: &'a str, m: &'a str) -> AgentResult<'a, ()> {
-        let mut f = self.0.lock().unwrap();
-        f.calls.push(format!("destroy {m} {ep}"));
-        if f.running.get(m).map(String::as_str) == Some(ep) {
-            f.running.remove(m);
-        }
-        ready(Ok(()))
-    }
-    fn exec<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a ExecRequest,
-    ) -> AgentResult<'a, ExecResult> {
-        ready(Err(Error::internal("not used")))
-    }
-    fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
-        let mut f = self.0.lock().unwrap();
-        f.calls
-            .push(format!("bridge_sync {ep} {}", s.mappings.len()));
-        ready(Ok(()))
-    }
-    fn bridge_hits<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<BridgeHit>> {
-        ready(Ok(vec![]))
-    }
-    fn volume_expect<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a VolumeExpect,
-    ) -> AgentResult<'a, VolumeExpected> {
-        ready(Err(Error::internal("no volumes here")))
-    }
-    fn volume_send<'a>(&'a self, _: &'a str, _: &'a VolumeSend) -> AgentResult<'a, VolumeRound> {
-        ready(Err(Error::internal("no volumes here")))
-    }
-    fn volume_progress<'a>(&'a self, _: &'a str, _: &'a str) -> AgentResult<'a, VolumeProgress> {
-        ready(Err(Error::internal("no volumes here")))
-    }
-    fn volume_remove<'a>(&'a self, _: &'a str, _: &'a VolumeRemove) -> AgentResult<'a, ()> {
-        ready(Ok(()))
-    }
-    fn image_pull<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a ImagePull,
-    ) -> AgentResult<'a, futures::stream::BoxStream<'static, PullLine>> {
-        ready(Err(Error::internal("no images here")))
-    }
-    fn image_list<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
-        ready(Ok(vec![]))
-    }
-    fn image_remove<'a>(&'a self, _: &'a str, _: &'a ImageRemove) -> AgentResult<'a, Vec<String>> {
-        ready(Ok(vec![]))
-    }
 }
 
 struct Harness {
@@ -253,12 +128,7 @@ async fn new_machines_go_to_the_least_loaded_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_the_agent_refuses_leaves_the_machine_failed_with_the_reason() {
     let h = Harness::new(1).await;
-    h.agents
-        .0
-        .lock()
-        .unwrap()
-        .failing
-        .insert("agent://h0".into());
+    h.agents.fail_starts_on("agent://h0");
     h.call("POST", "/v1/apps", json!({"app_name": "web"})).await;
     let (s, e) = h
         .call(
@@ -291,7 +161,7 @@ async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
     assert_eq!(mig["phase"], "done", "{mig}");
     let to = h.agents.running()[id].clone();
     assert_ne!(from, to);
-    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+    assert!(h.agents.violations().is_empty());
     // The source stopped and forgot the machine (the switch) before the destination started.
     let calls = h.agents.calls();
     let pos = |c: &str| {
@@ -323,7 +193,7 @@ async fn a_destination_that_cannot_start_the_machine_rolls_it_back_to_its_source
     } else {
         "agent://h0"
     };
-    h.agents.0.lock().unwrap().failing.insert(other.into());
+    h.agents.fail_starts_on(other);
     let mig = h.finish(&h.migrate("web", id).await).await;
     assert_eq!(mig["phase"], "rolled_back", "{mig}");
     assert_eq!(
@@ -331,7 +201,7 @@ async fn a_destination_that_cannot_start_the_machine_rolls_it_back_to_its_source
         Some(&from),
         "runs on its source again"
     );
-    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+    assert!(h.agents.violations().is_empty());
     let (_, now) = h
         .call("GET", &format!("/v1/apps/web/machines/{id}"), json!(null))
         .await;
@@ -482,7 +352,7 @@ async fn fifty_concurrent_migrations_in_ten_networks_lose_nothing() {
         );
     }
     assert_eq!(mappings.len(), 100, "nothing lost, nothing extra");
-    assert!(h.agents.0.lock().unwrap().violations.is_empty());
+    assert!(h.agents.violations().is_empty());
 }
 
 /// Two servers on one store: the one driving a migration dies (its runtime, with every task of
@@ -595,6 +465,6 @@ async fn another_server_takes_over_a_migration_whose_server_died() {
     }
     let to = agents.running()[&id].clone();
     assert_ne!(from, to);
-    assert!(agents.0.lock().unwrap().violations.is_empty());
+    assert!(agents.violations().is_empty());
     assert!(store.active_migration(&id).unwrap().is_none());
 }

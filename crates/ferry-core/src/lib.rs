@@ -23,6 +23,8 @@ pub mod legacy;
 pub mod machines;
 pub mod migrate;
 pub mod proto;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod views;
 pub mod volumes;
 

@@ -1,0 +1,144 @@
+//! Doubles of the core's side effects, for tests of the core without kernels or processes
+//! (feature `testing`): [`Double`], a recording fleet of agents that keeps what real agents would
+//! (which host runs which machine), records every call and notes every broken invariant.
+
+use crate::agents::{AgentResult, Agents, Started};
+use crate::proto::*;
+use crate::{Error, Kind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct Fleet {
+    /// machine -> the endpoint of the host it runs on.
+    running: BTreeMap<String, String>,
+    calls: Vec<String>,
+    /// Starts on these endpoints fail (an agent error).
+    failing: BTreeSet<String>,
+    /// Anything that breaks an invariant, as it happened.
+    violations: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Double(Mutex<Fleet>);
+
+impl Double {
+    /// Every call so far, as `"<op> <machine> <endpoint>"`.
+    pub fn calls(&self) -> Vec<String> {
+        self.0.lock().unwrap().calls.clone()
+    }
+    /// machine -> the endpoint of the host it runs on.
+    pub fn running(&self) -> BTreeMap<String, String> {
+        self.0.lock().unwrap().running.clone()
+    }
+    /// What broke an invariant (a machine started on a second host while running), in order.
+    pub fn violations(&self) -> Vec<String> {
+        self.0.lock().unwrap().violations.clone()
+    }
+    /// From now on, starts on `endpoint` fail as that agent would (`agent_error`, code
+    /// `internal`).
+    pub fn fail_starts_on(&self, endpoint: &str) {
+        self.0.lock().unwrap().failing.insert(endpoint.to_owned());
+    }
+}
+
+fn ready<'a, T: Send + 'a>(v: Result<T, Error>) -> AgentResult<'a, T> {
+    Box::pin(async move { v })
+}
+
+fn agent_error(code: &str, msg: String) -> Error {
+    let mut e = Error::new(Kind::Agent, "agent_error", msg);
+    e.agent_code = Some(code.into());
+    e
+}
+
+impl Agents for Double {
+    fn start<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("start {} {ep}", run.id));
+        if f.failing.contains(ep) {
+            return ready(Err(agent_error("internal", format!("{ep} cannot start"))));
+        }
+        if let Some(other) = f.running.get(&run.id).filter(|o| *o != ep) {
+            let v = format!("{} started on {ep} while running on {other}", run.id);
+            f.violations.push(v);
+        }
+        f.running.insert(run.id.clone(), ep.to_owned());
+        ready(Ok(Started::default()))
+    }
+    fn stop<'a>(
+        &'a self,
+        ep: &'a str,
+        m: &'a str,
+        _: &'a StopMachine,
+    ) -> AgentResult<'a, ExitInfo> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("stop {m} {ep}"));
+        if f.running.get(m).map(String::as_str) != Some(ep) {
+            return ready(Err(agent_error(
+                "not_running",
+                format!("{m} is not running"),
+            )));
+        }
+        f.running.remove(m);
+        ready(Ok(ExitInfo {
+            signal: Some(15),
+            requested_stop: true,
+            ..Default::default()
+        }))
+    }
+    fn destroy<'a>(&'a self, ep: &'a str, m: &'a str) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("destroy {m} {ep}"));
+        if f.running.get(m).map(String::as_str) == Some(ep) {
+            f.running.remove(m);
+        }
+        ready(Ok(()))
+    }
+    fn exec<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a ExecRequest,
+    ) -> AgentResult<'a, ExecResult> {
+        ready(Err(Error::internal("not used")))
+    }
+    fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls
+            .push(format!("bridge_sync {ep} {}", s.mappings.len()));
+        ready(Ok(()))
+    }
+    fn bridge_hits<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<BridgeHit>> {
+        ready(Ok(vec![]))
+    }
+    fn volume_expect<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a VolumeExpect,
+    ) -> AgentResult<'a, VolumeExpected> {
+        ready(Err(Error::internal("no volumes here")))
+    }
+    fn volume_send<'a>(&'a self, _: &'a str, _: &'a VolumeSend) -> AgentResult<'a, VolumeRound> {
+        ready(Err(Error::internal("no volumes here")))
+    }
+    fn volume_progress<'a>(&'a self, _: &'a str, _: &'a str) -> AgentResult<'a, VolumeProgress> {
+        ready(Err(Error::internal("no volumes here")))
+    }
+    fn volume_remove<'a>(&'a self, _: &'a str, _: &'a VolumeRemove) -> AgentResult<'a, ()> {
+        ready(Ok(()))
+    }
+    fn image_pull<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a ImagePull,
+    ) -> AgentResult<'a, futures::stream::BoxStream<'static, PullLine>> {
+        ready(Err(Error::internal("no images here")))
+    }
+    fn image_list<'a>(&'a self, _: &'a str) -> AgentResult<'a, Vec<ImageInfo>> {
+        ready(Ok(vec![]))
+    }
+    fn image_remove<'a>(&'a self, _: &'a str, _: &'a ImageRemove) -> AgentResult<'a, Vec<String>> {
+        ready(Ok(vec![]))
+    }
+}

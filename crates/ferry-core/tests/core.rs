@@ -1,0 +1,196 @@
+//! The core called directly, with no HTTP anywhere: a real (in-memory SQLite) store, the
+//! recording double of the agents ([`ferry_core::testing::Double`]) and a manual clock.
+//! Placement, the errors' kinds and codes, and what a refused start leaves behind.
+
+use ferry_core::agents::Webhooks;
+use ferry_core::testing::Double;
+use ferry_core::views::{CreateApp, CreateMachine};
+use ferry_core::{hosts, machines, Core, Kind};
+use ferry_store::{Host, MachineState, ManualClock, SqliteStore, Store};
+use futures::future::BoxFuture;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Webhooks that only record what would have been sent.
+#[derive(Default)]
+struct Posted(Mutex<Vec<String>>);
+
+impl Webhooks for Posted {
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        _: &'a [(&'static str, String)],
+        body: String,
+    ) -> BoxFuture<'a, serde_json::Value> {
+        self.0.lock().unwrap().push(format!("{url} {body}"));
+        Box::pin(async move { json!({"url": url, "status": 200}) })
+    }
+}
+
+struct Fleet {
+    core: Arc<Core>,
+    agents: Arc<Double>,
+    store: Arc<SqliteStore>,
+    /// Host ID (hex) -> its agent's endpoint.
+    hosts: BTreeMap<String, String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new(hosts: u32) -> Fleet {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = Arc::new(SqliteStore::in_memory_with_clock(clock).unwrap());
+        let agents = Arc::new(Double::default());
+        let dir = tempfile::tempdir().unwrap();
+        let core = Core::new(
+            store.clone(),
+            dir.path().into(),
+            agents.clone(),
+            Arc::new(Posted::default()),
+        );
+        let mut map = BTreeMap::new();
+        for i in 0..hosts {
+            let id = ferry_addr::HostId::new(0x8000_0000 + i).unwrap();
+            let endpoint = format!("agent://h{i}");
+            store
+                .put_host(&Host {
+                    id,
+                    region: "dev".into(),
+                    endpoint: endpoint.clone(),
+                    cordoned: false,
+                    created_at_ms: 0,
+                })
+                .unwrap();
+            map.insert(hosts::host_hex(id), endpoint);
+        }
+        machines::create_app(
+            &core,
+            CreateApp {
+                app_name: "web".into(),
+                org_slug: None,
+            },
+        )
+        .unwrap();
+        Fleet {
+            core,
+            agents,
+            store,
+            hosts: map,
+            _dir: dir,
+        }
+    }
+
+    fn request(host: Option<&str>) -> CreateMachine {
+        serde_json::from_value(json!({
+            "config": {"init": {"cmd": ["sleep", "inf"]}},
+            "host": host,
+        }))
+        .unwrap()
+    }
+
+    async fn create(
+        &self,
+        host: Option<&str>,
+    ) -> ferry_core::Result<ferry_core::views::MachineView> {
+        machines::create_machine(&self.core, "web", Self::request(host)).await
+    }
+}
+
+#[tokio::test]
+async fn placement_fills_the_least_loaded_uncordoned_host() {
+    let f = Fleet::new(3);
+    let cordoned = f.hosts.keys().next().unwrap().clone();
+    hosts::set_cordoned(&f.core, &cordoned, true).unwrap();
+    for _ in 0..6 {
+        let m = f.create(None).await.unwrap();
+        assert_eq!(m.state, "started");
+    }
+    // Three per open host, none on the cordoned one; the agents ran exactly those.
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for ep in f.agents.running().values() {
+        *per_host.entry(ep.clone()).or_default() += 1;
+    }
+    assert!(!per_host.contains_key(&f.hosts[&cordoned]), "{per_host:?}");
+    assert_eq!(per_host.values().copied().collect::<Vec<_>>(), vec![3, 3]);
+    // Asking for the cordoned host is a conflict with its own code, and creates nothing.
+    let before = f.store.list_machines(None).unwrap().len();
+    let e = f.create(Some(&cordoned)).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (Kind::Conflict, "host_cordoned"));
+    assert_eq!(f.store.list_machines(None).unwrap().len(), before);
+    // A host that does not exist is not found; a malformed one is invalid.
+    let e = f.create(Some("8000ffff")).await.unwrap_err();
+    assert_eq!(e.kind, Kind::NotFound);
+    let e = f.create(Some("not-a-host")).await.unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    assert_eq!(f.store.list_machines(None).unwrap().len(), before);
+}
+
+#[tokio::test]
+async fn no_open_host_is_unavailable() {
+    let f = Fleet::new(1);
+    let only = f.hosts.keys().next().unwrap().clone();
+    hosts::set_cordoned(&f.core, &only, true).unwrap();
+    let e = f.create(None).await.unwrap_err();
+    assert_eq!(e.kind, Kind::Unavailable);
+    assert!(f.store.list_machines(None).unwrap().is_empty());
+    assert!(f.agents.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_start_keeps_the_agents_code_and_leaves_the_machine_failed() {
+    let f = Fleet::new(1);
+    let (host, ep) = f.hosts.iter().next().unwrap();
+    f.agents.fail_starts_on(ep);
+    let e = f.create(Some(host)).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (Kind::Agent, "agent_error"));
+    assert_eq!(e.agent_code.as_deref(), Some("internal"));
+    assert!(
+        e.kind.is_transient(),
+        "an agent's failure may pass: retried"
+    );
+    let ms = f.store.list_machines(None).unwrap();
+    assert_eq!(ms.len(), 1);
+    assert_eq!(ms[0].state, MachineState::Failed);
+    let events = f.store.events(&ms[0].id).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.status == "failed" && e.request["error"].as_str().is_some()),
+        "{events:?}"
+    );
+    assert!(f.agents.running().is_empty());
+}
+
+#[tokio::test]
+async fn a_wait_that_runs_out_is_a_timeout_and_bad_input_changes_nothing() {
+    let f = Fleet::new(1);
+    let m = f.create(None).await.unwrap();
+    let e = machines::wait_machine(&f.core, "web", &m.id, Some("stopped"), Some(0))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (Kind::Timeout, "timeout"));
+    let e = machines::wait_machine(&f.core, "web", &m.id, Some("asleep"), Some(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    // Another app's name for the machine is "not found", as a machine that does not exist.
+    let e = machines::get_machine(&f.core, "other", &m.id).unwrap_err();
+    assert_eq!(e.kind, Kind::NotFound);
+    let calls = f.agents.calls().len();
+    let e = machines::stop_machine(
+        &f.core,
+        "web",
+        &m.id,
+        None,
+        serde_json::from_value(json!({"signal": "SIGNOPE"})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    assert_eq!(f.agents.calls().len(), calls, "no agent was called");
+    assert_eq!(
+        f.store.get_machine(&m.id).unwrap().state,
+        MachineState::Started
+    );
+}
