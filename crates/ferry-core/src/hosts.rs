@@ -44,9 +44,10 @@ pub fn place(core: &Core, want: Option<&str>) -> Result<ferry_store::Host> {
         }
         return Ok(h);
     }
+    let loads = core.store.machines_per_host()?;
     let mut best: Option<(usize, ferry_store::Host)> = None;
     for h in hosts.into_iter().filter(|h| !h.cordoned) {
-        let load = core.store.list_machines_on_host(h.id)?.len();
+        let load = loads.get(&h.id).copied().unwrap_or(0);
         if best.as_ref().is_none_or(|(l, _)| load < *l) {
             best = Some((load, h));
         }
@@ -66,6 +67,7 @@ pub fn machine_endpoint(core: &Core, m: &Machine) -> Result<String> {
 
 /// Hosts by ID, with their machine counts.
 pub fn list_hosts(core: &Core) -> Result<Vec<HostView>> {
+    let loads = core.store.machines_per_host()?;
     let mut out = Vec::new();
     for h in core.store.list_hosts()? {
         out.push(HostView {
@@ -74,7 +76,7 @@ pub fn list_hosts(core: &Core) -> Result<Vec<HostView>> {
             endpoint: h.endpoint.clone(),
             cordoned: h.cordoned,
             infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
-            machines: core.store.list_machines_on_host(h.id)?.len(),
+            machines: loads.get(&h.id).copied().unwrap_or(0),
         });
     }
     Ok(out)

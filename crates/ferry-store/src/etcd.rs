@@ -48,6 +48,7 @@
 //! | `orgs/<org>`, `apps/<app>`, `idx/app_org/<org>/<app>` | orgs, apps, apps by org |
 //! | `hosts/<host>` | hosts |
 //! | `machines/<id>`, `idx/machine_app/<app>/<id>`, `idx/machine_host/<host>/<id>` | machines and their indexes |
+//! | `idx/machine_live/<host>/<id>`, `meta/machine_live` | the host's non-terminal machines (placement counts these keys); the mark that a store older than this index got it |
 //! | `idx/machine_field/<host>/<field>` | the machine holding a field (unique per host) |
 //! | `events/<machine>/<nonce>` | events; ID = the revision that created the key |
 //! | `leases/<machine>`, `locks/<name>`, `kv/<key>` | leases, named locks, settings |
@@ -624,7 +625,26 @@ impl EtcdStore {
         // The channel connects lazily: a read now turns a wrong address into an error here,
         // not at the first API request.
         store.read(|tx| tx.get("probe").map(drop))?;
+        store.backfill_live_index()?;
         Ok(store)
+    }
+
+    /// A store written before `idx/machine_live/` existed gets it, once.
+    fn backfill_live_index(&self) -> Result<()> {
+        const MARK: &str = "meta/machine_live";
+        self.write(|tx| {
+            if tx.get(MARK)?.is_some() {
+                return Ok(());
+            }
+            for kv in tx.range("machines/")? {
+                let m: Machine = decode(&kv)?;
+                if let (Some(h), false) = (m.host, m.state.is_terminal()) {
+                    tx.put_raw(&machine_live_idx(h, &m.id), Vec::new());
+                }
+            }
+            tx.put_raw(MARK, b"1".to_vec());
+            Ok(())
+        })
     }
 
     /// The endpoints it was given.
@@ -795,6 +815,10 @@ fn machine_app_idx(app: &str, id: &str) -> String {
 fn machine_host_idx(h: HostId, id: &str) -> String {
     format!("idx/machine_host/{}/{}", hk(h), esc(id))
 }
+/// Present while the machine is placed on `h` and not terminal: what placement counts.
+fn machine_live_idx(h: HostId, id: &str) -> String {
+    format!("idx/machine_live/{}/{}", hk(h), esc(id))
+}
 fn field_idx(h: HostId, f: MachineField) -> String {
     format!("idx/machine_field/{}/{}", hk(h), f.0)
 }
@@ -951,10 +975,26 @@ fn write_machine(tx: &mut Tx<'_>, m: &Machine, old: Option<&Machine>) -> Result<
             }
         }
     }
+    move_live_idx(tx, old, m);
     if let (Some(h), Some(f)) = (m.host, m.machine_field) {
         burn(tx, &machine_alloc(h), f.0)?;
     }
     tx.put(&machine_key(&m.id), m)
+}
+
+/// Keeps `idx/machine_live/` right as a machine goes from `old` (None: new) to `m`: present on
+/// its host while it is not terminal.
+fn move_live_idx(tx: &mut Tx<'_>, old: Option<&Machine>, m: &Machine) {
+    let live = |x: &Machine| x.host.filter(|_| !x.state.is_terminal());
+    let (was, now) = (old.and_then(live), live(m));
+    if was != now {
+        if let Some(h) = was {
+            tx.delete(&machine_live_idx(h, &m.id));
+        }
+        if let Some(h) = now {
+            tx.put_raw(&machine_live_idx(h, &m.id), Vec::new());
+        }
+    }
 }
 
 /// The keys creating or updating `m` reads, fetched in one round trip up front.
@@ -1210,6 +1250,7 @@ impl Store for EtcdStore {
                 tx.delete(&machine_app_idx(name, &m.id));
                 if let Some(h) = m.host {
                     tx.delete(&machine_host_idx(h, &m.id));
+                    tx.delete(&machine_live_idx(h, &m.id));
                     if let Some(f) = m.machine_field {
                         tx.delete(&field_idx(h, f));
                     }
@@ -1330,6 +1371,24 @@ impl Store for EtcdStore {
         })
     }
 
+    fn machines_per_host(&self) -> Result<BTreeMap<HostId, usize>> {
+        self.read(|tx| {
+            let mut out = BTreeMap::new();
+            for kv in tx.range("idx/machine_live/")? {
+                let host = kv.key.split('/').nth(2).unwrap_or_default();
+                let id = host
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|h| HostId::new(h).ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("etcd key {}: not a host ID", kv.key),
+                    })?;
+                *out.entry(id).or_insert(0) += 1;
+            }
+            Ok(out)
+        })
+    }
+
     fn update_machine(&self, m: &Machine) -> Result<Machine> {
         self.write(|tx| update_machine_tx(tx, m, None))
     }
@@ -1356,8 +1415,9 @@ impl Store for EtcdStore {
             let next = Machine {
                 state: to,
                 updated_at_ms: tx.now.max(cur.updated_at_ms),
-                ..cur
+                ..cur.clone()
             };
+            move_live_idx(tx, Some(&cur), &next);
             tx.put(&machine_key(id), &next)?;
             Ok(next)
         })

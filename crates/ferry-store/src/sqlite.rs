@@ -891,6 +891,29 @@ impl Store for SqliteStore {
         })
     }
 
+    fn machines_per_host(&self) -> Result<std::collections::BTreeMap<HostId, usize>> {
+        self.read(|tx, _| {
+            let mut q = tx.prepare_cached(&format!(
+                "SELECT m.host, COUNT(*) FROM machines m
+                 WHERE m.host IS NOT NULL AND {} GROUP BY m.host",
+                live_filter()
+            ))?;
+            let rows = q.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = std::collections::BTreeMap::new();
+            for row in rows {
+                let (h, n) = row?;
+                let id = u32::try_from(h)
+                    .ok()
+                    .and_then(|h| HostId::new(h).ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: format!("machines.host {h} is not a host ID"),
+                    })?;
+                out.insert(id, n as usize);
+            }
+            Ok(out)
+        })
+    }
+
     fn update_machine(&self, m: &Machine) -> Result<Machine> {
         self.write(|tx, now| update_machine_tx(tx, m, None, now))
     }

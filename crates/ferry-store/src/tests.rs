@@ -144,6 +144,10 @@ fn data_survive_reopen(fx: &Fx) {
     assert_eq!(s.kv_get("fleet.name").unwrap().as_deref(), Some("dev"));
     assert_eq!(s.kv_get("nope").unwrap(), None);
     assert_eq!(s.list_machines_on_host(host.id).unwrap(), vec![m]);
+    assert_eq!(
+        s.machines_per_host().unwrap(),
+        [(host.id, 1)].into_iter().collect()
+    );
 }
 
 #[test]
@@ -248,10 +252,13 @@ fn machine_fields_never_repeat_across_reopen_and_destroy(fx: &Fx) {
         s.create_app("web", "acme").unwrap();
         h1 = s.register_host("ord", "/h1").unwrap().id;
         h2 = s.register_host("ord", "/h2").unwrap().id;
-        for _ in 0..3 {
+        for i in 0..3 {
             let m = new_machine(&*s, "web", h1);
             seen.insert((h1, m.machine_field.unwrap()));
+            assert_eq!(s.machines_per_host().unwrap().get(&h1), Some(&1), "{i}");
             s.transition(&m.id, &[Created], Destroyed).unwrap();
+            // A terminal machine no longer counts for placement.
+            assert_eq!(s.machines_per_host().unwrap().get(&h1), None, "{i}");
         }
         // Per host: the other host starts at its own beginning.
         assert_eq!(s.allocate_machine_field(h2).unwrap(), MachineField(1));
@@ -655,6 +662,10 @@ fn update_machine_and_its_compare_and_set_variant(fx: &Fx) {
     assert_eq!((got.host, got.state), (Some(h2), Starting));
     assert_eq!(s.list_machines_on_host(h2).unwrap(), vec![got.clone()]);
     assert!(s.list_machines_on_host(h1).unwrap().is_empty());
+    assert_eq!(
+        s.machines_per_host().unwrap(),
+        [(h2, 1)].into_iter().collect()
+    );
 
     // The app, and so org and network, cannot change.
     fails_cleanly(fx, "invalid", || {

@@ -310,12 +310,13 @@ async fn lock_and_plan(core: &Core, mig: &mut Migration) -> Step<()> {
 }
 
 fn pick_destination(core: &Core, from: HostId) -> Result<HostId> {
+    let loads = core.store.machines_per_host()?;
     let mut best: Option<(usize, HostId)> = None;
     for h in core.store.list_hosts()? {
         if h.id == from || h.cordoned || h.endpoint.is_empty() {
             continue;
         }
-        let load = core.store.list_machines_on_host(h.id)?.len();
+        let load = loads.get(&h.id).copied().unwrap_or(0);
         if best.is_none_or(|(l, _)| load < l) {
             best = Some((load, h.id));
         }
