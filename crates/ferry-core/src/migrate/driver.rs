@@ -246,14 +246,24 @@ async fn lock_and_plan(core: &Core, mig: &mut Migration) -> Step<()> {
         None => false,
     };
     if !holds {
+        // Registered before the attempt, so a release between the attempt and the wait still
+        // wakes this one.
+        let freed = core.migrations.network_notify(mig.network_id);
+        let notified = freed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         match core.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
             Ok(l) => {
                 mig.lock_nonce = Some(l.nonce);
                 save(core, mig)?;
             }
             Err(StoreError::LockHeld { .. }) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return Ok(()); // wait: another migration of this network runs
+                // Wait: another migration of this network runs. A release by this server wakes
+                // the waiters at once; one by another server (or a holder's expiry) is seen at
+                // the next poll. Polling slowly keeps a big drain's waiters from flooding the
+                // store (each poll is a read and a compare on it).
+                let _ = tokio::time::timeout(LOCK_POLL, notified).await;
+                return Ok(());
             }
             Err(e) => return Err(e.into()),
         }
@@ -915,6 +925,9 @@ fn last_exit(core: &Core, machine: &str) -> String {
 fn finish(core: &Core, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
     if let Some(n) = mig.lock_nonce.take() {
         let _ = core.store.release_lock(&lock_name(mig), &n);
+        core.migrations
+            .network_notify(mig.network_id)
+            .notify_waiters();
     }
     mig.finished_at_ms = Some(core.store.now_ms());
     core.store.add_event(

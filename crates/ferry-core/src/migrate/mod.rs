@@ -38,6 +38,9 @@ const LOCK_TTL_MS: u64 = 15_000;
 /// How long a server's claim on driving a migration outlives its last heartbeat: the longest a
 /// migration waits for another server to take it over after its server died.
 pub const CLAIM_TTL_MS: u64 = 5_000;
+/// How often a migration waiting for its network's lock tries again when nothing woke it (the
+/// lock was released by another server, or its holder died and it expired).
+const LOCK_POLL: Duration = Duration::from_secs(1);
 /// How often every server looks for unfinished migrations nobody drives.
 const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
 /// Transient failures (an agent restarting) are retried this many times before a rollback.
@@ -350,6 +353,21 @@ pub struct InFlight {
     pub(crate) progress: Arc<Mutex<HashMap<String, VolumeProgress>>>,
     /// Migrations that have a driver here.
     pub(crate) driving: Mutex<HashSet<String>>,
+    /// Per network: woken when a migration driven here releases the network's lock, so the
+    /// next one of that network starts at once instead of at its next poll.
+    network_freed: Mutex<HashMap<u32, Arc<tokio::sync::Notify>>>,
+}
+
+impl InFlight {
+    /// What a migration waiting for `network`'s lock waits on.
+    pub(crate) fn network_notify(&self, network: u32) -> Arc<tokio::sync::Notify> {
+        self.network_freed
+            .lock()
+            .unwrap()
+            .entry(network)
+            .or_default()
+            .clone()
+    }
 }
 
 // ---- API --------------------------------------------------------------------------------------
