@@ -114,14 +114,14 @@ pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::
     // watched it.
     for m in core.store.list_machines_on_host(id)? {
         if m.state == S::Started && !req.running.contains(&m.id) {
-            core.store.transition(&m.id, &[S::Started], S::Stopped)?;
-            core.store.add_event(
-                &m.id,
+            let ev = ferry_store::NewEvent::new(
                 "exit",
                 "stopped",
                 "flyd",
                 serde_json::json!({"reason": "not running when its agent restarted"}),
-            )?;
+            );
+            core.store
+                .transition_recorded(&m.id, &[S::Started], S::Stopped, &ev)?;
         } else if m.state == S::Started {
             core.store.add_event(
                 &m.id,

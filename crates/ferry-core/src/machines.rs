@@ -15,8 +15,7 @@ use crate::proto::{
 use crate::views::*;
 use crate::volumes::{put_volume, resolve_volumes, volume};
 use crate::Core;
-use ferry_addr::FleetAddr;
-use ferry_store::{new_instance_id, new_machine_id, Machine, MachineState};
+use ferry_store::{new_instance_id, new_machine_id, Machine, MachineState, NewEvent};
 use std::time::Duration;
 
 use MachineState as S;
@@ -113,9 +112,10 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
     if let Some(image) = req.config.image.clone() {
         req.config.image = Some(crate::images::ensure_on_host(core, &host, &image).await?);
     }
-    let field = core.store.allocate_machine_field(host.id)?;
-    let addr = FleetAddr::primary(app.network_id, host.id, field);
     let id = new_machine_id();
+    let config = serde_json::to_value(&req.config).map_err(Error::internal)?;
+    // The store gives it a field never used on the host and the address from it, and records
+    // the `created` event, in one step.
     let m = Machine {
         id: id.clone(),
         name: req
@@ -126,22 +126,21 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
         network_id: app.network_id,
         host: Some(host.id),
         region: host.region.clone(),
-        machine_field: Some(field),
-        private_ip: Some(addr.to_string()),
+        machine_field: None,
+        private_ip: None,
         instance_id: new_instance_id(),
         state: S::Created,
-        config: serde_json::to_value(&req.config).map_err(Error::internal)?,
+        config: config.clone(),
         created_at_ms: 0,
         updated_at_ms: 0,
     };
-    core.store.create_machine(&m)?;
-    core.store.add_event(
-        &id,
+    let created = NewEvent::new(
         "launch",
         "created",
         "user",
-        serde_json::json!({"config": m.config}),
-    )?;
+        serde_json::json!({"config": config}),
+    );
+    core.store.create_machine_placed(&m, &created)?;
     core.changed();
     let m = if req.skip_launch {
         core.store.get_machine(&id)?
@@ -198,19 +197,20 @@ pub async fn launch(
                     put_volume(core, &v)?;
                 }
             }
-            m = core.store.transition(id, &[S::Starting], S::Started)?;
-            core.store
-                .add_event(id, "start", "started", "flyd", serde_json::json!({}))?;
+            let started = NewEvent::new("start", "started", "flyd", serde_json::json!({}));
+            m = core
+                .store
+                .transition_recorded(id, &[S::Starting], S::Started, &started)?;
         }
         Err(e) => {
-            core.store.transition(id, &[S::Starting], S::Failed)?;
-            core.store.add_event(
-                id,
+            let failed = NewEvent::new(
                 "start",
                 "failed",
                 "flyd",
                 serde_json::json!({"error": e.message}),
-            )?;
+            );
+            core.store
+                .transition_recorded(id, &[S::Starting], S::Failed, &failed)?;
             core.changed();
             return Err(e);
         }
@@ -277,31 +277,32 @@ pub async fn stop_inner(
     let exit: ExitInfo = match core.agents.stop(&ep, id, &params).await {
         Ok(e) => e,
         Err(e) => {
-            core.store.transition(id, &[S::Stopping], S::Failed)?;
-            core.store.add_event(
-                id,
+            let failed = NewEvent::new(
                 "exit",
                 "failed",
                 "flyd",
                 serde_json::json!({"error": e.message}),
-            )?;
+            );
+            core.store
+                .transition_recorded(id, &[S::Stopping], S::Failed, &failed)?;
             core.changed();
             return Err(e);
         }
     };
-    let m = core.store.transition(id, &[S::Stopping], next)?;
     let ended_by = if exit.escalated_to_sigkill {
         "SIGKILL after timeout".to_owned()
     } else {
         params.signal.clone()
     };
-    core.store.add_event(
-        id,
+    let stopped = NewEvent::new(
         "exit",
         "stopped",
         "flyd",
         serde_json::json!({"exit_event": exit, "signal": params.signal, "timeout_ms": params.timeout_ms, "ended_by": ended_by}),
-    )?;
+    );
+    let m = core
+        .store
+        .transition_recorded(id, &[S::Stopping], next, &stopped)?;
     core.changed();
     Ok((m, exit))
 }
@@ -370,9 +371,10 @@ pub async fn destroy_machine(
     core.changed();
     let ep = machine_endpoint(core, &m)?;
     core.agents.destroy(&ep, id).await?;
-    let m = core.store.transition(id, &[S::Destroying], S::Destroyed)?;
-    core.store
-        .add_event(id, "destroy", "destroyed", "user", serde_json::json!({}))?;
+    let destroyed = NewEvent::new("destroy", "destroyed", "user", serde_json::json!({}));
+    let m = core
+        .store
+        .transition_recorded(id, &[S::Destroying], S::Destroyed, &destroyed)?;
     core.changed();
     Ok(MachineView::new(&m, None))
 }
@@ -545,17 +547,25 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
     // `started` by the server's own hand when the agent answers. Refusing those reports would
     // lose them (the agent reports a check only when its result changes).
     let news = r.kind != "check" && !(to == S::Started && m.state == S::Starting);
-    if to != m.state && news {
-        // Only a running machine can change by itself; anything else is the server's doing.
-        core.store.transition(&m.id, &[S::Started], to)?;
-    }
-    core.store.add_event(
-        &m.id,
+    let ev = NewEvent::new(
         &r.kind,
         &r.state,
         "flyd",
         serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
-    )?;
+    );
+    if to != m.state && news {
+        // Only a running machine can change by itself; anything else is the server's doing.
+        core.store
+            .transition_recorded(&m.id, &[S::Started], to, &ev)?;
+    } else {
+        core.store.add_event(
+            &m.id,
+            &ev.r#type,
+            &ev.status,
+            &ev.source,
+            ev.request.clone(),
+        )?;
+    }
     core.changed();
     Ok(serde_json::json!({"ok": true}))
 }

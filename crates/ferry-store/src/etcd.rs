@@ -66,7 +66,9 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
-use crate::model::{new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, Org};
+use crate::model::{
+    new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, NewEvent, Org,
+};
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
     PolicyRecord, VolumeRecord,
@@ -79,8 +81,8 @@ use etcd_client::{
     TxnOpResponse,
 };
 use ferry_addr::{
-    AllocatorState, HostAllocator, HostId, MachineAllocator, MachineField, NetworkAllocator,
-    NetworkId,
+    AllocatorState, FleetAddr, HostAllocator, HostId, MachineAllocator, MachineField,
+    NetworkAllocator, NetworkId,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -1045,6 +1047,77 @@ fn update_machine_tx(
     Ok(next)
 }
 
+/// A machine field never used on `host` (see [`Store::allocate_machine_field`]).
+fn allocate_field_tx(tx: &mut Tx<'_>, host: HostId) -> Result<MachineField> {
+    let key = machine_alloc(host);
+    tx.prefetch(&[host_key(host), key.clone()])?;
+    load_host(tx, host)?;
+    let mut a = load_alloc(tx, &key)?
+        .map(MachineAllocator::restore)
+        .unwrap_or_default();
+    let field = a.allocate()?;
+    tx.put(&key, &a.state())?;
+    Ok(field)
+}
+
+fn create_machine_tx(tx: &mut Tx<'_>, m: &Machine) -> Result<Machine> {
+    tx.prefetch(&machine_keys(m))?;
+    if tx.get(&machine_key(&m.id))?.is_some() {
+        return Err(StoreError::MachineExists { id: m.id.clone() });
+    }
+    check_etcd_machine(tx, m)?;
+    let stored = Machine {
+        created_at_ms: tx.now,
+        updated_at_ms: tx.now,
+        ..m.clone()
+    };
+    tx.put_raw(&machine_app_idx(&m.app, &m.id), Vec::new());
+    write_machine(tx, &stored, None)?;
+    Ok(stored)
+}
+
+fn transition_tx(
+    tx: &mut Tx<'_>,
+    id: &str,
+    allowed_from: &[MachineState],
+    to: MachineState,
+) -> Result<Machine> {
+    let cur = load_machine(tx, id)?;
+    if !allowed_from.contains(&cur.state) {
+        return Err(StoreError::IllegalTransition {
+            id: id.to_owned(),
+            from: cur.state,
+            to,
+        });
+    }
+    let next = Machine {
+        state: to,
+        updated_at_ms: tx.now.max(cur.updated_at_ms),
+        ..cur.clone()
+    };
+    move_live_idx(tx, Some(&cur), &next);
+    tx.put(&machine_key(id), &next)?;
+    Ok(next)
+}
+
+/// Appends `ev` to the machine's log in this transaction. Its ID is the revision the
+/// transaction commits at: increasing fleet-wide in commit order, with no counter key for
+/// every writer to fight over.
+fn put_event(tx: &mut Tx<'_>, machine_id: &str, ev: &NewEvent) -> Result<EventRow> {
+    let row = EventRow {
+        r#type: ev.r#type.clone(),
+        status: ev.status.clone(),
+        source: ev.source.clone(),
+        timestamp_ms: tx.now,
+        request: ev.request.clone(),
+    };
+    tx.put(
+        &format!("{}{}", events_prefix(machine_id), new_nonce()),
+        &row,
+    )?;
+    Ok(row)
+}
+
 fn machine_exists(tx: &mut Tx<'_>, id: &str) -> Result<()> {
     load_machine(tx, id).map(drop)
 }
@@ -1319,35 +1392,36 @@ impl Store for EtcdStore {
     }
 
     fn allocate_machine_field(&self, host: HostId) -> Result<MachineField> {
-        self.write(|tx| {
-            let key = machine_alloc(host);
-            tx.prefetch(&[host_key(host), key.clone()])?;
-            load_host(tx, host)?;
-            let mut a = load_alloc(tx, &key)?
-                .map(MachineAllocator::restore)
-                .unwrap_or_default();
-            let field = a.allocate()?;
-            tx.put(&key, &a.state())?;
-            Ok(field)
-        })
+        self.write(|tx| allocate_field_tx(tx, host))
     }
 
     // ---- machines ---------------------------------------------------------------------------
 
     fn create_machine(&self, m: &Machine) -> Result<Machine> {
+        self.write(|tx| create_machine_tx(tx, m))
+    }
+
+    fn create_machine_placed(&self, m: &Machine, event: &NewEvent) -> Result<Machine> {
         self.write(|tx| {
-            tx.prefetch(&machine_keys(m))?;
-            if tx.get(&machine_key(&m.id))?.is_some() {
-                return Err(StoreError::MachineExists { id: m.id.clone() });
-            }
-            check_etcd_machine(tx, m)?;
-            let stored = Machine {
-                created_at_ms: tx.now,
-                updated_at_ms: tx.now,
+            let host = m
+                .host
+                .ok_or_else(|| invalid(format!("machine {} has no host to be placed on", m.id)))?;
+            let key = machine_alloc(host);
+            tx.prefetch(&[
+                host_key(host),
+                key.clone(),
+                app_key(&m.app),
+                machine_key(&m.id),
+            ])?;
+            let app = load_app(tx, &m.app)?;
+            let field = allocate_field_tx(tx, host)?;
+            let placed = Machine {
+                machine_field: Some(field),
+                private_ip: Some(FleetAddr::primary(app.network_id, host, field).to_string()),
                 ..m.clone()
             };
-            tx.put_raw(&machine_app_idx(&m.app, &m.id), Vec::new());
-            write_machine(tx, &stored, None)?;
+            let stored = create_machine_tx(tx, &placed)?;
+            put_event(tx, &m.id, event)?;
             Ok(stored)
         })
     }
@@ -1403,23 +1477,20 @@ impl Store for EtcdStore {
         allowed_from: &[MachineState],
         to: MachineState,
     ) -> Result<Machine> {
+        self.write(|tx| transition_tx(tx, id, allowed_from, to))
+    }
+
+    fn transition_recorded(
+        &self,
+        id: &str,
+        allowed_from: &[MachineState],
+        to: MachineState,
+        event: &NewEvent,
+    ) -> Result<Machine> {
         self.write(|tx| {
-            let cur = load_machine(tx, id)?;
-            if !allowed_from.contains(&cur.state) {
-                return Err(StoreError::IllegalTransition {
-                    id: id.to_owned(),
-                    from: cur.state,
-                    to,
-                });
-            }
-            let next = Machine {
-                state: to,
-                updated_at_ms: tx.now.max(cur.updated_at_ms),
-                ..cur.clone()
-            };
-            move_live_idx(tx, Some(&cur), &next);
-            tx.put(&machine_key(id), &next)?;
-            Ok(next)
+            let m = transition_tx(tx, id, allowed_from, to)?;
+            put_event(tx, id, event)?;
+            Ok(m)
         })
     }
 
@@ -1435,20 +1506,10 @@ impl Store for EtcdStore {
     ) -> Result<Event> {
         // The event's ID is the etcd revision that created it: increasing fleet-wide in commit
         // order, with no counter key for every writer to fight over.
+        let new = NewEvent::new(r#type, status, source, request);
         let (ev, rev) = self.write_rev(|tx| {
             machine_exists(tx, machine_id)?;
-            let row = EventRow {
-                r#type: r#type.to_owned(),
-                status: status.to_owned(),
-                source: source.to_owned(),
-                timestamp_ms: tx.now,
-                request: request.clone(),
-            };
-            tx.put(
-                &format!("{}{}", events_prefix(machine_id), new_nonce()),
-                &row,
-            )?;
-            Ok(row)
+            put_event(tx, machine_id, &new)
         })?;
         Ok(Event {
             id: rev,

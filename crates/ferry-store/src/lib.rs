@@ -66,7 +66,7 @@ pub use error::{Result, StoreError};
 pub use etcd::EtcdStore;
 pub use model::{
     is_machine_id, new_instance_id, new_machine_id, App, Event, Host, Lease, Lock, Machine,
-    MachineState, Org, ParseStateError,
+    MachineState, NewEvent, Org, ParseStateError,
 };
 pub use open::{open, open_with_clock, DEFAULT_ETCD_PREFIX};
 pub use records::{
@@ -125,6 +125,11 @@ pub trait Store: Send + Sync {
     /// (else [`StoreError::Invalid`]); `id` must be a 14-hex-char ID not used before; timestamps
     /// are set from the clock. Returns the stored machine.
     fn create_machine(&self, m: &Machine) -> Result<Machine>;
+    /// [`Store::create_machine`] for a new machine on `m.host`, in one transaction with what
+    /// goes with it: a machine field never used on that host (as
+    /// [`Store::allocate_machine_field`]), the machine's primary address from it
+    /// (`m.machine_field` and `m.private_ip` are set here), and `event` as its first event.
+    fn create_machine_placed(&self, m: &Machine, event: &NewEvent) -> Result<Machine>;
     fn get_machine(&self, id: &str) -> Result<Machine>;
     /// Machines that are not terminal (destroyed/migrated), of one app or all, oldest first.
     fn list_machines(&self, app: Option<&str>) -> Result<Vec<Machine>>;
@@ -152,6 +157,15 @@ pub trait Store: Send + Sync {
         id: &str,
         allowed_from: &[MachineState],
         to: MachineState,
+    ) -> Result<Machine>;
+    /// [`Store::transition`] and `event` appended to the machine's log, in one transaction:
+    /// both or neither.
+    fn transition_recorded(
+        &self,
+        id: &str,
+        allowed_from: &[MachineState],
+        to: MachineState,
+        event: &NewEvent,
     ) -> Result<Machine>;
 
     // ---- events -----------------------------------------------------------------------------

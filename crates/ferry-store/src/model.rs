@@ -138,6 +138,27 @@ pub struct Machine {
     pub updated_at_ms: i64,
 }
 
+/// An event to record together with a change of its machine, in the same transaction (see
+/// [`crate::Store::create_machine_placed`] and [`crate::Store::transition_recorded`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub r#type: String,
+    pub status: String,
+    pub source: String,
+    pub request: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(r#type: &str, status: &str, source: &str, request: serde_json::Value) -> Self {
+        NewEvent {
+            r#type: r#type.to_owned(),
+            status: status.to_owned(),
+            source: source.to_owned(),
+            request,
+        }
+    }
+}
+
 /// One entry of a machine's event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

@@ -9,7 +9,7 @@
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::model::{
-    is_machine_id, new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, Org,
+    is_machine_id, new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, NewEvent, Org,
 };
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
@@ -649,6 +649,92 @@ fn live_lock(tx: &Transaction<'_>, name: &str, now: i64) -> Result<Option<Lock>>
         .filter(|l| now < l.expires_at_ms))
 }
 
+/// A machine field never used on `host` (see [`Store::allocate_machine_field`]).
+fn allocate_field_tx(tx: &Transaction<'_>, host: HostId) -> Result<MachineField> {
+    load_host(tx, host)?;
+    let key = machine_alloc_key(host);
+    let mut a = load_alloc(tx, &key)?
+        .map(MachineAllocator::restore)
+        .unwrap_or_default();
+    let field = a.allocate()?;
+    save_alloc(tx, &key, a.state())?;
+    Ok(field)
+}
+
+fn create_machine_tx(tx: &Transaction<'_>, m: &Machine, now: i64) -> Result<Machine> {
+    match load_machine(tx, &m.id) {
+        Ok(_) => return Err(StoreError::MachineExists { id: m.id.clone() }),
+        Err(StoreError::MachineNotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    validate_machine(tx, m)?;
+    tx.execute(
+        "INSERT INTO machines (id, name, app, region, instance_id, state, config,
+            created_at_ms, updated_at_ms)
+         VALUES (?1, '', ?2, '', '', 'created', 'null', ?3, ?3)",
+        params![m.id, m.app, now],
+    )?;
+    write_machine(tx, m, now)?;
+    load_machine(tx, &m.id)
+}
+
+fn transition_tx(
+    tx: &Transaction<'_>,
+    id: &str,
+    allowed_from: &[MachineState],
+    to: MachineState,
+    now: i64,
+) -> Result<Machine> {
+    let cur = load_machine(tx, id)?;
+    if !allowed_from.contains(&cur.state) {
+        return Err(StoreError::IllegalTransition {
+            id: id.to_owned(),
+            from: cur.state,
+            to,
+        });
+    }
+    let updated_at_ms = now.max(cur.updated_at_ms);
+    tx.execute(
+        "UPDATE machines SET state = ?2, updated_at_ms = ?3 WHERE id = ?1",
+        params![id, to.as_str(), updated_at_ms],
+    )?;
+    Ok(Machine {
+        state: to,
+        updated_at_ms,
+        ..cur
+    })
+}
+
+/// Appends `ev` to an existing machine's log.
+fn insert_event_tx(
+    tx: &Transaction<'_>,
+    machine_id: &str,
+    ev: &NewEvent,
+    now: i64,
+) -> Result<Event> {
+    tx.execute(
+        "INSERT INTO events (machine_id, type, status, source, timestamp_ms, request)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            machine_id,
+            ev.r#type,
+            ev.status,
+            ev.source,
+            now,
+            serde_json::to_string(&ev.request)?
+        ],
+    )?;
+    Ok(Event {
+        id: tx.last_insert_rowid(),
+        machine_id: machine_id.to_owned(),
+        r#type: ev.r#type.clone(),
+        status: ev.status.clone(),
+        source: ev.source.clone(),
+        timestamp_ms: now,
+        request: ev.request.clone(),
+    })
+}
+
 fn machine_exists(tx: &Transaction<'_>, id: &str) -> Result<()> {
     let found: Option<i64> = tx
         .query_row("SELECT 1 FROM machines WHERE id = ?1", [id], |r| r.get(0))
@@ -830,36 +916,30 @@ impl Store for SqliteStore {
     }
 
     fn allocate_machine_field(&self, host: HostId) -> Result<MachineField> {
-        self.write(|tx, _| {
-            load_host(tx, host)?;
-            let key = machine_alloc_key(host);
-            let mut a = load_alloc(tx, &key)?
-                .map(MachineAllocator::restore)
-                .unwrap_or_default();
-            let field = a.allocate()?;
-            save_alloc(tx, &key, a.state())?;
-            Ok(field)
-        })
+        self.write(|tx, _| allocate_field_tx(tx, host))
     }
 
     // ---- machines -------------------------------------------------------------------------
 
     fn create_machine(&self, m: &Machine) -> Result<Machine> {
+        self.write(|tx, now| create_machine_tx(tx, m, now))
+    }
+
+    fn create_machine_placed(&self, m: &Machine, event: &NewEvent) -> Result<Machine> {
         self.write(|tx, now| {
-            match load_machine(tx, &m.id) {
-                Ok(_) => return Err(StoreError::MachineExists { id: m.id.clone() }),
-                Err(StoreError::MachineNotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-            validate_machine(tx, m)?;
-            tx.execute(
-                "INSERT INTO machines (id, name, app, region, instance_id, state, config,
-                    created_at_ms, updated_at_ms)
-                 VALUES (?1, '', ?2, '', '', 'created', 'null', ?3, ?3)",
-                params![m.id, m.app, now],
-            )?;
-            write_machine(tx, m, now)?;
-            load_machine(tx, &m.id)
+            let host = m
+                .host
+                .ok_or_else(|| invalid(format!("machine {} has no host to be placed on", m.id)))?;
+            let app = load_app(tx, &m.app)?;
+            let field = allocate_field_tx(tx, host)?;
+            let placed = Machine {
+                machine_field: Some(field),
+                private_ip: Some(FleetAddr::primary(app.network_id, host, field).to_string()),
+                ..m.clone()
+            };
+            let stored = create_machine_tx(tx, &placed, now)?;
+            insert_event_tx(tx, &m.id, event, now)?;
+            Ok(stored)
         })
     }
 
@@ -928,25 +1008,20 @@ impl Store for SqliteStore {
         allowed_from: &[MachineState],
         to: MachineState,
     ) -> Result<Machine> {
+        self.write(|tx, now| transition_tx(tx, id, allowed_from, to, now))
+    }
+
+    fn transition_recorded(
+        &self,
+        id: &str,
+        allowed_from: &[MachineState],
+        to: MachineState,
+        event: &NewEvent,
+    ) -> Result<Machine> {
         self.write(|tx, now| {
-            let cur = load_machine(tx, id)?;
-            if !allowed_from.contains(&cur.state) {
-                return Err(StoreError::IllegalTransition {
-                    id: id.to_owned(),
-                    from: cur.state,
-                    to,
-                });
-            }
-            let updated_at_ms = now.max(cur.updated_at_ms);
-            tx.execute(
-                "UPDATE machines SET state = ?2, updated_at_ms = ?3 WHERE id = ?1",
-                params![id, to.as_str(), updated_at_ms],
-            )?;
-            Ok(Machine {
-                state: to,
-                updated_at_ms,
-                ..cur
-            })
+            let m = transition_tx(tx, id, allowed_from, to, now)?;
+            insert_event_tx(tx, id, event, now)?;
+            Ok(m)
         })
     }
 
@@ -960,29 +1035,10 @@ impl Store for SqliteStore {
         source: &str,
         request: serde_json::Value,
     ) -> Result<Event> {
+        let ev = NewEvent::new(r#type, status, source, request);
         self.write(|tx, now| {
             machine_exists(tx, machine_id)?;
-            tx.execute(
-                "INSERT INTO events (machine_id, type, status, source, timestamp_ms, request)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    machine_id,
-                    r#type,
-                    status,
-                    source,
-                    now,
-                    serde_json::to_string(&request)?
-                ],
-            )?;
-            Ok(Event {
-                id: tx.last_insert_rowid(),
-                machine_id: machine_id.to_owned(),
-                r#type: r#type.to_owned(),
-                status: status.to_owned(),
-                source: source.to_owned(),
-                timestamp_ms: now,
-                request,
-            })
+            insert_event_tx(tx, machine_id, &ev, now)
         })
     }
 

@@ -687,6 +687,81 @@ fn update_machine_and_its_compare_and_set_variant(fx: &Fx) {
     assert_eq!(s.list_machines_all(Some("web")).unwrap().len(), 1);
 }
 
+/// A machine placed and created with its first event, and a transition with its event: each
+/// one step, both parts or neither.
+fn placed_creates_and_recorded_transitions_are_one_step(fx: &Fx) {
+    let s = fx.open();
+    let app = s.create_app("web", "acme").unwrap();
+    let host = s.register_host("ord", "/h1").unwrap().id;
+    let template = |id: &str| Machine {
+        id: id.to_owned(),
+        name: "m".into(),
+        app: "web".into(),
+        org: app.org.clone(),
+        network_id: app.network_id,
+        host: Some(host),
+        region: "ord".into(),
+        machine_field: None,
+        private_ip: None,
+        instance_id: new_instance_id(),
+        state: Created,
+        config: json!({"init": {"cmd": ["sleep", "inf"]}}),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    let created = NewEvent::new("launch", "created", "user", json!({"n": 1}));
+    let a = s
+        .create_machine_placed(&template(&new_machine_id()), &created)
+        .unwrap();
+    let b = s
+        .create_machine_placed(&template(&new_machine_id()), &created)
+        .unwrap();
+    let (fa, fb) = (a.machine_field.unwrap(), b.machine_field.unwrap());
+    assert_ne!(fa, fb, "a field is handed out once");
+    assert_ne!(s.allocate_machine_field(host).unwrap(), fb);
+    assert_eq!(
+        a.private_ip.as_deref(),
+        Some(
+            FleetAddr::primary(app.network_id, host, fa)
+                .to_string()
+                .as_str()
+        )
+    );
+    assert_eq!(s.get_machine(&a.id).unwrap(), a);
+    let evs = s.events(&a.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].r#type.as_str(), evs[0].status.as_str()),
+        ("launch", "created")
+    );
+    assert_eq!(evs[0].request, json!({"n": 1}));
+
+    // Refused: nothing placed, no field burned, no event.
+    fails_cleanly(fx, "conflict", || {
+        s.create_machine_placed(&template(&a.id), &created)
+    });
+    fails_cleanly(fx, "not_found", || {
+        let mut m = template(&new_machine_id());
+        m.host = Some(HostId::new(u32::MAX).unwrap());
+        s.create_machine_placed(&m, &created)
+    });
+
+    let started = NewEvent::new("start", "started", "flyd", json!({}));
+    let m = s
+        .transition_recorded(&a.id, &[Created], Started, &started)
+        .unwrap();
+    assert_eq!(m.state, Started);
+    let evs = s.events(&a.id).unwrap();
+    assert_eq!(evs.len(), 2);
+    assert!(evs[0].id < evs[1].id, "{evs:?}");
+    assert_eq!(evs[1].status, "started");
+    // An illegal transition records no event either.
+    fails_cleanly(fx, "illegal_transition", || {
+        s.transition_recorded(&a.id, &[Created], Stopped, &started)
+    });
+    assert_eq!(s.events(&a.id).unwrap().len(), 2);
+}
+
 #[test]
 fn in_memory_store_works_and_ids_have_their_shapes() {
     let s = SqliteStore::in_memory().unwrap();
@@ -738,6 +813,7 @@ macro_rules! conformance {
 
 conformance!(
     data_survive_reopen,
+    placed_creates_and_recorded_transitions_are_one_step,
     network_ids_never_repeat_across_reopen,
     host_ids_never_repeat_across_reopen_and_put_host_burns_its_id,
     machine_fields_never_repeat_across_reopen_and_destroy,
