@@ -212,6 +212,20 @@ fn bridge_scenario(mode: &str) {
         .as_str()
         .unwrap()
         .starts_with("fleet://app/"));
+    assert_eq!(doc["owners"]["source"], "api", "{doc}");
+    assert_eq!(doc["files"], Value::Null);
+    // Files, without --fleet and without --owners: the owners still come from the API.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pg.env"), format!("PEER=[{old}]:5432\n")).unwrap();
+    let out = dev.cli(&["sweep", "--json", dir.path().to_str().unwrap()]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["owners"]["source"], "api", "{doc}");
+    assert_eq!(doc["fleet"], Value::Null, "configs only with --fleet");
+    assert_eq!(
+        doc["files"]["hits"][0]["owner"]["machine_id"].as_str(),
+        Some(srv_id),
+        "{doc}"
+    );
 
     // The feature gate: off for the client's app, on again.
     dev.ok(

@@ -17,10 +17,18 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// A port nothing listens on (bound, then released): where these sweeps look for an API, so
+/// they run offline whatever else runs on this machine.
+fn dead_api() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
 fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .arg("sweep")
         .args(args)
+        .env("FERRY_API", dead_api())
         .output()
         .unwrap()
 }
@@ -71,6 +79,9 @@ fn literals_exit_one_with_json() {
     ]);
     assert_eq!(code(&o), 1, "{}", String::from_utf8_lossy(&o.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["owners"]["source"], "file", "{doc}");
+    assert_eq!(doc["fleet"], serde_json::Value::Null);
+    let doc = &doc["files"];
     let hits = doc["hits"].as_array().unwrap();
     assert_eq!(hits.len(), 2);
     assert_eq!(hits[0]["line"], 1);
@@ -99,6 +110,43 @@ fn literals_exit_one_with_json() {
         "{out}"
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("note: skipped"));
+}
+
+/// Without --owners, a sweep asks the API; one that does not answer makes it run offline, and
+/// it says so (in the JSON, whose shape does not change, and as a note).
+#[test]
+fn offline_sweeps_say_so() {
+    let dir = scratch("offline");
+    std::fs::write(dir.join("db.env"), format!("PRIMARY=[{PG}]:5432\n")).unwrap();
+    let o = ferry(&["--json", dir.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["owners"]["source"], "none", "{doc}");
+    let detail = doc["owners"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("no ferry API answered at http://127.0.0.1:"),
+        "{detail}"
+    );
+    assert_eq!(doc["files"]["hits"][0]["owner"]["kind"], "unknown");
+    let o = ferry(&["--offline", "--json", dir.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        doc["owners"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--offline"),
+        "{doc}"
+    );
+    let o = ferry(&[dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("note: owners: ran offline"), "{err}");
+    // Rewriting needs owners: refused, nothing changed.
+    let o = ferry(&["--rewrite", dir.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("db.env")).unwrap(),
+        format!("PRIMARY=[{PG}]:5432\n")
+    );
 }
 
 #[test]

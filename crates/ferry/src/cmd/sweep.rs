@@ -26,14 +26,18 @@ pub struct SweepArgs {
     paths: Vec<PathBuf>,
     /// Machine list naming the owners of addresses:
     /// {"machines":[{"id","app","private_ip","old_ips":[...]}]} (what the machines API returns).
+    /// Without it, the owners come from the API (--api) when one answers.
     #[arg(long, value_name = "FILE")]
     owners: Option<PathBuf>,
+    /// Do not ask the API for owners (hits are then reported with unknown owners).
+    #[arg(long, conflicts_with_all = ["owners", "fleet"])]
+    offline: bool,
     /// Also sweep every machine's config and env through the machines API, and take the owners
     /// from it: each machine's current address, and as old addresses those the bridge maps to
     /// it. Machine configs are reported as `fleet://<app>/<id>`; they are never rewritten here.
     #[arg(long)]
     fleet: bool,
-    /// The ferry API, for --fleet.
+    /// The ferry API: owners of addresses (unless --owners or --offline), and --fleet.
     #[arg(long, env = "FERRY_API", default_value = "http://127.0.0.1:4280")]
     api: String,
     /// Replace each literal whose owner is known with `<id>.vm.<app>.internal`, keeping a backup.
@@ -51,7 +55,9 @@ pub struct SweepArgs {
     /// Scanning threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// One JSON document ({hits, skipped, changes, summary}) instead of human output.
+    /// One JSON document instead of human output, always of one shape:
+    /// {"owners": {"source": "file"|"api"|"none", "detail"}, "files": REPORT|null,
+    /// "fleet": REPORT|null}, each REPORT {hits, skipped, changes, summary}.
     #[arg(long)]
     json: bool,
 }
@@ -75,19 +81,62 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Where this sweep's owners came from, as the output says it.
+#[derive(serde::Serialize)]
+struct OwnersSource {
+    /// `file` (--owners), `api` (the machines API answered), `none` (ran offline).
+    source: &'static str,
+    detail: String,
+}
+
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
-    let fleet = if args.fleet {
-        Some(fleet_snapshot(&args.api)?)
+    // The fleet's view: required with --fleet; otherwise the default source of owners, and a
+    // sweep whose API does not answer runs offline (and says so).
+    let (fleet, offline_reason) = if args.fleet {
+        (Some(fleet_snapshot(&args.api, true)?), None)
+    } else if args.owners.is_some() {
+        (None, None)
+    } else if args.offline {
+        (None, Some("--offline".to_owned()))
     } else {
-        None
-    };
-    let owners: Box<dyn OwnerIndex> = match (&args.owners, &fleet) {
-        (Some(path), _) => Box::new(MachineIndex::load(path)?),
-        (None, Some(f)) => Box::new(MachineIndex::from_machines(f.records.clone())?),
-        (None, None) if args.rewrite => {
-            anyhow::bail!("--rewrite needs to know the owners: pass --owners FILE or --fleet")
+        match fleet_snapshot(&args.api, false) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (
+                None,
+                Some(format!("no ferry API answered at {}: {e:#}", args.api)),
+            ),
         }
-        (None, None) => Box::new(NoOwners),
+    };
+    let (owners, source): (Box<dyn OwnerIndex>, OwnersSource) = match (&args.owners, &fleet) {
+        (Some(path), _) => (
+            Box::new(MachineIndex::load(path)?),
+            OwnersSource {
+                source: "file",
+                detail: path.display().to_string(),
+            },
+        ),
+        (None, Some(f)) => (
+            Box::new(MachineIndex::from_machines(f.records.clone())?),
+            OwnersSource {
+                source: "api",
+                detail: format!("{} ({} machines)", args.api, f.records.len()),
+            },
+        ),
+        (None, None) if args.rewrite => anyhow::bail!(
+            "--rewrite needs to know the owners: pass --owners FILE, or run where the API \
+             answers ({})",
+            offline_reason.unwrap_or_default()
+        ),
+        (None, None) => (
+            Box::new(NoOwners),
+            OwnersSource {
+                source: "none",
+                detail: format!(
+                    "ran offline, owners unknown ({})",
+                    offline_reason.unwrap_or_default()
+                ),
+            },
+        ),
     };
     let rewrite = args.rewrite.then(|| RewriteOptions {
         dry_run: args.dry_run,
@@ -112,7 +161,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     // Machine configs: scanned as files of a scratch directory, reported as fleet://<app>/<id>,
     // never rewritten (a config changes through the API, as a new machine version).
     let mut fleet_out = None;
-    if let Some(f) = &fleet {
+    if let Some(f) = fleet.as_ref().filter(|_| args.fleet) {
         let scan = Options {
             max_file_size: args.max_file_size,
             threads: args.threads,
@@ -140,18 +189,19 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut code = 0u8;
     if args.json {
-        let doc = match (&fleet_out, &files) {
-            (None, Some(r)) => r.to_json(),
-            (Some(f), r) => format!(
-                "{{\"fleet\": {}, \"files\": {}}}",
-                f.1,
-                r.as_ref()
-                    .map(|r| r.to_json())
-                    .unwrap_or_else(|| "null".into())
-            ),
-            (None, None) => unreachable!("clap requires paths unless --fleet"),
+        let raw = |r: Option<&str>| match r {
+            Some(j) => serde_json::from_str::<serde_json::Value>(j).unwrap_or_default(),
+            None => serde_json::Value::Null,
         };
-        let _ = writeln!(stdout, "{doc}");
+        let files_json = files.as_ref().map(|r| r.to_json());
+        let doc = serde_json::json!({
+            "owners": source,
+            "files": raw(files_json.as_deref()),
+            "fleet": raw(fleet_out.as_ref().map(|f| f.1.as_str())),
+        });
+        let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&doc)?);
+    } else if source.source != "file" {
+        let _ = writeln!(std::io::stderr(), "note: owners: {}", source.detail);
     }
     if let Some((c, _, out, err)) = &fleet_out {
         code = code.max(*c);
@@ -177,7 +227,8 @@ struct FleetSnapshot {
     dir: tempfile::TempDir,
 }
 
-fn fleet_snapshot(api: &str) -> anyhow::Result<FleetSnapshot> {
+/// The fleet's owners (and, with `configs`, every machine's config as a scratch file).
+fn fleet_snapshot(api: &str, configs: bool) -> anyhow::Result<FleetSnapshot> {
     use anyhow::Context;
     let c = super::client::Client::new(&super::client::ApiArgs {
         api: api.to_owned(),
@@ -189,9 +240,11 @@ fn fleet_snapshot(api: &str) -> anyhow::Result<FleetSnapshot> {
     for a in apps {
         let ms = c.list_machines(&a.name, false)?;
         for m in ms {
-            let d = dir.path().join(&m.app);
-            std::fs::create_dir_all(&d)?;
-            std::fs::write(d.join(&m.id), serde_json::to_string_pretty(&m.config)?)?;
+            if configs {
+                let d = dir.path().join(&m.app);
+                std::fs::create_dir_all(&d)?;
+                std::fs::write(d.join(&m.id), serde_json::to_string_pretty(&m.config)?)?;
+            }
             if let Some(ip) = m.private_ip {
                 records.push(ferry_sweep::MachineRecord {
                     id: m.id,

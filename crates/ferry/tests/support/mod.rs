@@ -24,6 +24,26 @@ pub struct Dev {
     pub env: Vec<(String, String)>,
     child: Option<Child>,
     http: reqwest::blocking::Client,
+    /// With `FERRY_TEST_STORE=etcd`: the etcd this fleet's state lives in (under its own key
+    /// prefix), kept up while the fleet lives; dropped after it.
+    _etcd: Option<std::sync::Arc<ferry_store::testing::EtcdCluster>>,
+}
+
+/// `FERRY_TEST_STORE=etcd` runs every dev fleet of the tests on etcd instead of SQLite (the
+/// test script runs the end-to-end tests once more so), unless the test chose a store itself.
+fn test_store(
+    name: &str,
+    extra: &mut Vec<String>,
+) -> Option<std::sync::Arc<ferry_store::testing::EtcdCluster>> {
+    if std::env::var("FERRY_TEST_STORE").as_deref() != Ok("etcd")
+        || extra.iter().any(|a| a == "--store")
+    {
+        return None;
+    }
+    let etcd = ferry_store::testing::shared_etcd();
+    extra.push("--store".into());
+    extra.push(etcd.url(name));
+    Some(etcd)
 }
 
 fn free_port() -> u16 {
@@ -54,13 +74,15 @@ impl Dev {
         );
         let state = std::env::temp_dir().join(format!("ferry-test-{name}"));
         let _ = std::fs::remove_dir_all(&state);
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let etcd = test_store(&name, &mut extra);
         let mut d = Dev {
             name,
             api: String::new(),
             dns: String::new(),
             state,
             hosts,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -70,6 +92,7 @@ impl Dev {
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap(),
+            _etcd: etcd,
         };
         d.boot();
         d
