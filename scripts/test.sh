@@ -10,6 +10,9 @@ cargo fmt --all -- --check
 bash scripts/check-doc-anchors.sh
 cargo clippy -q --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The end-to-end tests of the control plane once more, every dev fleet's state on etcd (a
+# single-member etcd started by the tests themselves) instead of SQLite.
+FERRY_TEST_STORE=etcd cargo test -p ferry --test machines --test migrate --test volumes --test bridge
 # Nothing of ours may be left behind by the tests.
 left=$(ip netns list | grep -c '^ferry-' || true)
 if [ "$left" -ne 0 ]; then

@@ -119,7 +119,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
                 args.name
             );
         }
-        if !args.state_dir.join("ferry.db").exists() {
+        // (Only the default store lives in the state directory; a `--store` is found by URL.)
+        if args.store.is_none() && !args.state_dir.join("ferry.db").exists() {
             bail!(
                 "a fleet named {:?} exists on this machine but {} has no store for it: run \
                  `ferry dev clean`, or use another --name or --state-dir",
