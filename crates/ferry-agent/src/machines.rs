@@ -647,6 +647,25 @@ impl Agent {
         Ok(())
     }
 
+    fn signal(&self, id: &str, req: &ferry_core::proto::SignalMachine) -> Result<(), AgentError> {
+        let sig = ferry_runtime::parse_signal(&req.signal)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let running = self
+            .machines
+            .lock()
+            .unwrap()
+            .get(id)
+            .ok_or_else(|| AgentError::UnknownMachine(id.into()))?
+            .running
+            .clone()
+            .filter(|r| !r.exited())
+            .ok_or_else(|| AgentError::NotRunning(id.into()))?;
+        match running.signal(sig) {
+            Err(ferry_runtime::RuntimeError::NotRunning) => Err(AgentError::NotRunning(id.into())),
+            r => Ok(r?),
+        }
+    }
+
     fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, AgentError> {
         let running = self
             .machines
@@ -710,6 +729,7 @@ impl Agent {
             .route("/v1/machines/{id}/stop", post(stop))
             .route("/v1/machines/{id}/destroy", post(destroy))
             .route("/v1/machines/{id}/exec", post(exec))
+            .route("/v1/machines/{id}/signal", post(signal))
             .route("/v1/bridge/sync", post(bridge_sync))
             .route("/v1/bridge/hits", get(bridge_hits))
             .route("/v1/volumes/expect", post(volume_expect))
@@ -806,6 +826,18 @@ async fn volume_remove(
     blocking(move || {
         a.volumes
             .remove(&req.dir)
+            .map(|()| serde_json::json!({"ok": true}))
+    })
+    .await
+}
+
+async fn signal(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<ferry_core::proto::SignalMachine>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        a.signal(&id, &req)
             .map(|()| serde_json::json!({"ok": true}))
     })
     .await

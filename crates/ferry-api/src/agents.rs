@@ -9,8 +9,8 @@ use ferry_core::agents::{AgentResult, Agents, Started, Webhooks};
 use ferry_core::error::{ErrorBody, PERMANENT_VOLUME_ERROR};
 use ferry_core::proto::{
     BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
-    PullLine, RunMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove,
-    VolumeRound, VolumeSend,
+    PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress,
+    VolumeRemove, VolumeRound, VolumeSend,
 };
 use ferry_core::{Error, Kind};
 use futures::future::BoxFuture;
@@ -123,6 +123,14 @@ impl Agents for HttpAgents {
         req: &'a ExecRequest,
     ) -> AgentResult<'a, ExecResult> {
         Box::pin(self.post(format!("{ep}/v1/machines/{machine}/exec"), req))
+    }
+    fn signal<'a>(
+        &'a self,
+        ep: &'a str,
+        machine: &'a str,
+        req: &'a SignalMachine,
+    ) -> AgentResult<'a, ()> {
+        Box::pin(self.post_ignored(format!("{ep}/v1/machines/{machine}/signal"), req))
     }
     fn bridge_sync<'a>(&'a self, ep: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()> {
         Box::pin(self.post_ignored(format!("{ep}/v1/bridge/sync"), sync))

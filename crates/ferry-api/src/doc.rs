@@ -28,6 +28,21 @@ pub struct MachinePath {
     pub id: String,
 }
 
+/// `/v1/apps/{app}/machines/{id}/metadata/{key}`
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct MetadataPath {
+    /// The app's name.
+    #[param(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub app: String,
+    /// The machine's ID: 14 lowercase hex characters.
+    #[param(pattern = "^[0-9a-f]{14}$")]
+    pub id: String,
+    /// The metadata key: 1..=128 of `[A-Za-z0-9._-]`.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,128}$")]
+    pub key: String,
+}
+
 /// `/v1/hosts/{id}/...`
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -78,7 +93,7 @@ pub struct WaitTimeout(#[allow(dead_code)] ErrorBody);
     description = "The request conflicts with the current state; nothing was changed. Codes: \
                    `app_exists`, `app_has_machines`, `illegal_transition` (the machine is not \
                    in a state that allows this), `lease_held`, `lease_mismatch`, `lock_held`, \
-                   `conflict`, `not_placed`, `machine_running`, `machine_not_started`, \
+                   `conflict`, `not_placed`, `machine_running`, `machine_not_started`, `machine_busy`, \
                    `machine_not_movable`, `migration_in_progress`, `host_cordoned`, \
                    `no_destination`, `same_host`, `volume_elsewhere`, `bridge_loop`."
 )]

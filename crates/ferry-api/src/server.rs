@@ -3,8 +3,8 @@
 //! rule lives in the core.
 
 use crate::doc::{
-    AgentFailed, AppPath, BadRequest, Conflict, MachinePath, NotFound, ServerFailed, Unprocessable,
-    WaitTimeout,
+    AgentFailed, AppPath, BadRequest, Conflict, MachinePath, MetadataPath, NotFound, ServerFailed,
+    Unprocessable, WaitTimeout,
 };
 use crate::error::ApiError;
 use crate::LEASE_HEADER;
@@ -53,7 +53,11 @@ fn api() -> OpenApiRouter<Arc<Core>> {
         .routes(routes!(create_app, list_apps))
         .routes(routes!(get_app, delete_app))
         .routes(routes!(list_machines, create_machine))
-        .routes(routes!(get_machine, destroy_machine))
+        .routes(routes!(get_machine, destroy_machine, update_machine))
+        .routes(routes!(restart_machine))
+        .routes(routes!(signal_machine))
+        .routes(routes!(get_metadata))
+        .routes(routes!(set_metadata, delete_metadata))
         .routes(routes!(stop_machine))
         .routes(routes!(start_machine))
         .routes(routes!(wait_machine))
@@ -337,6 +341,75 @@ async fn release_lease(
     })?;
     machines::release_lease(&ctx, &app, &id, nonce)?;
     Ok(Json(OkView { ok: true }))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = UpdateMachine, responses((status = 200, description = "The machine with its new config and a new instance ID; started again if it was running (unless `skip_launch`).", body = MachineView), BadRequest, NotFound, Conflict, Unprocessable, AgentFailed, ServerFailed))]
+async fn update_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Body(req): Body<UpdateMachine>,
+) -> Result<Json<MachineView>> {
+    Ok(Json(
+        machines::update_machine(&ctx, &app, &id, lease_nonce(&headers), req).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/restart", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body(content = Option<StopRequest>, description = "Optional: the signal and timeout of the stop (defaults from the machine's config)."), responses((status = 200, description = "The machine, started again (or `failed`).", body = MachineView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
+async fn restart_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<MachineView>> {
+    let req = optional_body::<StopRequest>(&body)?;
+    Ok(Json(
+        machines::restart_machine(&ctx, &app, &id, lease_nonce(&headers), req).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/signal", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = SignalRequest, responses((status = 200, description = "Sent to the machine's command.", body = OkView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
+async fn signal_machine(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Body(req): Body<SignalRequest>,
+) -> Result<Json<OkView>> {
+    Ok(Json(
+        machines::signal_machine(&ctx, &app, &id, lease_nonce(&headers), req).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/metadata", tag = "machines", params(MachinePath), responses((status = 200, description = "The machine's metadata (`config.metadata`).", body = MetadataView), BadRequest, NotFound, ServerFailed))]
+async fn get_metadata(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<MetadataView>> {
+    let metadata = machines::get_metadata(&ctx, &app, &id)?;
+    Ok(Json(MetadataView { metadata }))
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/metadata/{key}", tag = "machines", params(MetadataPath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = MetadataValue, responses((status = 200, description = "The metadata now; no restart, no new instance.", body = MetadataView), BadRequest, NotFound, Conflict, ServerFailed))]
+async fn set_metadata(
+    State(ctx): Shared,
+    Path((app, id, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Body(req): Body<MetadataValue>,
+) -> Result<Json<MetadataView>> {
+    let nonce = lease_nonce(&headers);
+    let metadata = machines::set_metadata(&ctx, &app, &id, nonce, &key, Some(req.value))?;
+    Ok(Json(MetadataView { metadata }))
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}/machines/{id}/metadata/{key}", tag = "machines", params(MetadataPath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), responses((status = 200, description = "The metadata now.", body = MetadataView), BadRequest, NotFound, Conflict, ServerFailed))]
+async fn delete_metadata(
+    State(ctx): Shared,
+    Path((app, id, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<MetadataView>> {
+    let nonce = lease_nonce(&headers);
+    let metadata = machines::set_metadata(&ctx, &app, &id, nonce, &key, None)?;
+    Ok(Json(MetadataView { metadata }))
 }
 
 #[utoipa::path(post, path = "/v1/apps/{app}/machines/{id}/exec", tag = "machines", params(MachinePath, ("fly-machine-lease-nonce" = Option<String>, Header, description = "The nonce of the lease you hold; required while someone holds the machine's lease.")), request_body = ExecBody, responses((status = 200, description = "The command's exit code and output.", body = ExecView), BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]

@@ -119,6 +119,12 @@ operations! {
     GET_LEASE = "get_lease" "GET" "/v1/apps/{app}/machines/{id}/lease" - -> "LeaseView";
     RELEASE_LEASE = "release_lease" "DELETE" "/v1/apps/{app}/machines/{id}/lease" - -> "OkView";
     EXEC_MACHINE = "exec_machine" "POST" "/v1/apps/{app}/machines/{id}/exec" "ExecBody" -> "ExecView";
+    UPDATE_MACHINE = "update_machine" "POST" "/v1/apps/{app}/machines/{id}" "UpdateMachine" -> "MachineView";
+    RESTART_MACHINE = "restart_machine" "POST" "/v1/apps/{app}/machines/{id}/restart" "StopRequest" -> "MachineView";
+    SIGNAL_MACHINE = "signal_machine" "POST" "/v1/apps/{app}/machines/{id}/signal" "SignalRequest" -> "OkView";
+    GET_METADATA = "get_metadata" "GET" "/v1/apps/{app}/machines/{id}/metadata" - -> "MetadataView";
+    SET_METADATA = "set_metadata" "POST" "/v1/apps/{app}/machines/{id}/metadata/{key}" "MetadataValue" -> "MetadataView";
+    DELETE_METADATA = "delete_metadata" "DELETE" "/v1/apps/{app}/machines/{id}/metadata/{key}" - -> "MetadataView";
     MIGRATE_MACHINE = "migrate_machine" "POST" "/v1/apps/{app}/machines/{id}/migrate" "MigrateRequest" -> "Migration";
     GET_POLICY = "get_policy" "GET" "/v1/apps/{app}/policy" - -> "MigratePolicy";
     SET_POLICY = "set_policy" "POST" "/v1/apps/{app}/policy" "PolicyUpdate" -> "MigratePolicy";
@@ -434,6 +440,31 @@ impl Client {
     }
     pub fn exec_machine(&self, app: &str, id: &str, req: &ExecBody) -> Result<ExecView> {
         self.call(&op::EXEC_MACHINE, &[app, id], &[], Some(req))
+    }
+    /// Replaces the machine's config (a new instance; restarted if it ran).
+    pub fn update_machine(&self, app: &str, id: &str, req: &UpdateMachine) -> Result<MachineView> {
+        self.call(&op::UPDATE_MACHINE, &[app, id], &[], Some(req))
+    }
+    pub fn restart_machine(&self, app: &str, id: &str, req: &StopRequest) -> Result<MachineView> {
+        self.call(&op::RESTART_MACHINE, &[app, id], &[], Some(req))
+    }
+    pub fn signal_machine(&self, app: &str, id: &str, req: &SignalRequest) -> Result<OkView> {
+        self.call(&op::SIGNAL_MACHINE, &[app, id], &[], Some(req))
+    }
+    pub fn get_metadata(&self, app: &str, id: &str) -> Result<MetadataView> {
+        self.get(&op::GET_METADATA, &[app, id])
+    }
+    pub fn set_metadata(
+        &self,
+        app: &str,
+        id: &str,
+        key: &str,
+        req: &MetadataValue,
+    ) -> Result<MetadataView> {
+        self.call(&op::SET_METADATA, &[app, id, key], &[], Some(req))
+    }
+    pub fn delete_metadata(&self, app: &str, id: &str, key: &str) -> Result<MetadataView> {
+        self.call::<NoBody, _>(&op::DELETE_METADATA, &[app, id, key], &[], None)
     }
 
     // ---- migrations and hosts -------------------------------------------------------------

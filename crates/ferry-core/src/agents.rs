@@ -12,8 +12,8 @@
 use crate::error::{Error, Kind};
 use crate::proto::{
     BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
-    PullLine, RunMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress, VolumeRemove,
-    VolumeRound, VolumeSend,
+    PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress,
+    VolumeRemove, VolumeRound, VolumeSend,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -48,6 +48,13 @@ pub trait Agents: Send + Sync {
         machine: &'a str,
         req: &'a ExecRequest,
     ) -> AgentResult<'a, ExecResult>;
+    /// Sends a signal to the machine's command.
+    fn signal<'a>(
+        &'a self,
+        endpoint: &'a str,
+        machine: &'a str,
+        req: &'a SignalMachine,
+    ) -> AgentResult<'a, ()>;
     fn bridge_sync<'a>(&'a self, endpoint: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()>;
     fn bridge_hits<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<BridgeHit>>;
     fn volume_expect<'a>(

@@ -613,3 +613,275 @@ pub async fn stop_all(core: &Core) -> Vec<String> {
     }
     stopped
 }
+
+// ---- the Machines API's other verbs -----------------------------------------------------------
+
+/// The signals the signal verb takes (the runtime's: the catchable ones its init forwards, and
+/// SIGKILL/SIGSTOP, which it applies itself).
+pub const SIGNALS: [&str; 7] = [
+    "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP",
+];
+
+fn parse_signal(s: &str) -> Result<String> {
+    let up = s.trim().to_ascii_uppercase();
+    let sig = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    if !SIGNALS.contains(&sig.as_str()) {
+        return Err(Error::invalid(format!(
+            "signal {s:?} is not one of {}",
+            SIGNALS.join(" ")
+        )));
+    }
+    Ok(sig)
+}
+
+/// Sends a signal to a started machine's command; the event records who asked.
+pub async fn signal_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: SignalRequest,
+) -> Result<OkView> {
+    let signal = parse_signal(&req.signal)?;
+    let m = machine_of(core, app, id)?;
+    core.store.check_lease(id, lease)?;
+    if m.state != S::Started {
+        return Err(Error::conflict(
+            "machine_not_started",
+            format!("machine {id} is {}", m.state.as_str()),
+        ));
+    }
+    let ep = machine_endpoint(core, &m)?;
+    let req = crate::proto::SignalMachine {
+        signal: signal.clone(),
+    };
+    core.agents.signal(&ep, id, &req).await?;
+    core.store.add_event(
+        id,
+        "signal",
+        "sent",
+        "user",
+        serde_json::json!({"signal": signal}),
+    )?;
+    Ok(OkView { ok: true })
+}
+
+/// Stops a started machine (with its stop config, or the signal and timeout asked for) and
+/// starts it again, same instance; a stopped or failed one is just started.
+pub async fn restart_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: StopRequest,
+) -> Result<MachineView> {
+    let m = machine_of(core, app, id)?;
+    let config = config_of(&m)?;
+    let params = stop_params(&req, &config)?;
+    core.store.check_lease(id, lease)?;
+    if !matches!(m.state, S::Started | S::Stopped | S::Failed | S::Created) {
+        return Err(Error::conflict(
+            "machine_busy",
+            format!(
+                "machine {id} is {}: try again when it settles",
+                m.state.as_str()
+            ),
+        ));
+    }
+    core.store.add_event(
+        id,
+        "restart",
+        "requested",
+        "user",
+        serde_json::json!({"signal": params.signal, "timeout_ms": params.timeout_ms}),
+    )?;
+    if m.state == S::Started {
+        stop_inner(core, id, params, S::Stopped).await?;
+    }
+    let dirs = resolve_volumes(core, &config)?;
+    let m = launch(core, id, dirs, &[S::Created, S::Stopped, S::Failed]).await?;
+    Ok(MachineView::new(&m, None))
+}
+
+/// Holds the machine's lease for one operation: the caller's (checked), or one taken here for
+/// the operation and released after it, so nobody else changes the machine meanwhile.
+struct OpLease<'a> {
+    core: &'a Core,
+    id: String,
+    taken: Option<String>,
+}
+
+impl<'a> OpLease<'a> {
+    fn hold(core: &'a Core, id: &str, lease: Option<&str>, what: &str) -> Result<Self> {
+        let taken = match lease {
+            Some(n) => {
+                core.store.check_lease(id, Some(n))?;
+                None
+            }
+            None => Some(core.store.acquire_lease(id, 120_000, "api", what)?.nonce),
+        };
+        Ok(OpLease {
+            core,
+            id: id.to_owned(),
+            taken,
+        })
+    }
+    fn nonce<'b>(&'b self, caller: Option<&'b str>) -> Option<&'b str> {
+        self.taken.as_deref().or(caller)
+    }
+}
+
+impl Drop for OpLease<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = &self.taken {
+            let _ = self.core.store.release_lease(&self.id, n);
+        }
+    }
+}
+
+/// Replaces the machine's config (all of it) as a new version: validated first, the image
+/// pulled on its host first, then applied under a new instance ID with its own event; a
+/// running machine is stopped and started again with it (unless `skip_launch`). Its mounts
+/// cannot change (volumes stay where they are; migrate to move them). Refused while a
+/// migration moves it. The machine's lease is held for the whole update.
+pub async fn update_machine(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    req: UpdateMachine,
+) -> Result<MachineView> {
+    req.config.validate()?;
+    let m = machine_of(core, app, id)?;
+    let old = config_of(&m)?;
+    if req.config.mounts != old.mounts {
+        return Err(Error::invalid(
+            "an update cannot change mounts (a volume stays with its machine's host); keep \
+             them as they are",
+        ));
+    }
+    let held = OpLease::hold(core, id, lease, "update")?;
+    core.store.check_lease(id, held.nonce(lease))?;
+    if let Some(mig) = core.store.active_migration(id)? {
+        return Err(Error::conflict(
+            "migration_in_progress",
+            format!("machine {id} is being moved by migration {}", mig.id),
+        ));
+    }
+    if !matches!(m.state, S::Started | S::Stopped | S::Failed | S::Created) {
+        return Err(Error::conflict(
+            "machine_busy",
+            format!(
+                "machine {id} is {}: try again when it settles",
+                m.state.as_str()
+            ),
+        ));
+    }
+    let mut config = req.config;
+    if let Some(image) = config.image.clone() {
+        let host =
+            core.store.get_host(m.host.ok_or_else(|| {
+                Error::conflict("not_placed", format!("machine {id} has no host"))
+            })?)?;
+        config.image = Some(crate::images::ensure_on_host(core, &host, &image).await?);
+    }
+    let was_running = m.state == S::Started;
+    if was_running {
+        stop_inner(
+            core,
+            id,
+            stop_params(&StopRequest::default(), &old)?,
+            S::Stopped,
+        )
+        .await?;
+    }
+    let cur = core.store.get_machine(id)?;
+    let next = Machine {
+        config: serde_json::to_value(&config).map_err(Error::internal)?,
+        instance_id: new_instance_id(),
+        ..cur.clone()
+    };
+    let updated = core
+        .store
+        .update_machine_if(&next, &[S::Created, S::Stopped, S::Failed])?;
+    core.store.add_event(
+        id,
+        "update",
+        "updated",
+        "user",
+        serde_json::json!({
+            "previous_instance_id": cur.instance_id,
+            "instance_id": updated.instance_id,
+            "config": updated.config,
+        }),
+    )?;
+    core.changed();
+    let m = if was_running && !req.skip_launch {
+        let dirs = resolve_volumes(core, &config)?;
+        launch(core, id, dirs, &[S::Stopped]).await?
+    } else {
+        updated
+    };
+    drop(held);
+    Ok(MachineView::new(&m, None))
+}
+
+/// The machine's metadata (`config.metadata`).
+pub fn get_metadata(
+    core: &Core,
+    app: &str,
+    id: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    Ok(config_of(&machine_of(core, app, id)?)?.metadata)
+}
+
+/// Sets (`Some`) or removes (`None`) one metadata key; answers the metadata now. Metadata
+/// changes no instance and restarts nothing (DNS follows a changed `process_group` at once).
+pub fn set_metadata(
+    core: &Core,
+    app: &str,
+    id: &str,
+    lease: Option<&str>,
+    key: &str,
+    value: Option<String>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let ok_key = !key.is_empty()
+        && key.len() <= 128
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !ok_key {
+        return Err(Error::invalid(format!(
+            "metadata key {key:?} must be 1..=128 of [A-Za-z0-9._-]"
+        )));
+    }
+    let m = machine_of(core, app, id)?;
+    core.store.check_lease(id, lease)?;
+    let mut config = config_of(&m)?;
+    match value {
+        Some(v) => {
+            config.metadata.insert(key.to_owned(), v);
+        }
+        None => {
+            if config.metadata.remove(key).is_none() {
+                return Err(Error::not_found(format!(
+                    "metadata key {key:?} of machine {id}"
+                )));
+            }
+        }
+    }
+    config.validate()?;
+    let next = Machine {
+        config: serde_json::to_value(&config).map_err(Error::internal)?,
+        ..m.clone()
+    };
+    // Compare-and-set on the state it was read in: a concurrent start or stop is a conflict,
+    // not an overwrite of what it wrote.
+    core.store.update_machine_if(&next, &[m.state])?;
+    core.changed();
+    Ok(config.metadata)
+}

@@ -58,6 +58,13 @@ pub struct ExitInfo {
     pub requested_stop: bool,
 }
 
+/// A signal for a running machine's command (the runtime's allowed set; validated by the
+/// control plane and again by the agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalMachine {
+    pub signal: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub cmd: Vec<String>,

@@ -103,6 +103,22 @@ impl Agents for Double {
     ) -> AgentResult<'a, ExecResult> {
         ready(Err(Error::internal("not used")))
     }
+    fn signal<'a>(
+        &'a self,
+        ep: &'a str,
+        m: &'a str,
+        req: &'a SignalMachine,
+    ) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("signal {m} {ep} {}", req.signal));
+        if f.running.get(m).map(String::as_str) != Some(ep) {
+            return ready(Err(agent_error(
+                "not_running",
+                format!("{m} is not running"),
+            )));
+        }
+        ready(Ok(()))
+    }
     fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
         let mut f = self.0.lock().unwrap();
         f.calls

@@ -126,6 +126,38 @@ pub struct StopRequest {
     pub timeout: Option<String>,
 }
 
+/// `POST .../signal` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// SIGINT, SIGTERM, SIGQUIT, SIGUSR1, SIGUSR2, SIGKILL or SIGSTOP (the `SIG` prefix and
+    /// case are optional).
+    pub signal: String,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}` body: the machine's new config (all of it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMachine {
+    pub config: MachineConfig,
+    /// Record the new config without starting a running machine again (it stays stopped).
+    #[serde(default)]
+    pub skip_launch: bool,
+}
+
+/// A machine's metadata (`config.metadata`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MetadataView {
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST .../metadata/{key}` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataValue {
+    pub value: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {

@@ -194,3 +194,138 @@ async fn a_wait_that_runs_out_is_a_timeout_and_bad_input_changes_nothing() {
         MachineState::Started
     );
 }
+
+#[tokio::test]
+async fn signal_restart_update_and_metadata_follow_the_rules() {
+    use ferry_core::views::{SignalRequest, StopRequest, UpdateMachine};
+    let f = Fleet::new(1);
+    let m = f.create(None).await.unwrap();
+    let id = m.id.clone();
+    let ep = f.hosts.values().next().unwrap().clone();
+
+    // signal: validated first, only to a started machine, and the agent is asked.
+    let sig = |s: &str| SignalRequest { signal: s.into() };
+    let e = machines::signal_machine(&f.core, "web", &id, None, sig("SIGHUPX"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    machines::signal_machine(&f.core, "web", &id, None, sig("usr1"))
+        .await
+        .unwrap();
+    assert!(f
+        .agents
+        .calls()
+        .contains(&format!("signal {id} {ep} SIGUSR1")));
+
+    // restart: stop, then start, same instance.
+    let before = f.agents.calls().len();
+    let r = machines::restart_machine(&f.core, "web", &id, None, StopRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.state.as_str(), &r.instance_id),
+        ("started", &m.instance_id)
+    );
+    let calls = f.agents.calls()[before..].to_vec();
+    assert_eq!(
+        calls,
+        vec![format!("stop {id} {ep}"), format!("start {id} {ep}")]
+    );
+
+    // update: a new instance with the new config, started again; under a lease someone
+    // else holds it is refused and nothing changes.
+    let mut config: ferry_core::config::MachineConfig =
+        serde_json::from_value(f.store.get_machine(&id).unwrap().config).unwrap();
+    config.env.insert("LOG".into(), "debug".into());
+    let held = f.store.acquire_lease(&id, 60_000, "other", "").unwrap();
+    let req = UpdateMachine {
+        config: config.clone(),
+        skip_launch: false,
+    };
+    let e = machines::update_machine(&f.core, "web", &id, None, req.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "lease_held");
+    assert_eq!(f.store.get_machine(&id).unwrap().instance_id, m.instance_id);
+    let u = machines::update_machine(&f.core, "web", &id, Some(&held.nonce), req.clone())
+        .await
+        .unwrap();
+    f.store.release_lease(&id, &held.nonce).unwrap();
+    assert_eq!(u.state, "started");
+    assert_ne!(u.instance_id, m.instance_id);
+    assert_eq!(u.config["env"]["LOG"], "debug");
+    // Mounts cannot change; an invalid config changes nothing.
+    let mut bad = config.clone();
+    bad.mounts.push(
+        serde_json::from_value(json!({"volume": "vol_0000000000000000", "path": "/d"})).unwrap(),
+    );
+    let e = machines::update_machine(
+        &f.core,
+        "web",
+        &id,
+        None,
+        UpdateMachine {
+            config: bad,
+            skip_launch: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    let mut bad = config.clone();
+    bad.init.cmd.clear();
+    let e = machines::update_machine(
+        &f.core,
+        "web",
+        &id,
+        None,
+        UpdateMachine {
+            config: bad,
+            skip_launch: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    assert_eq!(f.store.get_machine(&id).unwrap().instance_id, u.instance_id);
+    // skip_launch leaves it stopped with the new config.
+    let s = machines::update_machine(
+        &f.core,
+        "web",
+        &id,
+        None,
+        UpdateMachine {
+            config,
+            skip_launch: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.state, "stopped");
+    // A stopped machine takes no signal.
+    let e = machines::signal_machine(&f.core, "web", &id, None, sig("TERM"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "machine_not_started");
+
+    // metadata: set, list, remove; bad keys and missing keys refused.
+    let md = machines::set_metadata(
+        &f.core,
+        "web",
+        &id,
+        None,
+        "process_group",
+        Some("worker".into()),
+    )
+    .unwrap();
+    assert_eq!(md.get("process_group").map(String::as_str), Some("worker"));
+    assert_eq!(machines::get_metadata(&f.core, "web", &id).unwrap(), md);
+    let e =
+        machines::set_metadata(&f.core, "web", &id, None, "bad key", Some("x".into())).unwrap_err();
+    assert_eq!(e.kind, Kind::Invalid);
+    let e = machines::set_metadata(&f.core, "web", &id, None, "nope", None).unwrap_err();
+    assert_eq!(e.kind, Kind::NotFound);
+    let md = machines::set_metadata(&f.core, "web", &id, None, "process_group", None).unwrap();
+    assert!(md.is_empty());
+    assert_eq!(f.store.get_machine(&id).unwrap().instance_id, s.instance_id);
+}

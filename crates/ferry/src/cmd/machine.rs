@@ -4,8 +4,8 @@ use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::config::{InitConfig, MachineConfig, MountConfig};
 use ferry_core::views::{
-    CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, StopRequest,
-    VolumeView,
+    CreateApp, CreateMachine, CreateVolume, ExecBody, ExecView, MachineView, MetadataValue,
+    SignalRequest, StopRequest, UpdateMachine, VolumeView,
 };
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -65,6 +65,31 @@ enum MachineCmd {
         #[arg(long)]
         no_precopy: bool,
     },
+    /// Change a machine's config: applied as a new version (a new instance ID and an `update`
+    /// event); a running machine is stopped and started again with it. Only what the flags
+    /// name changes (`--config` replaces the whole config). Mounts cannot change.
+    ///
+    /// `ferry machine update ID --env LOG=debug --image localhost:5000/web:2`
+    Update(Box<UpdateArgs>),
+    /// Stop a machine and start it again (same instance); a stopped one is just started.
+    Restart {
+        id: String,
+        /// Override the stop signal (SIGINT SIGTERM SIGQUIT SIGUSR1 SIGUSR2 SIGKILL SIGSTOP).
+        #[arg(long)]
+        signal: Option<String>,
+        /// Override the stop timeout, e.g. 10s (at most 300s).
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Send a signal to a running machine's command (SIGINT SIGTERM SIGQUIT SIGUSR1 SIGUSR2
+    /// SIGKILL SIGSTOP; the SIG prefix is optional).
+    Signal { id: String, signal: String },
+    /// Read or change a machine's metadata (`config.metadata`; no restart, no new instance).
+    /// `metadata.process_group` names its DNS process group.
+    Metadata {
+        #[command(subcommand)]
+        op: MetadataOp,
+    },
     /// Run a command inside a machine; exits with its status.
     Exec {
         id: String,
@@ -74,6 +99,48 @@ enum MachineCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum MetadataOp {
+    /// Every key and value.
+    List { id: String },
+    /// Set one key.
+    Set {
+        id: String,
+        key: String,
+        value: String,
+    },
+    /// Remove one key.
+    Rm { id: String, key: String },
+}
+
+#[derive(clap::Args)]
+struct UpdateArgs {
+    id: String,
+    /// Run this OCI image (pulled and pinned on the machine's host first).
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// Set an environment variable, repeatable: `--env K=V`.
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Remove an environment variable, repeatable.
+    #[arg(long = "unset-env", value_name = "K")]
+    unset_env: Vec<String>,
+    #[arg(long)]
+    memory_mb: Option<u32>,
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// The whole new config as JSON (a file path, or - for stdin); the flags above are then
+    /// not allowed.
+    #[arg(long, conflicts_with_all = ["image", "env", "unset_env", "memory_mb", "cpus", "cmd"])]
+    config: Option<String>,
+    /// Record the new config without starting a running machine again (it stays stopped).
+    #[arg(long)]
+    skip_launch: bool,
+    /// A new command and its arguments.
+    #[arg(last = true)]
+    cmd: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -223,6 +290,66 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
             let m = find(&c, &id)?;
             return super::migrate::machine_migrate(&c, &m.app, &id, to, !no_precopy, detach, json);
         }
+        MachineCmd::Update(u) => {
+            let m = find(&c, &u.id)?;
+            let config = updated_config(&m, &u)?;
+            let req = UpdateMachine {
+                config,
+                skip_launch: u.skip_launch,
+            };
+            let m: MachineView = c.update_machine(&m.app, &u.id, &req)?;
+            done(json, &m, &format!("updated (instance {})", m.instance_id))?;
+        }
+        MachineCmd::Restart {
+            id,
+            signal,
+            timeout,
+        } => {
+            let m = find(&c, &id)?;
+            let m = c.restart_machine(&m.app, &id, &StopRequest { signal, timeout })?;
+            done(json, &m, "restarted")?;
+        }
+        MachineCmd::Signal { id, signal } => {
+            let m = find(&c, &id)?;
+            let r = c.signal_machine(
+                &m.app,
+                &id,
+                &SignalRequest {
+                    signal: signal.clone(),
+                },
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("sent {signal} to {id}");
+            }
+        }
+        MachineCmd::Metadata { op } => {
+            let v = match &op {
+                MetadataOp::List { id } => {
+                    let m = find(&c, id)?;
+                    c.get_metadata(&m.app, id)?
+                }
+                MetadataOp::Set { id, key, value } => {
+                    let m = find(&c, id)?;
+                    let req = MetadataValue {
+                        value: value.clone(),
+                    };
+                    c.set_metadata(&m.app, id, key, &req)?
+                }
+                MetadataOp::Rm { id, key } => {
+                    let m = find(&c, id)?;
+                    c.delete_metadata(&m.app, id, key)?
+                }
+            };
+            if json {
+                print_json(&v)?;
+            } else {
+                for (k, val) in &v.metadata {
+                    println!("{k}={val}");
+                }
+            }
+        }
         MachineCmd::Exec { id, timeout, cmd } => {
             let m = find(&c, &id)?;
             let r: ExecView = c.exec_machine(
@@ -278,6 +405,51 @@ fn parse_size_mb(s: &str) -> Option<u64> {
         return None;
     };
     num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
+}
+
+/// The machine's config with what `u` changes (or `u.config` whole), checked before sending.
+fn updated_config(m: &MachineView, u: &UpdateArgs) -> Result<MachineConfig> {
+    let config = match &u.config {
+        Some(src) => {
+            let text = if src == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
+            };
+            serde_json::from_str::<MachineConfig>(&text)
+                .with_context(|| format!("{src} is not a machine config"))?
+        }
+        None => {
+            let mut config: MachineConfig =
+                serde_json::from_value(m.config.clone()).context("the machine's current config")?;
+            if let Some(i) = &u.image {
+                config.image = Some(i.clone());
+            }
+            for kv in &u.env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--env {kv:?} is not K=V"))?;
+                config.env.insert(k.to_owned(), v.to_owned());
+            }
+            for k in &u.unset_env {
+                if config.env.remove(k).is_none() {
+                    bail!("--unset-env {k}: the machine has no such variable");
+                }
+            }
+            if let Some(mb) = u.memory_mb {
+                config.guest.memory_mb = mb;
+            }
+            if let Some(n) = u.cpus {
+                config.guest.cpus = n;
+            }
+            if !u.cmd.is_empty() {
+                config.init.cmd = u.cmd.clone();
+            }
+            config
+        }
+    };
+    config.validate().map_err(|e| anyhow!("{e}"))?;
+    Ok(config)
 }
 
 fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
