@@ -701,3 +701,133 @@ fn dns_names_machines_per_org_and_follows_state_within_100ms() {
         "stop {gone:?} start {back:?}"
     );
 }
+
+/// The Machines API's other verbs on a real fleet, through the CLI: a signal reaches the
+/// command, an update runs the new config as a new instance, a restart keeps the instance,
+/// metadata moves the machine between DNS process groups without a restart; bad input is
+/// refused with a 4xx and changes nothing.
+#[test]
+fn update_restart_signal_and_metadata_act_on_real_machines() {
+    let dev = Dev::start("v", 1);
+    let hosts = dev.hosts();
+    // The command notes each SIGUSR1 in a file, and says its env.
+    let script = "trap 'echo usr1 >> /tmp/signals' USR1; echo \"$GREETING\" > /tmp/env; \
+                  while true; do sleep 0.1; done";
+    let m = dev.machine(
+        "verbs",
+        &hosts[0],
+        json!({"init": {"cmd": ["sh", "-c", script]}, "env": {"GREETING": "hello"}}),
+    );
+    let id = id(&m).to_owned();
+    let read = |m: &Value, f: &str| {
+        dev.exec(m, &["cat", f])["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(eventually(Duration::from_secs(10), || read(&m, "/tmp/env")
+        == "hello\n"));
+
+    // signal
+    let out = dev.cli(&["machine", "signal", &id, "usr1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || read(&m, "/tmp/signals")
+            == "usr1\n"),
+        "the command got SIGUSR1"
+    );
+    let out = dev.cli(&["machine", "signal", &id, "SIGHUPX"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_argument"));
+
+    // update: new env, new instance, running again with it.
+    let out = dev.cli(&[
+        "machine",
+        "--json",
+        "update",
+        &id,
+        "--env",
+        "GREETING=bonjour",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u["state"], "started", "{u}");
+    assert_ne!(u["instance_id"], m["instance_id"]);
+    assert!(eventually(Duration::from_secs(10), || read(&u, "/tmp/env")
+        == "bonjour\n"));
+    assert!(events(&dev, &m)
+        .iter()
+        .any(|e| e["type"] == "update" && e["status"] == "updated"));
+    // An update the config rules refuse changes nothing.
+    let (s, e) = dev.call(
+        "POST",
+        &format!("/v1/apps/verbs/machines/{id}"),
+        Some(&json!({"config": {"init": {"cmd": []}}}).to_string()),
+    );
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{e}"
+    );
+    assert_eq!(dev.get_machine(&m)["instance_id"], u["instance_id"]);
+
+    // restart: same instance, the command ran again (its file was written anew).
+    dev.exec(&u, &["rm", "/tmp/env"]);
+    let out = dev.cli(&["machine", "--json", "restart", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["state"].as_str(), &r["instance_id"]),
+        (Some("started"), &u["instance_id"])
+    );
+    assert!(eventually(Duration::from_secs(10), || read(&r, "/tmp/env")
+        == "bonjour\n"));
+
+    // metadata: the DNS process group follows it, no restart.
+    let out = dev.cli(&["machine", "metadata", "set", &id, "process_group", "worker"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ip = m["private_ip"].as_str().unwrap().to_owned();
+    assert!(
+        eventually(Duration::from_secs(5), || dev
+            .aaaa("worker.process.verbs.internal")
+            .iter()
+            .any(|a| a.to_string() == ip)),
+        "DNS names the new process group"
+    );
+    let out = dev.cli(&["machine", "--json", "metadata", "list", &id]);
+    let md: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(md["metadata"]["process_group"], "worker", "{md}");
+    let (s, _) = dev.call(
+        "POST",
+        &format!("/v1/apps/verbs/machines/{id}/metadata/bad%20key"),
+        Some(r#"{"value": "x"}"#),
+    );
+    assert_eq!(s, 400);
+    let (s, _) = dev.call(
+        "DELETE",
+        &format!("/v1/apps/verbs/machines/{id}/metadata/absent"),
+        None,
+    );
+    assert_eq!(s, 404);
+    assert_eq!(
+        dev.get_machine(&m)["instance_id"],
+        u["instance_id"],
+        "no new instance"
+    );
+}
