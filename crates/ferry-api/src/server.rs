@@ -65,6 +65,8 @@ fn api() -> OpenApiRouter<Arc<Core>> {
         .routes(routes!(acquire_lease, get_lease, release_lease))
         .routes(routes!(exec_machine))
         .routes(routes!(migrate::migrate_machine))
+        .routes(routes!(migrate::migrate_plan))
+        .routes(routes!(migrate::drain_plan))
         .routes(routes!(migrate::get_policy, migrate::set_policy))
         .routes(routes!(list_hosts))
         .routes(routes!(migrate::drain))

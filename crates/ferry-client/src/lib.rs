@@ -12,6 +12,7 @@
 
 use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
 use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
+use ferry_core::migrate::preview::MovePlan;
 use ferry_core::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate};
 use ferry_core::proto::{ImageInfo, PullLine};
 use ferry_core::views::*;
@@ -126,6 +127,8 @@ operations! {
     SET_METADATA = "set_metadata" "POST" "/v1/apps/{app}/machines/{id}/metadata/{key}" "MetadataValue" -> "MetadataView";
     DELETE_METADATA = "delete_metadata" "DELETE" "/v1/apps/{app}/machines/{id}/metadata/{key}" - -> "MetadataView";
     MIGRATE_MACHINE = "migrate_machine" "POST" "/v1/apps/{app}/machines/{id}/migrate" "MigrateRequest" -> "Migration";
+    MIGRATE_PLAN = "migrate_plan" "GET" "/v1/apps/{app}/machines/{id}/migrate/plan" - -> "MovePlan";
+    DRAIN_PLAN = "drain_plan" "GET" "/v1/hosts/{id}/drain/plan" - -> "MovePlan";
     GET_POLICY = "get_policy" "GET" "/v1/apps/{app}/policy" - -> "MigratePolicy";
     SET_POLICY = "set_policy" "POST" "/v1/apps/{app}/policy" "PolicyUpdate" -> "MigratePolicy";
     LIST_HOSTS = "list_hosts" "GET" "/v1/hosts" - -> "[HostView]";
@@ -485,6 +488,15 @@ impl Client {
             q.push(("drain", d.to_owned()));
         }
         self.call::<NoBody, _>(&op::LIST_MIGRATIONS, &[], &q, None)
+    }
+    /// What migrating the machine would do (to `to`, or placement's choice); changes nothing.
+    pub fn migrate_plan(&self, app: &str, id: &str, to: Option<&str>) -> Result<MovePlan> {
+        let q: Vec<(&str, String)> = to.map(|t| ("to", t.to_owned())).into_iter().collect();
+        self.call::<NoBody, _>(&op::MIGRATE_PLAN, &[app, id], &q, None)
+    }
+    /// What draining the host would do; changes nothing.
+    pub fn drain_plan(&self, host: &str) -> Result<MovePlan> {
+        self.get(&op::DRAIN_PLAN, &[host])
     }
     pub fn get_migration(&self, id: &str) -> Result<Migration> {
         self.get(&op::GET_MIGRATION, &[id])

@@ -39,7 +39,7 @@ fn to_store(m: &BridgeMapping) -> ferry_store::BridgeMapping {
 }
 
 /// Every mapping of every network.
-fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
+pub(crate) fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
     Ok(core
         .store
         .list_bridge_mappings(None)?
@@ -145,7 +145,7 @@ async fn push(
         .map_err(|e| format!("host {:x}: {e}", h.id.get()))
 }
 
-async fn all_hits(core: &Core) -> Result<Vec<BridgeHit>> {
+pub(crate) async fn all_hits(core: &Core) -> Result<Vec<BridgeHit>> {
     let mut out = Vec::new();
     for h in core
         .store

@@ -329,3 +329,95 @@ async fn signal_restart_update_and_metadata_follow_the_rules() {
     assert!(md.is_empty());
     assert_eq!(f.store.get_machine(&id).unwrap().instance_id, s.instance_id);
 }
+
+#[tokio::test]
+async fn a_drain_plan_names_destinations_and_who_holds_the_moving_addresses() {
+    use ferry_core::migrate::preview;
+    let f = Fleet::new(3);
+    let hosts: Vec<String> = f.hosts.keys().cloned().collect();
+    let a = f.create(Some(&hosts[0])).await.unwrap();
+    let b = f.create(Some(&hosts[0])).await.unwrap();
+    let ip_a = a.private_ip.clone().unwrap();
+    // A machine of the same org whose env holds a's address (upper case, in a URL); one of
+    // another org holding it too (it could never reach it: not reported).
+    let holder: CreateMachine = serde_json::from_value(json!({
+        "config": {"init": {"cmd": ["sleep", "inf"]},
+                   "env": {"PEER": format!("http://[{}]:80/", ip_a.to_uppercase())}},
+        "host": hosts[1],
+    }))
+    .unwrap();
+    let holder = machines::create_machine(&f.core, "web", holder)
+        .await
+        .unwrap();
+    machines::create_app(
+        &f.core,
+        CreateApp {
+            app_name: "other".into(),
+            org_slug: Some("acme".into()),
+        },
+    )
+    .unwrap();
+    let stranger: CreateMachine = serde_json::from_value(json!({
+        "config": {"init": {"cmd": ["sleep", "inf"]}, "env": {"PEER": ip_a.clone()}},
+        "host": hosts[1],
+    }))
+    .unwrap();
+    machines::create_machine(&f.core, "other", stranger)
+        .await
+        .unwrap();
+    // b is stopped: it moves too (stopped machines migrate), without a health gate.
+    machines::stop_machine(
+        &f.core,
+        "web",
+        &b.id,
+        None,
+        ferry_core::views::StopRequest::default(),
+    )
+    .await
+    .unwrap();
+    let calls = f.agents.calls().len();
+    let before = f
+        .store
+        .list_migrations(ferry_store::MigrationFilter::All)
+        .unwrap()
+        .len();
+
+    let plan = preview::drain_plan(&f.core, &hosts[0]).await.unwrap();
+    assert_eq!(plan.moves.len(), 2, "{plan:?}");
+    let pa = plan.moves.iter().find(|m| m.machine_id == a.id).unwrap();
+    let pb = plan.moves.iter().find(|m| m.machine_id == b.id).unwrap();
+    // Spread over the two other hosts (host 2 was empty, host 1 had two machines).
+    assert_ne!(pa.to_host, hosts[0]);
+    assert_eq!((pa.position_in_network, pb.position_in_network), (1, 2));
+    assert!(
+        pa.gates.iter().any(|g| g.starts_with("healthy for")),
+        "{pa:?}"
+    );
+    assert!(
+        !pb.gates.iter().any(|g| g.starts_with("healthy for")),
+        "{pb:?}"
+    );
+    assert_eq!(pa.impact.len(), 1, "{:?}", pa.impact);
+    assert_eq!(pa.impact[0].machine_id, holder.id);
+    assert_eq!(pa.impact[0].via, "config");
+    assert!(pb.impact.is_empty());
+    // Nothing changed: not cordoned, no migration, no agent asked.
+    assert!(!f.store.list_hosts().unwrap()[0].cordoned);
+    assert_eq!(
+        f.store
+            .list_migrations(ferry_store::MigrationFilter::All)
+            .unwrap()
+            .len(),
+        before
+    );
+    assert_eq!(f.agents.calls().len(), calls);
+    // One machine's plan, to a chosen host; bad destinations refused.
+    let one = preview::migrate_plan(&f.core, "web", &a.id, Some(&hosts[2]))
+        .await
+        .unwrap();
+    assert_eq!(one.moves[0].to_host, hosts[2]);
+    let e = preview::migrate_plan(&f.core, "web", &a.id, Some(&hosts[0]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "same_host");
+}

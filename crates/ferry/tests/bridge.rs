@@ -214,6 +214,29 @@ fn bridge_scenario(mode: &str) {
         .starts_with("fleet://app/"));
     assert_eq!(doc["owners"]["source"], "api", "{doc}");
     assert_eq!(doc["files"], Value::Null);
+    // The preview of moving the server names who would break: the client dials an old
+    // address of it through the bridge, and cfg_m holds it in its env.
+    let out = dev.cli(&["machine", "--json", "migrate", srv_id, "--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let impact = plan["moves"][0]["impact"].as_array().unwrap();
+    let via = |id: &Value, how: &str| {
+        impact
+            .iter()
+            .any(|i| &i["machine_id"] == id && i["via"] == how)
+    };
+    assert!(via(&client["id"], "bridge"), "{plan}");
+    assert!(via(&cfg_m["id"], "config"), "{plan}");
+    assert_eq!(
+        dev.call("GET", &format!("/v1/migrations?machine={srv_id}"), None)
+            .1,
+        json!([]),
+        "a dry run starts nothing"
+    );
     // Files, without --fleet and without --owners: the owners still come from the API.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pg.env"), format!("PEER=[{old}]:5432\n")).unwrap();

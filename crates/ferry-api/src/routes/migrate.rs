@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_core::hosts;
+use ferry_core::migrate::preview::{self, MovePlan};
 use ferry_core::migrate::{
     self, DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate,
 };
@@ -39,6 +40,33 @@ pub async fn migrate_machine(
     let req: MigrateRequest = optional_body(&body)?;
     let mig = migrate::migrate_machine(&ctx, &app, &id, lease_nonce(&headers), req)?;
     Ok((StatusCode::ACCEPTED, Json(mig)))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PlanQuery {
+    /// The destination host (hex); default: placement's choice.
+    to: Option<String>,
+}
+
+/// `GET /v1/apps/{app}/machines/{id}/migrate/plan`: what migrating it would do, and who holds
+/// its address; changes nothing.
+#[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/migrate/plan", operation_id = "migrate_plan", tag = "migrations", params(MachinePath, PlanQuery), responses((status = 200, description = "The plan and its impact. Nothing was changed.", body = MovePlan), BadRequest, NotFound, Conflict, ServerFailed))]
+pub async fn migrate_plan(
+    State(ctx): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(q): Query<PlanQuery>,
+) -> Result<Json<MovePlan>> {
+    Ok(Json(
+        preview::migrate_plan(&ctx, &app, &id, q.to.as_deref()).await?,
+    ))
+}
+
+/// `GET /v1/hosts/{id}/drain/plan`: what draining the host would do, and who would break;
+/// changes nothing.
+#[utoipa::path(get, path = "/v1/hosts/{id}/drain/plan", operation_id = "drain_plan", tag = "hosts", params(HostPath), responses((status = 200, description = "The plan and its impact. Nothing was changed (the host is not cordoned).", body = MovePlan), BadRequest, NotFound, ServerFailed))]
+pub async fn drain_plan(State(ctx): Shared, Path(host): Path<String>) -> Result<Json<MovePlan>> {
+    Ok(Json(preview::drain_plan(&ctx, &host).await?))
 }
 
 /// `GET /v1/migrations`: newest last.

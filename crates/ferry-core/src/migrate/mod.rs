@@ -733,4 +733,5 @@ fn add_instance(core: &Core, machine: &str, rec: InstanceRecord) -> Result<()> {
 }
 
 mod driver;
+pub mod preview;
 pub use driver::spawn_driver;

@@ -149,6 +149,11 @@ enum HostCmd {
         host: String,
         #[arg(long)]
         detach: bool,
+        /// Show the plan (each machine, its destination, order, gates, bytes) and who would
+        /// break (machines holding a moving address in their config, or dialling an old one
+        /// through the bridge); change nothing.
+        #[arg(long, conflicts_with = "detach")]
+        dry_run: bool,
     },
     /// Stop placing new machines on the host.
     Cordon { host: String },
@@ -159,7 +164,15 @@ enum HostCmd {
 pub fn host(args: HostArgs) -> Result<ExitCode> {
     let c = Client::new(&args.api)?;
     match args.cmd {
-        HostCmd::Drain { host, detach } => {
+        HostCmd::Drain {
+            host,
+            dry_run: true,
+            ..
+        } => {
+            let plan = c.drain_plan(&host)?;
+            return super::migrate::print_plan(&plan, args.api.json);
+        }
+        HostCmd::Drain { host, detach, .. } => {
             return super::migrate::drain(&c, &host, detach, args.api.json);
         }
         HostCmd::Cordon { ref host } | HostCmd::Uncordon { ref host } => {

@@ -64,6 +64,10 @@ enum MachineCmd {
         /// Stop first, then copy everything, then start ("cold"; longer downtime).
         #[arg(long)]
         no_precopy: bool,
+        /// Show the plan (destination, gates, bytes) and who holds this machine's address;
+        /// change nothing.
+        #[arg(long, conflicts_with_all = ["detach", "no_precopy"])]
+        dry_run: bool,
     },
     /// Change a machine's config: applied as a new version (a new instance ID and an `update`
     /// event); a running machine is stopped and started again with it. Only what the flags
@@ -284,8 +288,19 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
         MachineCmd::Migrate {
             id,
             to,
+            dry_run: true,
+            ..
+        } => {
+            let m = find(&c, &id)?;
+            let plan = c.migrate_plan(&m.app, &id, to.as_deref())?;
+            return super::migrate::print_plan(&plan, json);
+        }
+        MachineCmd::Migrate {
+            id,
+            to,
             detach,
             no_precopy,
+            ..
         } => {
             let m = find(&c, &id)?;
             return super::migrate::machine_migrate(&c, &m.app, &id, to, !no_precopy, detach, json);

@@ -3,6 +3,7 @@
 
 use super::client::{print_json, table, ApiArgs, Client};
 use anyhow::{bail, Result};
+use ferry_core::migrate::preview::MovePlan;
 use ferry_core::migrate::{DrainView, MigratePolicy, Migration, Phase, PolicyUpdate};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -194,6 +195,51 @@ pub fn machine_migrate(
         eprintln!("migration {} of machine {id}", m.id);
     }
     follow(c, &m.id, json)
+}
+
+/// A drain's or a migration's plan: one block per machine, then its impact.
+pub fn print_plan(plan: &MovePlan, json: bool) -> Result<ExitCode> {
+    if json {
+        print_json(plan)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "plan for host {}: {} to move, {} not (nothing changed)",
+        plan.host,
+        plan.moves.len(),
+        plan.skipped.len()
+    );
+    for m in &plan.moves {
+        println!(
+            "\n{} ({} in {}, {}) {} -> {}  #{} of network {}, volumes up to {} MiB",
+            m.machine_id,
+            m.app,
+            m.org,
+            m.state,
+            m.from_host,
+            m.to_host,
+            m.position_in_network,
+            m.network_id,
+            m.volume_bytes >> 20
+        );
+        println!("  address {} changes", m.address);
+        for g in &m.gates {
+            println!("  waits for: {g}");
+        }
+        if m.impact.is_empty() {
+            println!("  nobody known holds its address");
+        }
+        for i in &m.impact {
+            println!(
+                "  BREAKS? {} (app {}) via {}: {}",
+                i.machine_id, i.app, i.via, i.detail
+            );
+        }
+    }
+    for s in &plan.skipped {
+        println!("\nnot moved: {} ({})", s.machine_id, s.reason);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ferry host drain HOST`: cordon, move everything off, report each machine's outcome.
