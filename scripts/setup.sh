@@ -33,14 +33,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Python tools for the API contract test (crates/ferry/tests/api_contract.rs): schemathesis and
-# an OpenAPI validator, pinned, in their own virtualenv so nothing of the system's Python changes.
+# Python tools for the tests, pinned, in their own virtualenv so nothing of the system's Python
+# changes: schemathesis and an OpenAPI validator (crates/ferry/tests/api_contract.rs), and the
+# Prometheus project's own OpenMetrics parser (crates/ferry/tests/metrics.rs).
 PYTOOLS=/opt/ferry/pytools
-PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0 prometheus-client==0.21.1)
 # (The list is read whole first: `pip freeze | grep -q` under pipefail fails when grep exits
 # early and pip gets SIGPIPE.)
 have=$("$PYTOOLS/bin/pip" freeze 2>/dev/null || true)
-if ! grep -qx "${PYPKGS[0]}" <<<"$have" || ! grep -qx "${PYPKGS[1]}" <<<"$have"; then
+pymissing=0
+for p in "${PYPKGS[@]}"; do
+  grep -qx "$p" <<<"$have" || pymissing=1
+done
+if [ "$pymissing" -ne 0 ]; then
   echo "setup: installing ${PYPKGS[*]} into $PYTOOLS" >&2
   python3 -m venv "$PYTOOLS"
   "$PYTOOLS/bin/pip" install -q --disable-pip-version-check "${PYPKGS[@]}"

@@ -137,8 +137,46 @@ pub fn router(ctx: Arc<Core>) -> Router {
         // document: no user client calls it, and generated requests must not register hosts.
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
+        // Prometheus' scrape target (OpenMetrics text), outside the JSON document.
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("route") })
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), measure))
         .with_state(ctx)
+}
+
+/// Times every request by method, route template and status (`ferry_api_request_duration_*`).
+async fn measure(
+    State(ctx): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    ctx.metrics
+        .api_requests
+        .get_or_create(&ferry_core::metrics::RouteLabels {
+            method,
+            route,
+            status: resp.status().as_u16().to_string(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn metrics(State(ctx): Shared) -> Result<impl axum::response::IntoResponse> {
+    let text = ferry_core::metrics::scrape(&ctx).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
 }
 
 /// JSON bodies that fail to parse become our 400 error, not axum's plain-text one.

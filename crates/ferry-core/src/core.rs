@@ -16,6 +16,8 @@ pub struct Core {
     pub webhooks: Arc<dyn Webhooks>,
     /// The migrations this process drives.
     pub migrations: crate::migrate::InFlight,
+    /// This process's metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
     /// This server process among the fleet's servers (its claims on migrations carry it).
     pub server_id: String,
     /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
@@ -41,6 +43,7 @@ impl Core {
             agents,
             webhooks,
             migrations: Default::default(),
+            metrics: Default::default(),
             server_id: format!("server-{}", crate::random_hex(6)),
             host_dir_roots: Default::default(),
             changes: tokio::sync::watch::channel(0).0,

@@ -21,6 +21,7 @@ pub mod hosts;
 pub mod images;
 pub mod legacy;
 pub mod machines;
+pub mod metrics;
 pub mod migrate;
 pub mod proto;
 #[cfg(feature = "testing")]

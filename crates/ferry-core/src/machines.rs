@@ -201,6 +201,7 @@ pub async fn launch(
             m = core
                 .store
                 .transition_recorded(id, &[S::Starting], S::Started, &started)?;
+            core.metrics.machine_event("start");
         }
         Err(e) => {
             let failed = NewEvent::new(
@@ -303,6 +304,7 @@ pub async fn stop_inner(
     let m = core
         .store
         .transition_recorded(id, &[S::Stopping], next, &stopped)?;
+    core.metrics.machine_event("stop");
     core.changed();
     Ok((m, exit))
 }
@@ -553,6 +555,9 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
         "flyd",
         serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
     );
+    if matches!(r.kind.as_str(), "exit" | "restart") {
+        core.metrics.machine_event(&r.kind);
+    }
     if to != m.state && news {
         // Only a running machine can change by itself; anything else is the server's doing.
         core.store

@@ -504,6 +504,7 @@ async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
         for i in 0..mig.volumes.len() {
             let (r, dir) = forward_round(core, mig, i).await?;
             bytes += r.bytes_sent;
+            core.metrics.volume_bytes_copied.inc_by(r.bytes_sent);
             mig.stats.chunks_resent += r.chunks_resent;
             if mig.volumes[i].dst_dir.as_deref() != Some(&dir) {
                 mig.volumes[i].dst_dir = Some(dir);
@@ -702,6 +703,7 @@ async fn final_sync(core: &Core, mig: &mut Migration) -> Step<()> {
             )));
         }
         bytes += r.bytes_sent;
+        core.metrics.volume_bytes_copied.inc_by(r.bytes_sent);
         chunks += r.chunks_sent;
         mig.stats.chunks_resent += r.chunks_resent;
         let f = &mut mig.volumes[i];
@@ -938,6 +940,15 @@ fn finish(core: &Core, mig: &mut Migration, status: &str, reason: Option<&str>) 
         serde_json::json!({"migration": mig.id, "from_host": mig.from_host, "to_host": mig.to_host,
             "downtime_ms": mig.stats.downtime_ms, "reason": reason}),
     )?;
+    core.metrics
+        .migrations_finished
+        .get_or_create(&crate::metrics::OutcomeLabels {
+            outcome: status.to_owned(),
+        })
+        .inc();
+    if let (Some(ms), "done") = (mig.stats.downtime_ms, status) {
+        core.metrics.migration_downtime.observe(ms as f64 / 1000.0);
+    }
     Ok(())
 }
 
