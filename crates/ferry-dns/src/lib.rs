@@ -22,7 +22,10 @@
 //! snapshots and hands over sockets it has bound wherever they must live (e.g. `[fdaa::3]:53`
 //! inside a host's namespace).
 
+mod fast;
+mod prepared;
 pub mod server;
+mod udp;
 pub mod zone;
 
 /// The hickory-proto version this crate speaks (for clients, tests and the fuzz target).

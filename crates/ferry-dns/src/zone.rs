@@ -9,6 +9,7 @@
 //! It must never answer a name of an org that the view cannot see: such names resolve exactly
 //! like names that do not exist ([`Lookup::NxDomain`]).
 
+use crate::prepared::{Entry, Hit, Ip, Orders, Prepared};
 use crate::DnsError;
 use arc_swap::ArcSwap;
 use ferry_addr::FleetAddr;
@@ -25,6 +26,11 @@ pub const TTL: u32 = 5;
 pub const ZONE: &str = "internal.";
 /// Largest `N` in `topN.nearest.of.<app>.internal`.
 pub const MAX_TOP_N: usize = 64;
+/// The SOA's primary server and mailbox (labels below the apex) and its refresh, retry and
+/// expire timers: they matter only to secondaries (there are none). Its minimum is [`TTL`].
+pub(crate) const SOA_MNAME: &str = "ns";
+pub(crate) const SOA_RNAME: &str = "hostmaster";
+pub(crate) const SOA_TIMERS: [i32; 3] = [3600, 600, 86400];
 /// A DNS character-string holds at most 255 bytes; longer TXT values are split into several
 /// strings of one record, which clients concatenate.
 const TXT_CHUNK: usize = 255;
@@ -114,7 +120,7 @@ struct App {
 
 /// A published snapshot, indexed for lookups.
 #[derive(Debug)]
-struct Index {
+pub(crate) struct Index {
     serial: u32,
     /// App name -> one entry per network that has an app of that name (normally one).
     apps: HashMap<String, Vec<App>>,
@@ -123,6 +129,8 @@ struct Index {
     /// Host ID -> region, learned from any machine placed there (for `nearest`).
     host_region: HashMap<u32, String>,
     soa: Record,
+    /// Every answerable name per view in wire form, for the fast path.
+    prepared: Prepared,
 }
 
 /// The live zone: an atomically swapped, indexed [`Snapshot`]. Shared by all server tasks.
@@ -191,6 +199,16 @@ impl ZoneData {
         skipped
     }
 
+    /// The current snapshot's index (the fast path reads it without copying).
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Index>> {
+        self.current.load()
+    }
+
+    /// Number of names prepared for the fast path, over all views (for tests and logs).
+    pub fn prepared_names(&self) -> usize {
+        self.current.load().prepared.len()
+    }
+
     /// The SOA serial of the current snapshot (bumps on every publish).
     pub fn serial(&self) -> u32 {
         self.current.load().serial
@@ -239,7 +257,29 @@ enum Node {
     Missing,
 }
 
+impl Node {
+    /// Whether the name exists (NXDOMAIN otherwise), whatever the query type.
+    fn exists(&self) -> bool {
+        match self {
+            Node::Missing => false,
+            Node::Aaaa { ips, always } => *always || !ips.is_empty(),
+            Node::Apex | Node::Txt(_) | Node::Ent => true,
+        }
+    }
+}
+
 impl Index {
+    /// The SOA serial of this snapshot.
+    pub(crate) fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// The fast path's lookup: see [`Prepared::lookup`].
+    pub(crate) fn prepared(&self, view: View, wire: &[u8], qtype: u16) -> Hit<'_> {
+        self.prepared
+            .lookup(view, wire, qtype, || self.region_of(view))
+    }
+
     fn build(snapshot: &Snapshot, serial: u32, apex: &Name, skipped: &mut Vec<DnsError>) -> Index {
         let mut apps: HashMap<String, Vec<App>> = HashMap::new();
         let mut apps_by_network: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
@@ -282,29 +322,117 @@ impl Index {
                 app.started.sort_by(|a, b| a.id.cmp(&b.id));
             }
         }
-        let mname = Name::from_ascii("ns.internal.").expect("static name");
-        let rname = Name::from_ascii("hostmaster.internal.").expect("static name");
-        // refresh/retry/expire matter only to secondaries (there are none); minimum is the
-        // negative-caching TTL (RFC 2308), which must be as short as positive answers.
+        let mname = Name::from_ascii(SOA_MNAME)
+            .and_then(|n| n.append_domain(apex))
+            .expect("static name");
+        let rname = Name::from_ascii(SOA_RNAME)
+            .and_then(|n| n.append_domain(apex))
+            .expect("static name");
+        // minimum is the negative-caching TTL (RFC 2308), which must be as short as positive
+        // answers.
+        let [refresh, retry, expire] = SOA_TIMERS;
         let soa = Record::from_rdata(
             apex.clone(),
             TTL,
-            RData::SOA(SOA::new(mname, rname, serial, 3600, 600, 86400, TTL)),
+            RData::SOA(SOA::new(mname, rname, serial, refresh, retry, expire, TTL)),
         );
-        Index {
+        let mut index = Index {
             serial,
             apps,
             apps_by_network,
             host_region,
             soa,
+            prepared: Prepared::default(),
+        };
+        index.prepared = index.prepare();
+        index
+    }
+
+    /// Enumerates every name that exists in some view and records what [`Index::node`] says
+    /// about it, so the prepared names cannot disagree with the full path. Names not
+    /// enumerated here are exactly those `node` calls missing: names of apps the view does not
+    /// see, and shapes or labels that match no started machine.
+    fn prepare(&self) -> Prepared {
+        let mut out = Prepared::default();
+        let mut views = vec![View::Operator];
+        // The host is irrelevant outside `nearest`, whose orders are kept per region below.
+        views.extend(
+            self.apps_by_network
+                .keys()
+                .map(|&network| View::Org { network, host: 0 }),
+        );
+        for view in views {
+            let apps_txt = self.node(&[b"_apps"], view, None);
+            out.insert(view, &[b"_apps"], prepared_entry(apps_txt, None));
+            let names: BTreeSet<&str> = match view {
+                View::Operator => self.apps.keys().map(String::as_str).collect(),
+                View::Org { network, .. } => self.apps_by_network[&network]
+                    .iter()
+                    .map(String::as_str)
+                    .collect(),
+            };
+            for app in names {
+                let a = app.as_bytes();
+                let visible = self.visible(a, view);
+                let machines = || visible.iter().flat_map(|x| x.started.iter());
+                let regions: BTreeSet<&str> = machines().map(|m| m.region.as_str()).collect();
+                let mut candidates: Vec<Vec<&[u8]>> = [
+                    &[][..],
+                    &[&b"global"[..]],
+                    &[b"vms"],
+                    &[b"regions"],
+                    &[b"vm"],
+                    &[b"process"],
+                    &[b"of"],
+                ]
+                .iter()
+                .map(|rest| [&[a][..], rest].concat())
+                .collect();
+                candidates.extend(regions.iter().map(|r| vec![a, r.as_bytes()]));
+                candidates.extend(machines().map(|m| vec![a, b"vm", m.id.as_bytes()]));
+                candidates.extend(machines().map(|m| vec![a, b"process", m.group.as_bytes()]));
+                for labels in &candidates {
+                    let node = self.node(labels, view, None);
+                    if node.exists() {
+                        out.insert(view, labels, prepared_entry(node, None));
+                    }
+                }
+                // The longest `topN` is a prefix of every shorter one, per asker region.
+                let top = |here: Option<&str>| -> Box<[Ip]> {
+                    let top = format!("top{MAX_TOP_N}");
+                    match self.node(&[a, b"of", b"nearest", top.as_bytes()], view, here) {
+                        Node::Aaaa { ips, .. } => ips.iter().map(|ip| ip.octets()).collect(),
+                        _ => Box::default(),
+                    }
+                };
+                let orders = Orders {
+                    default: top(None),
+                    by_region: regions
+                        .iter()
+                        .map(|r| (r.to_string(), top(Some(r))))
+                        .collect(),
+                };
+                let ent = self.node(&[a, b"of", b"nearest"], view, None);
+                out.insert(
+                    view,
+                    &[a, b"of", b"nearest"],
+                    prepared_entry(ent, Some(orders)),
+                );
+            }
         }
+        out
     }
 
     fn lookup(&self, apex: &Name, name: &Name, qtype: RecordType, view: View) -> Lookup {
         if !apex.zone_of(name) {
             return Lookup::Refused;
         }
-        let node = self.node(name, view);
+        // Labels below the apex, outermost first: `a.b.web.internal.` -> [web, b, a]. A name
+        // has at most 127 labels (255 bytes), so this is bounded.
+        let below = (name.num_labels() as usize).saturating_sub(1);
+        let mut labels: Vec<&[u8]> = name.iter().take(below).collect();
+        labels.reverse();
+        let node = self.node(&labels, view, self.region_of(view));
         let records: Vec<Record> = match (node, qtype) {
             (Node::Missing, _) => return Lookup::NxDomain,
             (Node::Aaaa { ips, always }, _) if ips.is_empty() && !always => {
@@ -349,14 +477,18 @@ impl Index {
         }
     }
 
-    /// `name` must already be lower case (the server's parsed queries are).
-    fn node(&self, name: &Name, view: View) -> Node {
+    /// The asker's region (for `nearest`): its host's, if any machine was placed there.
+    fn region_of(&self, view: View) -> Option<&str> {
+        match view {
+            View::Org { host, .. } => self.host_region.get(&host).map(String::as_str),
+            View::Operator => None,
+        }
+    }
+
+    /// What the name with lower-case labels `l` (below the apex, outermost first) denotes in
+    /// `view`, for an asker in region `here`.
+    fn node(&self, l: &[&[u8]], view: View, here: Option<&str>) -> Node {
         let missing = Node::Missing;
-        // Labels below the apex, outermost first: `a.b.web.internal.` -> [web, b, a]. A name
-        // has at most 127 labels (255 bytes), so this is bounded.
-        let below = (name.num_labels() as usize).saturating_sub(1);
-        let mut l: Vec<&[u8]> = name.iter().take(below).collect();
-        l.reverse();
         if l.is_empty() {
             return Node::Apex;
         }
@@ -387,7 +519,7 @@ impl Index {
         let ips = |f: &dyn Fn(&Mach) -> bool| -> Vec<Ipv6Addr> {
             machines().filter(|m| f(m)).map(|m| m.ip).collect()
         };
-        match l.as_slice() {
+        match l {
             [_] | [_, b"global"] => Node::Aaaa {
                 ips: ips(&|_| true),
                 always: true,
@@ -419,10 +551,6 @@ impl Index {
                 let Some(n) = parse_top(top) else {
                     return missing;
                 };
-                let here = match view {
-                    View::Org { host, .. } => self.host_region.get(&host).map(String::as_str),
-                    View::Operator => None,
-                };
                 let mut all: Vec<&Mach> = machines().collect();
                 // Same region as the asker first, then the rest; ID order within each part so
                 // the answer is stable between queries.
@@ -441,8 +569,33 @@ impl Index {
     }
 }
 
+/// The prepared form of a node that exists (`orders` for `nearest.of.<app>`).
+fn prepared_entry(node: Node, orders: Option<Orders>) -> Entry {
+    if let Some(o) = orders {
+        return Entry::Nearest(Box::new(o));
+    }
+    match node {
+        Node::Aaaa { ips, .. } if !ips.is_empty() => {
+            Entry::Aaaa(ips.iter().map(|ip| ip.octets()).collect())
+        }
+        Node::Txt(value) if !value.is_empty() => Entry::Txt(txt_rdata(&value)),
+        _ => Entry::Empty,
+    }
+}
+
+/// A TXT value's RDATA as the full path encodes it: its [`chunk_txt`] character-strings, each
+/// length-prefixed.
+fn txt_rdata(value: &str) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(value.len() + value.len() / TXT_CHUNK + 1);
+    for c in chunk_txt(value) {
+        out.push(c.len() as u8);
+        out.extend_from_slice(c.as_bytes());
+    }
+    out.into()
+}
+
 /// `top7` -> 7; only 1..=64 without leading zeros (so each N has exactly one name).
-fn parse_top(label: &[u8]) -> Option<usize> {
+pub(crate) fn parse_top(label: &[u8]) -> Option<usize> {
     let digits = label.strip_prefix(b"top")?;
     if digits.is_empty() || digits.len() > 2 || digits[0] == b'0' {
         return None;
