@@ -132,7 +132,10 @@ impl Prepared {
             None if wire == APPS => Hit::NoData,
             None => {
                 // `topN.nearest.of.<app>`: the first label picks N, its parent holds the orders.
-                let first = usize::from(wire[0]);
+                let Some(&first) = wire.first() else {
+                    return Hit::NxDomain;
+                };
+                let first = usize::from(first);
                 let Some(n) = wire.get(1..1 + first).and_then(top_n) else {
                     return Hit::NxDomain;
                 };

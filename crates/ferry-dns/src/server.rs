@@ -17,7 +17,6 @@ use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinEncodable, BinEncoder};
 use hickory_server::authority::{MessageRequest, MessageResponseBuilder};
-use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -171,29 +170,26 @@ impl DnsServer {
         let mut batch = udp::Batch::new(UDP_PAYLOAD);
         let mut errors = 0u32;
         loop {
-            // Returns at once while the socket is known readable; it also spends the task's
-            // cooperative budget, so a busy socket still lets the runtime's other tasks run.
-            let ready = socket.readable().await;
-            let received =
-                match ready.and_then(|()| socket.try_io(Interest::READABLE, || batch.recv(fd))) {
-                    Ok(n) => {
-                        errors = 0;
-                        n
+            // async_io waits for readiness, retries after WouldBlock and spends the task's
+            // cooperative budget, so a socket that never drains still lets the runtime's
+            // other tasks (other sockets, TCP) run.
+            let received = match socket.async_io(Interest::READABLE, || batch.recv(fd)).await {
+                Ok(n) => {
+                    errors = 0;
+                    n
+                }
+                Err(e) => {
+                    errors += 1;
+                    if errors >= MAX_CONSECUTIVE_ERRORS {
+                        return Err(DnsError::Io {
+                            what: "receiving on the DNS UDP socket",
+                            source: e,
+                        });
                     }
-                    // Drained: try_io cleared the readiness, the next readable() waits.
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        errors += 1;
-                        if errors >= MAX_CONSECUTIVE_ERRORS {
-                            return Err(DnsError::Io {
-                                what: "receiving on the DNS UDP socket",
-                                source: e,
-                            });
-                        }
-                        tracing::debug!(error = %e, "dns udp receive error");
-                        continue;
-                    }
-                };
+                    tracing::debug!(error = %e, "dns udp receive error");
+                    continue;
+                }
+            };
             for i in 0..received {
                 let (request, src, out) = batch.slot(i);
                 match src {
@@ -204,14 +200,11 @@ impl DnsServer {
             let queued = batch.queue(received);
             let mut sent = 0;
             while sent < queued {
-                match socket.try_io(Interest::WRITABLE, || batch.send(fd, sent, queued)) {
+                match socket
+                    .async_io(Interest::WRITABLE, || batch.send(fd, sent, queued))
+                    .await
+                {
                     Ok(n) => sent += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        if let Err(e) = socket.writable().await {
-                            tracing::debug!(error = %e, "dns udp socket not writable; dropping answers");
-                            break;
-                        }
-                    }
                     Err(e) => {
                         // The error is the first unsent answer's (e.g. its destination is
                         // unreachable): drop that one, send the rest.
