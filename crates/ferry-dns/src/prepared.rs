@@ -3,10 +3,11 @@
 //! ([`crate::fast`]) answers a query with one hash lookup and a few copies, no parse tree, no
 //! allocation.
 //!
-//! The entries are not a second implementation of the zone's rules: they are what
-//! `Index::node` says for each name that exists, enumerated at publish time. A name that is not
-//! here does not exist in that view (NXDOMAIN), which is what keeps another org's names and
-//! missing names indistinguishable: both are simply absent from the view's key space.
+//! The entries are built by `zone::prepare_app` with the same helpers as `Index::node` (the
+//! full path's resolution) and in the same precedence; `tests/fast_path.rs` compares the two
+//! paths' bytes over whole snapshots. A name that is not here does not exist in that view
+//! (NXDOMAIN), which is what keeps another org's names and missing names indistinguishable:
+//! both are simply absent from the view's key space.
 //!
 //! It must never be consulted for a view other than the one the source address chose, and a
 //! miss must never mean anything but NXDOMAIN (except `_apps`, which always exists).
@@ -81,16 +82,6 @@ fn key<'b>(buf: &'b mut [u8; SCOPE + MAX_NAME], view: View, wire: &[u8]) -> Opti
     Some(&buf[..SCOPE + wire.len()])
 }
 
-/// `labels` (outermost first) in wire order, innermost first, without the apex and root.
-pub(crate) fn wire_of(labels: &[&[u8]]) -> Vec<u8> {
-    let mut w = Vec::new();
-    for l in labels.iter().rev() {
-        w.push(l.len() as u8);
-        w.extend_from_slice(l);
-    }
-    w
-}
-
 /// `top7` -> 7 (the same rule as the zone's: 1..=64, no leading zero).
 fn top_n(label: &[u8]) -> Option<usize> {
     crate::zone::parse_top(label)
@@ -99,9 +90,27 @@ fn top_n(label: &[u8]) -> Option<usize> {
 impl Prepared {
     /// Records `entry` for `view`'s name `labels` (outermost first, lower case).
     pub(crate) fn insert(&mut self, view: View, labels: &[&[u8]], entry: Entry) {
+        // The key written straight into one buffer: this runs for every name at every publish.
         let mut buf = [0u8; SCOPE + MAX_NAME];
-        if let Some(k) = key(&mut buf, view, &wire_of(labels)) {
-            self.names.insert(k.into(), entry);
+        let Some(scope) = key(&mut buf, view, &[]).map(<[u8]>::len) else {
+            return;
+        };
+        let mut at = scope;
+        for l in labels.iter().rev() {
+            if at + 1 + l.len() > SCOPE + MAX_NAME {
+                return;
+            }
+            buf[at] = l.len() as u8;
+            buf[at + 1..at + 1 + l.len()].copy_from_slice(l);
+            at += 1 + l.len();
+        }
+        self.names.insert(buf[..at].into(), entry);
+    }
+
+    /// An empty set with room for about `names` names (a publish knows roughly how many).
+    pub(crate) fn with_capacity(names: usize) -> Prepared {
+        Prepared {
+            names: HashMap::with_capacity(names),
         }
     }
 

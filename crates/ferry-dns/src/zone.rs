@@ -257,17 +257,6 @@ enum Node {
     Missing,
 }
 
-impl Node {
-    /// Whether the name exists (NXDOMAIN otherwise), whatever the query type.
-    fn exists(&self) -> bool {
-        match self {
-            Node::Missing => false,
-            Node::Aaaa { ips, always } => *always || !ips.is_empty(),
-            Node::Apex | Node::Txt(_) | Node::Ent => true,
-        }
-    }
-}
-
 impl Index {
     /// The SOA serial of this snapshot.
     pub(crate) fn serial(&self) -> u32 {
@@ -348,77 +337,37 @@ impl Index {
         index
     }
 
-    /// Enumerates every name that exists in some view and records what [`Index::node`] says
-    /// about it, so the prepared names cannot disagree with the full path. Names not
-    /// enumerated here are exactly those `node` calls missing: names of apps the view does not
-    /// see, and shapes or labels that match no started machine.
+    /// Prepares every name that exists in some view for the fast path. The entries are built
+    /// with the same helpers as [`Index::node`] and in the same precedence, and
+    /// `tests/fast_path.rs` compares both paths' bytes over whole snapshots; a name left out
+    /// here is NXDOMAIN in the fast path, exactly the names `node` calls missing: apps the view
+    /// does not see, and shapes or labels that match no started machine.
     fn prepare(&self) -> Prepared {
-        let mut out = Prepared::default();
+        // Per started machine: its vm, region and group names, in its org's view and the
+        // operator's; per app about ten fixed names, in both views.
+        let machines: usize = self.apps.values().flatten().map(|a| a.started.len()).sum();
+        let apps: usize = self.apps_by_network.values().map(BTreeSet::len).sum();
+        let mut out = Prepared::with_capacity(2 * (3 * machines + 12 * apps));
         let mut views = vec![View::Operator];
-        // The host is irrelevant outside `nearest`, whose orders are kept per region below.
+        // The host is irrelevant outside `nearest`, whose orders are kept per region.
         views.extend(
             self.apps_by_network
                 .keys()
                 .map(|&network| View::Org { network, host: 0 }),
         );
         for view in views {
-            let apps_txt = self.node(&[b"_apps"], view, None);
-            out.insert(view, &[b"_apps"], prepared_entry(apps_txt, None));
-            let names: BTreeSet<&str> = match view {
-                View::Operator => self.apps.keys().map(String::as_str).collect(),
-                View::Org { network, .. } => self.apps_by_network[&network]
-                    .iter()
-                    .map(String::as_str)
-                    .collect(),
+            let names: Vec<&String> = match view {
+                View::Operator => self.apps.keys().collect(),
+                View::Org { network, .. } => self.apps_by_network[&network].iter().collect(),
             };
             for app in names {
-                let a = app.as_bytes();
-                let visible = self.visible(a, view);
-                let machines = || visible.iter().flat_map(|x| x.started.iter());
-                let regions: BTreeSet<&str> = machines().map(|m| m.region.as_str()).collect();
-                let mut candidates: Vec<Vec<&[u8]>> = [
-                    &[][..],
-                    &[&b"global"[..]],
-                    &[b"vms"],
-                    &[b"regions"],
-                    &[b"vm"],
-                    &[b"process"],
-                    &[b"of"],
-                ]
-                .iter()
-                .map(|rest| [&[a][..], rest].concat())
-                .collect();
-                candidates.extend(regions.iter().map(|r| vec![a, r.as_bytes()]));
-                candidates.extend(machines().map(|m| vec![a, b"vm", m.id.as_bytes()]));
-                candidates.extend(machines().map(|m| vec![a, b"process", m.group.as_bytes()]));
-                for labels in &candidates {
-                    let node = self.node(labels, view, None);
-                    if node.exists() {
-                        out.insert(view, labels, prepared_entry(node, None));
-                    }
-                }
-                // The longest `topN` is a prefix of every shorter one, per asker region.
-                let top = |here: Option<&str>| -> Box<[Ip]> {
-                    let top = format!("top{MAX_TOP_N}");
-                    match self.node(&[a, b"of", b"nearest", top.as_bytes()], view, here) {
-                        Node::Aaaa { ips, .. } => ips.iter().map(|ip| ip.octets()).collect(),
-                        _ => Box::default(),
-                    }
-                };
-                let orders = Orders {
-                    default: top(None),
-                    by_region: regions
-                        .iter()
-                        .map(|r| (r.to_string(), top(Some(r))))
-                        .collect(),
-                };
-                let ent = self.node(&[a, b"of", b"nearest"], view, None);
-                out.insert(
-                    view,
-                    &[a, b"of", b"nearest"],
-                    prepared_entry(ent, Some(orders)),
-                );
+                let visible = self.visible(app.as_bytes(), view);
+                let machines: Vec<&Mach> = visible.iter().flat_map(|a| a.started.iter()).collect();
+                prepare_app(&mut out, view, app.as_bytes(), &machines);
             }
+            // After the apps: `_apps.internal` is the list even if an app is called `_apps`.
+            let apps_txt = self.node(&[b"_apps"], view, None);
+            out.insert(view, &[b"_apps"], prepared_entry(apps_txt));
         }
         out
     }
@@ -524,16 +473,8 @@ impl Index {
                 ips: ips(&|_| true),
                 always: true,
             },
-            [_, b"vms"] => Node::Txt(
-                machines()
-                    .map(|m| format!("{} {}", m.id, m.region))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            [_, b"regions"] => {
-                let set: BTreeSet<&str> = machines().map(|m| m.region.as_str()).collect();
-                Node::Txt(set.into_iter().collect::<Vec<_>>().join(","))
-            }
+            [_, b"vms"] => Node::Txt(vms_txt(machines())),
+            [_, b"regions"] => Node::Txt(regions_txt(machines())),
             [_, b"vm"] | [_, b"process"] | [_, b"of"] | [_, b"of", b"nearest"] => Node::Ent,
             [_, region] => Node::Aaaa {
                 ips: ips(&|m| m.region.as_bytes() == *region),
@@ -551,16 +492,12 @@ impl Index {
                 let Some(n) = parse_top(top) else {
                     return missing;
                 };
-                let mut all: Vec<&Mach> = machines().collect();
-                // Same region as the asker first, then the rest; ID order within each part so
-                // the answer is stable between queries.
-                all.sort_by(|a, b| {
-                    let ka = (Some(a.region.as_str()) != here, &a.id);
-                    let kb = (Some(b.region.as_str()) != here, &b.id);
-                    ka.cmp(&kb)
-                });
                 Node::Aaaa {
-                    ips: all.into_iter().take(n).map(|m| m.ip).collect(),
+                    ips: nearest(machines(), here)
+                        .into_iter()
+                        .take(n)
+                        .map(|m| m.ip)
+                        .collect(),
                     always: false,
                 }
             }
@@ -569,11 +506,101 @@ impl Index {
     }
 }
 
-/// The prepared form of a node that exists (`orders` for `nearest.of.<app>`).
-fn prepared_entry(node: Node, orders: Option<Orders>) -> Entry {
-    if let Some(o) = orders {
-        return Entry::Nearest(Box::new(o));
+/// `vms.<app>`: `id region` per started machine, comma-separated.
+fn vms_txt<'m>(machines: impl Iterator<Item = &'m Mach>) -> String {
+    machines
+        .map(|m| format!("{} {}", m.id, m.region))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `regions.<app>`: the started machines' regions, sorted, comma-separated.
+fn regions_txt<'m>(machines: impl Iterator<Item = &'m Mach>) -> String {
+    let set: BTreeSet<&str> = machines.map(|m| m.region.as_str()).collect();
+    set.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// `nearest` order for an asker in region `here`: same region first, then the rest; ID order
+/// within each part (a stable sort) so the answer is the same between queries.
+fn nearest<'m>(machines: impl Iterator<Item = &'m Mach>, here: Option<&str>) -> Vec<&'m Mach> {
+    let mut all: Vec<&Mach> = machines.collect();
+    all.sort_by(|a, b| {
+        let ka = (Some(a.region.as_str()) != here, &a.id);
+        let kb = (Some(b.region.as_str()) != here, &b.id);
+        ka.cmp(&kb)
+    });
+    all
+}
+
+/// Prepares the names of `app` in `view`, whose started machines (in `Index::node`'s order)
+/// are `machines`. Mirrors `node`'s shapes and their precedence.
+fn prepare_app(out: &mut Prepared, view: View, app: &[u8], machines: &[&Mach]) {
+    let octets =
+        |ms: &mut dyn Iterator<Item = &Mach>| -> Box<[Ip]> { ms.map(|m| m.ip.octets()).collect() };
+    let aaaa = |ips: Box<[Ip]>| {
+        if ips.is_empty() {
+            Entry::Empty
+        } else {
+            Entry::Aaaa(ips)
+        }
+    };
+    let txt = |value: String| prepared_entry(Node::Txt(value));
+    // Regions and groups are few per app; IDs are one per machine, so they are grouped by a
+    // stable sort instead of a map of vectors (an ID can repeat only across orgs, in the
+    // operator's view, and then keeps `node`'s order).
+    let mut by_region: BTreeMap<&str, Vec<Ip>> = BTreeMap::new();
+    let mut by_group: BTreeMap<&str, Vec<Ip>> = BTreeMap::new();
+    for m in machines {
+        by_region.entry(&m.region).or_default().push(m.ip.octets());
+        by_group.entry(&m.group).or_default().push(m.ip.octets());
     }
+    let mut by_id: Vec<&Mach> = machines.to_vec();
+    by_id.sort_by(|a, b| a.id.cmp(&b.id));
+    // `<region>.<app>` is the last two-label shape `node` tries: a region spelled like one of
+    // the fixed labels below is shadowed by it, so regions go in first and are overwritten.
+    for (region, ips) in &by_region {
+        out.insert(view, &[app, region.as_bytes()], aaaa(ips.clone().into()));
+    }
+    let all = octets(&mut machines.iter().copied());
+    out.insert(view, &[app], aaaa(all.clone()));
+    out.insert(view, &[app, b"global"], aaaa(all));
+    let ms = || machines.iter().copied();
+    out.insert(view, &[app, b"vms"], txt(vms_txt(ms())));
+    out.insert(view, &[app, b"regions"], txt(regions_txt(ms())));
+    for ent in [&b"vm"[..], b"process", b"of"] {
+        out.insert(view, &[app, ent], Entry::Empty);
+    }
+    for same_id in by_id.chunk_by(|a, b| a.id == b.id) {
+        let id = same_id[0].id.as_bytes();
+        out.insert(
+            view,
+            &[app, b"vm", id],
+            aaaa(octets(&mut same_id.iter().copied())),
+        );
+    }
+    for (group, ips) in by_group {
+        out.insert(view, &[app, b"process", group.as_bytes()], aaaa(ips.into()));
+    }
+    // The longest `topN` is a prefix of every shorter one: keep that, per asker region.
+    let top = |here: Option<&str>| -> Box<[Ip]> {
+        octets(&mut nearest(ms(), here).into_iter().take(MAX_TOP_N))
+    };
+    let orders = Orders {
+        default: top(None),
+        by_region: by_region
+            .keys()
+            .map(|r| (r.to_string(), top(Some(r))))
+            .collect(),
+    };
+    out.insert(
+        view,
+        &[app, b"of", b"nearest"],
+        Entry::Nearest(Box::new(orders)),
+    );
+}
+
+/// The prepared form of a node that exists.
+fn prepared_entry(node: Node) -> Entry {
     match node {
         Node::Aaaa { ips, .. } if !ips.is_empty() => {
             Entry::Aaaa(ips.iter().map(|ip| ip.octets()).collect())

@@ -123,14 +123,12 @@ fn sources() -> Vec<IpAddr> {
     ]
 }
 
-const TYPES: [RecordType; 13] = [
+const TYPES: [RecordType; 11] = [
     RecordType::AAAA,
     RecordType::TXT,
     RecordType::A,
     RecordType::SOA,
     RecordType::NS,
-    RecordType::MX,
-    RecordType::CNAME,
     RecordType::ANY,
     RecordType::AXFR,
     RecordType::IXFR,
@@ -159,20 +157,30 @@ fn tricky() -> Snapshot {
 
 #[test]
 fn fast_equals_full_for_every_name_type_case_and_view() {
-    for snap in [snapshot(), tricky()] {
-        let zone = Arc::new(ZoneData::new());
-        let skipped = zone.publish(snap);
-        assert!(skipped.is_empty(), "{skipped:?}");
-        every_name_type_case_and_view(&DnsServer::new(zone));
-    }
+    every_name_type_case_and_view(&server());
+}
+
+#[test]
+fn fast_equals_full_on_an_awkward_snapshot() {
+    let zone = Arc::new(ZoneData::new());
+    let skipped = zone.publish(tricky());
+    assert!(skipped.is_empty(), "{skipped:?}");
+    every_name_type_case_and_view(&DnsServer::new(zone));
 }
 
 fn every_name_type_case_and_view(s: &DnsServer) {
     let (mut fast, mut total) = (0, 0);
     for name in names() {
-        for spelled in cases(&name) {
+        for (i, spelled) in cases(&name).into_iter().enumerate() {
             for qtype in TYPES {
-                for edns in [None, Some(1232)] {
+                // Without EDNS for one spelling: the other spellings only change the echoed
+                // question and the case-folding, which EDNS does not touch.
+                let sizes: &[Option<u16>] = if i == 0 {
+                    &[None, Some(1232)]
+                } else {
+                    &[Some(1232)]
+                };
+                for &edns in sizes {
                     let q = query_bytes(&spelled, qtype, edns);
                     for src in sources() {
                         total += 1;
