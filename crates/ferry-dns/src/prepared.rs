@@ -25,13 +25,33 @@ const APPS: &[u8] = b"\x05_apps";
 /// One AAAA address as it goes on the wire.
 pub(crate) type Ip = [u8; 16];
 
+/// A run of addresses or bytes in one of [`Prepared`]'s arenas. A publish stores every
+/// name's data in two vectors instead of a box per name: it allocates (and later frees) a few
+/// large blocks, not tens of thousands of small ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    pub(crate) fn is_empty(self) -> bool {
+        self.len == 0
+    }
+
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
+}
+
 /// What a name holds, ready to copy into an answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Entry {
-    /// AAAA addresses, non-empty.
-    Aaaa(Box<[Ip]>),
-    /// One TXT record's RDATA (its character-strings, length-prefixed), non-empty.
-    Txt(Box<[u8]>),
+    /// AAAA addresses (in [`Prepared`]'s address arena), non-empty.
+    Aaaa(Span),
+    /// One TXT record's RDATA (its character-strings, length-prefixed; in the byte arena),
+    /// non-empty.
+    Txt(Span),
     /// The name exists without data of any type (empty non-terminal, app with no started
     /// machine, empty TXT value).
     Empty,
@@ -41,12 +61,12 @@ pub(crate) enum Entry {
 }
 
 /// The `nearest` orders of one app in one view: same region first, then ID order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Orders {
     /// For an asker with no region, or one no started machine of the app is in (ID order).
-    pub(crate) default: Box<[Ip]>,
+    pub(crate) default: Span,
     /// For an asker in each region that has a started machine of the app.
-    pub(crate) by_region: Vec<(String, Box<[Ip]>)>,
+    pub(crate) by_region: Vec<(String, Span)>,
 }
 
 /// The outcome of a prepared lookup (the zone check and the query type's own rules are the
@@ -59,10 +79,68 @@ pub(crate) enum Hit<'a> {
     NxDomain,
 }
 
+/// Keys up to this long (view + name; most names of a fleet) live inline in the table.
+const INLINE: usize = 46;
+
+/// A view + wire name key, inline when short. Hashes and compares as its bytes, so the table
+/// is looked up by a plain `&[u8]` built on the stack.
+#[derive(Debug)]
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    fn new(b: &[u8]) -> Key {
+        if b.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            Key::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(b.into())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(b) => b,
+        }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Exactly `[u8]`'s hash, as `Borrow<[u8]>` requires.
+        self.bytes().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// All answerable names of one snapshot, keyed by view + lower-case wire name below the apex.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
-    names: HashMap<Box<[u8]>, Entry>,
+    names: HashMap<Key, Entry>,
+    /// Every AAAA answer's addresses, back to back.
+    ips: Vec<Ip>,
+    /// Every TXT answer's RDATA, back to back.
+    txt: Vec<u8>,
 }
 
 /// The key of `view`'s name `wire` (lower-case labels below the apex, innermost first, as on
@@ -104,14 +182,35 @@ impl Prepared {
             buf[at + 1..at + 1 + l.len()].copy_from_slice(l);
             at += 1 + l.len();
         }
-        self.names.insert(buf[..at].into(), entry);
+        self.names.insert(Key::new(&buf[..at]), entry);
     }
 
-    /// An empty set with room for about `names` names (a publish knows roughly how many).
-    pub(crate) fn with_capacity(names: usize) -> Prepared {
+    /// An empty set with room for about `names` names and `ips` addresses (a publish knows
+    /// roughly how many).
+    pub(crate) fn with_capacity(names: usize, ips: usize) -> Prepared {
         Prepared {
             names: HashMap::with_capacity(names),
+            ips: Vec::with_capacity(ips),
+            txt: Vec::new(),
         }
+    }
+
+    /// Stores addresses; their span (empty if there are none).
+    pub(crate) fn add_ips(&mut self, ips: impl IntoIterator<Item = Ip>) -> Span {
+        let start = self.ips.len();
+        self.ips.extend(ips);
+        span(start, self.ips.len())
+    }
+
+    /// Stores a TXT value as RDATA: character-strings of at most `chunk` bytes, each
+    /// length-prefixed; its span (empty for an empty value).
+    pub(crate) fn add_txt(&mut self, value: &str, chunk: usize) -> Span {
+        let start = self.txt.len();
+        for c in value.as_bytes().chunks(chunk) {
+            self.txt.push(c.len() as u8);
+            self.txt.extend_from_slice(c);
+        }
+        span(start, self.txt.len())
     }
 
     /// Number of prepared names (all views).
@@ -135,8 +234,8 @@ impl Prepared {
             return Hit::NxDomain;
         };
         match self.names.get(k) {
-            Some(Entry::Aaaa(ips)) if qtype == AAAA => Hit::Aaaa(ips),
-            Some(Entry::Txt(rdata)) if qtype == TXT => Hit::Txt(rdata),
+            Some(Entry::Aaaa(ips)) if qtype == AAAA => Hit::Aaaa(&self.ips[ips.range()]),
+            Some(Entry::Txt(rdata)) if qtype == TXT => Hit::Txt(&self.txt[rdata.range()]),
             Some(_) => Hit::NoData,
             None if wire == APPS => Hit::NoData,
             None => {
@@ -159,9 +258,10 @@ impl Prepared {
                         .by_region
                         .iter()
                         .find(|(r, _)| r == region)
-                        .map_or(&orders.default, |(_, ips)| ips),
-                    None => &orders.default,
+                        .map_or(orders.default, |&(_, ips)| ips),
+                    None => orders.default,
                 };
+                let order = &self.ips[order.range()];
                 match &order[..n.min(order.len())] {
                     [] => Hit::NxDomain,
                     ips if qtype == AAAA => Hit::Aaaa(ips),
@@ -169,5 +269,14 @@ impl Prepared {
                 }
             }
         }
+    }
+}
+
+/// The span `start..end` of an arena (a snapshot's arenas stay far below 4 G entries: a UDP
+/// answer holds at most 44 addresses, a stream one 2,340, and names are bounded by machines).
+fn span(start: usize, end: usize) -> Span {
+    Span {
+        start: start as u32,
+        len: (end - start) as u32,
     }
 }

@@ -9,7 +9,7 @@
 //! It must never answer a name of an org that the view cannot see: such names resolve exactly
 //! like names that do not exist ([`Lookup::NxDomain`]).
 
-use crate::prepared::{Entry, Hit, Ip, Orders, Prepared};
+use crate::prepared::{Entry, Hit, Orders, Prepared, Span};
 use crate::DnsError;
 use arc_swap::ArcSwap;
 use ferry_addr::FleetAddr;
@@ -347,7 +347,9 @@ impl Index {
         // operator's; per app about ten fixed names, in both views.
         let machines: usize = self.apps.values().flatten().map(|a| a.started.len()).sum();
         let apps: usize = self.apps_by_network.values().map(BTreeSet::len).sum();
-        let mut out = Prepared::with_capacity(2 * (3 * machines + 12 * apps));
+        // Addresses: per machine its app, global, vm, region and group names and the nearest
+        // orders (about one per region), in both views.
+        let mut out = Prepared::with_capacity(2 * (3 * machines + 12 * apps), 2 * 10 * machines);
         let mut views = vec![View::Operator];
         // The host is irrelevant outside `nearest`, whose orders are kept per region.
         views.extend(
@@ -366,8 +368,8 @@ impl Index {
                 prepare_app(&mut out, view, app.as_bytes(), &machines);
             }
             // After the apps: `_apps.internal` is the list even if an app is called `_apps`.
-            let apps_txt = self.node(&[b"_apps"], view, None);
-            out.insert(view, &[b"_apps"], prepared_entry(apps_txt));
+            let entry = txt_entry(&mut out, &self.apps_txt(view));
+            out.insert(view, &[b"_apps"], entry);
         }
         out
     }
@@ -434,6 +436,27 @@ impl Index {
         }
     }
 
+    /// `_apps.internal`: the app names `view` sees, sorted, comma-separated.
+    fn apps_txt(&self, view: View) -> String {
+        let names: Vec<&str> = match view {
+            View::Operator => {
+                let all: BTreeSet<&str> = self
+                    .apps_by_network
+                    .values()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                all.into_iter().collect()
+            }
+            View::Org { network, .. } => self
+                .apps_by_network
+                .get(&network)
+                .map(|s| s.iter().map(String::as_str).collect())
+                .unwrap_or_default(),
+        };
+        names.join(",")
+    }
+
     /// What the name with lower-case labels `l` (below the apex, outermost first) denotes in
     /// `view`, for an asker in region `here`.
     fn node(&self, l: &[&[u8]], view: View, here: Option<&str>) -> Node {
@@ -442,23 +465,7 @@ impl Index {
             return Node::Apex;
         }
         if l.len() == 1 && l[0] == b"_apps" {
-            let names: Vec<&str> = match view {
-                View::Operator => {
-                    let all: BTreeSet<&str> = self
-                        .apps_by_network
-                        .values()
-                        .flatten()
-                        .map(String::as_str)
-                        .collect();
-                    all.into_iter().collect()
-                }
-                View::Org { network, .. } => self
-                    .apps_by_network
-                    .get(&network)
-                    .map(|s| s.iter().map(String::as_str).collect())
-                    .unwrap_or_default(),
-            };
-            return Node::Txt(names.join(","));
+            return Node::Txt(self.apps_txt(view));
         }
         let apps = self.visible(l[0], view);
         if apps.is_empty() {
@@ -535,61 +542,54 @@ fn nearest<'m>(machines: impl Iterator<Item = &'m Mach>, here: Option<&str>) -> 
 /// Prepares the names of `app` in `view`, whose started machines (in `Index::node`'s order)
 /// are `machines`. Mirrors `node`'s shapes and their precedence.
 fn prepare_app(out: &mut Prepared, view: View, app: &[u8], machines: &[&Mach]) {
-    let octets =
-        |ms: &mut dyn Iterator<Item = &Mach>| -> Box<[Ip]> { ms.map(|m| m.ip.octets()).collect() };
-    let aaaa = |ips: Box<[Ip]>| {
-        if ips.is_empty() {
-            Entry::Empty
-        } else {
-            Entry::Aaaa(ips)
-        }
-    };
-    let txt = |value: String| prepared_entry(Node::Txt(value));
+    let ms = || machines.iter().copied();
     // Regions and groups are few per app; IDs are one per machine, so they are grouped by a
-    // stable sort instead of a map of vectors (an ID can repeat only across orgs, in the
-    // operator's view, and then keeps `node`'s order).
-    let mut by_region: BTreeMap<&str, Vec<Ip>> = BTreeMap::new();
-    let mut by_group: BTreeMap<&str, Vec<Ip>> = BTreeMap::new();
+    // stable sort (an ID can repeat only across orgs, in the operator's view, and then keeps
+    // `node`'s order).
+    let mut regions: BTreeSet<&str> = BTreeSet::new();
+    let mut groups: BTreeSet<&str> = BTreeSet::new();
     for m in machines {
-        by_region.entry(&m.region).or_default().push(m.ip.octets());
-        by_group.entry(&m.group).or_default().push(m.ip.octets());
+        regions.insert(&m.region);
+        groups.insert(&m.group);
     }
     let mut by_id: Vec<&Mach> = machines.to_vec();
     by_id.sort_by(|a, b| a.id.cmp(&b.id));
     // `<region>.<app>` is the last two-label shape `node` tries: a region spelled like one of
     // the fixed labels below is shadowed by it, so regions go in first and are overwritten.
-    for (region, ips) in &by_region {
-        out.insert(view, &[app, region.as_bytes()], aaaa(ips.clone().into()));
+    for &region in &regions {
+        let ips = ms().filter(|m| m.region == region).map(|m| m.ip.octets());
+        let entry = aaaa_entry(out.add_ips(ips));
+        out.insert(view, &[app, region.as_bytes()], entry);
     }
-    let all = octets(&mut machines.iter().copied());
-    out.insert(view, &[app], aaaa(all.clone()));
-    out.insert(view, &[app, b"global"], aaaa(all));
-    let ms = || machines.iter().copied();
-    out.insert(view, &[app, b"vms"], txt(vms_txt(ms())));
-    out.insert(view, &[app, b"regions"], txt(regions_txt(ms())));
+    let all = aaaa_entry(out.add_ips(ms().map(|m| m.ip.octets())));
+    out.insert(view, &[app], all.clone());
+    out.insert(view, &[app, b"global"], all);
+    let vms = txt_entry(out, &vms_txt(ms()));
+    out.insert(view, &[app, b"vms"], vms);
+    let regions_txt = txt_entry(out, &regions_txt(ms()));
+    out.insert(view, &[app, b"regions"], regions_txt);
     for ent in [&b"vm"[..], b"process", b"of"] {
         out.insert(view, &[app, ent], Entry::Empty);
     }
     for same_id in by_id.chunk_by(|a, b| a.id == b.id) {
-        let id = same_id[0].id.as_bytes();
-        out.insert(
-            view,
-            &[app, b"vm", id],
-            aaaa(octets(&mut same_id.iter().copied())),
-        );
+        let entry = aaaa_entry(out.add_ips(same_id.iter().map(|m| m.ip.octets())));
+        out.insert(view, &[app, b"vm", same_id[0].id.as_bytes()], entry);
     }
-    for (group, ips) in by_group {
-        out.insert(view, &[app, b"process", group.as_bytes()], aaaa(ips.into()));
+    for group in groups {
+        let ips = ms().filter(|m| m.group == group).map(|m| m.ip.octets());
+        let entry = aaaa_entry(out.add_ips(ips));
+        out.insert(view, &[app, b"process", group.as_bytes()], entry);
     }
     // The longest `topN` is a prefix of every shorter one: keep that, per asker region.
-    let top = |here: Option<&str>| -> Box<[Ip]> {
-        octets(&mut nearest(ms(), here).into_iter().take(MAX_TOP_N))
+    let mut top = |here: Option<&str>| {
+        let order = nearest(ms(), here);
+        out.add_ips(order.iter().take(MAX_TOP_N).map(|m| m.ip.octets()))
     };
     let orders = Orders {
         default: top(None),
-        by_region: by_region
-            .keys()
-            .map(|r| (r.to_string(), top(Some(r))))
+        by_region: regions
+            .iter()
+            .map(|&r| (r.to_owned(), top(Some(r))))
             .collect(),
     };
     out.insert(
@@ -599,26 +599,23 @@ fn prepare_app(out: &mut Prepared, view: View, app: &[u8], machines: &[&Mach]) {
     );
 }
 
-/// The prepared form of a node that exists.
-fn prepared_entry(node: Node) -> Entry {
-    match node {
-        Node::Aaaa { ips, .. } if !ips.is_empty() => {
-            Entry::Aaaa(ips.iter().map(|ip| ip.octets()).collect())
-        }
-        Node::Txt(value) if !value.is_empty() => Entry::Txt(txt_rdata(&value)),
-        _ => Entry::Empty,
+/// An AAAA name's entry: its addresses, or none (it exists empty: only the app's own names).
+fn aaaa_entry(ips: Span) -> Entry {
+    if ips.is_empty() {
+        Entry::Empty
+    } else {
+        Entry::Aaaa(ips)
     }
 }
 
-/// A TXT value's RDATA as the full path encodes it: its [`chunk_txt`] character-strings, each
-/// length-prefixed.
-fn txt_rdata(value: &str) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(value.len() + value.len() / TXT_CHUNK + 1);
-    for c in chunk_txt(value) {
-        out.push(c.len() as u8);
-        out.extend_from_slice(c.as_bytes());
+/// A TXT name's entry, its RDATA encoded as the full path does ([`chunk_txt`]'s strings).
+fn txt_entry(out: &mut Prepared, value: &str) -> Entry {
+    let rdata = out.add_txt(value, TXT_CHUNK);
+    if rdata.is_empty() {
+        Entry::Empty
+    } else {
+        Entry::Txt(rdata)
     }
-    out.into()
 }
 
 /// `top7` -> 7; only 1..=64 without leading zeros (so each N has exactly one name).
