@@ -69,9 +69,11 @@ taskset -c "$SERVER_CPU" "$NSD" -d -c "$TMP/nsd.conf" &
 NSD_PID=$!
 
 # Wait (bounded) until both answer, and check they give the same answer for a sample name.
+# dig prints a failure (e.g. "connection refused" before the server bound) as ";;" lines on
+# stdout: those are not answers.
 for i in $(seq 1 50); do
-  a=$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$FERRY_PORT" vms.app1x0.internal TXT || true)
-  b=$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$NSD_PORT" vms.app1x0.internal TXT || true)
+  a=$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$FERRY_PORT" vms.app1x0.internal TXT | grep -v '^;;' || true)
+  b=$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$NSD_PORT" vms.app1x0.internal TXT | grep -v '^;;' || true)
   [ -n "$a" ] && [ -n "$b" ] && break
   sleep 0.2
 done

@@ -1,6 +1,7 @@
 //! Fuzz target for the `.internal` request path: arbitrary bytes from an org view, the operator
 //! view and a stranger go through `DnsServer::answer` (UDP limits and stream). It must never
-//! panic, and whatever it sends back must parse as a DNS message within the size limit.
+//! panic, whatever it sends back must parse as a DNS message within the size limit, and
+//! wherever the fast path answers, its bytes must be the full path's.
 #![no_main]
 
 use ferry_dns::proto::op::Message;
@@ -49,6 +50,9 @@ fuzz_target!(|data: &[u8]| {
     for src in sources {
         for max in [512usize, UDP_PAYLOAD, STREAM] {
             let out = s.answer(data, src, max);
+            if let Some(fast) = s.answer_fast(data, src, max) {
+                assert_eq!(fast, s.answer_full(data, src, max), "fast path != full path");
+            }
             if out.is_empty() {
                 continue;
             }

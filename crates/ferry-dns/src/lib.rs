@@ -4,6 +4,11 @@
 //!   ([`ZoneData::publish`]) and the pure per-view name resolution.
 //! * [`server`]: the wire side ([`DnsServer`]): one pure request-bytes -> response-bytes function
 //!   ([`DnsServer::answer`]) used by the UDP and TCP loops, the tests and the fuzz target.
+//! * `prepared` and `fast`: the fast path of that function. When a snapshot is published every
+//!   name that exists in each view is prepared in wire form; common queries are answered from
+//!   it in place, the rest by hickory's parse and encode ([`DnsServer::answer_full`]), with the
+//!   same bytes either way.
+//! * `udp`: the batched (`recvmmsg`/`sendmmsg`) UDP I/O of [`DnsServer::serve_udp`].
 //!
 //! The view is chosen by the asking client's source address: a guest-form `fdaa::/16` source sees
 //! only its own network's apps (other orgs' names are NXDOMAIN, indistinguishable from names that
@@ -22,7 +27,10 @@
 //! snapshots and hands over sockets it has bound wherever they must live (e.g. `[fdaa::3]:53`
 //! inside a host's namespace).
 
+mod fast;
+mod prepared;
 pub mod server;
+mod udp;
 pub mod zone;
 
 /// The hickory-proto version this crate speaks (for clients, tests and the fuzz target).

@@ -12,15 +12,16 @@
 //! a view from anything but the source address.
 
 use crate::zone::{Lookup, View, ZoneData};
-use crate::DnsError;
+use crate::{fast, udp, DnsError};
 use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinEncodable, BinEncoder};
 use hickory_server::authority::{MessageRequest, MessageResponseBuilder};
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
@@ -33,8 +34,6 @@ pub const STREAM: usize = usize::MAX;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Concurrent TCP connections; more are closed at once so a flood cannot exhaust memory.
 const MAX_TCP_CONNS: usize = 256;
-/// Largest UDP datagram we read; a longer one is cut, fails to parse and gets FORMERR.
-const UDP_RECV: usize = 4096;
 /// A UDP loop that sees this many consecutive receive errors gives up (the socket is broken).
 const MAX_CONSECUTIVE_ERRORS: u32 = 1000;
 
@@ -58,7 +57,35 @@ impl DnsServer {
     /// carry: the client's EDNS size (or 512 without EDNS) caps it further; pass [`STREAM`] for
     /// TCP. Returns the response bytes, or an empty vector when nothing must be sent (the input
     /// is a response, or too short to carry an ID).
+    ///
+    /// Common queries take the fast path (answered from the names prepared at publish time);
+    /// the rest [`answer_full`](Self::answer_full). Both give the same bytes.
     pub fn answer(&self, request: &[u8], src: IpAddr, max_udp: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.answer_into(request, src, max_udp, &mut out);
+        out
+    }
+
+    /// [`answer`](Self::answer) into `out` (replacing its contents): the serving loops reuse
+    /// one buffer per packet slot, so the fast path allocates nothing.
+    pub fn answer_into(&self, request: &[u8], src: IpAddr, max_udp: usize, out: &mut Vec<u8>) {
+        if !fast::answer(&self.zone, request, src, max_udp, out) {
+            let full = self.answer_full(request, src, max_udp);
+            out.clear();
+            out.extend_from_slice(&full);
+        }
+    }
+
+    /// The fast path alone: `None` where it declines the packet. For tests and the fuzz
+    /// target, which hold it to [`answer_full`](Self::answer_full)'s bytes.
+    pub fn answer_fast(&self, request: &[u8], src: IpAddr, max_udp: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        fast::answer(&self.zone, request, src, max_udp, &mut out).then_some(out)
+    }
+
+    /// The full path alone: hickory's parse and encode, every query shape. The reference the
+    /// fast path must equal.
+    pub fn answer_full(&self, request: &[u8], src: IpAddr, max_udp: usize) -> Vec<u8> {
         let req = match MessageRequest::from_bytes(request) {
             Ok(r) => r,
             Err(_) => return form_error(request),
@@ -134,15 +161,22 @@ impl DnsServer {
     }
 
     /// Serves UDP on `socket` until the socket fails for good. Per-packet errors (e.g. ICMP
-    /// unreachable reported on the next receive) are skipped.
+    /// unreachable reported on the next receive, a send that fails) are skipped.
+    ///
+    /// Datagrams are received and answered in batches ([`udp::BATCH`] per `recvmmsg`, the
+    /// answers in one `sendmmsg`), each into its slot's reused buffer.
     pub async fn serve_udp(&self, socket: UdpSocket) -> Result<(), DnsError> {
-        let mut buf = vec![0u8; UDP_RECV];
+        let fd = socket.as_raw_fd();
+        let mut batch = udp::Batch::new(UDP_PAYLOAD);
         let mut errors = 0u32;
         loop {
-            let (n, peer) = match socket.recv_from(&mut buf).await {
-                Ok(x) => {
+            // async_io waits for readiness, retries after WouldBlock and spends the task's
+            // cooperative budget, so a socket that never drains still lets the runtime's
+            // other tasks (other sockets, TCP) run.
+            let received = match socket.async_io(Interest::READABLE, || batch.recv(fd)).await {
+                Ok(n) => {
                     errors = 0;
-                    x
+                    n
                 }
                 Err(e) => {
                     errors += 1;
@@ -156,10 +190,27 @@ impl DnsServer {
                     continue;
                 }
             };
-            let response = self.answer(&buf[..n], peer.ip(), UDP_PAYLOAD);
-            if !response.is_empty() {
-                if let Err(e) = socket.send_to(&response, peer).await {
-                    tracing::debug!(error = %e, %peer, "dns udp send error");
+            for i in 0..received {
+                let (request, src, out) = batch.slot(i);
+                match src {
+                    Some(src) => self.answer_into(request, src, UDP_PAYLOAD, out),
+                    None => out.clear(),
+                }
+            }
+            let queued = batch.queue(received);
+            let mut sent = 0;
+            while sent < queued {
+                match socket
+                    .async_io(Interest::WRITABLE, || batch.send(fd, sent, queued))
+                    .await
+                {
+                    Ok(n) => sent += n,
+                    Err(e) => {
+                        // The error is the first unsent answer's (e.g. its destination is
+                        // unreachable): drop that one, send the rest.
+                        tracing::debug!(error = %e, "dns udp send error");
+                        sent += 1;
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@
 //! It must never answer a name of an org that the view cannot see: such names resolve exactly
 //! like names that do not exist ([`Lookup::NxDomain`]).
 
+use crate::prepared::{Entry, Hit, Orders, Prepared, Span};
 use crate::DnsError;
 use arc_swap::ArcSwap;
 use ferry_addr::FleetAddr;
@@ -25,6 +26,11 @@ pub const TTL: u32 = 5;
 pub const ZONE: &str = "internal.";
 /// Largest `N` in `topN.nearest.of.<app>.internal`.
 pub const MAX_TOP_N: usize = 64;
+/// The SOA's primary server and mailbox (labels below the apex) and its refresh, retry and
+/// expire timers: they matter only to secondaries (there are none). Its minimum is [`TTL`].
+pub(crate) const SOA_MNAME: &str = "ns";
+pub(crate) const SOA_RNAME: &str = "hostmaster";
+pub(crate) const SOA_TIMERS: [i32; 3] = [3600, 600, 86400];
 /// A DNS character-string holds at most 255 bytes; longer TXT values are split into several
 /// strings of one record, which clients concatenate.
 const TXT_CHUNK: usize = 255;
@@ -114,7 +120,7 @@ struct App {
 
 /// A published snapshot, indexed for lookups.
 #[derive(Debug)]
-struct Index {
+pub(crate) struct Index {
     serial: u32,
     /// App name -> one entry per network that has an app of that name (normally one).
     apps: HashMap<String, Vec<App>>,
@@ -123,6 +129,8 @@ struct Index {
     /// Host ID -> region, learned from any machine placed there (for `nearest`).
     host_region: HashMap<u32, String>,
     soa: Record,
+    /// Every answerable name per view in wire form, for the fast path.
+    prepared: Prepared,
 }
 
 /// The live zone: an atomically swapped, indexed [`Snapshot`]. Shared by all server tasks.
@@ -191,6 +199,16 @@ impl ZoneData {
         skipped
     }
 
+    /// The current snapshot's index (the fast path reads it without copying).
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Index>> {
+        self.current.load()
+    }
+
+    /// Number of names prepared for the fast path, over all views (for tests and logs).
+    pub fn prepared_names(&self) -> usize {
+        self.current.load().prepared.len()
+    }
+
     /// The SOA serial of the current snapshot (bumps on every publish).
     pub fn serial(&self) -> u32 {
         self.current.load().serial
@@ -240,6 +258,17 @@ enum Node {
 }
 
 impl Index {
+    /// The SOA serial of this snapshot.
+    pub(crate) fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// The fast path's lookup: see [`Prepared::lookup`].
+    pub(crate) fn prepared(&self, view: View, wire: &[u8], qtype: u16) -> Hit<'_> {
+        self.prepared
+            .lookup(view, wire, qtype, || self.region_of(view))
+    }
+
     fn build(snapshot: &Snapshot, serial: u32, apex: &Name, skipped: &mut Vec<DnsError>) -> Index {
         let mut apps: HashMap<String, Vec<App>> = HashMap::new();
         let mut apps_by_network: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
@@ -282,29 +311,79 @@ impl Index {
                 app.started.sort_by(|a, b| a.id.cmp(&b.id));
             }
         }
-        let mname = Name::from_ascii("ns.internal.").expect("static name");
-        let rname = Name::from_ascii("hostmaster.internal.").expect("static name");
-        // refresh/retry/expire matter only to secondaries (there are none); minimum is the
-        // negative-caching TTL (RFC 2308), which must be as short as positive answers.
+        let mname = Name::from_ascii(SOA_MNAME)
+            .and_then(|n| n.append_domain(apex))
+            .expect("static name");
+        let rname = Name::from_ascii(SOA_RNAME)
+            .and_then(|n| n.append_domain(apex))
+            .expect("static name");
+        // minimum is the negative-caching TTL (RFC 2308), which must be as short as positive
+        // answers.
+        let [refresh, retry, expire] = SOA_TIMERS;
         let soa = Record::from_rdata(
             apex.clone(),
             TTL,
-            RData::SOA(SOA::new(mname, rname, serial, 3600, 600, 86400, TTL)),
+            RData::SOA(SOA::new(mname, rname, serial, refresh, retry, expire, TTL)),
         );
-        Index {
+        let mut index = Index {
             serial,
             apps,
             apps_by_network,
             host_region,
             soa,
+            prepared: Prepared::default(),
+        };
+        index.prepared = index.prepare();
+        index
+    }
+
+    /// Prepares every name that exists in some view for the fast path. The entries are built
+    /// with the same helpers as [`Index::node`] and in the same precedence, and
+    /// `tests/fast_path.rs` compares both paths' bytes over whole snapshots; a name left out
+    /// here is NXDOMAIN in the fast path, exactly the names `node` calls missing: apps the view
+    /// does not see, and shapes or labels that match no started machine.
+    fn prepare(&self) -> Prepared {
+        // Per started machine: its vm, region and group names, in its org's view and the
+        // operator's; per app about ten fixed names, in both views.
+        let machines: usize = self.apps.values().flatten().map(|a| a.started.len()).sum();
+        let apps: usize = self.apps_by_network.values().map(BTreeSet::len).sum();
+        // Addresses: per machine its app, global, vm, region and group names and the nearest
+        // orders (about one per region), in both views.
+        let mut out = Prepared::with_capacity(2 * (3 * machines + 12 * apps), 2 * 10 * machines);
+        let mut views = vec![View::Operator];
+        // The host is irrelevant outside `nearest`, whose orders are kept per region.
+        views.extend(
+            self.apps_by_network
+                .keys()
+                .map(|&network| View::Org { network, host: 0 }),
+        );
+        for view in views {
+            let names: Vec<&String> = match view {
+                View::Operator => self.apps.keys().collect(),
+                View::Org { network, .. } => self.apps_by_network[&network].iter().collect(),
+            };
+            for app in names {
+                let visible = self.visible(app.as_bytes(), view);
+                let machines: Vec<&Mach> = visible.iter().flat_map(|a| a.started.iter()).collect();
+                prepare_app(&mut out, view, app.as_bytes(), &machines);
+            }
+            // After the apps: `_apps.internal` is the list even if an app is called `_apps`.
+            let entry = txt_entry(&mut out, &self.apps_txt(view));
+            out.insert(view, &[b"_apps"], entry);
         }
+        out
     }
 
     fn lookup(&self, apex: &Name, name: &Name, qtype: RecordType, view: View) -> Lookup {
         if !apex.zone_of(name) {
             return Lookup::Refused;
         }
-        let node = self.node(name, view);
+        // Labels below the apex, outermost first: `a.b.web.internal.` -> [web, b, a]. A name
+        // has at most 127 labels (255 bytes), so this is bounded.
+        let below = (name.num_labels() as usize).saturating_sub(1);
+        let mut labels: Vec<&[u8]> = name.iter().take(below).collect();
+        labels.reverse();
+        let node = self.node(&labels, view, self.region_of(view));
         let records: Vec<Record> = match (node, qtype) {
             (Node::Missing, _) => return Lookup::NxDomain,
             (Node::Aaaa { ips, always }, _) if ips.is_empty() && !always => {
@@ -349,35 +428,44 @@ impl Index {
         }
     }
 
-    /// `name` must already be lower case (the server's parsed queries are).
-    fn node(&self, name: &Name, view: View) -> Node {
+    /// The asker's region (for `nearest`): its host's, if any machine was placed there.
+    fn region_of(&self, view: View) -> Option<&str> {
+        match view {
+            View::Org { host, .. } => self.host_region.get(&host).map(String::as_str),
+            View::Operator => None,
+        }
+    }
+
+    /// `_apps.internal`: the app names `view` sees, sorted, comma-separated.
+    fn apps_txt(&self, view: View) -> String {
+        let names: Vec<&str> = match view {
+            View::Operator => {
+                let all: BTreeSet<&str> = self
+                    .apps_by_network
+                    .values()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                all.into_iter().collect()
+            }
+            View::Org { network, .. } => self
+                .apps_by_network
+                .get(&network)
+                .map(|s| s.iter().map(String::as_str).collect())
+                .unwrap_or_default(),
+        };
+        names.join(",")
+    }
+
+    /// What the name with lower-case labels `l` (below the apex, outermost first) denotes in
+    /// `view`, for an asker in region `here`.
+    fn node(&self, l: &[&[u8]], view: View, here: Option<&str>) -> Node {
         let missing = Node::Missing;
-        // Labels below the apex, outermost first: `a.b.web.internal.` -> [web, b, a]. A name
-        // has at most 127 labels (255 bytes), so this is bounded.
-        let below = (name.num_labels() as usize).saturating_sub(1);
-        let mut l: Vec<&[u8]> = name.iter().take(below).collect();
-        l.reverse();
         if l.is_empty() {
             return Node::Apex;
         }
         if l.len() == 1 && l[0] == b"_apps" {
-            let names: Vec<&str> = match view {
-                View::Operator => {
-                    let all: BTreeSet<&str> = self
-                        .apps_by_network
-                        .values()
-                        .flatten()
-                        .map(String::as_str)
-                        .collect();
-                    all.into_iter().collect()
-                }
-                View::Org { network, .. } => self
-                    .apps_by_network
-                    .get(&network)
-                    .map(|s| s.iter().map(String::as_str).collect())
-                    .unwrap_or_default(),
-            };
-            return Node::Txt(names.join(","));
+            return Node::Txt(self.apps_txt(view));
         }
         let apps = self.visible(l[0], view);
         if apps.is_empty() {
@@ -387,21 +475,13 @@ impl Index {
         let ips = |f: &dyn Fn(&Mach) -> bool| -> Vec<Ipv6Addr> {
             machines().filter(|m| f(m)).map(|m| m.ip).collect()
         };
-        match l.as_slice() {
+        match l {
             [_] | [_, b"global"] => Node::Aaaa {
                 ips: ips(&|_| true),
                 always: true,
             },
-            [_, b"vms"] => Node::Txt(
-                machines()
-                    .map(|m| format!("{} {}", m.id, m.region))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            [_, b"regions"] => {
-                let set: BTreeSet<&str> = machines().map(|m| m.region.as_str()).collect();
-                Node::Txt(set.into_iter().collect::<Vec<_>>().join(","))
-            }
+            [_, b"vms"] => Node::Txt(vms_txt(machines())),
+            [_, b"regions"] => Node::Txt(regions_txt(machines())),
             [_, b"vm"] | [_, b"process"] | [_, b"of"] | [_, b"of", b"nearest"] => Node::Ent,
             [_, region] => Node::Aaaa {
                 ips: ips(&|m| m.region.as_bytes() == *region),
@@ -419,20 +499,12 @@ impl Index {
                 let Some(n) = parse_top(top) else {
                     return missing;
                 };
-                let here = match view {
-                    View::Org { host, .. } => self.host_region.get(&host).map(String::as_str),
-                    View::Operator => None,
-                };
-                let mut all: Vec<&Mach> = machines().collect();
-                // Same region as the asker first, then the rest; ID order within each part so
-                // the answer is stable between queries.
-                all.sort_by(|a, b| {
-                    let ka = (Some(a.region.as_str()) != here, &a.id);
-                    let kb = (Some(b.region.as_str()) != here, &b.id);
-                    ka.cmp(&kb)
-                });
                 Node::Aaaa {
-                    ips: all.into_iter().take(n).map(|m| m.ip).collect(),
+                    ips: nearest(machines(), here)
+                        .into_iter()
+                        .take(n)
+                        .map(|m| m.ip)
+                        .collect(),
                     always: false,
                 }
             }
@@ -441,8 +513,113 @@ impl Index {
     }
 }
 
+/// `vms.<app>`: `id region` per started machine, comma-separated.
+fn vms_txt<'m>(machines: impl Iterator<Item = &'m Mach>) -> String {
+    machines
+        .map(|m| format!("{} {}", m.id, m.region))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `regions.<app>`: the started machines' regions, sorted, comma-separated.
+fn regions_txt<'m>(machines: impl Iterator<Item = &'m Mach>) -> String {
+    let set: BTreeSet<&str> = machines.map(|m| m.region.as_str()).collect();
+    set.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// `nearest` order for an asker in region `here`: same region first, then the rest; ID order
+/// within each part (a stable sort) so the answer is the same between queries.
+fn nearest<'m>(machines: impl Iterator<Item = &'m Mach>, here: Option<&str>) -> Vec<&'m Mach> {
+    let mut all: Vec<&Mach> = machines.collect();
+    all.sort_by(|a, b| {
+        let ka = (Some(a.region.as_str()) != here, &a.id);
+        let kb = (Some(b.region.as_str()) != here, &b.id);
+        ka.cmp(&kb)
+    });
+    all
+}
+
+/// Prepares the names of `app` in `view`, whose started machines (in `Index::node`'s order)
+/// are `machines`. Mirrors `node`'s shapes and their precedence.
+fn prepare_app(out: &mut Prepared, view: View, app: &[u8], machines: &[&Mach]) {
+    let ms = || machines.iter().copied();
+    // Regions and groups are few per app; IDs are one per machine, so they are grouped by a
+    // stable sort (an ID can repeat only across orgs, in the operator's view, and then keeps
+    // `node`'s order).
+    let mut regions: BTreeSet<&str> = BTreeSet::new();
+    let mut groups: BTreeSet<&str> = BTreeSet::new();
+    for m in machines {
+        regions.insert(&m.region);
+        groups.insert(&m.group);
+    }
+    let mut by_id: Vec<&Mach> = machines.to_vec();
+    by_id.sort_by(|a, b| a.id.cmp(&b.id));
+    // `<region>.<app>` is the last two-label shape `node` tries: a region spelled like one of
+    // the fixed labels below is shadowed by it, so regions go in first and are overwritten.
+    for &region in &regions {
+        let ips = ms().filter(|m| m.region == region).map(|m| m.ip.octets());
+        let entry = aaaa_entry(out.add_ips(ips));
+        out.insert(view, &[app, region.as_bytes()], entry);
+    }
+    let all = aaaa_entry(out.add_ips(ms().map(|m| m.ip.octets())));
+    out.insert(view, &[app], all.clone());
+    out.insert(view, &[app, b"global"], all);
+    let vms = txt_entry(out, &vms_txt(ms()));
+    out.insert(view, &[app, b"vms"], vms);
+    let regions_txt = txt_entry(out, &regions_txt(ms()));
+    out.insert(view, &[app, b"regions"], regions_txt);
+    for ent in [&b"vm"[..], b"process", b"of"] {
+        out.insert(view, &[app, ent], Entry::Empty);
+    }
+    for same_id in by_id.chunk_by(|a, b| a.id == b.id) {
+        let entry = aaaa_entry(out.add_ips(same_id.iter().map(|m| m.ip.octets())));
+        out.insert(view, &[app, b"vm", same_id[0].id.as_bytes()], entry);
+    }
+    for group in groups {
+        let ips = ms().filter(|m| m.group == group).map(|m| m.ip.octets());
+        let entry = aaaa_entry(out.add_ips(ips));
+        out.insert(view, &[app, b"process", group.as_bytes()], entry);
+    }
+    // The longest `topN` is a prefix of every shorter one: keep that, per asker region.
+    let mut top = |here: Option<&str>| {
+        let order = nearest(ms(), here);
+        out.add_ips(order.iter().take(MAX_TOP_N).map(|m| m.ip.octets()))
+    };
+    let orders = Orders {
+        default: top(None),
+        by_region: regions
+            .iter()
+            .map(|&r| (r.to_owned(), top(Some(r))))
+            .collect(),
+    };
+    out.insert(
+        view,
+        &[app, b"of", b"nearest"],
+        Entry::Nearest(Box::new(orders)),
+    );
+}
+
+/// An AAAA name's entry: its addresses, or none (it exists empty: only the app's own names).
+fn aaaa_entry(ips: Span) -> Entry {
+    if ips.is_empty() {
+        Entry::Empty
+    } else {
+        Entry::Aaaa(ips)
+    }
+}
+
+/// A TXT name's entry, its RDATA encoded as the full path does ([`chunk_txt`]'s strings).
+fn txt_entry(out: &mut Prepared, value: &str) -> Entry {
+    let rdata = out.add_txt(value, TXT_CHUNK);
+    if rdata.is_empty() {
+        Entry::Empty
+    } else {
+        Entry::Txt(rdata)
+    }
+}
+
 /// `top7` -> 7; only 1..=64 without leading zeros (so each N has exactly one name).
-fn parse_top(label: &[u8]) -> Option<usize> {
+pub(crate) fn parse_top(label: &[u8]) -> Option<usize> {
     let digits = label.strip_prefix(b"top")?;
     if digits.is_empty() || digits.len() > 2 || digits[0] == b'0' {
         return None;

@@ -6,6 +6,7 @@
 //!   ferry-dns-bench serve PORT        serve UDP+TCP on 127.0.0.1:PORT (operator view) until killed
 //!   ferry-dns-bench zone              print the NSD zone file for `internal.`
 //!   ferry-dns-bench queries           print the dnsperf query file (mixed AAAA/TXT/NXDOMAIN)
+//!   ferry-dns-bench publish ORGS      time publishing ORGS x 200 machines (median of 5)
 //!
 //! It must never bind anything but loopback: it is a benchmark, not a server deployment.
 
@@ -22,9 +23,14 @@ const REGIONS: [&str; 4] = ["ord", "lax", "ams", "syd"];
 const TOP_N: [usize; 2] = [1, 3];
 
 fn snapshot() -> Snapshot {
+    snapshot_of(ORGS)
+}
+
+/// `orgs` orgs of the bench's shape (10 apps x 20 machines each).
+fn snapshot_of(orgs: u32) -> Snapshot {
     let mut machines = Vec::new();
     let mut field = 0u32;
-    for org in 1..=ORGS {
+    for org in 1..=orgs {
         for a in 0..APPS_PER_ORG {
             for i in 0..MACHINES_PER_APP {
                 field += 1;
@@ -145,14 +151,49 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("zone") => print!("{}", zone(&snap)),
         Some("queries") => print!("{}", queries(&snap)),
+        Some("publish") => {
+            // How long a publish takes (index + prepared names) for a fleet of ORGS x 200
+            // machines: it is part of the freshness budget. Median of 5.
+            let orgs: u32 = args
+                .get(2)
+                .and_then(|p| p.parse().ok())
+                .expect("usage: ferry-dns-bench publish ORGS");
+            let snap = snapshot_of(orgs);
+            let zone = ZoneData::new();
+            let mut took: Vec<_> = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    zone.publish(snap.clone());
+                    t.elapsed()
+                })
+                .collect();
+            took.sort();
+            println!(
+                "publish: {} machines, {} prepared names, median {:?} (min {:?}, max {:?})",
+                snap.machines.len(),
+                zone.prepared_names(),
+                took[2],
+                took[0],
+                took[4]
+            );
+        }
         Some("serve") => {
             let port: u16 = args
                 .get(2)
                 .and_then(|p| p.parse().ok())
                 .expect("usage: ferry-dns-bench serve PORT");
             let zone = Arc::new(ZoneData::new());
+            let machines = snap.machines.len();
+            // A publish indexes the snapshot and prepares every name's answer; its time is part
+            // of the freshness budget (a change must show within 100 ms).
+            let t = std::time::Instant::now();
             let skipped = zone.publish(snap);
+            let took = t.elapsed();
             assert!(skipped.is_empty(), "{skipped:?}");
+            eprintln!(
+                "ferry-dns-bench: published {machines} machines ({} prepared names) in {took:?}",
+                zone.prepared_names()
+            );
             let server = DnsServer::new(zone);
             // One thread, like NSD with server-count 1: the comparison is per core.
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -176,7 +217,7 @@ fn main() {
             });
         }
         _ => {
-            eprintln!("usage: ferry-dns-bench serve PORT | zone | queries");
+            eprintln!("usage: ferry-dns-bench serve PORT | zone | queries | publish ORGS");
             std::process::exit(2);
         }
     }
