@@ -40,6 +40,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     clock: Arc<dyn Clock>,
     path: Option<PathBuf>,
+    /// Subscribers of this process (the only writer a single-server store has).
+    changes: crate::watch::Notifier,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -98,6 +100,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             clock,
             path,
+            changes: Default::default(),
         })
     }
 
@@ -120,6 +123,17 @@ impl SqliteStore {
         let now = self.clock.now_ms();
         let out = f(&tx, now)?;
         tx.commit()?;
+        Ok(out)
+    }
+
+    /// [`SqliteStore::write`], then, if it committed, tells subscribers that `topic` changed.
+    fn write_on<T>(
+        &self,
+        topic: crate::Topic,
+        f: impl FnOnce(&Transaction<'_>, i64) -> Result<T>,
+    ) -> Result<T> {
+        let out = self.write(f)?;
+        self.changes.bump(topic);
         Ok(out)
     }
 
@@ -742,7 +756,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_app(&self, name: &str) -> Result<()> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Machines, |tx, _| {
             load_app(tx, name)?;
             let live: i64 = tx.query_row(
                 &format!(
@@ -769,7 +783,7 @@ impl Store for SqliteStore {
     // ---- hosts ----------------------------------------------------------------------------
 
     fn register_host(&self, region: &str, endpoint: &str) -> Result<Host> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Hosts, |tx, now| {
             let id = allocate_host(tx)?;
             tx.execute(
                 "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms)
@@ -787,7 +801,7 @@ impl Store for SqliteStore {
     }
 
     fn put_host(&self, host: &Host) -> Result<Host> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Hosts, |tx, now| {
             tx.execute(
                 "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -819,7 +833,7 @@ impl Store for SqliteStore {
     }
 
     fn set_cordoned(&self, id: HostId, cordoned: bool) -> Result<Host> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Hosts, |tx, _| {
             load_host(tx, id)?;
             tx.execute(
                 "UPDATE hosts SET cordoned = ?2 WHERE id = ?1",
@@ -845,7 +859,7 @@ impl Store for SqliteStore {
     // ---- machines -------------------------------------------------------------------------
 
     fn create_machine(&self, m: &Machine) -> Result<Machine> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Machines, |tx, now| {
             match load_machine(tx, &m.id) {
                 Ok(_) => return Err(StoreError::MachineExists { id: m.id.clone() }),
                 Err(StoreError::MachineNotFound { .. }) => {}
@@ -892,11 +906,15 @@ impl Store for SqliteStore {
     }
 
     fn update_machine(&self, m: &Machine) -> Result<Machine> {
-        self.write(|tx, now| update_machine_tx(tx, m, None, now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            update_machine_tx(tx, m, None, now)
+        })
     }
 
     fn update_machine_if(&self, m: &Machine, allowed_from: &[MachineState]) -> Result<Machine> {
-        self.write(|tx, now| update_machine_tx(tx, m, Some(allowed_from), now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            update_machine_tx(tx, m, Some(allowed_from), now)
+        })
     }
 
     fn transition(
@@ -905,7 +923,7 @@ impl Store for SqliteStore {
         allowed_from: &[MachineState],
         to: MachineState,
     ) -> Result<Machine> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Machines, |tx, now| {
             let cur = load_machine(tx, id)?;
             if !allowed_from.contains(&cur.state) {
                 return Err(StoreError::IllegalTransition {
@@ -1212,11 +1230,15 @@ impl Store for SqliteStore {
     }
 
     fn put_bridge_mapping(&self, m: &BridgeMapping) -> Result<BridgeNetwork> {
-        self.write(|tx, _| rec::apply_bridge(tx, m.network_id, None, std::slice::from_ref(m), &[]))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::apply_bridge(tx, m.network_id, None, std::slice::from_ref(m), &[])
+        })
     }
 
     fn remove_bridge_mapping(&self, network_id: u32, old: &str) -> Result<BridgeNetwork> {
-        self.write(|tx, _| rec::apply_bridge(tx, network_id, None, &[], &[old.to_owned()]))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::apply_bridge(tx, network_id, None, &[], &[old.to_owned()])
+        })
     }
 
     fn update_bridge_network(
@@ -1226,13 +1248,15 @@ impl Store for SqliteStore {
         puts: &[BridgeMapping],
         removes: &[String],
     ) -> Result<BridgeNetwork> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Bridge, |tx, _| {
             rec::apply_bridge(tx, network_id, Some(expected_revision), puts, removes)
         })
     }
 
     fn set_bridge_gate(&self, scope: GateScope, name: &str, off: bool) -> Result<()> {
-        self.write(|tx, _| rec::set_bridge_gate(tx, scope, name, off))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::set_bridge_gate(tx, scope, name, off)
+        })
     }
 
     fn bridge_gates_off(&self) -> Result<Vec<(GateScope, String)>> {
@@ -1258,5 +1282,9 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         })
+    }
+
+    fn subscribe(&self) -> Result<crate::Subscription> {
+        Ok(self.changes.subscribe())
     }
 }
