@@ -47,7 +47,7 @@ fn to_store(m: &BridgeMapping) -> ferry_store::BridgeMapping {
 }
 
 /// Every mapping of every network.
-fn mappings(ctx: &Ctx) -> Result<Vec<BridgeMapping>> {
+pub(crate) fn mappings(ctx: &Ctx) -> Result<Vec<BridgeMapping>> {
     Ok(ctx
         .store
         .list_bridge_mappings(None)?

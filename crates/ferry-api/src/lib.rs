@@ -19,6 +19,7 @@ pub mod migrate;
 pub mod proto;
 pub mod server;
 pub mod views;
+pub mod watch;
 
 pub use error::ApiError;
 

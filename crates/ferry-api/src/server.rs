@@ -57,6 +57,8 @@ pub struct Ctx {
     /// Called after every machine state change (e.g. to publish a new DNS snapshot), so
     /// listeners see changes as soon as the store has them.
     pub on_change: std::sync::OnceLock<ChangeHook>,
+    /// The store subscription behind the agents' watch streams ([`crate::watch`]).
+    pub watch: crate::watch::Hub,
 }
 
 impl Ctx {
@@ -89,6 +91,7 @@ impl Ctx {
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
             on_change: std::sync::OnceLock::new(),
+            watch: Default::default(),
         })
     }
     /// Allows directory volumes (`host_dir`) below these directories. None by default: a
@@ -255,6 +258,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         // document: no user client calls it, and generated requests must not register hosts.
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
+        .route(
+            "/internal/v1/hosts/{host}/watch",
+            get(crate::watch::host_watch),
+        )
         .fallback(|| async { ApiError::not_found("route") })
         .with_state(ctx)
 }
@@ -1096,8 +1103,12 @@ async fn register_host(
     Json(req): Json<RegisterHost>,
 ) -> Result<Json<serde_json::Value>> {
     let id = HostId::new(req.host_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    // The same registration sent again (the agent's first try reached a server that died before
+    // answering): its effects are in the store already, so it adds no event a second time.
+    let mut again = false;
     let host = match ctx.store.get_host(id) {
         Ok(mut h) => {
+            again = h.endpoint == req.endpoint;
             h.endpoint = req.endpoint.clone();
             h.region = req.region.clone();
             ctx.store.put_host(&h)?
@@ -1122,7 +1133,7 @@ async fn register_host(
                 "flyd",
                 serde_json::json!({"reason": "not running when its agent restarted"}),
             )?;
-        } else if m.state == S::Started {
+        } else if m.state == S::Started && !again {
             ctx.store.add_event(
                 &m.id,
                 "reattach",
@@ -1157,6 +1168,17 @@ async fn agent_report(
         .state
         .parse()
         .map_err(|_| ApiError::invalid(format!("state {:?}", r.state)))?;
+    // A report sent again (to another server, after the first one died before answering) is
+    // recognized by its ID in the machine's events: recorded once.
+    if !r.report_id.is_empty()
+        && ctx
+            .store
+            .events(&m.id)?
+            .iter()
+            .any(|e| e.request["report_id"] == r.report_id.as_str())
+    {
+        return Ok(Json(serde_json::json!({"ok": true, "duplicate": true})));
+    }
     // A check result changes no state; and a machine the server is still starting becomes
     // `started` by the server's own hand when the agent answers. Refusing those reports would
     // lose them (the agent reports a check only when its result changes).
@@ -1170,7 +1192,7 @@ async fn agent_report(
         &r.kind,
         &r.state,
         "flyd",
-        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
+        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id, "report_id": r.report_id}),
     )?;
     ctx.changed();
     Ok(Json(serde_json::json!({"ok": true})))
