@@ -94,7 +94,7 @@ fn change_network<T>(
     ))
 }
 
-fn gates(ctx: &Ctx) -> Result<Gates> {
+pub(crate) fn gates(ctx: &Ctx) -> Result<Gates> {
     let mut g = Gates::default();
     for (scope, name) in ctx.store.bridge_gates_off()? {
         match scope {

@@ -68,8 +68,10 @@ pub fn host_state(ctx: &Ctx, host: HostId) -> Result<BridgeSync, ApiError> {
         mappings: crate::bridge::mappings(ctx)?,
         gates: Default::default(),
     };
+    // The gates read once, not per machine: this runs on every change, for every stream.
+    let off = crate::bridge::gates(ctx)?;
     for m in ctx.store.list_machines_on_host(host)? {
-        let on = crate::bridge::gate(ctx, &m)?;
+        let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
     Ok(sync)
