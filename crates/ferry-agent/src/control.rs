@@ -178,11 +178,16 @@ impl Agent {
         let servers = self.servers.clone();
         self.rt.spawn(async move {
             let deadline = Instant::now() + REPORT_DEADLINE;
-            if let Err(e) = servers
+            match servers
                 .post_until("/internal/v1/reports", &r, Some(deadline))
                 .await
             {
-                tracing::error!("report {} for {} lost: {e}", r.kind, r.machine_id);
+                Ok(()) => {}
+                // E.g. the machine was destroyed meanwhile: nothing to record it on.
+                Err(e @ SendError::Refused { .. }) => {
+                    tracing::warn!("report {} for {}: {e}", r.kind, r.machine_id)
+                }
+                Err(e) => tracing::error!("report {} for {} lost: {e}", r.kind, r.machine_id),
             }
         });
     }
