@@ -74,8 +74,8 @@ pub struct DevArgs {
     /// and watch the first of these servers that answers (comma-separated base URLs). Host IDs
     /// are chosen once and kept in the state directory. Stopping it kills its hosts' machines
     /// and removes the hosts (the servers keep their records). Machines get no `fdaa::3` DNS in
-    /// this mode (that listener belongs to the servers' `ferry dev`); ask a server's
-    /// `--dns-listen` instead.
+    /// this mode (by default `ferry dev`'s own server answers there, and there is none here);
+    /// ask a server's `--dns-listen` instead.
     #[arg(
         long,
         value_name = "URL[,URL...]",
