@@ -536,8 +536,10 @@ fn a_killed_server_s_migration_is_taken_over_at_every_phase() {
         let most = sampler.most();
         assert!(most <= 1, "{phase}: {most} copies ran at once");
         let took_over = took_over.unwrap();
+        // The margin: the takeover scan (every 1 s) and the step the survivor runs before it
+        // records the next phase (up to a few seconds on a loaded box).
         assert!(
-            took_over < CLAIM_TTL + Duration::from_secs(5),
+            took_over < CLAIM_TTL + Duration::from_secs(4),
             "{phase}: taken over after {took_over:?}"
         );
         takeovers.push(took_over);
@@ -608,7 +610,15 @@ fn agents_fail_over_watch_any_server_and_ride_out_etcd_failures() {
         f.agent_get(h, "/v1/state")
             .and_then(|s| s["watch"]["server"].as_str().map(str::to_owned))
     };
-    let w = watching(&f, &hosts[1]).expect("host 1's agent watches a server");
+    let mut w = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            w = watching(&f, &hosts[1]);
+            w.is_some()
+        }),
+        "host 1's agent watches a server"
+    );
+    let w = w.unwrap();
     let other = if w == a0 { &a1 } else { &a0 };
     let via_api = mapping(0xf002);
     f.ok(
