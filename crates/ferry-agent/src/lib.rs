@@ -9,12 +9,14 @@
 //!
 //! **Architecture Invariant:** only the agent touches namespaces, links, cgroups and BPF.
 
+mod control;
 pub mod disk;
 mod images;
 mod machines;
 mod nft;
 mod volumes;
 
+pub use control::{SendError, Servers, WatchStatus};
 pub use machines::{Agent, AgentConfig};
 
 /// How the address-mapping bridge is implemented on a host.

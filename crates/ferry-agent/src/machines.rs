@@ -31,8 +31,9 @@ pub struct AgentConfig {
     pub fleet: String,
     /// Where run directories live (`<state_dir>/machines/<id>`).
     pub state_dir: PathBuf,
-    /// The API server, e.g. `http://127.0.0.1:4280`.
-    pub server: String,
+    /// The API servers, e.g. `http://127.0.0.1:4280`, in the order to try them (see
+    /// [`crate::control`]). At least one.
+    pub servers: Vec<String>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -52,12 +53,18 @@ struct Slot {
 }
 
 pub struct Agent {
-    cfg: AgentConfig,
+    pub(crate) cfg: AgentConfig,
     host: HostNet,
     cgroups: CgroupLayout,
     machines: Mutex<HashMap<String, Slot>>,
-    http: reqwest::Client,
-    rt: tokio::runtime::Handle,
+    /// The servers, and which one answered last.
+    pub(crate) servers: Arc<crate::control::Servers>,
+    pub(crate) rt: tokio::runtime::Handle,
+    /// What the watch stream does (`GET /v1/state`).
+    pub(crate) watch_status: Mutex<crate::control::WatchStatus>,
+    /// One bridge state applied at a time: a push and a watch line never interleave their
+    /// map updates (the last one applied wins whole).
+    bridge_apply: Mutex<()>,
     /// The address-mapping bridge (cgroup eBPF); `None` on hosts without a cgroup v2 tree.
     bridge: Mutex<Option<Bridge>>,
     /// The last bridge state the server sent (nft mode applies it to machines started later).
@@ -128,13 +135,16 @@ impl Agent {
             &cfg.state_dir,
             std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
         )?;
+        let servers = Arc::new(crate::control::Servers::new(cfg.servers.clone()));
         let agent = Arc::new(Agent {
             cfg,
             host,
             cgroups,
             machines: Mutex::new(HashMap::new()),
-            http: reqwest::Client::new(),
+            servers,
             rt,
+            watch_status: Default::default(),
+            bridge_apply: Mutex::new(()),
             bridge: Mutex::new(bridge),
             bridge_state: Mutex::new(BridgeSync::default()),
             nft_seen: Mutex::new(HashMap::new()),
@@ -209,48 +219,23 @@ impl Agent {
             .collect()
     }
 
-    /// Announces this agent (and what it found running) to the server.
-    pub async fn register(&self, endpoint: &str) -> Result<(), String> {
+    /// Announces this agent (and what it found running) to the first server that takes it,
+    /// trying them all in turn until one does. Idempotent: a registration that reached a
+    /// server which died before answering may be sent to another one.
+    pub async fn register(&self, endpoint: &str) -> Result<(), crate::control::SendError> {
         let body = RegisterHost {
             host_id: self.cfg.host_id.get(),
             region: self.cfg.region.clone(),
             endpoint: endpoint.to_owned(),
             running: self.running(),
         };
-        let r = self
-            .http
-            .post(format!("{}/internal/v1/hosts", self.cfg.server))
-            .json(&body)
-            .send()
+        self.servers
+            .post_until("/internal/v1/hosts", &body, None)
             .await
-            .map_err(|e| e.to_string())?;
-        if !r.status().is_success() {
-            return Err(format!(
-                "server said {}: {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            ));
-        }
-        Ok(())
     }
 
     fn report(&self, r: AgentReport) {
-        let (http, url) = (
-            self.http.clone(),
-            format!("{}/internal/v1/reports", self.cfg.server),
-        );
-        self.rt.spawn(async move {
-            for _ in 0..5 {
-                match http.post(&url).json(&r).send().await {
-                    Ok(resp) if resp.status().is_success() => return,
-                    Ok(resp) => {
-                        tracing::warn!("report for {} refused: {}", r.machine_id, resp.status())
-                    }
-                    Err(e) => tracing::warn!("report for {}: {e}", r.machine_id),
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+        self.send_report(r);
     }
 
     /// The directory of each mount: a size-limited volume this agent keeps (made and mounted
@@ -490,6 +475,7 @@ impl Agent {
                             state: "started".into(),
                             exit: None,
                             detail: serde_json::json!({"name": name, "passing": r.ok, "role": format!("{:?}", check.role).to_lowercase(), "output": r.detail}),
+                            report_id: String::new(),
                         });
                     }
                     if matches!(check.role, ferry_runtime::CheckRole::Liveness) && *fails >= 3 {
@@ -526,6 +512,7 @@ impl Agent {
             },
             exit: None,
             detail: serde_json::json!({"reason": format!("liveness check {check} failed 3 times")}),
+            report_id: String::new(),
         });
     }
 
@@ -578,6 +565,7 @@ impl Agent {
                             state: "started".into(),
                             exit: Some(info),
                             detail: serde_json::json!({"policy": policy, "restarts": restarts + 1}),
+                            report_id: String::new(),
                         });
                         return;
                     }
@@ -591,6 +579,7 @@ impl Agent {
                 state: "stopped".into(),
                 exit: Some(info),
                 detail: serde_json::json!({"oom_killed": exit.oom_killed}),
+                report_id: String::new(),
             });
         });
     }
@@ -731,6 +720,7 @@ impl Agent {
             .route("/v1/machines/{id}/exec", post(exec))
             .route("/v1/machines/{id}/signal", post(signal))
             .route("/v1/bridge/sync", post(bridge_sync))
+            .route("/v1/state", get(agent_state))
             .route("/v1/bridge/hits", get(bridge_hits))
             .route("/v1/volumes/expect", post(volume_expect))
             .route("/v1/volumes/send", post(volume_send))
@@ -880,7 +870,8 @@ impl Agent {
     }
 
     /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
-    fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
+    pub(crate) fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
+        let _one = self.bridge_apply.lock().unwrap();
         *self.bridge_state.lock().unwrap() = sync.clone();
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
             for (id, net, ns) in self.machine_namespaces() {
@@ -1030,6 +1021,16 @@ async fn bridge_sync(
             .map(|()| serde_json::json!({"ok": true}))
     })
     .await
+}
+
+/// `GET /v1/state`: the servers, the watch, and the bridge state this host holds now.
+async fn agent_state(State(a): Shared) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "host": format!("{:x}", a.cfg.host_id.get()),
+        "servers": a.servers.urls(),
+        "watch": a.watch_status.lock().unwrap().clone(),
+        "bridge": a.bridge_state.lock().unwrap().clone(),
+    }))
 }
 
 async fn bridge_hits(State(a): Shared) -> Result<Json<Vec<BridgeHit>>, ApiError> {

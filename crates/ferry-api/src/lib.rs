@@ -14,6 +14,7 @@ pub mod doc;
 pub mod error;
 pub mod routes;
 pub mod server;
+pub mod watch;
 
 pub use error::ApiError;
 

@@ -139,6 +139,10 @@ pub fn router(ctx: Arc<Core>) -> Router {
         .route("/internal/v1/reports", post(agent_report))
         // Prometheus' scrape target (OpenMetrics text), outside the JSON document.
         .route("/metrics", get(metrics))
+        .route(
+            "/internal/v1/hosts/{host}/watch",
+            get(crate::watch::host_watch),
+        )
         .fallback(|| async { ApiError::not_found("route") })
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), measure))
         .with_state(ctx)

@@ -39,7 +39,7 @@ fn to_store(m: &BridgeMapping) -> ferry_store::BridgeMapping {
 }
 
 /// Every mapping of every network.
-pub(crate) fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
+pub fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
     Ok(core
         .store
         .list_bridge_mappings(None)?
@@ -86,7 +86,7 @@ fn change_network<T>(
     ))
 }
 
-fn gates(core: &Core) -> Result<Gates> {
+pub fn gates(core: &Core) -> Result<Gates> {
     let mut g = Gates::default();
     for (scope, name) in core.store.bridge_gates_off()? {
         match scope {
@@ -95,6 +95,22 @@ fn gates(core: &Core) -> Result<Gates> {
         };
     }
     Ok(g)
+}
+
+/// What `host`'s agent should hold: every mapping, and the gate of each of its machines (what
+/// a push sends, and what the agents' watch streams).
+pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
+    let mut sync = BridgeSync {
+        mappings: mappings(core)?,
+        gates: Default::default(),
+    };
+    // The gates read once, not per machine: this runs on every change, for every stream.
+    let off = gates(core)?;
+    for m in core.store.list_machines_on_host(host)? {
+        let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
+        sync.gates.insert(m.id, on);
+    }
+    Ok(sync)
 }
 
 /// Whether a machine gets the bridge: on unless its org or app switched it off.

@@ -22,6 +22,9 @@ pub struct Core {
     pub server_id: String,
     /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
     host_dir_roots: std::sync::RwLock<Vec<PathBuf>>,
+    /// This server's subscription to the store's changes, taken at first use and shared by
+    /// everything that follows them (the agents' watch streams).
+    store_changes: std::sync::OnceLock<Option<ferry_store::Subscription>>,
     /// Bumped on every machine state change: `wait` listens to it, and so does whatever
     /// publishes state elsewhere (DNS), off the request's path.
     pub changes: tokio::sync::watch::Sender<u64>,
@@ -46,6 +49,7 @@ impl Core {
             metrics: Default::default(),
             server_id: format!("server-{}", crate::random_hex(6)),
             host_dir_roots: Default::default(),
+            store_changes: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
             volumes_dir,
         })
@@ -95,6 +99,20 @@ impl Core {
             )));
         }
         Ok(real)
+    }
+
+    /// The store's change feed (an etcd watch on etcd; in-process notices on SQLite), or
+    /// `None` if the store cannot give one (followers then re-read on a timer).
+    pub fn store_changes(&self) -> Option<ferry_store::Subscription> {
+        self.store_changes
+            .get_or_init(|| match self.store.subscribe() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("subscribing to store changes: {e}");
+                    None
+                }
+            })
+            .clone()
     }
 
     /// Announces a machine change (to waiters and the DNS publisher).

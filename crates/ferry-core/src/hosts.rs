@@ -96,8 +96,12 @@ pub fn set_cordoned(core: &Core, host: &str, cordoned: bool) -> Result<CordonVie
 /// it right after.
 pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::Value> {
     let id = HostId::new(req.host_id).map_err(|e| Error::invalid(e.to_string()))?;
+    // The same registration sent again (the agent's first try reached a server that died before
+    // answering): its effects are in the store already, so it adds no event a second time.
+    let mut again = false;
     let host = match core.store.get_host(id) {
         Ok(mut h) => {
+            again = h.endpoint == req.endpoint;
             h.endpoint = req.endpoint.clone();
             h.region = req.region.clone();
             core.store.put_host(&h)?
@@ -122,7 +126,7 @@ pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::
             );
             core.store
                 .transition_recorded(&m.id, &[S::Started], S::Stopped, &ev)?;
-        } else if m.state == S::Started {
+        } else if m.state == S::Started && !again {
             core.store.add_event(
                 &m.id,
                 "reattach",

@@ -545,6 +545,17 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
         .state
         .parse()
         .map_err(|_| Error::invalid(format!("state {:?}", r.state)))?;
+    // A report sent again (to another server, after the first one died before answering) is
+    // recognized by its ID in the machine's events: recorded once.
+    if !r.report_id.is_empty()
+        && core
+            .store
+            .events(&m.id)?
+            .iter()
+            .any(|e| e.request["report_id"] == r.report_id.as_str())
+    {
+        return Ok(serde_json::json!({"ok": true, "duplicate": true}));
+    }
     // A check result changes no state; and a machine the server is still starting becomes
     // `started` by the server's own hand when the agent answers. Refusing those reports would
     // lose them (the agent reports a check only when its result changes).
@@ -553,7 +564,7 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
         &r.kind,
         &r.state,
         "flyd",
-        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id}),
+        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id, "report_id": r.report_id}),
     );
     if matches!(r.kind.as_str(), "exit" | "restart") {
         core.metrics.machine_event(&r.kind);

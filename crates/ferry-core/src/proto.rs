@@ -91,6 +91,10 @@ pub struct AgentReport {
     pub exit: Option<ExitInfo>,
     #[serde(default)]
     pub detail: serde_json::Value,
+    /// Unique per report: the server records a report it receives again (the agent re-sends to
+    /// another server when the first died before answering) only once.
+    #[serde(default)]
+    pub report_id: String,
 }
 
 /// An agent announcing itself (at start and after a restart).

@@ -117,6 +117,8 @@ pub struct EtcdStore {
     prefix: String,
     clock: Arc<dyn Clock>,
     endpoints: Vec<String>,
+    /// The etcd watch behind [`Store::subscribe`], started by the first subscriber.
+    watcher: std::sync::OnceLock<Arc<crate::watch::Notifier>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -623,6 +625,7 @@ impl EtcdStore {
             prefix,
             clock,
             endpoints: endpoints.to_vec(),
+            watcher: std::sync::OnceLock::new(),
         };
         // The channel connects lazily: a read now turns a wrong address into an error here,
         // not at the first API request.
@@ -2000,6 +2003,88 @@ impl Store for EtcdStore {
             Ok(())
         })
     }
+
+    fn subscribe(&self) -> Result<crate::Subscription> {
+        let n = self.watcher.get_or_init(|| {
+            let n = Arc::new(crate::watch::Notifier::default());
+            let rt = self.rt.as_ref().expect("the runtime lives until drop");
+            rt.spawn(watch_loop(
+                self.endpoints.clone(),
+                self.prefix.clone(),
+                n.clone(),
+            ));
+            n
+        });
+        Ok(n.subscribe())
+    }
+}
+
+/// The longest pause between two attempts to (re)open the store's etcd watch.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Follows every key under `prefix` for as long as the store lives (see [`crate::watch`]): one
+/// etcd watch, opened again from the next revision it has not seen when it breaks (a member
+/// died, quorum was lost, etcd was down), with a bounded backoff. Each reopening tells the
+/// subscribers that everything changed, because changes may have happened while it was broken
+/// and the watch may not be able to resume (a compacted revision starts over from "now").
+async fn watch_loop(endpoints: Vec<String>, prefix: String, notifier: Arc<crate::watch::Notifier>) {
+    let mut next = 0i64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let _ = watch_once(&endpoints, &prefix, &notifier, &mut next, &mut backoff).await;
+        notifier.bump_all();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+    }
+}
+
+/// One watch stream until it breaks. A connection of its own: the store's client has a
+/// per-request deadline ([`REQUEST_TIMEOUT`]) that a stream meant to last must not get.
+async fn watch_once(
+    endpoints: &[String],
+    prefix: &str,
+    notifier: &crate::watch::Notifier,
+    next: &mut i64,
+    backoff: &mut Duration,
+) -> std::result::Result<(), etcd_client::Error> {
+    // require_leader: a member cut off from the leader ends the stream (then another member is
+    // tried) instead of keeping it open with nothing to say; keep-alive: a member that stopped
+    // answering is noticed within seconds.
+    let opts = ConnectOptions::new()
+        .with_require_leader(true)
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    let mut client = Client::connect(endpoints.to_vec(), Some(opts)).await?;
+    let mut wopts = etcd_client::WatchOptions::new().with_prefix();
+    if *next > 0 {
+        wopts = wopts.with_start_revision(*next);
+    }
+    let mut stream = client.watch(prefix, Some(wopts)).await?;
+    while let Some(resp) = stream.message().await? {
+        if resp.canceled() {
+            // Compacted past `next`, or refused: start over from now (the caller bumps all).
+            *next = 0;
+            return Ok(());
+        }
+        if resp.created() {
+            *backoff = Duration::from_millis(100);
+            if *next == 0 {
+                *next = resp.header().map_or(0, |h| h.revision()) + 1;
+            }
+            // Whatever happened before the stream was open is unknown here.
+            notifier.bump_all();
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            *next = (*next).max(kv.mod_revision() + 1);
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some(t) = key.strip_prefix(prefix).and_then(crate::watch::topic_of) {
+                notifier.bump(t);
+            }
+        }
+    }
+    Ok(())
 }
 
 impl EtcdStore {

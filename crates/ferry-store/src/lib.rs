@@ -60,6 +60,7 @@ mod sqlite;
 mod sqlite_records;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod watch;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Result, StoreError};
@@ -74,6 +75,7 @@ pub use records::{
     PolicyRecord, VolumeRecord,
 };
 pub use sqlite::SqliteStore;
+pub use watch::{Changes, Subscription, Topic};
 
 use ferry_addr::{HostId, MachineField};
 
@@ -298,6 +300,13 @@ pub trait Store: Send + Sync {
     fn kv_get(&self, key: &str) -> Result<Option<String>>;
     /// Sets a setting (last writer wins).
     fn kv_put(&self, key: &str, value: &str) -> Result<()>;
+
+    // ---- change notification ----------------------------------------------------------------
+
+    /// Follows changes of machines, hosts and the bridge, whoever makes them (on etcd: any
+    /// server). Says only *that* a part changed (see [`Changes`]); the subscriber reads it
+    /// again. Must be called inside no particular runtime; the subscription works in any.
+    fn subscribe(&self) -> Result<Subscription>;
 }
 
 #[cfg(test)]

@@ -40,6 +40,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     clock: Arc<dyn Clock>,
     path: Option<PathBuf>,
+    /// Subscribers of this process (the only writer a single-server store has).
+    changes: crate::watch::Notifier,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -98,6 +100,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             clock,
             path,
+            changes: Default::default(),
         })
     }
 
@@ -120,6 +123,17 @@ impl SqliteStore {
         let now = self.clock.now_ms();
         let out = f(&tx, now)?;
         tx.commit()?;
+        Ok(out)
+    }
+
+    /// [`SqliteStore::write`], then, if it committed, tells subscribers that `topic` changed.
+    fn write_on<T>(
+        &self,
+        topic: crate::Topic,
+        f: impl FnOnce(&Transaction<'_>, i64) -> Result<T>,
+    ) -> Result<T> {
+        let out = self.write(f)?;
+        self.changes.bump(topic);
         Ok(out)
     }
 
@@ -828,7 +842,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_app(&self, name: &str) -> Result<()> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Machines, |tx, _| {
             load_app(tx, name)?;
             let live: i64 = tx.query_row(
                 &format!(
@@ -855,7 +869,7 @@ impl Store for SqliteStore {
     // ---- hosts ----------------------------------------------------------------------------
 
     fn register_host(&self, region: &str, endpoint: &str) -> Result<Host> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Hosts, |tx, now| {
             let id = allocate_host(tx)?;
             tx.execute(
                 "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms)
@@ -873,7 +887,7 @@ impl Store for SqliteStore {
     }
 
     fn put_host(&self, host: &Host) -> Result<Host> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Hosts, |tx, now| {
             tx.execute(
                 "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -905,7 +919,7 @@ impl Store for SqliteStore {
     }
 
     fn set_cordoned(&self, id: HostId, cordoned: bool) -> Result<Host> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Hosts, |tx, _| {
             load_host(tx, id)?;
             tx.execute(
                 "UPDATE hosts SET cordoned = ?2 WHERE id = ?1",
@@ -922,11 +936,13 @@ impl Store for SqliteStore {
     // ---- machines -------------------------------------------------------------------------
 
     fn create_machine(&self, m: &Machine) -> Result<Machine> {
-        self.write(|tx, now| create_machine_tx(tx, m, now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            create_machine_tx(tx, m, now)
+        })
     }
 
     fn create_machine_placed(&self, m: &Machine, event: &NewEvent) -> Result<Machine> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Machines, |tx, now| {
             let host = m
                 .host
                 .ok_or_else(|| invalid(format!("machine {} has no host to be placed on", m.id)))?;
@@ -995,11 +1011,15 @@ impl Store for SqliteStore {
     }
 
     fn update_machine(&self, m: &Machine) -> Result<Machine> {
-        self.write(|tx, now| update_machine_tx(tx, m, None, now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            update_machine_tx(tx, m, None, now)
+        })
     }
 
     fn update_machine_if(&self, m: &Machine, allowed_from: &[MachineState]) -> Result<Machine> {
-        self.write(|tx, now| update_machine_tx(tx, m, Some(allowed_from), now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            update_machine_tx(tx, m, Some(allowed_from), now)
+        })
     }
 
     fn transition(
@@ -1008,7 +1028,9 @@ impl Store for SqliteStore {
         allowed_from: &[MachineState],
         to: MachineState,
     ) -> Result<Machine> {
-        self.write(|tx, now| transition_tx(tx, id, allowed_from, to, now))
+        self.write_on(crate::Topic::Machines, |tx, now| {
+            transition_tx(tx, id, allowed_from, to, now)
+        })
     }
 
     fn transition_recorded(
@@ -1018,7 +1040,7 @@ impl Store for SqliteStore {
         to: MachineState,
         event: &NewEvent,
     ) -> Result<Machine> {
-        self.write(|tx, now| {
+        self.write_on(crate::Topic::Machines, |tx, now| {
             let m = transition_tx(tx, id, allowed_from, to, now)?;
             insert_event_tx(tx, id, event, now)?;
             Ok(m)
@@ -1291,11 +1313,15 @@ impl Store for SqliteStore {
     }
 
     fn put_bridge_mapping(&self, m: &BridgeMapping) -> Result<BridgeNetwork> {
-        self.write(|tx, _| rec::apply_bridge(tx, m.network_id, None, std::slice::from_ref(m), &[]))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::apply_bridge(tx, m.network_id, None, std::slice::from_ref(m), &[])
+        })
     }
 
     fn remove_bridge_mapping(&self, network_id: u32, old: &str) -> Result<BridgeNetwork> {
-        self.write(|tx, _| rec::apply_bridge(tx, network_id, None, &[], &[old.to_owned()]))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::apply_bridge(tx, network_id, None, &[], &[old.to_owned()])
+        })
     }
 
     fn update_bridge_network(
@@ -1305,13 +1331,15 @@ impl Store for SqliteStore {
         puts: &[BridgeMapping],
         removes: &[String],
     ) -> Result<BridgeNetwork> {
-        self.write(|tx, _| {
+        self.write_on(crate::Topic::Bridge, |tx, _| {
             rec::apply_bridge(tx, network_id, Some(expected_revision), puts, removes)
         })
     }
 
     fn set_bridge_gate(&self, scope: GateScope, name: &str, off: bool) -> Result<()> {
-        self.write(|tx, _| rec::set_bridge_gate(tx, scope, name, off))
+        self.write_on(crate::Topic::Bridge, |tx, _| {
+            rec::set_bridge_gate(tx, scope, name, off)
+        })
     }
 
     fn bridge_gates_off(&self) -> Result<Vec<(GateScope, String)>> {
@@ -1337,5 +1365,9 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         })
+    }
+
+    fn subscribe(&self) -> Result<crate::Subscription> {
+        Ok(self.changes.subscribe())
     }
 }

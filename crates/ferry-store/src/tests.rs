@@ -799,6 +799,43 @@ fn machine_state_names() {
     assert_eq!(terminal, [Destroyed, Migrated]);
 }
 
+/// A subscriber hears of every change of machines, hosts and the bridge, made through another
+/// handle on etcd (another server), or through its own on SQLite (its one process); a change
+/// elsewhere (a setting) wakes nobody.
+fn subscribers_hear_of_changes(fx: &Fx) {
+    let writer = fx.open();
+    let reader = if fx.etcd.is_some() {
+        fx.open()
+    } else {
+        writer.clone()
+    };
+    let rx = reader.subscribe().unwrap();
+    let wait = |what: &str, moved: &dyn Fn(&Changes) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !moved(&rx.borrow()) {
+            assert!(std::time::Instant::now() < deadline, "no notice of {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    if fx.etcd.is_some() {
+        // The watch is open once it said "everything may have changed".
+        wait("the watch opening", &|c| c.bridge > 0);
+    }
+    let base = *rx.borrow();
+    writer.kv_put("fleet", "x").unwrap();
+    writer
+        .put_bridge_mapping(&records::mapping(1, "fdaa::a", "fdaa::b"))
+        .unwrap();
+    wait("a mapping", &|c| c.bridge > base.bridge);
+    let host = writer.register_host("ord", "").unwrap();
+    wait("a host", &|c| c.hosts > base.hosts);
+    writer.create_app("web", "acme").unwrap();
+    let m = new_machine(writer.as_ref(), "web", host.id);
+    let now = *rx.borrow();
+    writer.transition(&m.id, &[Created], Starting).unwrap();
+    wait("a transition", &|c| c.machines > now.machines);
+}
+
 /// Instantiates every conformance test once per backend: `sqlite::NAME` and `etcd::NAME`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -838,4 +875,5 @@ conformance!(
     concurrent_machine_creates_are_all_indexed,
     concurrent_delete_app_never_orphans_a_machine,
     fifty_migrations_across_ten_networks_lose_nothing,
+    subscribers_hear_of_changes,
 );

@@ -238,7 +238,7 @@ pub(super) fn instance_histories_append_once_in_order(fx: &Fx) {
     assert!(s.list_instances("m-b").unwrap().is_empty());
 }
 
-fn mapping(net: u32, old: &str, new: &str) -> BridgeMapping {
+pub(super) fn mapping(net: u32, old: &str, new: &str) -> BridgeMapping {
     BridgeMapping {
         network_id: net,
         old: old.into(),

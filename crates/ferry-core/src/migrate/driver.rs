@@ -84,6 +84,9 @@ async fn drive(core: &Arc<Core>, id: &str) {
             return;
         }
     }
+    if load(core, id).is_ok_and(|m| m.phase == Phase::Pending) {
+        crate::crash_point("pending"); // test hook: claimed, nothing done yet
+    }
     let claim = Arc::new(std::sync::Mutex::new(claim));
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a

@@ -22,8 +22,15 @@ pub struct AgentArgs {
     /// Where this agent keeps machine run directories.
     #[arg(long)]
     state_dir: PathBuf,
-    /// The API server.
-    #[arg(long, default_value = "http://127.0.0.1:4280")]
+    /// The API servers, comma-separated (`http://10.0.0.1:4280,http://10.0.0.2:4280`): the
+    /// agent registers and reports to the first one that answers, skips those that are down,
+    /// and holds its watch (the host's desired state) open on one of them, moving to the next
+    /// when that one goes away.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        default_value = "http://127.0.0.1:4280"
+    )]
     server: String,
     /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
@@ -53,6 +60,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     let id = u32::from_str_radix(&args.host_id, 16)
         .ok()
         .and_then(|v| HostId::new(v).ok());
+    let servers = server_list(&args.server)?;
     let host_id = id.with_context(|| {
         format!(
             "--host-id {}: not a host ID (hex, 80000000 and above)",
@@ -77,7 +85,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             host_netns: args.netns,
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
-            server: args.server,
+            servers,
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
             volume_port: args.volume_port,
@@ -96,24 +104,42 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         std::fs::write(args.state_dir.join("agent.addr"), &endpoint)?;
-        // Register (retrying while the server comes up), then serve.
+        // Serve, register (with whichever server is up, waiting while none is), then watch.
         let app = agent.clone().router();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let mut delay = std::time::Duration::from_millis(50);
         loop {
             match agent.register(&endpoint).await {
                 Ok(()) => break,
+                // Refused (e.g. a host ID the fleet does not accept): say so, keep trying, as
+                // an operator may fix the server side.
                 Err(e) => {
-                    tracing::warn!("registering with the server: {e}");
+                    tracing::warn!("registering: {e}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(2));
                 }
             }
         }
+        tokio::spawn(agent.clone().watch_forever());
         tracing::info!("agent for host {:x} serving at {endpoint}", host_id.get());
         server.await??;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
+}
+
+/// `--server A,B`: each a base URL (`http://HOST:PORT`, no trailing slash kept).
+fn server_list(s: &str) -> Result<Vec<String>> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .collect();
+    for u in &urls {
+        anyhow::ensure!(
+            u.starts_with("http://") || u.starts_with("https://"),
+            "--server {s}: {u:?} is not an http:// or https:// URL"
+        );
+    }
+    Ok(urls)
 }
 
 pub fn init(args: ferry_runtime::InitArgs) -> Result<ExitCode> {

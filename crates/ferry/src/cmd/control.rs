@@ -68,6 +68,27 @@ impl ControlPlane {
         if let Some(dns) = dns {
             super::dns::serve(rt, zone.clone(), host_ns, dns)?;
         }
+        // Changes this server did not make (another server on the same etcd) reach its DNS and
+        // its `wait` callers too: the store says when machines or hosts changed.
+        match ctx.store_changes() {
+            Some(mut sub) => {
+                let c = ctx.clone();
+                rt.spawn(async move {
+                    let mut seen = *sub.borrow_and_update();
+                    while sub.changed().await.is_ok() {
+                        let now = *sub.borrow_and_update();
+                        if (now.machines, now.hosts) != (seen.machines, seen.hosts) {
+                            let c = c.clone();
+                            let _ = tokio::task::spawn_blocking(move || c.changed()).await;
+                        }
+                        seen = now;
+                    }
+                });
+            }
+            None => tracing::warn!(
+                "not following store changes: DNS follows this server's own changes only"
+            ),
+        }
         let app = server::router(ctx.clone());
         rt.spawn(async move { axum::serve(listener, app).await });
         Ok(ControlPlane { ctx })

@@ -69,6 +69,19 @@ pub struct DevArgs {
     /// Run the demo, print the result, stop everything and exit (for scripts and CI).
     #[arg(long)]
     exit_after_demo: bool,
+    /// Only hosts and agents, for servers that run elsewhere (`ferry server`, several of them
+    /// on one etcd): no API, store, DNS or demo of its own; the agents register with, report to
+    /// and watch the first of these servers that answers (comma-separated base URLs). Host IDs
+    /// are chosen once and kept in the state directory. Stopping it kills its hosts' machines
+    /// and removes the hosts (the servers keep their records). Machines get no `fdaa::3` DNS in
+    /// this mode (by default `ferry dev`'s own server answers there, and there is none here);
+    /// ask a server's `--dns-listen` instead.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        conflicts_with_all = ["store", "demo_image", "registry", "registry_auth", "host_dir_root"]
+    )]
+    control_plane: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -108,6 +121,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("ferry dev creates network namespaces, cgroups and eBPF programs: run it as root");
+    }
+    if let Some(urls) = args.control_plane.clone() {
+        return hosts_only(&args, &urls);
     }
     // A fleet whose namespaces exist: another `ferry dev` runs it (refuse), or one was killed
     // (take it over: its machines may still be running and its migrations half done).
@@ -315,6 +331,135 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `ferry dev --control-plane URLS`: hosts and agents only, for servers started elsewhere.
+fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
+    let urls: Vec<String> = urls
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .collect();
+    if !netns::list(&format!("ferry-{}-", args.name)).is_empty() {
+        bail!(
+            "a fleet named {:?} exists on this machine: stop it first, or use another --name",
+            args.name
+        );
+    }
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.thread_block()?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    std::fs::write(
+        args.state_dir.join("dev.pid"),
+        std::process::id().to_string(),
+    )?;
+    let t0 = Instant::now();
+    let ids = host_ids(&args.state_dir, args.hosts)?;
+    let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
+    for id in &ids {
+        fleet.add_host_with_id(*id)?;
+    }
+    let raw: Vec<u32> = ids.iter().map(|h| h.get()).collect();
+    let agents = Agents::start(args, &raw, &urls.join(","))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered: some server lists every host with the endpoint its agent serves on.
+    let registered = wait_for(Duration::from_secs(30), || {
+        rt.block_on(all_registered(&urls, &args.state_dir, &raw))
+    });
+    if !registered {
+        agents.stop();
+        fleet.teardown()?;
+        bail!("the host agents did not register with {urls:?} within 30 s (see the log above)");
+    }
+    println!(
+        "ferry dev: fleet {:?}, {} hosts ({}), agents of {} (up in {:.1?}); Ctrl-C stops it",
+        args.name,
+        raw.len(),
+        raw.iter()
+            .map(|h| format!("{h:x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        urls.join(","),
+        t0.elapsed()
+    );
+    let sig = sigs.wait()?;
+    eprintln!("{sig:?}: stopping agents, machines and the fleet");
+    agents.stop();
+    // The machines of this fleet's hosts, from the agents' run directories.
+    let mut ours = Vec::new();
+    for h in &raw {
+        let dir = args
+            .state_dir
+            .join("hosts")
+            .join(format!("{h:x}"))
+            .join("machines");
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            ours.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    remove_machine_cgroups(&ours);
+    ferry_agent::disk::unmount_volumes_under(&args.state_dir);
+    fleet.teardown()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// This fleet's host IDs: chosen once (random, so fleets sharing a control plane rarely
+/// collide; the store burns whatever ID registers) and kept in `<state>/host-ids`.
+fn host_ids(state: &std::path::Path, n: u32) -> Result<Vec<ferry_addr::HostId>> {
+    let file = state.join("host-ids");
+    let mut ids: Vec<u32> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| u32::from_str_radix(s, 16).ok())
+        .collect();
+    if ids.len() < n as usize {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+            ^ (std::process::id() << 12);
+        // 64 hosts at most: the low bits count them, the high ones tell fleets apart.
+        let base = 0x8000_0000 | (seed & 0x7fff_ff00);
+        ids = (0..n).map(|i| base + i).collect();
+        std::fs::write(
+            &file,
+            ids.iter().map(|h| format!("{h:x}\n")).collect::<String>(),
+        )?;
+    }
+    ids.truncate(n as usize);
+    ids.into_iter()
+        .map(|h| ferry_addr::HostId::new(h).map_err(|e| anyhow::anyhow!("host ID {h:x}: {e}")))
+        .collect()
+}
+
+/// Whether one of `urls` lists every host of `hosts` with the endpoint its agent wrote.
+async fn all_registered(urls: &[String], state: &std::path::Path, hosts: &[u32]) -> bool {
+    let http = reqwest::Client::new();
+    for u in urls {
+        let Ok(r) = http.get(format!("{u}/v1/hosts")).send().await else {
+            continue;
+        };
+        let Ok(list) = r.json::<Vec<serde_json::Value>>().await else {
+            continue;
+        };
+        return hosts.iter().all(|h| {
+            let ep = std::fs::read_to_string(
+                state
+                    .join("hosts")
+                    .join(format!("{h:x}"))
+                    .join("agent.addr"),
+            )
+            .unwrap_or_default();
+            !ep.is_empty()
+                && list
+                    .iter()
+                    .any(|v| v["id"] == format!("{h:x}") && v["endpoint"] == ep.as_str())
+        });
+    }
+    false
 }
 
 fn remove_machine_cgroups(ids: &[String]) {

@@ -46,7 +46,7 @@ fn test_store(
     Some(etcd)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -283,32 +283,7 @@ impl Dev {
 
     /// AAAA answers from the operator listener, over one UDP socket (fast enough to poll).
     pub fn aaaa(&self, name: &str) -> Vec<std::net::Ipv6Addr> {
-        use hickory_proto::op::{Message, MessageType, OpCode, Query};
-        use hickory_proto::rr::{Name, RData, RecordType};
-        let mut m = Message::new();
-        m.set_id(std::process::id() as u16);
-        m.set_message_type(MessageType::Query);
-        m.set_op_code(OpCode::Query);
-        m.add_query(Query::query(
-            Name::from_ascii(name).unwrap(),
-            RecordType::AAAA,
-        ));
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        sock.send_to(&m.to_vec().unwrap(), &self.dns).unwrap();
-        let mut buf = [0u8; 4096];
-        let Ok(n) = sock.recv(&mut buf) else {
-            return vec![];
-        };
-        let r = Message::from_vec(&buf[..n]).unwrap();
-        r.answers()
-            .iter()
-            .filter_map(|rec| match rec.data() {
-                RData::AAAA(a) => Some(a.0),
-                _ => None,
-            })
-            .collect()
+        aaaa_at(&self.dns, name)
     }
 
     pub fn pins(&self) -> PathBuf {
@@ -392,6 +367,37 @@ pub fn wait_migration(dev: &Dev, mig: &str, timeout: Duration) -> Value {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// AAAA answers for `name` from the DNS listener at `dns` (`IP:PORT`), over one UDP socket
+/// (fast enough to poll); empty if it does not answer within 500 ms.
+pub fn aaaa_at(dns: &str, name: &str) -> Vec<std::net::Ipv6Addr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut m = Message::new();
+    m.set_id(std::process::id() as u16);
+    m.set_message_type(MessageType::Query);
+    m.set_op_code(OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii(name).unwrap(),
+        RecordType::AAAA,
+    ));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    sock.send_to(&m.to_vec().unwrap(), dns).unwrap();
+    let mut buf = [0u8; 4096];
+    let Ok(n) = sock.recv(&mut buf) else {
+        return vec![];
+    };
+    let r = Message::from_vec(&buf[..n]).unwrap();
+    r.answers()
+        .iter()
+        .filter_map(|rec| match rec.data() {
+            RData::AAAA(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -1,0 +1,123 @@
+//! The agents' watch: `GET /internal/v1/hosts/{host}/watch` answers newline-delimited JSON
+//! ([`WatchLine`]) for as long as the agent holds it open: the host's whole desired bridge state
+//! at once, then again whenever it changes, and a keep-alive line when nothing changed for
+//! [`KEEPALIVE`].
+//!
+//! Its job: an agent converges without anyone pushing to it: one that missed a push (it was
+//! restarting, the pushing server died between its store write and its push) or whose server
+//! died (it opens the watch on another server, which sends the state first thing). It learns of
+//! changes from the store's subscription ([`ferry_store::Store::subscribe`]: an etcd watch on
+//! etcd), so a change made through any server reaches an agent watching any other.
+//!
+//! It must never send a partial state (each line is the whole state, as a push is) and never
+//! end the stream because the store is unreachable: the agent keeps what it has and the stream
+//! goes on with keep-alives until the store answers again. The synchronous pushes
+//! ([`ferry_core::bridge::sync_all`]) stay: the migration driver waits for them before it starts a
+//! machine on its destination (see ARCHITECTURE.md).
+
+use crate::error::ApiError;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use ferry_addr::HostId;
+use ferry_core::bridge::host_state;
+use ferry_core::proto::BridgeSync;
+use ferry_core::Core;
+use ferry_store::Subscription;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a stream stays silent at most: the agent takes a stream that said nothing for three
+/// times this long as dead (a server cut off without closing its connections).
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// One line of the watch stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchLine {
+    /// The host's whole desired bridge state (as a push sends it).
+    Bridge(BridgeSync),
+    /// Nothing changed; the server and the stream are alive.
+    Keepalive {},
+}
+
+struct Stream {
+    ctx: Arc<Core>,
+    host: HostId,
+    sub: Option<Subscription>,
+    /// The last state line sent (serialized), so an unrelated change sends nothing.
+    last: Option<String>,
+    first: bool,
+}
+
+impl Stream {
+    /// The next line to send; waits for a change or the keep-alive period.
+    async fn next(&mut self) -> String {
+        loop {
+            let mut timed_out = false;
+            if !self.first {
+                let changed = async {
+                    match self.sub.as_mut() {
+                        Some(s) => s.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    ok = changed => if !ok { self.sub = None },
+                    _ = tokio::time::sleep(KEEPALIVE) => timed_out = true,
+                }
+            }
+            self.first = false;
+            if let Some(s) = self.sub.as_mut() {
+                s.borrow_and_update();
+            }
+            let ctx = self.ctx.clone();
+            let host = self.host;
+            let state = tokio::task::spawn_blocking(move || host_state(&ctx, host))
+                .await
+                .map_err(ApiError::internal)
+                .and_then(|r| r.map_err(ApiError::from));
+            if let Ok(sync) = state {
+                let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
+                if self.last.as_ref() != Some(&line) {
+                    self.last = Some(line.clone());
+                    return line + "\n";
+                }
+            }
+            if timed_out {
+                let line = serde_json::to_string(&WatchLine::Keepalive {}).expect("serializable");
+                return line + "\n";
+            }
+        }
+    }
+}
+
+/// `GET /internal/v1/hosts/{host}/watch` (host ID in hex): see the module doc. 404 if the host
+/// never registered.
+pub async fn host_watch(
+    State(ctx): State<Arc<Core>>,
+    crate::server::Path(host): crate::server::Path<String>,
+) -> Result<Response, ApiError> {
+    let id = u32::from_str_radix(&host, 16)
+        .ok()
+        .and_then(|v| HostId::new(v).ok())
+        .ok_or_else(|| ApiError::invalid(format!("host {host:?}: not a host ID")))?;
+    ctx.store.get_host(id)?;
+    let sub = ctx.store_changes();
+    let s = Stream {
+        ctx,
+        host: id,
+        sub,
+        last: None,
+        first: true,
+    };
+    let lines = futures::stream::unfold(s, |mut s| async move {
+        let line = s.next().await;
+        Some((Ok::<_, std::convert::Infallible>(line), s))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
