@@ -41,8 +41,11 @@ pub const CLAIM_TTL_MS: u64 = 5_000;
 /// How often a migration waiting for its network's lock tries again when nothing woke it (the
 /// lock was released by another server, or its holder died and it expired).
 const LOCK_POLL: Duration = Duration::from_secs(1);
-/// How often every server looks for unfinished migrations nobody drives.
-const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
+/// How often every server looks for unfinished migrations nobody drives: a dead server's
+/// migration is taken over at most this long after its claim lapsed (the claim's TTL), so
+/// takeover stays within TTL + 1 s with room for the first step. Migrations this server drives
+/// cost nothing in a scan; one driven elsewhere costs a claim attempt.
+const TAKEOVER_SCAN: Duration = Duration::from_millis(500);
 /// Transient failures (an agent restarting) are retried this many times before a rollback.
 const MAX_RETRIES: u32 = 40;
 
