@@ -696,6 +696,50 @@ impl Agent {
         out
     }
 
+    /// See [`metrics`]. Built per scrape: the counters live in the kernel and the table here.
+    fn metrics_text(&self) -> Result<String, AgentError> {
+        use prometheus_client::encoding::text::encode;
+        use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+        use prometheus_client::registry::Registry;
+        type Labels = Vec<(String, String)>;
+        let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        let mut reg = Registry::with_prefix("ferry_agent");
+        let machines = self.list();
+        let running = machines.iter().filter(|m| m.running).count();
+        let by_state = Family::<Labels, Gauge>::default();
+        by_state
+            .get_or_create(&label("state", "running"))
+            .set(running as i64);
+        by_state
+            .get_or_create(&label("state", "not_running"))
+            .set((machines.len() - running) as i64);
+        reg.register("machines", "Machines on this host", by_state);
+        let drops = Family::<Labels, Counter>::default();
+        let rewrites = Family::<Labels, Counter>::default();
+        for (stat, n) in self.host.stats()? {
+            let name = stat.name().trim_start_matches("dropped_");
+            if stat.is_drop() {
+                drops.get_or_create(&label("reason", name)).inc_by(n);
+            } else {
+                rewrites.get_or_create(&label("kind", name)).inc_by(n);
+            }
+        }
+        reg.register(
+            "dataplane_drops",
+            "Packets the data plane dropped, by reason",
+            drops,
+        );
+        reg.register(
+            "dataplane_rewrites",
+            "Packets the data plane rewrote, by kind",
+            rewrites,
+        );
+        let mut out = String::new();
+        encode(&mut out, &reg)
+            .map_err(|e| AgentError::Invalid(format!("encoding metrics: {e}")))?;
+        Ok(out)
+    }
+
     fn list(&self) -> Vec<LocalMachine> {
         let t = self.machines.lock().unwrap();
         t.iter()
@@ -721,6 +765,7 @@ impl Agent {
             .route("/v1/machines/{id}/signal", post(signal))
             .route("/v1/bridge/sync", post(bridge_sync))
             .route("/v1/state", get(agent_state))
+            .route("/metrics", get(metrics))
             .route("/v1/bridge/hits", get(bridge_hits))
             .route("/v1/volumes/expect", post(volume_expect))
             .route("/v1/volumes/send", post(volume_send))
@@ -819,6 +864,19 @@ async fn volume_remove(
             .map(|()| serde_json::json!({"ok": true}))
     })
     .await
+}
+
+/// `GET /metrics`: this host's machines by state, and the data plane's counters (drops by
+/// reason, rewrites by kind) read from the pinned BPF map, as OpenMetrics text.
+async fn metrics(State(a): Shared) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let text = blocking(move || a.metrics_text()).await?.0;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
 }
 
 async fn signal(

@@ -82,6 +82,11 @@ pub enum Stat {
 }
 
 impl Stat {
+    /// Whether the counter counts dropped packets (the others count rewrites).
+    pub fn is_drop(self) -> bool {
+        !matches!(self, Stat::SwappedOut | Stat::SwappedIn | Stat::IcmpInner)
+    }
+
     pub const ALL: [Stat; 10] = [
         Stat::SpoofedSrc,
         Stat::OtherNetwork,

@@ -30,7 +30,11 @@ print(json.dumps(out))
 type Samples = BTreeMap<String, BTreeMap<String, f64>>;
 
 fn scrape(dev: &Dev) -> Samples {
-    let resp = reqwest::blocking::get(format!("{}/metrics", dev.api)).unwrap();
+    scrape_url(&format!("{}/metrics", dev.api))
+}
+
+fn scrape_url(url: &str) -> Samples {
+    let resp = reqwest::blocking::get(url).unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
@@ -172,6 +176,29 @@ fn metrics_parse_and_move_when_the_fleet_acts() {
     assert!(!after["ferry_api_request_duration_seconds_count"]
         .keys()
         .any(|k| k.contains(m["id"].as_str().unwrap())));
+    // Every agent serves its own: its machines, and the data plane's counters by reason.
+    let hs: Value = dev.call("GET", "/v1/hosts", None).1;
+    for h in hs.as_array().unwrap() {
+        let a = scrape_url(&format!("{}/metrics", h["endpoint"].as_str().unwrap()));
+        let here = machines
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["host"] == h["id"] && x["state"] == "started")
+            .count();
+        assert_eq!(
+            get(&a, "ferry_agent_machines", "state=running"),
+            here as f64,
+            "host {}: {a:?}",
+            h["id"]
+        );
+        for reason in ["spoofed_source", "other_network", "not_fleet"] {
+            assert!(
+                a["ferry_agent_dataplane_drops_total"].contains_key(&format!("reason={reason}")),
+                "{a:?}"
+            );
+        }
+    }
     let not_found = dev.call("GET", "/v1/no-such-route", None).0;
     assert_eq!(not_found, 404);
     let last = scrape(&dev);
