@@ -37,7 +37,7 @@ fi
 # changes: schemathesis and an OpenAPI validator (crates/ferry/tests/api_contract.rs), and the
 # Prometheus project's own OpenMetrics parser (crates/ferry/tests/metrics.rs).
 PYTOOLS=/opt/ferry/pytools
-PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0 prometheus-client==0.21.1)
+PYPKGS=(schemathesis==4.32.5 openapi-spec-validator==0.9.0 prometheus_client==0.21.1)
 # (The list is read whole first: `pip freeze | grep -q` under pipefail fails when grep exits
 # early and pip gets SIGPIPE.)
 have=$("$PYTOOLS/bin/pip" freeze 2>/dev/null || true)
