@@ -52,9 +52,23 @@ pub struct RouteLabels {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RcodeLabels {
+    /// `NOERROR`, `NXDOMAIN`, `REFUSED`, ...
+    pub rcode: String,
+}
+
+/// What runs at each scrape before encoding (parts of the process the core does not own, e.g.
+/// the DNS server, bring their counters up to date).
+pub type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// Every metric of one server process.
 pub struct Metrics {
     registry: Registry,
+    /// `.internal` DNS responses by RCODE (kept up to date by a scrape hook of whoever serves
+    /// DNS in this process).
+    pub dns_responses: Family<RcodeLabels, Counter>,
+    hooks: std::sync::Mutex<Vec<ScrapeHook>>,
     pub machine_events: Family<EventLabels, Counter>,
     pub migrations_finished: Family<OutcomeLabels, Counter>,
     /// Seconds from the source's stop to the destination's start, per finished migration.
@@ -121,8 +135,16 @@ impl Default for Metrics {
             "Uses of each bridge mapping so far (all callers), as the hosts count them",
             bridge_hits.clone(),
         );
+        let dns_responses = Family::<RcodeLabels, Counter>::default();
+        registry.register(
+            "dns_responses",
+            "Responses of this process's .internal DNS, by RCODE",
+            dns_responses.clone(),
+        );
         Metrics {
             registry,
+            dns_responses,
+            hooks: Default::default(),
             machine_events,
             migrations_finished,
             migration_downtime,
@@ -136,6 +158,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Runs `hook` at every scrape, before the text is encoded.
+    pub fn on_scrape(&self, hook: ScrapeHook) {
+        self.hooks.lock().unwrap().push(hook);
+    }
+
     pub fn machine_event(&self, event: &str) {
         self.machine_events
             .get_or_create(&EventLabels {
@@ -185,6 +212,9 @@ pub async fn scrape(core: &Core) -> Result<String> {
                 new: b.new,
             })
             .set(n as i64);
+    }
+    for hook in m.hooks.lock().unwrap().iter() {
+        hook(m);
     }
     let mut out = String::new();
     encode(&mut out, &m.registry).map_err(|e| Error::internal(format!("encoding metrics: {e}")))?;

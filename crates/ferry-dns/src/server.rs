@@ -74,6 +74,7 @@ impl DnsServer {
             out.clear();
             out.extend_from_slice(&full);
         }
+        self.zone.count_response(out);
     }
 
     /// The fast path alone: `None` where it declines the packet. For tests and the fuzz

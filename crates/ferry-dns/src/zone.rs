@@ -139,6 +139,8 @@ pub struct ZoneData {
     current: ArcSwap<Index>,
     serial: AtomicU32,
     apex: Name,
+    /// Responses sent, by RCODE (the low four bits of the header's fourth byte).
+    answered: [std::sync::atomic::AtomicU64; 16],
 }
 
 impl Default for ZoneData {
@@ -186,7 +188,21 @@ impl ZoneData {
             current: ArcSwap::from_pointee(index),
             serial: AtomicU32::new(0),
             apex,
+            answered: Default::default(),
         }
+    }
+
+    /// Counts one response by its RCODE (what `answered` reports).
+    pub(crate) fn count_response(&self, response: &[u8]) {
+        if let Some(b) = response.get(3) {
+            self.answered[usize::from(b & 0x0f)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Responses sent so far by RCODE (index = RCODE: 0 NOERROR, 3 NXDOMAIN, 5 REFUSED, ...),
+    /// every server of this zone together.
+    pub fn answered(&self) -> [u64; 16] {
+        std::array::from_fn(|i| self.answered[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Replaces the whole zone atomically; the next query sees it. Machines with fields that

@@ -84,6 +84,11 @@ fn sum(s: &Samples, name: &str, want: &[&str]) -> f64 {
     })
 }
 
+fn moved_dns(before: &Samples, after: &Samples, rcode: &str) -> f64 {
+    let l = format!("rcode={rcode}");
+    get(after, "ferry_dns_responses_total", &l) - get(before, "ferry_dns_responses_total", &l)
+}
+
 #[test]
 fn metrics_parse_and_move_when_the_fleet_acts() {
     let dev = Dev::start("prom", 2);
@@ -123,7 +128,24 @@ fn metrics_parse_and_move_when_the_fleet_acts() {
     let done = wait_migration(&dev, &mig, Duration::from_secs(120));
     assert_eq!(done["phase"], "done", "{done}");
 
+    // DNS: a name that exists and one that does not, counted by RCODE.
+    let name = format!("{}.vm.mx.internal", m["id"].as_str().unwrap());
+    assert!(eventually(Duration::from_secs(5), || !dev
+        .aaaa(&name)
+        .is_empty()));
+    assert!(dev.aaaa("nope.mx.internal").is_empty());
+
     let after = scrape(&dev);
+    assert!(
+        moved_dns(&before, &after, "NOERROR") >= 1.0,
+        "{:?}",
+        after.get("ferry_dns_responses_total")
+    );
+    assert!(
+        moved_dns(&before, &after, "NXDOMAIN") >= 1.0,
+        "{:?}",
+        after.get("ferry_dns_responses_total")
+    );
     let moved = |name: &str, labels: &str| get(&after, name, labels) - get(&before, name, labels);
     assert_eq!(
         moved("ferry_machine_events_total", "event=start"),

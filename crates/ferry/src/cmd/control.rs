@@ -68,6 +68,29 @@ impl ControlPlane {
         if let Some(dns) = dns {
             super::dns::serve(rt, zone.clone(), host_ns, dns)?;
         }
+        // DNS responses by RCODE in the server's metrics: the zone counts, a scrape catches up.
+        let (z, seen) = (zone.clone(), std::sync::Mutex::new([0u64; 16]));
+        ctx.metrics.on_scrape(Box::new(move |m| {
+            let now = z.answered();
+            let mut seen = seen.lock().unwrap();
+            for (code, (n, before)) in now.iter().zip(seen.iter()).enumerate() {
+                if n > before {
+                    let rcode = match code {
+                        0 => "NOERROR".to_owned(),
+                        1 => "FORMERR".to_owned(),
+                        2 => "SERVFAIL".to_owned(),
+                        3 => "NXDOMAIN".to_owned(),
+                        4 => "NOTIMP".to_owned(),
+                        5 => "REFUSED".to_owned(),
+                        c => format!("RCODE{c}"),
+                    };
+                    m.dns_responses
+                        .get_or_create(&ferry_core::metrics::RcodeLabels { rcode })
+                        .inc_by(n - before);
+                }
+            }
+            *seen = now;
+        }));
         // Changes this server did not make (another server on the same etcd) reach its DNS and
         // its `wait` callers too: the store says when machines or hosts changed.
         match ctx.store_changes() {
