@@ -115,7 +115,7 @@ pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
 
 /// Whether a machine gets the bridge: on unless its org or app switched it off.
 pub fn gate(core: &Core, m: &Machine) -> Result<bool> {
-    let g = gates(core)?;
+    let g = crate::cache::gates(core)?;
     Ok(!g.orgs_off.contains(&m.org) && !g.apps_off.contains(&m.app))
 }
 
@@ -460,6 +460,7 @@ pub async fn set_gate(core: &Core, req: GateRequest) -> Result<Gates> {
         }
         _ => return Err(Error::invalid("give exactly one of org or app")),
     }
+    core.cache.gates_changed();
     sync_all(core).await;
     gates(core)
 }

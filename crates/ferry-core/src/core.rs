@@ -18,6 +18,8 @@ pub struct Core {
     pub migrations: crate::migrate::InFlight,
     /// This process's metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// Rarely changing reads of the create path, kept while the store's feed says they hold.
+    pub(crate) cache: crate::cache::ReadCache,
     /// This server process among the fleet's servers (its claims on migrations carry it).
     pub server_id: String,
     /// Where operators' directory volumes (`host_dir`) may be: below one of these only.
@@ -47,6 +49,7 @@ impl Core {
             webhooks,
             migrations: Default::default(),
             metrics: Default::default(),
+            cache: Default::default(),
             server_id: format!("server-{}", crate::random_hex(6)),
             host_dir_roots: Default::default(),
             store_changes: Default::default(),

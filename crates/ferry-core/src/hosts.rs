@@ -29,7 +29,7 @@ pub fn host_hex(h: HostId) -> String {
 
 /// The host for a new machine: the one asked for, or the least-loaded uncordoned one.
 pub fn place(core: &Core, want: Option<&str>) -> Result<ferry_store::Host> {
-    let hosts = core.store.list_hosts()?;
+    let hosts = crate::cache::hosts(core)?;
     if let Some(w) = want {
         let id = parse_host(w)?;
         let h = hosts
@@ -62,7 +62,7 @@ pub fn machine_endpoint(core: &Core, m: &Machine) -> Result<String> {
     let host = m
         .host
         .ok_or_else(|| Error::conflict("not_placed", format!("machine {} has no host", m.id)))?;
-    Ok(core.store.get_host(host)?.endpoint)
+    Ok(crate::cache::host(core, host)?.endpoint)
 }
 
 /// Hosts by ID, with their machine counts.
@@ -85,6 +85,7 @@ pub fn list_hosts(core: &Core) -> Result<Vec<HostView>> {
 /// Cordons (or uncordons) a host: a cordoned host takes no new machines.
 pub fn set_cordoned(core: &Core, host: &str, cordoned: bool) -> Result<CordonView> {
     let h = core.store.set_cordoned(parse_host(host)?, cordoned)?;
+    core.cache.hosts_changed();
     Ok(CordonView {
         host: host_hex(h.id),
         cordoned: h.cordoned,
@@ -114,6 +115,7 @@ pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::
             created_at_ms: core.store.now_ms(),
         })?,
     };
+    core.cache.hosts_changed();
     // What the store believes runs there but the agent did not find: it died while no agent
     // watched it.
     for m in core.store.list_machines_on_host(id)? {

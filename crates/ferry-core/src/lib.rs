@@ -14,6 +14,7 @@
 
 pub mod agents;
 pub mod bridge;
+mod cache;
 pub mod config;
 mod core;
 pub mod error;

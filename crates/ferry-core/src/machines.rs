@@ -87,7 +87,8 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
     if let Some(n) = &req.name {
         validate_name("machine name", n)?;
     }
-    let app = core.store.get_app(app)?;
+    // From memory once read: the store's create below checks again that the app exists.
+    let app = crate::cache::app(core, app)?;
     let volume_dirs = resolve_volumes(core, &req.config)?;
     // A volume that lives on a host already takes its machine there.
     let mut want = req.host.clone();

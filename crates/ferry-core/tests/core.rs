@@ -421,3 +421,57 @@ async fn a_drain_plan_names_destinations_and_who_holds_the_moving_addresses() {
         .unwrap_err();
     assert_eq!(e.code, "same_host");
 }
+
+/// The create path's reads come from memory while the store's change feed says they hold: a
+/// host whose agent moved (written by someone else) is reached at its new endpoint, and an app
+/// deleted meanwhile refuses the create without leaving a record.
+#[tokio::test]
+async fn cached_reads_follow_the_stores_changes() {
+    let f = Fleet::new(1);
+    let (hex, old_ep) = f
+        .hosts
+        .iter()
+        .next()
+        .map(|(h, e)| (h.clone(), e.clone()))
+        .unwrap();
+    f.create(None).await.unwrap(); // the cache now holds the host
+    let mut h = f.store.list_hosts().unwrap().remove(0);
+    h.endpoint = "agent://moved".into();
+    f.store.put_host(&h).unwrap();
+    let m = f.create(Some(&hex)).await.unwrap();
+    assert!(
+        f.agents
+            .calls()
+            .contains(&format!("start {} agent://moved", m.id)),
+        "{:?}",
+        f.agents.calls()
+    );
+    assert!(!f
+        .agents
+        .calls()
+        .contains(&format!("start {} {old_ep}", m.id)));
+    // Gone app: the store's create refuses it; nothing is left behind.
+    machines::create_app(
+        &f.core,
+        CreateApp {
+            app_name: "brief".into(),
+            org_slug: None,
+        },
+    )
+    .unwrap();
+    let req = || Fleet::request(None);
+    machines::create_machine(&f.core, "brief", req())
+        .await
+        .unwrap();
+    let id = f.store.list_machines(Some("brief")).unwrap()[0].id.clone();
+    machines::destroy_machine(&f.core, "brief", &id, true, None)
+        .await
+        .unwrap();
+    machines::delete_app(&f.core, "brief").unwrap();
+    let before = f.store.list_machines_all(None).unwrap().len();
+    let e = machines::create_machine(&f.core, "brief", req())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, Kind::NotFound, "{e}");
+    assert_eq!(f.store.list_machines_all(None).unwrap().len(), before);
+}

@@ -619,6 +619,7 @@ pub fn drain(core: &Arc<Core>, host: &str) -> Result<DrainView> {
         ));
     }
     core.store.set_cordoned(id, true)?;
+    core.cache.hosts_changed();
     let mut view = DrainView {
         host: host_hex(id),
         cordoned: true,
