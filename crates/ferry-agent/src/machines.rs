@@ -930,15 +930,19 @@ impl Agent {
     /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
     pub(crate) fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
         let _one = self.bridge_apply.lock().unwrap();
-        *self.bridge_state.lock().unwrap() = sync.clone();
+        let previous = std::mem::replace(&mut *self.bridge_state.lock().unwrap(), sync.clone());
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
+            let gate = |s: &BridgeSync, id: &str| s.gates.get(id).copied().unwrap_or(true);
             for (id, net, ns) in self.machine_namespaces() {
-                crate::nft::apply(
-                    &ns,
-                    net,
-                    sync.gates.get(&id).copied().unwrap_or(true),
-                    &sync.mappings,
-                )?;
+                // A table is replaced whole, counters included: one whose rules did not change
+                // is left alone, or every sync (the watch sends one on any change of the host's
+                // state) would zero the hits that tell who still dials an old address.
+                let rules = crate::nft::ruleset(net, gate(sync, &id), &sync.mappings);
+                let before = crate::nft::ruleset(net, gate(&previous, &id), &previous.mappings);
+                if rules == before && previous.gates.contains_key(&id) {
+                    continue;
+                }
+                crate::nft::apply(&ns, net, gate(sync, &id), &sync.mappings)?;
             }
             return Ok(());
         }
