@@ -22,6 +22,8 @@ pub fn status(kind: Kind) -> StatusCode {
         Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         Kind::Agent => StatusCode::BAD_GATEWAY,
         Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+        Kind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
@@ -62,5 +64,42 @@ impl From<ferry_store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), axum::Json(self.0.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error keeps its kind across the agent protocol and the API: the status an agent
+    /// answers with, the kind the core reads back, the status the API answers with.
+    #[test]
+    fn every_kind_survives_the_wire_both_ways() {
+        use Kind::*;
+        for k in [
+            Invalid,
+            NotFound,
+            Timeout,
+            Conflict,
+            Unprocessable,
+            Internal,
+            Agent,
+            Unavailable,
+            Unauthorized,
+            UpstreamTimeout,
+        ] {
+            let s = status(k).as_u16();
+            assert_eq!(ferry_core::proto::wire_status(k), s, "{k:?}");
+            assert_eq!(Kind::from_wire(s), k, "{k:?}");
+        }
+        // What ferry-image answers (401 refused credentials, 504 unreachable) keeps its status.
+        assert_eq!(
+            ApiError::new(504, "registry_unreachable", "x").status(),
+            504
+        );
+        assert_eq!(
+            ApiError::new(401, "registry_unauthorized", "x").status(),
+            401
+        );
     }
 }

@@ -25,13 +25,20 @@ pub enum Kind {
     Agent,
     /// A dependency is down or busy (the store, an agent that does not answer); may pass.
     Unavailable,
+    /// Something upstream of a host refused our credentials (a registry).
+    Unauthorized,
+    /// Something upstream of a host could not be reached in time (a registry); may pass.
+    UpstreamTimeout,
 }
 
 impl Kind {
     /// A failure that may pass by itself: the migration driver retries these and rolls back
     /// on every other kind.
     pub fn is_transient(self) -> bool {
-        matches!(self, Kind::Internal | Kind::Agent | Kind::Unavailable)
+        matches!(
+            self,
+            Kind::Internal | Kind::Agent | Kind::Unavailable | Kind::UpstreamTimeout
+        )
     }
 
     /// The kind an error status of the agent protocol stands for (the protocol's lines carry
@@ -39,12 +46,14 @@ impl Kind {
     pub fn from_wire(status: u16) -> Kind {
         match status {
             400 => Kind::Invalid,
+            401 => Kind::Unauthorized,
             404 => Kind::NotFound,
             408 => Kind::Timeout,
             409 => Kind::Conflict,
             422 => Kind::Unprocessable,
             503 => Kind::Unavailable,
             502 => Kind::Agent,
+            504 => Kind::UpstreamTimeout,
             _ => Kind::Internal,
         }
     }

@@ -306,5 +306,7 @@ pub fn wire_status(kind: crate::Kind) -> u16 {
         K::Internal => 500,
         K::Agent => 502,
         K::Unavailable => 503,
+        K::Unauthorized => 401,
+        K::UpstreamTimeout => 504,
     }
 }
