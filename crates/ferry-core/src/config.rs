@@ -13,6 +13,17 @@ pub const ALLOWED_SIGNALS: [&str; 7] = [
     "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP",
 ];
 
+/// `s` (`"int"`, `"SIGINT"`, any case) as one of [`ALLOWED_SIGNALS`], or `None`.
+pub fn canonical_signal(s: &str) -> Option<String> {
+    let up = s.to_ascii_uppercase();
+    let sig = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    ALLOWED_SIGNALS.contains(&sig.as_str()).then_some(sig)
+}
+
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -308,13 +319,7 @@ impl MachineConfig {
                 return Err(bad("mounts.path", format!("{} is mounted twice", m.path)));
             }
         }
-        let sig = self.stop_config.signal().to_ascii_uppercase();
-        let sig = if sig.starts_with("SIG") {
-            sig
-        } else {
-            format!("SIG{sig}")
-        };
-        if !ALLOWED_SIGNALS.contains(&sig.as_str()) {
+        if canonical_signal(self.stop_config.signal()).is_none() {
             return Err(bad(
                 "stop_config.signal",
                 format!(

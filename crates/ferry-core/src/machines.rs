@@ -5,7 +5,8 @@
 //! change nothing.
 
 use crate::config::{
-    validate_machine_id, validate_name, MachineConfig, ALLOWED_SIGNALS, MAX_STOP_TIMEOUT,
+    canonical_signal, validate_machine_id, validate_name, MachineConfig, ALLOWED_SIGNALS,
+    MAX_STOP_TIMEOUT,
 };
 use crate::error::{Error, Kind, Result};
 use crate::hosts::{machine_endpoint, parse_host, place};
@@ -160,8 +161,7 @@ pub async fn launch(
 ) -> Result<Machine> {
     let mut m = core.store.transition(id, from, S::Starting)?;
     core.changed();
-    let config: MachineConfig =
-        serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+    let config = config_of(&m)?;
     let run = RunMachine {
         id: m.id.clone(),
         app: m.app.clone(),
@@ -204,21 +204,25 @@ pub async fn launch(
                 .transition_recorded(id, &[S::Starting], S::Started, &started)?;
             core.metrics.machine_event("start");
         }
-        Err(e) => {
-            let failed = NewEvent::new(
-                "start",
-                "failed",
-                "flyd",
-                serde_json::json!({"error": e.message}),
-            );
-            core.store
-                .transition_recorded(id, &[S::Starting], S::Failed, &failed)?;
-            core.changed();
-            return Err(e);
-        }
+        Err(e) => return Err(failed(core, id, S::Starting, "start", e)?),
     }
     core.changed();
     Ok(m)
+}
+
+/// The agent refused what a machine in state `from` was doing: the machine is `failed`, with
+/// the agent's reason in an event of `kind`. Answers the agent's error, to pass on.
+fn failed(core: &Core, id: &str, from: MachineState, kind: &str, e: Error) -> Result<Error> {
+    let event = NewEvent::new(
+        kind,
+        "failed",
+        "flyd",
+        serde_json::json!({"error": e.message}),
+    );
+    core.store
+        .transition_recorded(id, &[from], S::Failed, &event)?;
+    core.changed();
+    Ok(e)
 }
 
 /// The machine with its events and its instances before migrations.
@@ -230,23 +234,23 @@ pub fn get_machine(core: &Core, app: &str, id: &str) -> Result<MachineView> {
     Ok(v)
 }
 
-pub fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
-    let signal = req
-        .signal
-        .clone()
-        .unwrap_or_else(|| config.stop_config.signal().to_owned())
-        .to_ascii_uppercase();
-    let signal = if signal.starts_with("SIG") {
-        signal
-    } else {
-        format!("SIG{signal}")
-    };
-    if !ALLOWED_SIGNALS.contains(&signal.as_str()) {
-        return Err(Error::invalid(format!(
-            "signal {signal} is not one of {}",
+/// `s` as a signal name a machine may be sent (see [`canonical_signal`]).
+fn signal_name(s: &str) -> Result<String> {
+    canonical_signal(s).ok_or_else(|| {
+        Error::invalid(format!(
+            "signal {} is not one of {}",
+            s.to_ascii_uppercase(),
             ALLOWED_SIGNALS.join(" ")
-        )));
-    }
+        ))
+    })
+}
+
+pub fn stop_params(req: &StopRequest, config: &MachineConfig) -> Result<StopMachine> {
+    let signal = signal_name(
+        req.signal
+            .as_deref()
+            .unwrap_or_else(|| config.stop_config.signal()),
+    )?;
     let timeout = match &req.timeout {
         Some(t) => humantime::parse_duration(t)
             .map_err(|_| Error::invalid(format!("timeout {t:?} is not a duration like \"5s\"")))?,
@@ -278,18 +282,7 @@ pub async fn stop_inner(
     let ep = machine_endpoint(core, &m)?;
     let exit: ExitInfo = match core.agents.stop(&ep, id, &params).await {
         Ok(e) => e,
-        Err(e) => {
-            let failed = NewEvent::new(
-                "exit",
-                "failed",
-                "flyd",
-                serde_json::json!({"error": e.message}),
-            );
-            core.store
-                .transition_recorded(id, &[S::Stopping], S::Failed, &failed)?;
-            core.changed();
-            return Err(e);
-        }
+        Err(e) => return Err(failed(core, id, S::Stopping, "exit", e)?),
     };
     let ended_by = if exit.escalated_to_sigkill {
         "SIGKILL after timeout".to_owned()
@@ -593,8 +586,7 @@ pub async fn resume(core: &Core, ids: &[String]) -> Vec<(String, Result<()>)> {
     for id in ids {
         let r = async {
             let m = core.store.get_machine(id)?;
-            let config: MachineConfig =
-                serde_json::from_value(m.config.clone()).map_err(Error::internal)?;
+            let config = config_of(&m)?;
             let dirs = resolve_volumes(core, &config)?;
             launch(core, id, dirs, &[S::Stopped, S::Failed, S::Started])
                 .await
@@ -614,7 +606,7 @@ pub async fn stop_all(core: &Core) -> Vec<String> {
     };
     let mut tasks = Vec::new();
     for m in ms.into_iter().filter(|m| m.state == S::Started) {
-        let Ok(config) = serde_json::from_value::<MachineConfig>(m.config.clone()) else {
+        let Ok(config) = config_of(&m) else {
             continue;
         };
         let Ok(p) = stop_params(&StopRequest::default(), &config) else {
@@ -633,28 +625,6 @@ pub async fn stop_all(core: &Core) -> Vec<String> {
 
 // ---- the Machines API's other verbs -----------------------------------------------------------
 
-/// The signals the signal verb takes (the runtime's: the catchable ones its init forwards, and
-/// SIGKILL/SIGSTOP, which it applies itself).
-pub const SIGNALS: [&str; 7] = [
-    "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP",
-];
-
-fn parse_signal(s: &str) -> Result<String> {
-    let up = s.trim().to_ascii_uppercase();
-    let sig = if up.starts_with("SIG") {
-        up
-    } else {
-        format!("SIG{up}")
-    };
-    if !SIGNALS.contains(&sig.as_str()) {
-        return Err(Error::invalid(format!(
-            "signal {s:?} is not one of {}",
-            SIGNALS.join(" ")
-        )));
-    }
-    Ok(sig)
-}
-
 /// Sends a signal to a started machine's command; the event records who asked.
 pub async fn signal_machine(
     core: &Core,
@@ -663,7 +633,7 @@ pub async fn signal_machine(
     lease: Option<&str>,
     req: SignalRequest,
 ) -> Result<OkView> {
-    let signal = parse_signal(&req.signal)?;
+    let signal = signal_name(req.signal.trim())?;
     let m = machine_of(core, app, id)?;
     core.store.check_lease(id, lease)?;
     if m.state != S::Started {
@@ -700,15 +670,7 @@ pub async fn restart_machine(
     let config = config_of(&m)?;
     let params = stop_params(&req, &config)?;
     core.store.check_lease(id, lease)?;
-    if !matches!(m.state, S::Started | S::Stopped | S::Failed | S::Created) {
-        return Err(Error::conflict(
-            "machine_busy",
-            format!(
-                "machine {id} is {}: try again when it settles",
-                m.state.as_str()
-            ),
-        ));
-    }
+    settled(&m)?;
     core.store.add_event(
         id,
         "restart",
@@ -722,6 +684,21 @@ pub async fn restart_machine(
     let dirs = resolve_volumes(core, &config)?;
     let m = launch(core, id, dirs, &[S::Created, S::Stopped, S::Failed]).await?;
     Ok(MachineView::new(&m, None))
+}
+
+/// Refuses a machine in the middle of a change (starting, stopping, destroying, migrating away).
+fn settled(m: &Machine) -> Result<()> {
+    if !matches!(m.state, S::Started | S::Stopped | S::Failed | S::Created) {
+        return Err(Error::conflict(
+            "machine_busy",
+            format!(
+                "machine {} is {}: try again when it settles",
+                m.id,
+                m.state.as_str()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Holds the machine's lease for one operation: the caller's (checked), or one taken here for
@@ -746,9 +723,6 @@ impl<'a> OpLease<'a> {
             id: id.to_owned(),
             taken,
         })
-    }
-    fn nonce<'b>(&'b self, caller: Option<&'b str>) -> Option<&'b str> {
-        self.taken.as_deref().or(caller)
     }
 }
 
@@ -782,22 +756,13 @@ pub async fn update_machine(
         ));
     }
     let held = OpLease::hold(core, id, lease, "update")?;
-    core.store.check_lease(id, held.nonce(lease))?;
     if let Some(mig) = core.store.active_migration(id)? {
         return Err(Error::conflict(
             "migration_in_progress",
             format!("machine {id} is being moved by migration {}", mig.id),
         ));
     }
-    if !matches!(m.state, S::Started | S::Stopped | S::Failed | S::Created) {
-        return Err(Error::conflict(
-            "machine_busy",
-            format!(
-                "machine {id} is {}: try again when it settles",
-                m.state.as_str()
-            ),
-        ));
-    }
+    settled(&m)?;
     let mut config = req.config;
     if let Some(image) = config.image.clone() {
         let host =
