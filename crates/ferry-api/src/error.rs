@@ -11,20 +11,11 @@ use ferry_core::{Error, Kind};
 #[error("{0}")]
 pub struct ApiError(pub Error);
 
-/// The status each kind answers with.
+/// The status each kind answers with: the same as on the agent protocol
+/// ([`ferry_core::proto::wire_status`]), so an agent's error and the API's agree.
 pub fn status(kind: Kind) -> StatusCode {
-    match kind {
-        Kind::Invalid => StatusCode::BAD_REQUEST,
-        Kind::NotFound => StatusCode::NOT_FOUND,
-        Kind::Timeout => StatusCode::REQUEST_TIMEOUT,
-        Kind::Conflict => StatusCode::CONFLICT,
-        Kind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
-        Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        Kind::Agent => StatusCode::BAD_GATEWAY,
-        Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Kind::Unauthorized => StatusCode::UNAUTHORIZED,
-        Kind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-    }
+    StatusCode::from_u16(ferry_core::proto::wire_status(kind))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 impl ApiError {
