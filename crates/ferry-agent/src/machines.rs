@@ -636,17 +636,22 @@ impl Agent {
         Ok(())
     }
 
-    fn signal(&self, id: &str, req: &ferry_core::proto::SignalMachine) -> Result<(), AgentError> {
-        let sig = ferry_runtime::parse_signal(&req.signal)
-            .map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let running = self
-            .machines
+    /// The handle of the machine's processes, if this host has the machine and started it.
+    fn running_handle(&self, id: &str) -> Result<Arc<Running>, AgentError> {
+        self.machines
             .lock()
             .unwrap()
             .get(id)
             .ok_or_else(|| AgentError::UnknownMachine(id.into()))?
             .running
             .clone()
+            .ok_or_else(|| AgentError::NotRunning(id.into()))
+    }
+
+    fn signal(&self, id: &str, req: &ferry_core::proto::SignalMachine) -> Result<(), AgentError> {
+        let sig = ferry_runtime::parse_signal(&req.signal)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let running = Some(self.running_handle(id)?)
             .filter(|r| !r.exited())
             .ok_or_else(|| AgentError::NotRunning(id.into()))?;
         match running.signal(sig) {
@@ -656,15 +661,7 @@ impl Agent {
     }
 
     fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, AgentError> {
-        let running = self
-            .machines
-            .lock()
-            .unwrap()
-            .get(id)
-            .ok_or_else(|| AgentError::UnknownMachine(id.into()))?
-            .running
-            .clone()
-            .ok_or_else(|| AgentError::NotRunning(id.into()))?;
+        let running = self.running_handle(id)?;
         let out =
             ferry_runtime::exec_in(&running, &req.cmd, Duration::from_millis(req.timeout_ms))?;
         Ok(ExecResult {
