@@ -149,19 +149,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             args.name
         );
     }
-    // Block the stop signals before any thread starts, so every thread inherits the mask and the
-    // main thread alone receives them through sigwait.
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.add(nix::sys::signal::Signal::SIGTERM);
-    sigs.thread_block()?;
+    let sigs = claim(&args)?;
 
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    std::fs::write(
-        args.state_dir.join("dev.pid"),
-        std::process::id().to_string(),
-    )?;
     let store: Arc<dyn Store> = match &args.store {
         Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
         None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
@@ -333,6 +322,23 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     })
 }
 
+/// What every `ferry dev` does first: blocks the stop signals before any thread starts (so
+/// every thread inherits the mask and the main thread alone receives them through sigwait),
+/// and makes the state directory with this process's pid in it. Answers the signals to wait on.
+fn claim(args: &DevArgs) -> Result<nix::sys::signal::SigSet> {
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.thread_block()?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    std::fs::write(
+        args.state_dir.join("dev.pid"),
+        std::process::id().to_string(),
+    )?;
+    Ok(sigs)
+}
+
 /// `ferry dev --control-plane URLS`: hosts and agents only, for servers started elsewhere.
 fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
     let urls: Vec<String> = urls
@@ -345,16 +351,7 @@ fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
             args.name
         );
     }
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.add(nix::sys::signal::Signal::SIGTERM);
-    sigs.thread_block()?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    std::fs::write(
-        args.state_dir.join("dev.pid"),
-        std::process::id().to_string(),
-    )?;
+    let sigs = claim(args)?;
     let t0 = Instant::now();
     let ids = host_ids(&args.state_dir, args.hosts)?;
     let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
