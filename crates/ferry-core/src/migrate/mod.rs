@@ -395,14 +395,8 @@ pub fn migrate_machine(
     Ok(mig)
 }
 
-/// Validates and records a new migration of `m` (phase `pending`).
-fn create(
-    core: &Core,
-    m: &Machine,
-    to: Option<HostId>,
-    drain: Option<String>,
-) -> Result<Migration> {
-    validate_machine_id(&m.id)?;
+/// Refuses a machine that cannot move now: only started or stopped machines migrate.
+pub(crate) fn movable(m: &Machine) -> Result<()> {
     if !matches!(m.state, S::Started | S::Stopped) {
         return Err(Error::conflict(
             "machine_not_movable",
@@ -413,6 +407,12 @@ fn create(
             ),
         ));
     }
+    Ok(())
+}
+
+/// The host `m` would move from, with `to` (if given) checked as its destination: another host,
+/// not cordoned.
+pub(crate) fn move_from(core: &Core, m: &Machine, to: Option<HostId>) -> Result<HostId> {
     let from = m
         .host
         .ok_or_else(|| Error::conflict("not_placed", format!("machine {} has no host", m.id)))?;
@@ -431,6 +431,19 @@ fn create(
             ));
         }
     }
+    Ok(from)
+}
+
+/// Validates and records a new migration of `m` (phase `pending`).
+fn create(
+    core: &Core,
+    m: &Machine,
+    to: Option<HostId>,
+    drain: Option<String>,
+) -> Result<Migration> {
+    validate_machine_id(&m.id)?;
+    movable(m)?;
+    let from = move_from(core, m, to)?;
     // One migration per machine at a time: the store records it as the machine's active one in
     // the same step, or refuses (migration_in_progress) if the machine has one.
     let result = (|| {

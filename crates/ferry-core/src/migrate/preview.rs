@@ -70,14 +70,7 @@ pub struct Impact {
 }
 
 fn movable(m: &Machine) -> std::result::Result<(), String> {
-    if !matches!(m.state, S::Started | S::Stopped) {
-        return Err(format!(
-            "machine {} is {}: only started or stopped machines migrate",
-            m.id,
-            m.state.as_str()
-        ));
-    }
-    Ok(())
+    super::movable(m).map_err(|e| e.message)
 }
 
 fn gates(m: &Machine, p: &MigratePolicy) -> Vec<String> {
@@ -267,24 +260,7 @@ pub async fn drain_plan(core: &Core, host: &str) -> Result<MovePlan> {
 /// What migrating one machine would do now (`to`: a destination, or placement's choice).
 pub async fn migrate_plan(core: &Core, app: &str, id: &str, to: Option<&str>) -> Result<MovePlan> {
     let m = crate::machines::machine_of(core, app, id)?;
-    let from = m
-        .host
-        .ok_or_else(|| Error::conflict("not_placed", format!("machine {id} has no host")))?;
     let to = to.map(parse_host).transpose()?;
-    if let Some(t) = to {
-        let h = core.store.get_host(t)?;
-        if t == from {
-            return Err(Error::conflict(
-                "same_host",
-                format!("machine {id} already runs on host {}", host_hex(t)),
-            ));
-        }
-        if h.cordoned {
-            return Err(Error::conflict(
-                "host_cordoned",
-                format!("host {} is cordoned (draining)", host_hex(t)),
-            ));
-        }
-    }
+    let from = super::move_from(core, &m, to)?;
     plan(core, from, vec![m], to).await
 }
