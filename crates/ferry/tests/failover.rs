@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::{aaaa_at, eventually, free_port, FERRY};
+use support::{aaaa_at, eventually, free_port, remove_fleet_namespaces, FERRY};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -335,16 +335,7 @@ impl Drop for Fleet {
             s.kill();
         }
         // Whatever a killed `ferry dev` left: this fleet's namespaces, pins and mounts only.
-        for e in std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(&format!("ferry-{}-", self.name)) {
-                let _ = Command::new("ip").args(["netns", "del", &n]).status();
-            }
-        }
+        remove_fleet_namespaces(&self.name);
         let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/ferry").join(&self.name));
         ferry_agent::disk::unmount_volumes_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -315,16 +315,7 @@ impl Drop for Dev {
         }
         self.stop();
         // Whatever a crashed dev left: namespaces of this fleet only.
-        for e in std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(&format!("ferry-{}-", self.name)) {
-                let _ = Command::new("ip").args(["netns", "del", &n]).status();
-            }
-        }
+        remove_fleet_namespaces(&self.name);
         let _ = std::fs::remove_dir_all(self.pins());
         // Volume file systems a killed dev left mounted below its state dir (their loop devices
         // go with their last mount).
@@ -398,6 +389,21 @@ pub fn aaaa_at(dns: &str, name: &str) -> Vec<std::net::Ipv6Addr> {
             _ => None,
         })
         .collect()
+}
+
+/// Deletes the network namespaces of fleet `name` (`ferry-<name>-*`) that a killed `ferry dev`
+/// left behind, and no other.
+pub fn remove_fleet_namespaces(name: &str) {
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&format!("ferry-{name}-")) {
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        }
+    }
 }
 
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
