@@ -101,8 +101,8 @@ impl ControlPlane {
                     while sub.changed().await.is_ok() {
                         let now = *sub.borrow_and_update();
                         if (now.machines, now.hosts) != (seen.machines, seen.hosts) {
-                            let c = c.clone();
-                            let _ = tokio::task::spawn_blocking(move || c.changed()).await;
+                            // Only wakes the DNS publisher and the waiters: nothing blocks here.
+                            c.changed();
                         }
                         seen = now;
                     }
