@@ -422,30 +422,41 @@ fn parse_size_mb(s: &str) -> Option<u64> {
     num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
 }
 
+/// A whole config as JSON from a file, or from stdin for `-` (`--config`).
+fn read_config(src: &str) -> Result<MachineConfig> {
+    let text = if src == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
+    };
+    serde_json::from_str::<MachineConfig>(&text)
+        .with_context(|| format!("{src} is not a machine config"))
+}
+
+/// `--env K=V` flags as a map (a later one wins).
+fn parse_env(flags: &[String]) -> Result<BTreeMap<String, String>> {
+    flags
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--env {kv:?} is not K=V"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 /// The machine's config with what `u` changes (or `u.config` whole), checked before sending.
 fn updated_config(m: &MachineView, u: &UpdateArgs) -> Result<MachineConfig> {
     let config = match &u.config {
-        Some(src) => {
-            let text = if src == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
-            };
-            serde_json::from_str::<MachineConfig>(&text)
-                .with_context(|| format!("{src} is not a machine config"))?
-        }
+        Some(src) => read_config(src)?,
         None => {
             let mut config: MachineConfig =
                 serde_json::from_value(m.config.clone()).context("the machine's current config")?;
             if let Some(i) = &u.image {
                 config.image = Some(i.clone());
             }
-            for kv in &u.env {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("--env {kv:?} is not K=V"))?;
-                config.env.insert(k.to_owned(), v.to_owned());
-            }
+            config.env.extend(parse_env(&u.env)?);
             for k in &u.unset_env {
                 if config.env.remove(k).is_none() {
                     bail!("--unset-env {k}: the machine has no such variable");
@@ -470,26 +481,12 @@ fn updated_config(m: &MachineView, u: &UpdateArgs) -> Result<MachineConfig> {
 fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
     ferry_core::config::validate_name("app name", &r.app).map_err(|e| anyhow!("{e}"))?;
     let mut config = match &r.config {
-        Some(src) => {
-            let text = if src == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
-            };
-            serde_json::from_str::<MachineConfig>(&text)
-                .with_context(|| format!("{src} is not a machine config"))?
-        }
+        Some(src) => read_config(src)?,
         None => {
             if r.cmd.is_empty() && r.image.is_none() {
                 bail!("give the command after --, e.g. `ferry machine run --app web -- sleep 60`, or an --image");
             }
-            let mut env = BTreeMap::new();
-            for kv in &r.env {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("--env {kv:?} is not K=V"))?;
-                env.insert(k.to_owned(), v.to_owned());
-            }
+            let env = parse_env(&r.env)?;
             let restart = serde_json::from_value(serde_json::json!({"policy": r.restart}))
                 .map_err(|_| anyhow!("--restart {:?}: use no, on-failure or always", r.restart))?;
             MachineConfig {
