@@ -46,7 +46,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
@@ -124,6 +124,10 @@ pub struct InitSpec {
     /// benchmark keeps `None` as its baseline.
     #[serde(default)]
     pub sandbox: Option<crate::sandbox::SandboxSpec>,
+    /// Where the shim keeps the machine's stdout and stderr ([`crate::logs`]). Without it, the
+    /// machine writes straight into the file the agent gave the shim as its stdout and stderr.
+    #[serde(default)]
+    pub log: Option<crate::logs::LogSpec>,
 }
 
 impl InitSpec {
@@ -342,6 +346,19 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
             "process context: ferry init must run before any other thread starts".into(),
         ));
     }
+    // The pipes first, so that every later message of the shim and of init reaches the log.
+    let mut pump = match &spec.log {
+        Some(l) => {
+            let (pump, out, err) = crate::logs::Pump::new(l.clone())
+                .map_err(|e| RuntimeError::io(format!("opening {}", l.path.display()), e))?;
+            for (w, fd) in [(out, 1), (err, 2)] {
+                nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&w), fd)
+                    .map_err(|e| RuntimeError::sys("dup2", e))?;
+            }
+            Some(pump)
+        }
+        None => None,
+    };
     // The machine's user namespace is made by a helper child of the shim, in the host's pid
     // namespace, before the machine's pid namespace exists: so the helper takes no pid in the
     // machine and the command stays PID 2. Init inherits the handle.
@@ -377,6 +394,7 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
         ForkResult::Child => {
             drop(report_rx);
             drop(setup_rx);
+            drop(pump);
             let code = pid1(spec, run_dir, userns.as_ref(), report_tx, setup_tx, &set);
             std::process::exit(code);
         }
@@ -396,19 +414,9 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
         }
     }
 
-    let status = loop {
-        match set.wait() {
-            Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => break s,
-                Ok(_) => {}
-                Err(nix::errno::Errno::ECHILD) => break WaitStatus::StillAlive,
-                Err(_) => {}
-            },
-            Ok(sig) => {
-                let _ = nix::sys::signal::kill(child, sig);
-            }
-            Err(_) => {}
-        }
+    let status = match pump.as_mut() {
+        None => wait_forwarding(child, &set),
+        Some(p) => pump_until_exit(child, &set, p)?,
     };
 
     let mut report = String::new();
@@ -433,9 +441,126 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     };
     let json = serde_json::to_vec(&info).expect("ExitInfo serializes");
     if let Err(e) = write_atomic(&run_dir.join(files::EXIT), &json) {
-        say!("{e}");
+        match pump.as_mut() {
+            Some(p) => p.note(&format!("ferry init: {e}")),
+            None => say!("{e}"),
+        }
     }
     Ok(outcome.map_or(EXIT_SETUP_FAILED, Outcome::code))
+}
+
+/// Waits for init, forwarding the signals the shim takes to it.
+fn wait_forwarding(child: Pid, set: &SigSet) -> WaitStatus {
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return s,
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => return WaitStatus::StillAlive,
+                Err(_) => {}
+            },
+            Ok(sig) => {
+                let _ = nix::sys::signal::kill(child, sig);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// How long the shim keeps reading output after init exited. Init's exit kills everything in
+/// the machine's pid namespace, so the pipes' last writers are gone at once; this only bounds
+/// a writer that escaped (none should).
+const DRAIN_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Like [`wait_forwarding`], and meanwhile moves the machine's output into its log. One thread:
+/// the shim forks after this is set up and must stay single-threaded until then, and a poll
+/// over a signalfd and the pipes needs no second one.
+fn pump_until_exit(child: Pid, set: &SigSet, pump: &mut crate::logs::Pump) -> Result<WaitStatus> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let sfd = SignalFd::with_flags(set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| RuntimeError::sys("signalfd", e))?;
+    let timeout = |d: Option<std::time::Duration>| {
+        d.map_or(PollTimeout::NONE, |d| {
+            PollTimeout::try_from(d.as_millis().max(1) as i32).unwrap_or(PollTimeout::MAX)
+        })
+    };
+    let status = 'wait: loop {
+        let (sig_ready, ready) = {
+            let pipes = pump.fds();
+            let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                pipes
+                    .iter()
+                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, timeout(pump.next_deadline())) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(RuntimeError::sys("poll", e)),
+            }
+            let hit = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let ready: Vec<usize> = pipes
+                .iter()
+                .zip(&fds[1..])
+                .filter(|(_, f)| hit(f))
+                .map(|((i, _), _)| *i)
+                .collect();
+            (hit(&fds[0]), ready)
+        };
+        for i in ready {
+            pump.readable(i);
+        }
+        pump.tick(false);
+        if !sig_ready {
+            continue;
+        }
+        while let Ok(Some(info)) = sfd.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => break 'wait s,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::ECHILD) => break 'wait WaitStatus::StillAlive,
+                    Err(_) => {}
+                },
+                Ok(sig) => {
+                    let _ = nix::sys::signal::kill(child, sig);
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    // The shim's own copies of the write ends go, so the pipes end once the machine's do.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let null = std::os::fd::AsRawFd::as_raw_fd(&null);
+        let _ = nix::unistd::dup2(null, 1);
+        let _ = nix::unistd::dup2(null, 2);
+    }
+    let deadline = std::time::Instant::now() + DRAIN_AFTER_EXIT;
+    while !pump.done() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let pipes = pump.fds();
+        let mut fds: Vec<PollFd> = pipes
+            .iter()
+            .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        if poll(&mut fds, timeout(Some(left))).is_err() {
+            break;
+        }
+        let ready: Vec<usize> = pipes
+            .iter()
+            .zip(&fds)
+            .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|((i, _), _)| *i)
+            .collect();
+        for i in ready {
+            pump.readable(i);
+        }
+    }
+    pump.tick(true);
+    Ok(status)
 }
 
 /// PID 1 of the machine. Returns its exit code.

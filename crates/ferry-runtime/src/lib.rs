@@ -5,6 +5,7 @@
 //! * [`init`]: `ferry init`, the shim that stays in the host pid namespace as the machine's
 //!   handle and the PID 1 it forks into the machine's own pid namespace.
 //! * [`machine`]: spawning a machine, finding it again after an agent restart, signals, stop.
+//! * [`logs`]: the machine's stdout and stderr, kept by the shim in bounded, rotated files.
 //! * [`exec`]: running a command inside a live machine's namespaces and cgroups.
 //! * [`checks`]: tcp/http/exec health checks.
 //! * [`sandbox`]: the machine's own root filesystem, user namespace, capabilities and seccomp.
@@ -16,6 +17,7 @@ pub mod cgroup;
 pub mod checks;
 pub mod exec;
 pub mod init;
+pub mod logs;
 pub mod machine;
 pub mod sandbox;
 mod sys;

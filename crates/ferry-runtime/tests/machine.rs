@@ -3,6 +3,7 @@
 //! and spawns the crate's `ferry-init-test` binary as `ferry init`.
 
 use ferry_net::NetNs;
+use ferry_runtime::logs::{self, LogLine, LogSpec, Stream};
 use ferry_runtime::{
     claim_id_range, default_image, exec_in, run_check, spawn_machine, stop, CgroupLayout, Check,
     CheckKind, CheckRole, InitSpec, Limits, MachineCgroup, MountSpec, Running, RuntimeError,
@@ -77,7 +78,21 @@ impl TestMachine {
             workdir: None,
             user: None,
             sandbox: Some(self.sandbox()),
+            log: Some(self.log_spec()),
         }
+    }
+
+    /// Where the shim keeps this machine's output: as the agent does, in a bounded log.
+    fn log_spec(&self) -> LogSpec {
+        LogSpec {
+            path: self.dir.path().join("logs").join("instance.log"),
+            max_bytes: 64 * 1024,
+            keep: 1,
+        }
+    }
+
+    fn log_lines(&self) -> Vec<LogLine> {
+        logs::read_log(&self.log_spec().path, 1, logs::Cursor::default())
     }
 
     /// The sandbox the agent would give this machine: the default image (built in the test's
@@ -106,8 +121,14 @@ impl TestMachine {
         self.running.as_ref().expect("started")
     }
 
+    /// What the shim's own stderr got (before its pipes existed), then the machine's output.
     fn log(&self) -> String {
-        std::fs::read_to_string(self.run_dir().join("log")).unwrap_or_default()
+        let mut s = std::fs::read_to_string(self.run_dir().join("log")).unwrap_or_default();
+        for l in self.log_lines() {
+            s.push_str(&l.message);
+            s.push('\n');
+        }
+        s
     }
 
     /// Waits until the machine's log contains `what` (the command got going).
@@ -384,6 +405,69 @@ fn zombies_are_reaped() {
     );
     // PID 1, the sh, its sleep, and the exec's own sh and cat (the exec ran in the pid ns).
     assert!(states.len() <= 6, "{stats}");
+}
+
+#[test]
+fn output_is_logged_by_stream_in_order_bounded_and_partial_lines_show() {
+    let mut m = TestMachine::new(limits());
+    let spec = m.spec(&[
+        "sh",
+        "-c",
+        r#"echo out1; echo err1 >&2
+head -c 1000000 /dev/zero | tr '\0' 'x' | fold -w 100; echo
+echo last-line; exec sleep 60"#,
+    ]);
+    m.start(&spec);
+    m.wait_log("last-line");
+    let lines = m.log_lines();
+    let pick = |msg: &str| lines.iter().find(|l| l.message == msg).cloned();
+    // The flood rotated the first lines away; stream and order survive in what is kept.
+    let kept: Vec<_> = lines
+        .iter()
+        .filter(|l| l.message.starts_with('x'))
+        .collect();
+    let odd: Vec<_> = kept
+        .iter()
+        .filter(|l| l.message.len() != 100 || l.stream != Stream::Stdout)
+        .collect();
+    assert!(odd.is_empty(), "lines split or merged: {odd:?}");
+    assert!(kept.len() > 100, "only {} flood lines kept", kept.len());
+    assert!(lines.windows(2).all(|w| w[0].ts_us <= w[1].ts_us));
+    assert_eq!(lines.last().unwrap().message, "last-line");
+    let on_disk: u64 = std::fs::read_dir(m.dir.path().join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= 2 * 64 * 1024,
+        "a 1 MB flood kept {on_disk} bytes on disk (limit: 2 files of 64 KiB)"
+    );
+    assert!(pick("out1").is_none(), "rotated away by the flood");
+    stop(m.running(), Signal::SIGKILL, LONG).unwrap();
+
+    // A quiet machine: everything is there, stdout and stderr apart.
+    let mut q = TestMachine::new(limits());
+    // A prompt without a newline must show up (after PARTIAL_FLUSH) while the machine waits.
+    let spec = q.spec(&[
+        "sh",
+        "-c",
+        "echo out1; echo err1 >&2; printf 'prompt> '; exec sleep 60",
+    ]);
+    q.start(&spec);
+    q.wait_log("prompt> ");
+    let lines = q.log_lines();
+    let got: Vec<_> = lines
+        .iter()
+        .map(|l| (l.stream, l.message.as_str()))
+        .collect();
+    assert!(got.contains(&(Stream::Stdout, "out1")), "{got:?}");
+    assert!(got.contains(&(Stream::Stderr, "err1")), "{got:?}");
+    assert!(got.contains(&(Stream::Stdout, "prompt> ")), "{got:?}");
+    // The machine's output stays in its log after it is gone, and the pipes were drained.
+    q.running().signal(Signal::SIGTERM).ok();
+    let exit = stop(q.running(), Signal::SIGKILL, LONG).unwrap();
+    assert!(exit.exit.signal.is_some());
+    assert_eq!(q.log_lines().len(), lines.len());
 }
 
 #[test]

@@ -53,6 +53,8 @@ fn one(
             workdir: None,
             user: None,
             sandbox,
+            // Output goes straight to the run dir's file in both cases, so only the sandbox differs.
+            log: None,
         };
         let run_dir = dir.join(id);
         let t = Instant::now();
