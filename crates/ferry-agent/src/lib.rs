@@ -12,11 +12,13 @@
 mod control;
 pub mod disk;
 mod images;
+mod logs;
 mod machines;
 mod nft;
 mod volumes;
 
 pub use control::{SendError, Servers, WatchStatus};
+pub use logs::LogPolicy;
 pub use machines::{Agent, AgentConfig};
 
 /// How the address-mapping bridge is implemented on a host.

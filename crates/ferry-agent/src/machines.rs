@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub volume_port: u16,
     /// What image pulls accept (layer sizes above all).
     pub image_limits: ferry_image::Limits,
+    /// How much of the machines' output is kept.
+    pub logs: crate::LogPolicy,
 }
 
 struct Slot {
@@ -54,6 +56,7 @@ struct Slot {
 
 pub struct Agent {
     pub(crate) cfg: AgentConfig,
+    logs: crate::logs::Logs,
     host: HostNet,
     cgroups: CgroupLayout,
     machines: Mutex<HashMap<String, Slot>>,
@@ -137,6 +140,7 @@ impl Agent {
         )?;
         let servers = Arc::new(crate::control::Servers::new(cfg.servers.clone()));
         let agent = Arc::new(Agent {
+            logs: crate::logs::Logs::new(&cfg.state_dir, cfg.logs),
             cfg,
             host,
             cgroups,
@@ -356,6 +360,7 @@ impl Agent {
                 id_base: ferry_runtime::claim_id_range(&cg.dirs()[0].1)?,
                 layers,
             }),
+            log: Some(self.logs.spec(&run.id, &run.instance_id)?),
         };
         // The record first: a crash between the two leaves a run dir that reattach can read.
         write_atomic(
@@ -633,7 +638,20 @@ impl Agent {
             cg.remove()?;
         }
         let _ = std::fs::remove_dir_all(self.run_dir(id));
+        // The machine's log stays (a migrated machine's earlier lines are read from here), as
+        // long as the logs of departed machines fit their budget.
+        let present: std::collections::HashSet<String> =
+            self.machines.lock().unwrap().keys().cloned().collect();
+        self.logs.prune_departed(&|m| present.contains(m));
         Ok(())
+    }
+
+    fn read_logs(
+        &self,
+        id: &str,
+        q: &ferry_core::proto::LogQuery,
+    ) -> Result<Vec<ferry_core::proto::LogRecord>, AgentError> {
+        self.logs.read(id, q)
     }
 
     /// The handle of the machine's processes, if this host has the machine and started it.
@@ -760,6 +778,7 @@ impl Agent {
             .route("/v1/machines/{id}/destroy", post(destroy))
             .route("/v1/machines/{id}/exec", post(exec))
             .route("/v1/machines/{id}/signal", post(signal))
+            .route("/v1/machines/{id}/logs", post(logs))
             .route("/v1/bridge/sync", post(bridge_sync))
             .route("/v1/state", get(agent_state))
             .route("/metrics", get(metrics))
@@ -886,6 +905,14 @@ async fn signal(
             .map(|()| serde_json::json!({"ok": true}))
     })
     .await
+}
+
+async fn logs(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(q): Json<ferry_core::proto::LogQuery>,
+) -> Result<Json<Vec<ferry_core::proto::LogRecord>>, ApiError> {
+    blocking(move || a.read_logs(&id, &q)).await
 }
 
 async fn exec(

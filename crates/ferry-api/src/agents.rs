@@ -9,8 +9,8 @@ use ferry_core::agents::{AgentResult, Agents, Started, Webhooks};
 use ferry_core::error::{ErrorBody, PERMANENT_VOLUME_ERROR};
 use ferry_core::proto::{
     BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
-    PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress,
-    VolumeRemove, VolumeRound, VolumeSend,
+    LogQuery, LogRecord, PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect,
+    VolumeExpected, VolumeProgress, VolumeRemove, VolumeRound, VolumeSend,
 };
 use ferry_core::{Error, Kind};
 use futures::future::BoxFuture;
@@ -131,6 +131,14 @@ impl Agents for HttpAgents {
         req: &'a SignalMachine,
     ) -> AgentResult<'a, ()> {
         Box::pin(self.post_ignored(format!("{ep}/v1/machines/{machine}/signal"), req))
+    }
+    fn logs<'a>(
+        &'a self,
+        ep: &'a str,
+        machine: &'a str,
+        q: &'a LogQuery,
+    ) -> AgentResult<'a, Vec<LogRecord>> {
+        Box::pin(self.post(format!("{ep}/v1/machines/{machine}/logs"), q))
     }
     fn bridge_sync<'a>(&'a self, ep: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()> {
         Box::pin(self.post_ignored(format!("{ep}/v1/bridge/sync"), sync))

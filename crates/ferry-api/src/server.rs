@@ -41,6 +41,7 @@ pub(crate) type Shared = State<Arc<Core>>;
         ferry_core::migrate::VolumeFork,
         ferry_core::migrate::MigrationStats,
         ferry_core::migrate::InstanceRecord,
+        ferry_core::logs::LogLine,
         ferry_core::proto::VolumeProgress
     ))
 )]
@@ -56,6 +57,7 @@ fn api() -> OpenApiRouter<Arc<Core>> {
         .routes(routes!(get_machine, destroy_machine, update_machine))
         .routes(routes!(restart_machine))
         .routes(routes!(signal_machine))
+        .routes(routes!(crate::routes::logs::machine_logs))
         .routes(routes!(get_metadata))
         .routes(routes!(set_metadata, delete_metadata))
         .routes(routes!(stop_machine))

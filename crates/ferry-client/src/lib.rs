@@ -12,6 +12,7 @@
 
 use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
 use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
+use ferry_core::logs::{LogLine, LogsView};
 use ferry_core::migrate::preview::MovePlan;
 use ferry_core::migrate::{DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate};
 use ferry_core::proto::{ImageInfo, PullLine};
@@ -122,6 +123,7 @@ operations! {
     EXEC_MACHINE = "exec_machine" "POST" "/v1/apps/{app}/machines/{id}/exec" "ExecBody" -> "ExecView";
     UPDATE_MACHINE = "update_machine" "POST" "/v1/apps/{app}/machines/{id}" "UpdateMachine" -> "MachineView";
     RESTART_MACHINE = "restart_machine" "POST" "/v1/apps/{app}/machines/{id}/restart" "StopRequest" -> "MachineView";
+    MACHINE_LOGS = "machine_logs" "GET" "/v1/apps/{app}/machines/{id}/logs" - -> "LogsView";
     SIGNAL_MACHINE = "signal_machine" "POST" "/v1/apps/{app}/machines/{id}/signal" "SignalRequest" -> "OkView";
     GET_METADATA = "get_metadata" "GET" "/v1/apps/{app}/machines/{id}/metadata" - -> "MetadataView";
     SET_METADATA = "set_metadata" "POST" "/v1/apps/{app}/machines/{id}/metadata/{key}" "MetadataValue" -> "MetadataView";
@@ -150,6 +152,20 @@ operations! {
     LIST_REGISTRIES = "list_registries" "GET" "/v1/registries" - -> "[RegistryView]";
     PUT_REGISTRY = "put_registry" "PUT" "/v1/registries/{registry}" "RegistrySettings" -> "RegistryView";
     DELETE_REGISTRY = "delete_registry" "DELETE" "/v1/registries/{registry}" - -> "RegistryView";
+}
+
+fn logs_query(since: Option<&str>, tail: Option<u32>, follow: bool) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(s) = since {
+        q.push(("since", s.to_owned()));
+    }
+    if let Some(t) = tail {
+        q.push(("tail", t.to_string()));
+    }
+    if follow {
+        q.push(("follow", "true".to_owned()));
+    }
+    q
 }
 
 /// The schema name of a Rust type as the document spells it: `Vec<T>` is `[T]`.
@@ -453,6 +469,62 @@ impl Client {
     }
     pub fn signal_machine(&self, app: &str, id: &str, req: &SignalRequest) -> Result<OkView> {
         self.call(&op::SIGNAL_MACHINE, &[app, id], &[], Some(req))
+    }
+    /// The machine's output from every host it ran on: lines after `since` (a duration back
+    /// from now like `10m`, or an RFC 3339 time), at most the newest `tail`.
+    pub fn machine_logs(
+        &self,
+        app: &str,
+        id: &str,
+        since: Option<&str>,
+        tail: Option<u32>,
+    ) -> Result<LogsView> {
+        let q = logs_query(since, tail, false);
+        self.call::<NoBody, _>(&op::MACHINE_LOGS, &[app, id], &q, None)
+    }
+    /// Like [`Client::machine_logs`], then every new line as the machine writes it (across
+    /// migrations and updates), each handed to `each`, until the machine is destroyed, `each`
+    /// fails or the connection ends. This call has no timeout: it lasts as long as the machine.
+    pub fn follow_logs(
+        &self,
+        app: &str,
+        id: &str,
+        since: Option<&str>,
+        tail: Option<u32>,
+        mut each: impl FnMut(LogLine) -> Result<()>,
+    ) -> Result<()> {
+        let q = logs_query(since, tail, true);
+        let c = self.without_timeout()?;
+        c.send::<NoBody, _>(&op::MACHINE_LOGS, &[app, id], &q, None, |resp| {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(resp).lines() {
+                let line = line.map_err(|e| ClientError::Unexpected {
+                    status: 200,
+                    detail: format!("the answer broke off: {e}"),
+                })?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                each(
+                    serde_json::from_str(&line).map_err(|e| ClientError::Unexpected {
+                        status: 200,
+                        detail: format!("{e}: {line}"),
+                    })?,
+                )?;
+            }
+            Ok(())
+        })
+    }
+    /// The same client with no time limit on a call (for answers that stream indefinitely).
+    fn without_timeout(&self) -> Result<Self> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .map_err(|e| ClientError::BadArgument(format!("HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            ..self.clone()
+        })
     }
     pub fn get_metadata(&self, app: &str, id: &str) -> Result<MetadataView> {
         self.get(&op::GET_METADATA, &[app, id])

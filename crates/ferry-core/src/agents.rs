@@ -12,8 +12,8 @@
 use crate::error::{Error, Kind};
 use crate::proto::{
     BridgeHit, BridgeSync, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImagePull, ImageRemove,
-    PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect, VolumeExpected, VolumeProgress,
-    VolumeRemove, VolumeRound, VolumeSend,
+    LogQuery, LogRecord, PullLine, RunMachine, SignalMachine, StopMachine, VolumeExpect,
+    VolumeExpected, VolumeProgress, VolumeRemove, VolumeRound, VolumeSend,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -55,6 +55,13 @@ pub trait Agents: Send + Sync {
         machine: &'a str,
         req: &'a SignalMachine,
     ) -> AgentResult<'a, ()>;
+    /// Lines of the machine's output that this host kept (see [`LogQuery`]).
+    fn logs<'a>(
+        &'a self,
+        endpoint: &'a str,
+        machine: &'a str,
+        q: &'a LogQuery,
+    ) -> AgentResult<'a, Vec<LogRecord>>;
     fn bridge_sync<'a>(&'a self, endpoint: &'a str, sync: &'a BridgeSync) -> AgentResult<'a, ()>;
     fn bridge_hits<'a>(&'a self, endpoint: &'a str) -> AgentResult<'a, Vec<BridgeHit>>;
     fn volume_expect<'a>(

@@ -5,6 +5,7 @@
 //! * [`error`]: errors with a [`Kind`] and a stable code.
 //! * [`views`]: what the API returns; [`proto`]: the control plane <-> agent messages.
 //! * [`machines`], [`hosts`], [`volumes`]: apps, machines, leases, placement, registration.
+//! * [`logs`]: a machine's output, gathered from the hosts its instances ran on.
 //! * [`migrate`]: migrations and their driver; [`bridge`]: the address-mapping bridge;
 //!   [`images`]: registries and pulls.
 //! * [`agents`]: the side effects (hosts' agents, webhooks) behind traits, so the driver and
@@ -21,6 +22,7 @@ pub mod error;
 pub mod hosts;
 pub mod images;
 pub mod legacy;
+pub mod logs;
 pub mod machines;
 pub mod metrics;
 pub mod migrate;

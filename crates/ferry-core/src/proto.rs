@@ -65,6 +65,32 @@ pub struct SignalMachine {
     pub signal: String,
 }
 
+/// Which lines of a machine's output an agent should return: of one instance (or, without one,
+/// of every instance of the machine this host kept), those after the cursor (`after_us`, and the
+/// first `after_seen` lines stamped exactly `after_us`), at most the last `tail` of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogQuery {
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub after_us: i64,
+    #[serde(default)]
+    pub after_seen: u32,
+    #[serde(default)]
+    pub tail: Option<u32>,
+}
+
+/// One line a machine wrote, as its host's agent kept it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub instance_id: String,
+    /// Microseconds since the Unix epoch, when the machine's shim read the line.
+    pub ts_us: i64,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub message: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub cmd: Vec<String>,

@@ -119,6 +119,16 @@ impl Agents for Double {
         }
         ready(Ok(()))
     }
+    /// The double runs no processes, so no machine ever wrote a line.
+    fn logs<'a>(
+        &'a self,
+        ep: &'a str,
+        m: &'a str,
+        _: &'a LogQuery,
+    ) -> AgentResult<'a, Vec<LogRecord>> {
+        self.0.lock().unwrap().calls.push(format!("logs {m} {ep}"));
+        ready(Ok(vec![]))
+    }
     fn bridge_sync<'a>(&'a self, ep: &'a str, s: &'a BridgeSync) -> AgentResult<'a, ()> {
         let mut f = self.0.lock().unwrap();
         f.calls

@@ -281,13 +281,13 @@ impl Pump {
 
     /// Writes out unfinished lines that waited [`PARTIAL_FLUSH`] (or all of them, at the end).
     pub fn tick(&mut self, all: bool) {
-        for i in 0..2 {
-            let due = self.bufs[i]
+        for (buf, stream) in self.bufs.iter_mut().zip(STREAMS) {
+            let due = buf
                 .since
                 .is_some_and(|t| all || t.elapsed() >= PARTIAL_FLUSH);
             if due {
-                if let Some(rest) = self.bufs[i].take() {
-                    self.writer.write_lines(STREAMS[i], [rest.as_slice()]);
+                if let Some(rest) = buf.take() {
+                    self.writer.write_lines(stream, [rest.as_slice()]);
                 }
             }
         }
@@ -388,7 +388,7 @@ pub fn read_log(spec_path: &Path, keep: u32, from: Cursor) -> Vec<LogLine> {
     let mut out = Vec::new();
     let mut skip = from.seen;
     for p in needed.iter().rev() {
-        for l in read_file(p, from.ts_us - 1) {
+        for l in read_file(p, from.ts_us.saturating_sub(1)) {
             if l.ts_us == from.ts_us && skip > 0 {
                 skip -= 1;
                 continue;

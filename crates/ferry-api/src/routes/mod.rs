@@ -2,4 +2,5 @@
 
 pub mod bridge;
 pub mod images;
+pub mod logs;
 pub mod migrate;

@@ -43,6 +43,17 @@ pub struct AgentArgs {
     /// `image_too_big` before a byte is downloaded; a layer may unpack to 4x that).
     #[arg(long, default_value_t = 2048)]
     image_max_layer_mb: u64,
+    /// A machine instance's output log rotates at this size, in KiB.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(4..=1 << 20))]
+    log_file_kb: u64,
+    /// Rotated log files kept per instance besides the current one (so an instance keeps at
+    /// most (1 + this) x --log-file-kb of output).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=16))]
+    log_keep: u32,
+    /// Logs of machines that left this host (migrated or destroyed) are kept, oldest deleted
+    /// first, up to this many MiB in all.
+    #[arg(long, default_value_t = 256)]
+    log_departed_mb: u64,
     /// Listen address for the server's calls (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
@@ -93,6 +104,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
                 max_layer_bytes: args.image_max_layer_mb << 20,
                 max_unpacked_layer_bytes: (args.image_max_layer_mb << 20).saturating_mul(4),
                 ..Default::default()
+            },
+            logs: ferry_agent::LogPolicy {
+                max_bytes: args.log_file_kb << 10,
+                keep: args.log_keep,
+                departed_bytes: args.log_departed_mb << 20,
             },
             bridge_mode: match args.bridge_mode {
                 BridgeModeArg::Ebpf => ferry_agent::BridgeMode::Ebpf,

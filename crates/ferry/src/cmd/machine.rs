@@ -88,6 +88,23 @@ enum MachineCmd {
     /// Send a signal to a running machine's command (SIGINT SIGTERM SIGQUIT SIGUSR1 SIGUSR2
     /// SIGKILL SIGSTOP; the SIG prefix is optional).
     Signal { id: String, signal: String },
+    /// Show what a machine wrote to stdout and stderr, from every host it ran on (lines from
+    /// before a migration or update included, as long as their host keeps them).
+    ///
+    /// `ferry machine logs ID -f --since 10m` (Ctrl-C to stop following). With --json, one JSON
+    /// object per line: timestamp, instance_id, host, stream, message.
+    Logs {
+        id: String,
+        /// Keep printing new lines as the machine writes them, until it is destroyed.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines newer than this: a duration (30s, 10m, 2h) or an RFC 3339 time.
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// Only the newest N lines (1..=10000).
+        #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
+        tail: Option<u32>,
+    },
     /// Read or change a machine's metadata (`config.metadata`; no restart, no new instance).
     /// `metadata.process_group` names its DNS process group.
     Metadata {
@@ -337,6 +354,43 @@ pub fn run(args: MachineArgs) -> Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 println!("sent {signal} to {id}");
+            }
+        }
+        MachineCmd::Logs {
+            id,
+            follow,
+            since,
+            tail,
+        } => {
+            let m = find(&c, &id)?;
+            let print = |l: &ferry_core::logs::LogLine| -> Result<()> {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                if json {
+                    serde_json::to_writer(&mut out, l)?;
+                    writeln!(out)?;
+                } else {
+                    let short = &l.instance_id[l.instance_id.len().saturating_sub(6)..];
+                    let tag = if l.stream == "stderr" { " err" } else { "" };
+                    writeln!(out, "{} [{short}{tag}] {}", l.timestamp, l.message)?;
+                }
+                Ok(())
+            };
+            if follow {
+                c.follow_logs(&m.app, &id, since.as_deref(), tail, |l| {
+                    print(&l).map_err(|e| ferry_client::ClientError::BadArgument(e.to_string()))
+                })?;
+            } else {
+                let v = c.machine_logs(&m.app, &id, since.as_deref(), tail)?;
+                for l in &v.lines {
+                    print(l)?;
+                }
+                for g in &v.unavailable {
+                    eprintln!(
+                        "warning: host {} did not answer for its part: {}",
+                        g.host, g.error
+                    );
+                }
             }
         }
         MachineCmd::Metadata { op } => {
