@@ -311,6 +311,22 @@ impl Drop for Dev {
                         }
                     }
                 }
+                // Their output, as the shims kept it (`<host>/logs/<machine>/<instance>.log`).
+                for m in std::fs::read_dir(h.path().join("logs"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    for f in std::fs::read_dir(m.path()).into_iter().flatten().flatten() {
+                        if let Ok(t) = std::fs::read_to_string(f.path()) {
+                            let tail: Vec<&str> = t.lines().rev().take(40).collect();
+                            eprintln!("--- {} (last 40 lines):", f.path().display());
+                            for l in tail.into_iter().rev() {
+                                eprintln!("{l}");
+                            }
+                        }
+                    }
+                }
             }
         }
         self.stop();
