@@ -16,6 +16,7 @@ PACKAGES=(
   postgresql                                     # the seeds' story in a test: a primary moves, its replica streams on
   docker-registry skopeo umoci busybox-static    # images: a real registry on loopback, images built by the tests, the pull baseline
   etcd-server                                    # the etcd store backend: its conformance tests start a real etcd
+  chromium nodejs                                # the dashboard's browser test: headless Debian Chromium, driven by playwright-core on Node
   protobuf-compiler libprotobuf-dev              # protoc and the well-known .proto files (descriptor, struct) that etcd-client's build script compiles
 )
 
@@ -49,6 +50,14 @@ if [ "$pymissing" -ne 0 ]; then
   echo "setup: installing ${PYPKGS[*]} into $PYTOOLS" >&2
   python3 -m venv "$PYTOOLS"
   "$PYTOOLS/bin/pip" install -q --disable-pip-version-check "${PYPKGS[@]}"
+fi
+
+# playwright-core (pinned in crates/ferry/tests/ui/package-lock.json) drives Debian's Chromium in
+# the dashboard's test; it never downloads a browser of its own.
+UI_TEST=$(dirname "$0")/../crates/ferry/tests/ui
+if ! grep -qs '"version": "1.64.1"' "$UI_TEST/node_modules/playwright-core/package.json"; then
+  echo "setup: installing the dashboard test's node packages (npm ci)" >&2
+  (cd "$UI_TEST" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
 fi
 
 # The kernel's BPF filesystem: ferry pins programs and maps there so they

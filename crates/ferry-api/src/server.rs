@@ -86,6 +86,8 @@ fn api() -> OpenApiRouter<Arc<Core>> {
         .routes(routes!(images::remove))
         .routes(routes!(images::list_registries))
         .routes(routes!(images::put_registry, images::delete_registry))
+        .routes(routes!(crate::routes::dashboard::snapshot))
+        .routes(routes!(crate::routes::dashboard::events))
 }
 
 /// The OpenAPI document, exactly as `/openapi.json` serves it.
@@ -139,6 +141,13 @@ pub fn router(ctx: Arc<Core>) -> Router {
         // document: no user client calls it, and generated requests must not register hosts.
         .route("/internal/v1/hosts", post(register_host))
         .route("/internal/v1/reports", post(agent_report))
+        // The dashboard's page (it reads /v1/dashboard and /v1/dashboard/events).
+        .route("/ui", get(crate::routes::dashboard::index))
+        .route("/ui/", get(crate::routes::dashboard::index))
+        .route("/ui/app.js", get(crate::routes::dashboard::app_js))
+        .route("/ui/style.css", get(crate::routes::dashboard::style))
+        .route("/ui/favicon.svg", get(crate::routes::dashboard::icon))
+        .route("/favicon.ico", get(crate::routes::dashboard::icon))
         // Prometheus' scrape target (OpenMetrics text), outside the JSON document.
         .route("/metrics", get(metrics))
         .route(

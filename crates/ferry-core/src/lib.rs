@@ -5,6 +5,7 @@
 //! * [`error`]: errors with a [`Kind`] and a stable code.
 //! * [`views`]: what the API returns; [`proto`]: the control plane <-> agent messages.
 //! * [`machines`], [`hosts`], [`volumes`]: apps, machines, leases, placement, registration.
+//! * [`dashboard`]: the web dashboard's one-read view of the fleet (or of one org).
 //! * [`logs`]: a machine's output, gathered from the hosts its instances ran on.
 //! * [`migrate`]: migrations and their driver; [`bridge`]: the address-mapping bridge;
 //!   [`images`]: registries and pulls.
@@ -18,6 +19,7 @@ pub mod bridge;
 mod cache;
 pub mod config;
 mod core;
+pub mod dashboard;
 pub mod error;
 pub mod hosts;
 pub mod images;

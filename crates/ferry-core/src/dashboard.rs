@@ -1,0 +1,130 @@
+//! What the web dashboard shows, in one read: hosts, apps, machines, migrations and the bridge,
+//! scoped to one org or (for an operator) the whole fleet.
+//!
+//! The dashboard page renders this and reads it again whenever the fleet changes (the HTTP
+//! layer streams a notice per change of [`Core::changes`]), so one snapshot is all it needs.
+
+use crate::bridge::MappingView;
+use crate::hosts::host_hex;
+use crate::migrate::Migration;
+use crate::views::{AppView, MachineView};
+use crate::{Core, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use utoipa::ToSchema;
+
+/// Migrations shown: the newest ones (a fleet that drained often has thousands).
+pub const RECENT_MIGRATIONS: usize = 200;
+
+/// A mapping with no use for this long (or none at all) is a candidate for retirement.
+pub const IDLE_FOR_RETIREMENT_MS: i64 = 10 * 60 * 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DashboardHost {
+    pub id: String,
+    pub region: String,
+    pub cordoned: bool,
+    /// The host's infra /48: the one route to it on every other host.
+    pub infra_prefix: String,
+    /// Machines on it (of the viewer's org, when scoped).
+    pub machines: usize,
+    /// The routes this host holds: one per other host, `prefix via host`.
+    pub routes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DashboardMapping {
+    #[serde(flatten)]
+    pub mapping: MappingView,
+    /// Not retired and unused for [`IDLE_FOR_RETIREMENT_MS`]: safe to retire, as far as the
+    /// bridge can tell.
+    pub retire_candidate: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Dashboard {
+    /// The org this view is limited to; none: the whole fleet.
+    pub org: Option<String>,
+    /// When it was read (RFC 3339).
+    pub generated_at: String,
+    pub hosts: Vec<DashboardHost>,
+    pub apps: Vec<AppView>,
+    /// Live machines (not destroyed, not migrated away), oldest first.
+    pub machines: Vec<MachineView>,
+    /// Newest first, at most [`RECENT_MIGRATIONS`].
+    pub migrations: Vec<Migration>,
+    pub bridge: Vec<DashboardMapping>,
+}
+
+/// The dashboard's view of the fleet, limited to `org`'s apps, machines, migrations and bridge
+/// mappings when one is given (hosts then count only that org's machines).
+pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
+    let apps = crate::machines::list_apps(core, org)?;
+    let app_names: BTreeSet<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+    let networks: BTreeSet<u32> = apps.iter().map(|a| a.network_id).collect();
+    let machines: Vec<MachineView> = core
+        .store
+        .list_machines(None)?
+        .iter()
+        .filter(|m| app_names.contains(m.app.as_str()))
+        .map(|m| MachineView::new(m, None))
+        .collect();
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &machines {
+        if let Some(h) = &m.host {
+            *per_host.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let all_hosts = core.store.list_hosts()?;
+    let hosts = all_hosts
+        .iter()
+        .map(|h| {
+            let id = host_hex(h.id);
+            DashboardHost {
+                machines: per_host.get(&id).copied().unwrap_or(0),
+                region: h.region.clone(),
+                cordoned: h.cordoned,
+                infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
+                routes: all_hosts
+                    .iter()
+                    .filter(|o| o.id != h.id)
+                    .map(|o| {
+                        format!(
+                            "{} via {}",
+                            ferry_addr::host_infra_prefix(o.id),
+                            host_hex(o.id)
+                        )
+                    })
+                    .collect(),
+                id,
+            }
+        })
+        .collect();
+    let mut migrations: Vec<Migration> = crate::migrate::list(core, None, None)?
+        .into_iter()
+        .filter(|m| app_names.contains(m.app.as_str()))
+        .collect();
+    migrations.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+    migrations.truncate(RECENT_MIGRATIONS);
+    let now = core.store.now_ms();
+    let bridge = crate::bridge::list(core)
+        .await?
+        .into_iter()
+        .filter(|m| networks.contains(&m.network_id))
+        .map(|m| DashboardMapping {
+            retire_candidate: !m.retired
+                && m.last_use.is_none_or(|t| now - t > IDLE_FOR_RETIREMENT_MS)
+                && now - m.created_at > IDLE_FOR_RETIREMENT_MS,
+            mapping: m,
+        })
+        .collect();
+    Ok(Dashboard {
+        org: org.map(str::to_owned),
+        generated_at: crate::views::rfc3339(now),
+        hosts,
+        apps,
+        machines,
+        migrations,
+        bridge,
+    })
+}
