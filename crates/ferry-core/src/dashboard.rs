@@ -104,7 +104,7 @@ pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
         .into_iter()
         .filter(|m| app_names.contains(m.app.as_str()))
         .collect();
-    migrations.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+    migrations.sort_by_key(|m| std::cmp::Reverse(m.created_at_ms));
     migrations.truncate(RECENT_MIGRATIONS);
     let now = core.store.now_ms();
     let bridge = crate::bridge::list(core)
