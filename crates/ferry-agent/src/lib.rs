@@ -11,6 +11,7 @@
 
 mod control;
 pub mod disk;
+mod dns;
 mod images;
 mod logs;
 mod machines;

@@ -56,6 +56,8 @@ struct Slot {
 
 pub struct Agent {
     pub(crate) cfg: AgentConfig,
+    /// `.internal` DNS for this host's machines.
+    pub(crate) dns: crate::dns::HostDns,
     logs: crate::logs::Logs,
     host: HostNet,
     cgroups: CgroupLayout,
@@ -139,7 +141,9 @@ impl Agent {
             std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
         )?;
         let servers = Arc::new(crate::control::Servers::new(cfg.servers.clone()));
+        let dns = crate::dns::HostDns::start(&ns, &cfg.state_dir, &rt)?;
         let agent = Arc::new(Agent {
+            dns,
             logs: crate::logs::Logs::new(&cfg.state_dir, cfg.logs),
             cfg,
             host,
@@ -748,6 +752,18 @@ impl Agent {
             "dataplane_rewrites",
             "Packets the data plane rewrote, by kind",
             rewrites,
+        );
+        let dns = Family::<Labels, Counter>::default();
+        for (code, n) in self.dns.answered().into_iter().enumerate() {
+            if n > 0 {
+                let rcode = ferry_dns::ZoneData::rcode_name(code);
+                dns.get_or_create(&label("rcode", &rcode)).inc_by(n);
+            }
+        }
+        reg.register(
+            "dns_responses",
+            "Answers of this host's .internal DNS to its machines, by response code",
+            dns,
         );
         let mut out = String::new();
         encode(&mut out, &reg)

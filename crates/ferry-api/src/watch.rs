@@ -1,7 +1,7 @@
 //! The agents' watch: `GET /internal/v1/hosts/{host}/watch` answers newline-delimited JSON
 //! ([`WatchLine`]) for as long as the agent holds it open: the host's whole desired bridge state
-//! at once, then again whenever it changes, and a keep-alive line when nothing changed for
-//! [`KEEPALIVE`].
+//! and the fleet's `.internal` DNS snapshot at once, then each again whenever it changes, and a
+//! keep-alive line when nothing changed for [`KEEPALIVE`].
 //!
 //! Its job: an agent converges without anyone pushing to it: one that missed a push (it was
 //! restarting, the pushing server died between its store write and its push) or whose server
@@ -37,6 +37,10 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 pub enum WatchLine {
     /// The host's whole desired bridge state (as a push sends it).
     Bridge(BridgeSync),
+    /// The whole `.internal` zone (a `ferry_dns::Snapshot`), which the agent serves at
+    /// `fdaa::3` to its machines until the next one. Kept as JSON here: the HTTP edge does not
+    /// need to know DNS to pass it on.
+    Dns(serde_json::Value),
     /// Nothing changed; the server and the stream are alive.
     Keepalive {},
 }
@@ -48,13 +52,21 @@ struct Stream {
     /// The last state line sent (serialized), so an unrelated change sends nothing.
     last: Option<String>,
     first: bool,
+    /// The control plane's DNS snapshots ([`Core::dns_state`]).
+    dns: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    /// A DNS line due after the bridge line being returned.
+    pending: Option<String>,
 }
 
 impl Stream {
     /// The next line to send; waits for a change or the keep-alive period.
     async fn next(&mut self) -> String {
+        if let Some(line) = self.pending.take() {
+            return line;
+        }
         loop {
             let mut timed_out = false;
+            let mut dns_changed = self.first;
             if !self.first {
                 let changed = async {
                     match self.sub.as_mut() {
@@ -64,31 +76,64 @@ impl Stream {
                 };
                 tokio::select! {
                     ok = changed => if !ok { self.sub = None },
+                    r = self.dns.changed() => {
+                        if r.is_err() {
+                            // The core is gone (the server is stopping): no more snapshots.
+                            self.dns = tokio::sync::watch::channel(None).1;
+                        }
+                        dns_changed = true;
+                    }
                     _ = tokio::time::sleep(KEEPALIVE) => timed_out = true,
                 }
             }
-            self.first = false;
-            if let Some(s) = self.sub.as_mut() {
-                s.borrow_and_update();
-            }
-            let ctx = self.ctx.clone();
-            let host = self.host;
-            let state = tokio::task::spawn_blocking(move || host_state(&ctx, host))
-                .await
-                .map_err(ApiError::internal)
-                .and_then(|r| r.map_err(ApiError::from));
-            if let Ok(sync) = state {
-                let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
-                if self.last.as_ref() != Some(&line) {
-                    self.last = Some(line.clone());
+            let first = std::mem::take(&mut self.first);
+            let dns_line = if dns_changed {
+                // Sent as it is: `{"dns": <snapshot>}` is a WatchLine::Dns.
+                self.dns
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|snap| format!("{{\"dns\":{snap}}}\n"))
+            } else {
+                None
+            };
+            let bridge_line = if first || !dns_changed || timed_out {
+                if let Some(s) = self.sub.as_mut() {
+                    s.borrow_and_update();
+                }
+                self.bridge_line().await
+            } else {
+                None
+            };
+            match (bridge_line, dns_line) {
+                (Some(b), d) => {
+                    self.pending = d;
+                    return b;
+                }
+                (None, Some(d)) => return d,
+                (None, None) if timed_out => {
+                    let line =
+                        serde_json::to_string(&WatchLine::Keepalive {}).expect("serializable");
                     return line + "\n";
                 }
-            }
-            if timed_out {
-                let line = serde_json::to_string(&WatchLine::Keepalive {}).expect("serializable");
-                return line + "\n";
+                (None, None) => {}
             }
         }
+    }
+
+    /// The host's bridge state as a line, if it differs from the last one sent.
+    async fn bridge_line(&mut self) -> Option<String> {
+        let ctx = self.ctx.clone();
+        let host = self.host;
+        let sync = tokio::task::spawn_blocking(move || host_state(&ctx, host))
+            .await
+            .ok()?
+            .ok()?;
+        let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
+        if self.last.as_ref() == Some(&line) {
+            return None;
+        }
+        self.last = Some(line.clone());
+        Some(line + "\n")
     }
 }
 
@@ -104,12 +149,15 @@ pub async fn host_watch(
         .ok_or_else(|| ApiError::invalid(format!("host {host:?}: not a host ID")))?;
     ctx.store.get_host(id)?;
     let sub = ctx.store_changes();
+    let dns = ctx.dns_state.subscribe();
     let s = Stream {
         ctx,
         host: id,
         sub,
         last: None,
         first: true,
+        dns,
+        pending: None,
     };
     let lines = futures::stream::unfold(s, |mut s| async move {
         let line = s.next().await;

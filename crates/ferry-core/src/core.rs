@@ -30,6 +30,9 @@ pub struct Core {
     /// Bumped on every machine state change: `wait` listens to it, and so does whatever
     /// publishes state elsewhere (DNS), off the request's path.
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// The latest `.internal` DNS snapshot (JSON, as the agents' watch sends it), published by
+    /// the control plane after each change; every host's agent serves it at `fdaa::3`.
+    pub dns_state: tokio::sync::watch::Sender<Option<Arc<str>>>,
     /// Where new volumes are created.
     pub volumes_dir: PathBuf,
 }
@@ -54,6 +57,7 @@ impl Core {
             host_dir_roots: Default::default(),
             store_changes: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
+            dns_state: tokio::sync::watch::channel(None).0,
             volumes_dir,
         })
     }

@@ -36,7 +36,7 @@ pub(crate) const SOA_TIMERS: [i32; 3] = [3600, 600, 86400];
 const TXT_CHUNK: usize = 255;
 
 /// One machine as DNS sees it. Built by the server from its store on every state change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DnsMachine {
     /// 14 lowercase hex chars.
     pub id: String,
@@ -53,7 +53,7 @@ pub struct DnsMachine {
 }
 
 /// Everything the zone serves, published as a whole.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub machines: Vec<DnsMachine>,
 }
@@ -201,6 +201,19 @@ impl ZoneData {
 
     /// Responses sent so far by RCODE (index = RCODE: 0 NOERROR, 3 NXDOMAIN, 5 REFUSED, ...),
     /// every server of this zone together.
+    /// The name of an RCODE as [`ZoneData::answered`] indexes them (`NOERROR`, `NXDOMAIN`, ...).
+    pub fn rcode_name(code: usize) -> String {
+        match code {
+            0 => "NOERROR".to_owned(),
+            1 => "FORMERR".to_owned(),
+            2 => "SERVFAIL".to_owned(),
+            3 => "NXDOMAIN".to_owned(),
+            4 => "NOTIMP".to_owned(),
+            5 => "REFUSED".to_owned(),
+            c => format!("RCODE{c}"),
+        }
+    }
+
     pub fn answered(&self) -> [u64; 16] {
         std::array::from_fn(|i| self.answered[i].load(std::sync::atomic::Ordering::Relaxed))
     }

@@ -8,26 +8,37 @@ use anyhow::{Context, Result};
 use ferry_api::server;
 use ferry_core::Core;
 use ferry_dns::ZoneData;
-use ferry_net::netns::NetNs;
 use ferry_store::Store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Hands a snapshot to the agents' watch streams (they send it only when it changed).
+fn publish_for_agents(ctx: &Core, snap: &ferry_dns::Snapshot) {
+    let json = serde_json::to_string(snap).expect("a snapshot serializes");
+    ctx.dns_state.send_if_modified(|cur| {
+        let changed = cur.as_deref() != Some(json.as_str());
+        if changed {
+            *cur = Some(json.into());
+        }
+        changed
+    });
+}
 
 pub struct ControlPlane {
     pub ctx: Arc<Core>,
 }
 
 impl ControlPlane {
-    /// Serves the API on `listen` and `.internal` DNS on `dns` (UDP and TCP) and in each of
-    /// `host_ns` at `[fdaa::3]:53`, from a snapshot published after every machine change.
+    /// Serves the API on `listen` and `.internal` DNS for operators on `dns` (UDP and TCP), from
+    /// a snapshot published after every machine change; the same snapshot goes to every host's
+    /// agent (its watch stream), which answers its machines at `[fdaa::3]:53`.
     pub fn start(
         rt: &tokio::runtime::Runtime,
         store: Arc<dyn Store>,
         volumes_dir: PathBuf,
         listen: SocketAddr,
         dns: Option<SocketAddr>,
-        host_ns: &[NetNs],
     ) -> Result<ControlPlane> {
         let ctx = ferry_api::http_core(store.clone(), volumes_dir);
         // A store written before the typed records keeps its data: copied over once.
@@ -45,13 +56,14 @@ impl ControlPlane {
         // With the store unreachable there is no new snapshot, and DNS keeps answering the
         // last one it had.
         if let Some(s) = super::dns::snapshot(store.as_ref()) {
+            publish_for_agents(&ctx, &s);
             zone.publish(s);
         }
         // A new snapshot after every machine change, built off the request's path: changes
         // that land while one is being built are folded into the next (the watch channel keeps
         // only "changed since you last looked"), so a burst of N changes costs a few rebuilds,
         // not N full reads of the store inside N requests.
-        let (z, s) = (zone.clone(), store.clone());
+        let (z, s, c) = (zone.clone(), store.clone(), ctx.clone());
         let mut changes = ctx.changes.subscribe();
         rt.spawn(async move {
             while changes.changed().await.is_ok() {
@@ -59,6 +71,7 @@ impl ControlPlane {
                 // No snapshot (the store did not answer): DNS keeps the last one.
                 let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
                 if let Ok(Some(snap)) = built.await {
+                    publish_for_agents(&c, &snap);
                     for e in z.publish(snap) {
                         tracing::warn!("a machine left out of DNS: {e}");
                     }
@@ -66,7 +79,7 @@ impl ControlPlane {
             }
         });
         if let Some(dns) = dns {
-            super::dns::serve(rt, zone.clone(), host_ns, dns)?;
+            super::dns::serve(rt, zone.clone(), dns)?;
         }
         // DNS responses by RCODE in the server's metrics: the zone counts, a scrape catches up.
         let (z, seen) = (zone.clone(), std::sync::Mutex::new([0u64; 16]));
@@ -75,15 +88,7 @@ impl ControlPlane {
             let mut seen = seen.lock().unwrap();
             for (code, (n, before)) in now.iter().zip(seen.iter()).enumerate() {
                 if n > before {
-                    let rcode = match code {
-                        0 => "NOERROR".to_owned(),
-                        1 => "FORMERR".to_owned(),
-                        2 => "SERVFAIL".to_owned(),
-                        3 => "NXDOMAIN".to_owned(),
-                        4 => "NOTIMP".to_owned(),
-                        5 => "REFUSED".to_owned(),
-                        c => format!("RCODE{c}"),
-                    };
+                    let rcode = ZoneData::rcode_name(code);
                     m.dns_responses
                         .get_or_create(&ferry_core::metrics::RcodeLabels { rcode })
                         .inc_by(n - before);

@@ -201,17 +201,14 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let host_ns: Vec<netns::NetNs> = hosts
-        .iter()
-        .map(|h| netns::NetNs::named(&format!("ferry-{}-h{:x}", args.name, h.id.get())))
-        .collect();
+    // Each host's `.internal` DNS at fdaa::3 is served by its own agent, from the snapshots
+    // this control plane publishes; the server answers only the operator's listener.
     let cp = super::control::ControlPlane::start(
         &rt,
         store.clone(),
         args.state_dir.join("volumes"),
         args.listen,
         Some(args.dns_listen),
-        &host_ns,
     )?;
     let ctx = cp.ctx.clone();
     ctx.allow_host_dirs(args.host_dir_root.clone())

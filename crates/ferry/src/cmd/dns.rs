@@ -1,15 +1,11 @@
-//! Serving `.internal` DNS for a dev fleet: a snapshot of the store after every change, listeners
-//! at `[fdaa::3]:53` inside every host namespace and one on loopback for operators.
-//!
-//! On a dev fleet the server process answers for every host (it already holds the state); the
-//! sockets are created inside each host's namespace, so machines reach them at `fdaa::3` through
-//! their own host exactly as they would reach a per-host server.
+//! The control plane's side of `.internal` DNS: the snapshot of the store built after every
+//! change (which every host's agent receives on its watch stream and serves to its machines at
+//! `[fdaa::3]:53`), and the operators' listener on the server itself.
 
 use anyhow::{Context, Result};
 use ferry_dns::{DnsMachine, DnsServer, Snapshot, ZoneData};
-use ferry_net::netns::{self, NetNs};
 use ferry_store::{MachineState, Store};
-use std::net::{SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// What DNS should answer, from the store.
@@ -40,26 +36,14 @@ pub fn snapshot(store: &dyn Store) -> Option<Snapshot> {
     })
 }
 
-/// Starts the listeners on `rt`: `[fdaa::3]:53` (UDP and TCP) in each host namespace, and
-/// `operator` on the host.
+/// Starts the operators' listener (UDP and TCP) on `rt`.
 pub fn serve(
     rt: &tokio::runtime::Runtime,
     zone: Arc<ZoneData>,
-    hosts: &[NetNs],
     operator: SocketAddr,
 ) -> Result<()> {
     let server = DnsServer::new(zone);
     let mut sockets = Vec::new();
-    for ns in hosts {
-        let addr = SocketAddrV6::new(ferry_addr::DNS_ADDR, 53, 0, 0);
-        let pair = netns::run_in(ns, move || -> std::io::Result<_> {
-            let udp = std::net::UdpSocket::bind(addr)?;
-            let tcp = std::net::TcpListener::bind(addr)?;
-            Ok((udp, tcp))
-        })?
-        .with_context(|| format!("binding [fdaa::3]:53 in {}", ns.name()))?;
-        sockets.push(pair);
-    }
     sockets.push((
         std::net::UdpSocket::bind(operator)
             .with_context(|| format!("binding the operator DNS listener {operator}"))?,

@@ -55,7 +55,6 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         args.state_dir.join("volumes"),
         args.listen,
         args.dns_listen,
-        &[],
     )?;
     cp.ctx
         .allow_host_dirs(args.host_dir_root.clone())

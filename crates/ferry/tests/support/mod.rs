@@ -98,6 +98,20 @@ impl Dev {
         d
     }
 
+    /// The `ferry dev` process (its server and DNS publisher; the agents are its children).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The network namespace of machine `m` (from its address: `fdaa:net:host:field::2`).
+    pub fn machine_netns(&self, m: &Value) -> String {
+        let ip: std::net::Ipv6Addr = m["private_ip"].as_str().unwrap().parse().unwrap();
+        let s = ip.segments();
+        let host = (u32::from(s[3]) << 16) | u32::from(s[4]);
+        let field = (u32::from(s[5]) << 16) | u32::from(s[6]);
+        format!("ferry-{}-m{host:x}-{field:x}", self.name)
+    }
+
     /// Starts `ferry dev` on this fleet's state directory and waits for every agent.
     pub fn boot(&mut self) {
         let port = free_port();
