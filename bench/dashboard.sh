@@ -12,7 +12,7 @@ NAME=bdash$$
 STATE=$(mktemp -d /tmp/ferry-bench-dash.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API=http://127.0.0.1:$PORT
-./target/release/ferry dev --no-demo --name "$NAME" --hosts 2 --state-dir "$STATE" \
+"${CARGO_TARGET_DIR:-target}/release/ferry" dev --no-demo --name "$NAME" --hosts 2 --state-dir "$STATE" \
   --listen "127.0.0.1:$PORT" --dns-listen "127.0.0.1:0" >"$STATE.log" 2>&1 &
 DEV=$!
 cleanup() { kill -INT "$DEV" 2>/dev/null || true; wait "$DEV" 2>/dev/null || true; rm -rf "$STATE" "$STATE.log"; }
