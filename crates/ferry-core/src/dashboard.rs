@@ -16,7 +16,8 @@ use utoipa::ToSchema;
 /// Migrations shown: the newest ones (a fleet that drained often has thousands).
 pub const RECENT_MIGRATIONS: usize = 200;
 
-/// A mapping with no use for this long (or none at all) is a candidate for retirement.
+/// A mapping unused for this long (counted from its creation if never used) is a candidate for
+/// retirement: what `ferry bridge retire --unused-for 10m` would retire.
 pub const IDLE_FOR_RETIREMENT_MS: i64 = 10 * 60 * 1000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -112,9 +113,10 @@ pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
         .into_iter()
         .filter(|m| networks.contains(&m.network_id))
         .map(|m| DashboardMapping {
+            // The rule of `ferry bridge retire --unused-for`: a never-used mapping counts from
+            // its creation.
             retire_candidate: !m.retired
-                && m.last_use.is_none_or(|t| now - t > IDLE_FOR_RETIREMENT_MS)
-                && now - m.created_at > IDLE_FOR_RETIREMENT_MS,
+                && now - m.last_use.unwrap_or(m.created_at) >= IDLE_FOR_RETIREMENT_MS,
             mapping: m,
         })
         .collect();
