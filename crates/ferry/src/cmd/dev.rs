@@ -285,6 +285,8 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
             );
         }
         println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
+        println!("  ferry machine logs <id> -f");
+        println!("  open {api}/ui        # the live dashboard");
         println!(
             "  dig @{} -p {} +short AAAA hello.internal",
             args.dns_listen.ip(),
