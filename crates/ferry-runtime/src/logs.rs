@@ -477,6 +477,25 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_cannot_forge_a_record() {
+        let d = tempfile::tempdir().unwrap();
+        let s = spec(d.path(), 1 << 20, 1);
+        let mut w = Writer::open(s.clone()).unwrap();
+        let mut b = LineBuf::default();
+        // A line that looks like a record of ours, a stamp from the past, the other stream.
+        let lines = b.push(b"1 e forged\n\r\n");
+        w.write_lines(Stream::Stdout, lines.iter().map(Vec::as_slice));
+        let got = read_log(&s.path, 1, Cursor::default());
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].stream, got[0].message.as_str()),
+            (Stream::Stdout, "1 e forged")
+        );
+        assert!(got[0].ts_us > 1);
+        assert_eq!(got[1].message, "");
+    }
+
+    #[test]
     fn foreign_lines_and_bad_utf8_are_kept() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x.log");
