@@ -10,6 +10,7 @@
 //! The request and response types are the server's own (`ferry_api`), so the bytes agree by
 //! construction; what the table guards is the routing: methods, paths and parameters.
 
+use ferry_core::auth::{CreateToken, CreatedToken, TokenView};
 use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
 use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
 use ferry_core::migrate::preview::MovePlan;
@@ -150,6 +151,9 @@ operations! {
     LIST_REGISTRIES = "list_registries" "GET" "/v1/registries" - -> "[RegistryView]";
     PUT_REGISTRY = "put_registry" "PUT" "/v1/registries/{registry}" "RegistrySettings" -> "RegistryView";
     DELETE_REGISTRY = "delete_registry" "DELETE" "/v1/registries/{registry}" - -> "RegistryView";
+    CREATE_TOKEN = "create_token" "POST" "/v1/tokens" "CreateToken" -> "CreatedToken";
+    LIST_TOKENS = "list_tokens" "GET" "/v1/tokens" - -> "[TokenView]";
+    REVOKE_TOKEN = "revoke_token" "DELETE" "/v1/tokens/{id}" - -> "TokenView";
 }
 
 /// The schema name of a Rust type as the document spells it: `Vec<T>` is `[T]`.
@@ -183,6 +187,8 @@ pub struct Client {
     current: Arc<AtomicUsize>,
     http: reqwest::blocking::Client,
     lease: Option<String>,
+    /// Sent as `Authorization: Bearer ...` on every call.
+    token: Option<Arc<str>>,
 }
 
 impl Client {
@@ -215,7 +221,16 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             http,
             lease: None,
+            token: None,
         })
+    }
+
+    /// The same client, sending `token` (`<id>.<secret>`) as its bearer token on every call.
+    pub fn with_token(self, token: Option<&str>) -> Self {
+        Client {
+            token: token.map(Arc::from),
+            ..self
+        }
     }
 
     /// The same client, sending `nonce` as the machine lease on every call.
@@ -325,6 +340,9 @@ impl Client {
             }
             if let Some(n) = &self.lease {
                 req = req.header(LEASE_HEADER, n);
+            }
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
             }
             match req.send() {
                 Ok(r) => {
@@ -591,6 +609,18 @@ impl Client {
     }
     pub fn delete_registry(&self, registry: &str) -> Result<RegistryView> {
         self.call::<NoBody, _>(&op::DELETE_REGISTRY, &[registry], &[], None)
+    }
+
+    // ---- tokens (an admin's) ----------------------------------------------------------------
+
+    pub fn create_token(&self, req: &CreateToken) -> Result<CreatedToken> {
+        self.call(&op::CREATE_TOKEN, &[], &[], Some(req))
+    }
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>> {
+        self.get(&op::LIST_TOKENS, &[])
+    }
+    pub fn revoke_token(&self, id: &str) -> Result<TokenView> {
+        self.call::<NoBody, _>(&op::REVOKE_TOKEN, &[id], &[], None)
     }
 }
 

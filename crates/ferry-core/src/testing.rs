@@ -158,3 +158,32 @@ impl Agents for Double {
         ready(Ok(vec![]))
     }
 }
+
+/// Webhooks that go nowhere: each post answers that nothing was sent.
+#[derive(Default)]
+pub struct NoWebhooks;
+
+impl crate::agents::Webhooks for NoWebhooks {
+    fn post<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a [(&'static str, String)],
+        _: String,
+    ) -> futures::future::BoxFuture<'a, serde_json::Value> {
+        Box::pin(async { serde_json::json!({"sent": false}) })
+    }
+}
+
+/// A fresh admin token of `core`'s store (`<id>.<secret>`), for tests that call the API.
+pub fn admin_token(core: &crate::Core) -> String {
+    crate::auth::issue(
+        core,
+        crate::auth::CreateToken {
+            kind: "admin".into(),
+            description: Some("tests".into()),
+            ..Default::default()
+        },
+    )
+    .expect("an admin token")
+    .token
+}
