@@ -48,16 +48,26 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// `urls` must not be empty (the command line checks it).
-    pub fn new(urls: Vec<String>) -> Servers {
+    /// `urls` must not be empty (the command line checks it). `token` (a join token) goes with
+    /// every request: the servers' agent routes refuse calls without one.
+    pub fn new(urls: Vec<String>, token: Option<&str>) -> Servers {
         assert!(!urls.is_empty(), "an agent needs a server");
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .expect("a token is printable ASCII (the command line checks it)");
+            v.set_sensitive(true); // never in a debug print
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(10))
+            .default_headers(headers.clone())
             .build()
             .expect("building an HTTP client");
         let http_stream = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
+            .default_headers(headers)
             .build()
             .expect("building an HTTP client");
         Servers {

@@ -34,6 +34,8 @@ pub struct AgentConfig {
     /// The API servers, e.g. `http://127.0.0.1:4280`, in the order to try them (see
     /// [`crate::control`]). At least one.
     pub servers: Vec<String>,
+    /// The join token this agent presents to the servers (`ferry token create --join`).
+    pub join_token: Option<String>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -135,7 +137,10 @@ impl Agent {
             &cfg.state_dir,
             std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
         )?;
-        let servers = Arc::new(crate::control::Servers::new(cfg.servers.clone()));
+        let servers = Arc::new(crate::control::Servers::new(
+            cfg.servers.clone(),
+            cfg.join_token.as_deref(),
+        ));
         let agent = Arc::new(Agent {
             cfg,
             host,

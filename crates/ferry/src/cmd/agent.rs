@@ -32,6 +32,10 @@ pub struct AgentArgs {
         default_value = "http://127.0.0.1:4280"
     )]
     server: String,
+    /// The join token the servers' agent routes require (`ferry token create --join`); from
+    /// the environment rather than the command line, where every user can read it.
+    #[arg(long, env = "FERRY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
     bridge_mode: BridgeModeArg,
@@ -61,6 +65,12 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         .ok()
         .and_then(|v| HostId::new(v).ok());
     let servers = server_list(&args.server)?;
+    if let Some(t) = &args.join_token {
+        anyhow::ensure!(
+            t.bytes().all(|b| b.is_ascii_graphic()),
+            "--join-token (FERRY_JOIN_TOKEN): not a token"
+        );
+    }
     let host_id = id.with_context(|| {
         format!(
             "--host-id {}: not a host ID (hex, 80000000 and above)",
@@ -86,6 +96,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
             servers,
+            join_token: args.join_token.filter(|t| !t.is_empty()),
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
             volume_port: args.volume_port,

@@ -250,6 +250,10 @@ enum VolumeCmd {
         /// An existing absolute directory on the host (no size limit).
         #[arg(long)]
         host_dir: Option<String>,
+        /// The org whose machines may mount it (an org token: its own, the default; an admin
+        /// token without it: any org's).
+        #[arg(long)]
+        org: Option<String>,
     },
 }
 
@@ -296,11 +300,19 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
                 );
             }
         }
-        VolumeCmd::Create { size_mb, host_dir } => {
+        VolumeCmd::Create {
+            size_mb,
+            host_dir,
+            org,
+        } => {
             if size_mb.is_none() && host_dir.is_none() {
                 anyhow::bail!("give --size-mb N or --host-dir DIR");
             }
-            let v: VolumeView = c.create_volume(&CreateVolume { size_mb, host_dir })?;
+            let v: VolumeView = c.create_volume(&CreateVolume {
+                size_mb,
+                host_dir,
+                org_slug: org,
+            })?;
             if args.api.json {
                 print_json(&v)?;
             } else {

@@ -11,3 +11,4 @@ pub mod machine;
 pub mod migrate;
 pub mod server;
 pub mod sweep;
+pub mod token;

@@ -52,6 +52,7 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
     let cp = super::control::ControlPlane::start(
         &rt,
         store,
+        &args.state_dir,
         args.state_dir.join("volumes"),
         args.listen,
         args.dns_listen,
@@ -63,6 +64,13 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
     super::image::apply_registry_flags(&cp.ctx, &args.registry, args.registry_auth.as_deref())?;
     cp.resume(&rt);
     eprintln!("ferry server: API on http://{}", args.listen);
+    // The paths, not the secrets: a server's log is read by more people than its state.
+    eprintln!(
+        "ferry server: an admin token is in {} (FERRY_TOKEN for the CLI), a join token for \
+         agents in {} (FERRY_JOIN_TOKEN)",
+        super::control::admin_token_file(&args.state_dir).display(),
+        super::control::join_token_file(&args.state_dir).display()
+    );
     if let Some(d) = args.dns_listen {
         eprintln!("ferry server: .internal DNS on {d}");
     }
