@@ -95,13 +95,26 @@ impl Agents for Double {
         }
         ready(Ok(()))
     }
+    /// Runs nothing: a running machine answers exit 0 with its command echoed.
     fn exec<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a ExecRequest,
+        ep: &'a str,
+        m: &'a str,
+        req: &'a ExecRequest,
     ) -> AgentResult<'a, ExecResult> {
-        ready(Err(Error::internal("not used")))
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("exec {m} {ep}"));
+        if f.running.get(m).map(String::as_str) != Some(ep) {
+            return ready(Err(agent_error(
+                "not_running",
+                format!("{m} is not running"),
+            )));
+        }
+        ready(Ok(ExecResult {
+            exit_code: 0,
+            stdout: format!("{:?}\n", req),
+            stderr: String::new(),
+        }))
     }
     fn signal<'a>(
         &'a self,
