@@ -284,6 +284,9 @@ impl Fx {
     }
 }
 
+/// A call on names that do not exist, and the swaps that turn the real call's answer into it.
+type Twin = Option<(Req, Vec<(String, String)>)>;
+
 /// What each caller gets.
 #[derive(Debug, Clone, Copy)]
 enum Rule {
@@ -304,7 +307,7 @@ enum Rule {
 struct Row {
     op: &'static str,
     rule: Rule,
-    build: fn(&Fx) -> futures::future::BoxFuture<'_, (Req, Option<(Req, Vec<(String, String)>)>)>,
+    build: fn(&Fx) -> futures::future::BoxFuture<'_, (Req, Twin)>,
 }
 
 macro_rules! row {
@@ -321,7 +324,7 @@ macro_rules! row {
 }
 
 /// The same call on app `nope-app` instead of A's app (and `swap` for the answer).
-fn on_missing_app(r: &Req, app: &str) -> Option<(Req, Vec<(String, String)>)> {
+fn on_missing_app(r: &Req, app: &str) -> Twin {
     let path = r.path.replace(&format!("/apps/{app}"), "/apps/nope-app");
     Some((
         Req { path, ..r.clone() },
@@ -336,7 +339,7 @@ fn on_machine(
     tail: &str,
     method: &'static str,
     body: Option<Value>,
-) -> (Req, Option<(Req, Vec<(String, String)>)>) {
+) -> (Req, Twin) {
     let r = req(
         method,
         format!("/v1/apps/{}/machines/{id}{tail}", fx.app),
