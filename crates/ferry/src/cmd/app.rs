@@ -18,8 +18,9 @@ enum AppCmd {
     /// Create an app in an org (the org gets its private network on first use).
     Create {
         name: String,
-        #[arg(long, default_value = "personal")]
-        org: String,
+        /// Default: an org token's own org; with an admin token, `personal`.
+        #[arg(long)]
+        org: Option<String>,
     },
     /// List apps.
     List {
@@ -64,7 +65,7 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
         AppCmd::Create { name, org } => {
             let a: AppView = c.create_app(&CreateApp {
                 app_name: name,
-                org_slug: Some(org),
+                org_slug: org,
             })?;
             if args.api.json {
                 print_json(&a)?;
