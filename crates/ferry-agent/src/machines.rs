@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The join token this agent presents to the servers (`ferry token create --join`).
     pub join_token: Option<String>,
+    /// The CA (PEM) that signed the servers' certificates, for `https://` servers.
+    pub server_ca: Option<Vec<u8>>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -140,6 +142,7 @@ impl Agent {
         let servers = Arc::new(crate::control::Servers::new(
             cfg.servers.clone(),
             cfg.join_token.as_deref(),
+            cfg.server_ca.as_deref(),
         ));
         let agent = Arc::new(Agent {
             cfg,

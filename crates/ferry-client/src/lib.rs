@@ -198,6 +198,13 @@ impl Client {
     /// may have received is never sent twice). Calls time out after `timeout` (a wait or an exec
     /// may take minutes: choose above the longest you make).
     pub fn new(base: &str, timeout: Duration) -> Result<Self> {
+        Self::with_ca(base, timeout, None)
+    }
+
+    /// [`Client::new`] for servers whose certificates `ca_pem` (a PEM CA certificate, the
+    /// fleet's `ferry server init` CA) signed: `https://` addresses are trusted through it
+    /// alone, never the system's roots.
+    pub fn with_ca(base: &str, timeout: Duration, ca_pem: Option<&[u8]>) -> Result<Self> {
         let mut bases = Vec::new();
         for b in base.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let url = reqwest::Url::parse(b)
@@ -212,8 +219,17 @@ impl Client {
         if bases.is_empty() {
             return Err(ClientError::BadArgument("no API address given".into()));
         }
-        let http = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .timeout(timeout)
+            .use_rustls_tls();
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| ClientError::BadArgument(format!("the CA certificate: {e}")))?;
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::BadArgument(format!("HTTP client: {e}")))?;
         Ok(Client {

@@ -20,6 +20,8 @@ pub struct ControlPlane {
     pub admin_token: String,
     /// A join token of this fleet (`<state dir>/join.token`): for its agents.
     pub join_token: String,
+    /// The API is served over TLS (`ferry server init` ran on the state directory).
+    pub tls: bool,
 }
 
 /// Where the control plane keeps the admin token it made for its operator.
@@ -184,11 +186,22 @@ impl ControlPlane {
             ),
         }
         let app = server::router(ctx.clone());
-        rt.spawn(async move { axum::serve(listener, app).await });
+        // TLS only, once `ferry server init` made the certificates: tokens must not cross the
+        // network in clear.
+        let tls = super::tls::server_config(state_dir)?;
+        match tls.clone() {
+            Some(config) => {
+                rt.spawn(super::tls::serve(listener, app, config));
+            }
+            None => {
+                rt.spawn(async move { axum::serve(listener, app).await });
+            }
+        }
         Ok(ControlPlane {
             ctx,
             admin_token,
             join_token,
+            tls: tls.is_some(),
         })
     }
 

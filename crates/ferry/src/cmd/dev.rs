@@ -227,12 +227,24 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     ctx.allow_host_dirs(args.host_dir_root.clone())
         .context("--host-dir-root")?;
     super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
-    let api = format!("http://{}", args.listen);
+    let api = format!(
+        "{}://{}",
+        if cp.tls { "https" } else { "http" },
+        args.listen
+    );
+    let ca = cp.tls.then(|| super::tls::ca_file(&args.state_dir));
     // The CLI finds the admin token without being told (docs/design.md#tokens): the one-command
     // experience stays.
     let cli_token = super::client::token_file(&api);
     if let Some(f) = &cli_token {
         super::control::write_secret(f, &cp.admin_token)?;
+    }
+    // And the CA its certificate chains to, beside the token.
+    if let (Some(ca), Some(dst)) = (&ca, super::client::ca_file(&api)) {
+        if let Some(d) = dst.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::copy(ca, &dst).with_context(|| format!("copying the CA to {}", dst.display()))?;
     }
 
     let agents = Agents::start(
@@ -240,6 +252,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         &hosts.iter().map(|h| h.id.get()).collect::<Vec<_>>(),
         &api,
         &cp.join_token,
+        ca.as_deref(),
     )?;
     let registered = wait_for(Duration::from_secs(20), || {
         store
@@ -284,7 +297,12 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     let mut ok = true;
     if !args.no_demo && store.list_apps(None)?.is_empty() {
         // A demo that errs (an API call failed) still tears the fleet down below.
-        ok = match rt.block_on(demo(&api, &cp.admin_token, args.demo_image.as_deref())) {
+        ok = match rt.block_on(demo(
+            &api,
+            &cp.admin_token,
+            ca.as_deref(),
+            args.demo_image.as_deref(),
+        )) {
             Ok(ok) => ok,
             Err(e) => {
                 eprintln!("demo failed: {e:#}");
@@ -393,7 +411,8 @@ fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
          refuse agents without one (a `ferry server` writes one to join.token in its state \
          directory)"
     );
-    let agents = Agents::start(args, &raw, &urls.join(","), &join)?;
+    let ca = std::env::var_os("FERRY_SERVER_CA").map(PathBuf::from);
+    let agents = Agents::start(args, &raw, &urls.join(","), &join, ca.as_deref())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -542,16 +561,23 @@ struct Agents {
 }
 
 impl Agents {
-    fn start(args: &DevArgs, hosts: &[u32], api: &str, join_token: &str) -> Result<Self> {
+    fn start(
+        args: &DevArgs,
+        hosts: &[u32],
+        api: &str,
+        join_token: &str,
+        server_ca: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let spawn = {
-            let (exe, name, dir, api, max_layer, join) = (
+            let (exe, name, dir, api, max_layer, join, ca) = (
                 exe.clone(),
                 args.name.clone(),
                 args.state_dir.clone(),
                 api.to_owned(),
                 args.image_max_layer_mb.to_string(),
                 join_token.to_owned(),
+                server_ca.map(|p| p.to_path_buf()),
             );
             let mode = match args.bridge_mode {
                 super::agent::BridgeModeArg::Ebpf => "ebpf",
@@ -583,8 +609,11 @@ impl Agents {
                     .args(["--server", &api, "--bridge-mode", mode])
                     .args(["--image-max-layer-mb", &max_layer])
                     // In the environment, not on the command line, where anyone can read it.
-                    .env("FERRY_JOIN_TOKEN", &join)
-                    .spawn()
+                    .env("FERRY_JOIN_TOKEN", &join);
+                if let Some(ca) = &ca {
+                    cmd.env("FERRY_SERVER_CA", ca);
+                }
+                cmd.spawn()
             }
         };
         let mut children = Vec::new();
@@ -632,13 +661,26 @@ impl Agents {
 
 /// Two apps in one org (a web server and a client that calls it over its private address) and
 /// one app in another org that cannot.
-async fn demo(api: &str, token: &str, demo_image: Option<&str>) -> Result<bool> {
+async fn demo(
+    api: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+    demo_image: Option<&str>,
+) -> Result<bool> {
     let mut auth = reqwest::header::HeaderMap::new();
     auth.insert(
         reqwest::header::AUTHORIZATION,
         format!("Bearer {token}").parse()?,
     );
-    let http = reqwest::Client::builder().default_headers(auth).build()?;
+    let mut http = reqwest::Client::builder()
+        .default_headers(auth)
+        .use_rustls_tls();
+    if let Some(ca) = ca {
+        http = http
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+    }
+    let http = http.build()?;
     let post = |path: String, body: serde_json::Value| {
         let http = http.clone();
         let url = format!("{api}{path}");
