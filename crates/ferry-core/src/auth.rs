@@ -177,11 +177,13 @@ pub fn app(core: &Core, caller: &Caller, name: &str) -> Result<ferry_store::App>
         }
         .into()
     };
-    // From memory once read, as the create path reads it: an app's org never changes.
-    match crate::cache::app(core, name) {
+    // From the store, never the create path's read cache: that cache keeps an app until it is
+    // read again, and a name deleted by one org and taken by another must not keep the first
+    // org's access.
+    match core.store.get_app(name) {
         Ok(a) if caller.may_see_org(&a.org) => Ok(a),
         Ok(_) => Err(missing()),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -488,6 +490,20 @@ mod tests {
         assert_eq!(network(&c, &a).unwrap(), Some(na));
         assert_eq!(network(&c, &Caller::org("t", "new")).unwrap(), Some(0));
         assert!(sees_network(None, 7) && sees_network(Some(7), 7) && !sees_network(Some(7), 8));
+    }
+
+    #[test]
+    fn a_name_another_org_takes_over_is_theirs() {
+        let c = core();
+        let a = Caller::org("t1", "a");
+        c.store.create_app("x", "a").unwrap();
+        assert!(app(&c, &a, "x").is_ok());
+        // The create path caches apps; the decision must not follow it.
+        let _ = crate::cache::app(&c, "x");
+        c.store.delete_app("x").unwrap();
+        c.store.create_app("x", "b").unwrap();
+        assert_eq!(app(&c, &a, "x").unwrap_err().kind, Kind::NotFound);
+        assert!(app(&c, &Caller::org("t2", "b"), "x").is_ok());
     }
 
     #[test]
