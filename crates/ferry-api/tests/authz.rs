@@ -25,6 +25,8 @@ enum Who {
     A,
     B,
     Admin,
+    /// A join token (a host's agent).
+    Host,
 }
 use Who::*;
 
@@ -89,6 +91,7 @@ impl Fx {
             (A, "org", Some("a")),
             (B, "org", Some("b")),
             (Admin, "admin", None),
+            (Host, "join", None),
         ] {
             let t = issue(
                 &ctx,
@@ -754,6 +757,8 @@ fn rows() -> Vec<Row> {
 fn expected(rule: Rule, who: Who) -> u16 {
     match (rule, who) {
         (_, Nobody) => 401,
+        // A join token reaches the agents' routes only.
+        (_, Host) => 403,
         (Rule::OrgA { ok } | Rule::CreateInA { ok } | Rule::List { ok }, A | Admin) => ok,
         (Rule::AdminOnly { ok }, Admin) => ok,
         (Rule::AdminOnly { .. }, A | B) => 403,
@@ -785,7 +790,7 @@ async fn every_route_for_every_caller() {
     for row in &rows {
         // The stranger and the anonymous first: their calls must change nothing, so the
         // target is still there for A and the admin.
-        for who in [Nobody, B, A, Admin] {
+        for who in [Nobody, Host, B, A, Admin] {
             let (r, twin) = (row.build)(&fx).await;
             let before = fx.state();
             let (status, body) = fx.call(who, &r).await;
@@ -914,6 +919,53 @@ async fn every_route_for_every_caller() {
         assert_eq!(s1, 404, "{b1}");
         assert_eq!((s1, b1.replace(&from, &to)), (s2, b2), "{theirs:?}");
     }
+
+    // Outside the document: the agents' routes take a join (or admin) token, never an org's;
+    // the metrics (every org's) an admin's.
+    // A report about an instance the machine no longer has: the server records it and changes
+    // nothing else.
+    let report = json!({"machine_id": fx.machine, "instance_id": "01AAAAAAAAAAAAAAAAAAAAAAAA",
+        "kind": "check", "state": "started", "exit": null, "detail": {}, "report_id": "r1"});
+    let internal = [
+        req("POST", "/internal/v1/reports", Some(report)),
+        req("GET", "/internal/v1/hosts/80000000/watch", None),
+        req("GET", "/metrics", None),
+    ];
+    // Who may call each of them: A, B, a host, the admin.
+    let may = [
+        [false, false, true, true],
+        [false, false, true, true],
+        [false, false, false, true],
+    ];
+    for (r, may) in internal.iter().zip(may) {
+        for (who, allowed) in [A, B, Host, Admin].into_iter().zip(may) {
+            let before = fx.state();
+            // Only the status is read: the watch is a stream that does not end.
+            let mut b = match r.method {
+                "POST" => fx.http.post(format!("{}{}", fx.api, r.path)),
+                _ => fx.http.get(format!("{}{}", fx.api, r.path)),
+            };
+            if let Some(t) = fx.token(who) {
+                b = b.bearer_auth(t);
+            }
+            if let Some(body) = &r.body {
+                b = b.json(body);
+            }
+            let status = b.send().await.unwrap().status().as_u16();
+            if allowed {
+                assert_eq!(status, 200, "{who:?} {r:?}");
+            } else {
+                assert_eq!(status, 403, "{who:?} {r:?}");
+                assert_eq!(
+                    fx.state(),
+                    before,
+                    "{who:?} {r:?} refused but changed the state"
+                );
+            }
+        }
+    }
+    let (status, _) = fx.call(Nobody, &internal[0]).await;
+    assert_eq!(status, 401);
 
     // Events name the token that acted: A's stop of a machine, and the admin's start of it.
     let id = fx.new_machine("a-app").await;
