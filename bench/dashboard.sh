@@ -17,12 +17,15 @@ API=http://127.0.0.1:$PORT
 DEV=$!
 cleanup() { kill -INT "$DEV" 2>/dev/null || true; wait "$DEV" 2>/dev/null || true; rm -rf "$STATE" "$STATE.log"; }
 trap cleanup EXIT
-python3 - "$API" "$N" <<'PY'
+# The fleet's admin token (ferry dev writes it before it listens).
+for _ in $(seq 600); do [ -s "$STATE/admin.token" ] && break; sleep 0.1; done
+TOKEN=$(cat "$STATE/admin.token")
+python3 - "$API" "$N" "$TOKEN" <<'PY'
 import json, sys, time, urllib.request, concurrent.futures as cf
-api, n = sys.argv[1], int(sys.argv[2])
+api, n, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def call(method, path, body=None):
     req = urllib.request.Request(api + path, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", "authorization": "Bearer " + token})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.load(r)
 deadline = time.time() + 120
@@ -43,4 +46,4 @@ print(f"created {n} machines in {time.time() - t:.1f} s")
 PY
 # The browser driver is the one the dashboard's test installs (scripts/setup.sh).
 ln -sfn ../../crates/ferry/tests/ui/node_modules bench/dashboard/node_modules
-node bench/dashboard/render.mjs "$API" "$N" "$ROUNDS"
+node bench/dashboard/render.mjs "$API" "$N" "$ROUNDS" "$TOKEN"

@@ -48,16 +48,39 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// `urls` must not be empty (the command line checks it).
-    pub fn new(urls: Vec<String>) -> Servers {
+    /// `urls` must not be empty (the command line checks it). `token` (a join token) goes with
+    /// every request: the servers' agent routes refuse calls without one.
+    ///
+    /// `ca_pem`: the CA that signed the servers' certificates (`https://` servers are trusted
+    /// through it alone).
+    pub fn new(urls: Vec<String>, token: Option<&str>, ca_pem: Option<&[u8]>) -> Servers {
         assert!(!urls.is_empty(), "an agent needs a server");
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .expect("a token is printable ASCII (the command line checks it)");
+            v.set_sensitive(true); // never in a debug print
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let builder = || {
+            let b = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .use_rustls_tls();
+            match ca_pem {
+                Some(pem) => b.tls_built_in_root_certs(false).add_root_certificate(
+                    reqwest::Certificate::from_pem(pem)
+                        .expect("a PEM certificate (the command line checks it)"),
+                ),
+                None => b,
+            }
+        };
+        let http = builder()
             .timeout(Duration::from_secs(10))
+            .default_headers(headers.clone())
             .build()
             .expect("building an HTTP client");
-        let http_stream = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
+        let http_stream = builder()
+            .default_headers(headers)
             .build()
             .expect("building an HTTP client");
         Servers {

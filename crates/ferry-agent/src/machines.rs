@@ -34,6 +34,10 @@ pub struct AgentConfig {
     /// The API servers, e.g. `http://127.0.0.1:4280`, in the order to try them (see
     /// [`crate::control`]). At least one.
     pub servers: Vec<String>,
+    /// The join token this agent presents to the servers (`ferry token create --join`).
+    pub join_token: Option<String>,
+    /// The CA (PEM) that signed the servers' certificates, for `https://` servers.
+    pub server_ca: Option<Vec<u8>>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -140,7 +144,11 @@ impl Agent {
             &cfg.state_dir,
             std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
         )?;
-        let servers = Arc::new(crate::control::Servers::new(cfg.servers.clone()));
+        let servers = Arc::new(crate::control::Servers::new(
+            cfg.servers.clone(),
+            cfg.join_token.as_deref(),
+            cfg.server_ca.as_deref(),
+        ));
         let dns = crate::dns::HostDns::start(&ns, &cfg.state_dir, &rt)?;
         let agent = Arc::new(Agent {
             dns,

@@ -60,6 +60,33 @@ pub struct MigrationPath {
     pub id: String,
 }
 
+/// `/v1/tokens/{id}`
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TokenPath {
+    /// The token's ID (`tok_` and 16 hex characters), never its secret.
+    #[param(pattern = "^tok_[0-9a-f]{16}$")]
+    pub id: String,
+}
+
+/// 401 and 403: what every route answers to a caller without the right token.
+#[derive(IntoResponses)]
+pub enum Refused {
+    #[response(
+        status = 401,
+        description = "`unauthenticated`: no `Authorization: Bearer <token>`, or a token that \
+                       is unknown, revoked or expired. Nothing was changed."
+    )]
+    Unauthenticated(#[allow(dead_code)] ErrorBody),
+    #[response(
+        status = 403,
+        description = "`forbidden`: the token is valid but does not reach this operation (an \
+                       org token on an admin route or naming another org, a join token outside \
+                       the agents' routes). Nothing was changed."
+    )]
+    Forbidden(#[allow(dead_code)] ErrorBody),
+}
+
 /// 400.
 #[derive(IntoResponses)]
 #[response(
@@ -74,7 +101,8 @@ pub struct BadRequest(#[allow(dead_code)] ErrorBody);
 #[response(
     status = 404,
     description = "`not_found`: the app, machine, host, volume, migration, lease or mapping \
-                   does not exist (or belongs to another app)."
+                   does not exist, belongs to another app, or belongs to another org (the \
+                   same answer, word for word)."
 )]
 pub struct NotFound(#[allow(dead_code)] ErrorBody);
 

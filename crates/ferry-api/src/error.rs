@@ -77,6 +77,7 @@ mod tests {
             Agent,
             Unavailable,
             Unauthorized,
+            Forbidden,
             UpstreamTimeout,
         ] {
             let s = status(k).as_u16();

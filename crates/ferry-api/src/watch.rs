@@ -141,8 +141,10 @@ impl Stream {
 /// never registered.
 pub async fn host_watch(
     State(ctx): State<Arc<Core>>,
+    crate::server::Auth(caller): crate::server::Auth,
     crate::server::Path(host): crate::server::Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.require_host()?;
     let id = u32::from_str_radix(&host, 16)
         .ok()
         .and_then(|v| HostId::new(v).ok())

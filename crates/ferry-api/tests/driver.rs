@@ -20,6 +20,20 @@ fn webhooks() -> Arc<dyn ferry_core::agents::Webhooks> {
     Arc::new(ferry_api::agents::HttpWebhooks::new(reqwest::Client::new()))
 }
 
+/// An HTTP client that sends a fresh admin token of `ctx`'s store with every request.
+fn authed(ctx: &ferry_core::Core) -> reqwest::Client {
+    let token = ferry_core::testing::admin_token(ctx);
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
 struct Harness {
     api: String,
     http: reqwest::Client,
@@ -41,12 +55,13 @@ impl Harness {
         let agents = Arc::new(Double::default());
         let dir = tempfile::tempdir().unwrap();
         let ctx = Core::new(store.clone(), dir.path().into(), agents.clone(), webhooks());
+        let http = authed(&ctx);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router(ctx)).await });
         Harness {
             api,
-            http: reqwest::Client::new(),
+            http,
             agents,
             clock,
             store,
@@ -386,7 +401,7 @@ async fn another_server_takes_over_a_migration_whose_server_died() {
         axum::serve(l, app_a).await
     });
 
-    let http = reqwest::Client::new();
+    let http = authed(&ctx_a);
     let post = |url: String, body: Value| {
         let http = http.clone();
         async move {

@@ -25,7 +25,7 @@ async fn only_directories_below_an_allowed_root_become_volumes() {
         dir.path().into(),
     );
     let api = serve(ctx.clone()).await;
-    let http = reqwest::Client::new();
+    let http = authed(&ctx);
     let create = |d: String| {
         let (http, api) = (http.clone(), api.clone());
         async move {
@@ -80,4 +80,18 @@ async fn only_directories_below_an_allowed_root_become_volumes() {
     let (s, v) = create(inside.clone()).await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["host_dir"], inside);
+}
+
+/// An HTTP client that sends a fresh admin token of `ctx`'s store with every request.
+fn authed(ctx: &ferry_core::Core) -> reqwest::Client {
+    let token = ferry_core::testing::admin_token(ctx);
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
 }

@@ -24,12 +24,9 @@ async fn a_registering_host_receives_every_mapping() {
     let store = Arc::new(SqliteStore::in_memory().unwrap());
     let org = store.ensure_org("acme").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let api = serve(router(ferry_api::http_core(
-        store.clone(),
-        dir.path().to_path_buf(),
-    )))
-    .await;
-    let http = reqwest::Client::new();
+    let ctx = ferry_api::http_core(store.clone(), dir.path().to_path_buf());
+    let http = authed(&ctx);
+    let api = serve(router(ctx)).await;
 
     // A mapping made while no host is registered: nobody to push it to yet.
     let addr = |host: u32, m: u32| {
@@ -91,4 +88,18 @@ async fn a_registering_host_receives_every_mapping() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(store.list_hosts().unwrap().len(), 1);
+}
+
+/// An HTTP client that sends a fresh admin token of `ctx`'s store with every request.
+fn authed(ctx: &ferry_core::Core) -> reqwest::Client {
+    let token = ferry_core::testing::admin_token(ctx);
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
 }

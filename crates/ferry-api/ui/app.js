@@ -23,9 +23,32 @@ function headers() {
 async function api(path) {
   const r = await fetch(path, { headers: headers() });
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(`${r.status} ${body.code || ""}: ${body.error || r.statusText}`);
+  if (!r.ok) {
+    const e = new Error(`${r.status} ${body.code || ""}: ${body.error || r.statusText}`);
+    e.status = r.status;
+    throw e;
+  }
   return body;
 }
+
+// No token, or one the server refuses: ask for one. Nothing of the fleet shows until then.
+function askForToken(why) {
+  document.getElementById("view").innerHTML = `<form id="token-form">
+  <h2>An API token, please</h2>
+  <p class="empty">${esc(why)}. Paste a token: the admin token <code>ferry dev</code> printed, or one
+  from <code>ferry token create --org ORG</code>. It is kept for this browser tab only.</p>
+  <input id="token-input" type="password" autocomplete="off" size="60"> <button>Use it</button>
+</form>`;
+  document.getElementById("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem("ferryToken", document.getElementById("token-input").value.trim());
+    tokenChanged();
+    refresh();
+  });
+}
+let tokenChanged = () => {};
+// The event stream waits here after a 401 until a token is given.
+const tokenSet = () => new Promise((res) => (tokenChanged = res));
 
 const esc = (v) =>
   String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -172,7 +195,8 @@ async function refresh() {
         document.getElementById("updated").textContent = "updated " + snap.generated_at;
         await render();
       } catch (e) {
-        document.getElementById("view").innerHTML = `<p class="empty">${esc(e.message)}</p>`;
+        if (e.status === 401) askForToken(sessionStorage.getItem("ferryToken") ? "The server refused this token" : "This dashboard needs a token");
+        else document.getElementById("view").innerHTML = `<p class="empty">${esc(e.message)}</p>`;
       }
     } while (again);
     loading = null;
@@ -185,7 +209,13 @@ async function listen() {
   const live = document.getElementById("live");
   for (;;) {
     try {
-      const r = await fetch("/v1/dashboard/events" + (org ? `?org=${encodeURIComponent(org)}` : ""), { headers: headers() });
+      const r = await fetch("/v1/dashboard/events", { headers: headers() });
+      if (r.status === 401) {
+        live.className = "off";
+        live.textContent = "no token";
+        await tokenSet();
+        continue;
+      }
       if (!r.ok) throw new Error(`events: ${r.status}`);
       live.className = "on";
       live.textContent = "live";

@@ -43,6 +43,8 @@ pub fn report(what: &str, unit: &str, ferry: &[f64], baseline: &[f64]) -> f64 {
 pub struct BenchFleet {
     child: std::process::Child,
     pub api: String,
+    /// The fleet's admin token (`admin.token` in its state directory).
+    pub token: String,
     http: reqwest::blocking::Client,
     state: std::path::PathBuf,
 }
@@ -87,10 +89,28 @@ impl BenchFleet {
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("starting ferry dev")?;
+        // The control plane writes its admin token before it listens.
+        let file = state.join("admin.token");
+        let t = std::time::Instant::now();
+        while !file.exists() && t.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let token = std::fs::read_to_string(&file)
+            .context("ferry dev wrote no admin token")?
+            .trim()
+            .to_owned();
+        let mut auth = reqwest::header::HeaderMap::new();
+        auth.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse()?,
+        );
         let fleet = BenchFleet {
             child,
             api: format!("http://127.0.0.1:{port}"),
-            http: reqwest::blocking::Client::new(),
+            token,
+            http: reqwest::blocking::Client::builder()
+                .default_headers(auth)
+                .build()?,
             state,
         };
         let t = std::time::Instant::now();
@@ -105,6 +125,11 @@ impl BenchFleet {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         anyhow::bail!("ferry dev did not come up")
+    }
+
+    /// An HTTP client that sends the fleet's admin token.
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
     }
 
     pub fn get(&self, p: &str) -> anyhow::Result<serde_json::Value> {

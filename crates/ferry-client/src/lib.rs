@@ -10,6 +10,7 @@
 //! The request and response types are the server's own (`ferry_api`), so the bytes agree by
 //! construction; what the table guards is the routing: methods, paths and parameters.
 
+use ferry_core::auth::{CreateToken, CreatedToken, TokenView};
 use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
 use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
 use ferry_core::logs::{LogLine, LogsView};
@@ -152,6 +153,9 @@ operations! {
     LIST_REGISTRIES = "list_registries" "GET" "/v1/registries" - -> "[RegistryView]";
     PUT_REGISTRY = "put_registry" "PUT" "/v1/registries/{registry}" "RegistrySettings" -> "RegistryView";
     DELETE_REGISTRY = "delete_registry" "DELETE" "/v1/registries/{registry}" - -> "RegistryView";
+    CREATE_TOKEN = "create_token" "POST" "/v1/tokens" "CreateToken" -> "CreatedToken";
+    LIST_TOKENS = "list_tokens" "GET" "/v1/tokens" - -> "[TokenView]";
+    REVOKE_TOKEN = "revoke_token" "DELETE" "/v1/tokens/{id}" - -> "TokenView";
 }
 
 fn logs_query(since: Option<&str>, tail: Option<u32>, follow: bool) -> Vec<(&'static str, String)> {
@@ -199,6 +203,8 @@ pub struct Client {
     current: Arc<AtomicUsize>,
     http: reqwest::blocking::Client,
     lease: Option<String>,
+    /// Sent as `Authorization: Bearer ...` on every call.
+    token: Option<Arc<str>>,
 }
 
 impl Client {
@@ -208,6 +214,13 @@ impl Client {
     /// may have received is never sent twice). Calls time out after `timeout` (a wait or an exec
     /// may take minutes: choose above the longest you make).
     pub fn new(base: &str, timeout: Duration) -> Result<Self> {
+        Self::with_ca(base, timeout, None)
+    }
+
+    /// [`Client::new`] for servers whose certificates `ca_pem` (a PEM CA certificate, the
+    /// fleet's `ferry server init` CA) signed: `https://` addresses are trusted through it
+    /// alone, never the system's roots.
+    pub fn with_ca(base: &str, timeout: Duration, ca_pem: Option<&[u8]>) -> Result<Self> {
         let mut bases = Vec::new();
         for b in base.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let url = reqwest::Url::parse(b)
@@ -222,8 +235,17 @@ impl Client {
         if bases.is_empty() {
             return Err(ClientError::BadArgument("no API address given".into()));
         }
-        let http = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .timeout(timeout)
+            .use_rustls_tls();
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| ClientError::BadArgument(format!("the CA certificate: {e}")))?;
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::BadArgument(format!("HTTP client: {e}")))?;
         Ok(Client {
@@ -231,7 +253,16 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             http,
             lease: None,
+            token: None,
         })
+    }
+
+    /// The same client, sending `token` (`<id>.<secret>`) as its bearer token on every call.
+    pub fn with_token(self, token: Option<&str>) -> Self {
+        Client {
+            token: token.map(Arc::from),
+            ..self
+        }
     }
 
     /// The same client, sending `nonce` as the machine lease on every call.
@@ -341,6 +372,9 @@ impl Client {
             }
             if let Some(n) = &self.lease {
                 req = req.header(LEASE_HEADER, n);
+            }
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
             }
             match req.send() {
                 Ok(r) => {
@@ -663,6 +697,18 @@ impl Client {
     }
     pub fn delete_registry(&self, registry: &str) -> Result<RegistryView> {
         self.call::<NoBody, _>(&op::DELETE_REGISTRY, &[registry], &[], None)
+    }
+
+    // ---- tokens (an admin's) ----------------------------------------------------------------
+
+    pub fn create_token(&self, req: &CreateToken) -> Result<CreatedToken> {
+        self.call(&op::CREATE_TOKEN, &[], &[], Some(req))
+    }
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>> {
+        self.get(&op::LIST_TOKENS, &[])
+    }
+    pub fn revoke_token(&self, id: &str) -> Result<TokenView> {
+        self.call::<NoBody, _>(&op::REVOKE_TOKEN, &[id], &[], None)
     }
 }
 

@@ -5,8 +5,9 @@ use ferry_core::views::CreateApp;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A real API server (in-memory store) on its own runtime thread; its address.
-fn server() -> (String, tokio::runtime::Runtime, tempfile::TempDir) {
+/// A real API server (in-memory store) on its own runtime thread; its address and an admin
+/// token of it.
+fn server() -> (String, String, tokio::runtime::Runtime, tempfile::TempDir) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -14,13 +15,23 @@ fn server() -> (String, tokio::runtime::Runtime, tempfile::TempDir) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(ferry_store::SqliteStore::in_memory().unwrap());
-    let app = ferry_api::server::router(ferry_api::http_core(store, dir.path().into()));
+    let core = ferry_api::http_core(store, dir.path().into());
+    let token = ferry_core::auth::issue(
+        &core,
+        ferry_core::auth::CreateToken {
+            kind: "admin".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .token;
+    let app = ferry_api::server::router(core);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), rt, dir)
+    (format!("http://{addr}"), token, rt, dir)
 }
 
 fn dead_address() -> String {
@@ -34,9 +45,11 @@ fn dead_address() -> String {
 
 #[test]
 fn a_call_goes_to_a_server_that_answers() {
-    let (live, _rt, _dir) = server();
+    let (live, token, _rt, _dir) = server();
     let dead = dead_address();
-    let c = Client::new(&format!("{dead},{live}"), Duration::from_secs(10)).unwrap();
+    let c = Client::new(&format!("{dead},{live}"), Duration::from_secs(10))
+        .unwrap()
+        .with_token(Some(&token));
     let a = c
         .create_app(&CreateApp {
             app_name: "web".into(),

@@ -2,6 +2,7 @@
 //! hits gathered from every host, retirement. The state lives in the store; every change is
 //! pushed whole to every agent, which makes its host's BPF maps equal to it.
 
+use crate::auth::{sees_network, Caller};
 use crate::error::{Error, Result};
 use crate::proto::{BridgeHit, BridgeMapping, BridgeSync};
 use crate::Core;
@@ -205,9 +206,18 @@ fn parse_guest(what: &str, s: &str) -> Result<FleetAddr> {
         .map_err(|e| Error::invalid(format!("{what}: {e}")))
 }
 
+fn no_org_has(n: ferry_addr::NetworkId) -> Error {
+    Error::not_found(format!("network {n} (no org has it)"))
+}
+
 /// Maps OLD to NEW (both in one org's network).
-pub async fn map(core: &Core, req: MapRequest) -> Result<MappingView> {
+pub async fn map(core: &Core, caller: &Caller, req: MapRequest) -> Result<MappingView> {
+    let confined = crate::auth::network(core, caller)?;
     let (old, new) = (parse_guest("old", &req.old)?, parse_guest("new", &req.new)?);
+    if !sees_network(confined, old.network().get()) {
+        // Another org's network is one that no org has, as far as this caller can tell.
+        return Err(no_org_has(old.network()));
+    }
     if old.network() != new.network() {
         return Err(Error::invalid(format!(
             "{old} is in network {} and {new} in network {}: a mapping never crosses orgs",
@@ -233,10 +243,7 @@ pub async fn install(core: &Core, old: FleetAddr, new: FleetAddr) -> Result<Brid
         .iter()
         .any(|o| o.network_id == old.network())
     {
-        return Err(Error::not_found(format!(
-            "network {} (no org has it)",
-            old.network()
-        )));
+        return Err(no_org_has(old.network()));
     }
     let (o, n) = (old.to_string(), new.to_string());
     let now = core.store.now_ms();
@@ -329,9 +336,11 @@ fn view(m: &BridgeMapping, hits: &[BridgeHit]) -> MappingView {
     }
 }
 
-/// Every mapping with its hits.
-pub async fn list(core: &Core) -> Result<Vec<MappingView>> {
-    let all = mappings(core)?;
+/// Every mapping with its hits (an org token: its own network's).
+pub async fn list(core: &Core, caller: &Caller) -> Result<Vec<MappingView>> {
+    let confined = crate::auth::network(core, caller)?;
+    let mut all = mappings(core)?;
+    all.retain(|m| sees_network(confined, m.network_id));
     let hits = all_hits(core).await?;
     Ok(all.iter().map(|m| view(m, &hits)).collect())
 }
@@ -345,8 +354,12 @@ pub struct ReportLine {
 }
 
 /// Per machine, the old addresses it still dials.
-pub async fn report(core: &Core) -> Result<Vec<ReportLine>> {
-    let hits = all_hits(core).await?;
+pub async fn report(core: &Core, caller: &Caller) -> Result<Vec<ReportLine>> {
+    let confined = crate::auth::network(core, caller)?;
+    let mut hits = all_hits(core).await?;
+    // A hit is counted under the caller's own network: filtering by it keeps only this org's
+    // machines.
+    hits.retain(|h| sees_network(confined, h.network_id));
     let mut ids: Vec<String> = hits.iter().map(|h| h.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -383,7 +396,8 @@ pub struct RetireRequest {
 }
 
 /// Retires mappings: the old address fails fast from now on and never reaches anyone.
-pub async fn retire(core: &Core, req: RetireRequest) -> Result<Vec<MappingView>> {
+pub async fn retire(core: &Core, caller: &Caller, req: RetireRequest) -> Result<Vec<MappingView>> {
+    let confined = crate::auth::network(core, caller)?;
     let hits = all_hits(core).await?;
     let now = core.store.now_ms();
     let mut retired = Vec::new();
@@ -391,6 +405,10 @@ pub async fn retire(core: &Core, req: RetireRequest) -> Result<Vec<MappingView>>
         (Some(old), None) => {
             let addr = parse_guest("old", old)?;
             let old = addr.to_string();
+            if !sees_network(confined, addr.network().get()) {
+                // Exactly the answer for an address with no mapping.
+                return Err(Error::not_found(format!("mapping of {old}")));
+            }
             let r = change_network(core, addr.network().get(), |all| {
                 let m = all
                     .iter()
@@ -408,7 +426,11 @@ pub async fn retire(core: &Core, req: RetireRequest) -> Result<Vec<MappingView>>
             let d = humantime::parse_duration(d).map_err(|_| {
                 Error::invalid(format!("unused_for {d:?} is not a duration like 7d"))
             })?;
-            let networks: BTreeSet<u32> = mappings(core)?.iter().map(|m| m.network_id).collect();
+            let networks: BTreeSet<u32> = mappings(core)?
+                .iter()
+                .map(|m| m.network_id)
+                .filter(|n| sees_network(confined, *n))
+                .collect();
             for n in networks {
                 let r = change_network(core, n, |all| {
                     let puts: Vec<BridgeMapping> = all
@@ -445,16 +467,21 @@ pub struct GateRequest {
 }
 
 /// Switches the bridge on or off for an org or an app.
-pub async fn set_gate(core: &Core, req: GateRequest) -> Result<Gates> {
+pub async fn set_gate(core: &Core, caller: &Caller, req: GateRequest) -> Result<Gates> {
+    caller.require_user()?;
     // One gate is one record: switching it never rewrites another's.
     match (&req.org, &req.app) {
         (Some(o), None) => {
+            if !caller.may_see_org(o) {
+                // Another org is one that does not exist: the store's own words for that.
+                return Err(ferry_store::StoreError::OrgNotFound { name: o.clone() }.into());
+            }
             core.store.get_org(o)?;
             core.store
                 .set_bridge_gate(ferry_store::GateScope::Org, o, !req.enabled)?;
         }
         (None, Some(a)) => {
-            core.store.get_app(a)?;
+            crate::auth::app(core, caller, a)?;
             core.store
                 .set_bridge_gate(ferry_store::GateScope::App, a, !req.enabled)?;
         }
@@ -462,5 +489,17 @@ pub async fn set_gate(core: &Core, req: GateRequest) -> Result<Gates> {
     }
     core.cache.gates_changed();
     sync_all(core).await;
-    gates(core)
+    let mut g = gates(core)?;
+    if let Some(own) = caller.org_name() {
+        // The caller's own gates only: other orgs' names are not theirs to see.
+        let apps: BTreeSet<String> = core
+            .store
+            .list_apps(Some(own))?
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        g.orgs_off.retain(|o| o == own);
+        g.apps_off.retain(|a| apps.contains(a));
+    }
+    Ok(g)
 }

@@ -4,6 +4,7 @@
 //! The dashboard page renders this and reads it again whenever the fleet changes (the HTTP
 //! layer streams a notice per change of [`Core::changes`]), so one snapshot is all it needs.
 
+use crate::auth::Caller;
 use crate::bridge::MappingView;
 use crate::hosts::host_hex;
 use crate::migrate::Migration;
@@ -29,7 +30,7 @@ pub struct DashboardHost {
     pub infra_prefix: String,
     /// Machines on it (of the viewer's org, when scoped).
     pub machines: usize,
-    /// The routes this host holds: one per other host, `prefix via host`.
+    /// The routes this host holds: one per other host, `prefix via host` (shown to admins).
     pub routes: Vec<String>,
 }
 
@@ -57,10 +58,16 @@ pub struct Dashboard {
     pub bridge: Vec<DashboardMapping>,
 }
 
-/// The dashboard's view of the fleet, limited to `org`'s apps, machines, migrations and bridge
-/// mappings when one is given (hosts then count only that org's machines).
-pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
-    let apps = crate::machines::list_apps(core, org)?;
+/// The dashboard's view of the fleet as `caller` may see it: an org token sees its own org
+/// only (hosts: those that run its machines, counting only those, without the fleet's routes);
+/// an admin sees everything, or one org's apps, machines, migrations and mappings when it asks.
+pub async fn snapshot(core: &Core, caller: &Caller, org: Option<&str>) -> Result<Dashboard> {
+    caller.require_user()?;
+    let org = match caller.org_name() {
+        Some(own) => Some(own),
+        None => org,
+    };
+    let apps = crate::machines::list_apps(core, caller, org)?;
     let app_names: BTreeSet<&str> = apps.iter().map(|a| a.name.as_str()).collect();
     let networks: BTreeSet<u32> = apps.iter().map(|a| a.network_id).collect();
     let machines: Vec<MachineView> = core
@@ -77,8 +84,10 @@ pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
         }
     }
     let all_hosts = core.store.list_hosts()?;
+    let admin = caller.is_admin();
     let hosts = all_hosts
         .iter()
+        .filter(|h| admin || per_host.contains_key(&host_hex(h.id)))
         .map(|h| {
             let id = host_hex(h.id);
             DashboardHost {
@@ -88,7 +97,7 @@ pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
                 infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
                 routes: all_hosts
                     .iter()
-                    .filter(|o| o.id != h.id)
+                    .filter(|o| admin && o.id != h.id)
                     .map(|o| {
                         format!(
                             "{} via {}",
@@ -101,14 +110,14 @@ pub async fn snapshot(core: &Core, org: Option<&str>) -> Result<Dashboard> {
             }
         })
         .collect();
-    let mut migrations: Vec<Migration> = crate::migrate::list(core, None, None)?
+    let mut migrations: Vec<Migration> = crate::migrate::list(core, caller, None, None)?
         .into_iter()
         .filter(|m| app_names.contains(m.app.as_str()))
         .collect();
     migrations.sort_by_key(|m| std::cmp::Reverse(m.created_at_ms));
     migrations.truncate(RECENT_MIGRATIONS);
     let now = core.store.now_ms();
-    let bridge = crate::bridge::list(core)
+    let bridge = crate::bridge::list(core, caller)
         .await?
         .into_iter()
         .filter(|m| networks.contains(&m.network_id))

@@ -25,8 +25,11 @@ pub enum Kind {
     Agent,
     /// A dependency is down or busy (the store, an agent that does not answer); may pass.
     Unavailable,
-    /// Something upstream of a host refused our credentials (a registry).
+    /// Credentials refused: the caller's API token (missing, unknown, revoked, expired), or
+    /// ours somewhere upstream of a host (a registry).
     Unauthorized,
+    /// A valid token whose scope does not reach the operation (an org token on an admin route).
+    Forbidden,
     /// Something upstream of a host could not be reached in time (a registry); may pass.
     UpstreamTimeout,
 }
@@ -47,6 +50,7 @@ impl Kind {
         match status {
             400 => Kind::Invalid,
             401 => Kind::Unauthorized,
+            403 => Kind::Forbidden,
             404 => Kind::NotFound,
             408 => Kind::Timeout,
             409 => Kind::Conflict,

@@ -15,6 +15,7 @@
 //! The core never touches the kernel (agents do, on their hosts) and never speaks HTTP.
 
 pub mod agents;
+pub mod auth;
 pub mod bridge;
 mod cache;
 pub mod config;

@@ -4,6 +4,7 @@
 //! agent, record the outcome and an event. Illegal transitions are refused as conflicts and
 //! change nothing.
 
+use crate::auth::Caller;
 use crate::config::{
     canonical_signal, validate_machine_id, validate_name, MachineConfig, ALLOWED_SIGNALS,
     MAX_STOP_TIMEOUT,
@@ -34,17 +35,27 @@ fn app_view(a: &ferry_store::App) -> AppView {
     }
 }
 
-/// Creates an app in its org's network (`personal` when no org is given).
-pub fn create_app(core: &Core, req: CreateApp) -> Result<AppView> {
+/// Creates an app in its org's network: an org token's own org; an admin's choice (`personal`
+/// when no org is given).
+pub fn create_app(core: &Core, caller: &Caller, req: CreateApp) -> Result<AppView> {
     validate_name("app name", &req.app_name)?;
-    let org = req.org_slug.unwrap_or_else(|| "personal".into());
-    validate_name("org", &org)?;
+    if let Some(o) = &req.org_slug {
+        validate_name("org", o)?;
+    }
+    let org = crate::auth::org_for_new(caller, req.org_slug.as_deref())?;
     let app = core.store.create_app(&req.app_name, &org)?;
     Ok(app_view(&app))
 }
 
-/// Apps by name, of one org or all.
-pub fn list_apps(core: &Core, org: Option<&str>) -> Result<Vec<AppView>> {
+/// Apps by name, of one org or all (an org token: of its own org only, whatever it asks; asking
+/// for another org gets what an org without apps gets, an empty list).
+pub fn list_apps(core: &Core, caller: &Caller, org: Option<&str>) -> Result<Vec<AppView>> {
+    caller.require_user()?;
+    let org = match (caller.org_name(), org) {
+        (Some(own), Some(asked)) if own != asked => return Ok(Vec::new()),
+        (Some(own), _) => Some(own),
+        (None, asked) => asked,
+    };
     Ok(core.store.list_apps(org)?.iter().map(app_view).collect())
 }
 
@@ -63,11 +74,15 @@ pub fn delete_app(core: &Core, app: &str) -> Result<()> {
 /// Loads a machine and checks it belongs to `app` (another app's machine is "not found").
 pub fn machine_of(core: &Core, app: &str, id: &str) -> Result<Machine> {
     validate_machine_id(id)?;
-    let m = core.store.get_machine(id)?;
-    if m.app != app {
-        return Err(Error::not_found(format!("machine {id} in app {app}")));
+    // A machine of another app (maybe of another org) and one that does not exist get the same
+    // answer, word for word: the ID alone must not tell that it exists somewhere.
+    let missing = || Error::not_found(format!("machine {id} in app {app}"));
+    match core.store.get_machine(id) {
+        Ok(m) if m.app == app => Ok(m),
+        Ok(_) => Err(missing()),
+        Err(e) if e.is_not_found() => Err(missing()),
+        Err(e) => Err(e.into()),
     }
-    Ok(m)
 }
 
 /// The app's machines, oldest first (with destroyed and migrated-away ones if asked).
@@ -95,6 +110,14 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
     let mut want = req.host.clone();
     for mount in &req.config.mounts {
         let v = volume(core, &mount.volume)?;
+        // Another org's volume is one that does not exist (the store's own words for that).
+        if v.org.as_ref().is_some_and(|o| *o != app.org) {
+            return Err(ferry_store::StoreError::NotFound {
+                kind: "volume",
+                id: v.id.clone(),
+            }
+            .into());
+        }
         if let (true, Some(h)) = (v.kept_by_agent, &v.host) {
             match &want {
                 Some(w) if parse_host(w)? != parse_host(h)? => {
@@ -140,7 +163,7 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
         "launch",
         "created",
         "user",
-        serde_json::json!({"config": config}),
+        crate::auth::stamp(serde_json::json!({"config": config})),
     );
     core.store.create_machine_placed(&m, &created)?;
     core.changed();
@@ -198,7 +221,12 @@ pub async fn launch(
                     put_volume(core, &v)?;
                 }
             }
-            let started = NewEvent::new("start", "started", "flyd", serde_json::json!({}));
+            let started = NewEvent::new(
+                "start",
+                "started",
+                "flyd",
+                crate::auth::stamp(serde_json::json!({})),
+            );
             m = core
                 .store
                 .transition_recorded(id, &[S::Starting], S::Started, &started)?;
@@ -217,7 +245,7 @@ fn failed(core: &Core, id: &str, from: MachineState, kind: &str, e: Error) -> Re
         kind,
         "failed",
         "flyd",
-        serde_json::json!({"error": e.message}),
+        crate::auth::stamp(serde_json::json!({"error": e.message})),
     );
     core.store
         .transition_recorded(id, &[from], S::Failed, &event)?;
@@ -293,7 +321,9 @@ pub async fn stop_inner(
         "exit",
         "stopped",
         "flyd",
-        serde_json::json!({"exit_event": exit, "signal": params.signal, "timeout_ms": params.timeout_ms, "ended_by": ended_by}),
+        crate::auth::stamp(
+            serde_json::json!({"exit_event": exit, "signal": params.signal, "timeout_ms": params.timeout_ms, "ended_by": ended_by}),
+        ),
     );
     let m = core
         .store
@@ -367,7 +397,12 @@ pub async fn destroy_machine(
     core.changed();
     let ep = machine_endpoint(core, &m)?;
     core.agents.destroy(&ep, id).await?;
-    let destroyed = NewEvent::new("destroy", "destroyed", "user", serde_json::json!({}));
+    let destroyed = NewEvent::new(
+        "destroy",
+        "destroyed",
+        "user",
+        crate::auth::stamp(serde_json::json!({})),
+    );
     let m = core
         .store
         .transition_recorded(id, &[S::Destroying], S::Destroyed, &destroyed)?;
@@ -558,7 +593,9 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
         &r.kind,
         &r.state,
         "flyd",
-        serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id, "report_id": r.report_id}),
+        crate::auth::stamp(
+            serde_json::json!({"exit_event": r.exit, "detail": r.detail, "instance_id": r.instance_id, "report_id": r.report_id}),
+        ),
     );
     if matches!(r.kind.as_str(), "exit" | "restart") {
         core.metrics.machine_event(&r.kind);
@@ -652,7 +689,7 @@ pub async fn signal_machine(
         "signal",
         "sent",
         "user",
-        serde_json::json!({"signal": signal}),
+        crate::auth::stamp(serde_json::json!({"signal": signal})),
     )?;
     Ok(OkView { ok: true })
 }
@@ -676,7 +713,9 @@ pub async fn restart_machine(
         "restart",
         "requested",
         "user",
-        serde_json::json!({"signal": params.signal, "timeout_ms": params.timeout_ms}),
+        crate::auth::stamp(
+            serde_json::json!({"signal": params.signal, "timeout_ms": params.timeout_ms}),
+        ),
     )?;
     if m.state == S::Started {
         stop_inner(core, id, params, S::Stopped).await?;
@@ -795,11 +834,11 @@ pub async fn update_machine(
         "update",
         "updated",
         "user",
-        serde_json::json!({
+        crate::auth::stamp(serde_json::json!({
             "previous_instance_id": cur.instance_id,
             "instance_id": updated.instance_id,
             "config": updated.config,
-        }),
+        })),
     )?;
     core.changed();
     let m = if was_running && !req.skip_launch {

@@ -188,7 +188,7 @@ pub async fn scrape(core: &Core) -> Result<String> {
         m.machines.get_or_create(&StateLabels { state }).set(n);
     }
     let mut by_phase = std::collections::BTreeMap::<String, i64>::new();
-    for mig in crate::migrate::list(core, None, None)? {
+    for mig in crate::migrate::list(core, &crate::auth::Caller::server(), None, None)? {
         *by_phase.entry(mig.phase.as_str().to_owned()).or_default() += 1;
     }
     m.migrations.clear();

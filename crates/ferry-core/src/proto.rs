@@ -333,6 +333,7 @@ pub fn wire_status(kind: crate::Kind) -> u16 {
         K::Agent => 502,
         K::Unavailable => 503,
         K::Unauthorized => 401,
+        K::Forbidden => 403,
         K::UpstreamTimeout => 504,
     }
 }

@@ -95,13 +95,26 @@ impl Agents for Double {
         }
         ready(Ok(()))
     }
+    /// Runs nothing: a running machine answers exit 0 with its command echoed.
     fn exec<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a ExecRequest,
+        ep: &'a str,
+        m: &'a str,
+        req: &'a ExecRequest,
     ) -> AgentResult<'a, ExecResult> {
-        ready(Err(Error::internal("not used")))
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("exec {m} {ep}"));
+        if f.running.get(m).map(String::as_str) != Some(ep) {
+            return ready(Err(agent_error(
+                "not_running",
+                format!("{m} is not running"),
+            )));
+        }
+        ready(Ok(ExecResult {
+            exit_code: 0,
+            stdout: format!("{:?}\n", req),
+            stderr: String::new(),
+        }))
     }
     fn signal<'a>(
         &'a self,
@@ -167,4 +180,33 @@ impl Agents for Double {
     fn image_remove<'a>(&'a self, _: &'a str, _: &'a ImageRemove) -> AgentResult<'a, Vec<String>> {
         ready(Ok(vec![]))
     }
+}
+
+/// Webhooks that go nowhere: each post answers that nothing was sent.
+#[derive(Default)]
+pub struct NoWebhooks;
+
+impl crate::agents::Webhooks for NoWebhooks {
+    fn post<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a [(&'static str, String)],
+        _: String,
+    ) -> futures::future::BoxFuture<'a, serde_json::Value> {
+        Box::pin(async { serde_json::json!({"sent": false}) })
+    }
+}
+
+/// A fresh admin token of `core`'s store (`<id>.<secret>`), for tests that call the API.
+pub fn admin_token(core: &crate::Core) -> String {
+    crate::auth::issue(
+        core,
+        crate::auth::CreateToken {
+            kind: "admin".into(),
+            description: Some("tests".into()),
+            ..Default::default()
+        },
+    )
+    .expect("an admin token")
+    .token
 }

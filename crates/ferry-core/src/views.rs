@@ -212,11 +212,18 @@ pub struct CreateVolume {
     /// Or: an existing host directory to use as the volume (dev fleets).
     #[serde(default)]
     pub host_dir: Option<String>,
+    /// The org whose machines may mount it: an org token's own (the default); an admin's
+    /// choice, or none (then any org's machine may mount it).
+    #[serde(default)]
+    pub org_slug: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VolumeView {
     pub id: String,
+    /// The org whose machines may mount it (none: made by an admin for any org).
+    #[serde(default)]
+    pub org: Option<String>,
     /// Where its files are on its host: for a size-limited volume, the agent's mount of its
     /// file system (empty until a machine first uses it, which places it on that machine's
     /// host).

@@ -2,6 +2,7 @@
 //! operators' directory volumes (below the directories the server allows). The core never
 //! creates, reads or deletes volume data.
 
+use crate::auth::Caller;
 use crate::config::{validate_volume_id, MachineConfig};
 use crate::error::{Error, Result};
 use crate::views::{rfc3339, CreateVolume, VolumeView};
@@ -36,7 +37,17 @@ fn volume_view(r: ferry_store::VolumeRecord) -> Result<VolumeView> {
 
 /// Creates a volume: `size_mb` (made on its first machine's host) or `host_dir` (an allowed
 /// directory).
-pub fn create_volume(core: &Core, req: CreateVolume) -> Result<VolumeView> {
+pub fn create_volume(core: &Core, caller: &Caller, req: CreateVolume) -> Result<VolumeView> {
+    if let Some(o) = &req.org_slug {
+        crate::config::validate_name("org", o)?;
+    }
+    let org = match caller.org_name() {
+        Some(_) => Some(crate::auth::org_for_new(caller, req.org_slug.as_deref())?),
+        None => {
+            caller.require_user()?;
+            req.org_slug.clone()
+        }
+    };
     let id = new_volume_id();
     let (dir, size) = match (req.size_mb, req.host_dir) {
         (Some(s), None) => {
@@ -54,6 +65,7 @@ pub fn create_volume(core: &Core, req: CreateVolume) -> Result<VolumeView> {
     };
     let v = VolumeView {
         id: id.clone(),
+        org,
         host_dir: dir.display().to_string(),
         size_mb: size,
         kept_by_agent: size.is_some(),
@@ -110,8 +122,14 @@ pub fn volumes(core: &Core, state: Option<&str>) -> Result<Vec<VolumeView>> {
         .collect()
 }
 
-/// Every volume, oldest first (expired ones destroyed first).
-pub async fn list_volumes(core: &Core) -> Result<Vec<VolumeView>> {
+/// Every volume the caller may see (an org token: its org's), oldest first (expired ones
+/// destroyed first).
+pub async fn list_volumes(core: &Core, caller: &Caller) -> Result<Vec<VolumeView>> {
+    caller.require_user()?;
     crate::migrate::expire_volumes(core).await;
-    volumes(core, None)
+    let mut all = volumes(core, None)?;
+    if let Some(own) = caller.org_name() {
+        all.retain(|v| v.org.as_deref() == Some(own));
+    }
+    Ok(all)
 }

@@ -66,6 +66,7 @@ impl Fleet {
         }
         machines::create_app(
             &core,
+            &ferry_core::auth::Caller::admin("test"),
             CreateApp {
                 app_name: "web".into(),
                 org_slug: None,
@@ -351,6 +352,7 @@ async fn a_drain_plan_names_destinations_and_who_holds_the_moving_addresses() {
         .unwrap();
     machines::create_app(
         &f.core,
+        &ferry_core::auth::Caller::admin("test"),
         CreateApp {
             app_name: "other".into(),
             org_slug: Some("acme".into()),
@@ -453,6 +455,7 @@ async fn cached_reads_follow_the_stores_changes() {
     // Gone app: the store's create refuses it; nothing is left behind.
     machines::create_app(
         &f.core,
+        &ferry_core::auth::Caller::admin("test"),
         CreateApp {
             app_name: "brief".into(),
             org_slug: None,

@@ -56,6 +56,7 @@
 //! | `migrations/<id>`, `idx/mig_{machine,app,network,drain}/<v>/<id>`, `idx/mig_unfinished/<id>` | migrations and their indexes |
 //! | `idx/mig_active/<machine>` | the machine's unfinished migration (its ID) |
 //! | `policies/<app>`, `instances/<machine>/<instance>` | policies; instance histories (append order = create revision) |
+//! | `tokens/<id>` | API tokens (a hash of each secret, never the secret) |
 //! | `bridge/net/<network>`, `bridge/map/<network>/<old>`, `bridge/gate/<org\|app>/<name>` | a network's revision, its mappings, gates |
 //!
 //! # Limits
@@ -71,7 +72,7 @@ use crate::model::{
 };
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
-    PolicyRecord, VolumeRecord,
+    PolicyRecord, TokenRecord, VolumeRecord,
 };
 use crate::sqlite::{check_machine, field_conflict, invalid, ttl};
 use crate::sqlite_records::{check_bridge_batch, check_migration_update};
@@ -1171,6 +1172,14 @@ fn active_migration_tx(tx: &mut Tx<'_>, machine_id: &str) -> Result<Option<Migra
     }
 }
 
+fn get_token_tx(tx: &mut Tx<'_>, id: &str) -> Result<TokenRecord> {
+    tx.get_json(&format!("tokens/{}", esc(id)))?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "token",
+            id: id.to_owned(),
+        })
+}
+
 fn by_created<T>(mut v: Vec<T>, key: impl Fn(&T) -> (i64, String)) -> Vec<T> {
     v.sort_by_key(key);
     v
@@ -1858,6 +1867,54 @@ impl Store for EtcdStore {
             }
             tx.put(&migration_key(&m.id), &rec)?;
             Ok(rec)
+        })
+    }
+
+    // ---- tokens -----------------------------------------------------------------------------
+
+    fn create_token(&self, t: &TokenRecord) -> Result<TokenRecord> {
+        self.write(|tx| {
+            crate::records::check_token(t)?;
+            let key = format!("tokens/{}", esc(&t.id));
+            if tx.get(&key)?.is_some() {
+                return Err(StoreError::Exists {
+                    kind: "token",
+                    id: t.id.clone(),
+                });
+            }
+            let rec = TokenRecord {
+                created_at_ms: tx.now,
+                revoked: false,
+                ..t.clone()
+            };
+            tx.put(&key, &rec)?;
+            Ok(rec)
+        })
+    }
+
+    fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        self.read(|tx| get_token_tx(tx, id))
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read(|tx| {
+            let v: Vec<TokenRecord> = tx
+                .range("tokens/")?
+                .iter()
+                .map(decode)
+                .collect::<Result<_>>()?;
+            Ok(by_created(v, |t| (t.created_at_ms, t.id.clone())))
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
+        self.write(|tx| {
+            let mut t = get_token_tx(tx, id)?;
+            if !t.revoked {
+                t.revoked = true;
+                tx.put(&format!("tokens/{}", esc(id)), &t)?;
+            }
+            Ok(t)
         })
     }
 

@@ -72,7 +72,7 @@ pub use model::{
 pub use open::{open, open_with_clock, DEFAULT_ETCD_PREFIX};
 pub use records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
-    PolicyRecord, VolumeRecord,
+    PolicyRecord, TokenKind, TokenRecord, VolumeRecord,
 };
 pub use sqlite::SqliteStore;
 pub use watch::{Changes, Subscription, Topic};
@@ -291,6 +291,19 @@ pub trait Store: Send + Sync {
     fn set_bridge_gate(&self, scope: GateScope, name: &str, off: bool) -> Result<()>;
     /// Everything switched off, by scope then name.
     fn bridge_gates_off(&self) -> Result<Vec<(GateScope, String)>>;
+
+    // ---- API tokens -------------------------------------------------------------------------
+
+    /// Records a new token (`created_at_ms` from the clock, `revoked` false);
+    /// [`StoreError::Exists`] if the ID is taken. An org token must name its org and the others
+    /// must not ([`StoreError::Invalid`]).
+    fn create_token(&self, t: &TokenRecord) -> Result<TokenRecord>;
+    /// [`StoreError::NotFound`] if there is none (revoked tokens are still found).
+    fn get_token(&self, id: &str) -> Result<TokenRecord>;
+    /// Every token, revoked ones included, oldest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Marks the token revoked (idempotent) and returns it; [`StoreError::NotFound`] if none.
+    fn revoke_token(&self, id: &str) -> Result<TokenRecord>;
 
     // ---- settings ---------------------------------------------------------------------------
 

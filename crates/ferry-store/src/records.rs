@@ -134,3 +134,73 @@ impl GateScope {
         }
     }
 }
+
+/// What an API token may do (docs/design.md#tokens): the store only keeps it; the core decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Everything, every org: hosts, drains, cross-org views, tokens.
+    Admin,
+    /// One org's apps, machines, volumes, bridge mappings and migrations.
+    Org,
+    /// Hosts joining the fleet: the agents' `/internal` routes only.
+    Join,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Admin => "admin",
+            TokenKind::Org => "org",
+            TokenKind::Join => "join",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TokenKind> {
+        match s {
+            "admin" => Some(TokenKind::Admin),
+            "org" => Some(TokenKind::Org),
+            "join" => Some(TokenKind::Join),
+            _ => None,
+        }
+    }
+}
+
+/// An API token. The store keeps only a hash of its secret: whoever reads the store (a backup,
+/// an etcd member) learns no credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public: shown by `ferry token list`, recorded in events.
+    pub id: String,
+    pub kind: TokenKind,
+    /// The org of an [`TokenKind::Org`] token; `None` for the others.
+    pub org: Option<String>,
+    /// Hex of the hash of the secret (the caller chooses the hash; the store only compares
+    /// nothing and keeps it).
+    pub secret_hash: String,
+    pub description: String,
+    /// Set by the store.
+    pub created_at_ms: i64,
+    /// `None`: never expires.
+    pub expires_at_ms: Option<i64>,
+    /// Once true it never goes back.
+    pub revoked: bool,
+}
+
+/// The rules both backends check before recording a token.
+pub(crate) fn check_token(t: &TokenRecord) -> crate::Result<()> {
+    let bad = |reason: &str| {
+        Err(crate::StoreError::Invalid {
+            reason: format!("token {:?}: {reason}", t.id),
+        })
+    };
+    if t.id.is_empty() || t.secret_hash.is_empty() {
+        return bad("a token needs an ID and a secret hash");
+    }
+    match (t.kind, &t.org) {
+        (TokenKind::Org, None) => bad("an org token names its org"),
+        (TokenKind::Org, Some(o)) if o.is_empty() => bad("an org token names its org"),
+        (TokenKind::Admin | TokenKind::Join, Some(_)) => bad("only an org token has an org"),
+        _ => Ok(()),
+    }
+}

@@ -174,6 +174,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, name)
     ) STRICT;
     "#,
+    // v3: API tokens. Only a hash of each secret is kept.
+    r#"
+    CREATE TABLE tokens (
+        id            TEXT PRIMARY KEY,
+        kind          TEXT NOT NULL CHECK (kind IN ('admin', 'org', 'join')),
+        org           TEXT,
+        secret_hash   TEXT NOT NULL,
+        description   TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER,
+        revoked       INTEGER NOT NULL CHECK (revoked IN (0, 1)),
+        CHECK ((kind = 'org') = (org IS NOT NULL))
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

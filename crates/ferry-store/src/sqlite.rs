@@ -13,7 +13,7 @@ use crate::model::{
 };
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
-    PolicyRecord, VolumeRecord,
+    PolicyRecord, TokenRecord, VolumeRecord,
 };
 use crate::schema;
 use crate::sqlite_records as rec;
@@ -166,6 +166,7 @@ impl SqliteStore {
             "bridge_networks",
             "bridge_mappings",
             "bridge_gates",
+            "tokens",
         ];
         let mut out = Vec::new();
         for t in tables {
@@ -1286,6 +1287,22 @@ impl Store for SqliteStore {
 
     fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
         self.write(|tx, now| rec::update_migration(tx, m, now))
+    }
+
+    fn create_token(&self, t: &TokenRecord) -> Result<TokenRecord> {
+        self.write(|tx, now| rec::create_token(tx, t, now))
+    }
+
+    fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        self.read(|tx, _| rec::get_token(tx, id))
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read(|tx, _| rec::list_tokens(tx))
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
+        self.write(|tx, _| rec::revoke_token(tx, id))
     }
 
     fn get_policy(&self, app: &str) -> Result<Option<PolicyRecord>> {

@@ -9,7 +9,7 @@
 use crate::error::{Result, StoreError};
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
-    PolicyRecord, VolumeRecord,
+    PolicyRecord, TokenKind, TokenRecord, VolumeRecord,
 };
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
@@ -568,4 +568,88 @@ pub(crate) fn bridge_gates_off(tx: &Transaction<'_>) -> Result<Vec<(GateScope, S
         Ok((scope, name))
     })
     .collect()
+}
+
+// ---- tokens --------------------------------------------------------------------------------
+
+const TOKEN_COLS: &str =
+    "id, kind, org, secret_hash, description, created_at_ms, expires_at_ms, revoked";
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<(TokenRecord, String)> {
+    let kind: String = r.get(1)?;
+    Ok((
+        TokenRecord {
+            id: r.get(0)?,
+            kind: TokenKind::Admin,
+            org: r.get(2)?,
+            secret_hash: r.get(3)?,
+            description: r.get(4)?,
+            created_at_ms: r.get(5)?,
+            expires_at_ms: r.get(6)?,
+            revoked: r.get::<_, i64>(7)? != 0,
+        },
+        kind,
+    ))
+}
+
+fn token_decode((mut t, kind): (TokenRecord, String)) -> Result<TokenRecord> {
+    t.kind = TokenKind::parse(&kind).ok_or_else(|| StoreError::Corrupt {
+        what: format!("token {} has kind {kind:?}", t.id),
+    })?;
+    Ok(t)
+}
+
+fn load_token(tx: &Transaction<'_>, id: &str) -> Result<Option<TokenRecord>> {
+    tx.query_row(
+        &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
+        [id],
+        token_row,
+    )
+    .optional()?
+    .map(token_decode)
+    .transpose()
+}
+
+pub(crate) fn get_token(tx: &Transaction<'_>, id: &str) -> Result<TokenRecord> {
+    load_token(tx, id)?.ok_or_else(|| StoreError::NotFound {
+        kind: "token",
+        id: id.to_owned(),
+    })
+}
+
+pub(crate) fn create_token(tx: &Transaction<'_>, t: &TokenRecord, now: i64) -> Result<TokenRecord> {
+    crate::records::check_token(t)?;
+    if load_token(tx, &t.id)?.is_some() {
+        return Err(StoreError::Exists {
+            kind: "token",
+            id: t.id.clone(),
+        });
+    }
+    tx.execute(
+        &format!("INSERT INTO tokens ({TOKEN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)"),
+        params![
+            t.id,
+            t.kind.as_str(),
+            t.org,
+            t.secret_hash,
+            t.description,
+            now,
+            t.expires_at_ms
+        ],
+    )?;
+    get_token(tx, &t.id)
+}
+
+pub(crate) fn list_tokens(tx: &Transaction<'_>) -> Result<Vec<TokenRecord>> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {TOKEN_COLS} FROM tokens ORDER BY created_at_ms, id"
+    ))?;
+    let rows = stmt.query_map([], token_row)?;
+    rows.map(|r| token_decode(r?)).collect()
+}
+
+pub(crate) fn revoke_token(tx: &Transaction<'_>, id: &str) -> Result<TokenRecord> {
+    get_token(tx, id)?;
+    tx.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])?;
+    get_token(tx, id)
 }

@@ -876,4 +876,5 @@ conformance!(
     concurrent_delete_app_never_orphans_a_machine,
     fifty_migrations_across_ten_networks_lose_nothing,
     subscribers_hear_of_changes,
+    tokens_are_created_once_listed_and_revoked,
 );

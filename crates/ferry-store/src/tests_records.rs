@@ -703,3 +703,74 @@ pub(super) fn fifty_migrations_across_ten_networks_lose_nothing(fx: &Fx) {
         );
     }
 }
+
+fn token(id: &str, kind: TokenKind, org: Option<&str>) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        kind,
+        org: org.map(str::to_owned),
+        secret_hash: format!("hash-of-{id}"),
+        description: format!("{id} for tests"),
+        created_at_ms: 0,
+        expires_at_ms: Some(50_000),
+        revoked: true, // the store ignores it: a new token is never revoked
+    }
+}
+
+pub(super) fn tokens_are_created_once_listed_and_revoked(fx: &Fx) {
+    let clock = ManualClock::new(1_000);
+    let s = fx.open_clock(&clock);
+    let a = s
+        .create_token(&token("tok_a", TokenKind::Org, Some("acme")))
+        .unwrap();
+    assert_eq!((a.created_at_ms, a.revoked), (1_000, false));
+    assert_eq!(a.secret_hash, "hash-of-tok_a");
+    assert_eq!(a.expires_at_ms, Some(50_000));
+    clock.advance(1);
+    s.create_token(&token("tok_b", TokenKind::Admin, None))
+        .unwrap();
+    clock.advance(1);
+    s.create_token(&token("tok_c", TokenKind::Join, None))
+        .unwrap();
+
+    let err = fails_cleanly(fx, "conflict", || {
+        s.create_token(&token("tok_a", TokenKind::Admin, None))
+    });
+    assert!(
+        matches!(err, StoreError::Exists { kind: "token", .. }),
+        "{err}"
+    );
+    // An org token names its org; the others name none.
+    fails_cleanly(fx, "invalid", || {
+        s.create_token(&token("tok_d", TokenKind::Org, None))
+    });
+    fails_cleanly(fx, "invalid", || {
+        s.create_token(&token("tok_e", TokenKind::Admin, Some("acme")))
+    });
+    fails_cleanly(fx, "invalid", || {
+        s.create_token(&token("", TokenKind::Admin, None))
+    });
+    fails_cleanly(fx, "not_found", || s.get_token("tok_zz"));
+    fails_cleanly(fx, "not_found", || s.revoke_token("tok_zz"));
+
+    assert_eq!(s.get_token("tok_a").unwrap(), a);
+    assert_eq!(
+        ids(&s.list_tokens().unwrap(), |t| &t.id),
+        ["tok_a", "tok_b", "tok_c"]
+    );
+
+    // Revoking is for good, and idempotent; the record stays (events name it).
+    let r = s.revoke_token("tok_a").unwrap();
+    assert!(r.revoked);
+    assert_eq!(s.revoke_token("tok_a").unwrap(), r);
+    assert!(s.get_token("tok_a").unwrap().revoked);
+    assert!(!s.get_token("tok_b").unwrap().revoked);
+
+    // Survives a reopen.
+    drop(s);
+    let s = fx.open_clock(&clock);
+    let all = s.list_tokens().unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all[0].revoked && !all[1].revoked && !all[2].revoked);
+    assert_eq!(all[2].kind, TokenKind::Join);
+}

@@ -32,6 +32,8 @@ enum Cmd {
     Migration(cmd::migrate::MigrationArgs),
     /// The address-mapping bridge: map, list, report, retire, enable, disable.
     Bridge(cmd::bridge::BridgeArgs),
+    /// API tokens: create (--org, --admin, --join), list, revoke.
+    Token(cmd::token::TokenArgs),
     /// Find (and optionally rewrite) literal fleet addresses in config files.
     Sweep(cmd::sweep::SweepArgs),
     /// The API server alone (hosts run `ferry agent` and register with it).
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Dev(args) => cmd::dev::run(args),
         Cmd::Sweep(args) => cmd::sweep::run(args),
+        Cmd::Token(args) => cmd::token::run(args),
         Cmd::Machine(args) => cmd::machine::run(args),
         Cmd::Bridge(args) => cmd::bridge::run(args),
         Cmd::App(args) => cmd::app::run(args),

@@ -24,6 +24,7 @@ fn dashboard_pages_show_the_api_and_follow_a_machine_live_in_chromium() {
         .arg(ui.join("dashboard.mjs"))
         .arg(&dev.api)
         .arg(&out)
+        .arg(&dev.token)
         .current_dir(&ui)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -81,8 +81,9 @@ impl Server {
             .unwrap();
         self.child = Some(child);
         let http = reqwest::blocking::Client::new();
+        // The API document is the one route that needs no token.
         let up = eventually(Duration::from_secs(30), || {
-            http.get(format!("{}/v1/hosts", self.api()))
+            http.get(format!("{}/openapi.json", self.api()))
                 .send()
                 .is_ok_and(|r| r.status().is_success())
         });
@@ -154,6 +155,24 @@ impl Fleet {
             etcd,
         };
         f.restart_servers(&[]);
+        // Both servers share the store: the tokens server 0 wrote work on both.
+        let token = |name: &str| {
+            std::fs::read_to_string(f.servers[0].state.join(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let (admin, join) = (token("admin.token"), token("join.token"));
+        let mut auth = reqwest::header::HeaderMap::new();
+        auth.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {admin}").parse().unwrap(),
+        );
+        f.http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .default_headers(auth)
+            .build()
+            .unwrap();
         let urls = format!("{},{}", f.servers[0].api(), f.servers[1].api());
         let log = std::fs::File::create(f.dir.join("hosts.log")).unwrap();
         let child = Command::new(FERRY)
@@ -161,6 +180,7 @@ impl Fleet {
             .arg("--state-dir")
             .arg(f.dir.join("hosts"))
             .args(["--control-plane", &urls])
+            .env("FERRY_JOIN_TOKEN", &join)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)

@@ -229,7 +229,8 @@ fn machines_run_images_with_their_config_and_share_layers() {
     assert_eq!(layer_dirs(&dev, h0), left);
 
     // 7. A pull ahead of time: the API streams progress, the CLI says where the image landed.
-    let resp = reqwest::blocking::Client::new()
+    let resp = dev
+        .http()
         .post(format!("{}/v1/images/pull", dev.api))
         .json(&json!({"image": other_ref, "host": h1}))
         .send()
@@ -558,7 +559,8 @@ fn registry_credentials_come_from_the_api_and_are_never_shown() {
     // Wrong password: still refused.
     let put = |pw: &str| {
         let url = format!("{}/v1/registries/{}", dev.api, reg.addr);
-        let resp = reqwest::blocking::Client::new()
+        let resp = dev
+            .http()
             .put(url)
             .json(&json!({"credentials": {"username": "ci", "password": pw}}))
             .send()

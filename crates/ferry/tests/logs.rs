@@ -119,10 +119,12 @@ fn logs_keep_streams_survive_an_agent_kill_and_follow_a_migration() {
     // A follower, from now on, through the typed client (as `ferry machine logs -f`).
     let (tx, rx) = mpsc::channel::<Value>();
     let follower = {
-        let api = dev.api.clone();
+        let (api, token) = (dev.api.clone(), dev.token.clone());
         let id = id.clone();
         std::thread::spawn(move || {
-            let c = ferry_client::Client::new(&api, Duration::from_secs(60)).unwrap();
+            let c = ferry_client::Client::new(&api, Duration::from_secs(60))
+                .unwrap()
+                .with_token(Some(&token));
             c.follow_logs("ticker", &id, None, Some(1), |l| {
                 let _ = tx.send(serde_json::to_value(&l).unwrap());
                 Ok(())

@@ -152,7 +152,8 @@ fn machines_run_talk_stop_restart_and_refuse_bad_input() {
     assert_eq!((s, v["code"].as_str().unwrap()), (409, "lease_held"));
     assert_eq!(dev.get_machine(&again)["state"], "started");
     let nonce = lease["nonce"].as_str().unwrap();
-    let r = reqwest::blocking::Client::new()
+    let r = dev
+        .http()
         .post(format!(
             "{}/v1/apps/web/machines/{}/stop",
             dev.api,

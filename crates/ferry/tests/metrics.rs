@@ -30,11 +30,16 @@ print(json.dumps(out))
 type Samples = BTreeMap<String, BTreeMap<String, f64>>;
 
 fn scrape(dev: &Dev) -> Samples {
-    scrape_url(&format!("{}/metrics", dev.api))
+    // The server's metrics are every org's: they need an admin token.
+    scrape_with(dev.http(), &format!("{}/metrics", dev.api))
 }
 
 fn scrape_url(url: &str) -> Samples {
-    let resp = reqwest::blocking::get(url).unwrap();
+    scrape_with(&reqwest::blocking::Client::new(), url)
+}
+
+fn scrape_with(http: &reqwest::blocking::Client, url: &str) -> Samples {
+    let resp = http.get(url).send().unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");

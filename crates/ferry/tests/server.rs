@@ -34,13 +34,37 @@ fn ferry_server_alone_serves_the_api_and_dns_from_its_store() {
     // No --store: the default, SQLite in the state directory.
     let dns = free_port();
     let (_server, api) = start_server(None, state.path(), Some(dns));
-    let machines: serde_json::Value = reqwest::blocking::get(format!("{api}/v1/apps/web/machines"))
+    let machines: serde_json::Value = authed_client(&admin_token(state.path()))
+        .get(format!("{api}/v1/apps/web/machines"))
+        .send()
         .unwrap()
         .json()
         .unwrap();
     assert_eq!(machines[0]["id"], "0123456789abcd", "{machines}");
 
     assert_eq!(dig(dns, "0123456789abcd.vm.web.internal"), ip.to_string());
+}
+
+/// A client that sends `token` as its bearer token.
+fn authed_client(token: &str) -> reqwest::blocking::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
+/// The admin token `ferry server` wrote to its state directory.
+fn admin_token(state: &std::path::Path) -> String {
+    std::fs::read_to_string(state.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// `ferry server` on `store` (None: its default) with its state in `state`, once it answers.
@@ -139,10 +163,8 @@ fn two_servers_share_one_etcd_fleet_and_ride_out_its_failures() {
     let (_b, b) = start_server(Some(&url), sb.path(), None);
     let name = "00aa11bb22cc33.vm.seed.internal";
     assert_eq!(dig(dns, name), ip.to_string());
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    // Both servers share one store: an admin token either one made works on both.
+    let http = authed_client(&admin_token(sa.path()));
     let create = |api: &str, name: &str| {
         let r = http
             .post(format!("{api}/v1/apps"))

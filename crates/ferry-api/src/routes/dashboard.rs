@@ -1,8 +1,8 @@
 //! The web dashboard: its static page at `/ui` and the two reads it makes (the rules:
 //! [`dashboard`]).
 
-use crate::doc::ServerFailed;
-use crate::server::{Query, Shared};
+use crate::doc::{Refused, ServerFailed};
+use crate::server::{Auth, Query, Shared};
 use crate::ApiError;
 use axum::extract::State;
 use axum::http::header;
@@ -61,25 +61,30 @@ fn static_file(kind: &'static str, body: &'static str) -> impl IntoResponse {
 #[into_params(parameter_in = Query)]
 pub struct DashboardQuery {
     /// Only this org's apps, machines, migrations and bridge mappings (hosts count only its
-    /// machines).
+    /// machines). An org token always gets its own org.
     org: Option<String>,
 }
 
 /// `GET /v1/dashboard`: the fleet in one read, as the dashboard shows it.
 #[utoipa::path(get, path = "/v1/dashboard", operation_id = "dashboard", tag = "dashboard", params(DashboardQuery),
-    responses((status = 200, description = "Hosts, apps, live machines, recent migrations and bridge mappings.", body = Dashboard), ServerFailed))]
+    responses((status = 200, description = "Hosts, apps, live machines, recent migrations and bridge mappings.", body = Dashboard), Refused, ServerFailed))]
 pub async fn snapshot(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Query(q): Query<DashboardQuery>,
 ) -> Result<Json<Dashboard>> {
-    Ok(Json(dashboard::snapshot(&ctx, q.org.as_deref()).await?))
+    Ok(Json(
+        dashboard::snapshot(&ctx, &caller, q.org.as_deref()).await?,
+    ))
 }
 
 /// `GET /v1/dashboard/events`: server-sent events, one `change` each time the fleet changed
 /// (coalesced), so the page reads `/v1/dashboard` again. The first comes at once.
 #[utoipa::path(get, path = "/v1/dashboard/events", operation_id = "dashboard_events", tag = "dashboard",
-    responses((status = 200, description = "text/event-stream: `event: change` with a counter as data, and keepalive comments.", content_type = "text/event-stream", body = String), ServerFailed))]
-pub async fn events(State(ctx): Shared) -> Result<axum::response::Response> {
+    responses((status = 200, description = "text/event-stream: `event: change` with a counter as data, and keepalive comments.", content_type = "text/event-stream", body = String), Refused, ServerFailed))]
+pub async fn events(State(ctx): Shared, Auth(caller): Auth) -> Result<axum::response::Response> {
+    // A notice says only "something changed", never what: any user may have them.
+    caller.require_user()?;
     let changes = ctx.changes.subscribe();
     let store = ctx.store_changes();
     let state = (ctx, changes, store, 0u64, None::<(usize, i64)>);
@@ -129,7 +134,8 @@ pub async fn events(State(ctx): Shared) -> Result<axum::response::Response> {
 
 /// How many migrations are unfinished and when one last changed; `None` when none runs.
 fn migration_mark(ctx: &ferry_core::Core) -> Option<(usize, i64)> {
-    let all = ferry_core::migrate::list(ctx, None, None).ok()?;
+    let all =
+        ferry_core::migrate::list(ctx, &ferry_core::auth::Caller::server(), None, None).ok()?;
     let running: Vec<_> = all.iter().filter(|m| m.finished_at_ms.is_none()).collect();
     (!running.is_empty()).then(|| {
         (

@@ -1,7 +1,7 @@
 //! Images and registries over HTTP (the rules: [`images`]).
 
-use crate::doc::{AgentFailed, BadRequest, Conflict, NotFound, ServerFailed};
-use crate::server::{Body, Path, Shared};
+use crate::doc::{AgentFailed, BadRequest, Conflict, NotFound, Refused, ServerFailed};
+use crate::server::{Auth, Body, Path, Shared};
 use crate::ApiError;
 use axum::extract::State;
 use axum::Json;
@@ -28,11 +28,13 @@ pub struct RegistryPath {
 #[utoipa::path(post, path = "/v1/images/pull", operation_id = "pull_image", tag = "images", request_body = PullRequest,
     responses(
         (status = 200, description = "Newline-delimited JSON, one PullLine per line: progress, then per host the image (with `host`) or an error.", content_type = "application/x-ndjson", body = PullLine),
-        BadRequest, NotFound, ServerFailed))]
+        BadRequest, NotFound, Refused, ServerFailed))]
 pub async fn pull(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Body(req): Body<PullRequest>,
 ) -> Result<impl axum::response::IntoResponse> {
+    caller.require_admin()?;
     let lines = images::pull(ctx, req)?;
     let body = lines.map(|line| {
         let mut bytes = serde_json::to_vec(&line).expect("serializable");
@@ -47,8 +49,9 @@ pub async fn pull(
 
 /// `GET /v1/images`: every image on every host, with the machines using it.
 #[utoipa::path(get, path = "/v1/images", operation_id = "list_images", tag = "images",
-    responses((status = 200, description = "Every image on every host, with the machines using it.", body = [ImageInfo]), AgentFailed, ServerFailed))]
-pub async fn list(State(ctx): Shared) -> Result<Json<Vec<ImageInfo>>> {
+    responses((status = 200, description = "Every image on every host, with the machines using it.", body = [ImageInfo]), AgentFailed, Refused, ServerFailed))]
+pub async fn list(State(ctx): Shared, Auth(caller): Auth) -> Result<Json<Vec<ImageInfo>>> {
+    caller.require_admin()?;
     Ok(Json(images::list(&ctx).await?))
 }
 
@@ -58,40 +61,50 @@ pub async fn list(State(ctx): Shared) -> Result<Json<Vec<ImageInfo>>> {
 #[utoipa::path(post, path = "/v1/images/remove", operation_id = "remove_image", tag = "images", request_body = RemoveRequest,
     responses(
         (status = 200, description = "What was removed on each host.", body = [RemovedView]),
-        BadRequest, NotFound, Conflict, AgentFailed, ServerFailed))]
+        BadRequest, NotFound, Conflict, AgentFailed, Refused, ServerFailed))]
 pub async fn remove(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Body(req): Body<RemoveRequest>,
 ) -> Result<Json<Vec<RemovedView>>> {
+    caller.require_admin()?;
     Ok(Json(images::remove(&ctx, req).await?))
 }
 
 /// `GET /v1/registries`: settings of every registry (no secrets).
 #[utoipa::path(get, path = "/v1/registries", tag = "images",
-    responses((status = 200, description = "Registry settings, without secrets.", body = [RegistryView]), ServerFailed))]
-pub async fn list_registries(State(ctx): Shared) -> Result<Json<Vec<RegistryView>>> {
+    responses((status = 200, description = "Registry settings, without secrets.", body = [RegistryView]), Refused, ServerFailed))]
+pub async fn list_registries(
+    State(ctx): Shared,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<RegistryView>>> {
+    caller.require_admin()?;
     Ok(Json(images::list_registries(&ctx)?))
 }
 
 /// `PUT /v1/registries/{registry}`: plain HTTP and credentials for one registry.
 #[utoipa::path(put, path = "/v1/registries/{registry}", tag = "images", request_body = RegistrySettings,
     params(RegistryPath),
-    responses((status = 200, body = RegistryView), BadRequest, ServerFailed))]
+    responses((status = 200, body = RegistryView), BadRequest, Refused, ServerFailed))]
 pub async fn put_registry(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Path(registry): Path<String>,
     Body(s): Body<RegistrySettings>,
 ) -> Result<Json<RegistryView>> {
+    caller.require_admin()?;
     Ok(Json(images::put_registry(&ctx, &registry, s)?))
 }
 
 /// `DELETE /v1/registries/{registry}`: forget its settings (and credentials).
 #[utoipa::path(delete, path = "/v1/registries/{registry}", tag = "images",
     params(RegistryPath),
-    responses((status = 200, description = "The settings that were removed.", body = RegistryView), BadRequest, NotFound, ServerFailed))]
+    responses((status = 200, description = "The settings that were removed.", body = RegistryView), BadRequest, NotFound, Refused, ServerFailed))]
 pub async fn delete_registry(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Path(registry): Path<String>,
 ) -> Result<Json<RegistryView>> {
+    caller.require_admin()?;
     Ok(Json(images::delete_registry(&ctx, &registry)?))
 }

@@ -1,7 +1,7 @@
 //! A machine's output over HTTP (the rules: [`logs`]).
 
-use crate::doc::{BadRequest, Conflict, MachinePath, NotFound, ServerFailed};
-use crate::server::{Path, Query, Shared};
+use crate::doc::{BadRequest, Conflict, MachinePath, NotFound, Refused, ServerFailed};
+use crate::server::{Auth, Path, Query, Shared};
 use crate::ApiError;
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -57,12 +57,14 @@ fn since_us(s: &str) -> Result<i64, Error> {
 #[utoipa::path(get, path = "/v1/apps/{app}/machines/{id}/logs", operation_id = "machine_logs", tag = "machines", params(MachinePath, LogsQuery),
     responses(
         (status = 200, description = "The lines, oldest first, and the hosts that did not answer. With `follow=true`: newline-delimited JSON, one LogLine per line.", body = LogsView),
-        BadRequest, NotFound, Conflict, ServerFailed))]
+        BadRequest, NotFound, Conflict, Refused, ServerFailed))]
 pub async fn machine_logs(
     State(ctx): Shared,
+    Auth(caller): Auth,
     Path((app, id)): Path<(String, String)>,
     Query(q): Query<LogsQuery>,
 ) -> Result<axum::response::Response> {
+    ferry_core::auth::app(&ctx, &caller, &app)?;
     if q.tail.is_some_and(|t| !(1..=logs::MAX_LINES).contains(&t)) {
         return Err(Error::invalid(format!("tail must be 1..={}", logs::MAX_LINES)).into());
     }

@@ -175,7 +175,8 @@ fn main() -> Result<()> {
     dev.call(Method::POST, "/v1/apps", json!({"app_name": "bench"}))?;
     for h in dev.get("/v1/hosts")?.as_array().unwrap() {
         let body = json!({"image": small, "host": h["id"]});
-        let text = reqwest::blocking::Client::new()
+        let text = dev
+            .http()
             .post(format!("{}/v1/images/pull", dev.api))
             .json(&body)
             .send()?

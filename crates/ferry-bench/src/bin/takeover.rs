@@ -87,11 +87,13 @@ fn main() -> Result<()> {
         dir: dir.clone(),
         name: name.clone(),
     };
-    let http = reqwest::blocking::Client::builder()
+    let plain = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
+    // The API document is the one route that needs no token.
     let up = |api: &str| {
-        http.get(format!("{api}/v1/hosts"))
+        plain
+            .get(format!("{api}/openapi.json"))
             .send()
             .is_ok_and(|r| r.status().is_success())
     };
@@ -123,12 +125,28 @@ fn main() -> Result<()> {
         Ok(())
     };
     start_servers(&mut p, &[])?;
+    // Both servers share the store: the tokens server 0 wrote work on both.
+    let token = |f: &str| -> Result<String> {
+        Ok(std::fs::read_to_string(dir.join("s0").join(f))?
+            .trim()
+            .to_owned())
+    };
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", token("admin.token")?).parse()?,
+    );
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(auth)
+        .build()?;
     p.hosts = Some(
         Command::new(&ferry)
             .args(["dev", "--name", &name, "--hosts", "2"])
             .arg("--state-dir")
             .arg(dir.join("hosts"))
             .args(["--control-plane", &apis.join(",")])
+            .env("FERRY_JOIN_TOKEN", token("join.token")?)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,

@@ -759,6 +759,8 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
                 core,
                 &VolumeView {
                     id: v.dst_volume.clone(),
+                    // The fork belongs where its source did: the moved machine's org.
+                    org: src.org.clone(),
                     host_dir: v.dst_dir.clone().unwrap_or_default(),
                     size_mb: src.size_mb,
                     kept_by_agent: src.kept_by_agent,

@@ -16,6 +16,7 @@
 //! * **One migration per network at a time.** The per-network lock is a store lock with a TTL,
 //!   refreshed while the driver lives: a dead server's lock expires and another can proceed.
 
+use crate::auth::Caller;
 use crate::config::{validate_machine_id, MachineConfig};
 use crate::error::{Error, Result};
 use crate::hosts::{host_hex, parse_host};
@@ -485,7 +486,7 @@ fn create(
             "migrate",
             "pending",
             "user",
-            serde_json::json!({"migration": mig.id, "to": mig.to_host}),
+            crate::auth::stamp(serde_json::json!({"migration": mig.id, "to": mig.to_host})),
         )?;
         Ok(mig)
     })();
@@ -493,7 +494,15 @@ fn create(
 }
 
 /// Migrations, oldest first: of one machine, of one host's drain, or all.
-pub fn list(core: &Core, machine: Option<&str>, drain: Option<&str>) -> Result<Vec<Migration>> {
+pub fn list(
+    core: &Core,
+    caller: &Caller,
+    machine: Option<&str>,
+    drain: Option<&str>,
+) -> Result<Vec<Migration>> {
+    // An org token sees its own network's migrations only; a drain is an admin's affair, and
+    // filtering by one shows an org its machines that a drain moves.
+    let confined = crate::auth::network(core, caller)?;
     let filter = match (machine, drain) {
         (Some(m), _) => ferry_store::MigrationFilter::Machine(m),
         (None, Some(d)) => ferry_store::MigrationFilter::Drain(d),
@@ -503,6 +512,7 @@ pub fn list(core: &Core, machine: Option<&str>, drain: Option<&str>) -> Result<V
     for m in list_where(core, filter)? {
         if machine.is_some_and(|x| x != m.machine_id)
             || drain.is_some_and(|d| m.drain.as_deref() != Some(d))
+            || !crate::auth::sees_network(confined, m.network_id)
         {
             continue;
         }
@@ -519,14 +529,24 @@ fn with_progress(core: &Core, mut m: Migration) -> Migration {
 }
 
 /// One migration, with its live copy progress if this process drives it.
-pub fn get(core: &Core, id: &str) -> Result<Migration> {
+pub fn get(core: &Core, caller: &Caller, id: &str) -> Result<Migration> {
+    let confined = crate::auth::network(core, caller)?;
     if !id.starts_with("mig_") || id.len() != 20 || !id[4..].bytes().all(|b| b.is_ascii_hexdigit())
     {
         return Err(Error::invalid(format!(
             "{id:?} is not a migration ID (mig_ + 16 hex)"
         )));
     }
-    Ok(with_progress(core, load(core, id)?))
+    let m = load(core, id)?;
+    if !crate::auth::sees_network(confined, m.network_id) {
+        // Another org's migration is one that does not exist: the store's own words for that.
+        return Err(ferry_store::StoreError::NotFound {
+            kind: "migration",
+            id: id.to_owned(),
+        }
+        .into());
+    }
+    Ok(with_progress(core, m))
 }
 
 /// The app's migration policy.

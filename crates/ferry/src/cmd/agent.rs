@@ -32,6 +32,14 @@ pub struct AgentArgs {
         default_value = "http://127.0.0.1:4280"
     )]
     server: String,
+    /// The join token the servers' agent routes require (`ferry token create --join`); from
+    /// the environment rather than the command line, where every user can read it.
+    #[arg(long, env = "FERRY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The CA certificate (PEM file) that signed the servers' certificates, for `https://`
+    /// servers (a `ferry server init` CA: `<state dir>/tls/ca.pem`).
+    #[arg(long, env = "FERRY_SERVER_CA", value_name = "FILE")]
+    server_ca: Option<PathBuf>,
     /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
     #[arg(long, value_enum, default_value = "ebpf")]
     bridge_mode: BridgeModeArg,
@@ -72,6 +80,21 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         .ok()
         .and_then(|v| HostId::new(v).ok());
     let servers = server_list(&args.server)?;
+    if let Some(t) = &args.join_token {
+        anyhow::ensure!(
+            t.bytes().all(|b| b.is_ascii_graphic()),
+            "--join-token (FERRY_JOIN_TOKEN): not a token"
+        );
+    }
+    let server_ca = match &args.server_ca {
+        Some(f) => {
+            let pem = std::fs::read(f).with_context(|| format!("--server-ca {}", f.display()))?;
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("--server-ca {}: not a PEM certificate", f.display()))?;
+            Some(pem)
+        }
+        None => None,
+    };
     let host_id = id.with_context(|| {
         format!(
             "--host-id {}: not a host ID (hex, 80000000 and above)",
@@ -97,6 +120,8 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
             servers,
+            join_token: args.join_token.filter(|t| !t.is_empty()),
+            server_ca,
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
             volume_port: args.volume_port,

@@ -18,8 +18,9 @@ enum AppCmd {
     /// Create an app in an org (the org gets its private network on first use).
     Create {
         name: String,
-        #[arg(long, default_value = "personal")]
-        org: String,
+        /// Default: an org token's own org; with an admin token, `personal`.
+        #[arg(long)]
+        org: Option<String>,
     },
     /// List apps.
     List {
@@ -64,7 +65,7 @@ pub fn run(args: AppArgs) -> Result<ExitCode> {
         AppCmd::Create { name, org } => {
             let a: AppView = c.create_app(&CreateApp {
                 app_name: name,
-                org_slug: Some(org),
+                org_slug: org,
             })?;
             if args.api.json {
                 print_json(&a)?;
@@ -250,6 +251,10 @@ enum VolumeCmd {
         /// An existing absolute directory on the host (no size limit).
         #[arg(long)]
         host_dir: Option<String>,
+        /// The org whose machines may mount it (an org token: its own, the default; an admin
+        /// token without it: any org's).
+        #[arg(long)]
+        org: Option<String>,
     },
 }
 
@@ -296,11 +301,19 @@ pub fn volume(args: VolumeArgs) -> Result<ExitCode> {
                 );
             }
         }
-        VolumeCmd::Create { size_mb, host_dir } => {
+        VolumeCmd::Create {
+            size_mb,
+            host_dir,
+            org,
+        } => {
             if size_mb.is_none() && host_dir.is_none() {
                 anyhow::bail!("give --size-mb N or --host-dir DIR");
             }
-            let v: VolumeView = c.create_volume(&CreateVolume { size_mb, host_dir })?;
+            let v: VolumeView = c.create_volume(&CreateVolume {
+                size_mb,
+                host_dir,
+                org_slug: org,
+            })?;
             if args.api.json {
                 print_json(&v)?;
             } else {

@@ -10,7 +10,7 @@ use ferry_core::Core;
 use ferry_dns::ZoneData;
 use ferry_store::Store;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Hands a snapshot to the agents' watch streams (they send it only when it changed).
@@ -27,15 +27,86 @@ fn publish_for_agents(ctx: &Core, snap: &ferry_dns::Snapshot) {
 
 pub struct ControlPlane {
     pub ctx: Arc<Core>,
+    /// An admin token of this fleet (`<state dir>/admin.token`): for its operator.
+    pub admin_token: String,
+    /// A join token of this fleet (`<state dir>/join.token`): for its agents.
+    pub join_token: String,
+    /// The API is served over TLS (`ferry server init` ran on the state directory).
+    pub tls: bool,
+}
+
+/// Where the control plane keeps the admin token it made for its operator.
+pub fn admin_token_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin.token")
+}
+
+/// Where the control plane keeps the join token it made for its hosts' agents.
+pub fn join_token_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("join.token")
+}
+
+/// The token of `kind` kept in `file` if the store still takes it; else a new one, written
+/// there (mode 0600, atomically). So a restarted server hands out the same tokens, and a file
+/// whose token was revoked (or a state directory moved to another store) gets a fresh one.
+fn bootstrap_token(ctx: &Core, file: &Path, kind: &str) -> Result<String> {
+    use ferry_core::auth::{authenticate, Scope};
+    if let Ok(t) = std::fs::read_to_string(file) {
+        let t = t.trim();
+        let fits = match authenticate(ctx, Some(t)) {
+            Ok(c) => match c.scope {
+                Scope::Admin => kind == "admin",
+                Scope::Join => kind == "join",
+                Scope::Org(_) => false,
+            },
+            Err(_) => false,
+        };
+        if fits {
+            return Ok(t.to_owned());
+        }
+    }
+    let made = ferry_core::auth::issue(
+        ctx,
+        ferry_core::auth::CreateToken {
+            kind: kind.into(),
+            description: Some(format!("made by the control plane for {}", file.display())),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("making the {kind} token: {e}"))?;
+    write_secret(file, &made.token)?;
+    Ok(made.token)
+}
+
+/// Writes a secret readable by its owner only, atomically (a reader never sees half of it).
+pub fn write_secret(file: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = file.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let tmp = file.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(format!("{secret}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
 }
 
 impl ControlPlane {
     /// Serves the API on `listen` and `.internal` DNS for operators on `dns` (UDP and TCP), from
     /// a snapshot published after every machine change; the same snapshot goes to every host's
     /// agent (its watch stream), which answers its machines at `[fdaa::3]:53`.
+    /// The admin and join tokens are kept in `state_dir` (see [`bootstrap_token`]).
     pub fn start(
         rt: &tokio::runtime::Runtime,
         store: Arc<dyn Store>,
+        state_dir: &Path,
         volumes_dir: PathBuf,
         listen: SocketAddr,
         dns: Option<SocketAddr>,
@@ -47,6 +118,8 @@ impl ControlPlane {
             Ok(_) => {}
             Err(e) => anyhow::bail!("importing the store's legacy records: {e}"),
         }
+        let admin_token = bootstrap_token(&ctx, &admin_token_file(state_dir), "admin")?;
+        let join_token = bootstrap_token(&ctx, &join_token_file(state_dir), "join")?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(listen))
             .with_context(|| {
@@ -118,8 +191,23 @@ impl ControlPlane {
             ),
         }
         let app = server::router(ctx.clone());
-        rt.spawn(async move { axum::serve(listener, app).await });
-        Ok(ControlPlane { ctx })
+        // TLS only, once `ferry server init` made the certificates: tokens must not cross the
+        // network in clear.
+        let tls = super::tls::server_config(state_dir)?;
+        match tls.clone() {
+            Some(config) => {
+                rt.spawn(super::tls::serve(listener, app, config));
+            }
+            None => {
+                rt.spawn(async move { axum::serve(listener, app).await });
+            }
+        }
+        Ok(ControlPlane {
+            ctx,
+            admin_token,
+            join_token,
+            tls: tls.is_some(),
+        })
     }
 
     /// Starts the background work: migrations a crash or a stop interrupted carry on from their

@@ -82,6 +82,15 @@ pub struct DevArgs {
         conflicts_with_all = ["store", "demo_image", "registry", "registry_auth", "host_dir_root"]
     )]
     control_plane: Option<String>,
+    /// With `--control-plane`: the join token its agents present to those servers (a
+    /// `ferry server` writes one to `join.token` in its state directory).
+    #[arg(
+        long,
+        env = "FERRY_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "control_plane"
+    )]
+    join_token: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -206,6 +215,7 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     let cp = super::control::ControlPlane::start(
         &rt,
         store.clone(),
+        &args.state_dir,
         args.state_dir.join("volumes"),
         args.listen,
         Some(args.dns_listen),
@@ -214,12 +224,32 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     ctx.allow_host_dirs(args.host_dir_root.clone())
         .context("--host-dir-root")?;
     super::image::apply_registry_flags(&ctx, &args.registry, args.registry_auth.as_deref())?;
-    let api = format!("http://{}", args.listen);
+    let api = format!(
+        "{}://{}",
+        if cp.tls { "https" } else { "http" },
+        args.listen
+    );
+    let ca = cp.tls.then(|| super::tls::ca_file(&args.state_dir));
+    // The CLI finds the admin token without being told (docs/design.md#tokens): the one-command
+    // experience stays.
+    let cli_token = super::client::token_file(&api);
+    if let Some(f) = &cli_token {
+        super::control::write_secret(f, &cp.admin_token)?;
+    }
+    // And the CA its certificate chains to, beside the token.
+    if let (Some(ca), Some(dst)) = (&ca, super::client::ca_file(&api)) {
+        if let Some(d) = dst.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::copy(ca, &dst).with_context(|| format!("copying the CA to {}", dst.display()))?;
+    }
 
     let agents = Agents::start(
         &args,
         &hosts.iter().map(|h| h.id.get()).collect::<Vec<_>>(),
         &api,
+        &cp.join_token,
+        ca.as_deref(),
     )?;
     let registered = wait_for(Duration::from_secs(20), || {
         store
@@ -264,7 +294,12 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     let mut ok = true;
     if !args.no_demo && store.list_apps(None)?.is_empty() {
         // A demo that errs (an API call failed) still tears the fleet down below.
-        ok = match rt.block_on(demo(&api, args.demo_image.as_deref())) {
+        ok = match rt.block_on(demo(
+            &api,
+            &cp.admin_token,
+            ca.as_deref(),
+            args.demo_image.as_deref(),
+        )) {
             Ok(ok) => ok,
             Err(e) => {
                 eprintln!("demo failed: {e:#}");
@@ -275,6 +310,16 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     if !args.exit_after_demo {
         println!("\nexplore (in another shell):");
         println!("  export FERRY_API={api}");
+        println!(
+            "  export FERRY_TOKEN={}   # an admin token; the CLI also reads it from {}",
+            cp.admin_token,
+            cli_token.as_ref().map_or_else(
+                || super::control::admin_token_file(&args.state_dir)
+                    .display()
+                    .to_string(),
+                |f| f.display().to_string()
+            )
+        );
         println!(
             "  ferry machine list          ferry host list          ferry machine status <id>"
         );
@@ -358,7 +403,15 @@ fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
         fleet.add_host_with_id(*id)?;
     }
     let raw: Vec<u32> = ids.iter().map(|h| h.get()).collect();
-    let agents = Agents::start(args, &raw, &urls.join(","))?;
+    let join = args.join_token.clone().unwrap_or_default();
+    anyhow::ensure!(
+        !join.is_empty(),
+        "--control-plane needs --join-token (or FERRY_JOIN_TOKEN): the servers' agent routes \
+         refuse agents without one (a `ferry server` writes one to join.token in its state \
+         directory)"
+    );
+    let ca = std::env::var_os("FERRY_SERVER_CA").map(PathBuf::from);
+    let agents = Agents::start(args, &raw, &urls.join(","), &join, ca.as_deref())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -433,29 +486,34 @@ fn host_ids(state: &std::path::Path, n: u32) -> Result<Vec<ferry_addr::HostId>> 
 
 /// Whether one of `urls` lists every host of `hosts` with the endpoint its agent wrote.
 async fn all_registered(urls: &[String], state: &std::path::Path, hosts: &[u32]) -> bool {
+    // Each agent says which server its watch is open on: a watch opens only for a host the
+    // server has registered (asking a server for its host list would need an admin token).
     let http = reqwest::Client::new();
-    for u in urls {
-        let Ok(r) = http.get(format!("{u}/v1/hosts")).send().await else {
-            continue;
+    for h in hosts {
+        let ep = std::fs::read_to_string(
+            state
+                .join("hosts")
+                .join(format!("{h:x}"))
+                .join("agent.addr"),
+        )
+        .unwrap_or_default();
+        if ep.is_empty() {
+            return false;
+        }
+        let Ok(r) = http.get(format!("{ep}/v1/state")).send().await else {
+            return false;
         };
-        let Ok(list) = r.json::<Vec<serde_json::Value>>().await else {
-            continue;
+        let Ok(v) = r.json::<serde_json::Value>().await else {
+            return false;
         };
-        return hosts.iter().all(|h| {
-            let ep = std::fs::read_to_string(
-                state
-                    .join("hosts")
-                    .join(format!("{h:x}"))
-                    .join("agent.addr"),
-            )
-            .unwrap_or_default();
-            !ep.is_empty()
-                && list
-                    .iter()
-                    .any(|v| v["id"] == format!("{h:x}") && v["endpoint"] == ep.as_str())
-        });
+        if !v["watch"]["server"]
+            .as_str()
+            .is_some_and(|s| urls.iter().any(|u| u == s))
+        {
+            return false;
+        }
     }
-    false
+    true
 }
 
 fn remove_machine_cgroups(ids: &[String]) {
@@ -502,15 +560,23 @@ struct Agents {
 }
 
 impl Agents {
-    fn start(args: &DevArgs, hosts: &[u32], api: &str) -> Result<Self> {
+    fn start(
+        args: &DevArgs,
+        hosts: &[u32],
+        api: &str,
+        join_token: &str,
+        server_ca: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let spawn = {
-            let (exe, name, dir, api, max_layer) = (
+            let (exe, name, dir, api, max_layer, join, ca) = (
                 exe.clone(),
                 args.name.clone(),
                 args.state_dir.clone(),
                 api.to_owned(),
                 args.image_max_layer_mb.to_string(),
+                join_token.to_owned(),
+                server_ca.map(|p| p.to_path_buf()),
             );
             let mode = match args.bridge_mode {
                 super::agent::BridgeModeArg::Ebpf => "ebpf",
@@ -541,7 +607,12 @@ impl Agents {
                     .arg(&sd)
                     .args(["--server", &api, "--bridge-mode", mode])
                     .args(["--image-max-layer-mb", &max_layer])
-                    .spawn()
+                    // In the environment, not on the command line, where anyone can read it.
+                    .env("FERRY_JOIN_TOKEN", &join);
+                if let Some(ca) = &ca {
+                    cmd.env("FERRY_SERVER_CA", ca);
+                }
+                cmd.spawn()
             }
         };
         let mut children = Vec::new();
@@ -589,8 +660,26 @@ impl Agents {
 
 /// Two apps in one org (a web server and a client that calls it over its private address) and
 /// one app in another org that cannot.
-async fn demo(api: &str, demo_image: Option<&str>) -> Result<bool> {
-    let http = reqwest::Client::new();
+async fn demo(
+    api: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+    demo_image: Option<&str>,
+) -> Result<bool> {
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    let mut http = reqwest::Client::builder()
+        .default_headers(auth)
+        .use_rustls_tls();
+    if let Some(ca) = ca {
+        http = http
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+    }
+    let http = http.build()?;
     let post = |path: String, body: serde_json::Value| {
         let http = http.clone();
         let url = format!("{api}{path}");

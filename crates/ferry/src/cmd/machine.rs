@@ -577,6 +577,7 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
                 Some(mb) if (1..=1_048_576).contains(&mb) => CreateVolume {
                     size_mb: Some(mb),
                     host_dir: None,
+                    org_slug: None,
                 },
                 Some(_) => bail!("--volume {what}: size must be between 1mb and 1024gb"),
                 None if what.starts_with('/') => {
@@ -586,6 +587,7 @@ fn run_machine(c: &ferry_client::Client, r: RunArgs) -> Result<MachineView> {
                     CreateVolume {
                         size_mb: None,
                         host_dir: Some(what.to_owned()),
+                        org_slug: None,
                     }
                 }
                 None => bail!(

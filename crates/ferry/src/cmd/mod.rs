@@ -11,3 +11,5 @@ pub mod machine;
 pub mod migrate;
 pub mod server;
 pub mod sweep;
+pub mod tls;
+pub mod token;

@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
-    /// Where the store (SQLite) lives.
-    #[arg(long, default_value = "/var/lib/ferry/server")]
+    #[command(subcommand)]
+    cmd: Option<ServerCmd>,
+    /// Where the store (SQLite), the tokens and the TLS certificates live.
+    #[arg(long, default_value = "/var/lib/ferry/server", global = true)]
     state_dir: PathBuf,
     /// The API listener.
     #[arg(long, default_value = "127.0.0.1:4280")]
@@ -39,9 +41,26 @@ pub struct ServerArgs {
     store: Option<String>,
 }
 
+#[derive(clap::Subcommand)]
+enum ServerCmd {
+    /// Make a CA and this server's certificate (in `<state dir>/tls`): from then on the API is
+    /// served over TLS only, and clients trust `<state dir>/tls/ca.pem` (the CLI: FERRY_CA;
+    /// agents: FERRY_SERVER_CA).
+    Init {
+        /// A DNS name or IP address the server is reached at (repeatable); localhost,
+        /// 127.0.0.1 and ::1 are always in the certificate.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+    },
+}
+
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    if let Some(ServerCmd::Init { san }) = &args.cmd {
+        super::tls::init(&args.state_dir, san)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let store: Arc<dyn ferry_store::Store> = match &args.store {
         Some(url) => ferry_store::open(url).with_context(|| format!("--store {url}"))?,
         None => Arc::new(SqliteStore::open(args.state_dir.join("ferry.db"))?),
@@ -52,6 +71,7 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
     let cp = super::control::ControlPlane::start(
         &rt,
         store,
+        &args.state_dir,
         args.state_dir.join("volumes"),
         args.listen,
         args.dns_listen,
@@ -61,7 +81,26 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         .context("--host-dir-root")?;
     super::image::apply_registry_flags(&cp.ctx, &args.registry, args.registry_auth.as_deref())?;
     cp.resume(&rt);
-    eprintln!("ferry server: API on http://{}", args.listen);
+    eprintln!(
+        "ferry server: API on {}://{}{}",
+        if cp.tls { "https" } else { "http" },
+        args.listen,
+        if cp.tls {
+            format!(
+                " (clients trust {})",
+                super::tls::ca_file(&args.state_dir).display()
+            )
+        } else {
+            " (plain HTTP: `ferry server init` makes its TLS certificates)".into()
+        }
+    );
+    // The paths, not the secrets: a server's log is read by more people than its state.
+    eprintln!(
+        "ferry server: an admin token is in {} (FERRY_TOKEN for the CLI), a join token for \
+         agents in {} (FERRY_JOIN_TOKEN)",
+        super::control::admin_token_file(&args.state_dir).display(),
+        super::control::join_token_file(&args.state_dir).display()
+    );
     if let Some(d) = args.dns_listen {
         eprintln!("ferry server: .internal DNS on {d}");
     }

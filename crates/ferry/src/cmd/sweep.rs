@@ -232,6 +232,8 @@ fn fleet_snapshot(api: &str, configs: bool) -> anyhow::Result<FleetSnapshot> {
     use anyhow::Context;
     let c = super::client::Client::new(&super::client::ApiArgs {
         api: api.to_owned(),
+        token: std::env::var("FERRY_TOKEN").ok(),
+        ca: std::env::var_os("FERRY_CA").map(Into::into),
         json: false,
     })?;
     let apps = c.list_apps(None)?;

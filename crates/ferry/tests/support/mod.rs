@@ -23,6 +23,9 @@ pub struct Dev {
     /// Environment for the `ferry dev` process (and so its agents), e.g. crash hooks.
     pub env: Vec<(String, String)>,
     child: Option<Child>,
+    /// The fleet's admin token (`admin.token` in its state directory, written by `ferry dev`):
+    /// every call of [`Dev::call`] and [`Dev::cli`] sends it.
+    pub token: String,
     http: reqwest::blocking::Client,
     /// With `FERRY_TEST_STORE=etcd`: the etcd this fleet's state lives in (under its own key
     /// prefix), kept up while the fleet lives; dropped after it.
@@ -44,6 +47,20 @@ fn test_store(
     extra.push("--store".into());
     extra.push(etcd.url(name));
     Some(etcd)
+}
+
+/// A blocking HTTP client that sends `token` as its bearer token on every request.
+pub fn authed_client(token: &str) -> reqwest::blocking::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .default_headers(h)
+        .build()
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
@@ -88,10 +105,8 @@ impl Dev {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .unwrap(),
+            token: String::new(),
+            http: reqwest::blocking::Client::new(),
             _etcd: etcd,
         };
         d.boot();
@@ -135,11 +150,22 @@ impl Dev {
                 &self.dns,
             ])
             .args(&self.extra)
+            // The CLI's token file goes into the fleet's own directory, not the user's home.
+            .env("FERRY_CONFIG_DIR", self.state.join("cli"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .spawn()
             .expect("spawning ferry dev");
         self.child = Some(child);
+        // The control plane writes its admin token before it listens.
+        let file = self.state.join("admin.token");
+        assert!(
+            eventually(Duration::from_secs(60), || file.exists()),
+            "ferry dev wrote no admin token to {}",
+            file.display()
+        );
+        self.token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+        self.http = authed_client(&self.token);
         let ok = eventually(Duration::from_secs(60), || {
             self.try_get("/v1/hosts").is_some_and(|v| {
                 v.as_array()
@@ -267,11 +293,17 @@ impl Dev {
         )
     }
 
-    /// Runs the CLI against this fleet.
+    /// An HTTP client that sends this fleet's admin token.
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    /// Runs the CLI against this fleet (with its admin token).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(FERRY)
             .args(args)
             .env("FERRY_API", &self.api)
+            .env("FERRY_TOKEN", &self.token)
             .output()
             .unwrap()
     }

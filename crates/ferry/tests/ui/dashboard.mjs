@@ -3,13 +3,13 @@
 // machine that is started, stopped, started again and migrated while the page stays open
 // (no reload). Screenshots of each page go to OUT_DIR.
 //
-// usage: node dashboard.mjs API_URL OUT_DIR
+// usage: node dashboard.mjs API_URL OUT_DIR ADMIN_TOKEN
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 
-const [api, out] = process.argv.slice(2);
-if (!api || !out) {
-  console.error("usage: node dashboard.mjs API_URL OUT_DIR");
+const [api, out, admin] = process.argv.slice(2);
+if (!api || !out || !admin) {
+  console.error("usage: node dashboard.mjs API_URL OUT_DIR ADMIN_TOKEN");
   process.exit(2);
 }
 mkdirSync(out, { recursive: true });
@@ -17,10 +17,10 @@ mkdirSync(out, { recursive: true });
 // Every wait is bounded; nothing sleeps.
 const WAIT = { timeout: 60_000 };
 
-async function call(method, path, body) {
+async function call(method, path, body, token = admin) {
   const r = await fetch(api + path, {
     method,
-    headers: body ? { "content-type": "application/json" } : {},
+    headers: { authorization: `Bearer ${token}`, ...(body ? { "content-type": "application/json" } : {}) },
     body: body ? JSON.stringify(body) : undefined,
   });
   const text = await r.text();
@@ -69,6 +69,16 @@ const waitText = (sel, want) =>
   );
 
 try {
+  // Without a token the page asks for one and shows nothing of the fleet.
+  await page.goto(api + "/ui#/machines");
+  await page.waitForSelector("#token-form", WAIT);
+  check((await page.locator("tr[data-machine]").count()) === 0, "no rows without a token");
+  await shot("token");
+  // Given once in the address, the token is kept for the tab and dropped from the address.
+  await page.goto(api + "/ui#token=" + encodeURIComponent(admin));
+  await page.waitForSelector("#live.on", WAIT);
+  check(!page.url().includes(admin), "the token left the address bar");
+
   // Hosts: one row per registered host, with the API's machine counts and one route per other host.
   const hosts = await call("GET", "/v1/hosts");
   await page.goto(api + "/ui#/hosts");
@@ -134,16 +144,28 @@ try {
   await page.waitForFunction(() => document.querySelector("#logs")?.textContent.includes("hello-from-ui"), null, WAIT);
   await shot("machine");
 
-  // Another org's view has none of this: not the app, not the machine, not the mapping.
-  await call("POST", "/v1/apps", { app_name: "uiacme", org_slug: "acme" });
+  // Another org's view has none of this: not the app, not the machine, not the mapping. As
+  // an admin asking for org acme, and as acme's own token (which cannot ask for more).
+  const acmeApp = await call("POST", "/v1/apps", { app_name: "uiacme", org_slug: "acme" });
+  check(acmeApp.org === "acme", "app in org acme");
   const a = await call("POST", "/v1/apps/uiacme/machines", { host: hosts[0].id, config: { init: { cmd } } });
   await page.goto(api + "/ui?org=acme#/machines");
   await page.waitForSelector(`tr[data-machine="${a.id}"]`, WAIT);
   check((await page.locator(`tr[data-machine="${m.id}"]`).count()) === 0, "org acme sees uiweb's machine");
-  await page.goto(api + "/ui?org=acme#/bridge");
-  await page.waitForSelector("main .empty", WAIT);
-  check((await page.locator(`tr[data-mapping]`).count()) === 0, "org acme sees another org's mapping");
-  await shot("org-acme");
+  const acme = (await call("POST", "/v1/tokens", { kind: "org", org: "acme" })).token;
+  const tab = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  tab.on("pageerror", (e) => errors.push(e.message));
+  await tab.goto(api + "/ui#token=" + encodeURIComponent(acme));
+  await tab.waitForSelector(`tr[data-machine="${a.id}"]`, WAIT);
+  check((await tab.locator(`tr[data-machine="${m.id}"]`).count()) === 0, "acme's token sees uiweb's machine");
+  await tab.goto(api + "/ui?org=personal#/bridge");
+  await tab.waitForSelector("main .empty", WAIT);
+  check((await tab.locator("tr[data-mapping]").count()) === 0, "acme's token sees another org's mapping");
+  await tab.goto(api + "/ui#/hosts");
+  await tab.waitForSelector(`tr[data-host="${hosts[0].id}"]`, WAIT);
+  check((await tab.locator(`tr[data-host="${hosts[0].id}"] .machines`).innerText()) === "1", "acme counts only its machine");
+  await tab.screenshot({ path: `${out}/org-acme.png`, fullPage: true });
+  await tab.close();
 
   check(errors.length === 0, "no script errors: " + errors.join("; "));
   console.log("dashboard: ok");
