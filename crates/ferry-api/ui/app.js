@@ -5,15 +5,16 @@
 
 const params = new URLSearchParams(location.search);
 const org = params.get("org");
-// A token given once in the address (#token=...) is kept for this tab only and removed from
-// the address bar, so it is not left in history or screenshots.
-(() => {
+// A token given in the address (#token=...) is kept for this tab only and removed from the
+// address bar, so it is not left in history or screenshots.
+function takeTokenFromHash() {
   const m = location.hash.match(/[#&]token=([^&]+)/);
-  if (m) {
-    sessionStorage.setItem("ferryToken", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname + location.search + "#/machines");
-  }
-})();
+  if (!m) return false;
+  sessionStorage.setItem("ferryToken", decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search + "#/machines");
+  return true;
+}
+takeTokenFromHash();
 
 function headers() {
   const t = sessionStorage.getItem("ferryToken");
@@ -242,7 +243,12 @@ async function listen() {
 }
 
 document.getElementById("scope").textContent = org ? `org ${org}` : "whole fleet";
-window.addEventListener("hashchange", render);
+window.addEventListener("hashchange", () => {
+  if (takeTokenFromHash()) {
+    tokenChanged();
+    refresh();
+  } else render();
+});
 // The machine page's output changes without a store change: read it again while it is open.
 setInterval(() => {
   if (route().id && !loading) render();
