@@ -78,6 +78,12 @@ pub struct Agent {
     bridge: Mutex<Option<Bridge>>,
     /// The last bridge state the server sent (nft mode applies it to machines started later).
     bridge_state: Mutex<BridgeSync>,
+    /// Each machine's gate as last written to the bridge's machine map (eBPF mode; changed only
+    /// with `bridge` locked). A bridge state is applied as its difference from this: the watch
+    /// sends the whole state on every change of the host's machines, and writing every gate
+    /// (a cgroup lookup and a map update per machine) made each start on a host with 1,000
+    /// machines wait behind ~1,000 cgroup lookups (BENCHMARKS.md, issue 17 item 4).
+    gates_written: Mutex<HashMap<String, bool>>,
     /// nft mode: (machine, old address) -> (packets, first seen ms, last change ms).
     nft_seen: Mutex<NftSeen>,
     /// Volume forks to and from this host (migration).
@@ -163,6 +169,7 @@ impl Agent {
             bridge_apply: Mutex::new(()),
             bridge: Mutex::new(bridge),
             bridge_state: Mutex::new(BridgeSync::default()),
+            gates_written: Mutex::new(HashMap::new()),
             nft_seen: Mutex::new(HashMap::new()),
             volumes,
             image,
@@ -314,6 +321,10 @@ impl Agent {
                 .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
             b.set_machine(id, net, addr, run.bridge_enabled)
                 .map_err(|e| AgentError::Invalid(format!("bridge: {e}")))?;
+            self.gates_written
+                .lock()
+                .unwrap()
+                .insert(run.id.clone(), run.bridge_enabled);
         }
         // An image's layers replace the default root; its config gives the command (a cmd of
         // the machine's replaces the image's Cmd), env (the machine's win), workdir and user.
@@ -649,6 +660,7 @@ impl Agent {
             }
             cg.remove()?;
         }
+        self.gates_written.lock().unwrap().remove(id);
         let _ = std::fs::remove_dir_all(self.run_dir(id));
         // The machine's log stays (a migrated machine's earlier lines are read from here), as
         // long as the logs of departed machines fit their budget.
@@ -967,12 +979,14 @@ impl Agent {
     fn cgroup_ids(&self) -> HashMap<String, u64> {
         let ids: Vec<String> = self.machines.lock().unwrap().keys().cloned().collect();
         ids.into_iter()
-            .filter_map(|id| {
-                let cg = MachineCgroup::open(&self.cgroups, &self.cgroup_name(&id)).ok()??;
-                let cid = ferry_ebpf::bridge::cgroup_id(cg.v2_dir()?).ok()?;
-                Some((id, cid))
-            })
+            .filter_map(|id| Some((id.clone(), self.cgroup_id(&id)?)))
             .collect()
+    }
+
+    /// The v2 cgroup ID of one machine, if its cgroup exists.
+    fn cgroup_id(&self, id: &str) -> Option<u64> {
+        let cg = MachineCgroup::open(&self.cgroups, &self.cgroup_name(id)).ok()??;
+        ferry_ebpf::bridge::cgroup_id(cg.v2_dir()?).ok()
     }
 
     /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
@@ -994,21 +1008,35 @@ impl Agent {
             }
             return Ok(());
         }
-        let cgroups = self.cgroup_ids();
-        let nets: HashMap<String, (NetworkId, std::net::Ipv6Addr)> = self
-            .machines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(id, s)| {
-                Some((
-                    id.clone(),
-                    (
-                        NetworkId::new(s.run.network_id).ok()?,
-                        s.run.private_ip.parse().ok()?,
-                    ),
-                ))
-            })
+        // Only the gates that differ from what the map holds are written (see `gates_written`);
+        // a machine whose cgroup does not exist yet gets its gate when it starts.
+        let changed: Vec<(String, bool)> = {
+            let written = self.gates_written.lock().unwrap();
+            sync.gates
+                .iter()
+                .filter(|(id, on)| written.get(*id) != Some(*on))
+                .map(|(id, on)| (id.clone(), *on))
+                .collect()
+        };
+        let nets: HashMap<String, (NetworkId, std::net::Ipv6Addr)> = {
+            let machines = self.machines.lock().unwrap();
+            changed
+                .iter()
+                .filter_map(|(id, _)| {
+                    let s = machines.get(id)?;
+                    Some((
+                        id.clone(),
+                        (
+                            NetworkId::new(s.run.network_id).ok()?,
+                            s.run.private_ip.parse().ok()?,
+                        ),
+                    ))
+                })
+                .collect()
+        };
+        let cgroups: HashMap<String, u64> = nets
+            .keys()
+            .filter_map(|id| Some((id.clone(), self.cgroup_id(id)?)))
             .collect();
         let mut guard = self.bridge.lock().unwrap();
         let Some(b) = guard.as_mut() else {
@@ -1041,9 +1069,10 @@ impl Agent {
                 b.retire(net, old).map_err(e)?;
             }
         }
-        for (id, enabled) in &sync.gates {
-            if let (Some(cid), Some((net, addr))) = (cgroups.get(id), nets.get(id)) {
-                b.set_machine(*cid, *net, *addr, *enabled).map_err(e)?;
+        for (id, enabled) in changed {
+            if let (Some(cid), Some((net, addr))) = (cgroups.get(&id), nets.get(&id)) {
+                b.set_machine(*cid, *net, *addr, enabled).map_err(e)?;
+                self.gates_written.lock().unwrap().insert(id, enabled);
             }
         }
         Ok(())

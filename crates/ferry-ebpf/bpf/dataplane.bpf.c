@@ -20,8 +20,13 @@
 // Every rewrite permutes 16-bit words inside one address, which keeps the one's-complement sum
 // and therefore every TCP/UDP/ICMPv6 checksum: no checksum fix-up anywhere.
 //
-// Per-interface facts live in the `ferry_ifaces` map keyed by ifindex, so one compiled object
-// serves every interface of a host.
+// Each program is attached (as a TCX link) only where it belongs, so none of them has to find out
+// what its interface is. Only machine_in needs per-interface facts (the machine's network, host
+// and field, for anti-spoofing and isolation): they live in the `ferry_ifaces` map keyed by
+// ifindex. The fabric programs only need this host's ID, which the loader sets as a constant when
+// it loads the object for its host (one load per host), so the packets crossing the fabric pay no
+// map lookup for it; machine_out needs no per-interface fact at all. A hash lookup per program
+// was ~1% of a TCP stream's CPU (BENCHMARKS.md, issue 17 item 3).
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -32,7 +37,6 @@
 #include <bpf/bpf_endian.h>
 
 #define IFACE_MACHINE 1
-#define IFACE_FABRIC 2
 
 #define FLEET_PREFIX 0xfdaa
 #define HOST_MIN 0x80000000u
@@ -51,6 +55,9 @@ enum stat {
 	STAT_ICMP_INNER = 9,
 	STAT_MAX = 16,
 };
+
+// This host's ID, set by the loader (`Dataplane::load`) before the object is loaded.
+const volatile __u32 this_host = 0;
 
 struct iface_cfg {
 	__u32 kind;
@@ -227,10 +234,7 @@ static __always_inline void fix_quoted(struct __sk_buff *skb, __u32 off)
 SEC("classifier/machine_out")
 int machine_out(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct iface_cfg *cfg = bpf_map_lookup_elem(&ferry_ifaces, &ifindex);
-	if (!cfg || cfg->kind != IFACE_MACHINE)
-		return TC_ACT_OK;
+	// Attached only to machine veths: nothing to look up.
 	struct ipv6hdr *ip6 = ipv6_pull(skb);
 	if (!ip6)
 		return drop(STAT_NON_IPV6);
@@ -256,10 +260,7 @@ int machine_out(struct __sk_buff *skb)
 SEC("classifier/fabric_out")
 int fabric_out(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct iface_cfg *cfg = bpf_map_lookup_elem(&ferry_ifaces, &ifindex);
-	if (!cfg || cfg->kind != IFACE_FABRIC)
-		return TC_ACT_OK;
+	__u32 host = this_host; // attached only to this host's fabric link
 	struct ipv6hdr *ip6 = ipv6_pull(skb);
 	if (!ip6)
 		return TC_ACT_OK; // underlay traffic of the host itself
@@ -268,10 +269,10 @@ int fabric_out(struct __sk_buff *skb)
 	if (!is_fleet(dst))
 		return TC_ACT_OK; // underlay
 	// Fleet traffic leaves only in infra form, towards another host.
-	if (!is_infra(dst) || pair(dst, 1) == cfg->host)
+	if (!is_infra(dst) || pair(dst, 1) == host)
 		return drop(STAT_FABRIC_BAD_DST);
 	if (is_guest(src)) {
-		if (pair(src, 3) != cfg->host)
+		if (pair(src, 3) != host)
 			return drop(STAT_FABRIC_BAD_SRC);
 		swap_fields(src);
 		count(STAT_SWAPPED_OUT);
@@ -284,10 +285,7 @@ int fabric_out(struct __sk_buff *skb)
 SEC("classifier/fabric_in")
 int fabric_in(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct iface_cfg *cfg = bpf_map_lookup_elem(&ferry_ifaces, &ifindex);
-	if (!cfg || cfg->kind != IFACE_FABRIC)
-		return TC_ACT_OK;
+	__u32 host = this_host; // attached only to this host's fabric link
 	struct ipv6hdr *ip6 = ipv6_pull(skb);
 	if (!ip6)
 		return TC_ACT_OK;
@@ -295,12 +293,12 @@ int fabric_in(struct __sk_buff *skb)
 	struct in6_addr *src = &ip6->saddr, *dst = &ip6->daddr;
 	if (!is_fleet(dst))
 		return TC_ACT_OK; // underlay traffic for the host itself
-	if (!is_infra(dst) || pair(dst, 1) != cfg->host)
+	if (!is_infra(dst) || pair(dst, 1) != host)
 		return drop(STAT_FABRIC_BAD_DST);
 
 	if (is_fleet(src)) {
 		// Isolation again, and no packet may claim to come from this host.
-		if (!is_infra(src) || pair(src, 1) == cfg->host || pair(src, 3) != pair(dst, 3))
+		if (!is_infra(src) || pair(src, 1) == host || pair(src, 3) != pair(dst, 3))
 			return drop(STAT_FABRIC_BAD_SRC);
 	} else {
 		// From another host's own (underlay) address: only ICMPv6 errors it generated.

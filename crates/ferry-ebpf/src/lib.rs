@@ -5,18 +5,25 @@
 //! namespaces, and it assumes the calling thread is already in the right network namespace
 //! (attachment resolves interface names there).
 //!
-//! Attachments use TC netlink filters (a `clsact` qdisc), not TCX links: a filter belongs to the
-//! interface, so it keeps working when the process that attached it exits (an agent restart) and
-//! goes away with the interface. Maps are pinned under a per-host directory on bpffs so a new
-//! process picks up the same configuration.
+//! Attachments are TCX links (kernel 6.6+), not `clsact` filters: a packet then runs the program
+//! straight from the device's TCX entry instead of through the classic classifier layer
+//! (`tcf_classify`, `cls_bpf_classify` and the qdisc's counters), which was ~2% of a TCP stream's
+//! CPU across the four programs (BENCHMARKS.md, issue 17 item 3). A link lives as long as a
+//! descriptor or a pin holds it, so each one is pinned at `<pin_dir>/tc/<ifindex>-<program>`:
+//! the attachment outlives the process that made it (an agent restart), as a filter did. When the
+//! interface goes, the kernel detaches the link; [`Dataplane::forget_iface`] removes its pins,
+//! and removing the pin directory (fleet teardown, `ferry dev clean`) removes them all. Maps are
+//! pinned in the same per-host directory so a new process picks up the same configuration.
 
 pub mod bridge;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::tc::{self, NlOptions, TcAttachOptions};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::TcAttachOptions;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
 use ferry_addr::{HostId, MachineField, NetworkId};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 static DATAPLANE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
@@ -37,9 +44,21 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("adding the clsact qdisc to {iface}: {source}")]
-    Qdisc {
-        iface: String,
+    #[error("program {name}: the kernel returned a link that cannot be pinned: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning the {name} link at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("map {name}: {source}")]
@@ -64,7 +83,6 @@ struct IfaceCfg {
 unsafe impl aya::Pod for IfaceCfg {}
 
 const IFACE_MACHINE: u32 = 1;
-const IFACE_FABRIC: u32 = 2;
 
 /// Counters kept by the programs (indices match `enum stat` in the C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -123,16 +141,22 @@ pub struct Dataplane {
 
 const PROGRAMS: [&str; 4] = ["machine_in", "machine_out", "fabric_in", "fabric_out"];
 
+/// The directory (below the pin directory) of the TC link pins.
+const TC_LINKS: &str = "tc";
+
 impl Dataplane {
-    /// Loads the programs, reusing the maps pinned in `pin_dir` (created if missing) so that a
-    /// restarted process sees and edits the same configuration.
-    pub fn load(pin_dir: &Path) -> Result<Self, EbpfError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::PinDir {
+    /// Loads the programs for host `host`, reusing the maps pinned in `pin_dir` (created if
+    /// missing) so that a restarted process sees and edits the same configuration. The fabric
+    /// programs get `host` as a load-time constant (they need nothing else per packet).
+    pub fn load(pin_dir: &Path, host: HostId) -> Result<Self, EbpfError> {
+        std::fs::create_dir_all(pin_dir.join(TC_LINKS)).map_err(|source| EbpfError::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
+        let this_host = host.get();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global("this_host", &this_host, true)
             .load(DATAPLANE)?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
@@ -172,32 +196,36 @@ impl Dataplane {
         // The map entry goes in first: until it exists the programs pass traffic untouched, and
         // the machine has no address before its veth is attached, so nothing slips through.
         self.set_iface(ifindex, cfg)?;
-        self.attach(iface, "machine_in", TcAttachType::Ingress)?;
-        self.attach(iface, "machine_out", TcAttachType::Egress)
+        self.attach(iface, ifindex, "machine_in", TcAttachType::Ingress)?;
+        self.attach(iface, ifindex, "machine_out", TcAttachType::Egress)
     }
 
-    /// Attaches the fabric programs to a host's fabric link.
-    pub fn attach_fabric(
-        &mut self,
-        iface: &str,
-        ifindex: u32,
-        host: HostId,
-    ) -> Result<(), EbpfError> {
-        self.set_iface(
-            ifindex,
-            IfaceCfg {
-                kind: IFACE_FABRIC,
-                net: 0,
-                host: host.get(),
-                machine: 0,
-            },
-        )?;
-        self.attach(iface, "fabric_in", TcAttachType::Ingress)?;
-        self.attach(iface, "fabric_out", TcAttachType::Egress)
+    /// Attaches the fabric programs to this host's fabric link (they know the host from
+    /// [`Dataplane::load`]; the interface needs no entry in `ferry_ifaces`).
+    pub fn attach_fabric(&mut self, iface: &str, ifindex: u32) -> Result<(), EbpfError> {
+        self.attach(iface, ifindex, "fabric_in", TcAttachType::Ingress)?;
+        self.attach(iface, ifindex, "fabric_out", TcAttachType::Egress)
     }
 
-    /// Forgets an interface (its filters go away with the interface itself).
+    /// Forgets an interface: its `ferry_ifaces` entry and its link pins. Call it once the
+    /// interface is gone (the kernel has detached its links then; only the pins are left):
+    /// removing the pins of a live interface would detach its programs and let its traffic
+    /// through unchecked.
     pub fn forget_iface(&mut self, ifindex: u32) -> Result<(), EbpfError> {
+        for name in PROGRAMS {
+            let pin = self.link_pin(ifindex, name);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(EbpfError::Io {
+                        what: "removing",
+                        path: pin,
+                        source,
+                    })
+                }
+            }
+        }
         match self.ifaces()?.remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(EbpfError::Map {
@@ -205,6 +233,28 @@ impl Dataplane {
                 source,
             }),
         }
+    }
+
+    /// The interfaces that have link pins in this pin directory, by ifindex.
+    pub fn pinned_ifaces(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = std::fs::read_dir(self.pin_dir.join(TC_LINKS))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                name.to_str()?.split_once('-')?.0.parse().ok()
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn link_pin(&self, ifindex: u32, name: &str) -> PathBuf {
+        self.pin_dir
+            .join(TC_LINKS)
+            .join(format!("{ifindex}-{name}"))
     }
 
     /// Sums a counter over all CPUs.
@@ -250,34 +300,46 @@ impl Dataplane {
     fn attach(
         &mut self,
         iface: &str,
+        ifindex: u32,
         name: &'static str,
         at: TcAttachType,
     ) -> Result<(), EbpfError> {
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            // Both directions share one clsact qdisc: the second attach finds it in place.
-            let msg = e.to_string();
-            if !(msg.contains("exists") || msg.contains("Exclusivity")) {
-                return Err(EbpfError::Qdisc {
-                    iface: iface.to_owned(),
-                    source: std::io::Error::other(msg),
-                });
-            }
-        }
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
             .ok_or(EbpfError::Missing(name))?
             .try_into()
             .map_err(|source| EbpfError::Program { name, source })?;
+        // The default order appends: each interface gets one program per direction from us, and
+        // whatever else (a packet capture tool's) keeps its place.
         let id = prog
-            .attach_with_options(iface, at, TcAttachOptions::Netlink(NlOptions::default()))
+            .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(|source| EbpfError::Program { name, source })?;
-        // Taking the link out of aya's bookkeeping and forgetting it keeps the filter attached
-        // after this object is dropped: it belongs to the interface from now on.
+        // Out of aya's bookkeeping (which would detach it when this object is dropped) and
+        // pinned: the pin holds the link, so it stays attached after our descriptor closes.
         let link = prog
             .take_link(id)
             .map_err(|source| EbpfError::Program { name, source })?;
-        std::mem::forget(link);
-        Ok(())
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|source| EbpfError::Link { name, source })?;
+        // Pinned under a temporary name and renamed over the final one: a pin left there by an
+        // interface that had the same ifindex before (its link detached with it) is replaced,
+        // and there is no moment where a live interface's program is unpinned before the new
+        // one is attached.
+        let pin = self.link_pin(ifindex, name);
+        // (bpffs refuses names with a dot in them, hence no `.new`.)
+        let tmp = self.link_pin(ifindex, &format!("{name}-new"));
+        let _ = std::fs::remove_file(&tmp);
+        fd.pin(&tmp).map_err(|source| EbpfError::PinLink {
+            name,
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &pin).map_err(|source| EbpfError::Io {
+            what: "renaming the link pin to",
+            path: pin,
+            source,
+        })
     }
 }

@@ -84,7 +84,7 @@ impl HostNet {
                 Err(NetError::Netlink { msg, .. }) if msg.contains("File exists") => {}
                 Err(e) => return Err(e),
             }
-            let dp = pin_dir.map(|p| Dataplane::load(&p)).transpose()?;
+            let dp = pin_dir.map(|p| Dataplane::load(&p, id)).transpose()?;
             Ok(HostState {
                 nl,
                 dp,
@@ -115,13 +115,13 @@ impl HostNet {
     /// Configures the fabric link (already moved into this namespace as [`FABRIC_IFACE`]): up,
     /// underlay address, fabric programs.
     pub fn attach_fabric(&self, mtu: u32) -> Result<(), NetError> {
-        let (id, underlay) = (self.id, Self::underlay_addr(self.id));
+        let underlay = Self::underlay_addr(self.id);
         self.worker.run(move |s| {
             let idx = s.nl.require_index(FABRIC_IFACE)?;
             s.nl.up(idx, Some(mtu))?;
             s.nl.add_address(idx, underlay, 64)?;
             if let Some(dp) = s.dp.as_mut() {
-                dp.attach_fabric(FABRIC_IFACE, idx, id)?;
+                dp.attach_fabric(FABRIC_IFACE, idx)?;
             }
             s.fabric = Some(idx);
             Ok(())
@@ -228,10 +228,12 @@ impl HostNet {
         let iface = m.host_iface.clone();
         self.worker.run(move |s| -> Result<(), NetError> {
             if let Some(idx) = s.nl.link_index(&iface)? {
+                // The link first: its programs stay attached until the kernel removes the
+                // interface, so no packet of the machine's ever passes unchecked.
+                s.nl.delete_link(idx)?;
                 if let Some(dp) = s.dp.as_mut() {
                     dp.forget_iface(idx)?;
                 }
-                s.nl.delete_link(idx)?;
             }
             Ok(())
         })??;

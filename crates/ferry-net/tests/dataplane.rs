@@ -455,3 +455,84 @@ fn teardown_leaves_nothing_behind_even_after_a_panic() {
     );
     assert!(!pins.exists(), "BPF pins left");
 }
+
+/// The kernel IDs of the TC links pinned in a host's pin directory (`<pins>/tc/*`).
+fn pinned_link_ids(tc_pins: &std::path::Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(tc_pins)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&path)
+                .output()
+                .expect("running bpftool (scripts/setup.sh installs it)");
+            assert!(out.status.success(), "bpftool on {}", path.display());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            // Older bpftools print the type's number (BPF_LINK_TYPE_TCX = 11).
+            assert!(
+                v["type"] == "tcx" || v["type"] == 11,
+                "{} is a TCX link: {v}",
+                path.display()
+            );
+            v["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn link_exists(id: u64) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn tc_links_are_pinned_per_interface_and_removed_with_it_and_with_the_fleet() {
+    let name = unique_fleet("l");
+    let (fabric_ids, machine_ids);
+    {
+        let mut f = DevFleet::create(&name, Mode::Swap).unwrap();
+        let (h1, h2) = (f.add_host().unwrap(), f.add_host().unwrap());
+        let tc = std::path::Path::new(ferry_net::BPF_PIN_ROOT)
+            .join(&name)
+            .join(format!("{:x}", h1.get()))
+            .join("tc");
+        fabric_ids = pinned_link_ids(&tc);
+        assert_eq!(fabric_ids.len(), 2, "fabric_in and fabric_out");
+        let a = f.add_machine(h1, net(1)).unwrap();
+        let b = f.add_machine(h2, net(1)).unwrap();
+        let with_machine = pinned_link_ids(&tc);
+        machine_ids = with_machine
+            .iter()
+            .copied()
+            .filter(|id| !fabric_ids.contains(id))
+            .collect::<Vec<_>>();
+        assert_eq!(machine_ids.len(), 2, "machine_in and machine_out");
+        // The links carry the swap: traffic crosses and is counted.
+        let _e = Echo::start(&b);
+        assert_eq!(
+            tcp_echo(&a, b.addr.ip(), b"tcx", T).as_deref(),
+            Some(&b"tcx"[..])
+        );
+        assert!(stat(&f, h1, Stat::SwappedOut) > 0);
+        assert!(stat(&f, h2, Stat::SwappedIn) > 0);
+
+        f.remove_machine(&a).unwrap();
+        assert_eq!(pinned_link_ids(&tc), fabric_ids, "the machine's pins went");
+        for &id in &machine_ids {
+            assert!(!link_exists(id), "link {id} of a removed machine is gone");
+        }
+    }
+    // Dropping the fleet removed the pins, and with them the last reference to each link.
+    for &id in &fabric_ids {
+        assert!(!link_exists(id), "fabric link {id} left after teardown");
+    }
+    assert!(!std::path::Path::new(ferry_net::BPF_PIN_ROOT)
+        .join(&name)
+        .exists());
+}

@@ -121,9 +121,32 @@ pub fn claim_id_range(owner: &Path) -> Result<u32> {
     claim_id_range_in(Path::new(ID_REGISTRY), owner)
 }
 
+/// The registry's index from owner to slot: `by-owner/<FNV-1a of the owner's path>`.
+const BY_OWNER: &str = "by-owner";
+/// The registry's next-fit cursor: the slot the next search starts at.
+const CURSOR: &str = "next";
+
+/// FNV-1a (64 bits): a stable name for an owner's index entry (std's hasher may change between
+/// builds, and agents of different builds share the registry).
+fn owner_key(owner: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Finding a range costs O(1) however many machines hold one: the owner's own range through the
+/// index, a new one by probing slots from the cursor on (next fit). It used to read every slot
+/// file and stat every owner on each claim, ~1,000 files and cgroup lookups per machine start on
+/// a host with 1,000 machines (BENCHMARKS.md, issue 17 item 4). A slot whose owner is gone is
+/// taken over when the search reaches it, which keeps the registry as small as what runs plus
+/// what died since the cursor last passed.
 fn claim_id_range_in(registry: &Path, owner: &Path) -> Result<u32> {
     let io = |what: &str, e| RuntimeError::io(format!("{what} in {}", registry.display()), e);
-    std::fs::create_dir_all(registry).map_err(|e| io("creating the id registry", e))?;
+    let index = registry.join(BY_OWNER);
+    std::fs::create_dir_all(&index).map_err(|e| io("creating the id registry", e))?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -135,29 +158,46 @@ fn claim_id_range_in(registry: &Path, owner: &Path) -> Result<u32> {
         return Err(io("locking", std::io::Error::last_os_error()));
     }
     let owner_s = owner.to_string_lossy().into_owned();
-    let mut used = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(registry)
-        .map_err(|e| io("listing", e))?
-        .flatten()
+    let holder = |slot: u32| std::fs::read_to_string(registry.join(slot.to_string())).ok();
+    // Already ours? (the index may be stale: the slot file is the truth.)
+    let key = index.join(owner_key(&owner_s));
+    if let Some(slot) = std::fs::read_to_string(&key)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
     {
-        let Some(slot) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let holder = std::fs::read_to_string(e.path()).unwrap_or_default();
-        if holder == owner_s {
+        if holder(slot).as_deref() == Some(owner_s.as_str()) {
             return Ok(FIRST_ID + slot * ID_COUNT);
         }
-        if !holder.is_empty() && Path::new(&holder).exists() {
-            used.insert(slot);
-        } else {
-            // Its machine is gone: forget it, so the registry stays as small as what runs.
-            let _ = std::fs::remove_file(e.path());
-        }
     }
-    let slot = (0..MAX_SLOTS)
-        .find(|s| !used.contains(s))
+    let start = std::fs::read_to_string(registry.join(CURSOR))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|s| *s < MAX_SLOTS)
+        .unwrap_or(0);
+    let mut found = None;
+    for i in 0..MAX_SLOTS {
+        let slot = (start + i) % MAX_SLOTS;
+        match holder(slot) {
+            None => {}
+            Some(h) if h.is_empty() || !Path::new(&h).exists() => {
+                // Its machine is gone: the slot is free, and so is its index entry.
+                let _ = std::fs::remove_file(index.join(owner_key(&h)));
+            }
+            Some(_) => continue,
+        }
+        found = Some(slot);
+        break;
+    }
+    let slot = found
         .ok_or_else(|| RuntimeError::Invalid("sandbox: every host ID range is in use".into()))?;
+    // The index first: a slot file that names an owner then always has the owner's index
+    // entry pointing at it (a crash in between leaves an entry the check above disbelieves).
+    crate::sys::write_atomic(&key, slot.to_string().as_bytes())?;
     crate::sys::write_atomic(&registry.join(slot.to_string()), owner_s.as_bytes())?;
+    crate::sys::write_atomic(
+        &registry.join(CURSOR),
+        ((slot + 1) % MAX_SLOTS).to_string().as_bytes(),
+    )?;
     Ok(FIRST_ID + slot * ID_COUNT)
 }
 
@@ -1146,8 +1186,34 @@ mod tests {
         std::fs::create_dir(&c).unwrap();
         assert_eq!(
             claim_id_range_in(reg.path(), &c).unwrap(),
+            FIRST_ID + 2 * ID_COUNT,
+            "next fit: the search goes on from the last claim"
+        );
+        assert_eq!(claim_id_range_in(reg.path(), &b).unwrap(), rb, "stable");
+        // When the search comes round to a's slot (the cursor wraps at the last slot), it is
+        // free again: its owner is gone.
+        std::fs::write(reg.path().join(CURSOR), "0").unwrap();
+        let d = owners.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(
+            claim_id_range_in(reg.path(), &d).unwrap(),
             ra,
             "a's range is free again"
+        );
+        // An index entry whose slot another owner holds now (a crash between the two writes
+        // of a claim) is not believed.
+        let e = owners.path().join("e");
+        std::fs::create_dir(&e).unwrap();
+        let key = reg
+            .path()
+            .join(BY_OWNER)
+            .join(owner_key(&e.to_string_lossy()));
+        std::fs::write(key, "0").unwrap();
+        assert_ne!(claim_id_range_in(reg.path(), &e).unwrap(), ra);
+        assert_eq!(
+            claim_id_range_in(reg.path(), &c).unwrap(),
+            FIRST_ID + 2 * ID_COUNT,
+            "stable"
         );
     }
 

@@ -105,6 +105,22 @@ fn main() -> Result<()> {
         let hosts = dev.get("/v1/hosts")?;
         println!("{many} machines on one host: {:.1} s total, p50 {:.1} ms p99 {:.1} ms, {:.0} KiB of host memory per machine (MemAvailable delta), host reports {} machines",
             took.as_secs_f64(), median(&lat), pct(&lat, 0.99), (before.saturating_sub(after)) as f64 / many as f64, hosts[0]["machines"]);
+        // Issue 17 item 4: does a create get slower as the host fills up? The first 100 creates
+        // (0-99 machines already on the host) are the baseline of the same run; each later block
+        // of 100 is compared with it.
+        if many >= 200 {
+            let first = median(&lat[..100]);
+            let blocks: Vec<String> = lat
+                .chunks(100)
+                .map(|c| format!("{:.1}", median(c)))
+                .collect();
+            let last = median(&lat[lat.len() - 100..]);
+            println!("  p50 per block of 100 creates: {} ms", blocks.join(" "));
+            println!(
+                "  density: p50 of the last 100 creates {last:.1} ms / first 100 {first:.1} ms = {:.2} (goal <= 1.2)",
+                last / first
+            );
+        }
         let t = Instant::now();
         drop(dev);
         println!("  ferry dev shutdown with {many} machines (stop each with SIGINT, remove namespaces): {:.1} s", t.elapsed().as_secs_f64());
