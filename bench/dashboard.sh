@@ -21,7 +21,7 @@ trap cleanup EXIT
 for _ in $(seq 600); do [ -s "$STATE/admin.token" ] && break; sleep 0.1; done
 TOKEN=$(cat "$STATE/admin.token")
 python3 - "$API" "$N" "$TOKEN" <<'PY'
-import json, sys, time, urllib.request, concurrent.futures as cf
+import json, sys, time, urllib.error, urllib.request, concurrent.futures as cf
 api, n, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def call(method, path, body=None):
     req = urllib.request.Request(api + path, method=method, data=json.dumps(body).encode() if body is not None else None,
@@ -37,12 +37,22 @@ while True:
     time.sleep(0.2)
 for a in range(10):
     call("POST", "/v1/apps", {"app_name": f"dash{a}", "org_slug": f"org{a}"})
+retries = 0
 def make(i):
-    return call("POST", f"/v1/apps/dash{i % 10}/machines", {"config": {"init": {"cmd": ["sleep", "infinity"]}}})
+    # 503 means "try again" (the store or an agent was busy): a client does, a few times.
+    global retries
+    for attempt in range(6):
+        try:
+            return call("POST", f"/v1/apps/dash{i % 10}/machines", {"config": {"init": {"cmd": ["sleep", "infinity"]}}})
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == 5:
+                raise SystemExit(f"create {i}: {e.code} {e.read().decode()}")
+            retries += 1
+            time.sleep(0.2 * (attempt + 1))
 t = time.time()
-with cf.ThreadPoolExecutor(8) as ex:
+with cf.ThreadPoolExecutor(4) as ex:
     list(ex.map(make, range(n)))
-print(f"created {n} machines in {time.time() - t:.1f} s")
+print(f"created {n} machines in {time.time() - t:.1f} s ({retries} creates retried after a 503)")
 PY
 # The browser driver is the one the dashboard's test installs (scripts/setup.sh).
 ln -sfn ../../crates/ferry/tests/ui/node_modules bench/dashboard/node_modules
