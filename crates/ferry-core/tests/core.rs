@@ -478,3 +478,62 @@ async fn cached_reads_follow_the_stores_changes() {
     assert_eq!(e.kind, Kind::NotFound, "{e}");
     assert_eq!(f.store.list_machines_all(None).unwrap().len(), before);
 }
+
+/// The dashboard's snapshot: an admin sees the whole fleet or the org it asks for; an org
+/// token sees its own org whatever it asks, and only the hosts that run its machines, without
+/// the fleet's routes. A join token sees nothing.
+#[tokio::test]
+async fn the_dashboard_shows_each_caller_its_own() {
+    use ferry_core::auth::Caller;
+    use ferry_core::dashboard::snapshot;
+    let f = Fleet::new(3);
+    let admin = Caller::admin("test");
+    machines::create_app(
+        &f.core,
+        &admin,
+        CreateApp {
+            app_name: "acme-web".into(),
+            org_slug: Some("acme".into()),
+        },
+    )
+    .unwrap();
+    let first = f.hosts.keys().next().unwrap().clone();
+    let mine = machines::create_machine(&f.core, "acme-web", Fleet::request(Some(&first)))
+        .await
+        .unwrap();
+    let theirs = f.create(None).await.unwrap();
+
+    let all = snapshot(&f.core, &admin, None).await.unwrap();
+    assert_eq!(all.machines.len(), 2);
+    assert_eq!(all.hosts.len(), 3);
+    assert!(
+        all.hosts.iter().all(|h| h.routes.len() == 2),
+        "one per other host"
+    );
+
+    let acme = Caller::org("t-acme", "acme");
+    for asked in [None, Some("personal")] {
+        let v = snapshot(&f.core, &acme, asked).await.unwrap();
+        assert_eq!(v.org.as_deref(), Some("acme"));
+        let ids: Vec<&str> = v.machines.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, [mine.id.as_str()]);
+        assert!(v.apps.iter().all(|a| a.org == "acme"));
+        assert_eq!(v.hosts.len(), 1);
+        assert_eq!(
+            (v.hosts[0].id.as_str(), v.hosts[0].machines),
+            (first.as_str(), 1)
+        );
+        assert!(v.hosts[0].routes.is_empty());
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(
+            !text.contains(&theirs.id),
+            "another org's machine leaked: {text}"
+        );
+    }
+    let scoped = snapshot(&f.core, &admin, Some("acme")).await.unwrap();
+    assert_eq!(scoped.machines.len(), 1);
+    let e = snapshot(&f.core, &Caller::join("t-join"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, Kind::Forbidden);
+}
