@@ -51,7 +51,8 @@ pub struct Dashboard {
     pub generated_at: String,
     pub hosts: Vec<DashboardHost>,
     pub apps: Vec<AppView>,
-    /// Live machines (not destroyed, not migrated away), oldest first.
+    /// Live machines (not destroyed, not migrated away), oldest first, without their configs
+    /// (`config` is null; a machine's own page reads it).
     pub machines: Vec<MachineView>,
     /// Newest first, at most [`RECENT_MIGRATIONS`].
     pub migrations: Vec<Migration>,
@@ -75,7 +76,12 @@ pub async fn snapshot(core: &Core, caller: &Caller, org: Option<&str>) -> Result
         .list_machines(None)?
         .iter()
         .filter(|m| app_names.contains(m.app.as_str()))
-        .map(|m| MachineView::new(m, None))
+        .map(|m| MachineView {
+            // Not shown, and most of each machine's bytes: a 1,000-machine snapshot is read
+            // again on every change, so it carries only what the pages show.
+            config: serde_json::Value::Null,
+            ..MachineView::new(m, None)
+        })
         .collect();
     let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
     for m in &machines {
