@@ -52,7 +52,7 @@ pub struct Dashboard {
     pub hosts: Vec<DashboardHost>,
     pub apps: Vec<AppView>,
     /// Live machines (not destroyed, not migrated away), oldest first, without their configs
-    /// (`config` is null; a machine's own page reads it).
+    /// (`config` is `{}`; a machine's own page reads it).
     pub machines: Vec<MachineView>,
     /// Newest first, at most [`RECENT_MIGRATIONS`].
     pub migrations: Vec<Migration>,
@@ -79,7 +79,7 @@ pub async fn snapshot(core: &Core, caller: &Caller, org: Option<&str>) -> Result
         .map(|m| MachineView {
             // Not shown, and most of each machine's bytes: a 1,000-machine snapshot is read
             // again on every change, so it carries only what the pages show.
-            config: serde_json::Value::Null,
+            config: serde_json::json!({}),
             ..MachineView::new(m, None)
         })
         .collect();
