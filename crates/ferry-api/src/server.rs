@@ -44,6 +44,7 @@ pub(crate) type Shared = State<Arc<Core>>;
         ferry_core::migrate::MigrationStats,
         ferry_core::migrate::InstanceRecord,
         ferry_core::logs::LogLine,
+        ferry_core::dashboard::DashboardEvent,
         ferry_core::proto::VolumeProgress
     ))
 )]

@@ -12,6 +12,7 @@
 
 use ferry_core::auth::{CreateToken, CreatedToken, TokenView};
 use ferry_core::bridge::{GateRequest, Gates, MapRequest, MappingView, ReportLine, RetireRequest};
+use ferry_core::dashboard::{Dashboard, DashboardEvent};
 use ferry_core::images::{PullRequest, RegistrySettings, RegistryView, RemoveRequest, RemovedView};
 use ferry_core::logs::{LogLine, LogsView};
 use ferry_core::migrate::preview::MovePlan;
@@ -124,6 +125,8 @@ operations! {
     EXEC_MACHINE = "exec_machine" "POST" "/v1/apps/{app}/machines/{id}/exec" "ExecBody" -> "ExecView";
     UPDATE_MACHINE = "update_machine" "POST" "/v1/apps/{app}/machines/{id}" "UpdateMachine" -> "MachineView";
     RESTART_MACHINE = "restart_machine" "POST" "/v1/apps/{app}/machines/{id}/restart" "StopRequest" -> "MachineView";
+    DASHBOARD = "dashboard" "GET" "/v1/dashboard" - -> "Dashboard";
+    DASHBOARD_EVENTS = "dashboard_events" "GET" "/v1/dashboard/events" - -> "DashboardEvent";
     MACHINE_LOGS = "machine_logs" "GET" "/v1/apps/{app}/machines/{id}/logs" - -> "LogsView";
     SIGNAL_MACHINE = "signal_machine" "POST" "/v1/apps/{app}/machines/{id}/signal" "SignalRequest" -> "OkView";
     GET_METADATA = "get_metadata" "GET" "/v1/apps/{app}/machines/{id}/metadata" - -> "MetadataView";
@@ -545,6 +548,52 @@ impl Client {
                         detail: format!("{e}: {line}"),
                     })?,
                 )?;
+            }
+            Ok(())
+        })
+    }
+    /// What the dashboard shows: the fleet (or, for an admin, one org of it) in one read.
+    pub fn dashboard(&self, org: Option<&str>) -> Result<Dashboard> {
+        let q: Vec<(&str, String)> = org.map(|o| ("org", o.to_owned())).into_iter().collect();
+        self.call::<NoBody, _>(&op::DASHBOARD, &[], &q, None)
+    }
+    /// The dashboard's change notices, each handed to `each` as it arrives, until `each`
+    /// answers `false` or fails (the stream itself never ends). No timeout on this call.
+    pub fn dashboard_events(
+        &self,
+        mut each: impl FnMut(DashboardEvent) -> Result<bool>,
+    ) -> Result<()> {
+        let c = self.without_timeout()?;
+        c.send::<NoBody, _>(&op::DASHBOARD_EVENTS, &[], &[], None, |resp| {
+            use std::io::BufRead;
+            let mut event = DashboardEvent {
+                event: String::new(),
+                data: 0,
+            };
+            for line in std::io::BufReader::new(resp).lines() {
+                let line = line.map_err(|e| ClientError::Unexpected {
+                    status: 200,
+                    detail: format!("the event stream broke off: {e}"),
+                })?;
+                if let Some(v) = line.strip_prefix("event:") {
+                    event.event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    event.data = v.trim().parse().map_err(|_| ClientError::Unexpected {
+                        status: 200,
+                        detail: format!("not an event counter: {line}"),
+                    })?;
+                } else if line.is_empty() && !event.event.is_empty() {
+                    let done = !each(std::mem::replace(
+                        &mut event,
+                        DashboardEvent {
+                            event: String::new(),
+                            data: 0,
+                        },
+                    ))?;
+                    if done {
+                        return Ok(());
+                    }
+                }
             }
             Ok(())
         })

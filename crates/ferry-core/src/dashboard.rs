@@ -59,6 +59,16 @@ pub struct Dashboard {
     pub bridge: Vec<DashboardMapping>,
 }
 
+/// One server-sent event of `GET /v1/dashboard/events` (on the wire: `event: change` and
+/// `data: <counter>` lines, then a blank line): the fleet changed, read the snapshot again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DashboardEvent {
+    /// Always `change`.
+    pub event: String,
+    /// Counts the events of this stream, from 1 (the first comes at once).
+    pub data: u64,
+}
+
 /// The dashboard's view of the fleet as `caller` may see it: an org token sees its own org
 /// only (hosts: those that run its machines, counting only those, without the fleet's routes);
 /// an admin sees everything, or one org's apps, machines, migrations and mappings when it asks.

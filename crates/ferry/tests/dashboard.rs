@@ -13,6 +13,21 @@ use support::*;
 #[test]
 fn dashboard_pages_show_the_api_and_follow_a_machine_live_in_chromium() {
     let dev = Dev::start("ui", 2);
+    // The typed client reads what the page reads: the snapshot and the change notices.
+    let c = ferry_client::Client::new(&dev.api, Duration::from_secs(30))
+        .unwrap()
+        .with_token(Some(&dev.token));
+    let snap = c.dashboard(None).unwrap();
+    assert_eq!(snap.hosts.len(), 2);
+    assert!(snap.hosts.iter().all(|h| h.routes.len() == 1));
+    let mut first = None;
+    c.dashboard_events(|e| {
+        first = Some(e);
+        Ok(false)
+    })
+    .unwrap();
+    let first = first.expect("a first event at once");
+    assert_eq!((first.event.as_str(), first.data), ("change", 1));
     let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
     assert!(
         ui.join("node_modules/playwright-core").exists(),

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use ferry_core::dashboard::{self, Dashboard};
+use ferry_core::dashboard::{self, Dashboard, DashboardEvent};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ pub async fn snapshot(
 /// `GET /v1/dashboard/events`: server-sent events, one `change` each time the fleet changed
 /// (coalesced), so the page reads `/v1/dashboard` again. The first comes at once.
 #[utoipa::path(get, path = "/v1/dashboard/events", operation_id = "dashboard_events", tag = "dashboard",
-    responses((status = 200, description = "text/event-stream: `event: change` with a counter as data, and keepalive comments.", content_type = "text/event-stream", body = String), Refused, ServerFailed))]
+    responses((status = 200, description = "text/event-stream: `event: change` with a counter as data, and keepalive comments.", content_type = "text/event-stream", body = DashboardEvent), Refused, ServerFailed))]
 pub async fn events(State(ctx): Shared, Auth(caller): Auth) -> Result<axum::response::Response> {
     // A notice says only "something changed", never what: any user may have them.
     caller.require_user()?;
