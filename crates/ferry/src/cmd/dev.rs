@@ -331,7 +331,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         }
         println!("  ferry machine exec <id> -- getent ahostsv6 hello.internal");
         println!("  ferry machine logs <id> -f");
-        println!("  open {api}/ui        # the live dashboard");
+        println!(
+            "  open '{api}/ui#token={}'   # the live dashboard (the page keeps the token for its tab)",
+            cp.admin_token
+        );
         println!(
             "  dig @{} -p {} +short AAAA hello.internal",
             args.dns_listen.ip(),
