@@ -161,6 +161,30 @@ operations! {
     REVOKE_TOKEN = "revoke_token" "DELETE" "/v1/tokens/{id}" - -> "TokenView";
 }
 
+/// Hands each line of a newline-delimited JSON answer to `each`, as it arrives.
+fn read_ndjson<T: DeserializeOwned>(
+    resp: reqwest::blocking::Response,
+    mut each: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(resp).lines() {
+        let line = line.map_err(|e| ClientError::Unexpected {
+            status: 200,
+            detail: format!("the answer broke off: {e}"),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        each(
+            serde_json::from_str(&line).map_err(|e| ClientError::Unexpected {
+                status: 200,
+                detail: format!("{e}: {line}"),
+            })?,
+        )?;
+    }
+    Ok(())
+}
+
 fn logs_query(since: Option<&str>, tail: Option<u32>, follow: bool) -> Vec<(&'static str, String)> {
     let mut q = Vec::new();
     if let Some(s) = since {
@@ -528,28 +552,12 @@ impl Client {
         id: &str,
         since: Option<&str>,
         tail: Option<u32>,
-        mut each: impl FnMut(LogLine) -> Result<()>,
+        each: impl FnMut(LogLine) -> Result<()>,
     ) -> Result<()> {
         let q = logs_query(since, tail, true);
         let c = self.without_timeout()?;
         c.send::<NoBody, _>(&op::MACHINE_LOGS, &[app, id], &q, None, |resp| {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(resp).lines() {
-                let line = line.map_err(|e| ClientError::Unexpected {
-                    status: 200,
-                    detail: format!("the answer broke off: {e}"),
-                })?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                each(
-                    serde_json::from_str(&line).map_err(|e| ClientError::Unexpected {
-                        status: 200,
-                        detail: format!("{e}: {line}"),
-                    })?,
-                )?;
-            }
-            Ok(())
+            read_ndjson(resp, each)
         })
     }
     /// What the dashboard shows: the fleet (or, for an admin, one org of it) in one read.
@@ -712,27 +720,11 @@ impl Client {
     pub fn pull_image(
         &self,
         req: &PullRequest,
-        mut each: impl FnMut(PullLine) -> Result<()>,
+        each: impl FnMut(PullLine) -> Result<()>,
     ) -> Result<()> {
         debug_assert_eq!(schema_name::<PullLine>(), op::PULL_IMAGE.response);
         self.send(&op::PULL_IMAGE, &[], &[], Some(req), |resp| {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(resp).lines() {
-                let line = line.map_err(|e| ClientError::Unexpected {
-                    status: 200,
-                    detail: format!("the answer broke off: {e}"),
-                })?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                each(
-                    serde_json::from_str(&line).map_err(|e| ClientError::Unexpected {
-                        status: 200,
-                        detail: format!("{e}: {line}"),
-                    })?,
-                )?;
-            }
-            Ok(())
+            read_ndjson(resp, each)
         })
     }
     pub fn remove_image(&self, req: &RemoveRequest) -> Result<Vec<RemovedView>> {
