@@ -294,6 +294,16 @@ impl Agent {
                             Err(e) => tracing::warn!("applying the DNS snapshot: {e}"),
                         }
                     }
+                    Ok(WatchLine::Hosts(peers)) => {
+                        let a = self.clone();
+                        let applied = tokio::task::spawn_blocking(move || a.apply_peers(&peers))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        match applied {
+                            Ok(()) => self.watch_status.lock().unwrap().updates += 1,
+                            Err(e) => tracing::warn!("routing to the other hosts: {e}"),
+                        }
+                    }
                     Ok(WatchLine::Keepalive {}) => {}
                     Err(e) => return Err(format!("not a watch line: {e}")),
                 }

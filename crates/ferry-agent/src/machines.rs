@@ -26,7 +26,11 @@ pub struct AgentConfig {
     pub host_id: HostId,
     pub region: String,
     /// The host's network namespace (`None`: the agent's own, on a real host).
-    pub host_netns: String,
+    pub host_netns: Option<String>,
+    /// A real host's address on the underlay (docs/design.md#underlay): the agent then wires
+    /// the fabric itself, one route per other host from the watch. `None` on a dev fleet's
+    /// hosts, whose fabric `ferry dev` wires.
+    pub underlay: Option<std::net::IpAddr>,
     /// Prefix of machine namespace names (`ferry-<fleet>`).
     pub fleet: String,
     /// Where run directories live (`<state_dir>/machines/<id>`).
@@ -119,11 +123,18 @@ impl Agent {
     /// Prepares the host (idempotent: safe on a host an earlier agent already set up) and finds
     /// the machines an earlier agent left running.
     pub fn start(cfg: AgentConfig, rt: tokio::runtime::Handle) -> Result<Arc<Agent>, AgentError> {
-        let ns = NetNs::named(&cfg.host_netns);
+        let ns = match &cfg.host_netns {
+            Some(n) => NetNs::named(n),
+            None => NetNs::own(),
+        };
         let pins = PathBuf::from(ferry_net::BPF_PIN_ROOT)
             .join(cfg.fleet.trim_start_matches(ferry_net::FERRY_PREFIX))
             .join(format!("{:x}", cfg.host_id.get()));
         let host = HostNet::start(cfg.host_id, &ns, Some(pins))?;
+        if let Some(addr) = cfg.underlay {
+            let mtu = host.attach_underlay(addr)?;
+            tracing::info!("underlay {addr}: the overlay link's MTU is {mtu}");
+        }
         let cgroups = CgroupLayout::discover()?;
         let bridge_pins = PathBuf::from(ferry_net::BPF_PIN_ROOT)
             .join(cfg.fleet.trim_start_matches(ferry_net::FERRY_PREFIX))
@@ -148,7 +159,11 @@ impl Agent {
         let volumes = crate::volumes::Volumes::start(
             &ns,
             &cfg.state_dir,
-            std::net::SocketAddr::new(HostNet::underlay_addr(cfg.host_id).into(), cfg.volume_port),
+            std::net::SocketAddr::new(
+                cfg.underlay
+                    .unwrap_or(HostNet::underlay_addr(cfg.host_id).into()),
+                cfg.volume_port,
+            ),
         )?;
         let servers = Arc::new(crate::control::Servers::new(
             cfg.servers.clone(),
@@ -251,10 +266,37 @@ impl Agent {
             region: self.cfg.region.clone(),
             endpoint: endpoint.to_owned(),
             running: self.running(),
+            underlay: self.cfg.underlay.map(|a| a.to_string()).unwrap_or_default(),
         };
         self.servers
             .post_until("/internal/v1/hosts", &body, None)
             .await
+    }
+
+    /// The fleet's other hosts, as the watch sent them: on a real host, exactly one route to
+    /// each (a dev fleet's fabric is `ferry dev`'s, so nothing happens there).
+    pub(crate) fn apply_peers(
+        &self,
+        peers: &[ferry_core::proto::PeerHost],
+    ) -> Result<(), AgentError> {
+        if self.cfg.underlay.is_none() {
+            return Ok(());
+        }
+        let mut want = Vec::new();
+        for p in peers {
+            let (Ok(id), Ok(addr)) = (HostId::new(p.id), p.underlay.parse()) else {
+                tracing::warn!(
+                    "host {:x}: underlay {:?} is not usable; no route",
+                    p.id,
+                    p.underlay
+                );
+                continue;
+            };
+            want.push((id, addr));
+        }
+        let paths = self.host.set_peers(want)?;
+        tracing::debug!("routes to {} other hosts: {paths:?}", paths.len());
+        Ok(())
     }
 
     fn report(&self, r: AgentReport) {

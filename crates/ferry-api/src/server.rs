@@ -101,6 +101,7 @@ fn api() -> OpenApiRouter<Arc<Core>> {
         .routes(routes!(migrate::get_policy, migrate::set_policy))
         .routes(routes!(list_hosts))
         .routes(routes!(migrate::drain))
+        .routes(routes!(migrate::remove_host))
         .routes(routes!(migrate::cordon))
         .routes(routes!(migrate::uncordon))
         .routes(routes!(migrate::list))

@@ -20,7 +20,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use ferry_addr::HostId;
 use ferry_core::bridge::host_state;
-use ferry_core::proto::BridgeSync;
+use ferry_core::proto::{BridgeSync, PeerHost};
 use ferry_core::Core;
 use ferry_store::Subscription;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,9 @@ pub enum WatchLine {
     /// `fdaa::3` to its machines until the next one. Kept as JSON here: the HTTP edge does not
     /// need to know DNS to pass it on.
     Dns(serde_json::Value),
+    /// The other hosts with an underlay address: the agent keeps exactly one route per other
+    /// host (docs/design.md#underlay). Sent first and whenever the fleet's hosts change.
+    Hosts(Vec<PeerHost>),
     /// Nothing changed; the server and the stream are alive.
     Keepalive {},
 }
@@ -51,17 +54,19 @@ struct Stream {
     sub: Option<Subscription>,
     /// The last state line sent (serialized), so an unrelated change sends nothing.
     last: Option<String>,
+    /// The last hosts line sent, likewise.
+    last_hosts: Option<String>,
     first: bool,
     /// The control plane's DNS snapshots ([`Core::dns_state`]).
     dns: tokio::sync::watch::Receiver<Option<Arc<str>>>,
-    /// A DNS line due after the bridge line being returned.
-    pending: Option<String>,
+    /// Lines due after the one being returned.
+    pending: std::collections::VecDeque<String>,
 }
 
 impl Stream {
     /// The next line to send; waits for a change or the keep-alive period.
     async fn next(&mut self) -> String {
-        if let Some(line) = self.pending.take() {
+        if let Some(line) = self.pending.pop_front() {
             return line;
         }
         loop {
@@ -96,28 +101,41 @@ impl Stream {
             } else {
                 None
             };
-            let bridge_line = if first || !dns_changed || timed_out {
+            if first || !dns_changed || timed_out {
                 if let Some(s) = self.sub.as_mut() {
                     s.borrow_and_update();
                 }
-                self.bridge_line().await
-            } else {
-                None
-            };
-            match (bridge_line, dns_line) {
-                (Some(b), d) => {
-                    self.pending = d;
-                    return b;
-                }
-                (None, Some(d)) => return d,
-                (None, None) if timed_out => {
-                    let line =
-                        serde_json::to_string(&WatchLine::Keepalive {}).expect("serializable");
-                    return line + "\n";
-                }
-                (None, None) => {}
+                // Routes first: a new host's machines are reachable before anything names them.
+                let hosts = self.hosts_line().await;
+                let bridge = self.bridge_line().await;
+                self.pending.extend(hosts.into_iter().chain(bridge));
+            }
+            self.pending.extend(dns_line);
+            if let Some(line) = self.pending.pop_front() {
+                return line;
+            }
+            if timed_out {
+                let line = serde_json::to_string(&WatchLine::Keepalive {}).expect("serializable");
+                return line + "\n";
             }
         }
+    }
+
+    /// The fleet's other hosts as a line, if it differs from the last one sent.
+    async fn hosts_line(&mut self) -> Option<String> {
+        let ctx = self.ctx.clone();
+        let me = self.host.get();
+        let peers = tokio::task::spawn_blocking(move || ferry_core::hosts::peers(&ctx))
+            .await
+            .ok()?
+            .ok()?;
+        let others = peers.into_iter().filter(|p| p.id != me).collect();
+        let line = serde_json::to_string(&WatchLine::Hosts(others)).expect("serializable");
+        if self.last_hosts.as_ref() == Some(&line) {
+            return None;
+        }
+        self.last_hosts = Some(line.clone());
+        Some(line + "\n")
     }
 
     /// The host's bridge state as a line, if it differs from the last one sent.
@@ -157,9 +175,10 @@ pub async fn host_watch(
         host: id,
         sub,
         last: None,
+        last_hosts: None,
         first: true,
         dns,
-        pending: None,
+        pending: Default::default(),
     };
     let lines = futures::stream::unfold(s, |mut s| async move {
         let line = s.next().await;

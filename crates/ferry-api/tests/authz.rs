@@ -646,6 +646,12 @@ fn rows() -> Vec<Row> {
             req("GET", "/v1/hosts", None),
             None
         )),
+        // No such host: the admin's answer is a 404 (removing a real one would end the fleet
+        // the rows after use), the others' a refusal before that.
+        row!("remove_host", Rule::AdminOnly { ok: 404 }, |fx| (
+            req("DELETE", "/v1/hosts/fffffff0", None),
+            None
+        )),
         row!("cordon", Rule::AdminOnly { ok: 200 }, |fx| (
             req("POST", format!("/v1/hosts/{}/cordon", fx.empty_host), None),
             None

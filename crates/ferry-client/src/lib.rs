@@ -139,6 +139,7 @@ operations! {
     SET_POLICY = "set_policy" "POST" "/v1/apps/{app}/policy" "PolicyUpdate" -> "MigratePolicy";
     LIST_HOSTS = "list_hosts" "GET" "/v1/hosts" - -> "[HostView]";
     DRAIN = "drain" "POST" "/v1/hosts/{id}/drain" - -> "DrainView";
+    REMOVE_HOST = "remove_host" "DELETE" "/v1/hosts/{id}" - -> "HostView";
     CORDON = "cordon" "POST" "/v1/hosts/{id}/cordon" - -> "CordonView";
     UNCORDON = "uncordon" "POST" "/v1/hosts/{id}/uncordon" - -> "CordonView";
     LIST_MIGRATIONS = "list_migrations" "GET" "/v1/migrations" - -> "[Migration]";
@@ -675,6 +676,10 @@ impl Client {
     }
     pub fn drain(&self, host: &str) -> Result<DrainView> {
         self.call::<NoBody, _>(&op::DRAIN, &[host], &[], None)
+    }
+    /// The host leaves the fleet (refused while machines are placed on it).
+    pub fn remove_host(&self, host: &str) -> Result<HostView> {
+        self.call::<NoBody, _>(&op::REMOVE_HOST, &[host], &[], None)
     }
     pub fn cordon(&self, host: &str) -> Result<CordonView> {
         self.call::<NoBody, _>(&op::CORDON, &[host], &[], None)

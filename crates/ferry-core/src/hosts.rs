@@ -70,14 +70,8 @@ pub fn list_hosts(core: &Core) -> Result<Vec<HostView>> {
     let loads = core.store.machines_per_host()?;
     let mut out = Vec::new();
     for h in core.store.list_hosts()? {
-        out.push(HostView {
-            id: host_hex(h.id),
-            region: h.region.clone(),
-            endpoint: h.endpoint.clone(),
-            cordoned: h.cordoned,
-            infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
-            machines: loads.get(&h.id).copied().unwrap_or(0),
-        });
+        let n = loads.get(&h.id).copied().unwrap_or(0);
+        out.push(view(h, n));
     }
     Ok(out)
 }
@@ -97,14 +91,16 @@ pub fn set_cordoned(core: &Core, host: &str, cordoned: bool) -> Result<CordonVie
 /// it right after.
 pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::Value> {
     let id = HostId::new(req.host_id).map_err(|e| Error::invalid(e.to_string()))?;
+    check_underlay(&req.underlay)?;
     // The same registration sent again (the agent's first try reached a server that died before
     // answering): its effects are in the store already, so it adds no event a second time.
     let mut again = false;
     let host = match core.store.get_host(id) {
         Ok(mut h) => {
-            again = h.endpoint == req.endpoint;
+            again = h.endpoint == req.endpoint && h.underlay == req.underlay;
             h.endpoint = req.endpoint.clone();
             h.region = req.region.clone();
+            h.underlay = req.underlay.clone();
             core.store.put_host(&h)?
         }
         Err(_) => core.store.put_host(&ferry_store::Host {
@@ -113,6 +109,7 @@ pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::
             endpoint: req.endpoint.clone(),
             cordoned: false,
             created_at_ms: core.store.now_ms(),
+            underlay: req.underlay.clone(),
         })?,
     };
     core.cache.hosts_changed();
@@ -147,4 +144,63 @@ pub fn register_host(core: &Arc<Core>, req: RegisterHost) -> Result<serde_json::
         }
     });
     Ok(serde_json::json!({"host": host_hex(host.id)}))
+}
+
+/// An underlay address an agent may register: empty (a dev-fleet host), or one unicast IPv6 or
+/// IPv4 address outside the fleet's own `fdaa::/16` (an overlay address cannot carry the
+/// overlay) and not loopback, unspecified or multicast (no other host could reach it).
+fn check_underlay(s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let bad = |why: &str| Err(Error::invalid(format!("underlay {s:?}: {why}")));
+    let Ok(ip) = s.parse::<std::net::IpAddr>() else {
+        return bad("not an IPv6 or IPv4 address");
+    };
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return bad("not an address another host can reach");
+    }
+    if let std::net::IpAddr::V6(v6) = ip {
+        if v6.segments()[0] == ferry_addr::FLEET_PREFIX {
+            return bad("inside the fleet's own fdaa::/16");
+        }
+    }
+    Ok(())
+}
+
+/// The hosts every agent routes to: those that registered an underlay address (a dev fleet's
+/// hosts have none; `ferry dev` wires their fabric), by ID.
+pub fn peers(core: &Core) -> Result<Vec<crate::proto::PeerHost>> {
+    Ok(crate::cache::hosts(core)?
+        .into_iter()
+        .filter(|h| !h.underlay.is_empty())
+        .map(|h| crate::proto::PeerHost {
+            id: h.id.get(),
+            underlay: h.underlay,
+        })
+        .collect())
+}
+
+/// A host leaves the fleet (`DELETE /v1/hosts/{id}`): refused while any machine is placed on it
+/// (drain it first). Every other host drops its route to it, through the watch. Stop its agent
+/// first: an agent that registers again brings the host back.
+pub fn remove_host(core: &Core, host: &str) -> Result<HostView> {
+    let id = parse_host(host)?;
+    let h = core.store.get_host(id)?;
+    core.store.remove_host(id)?;
+    core.cache.hosts_changed();
+    core.changed();
+    Ok(view(h, 0))
+}
+
+fn view(h: ferry_store::Host, machines: usize) -> HostView {
+    HostView {
+        id: host_hex(h.id),
+        infra_prefix: ferry_addr::host_infra_prefix(h.id).to_string(),
+        region: h.region,
+        endpoint: h.endpoint,
+        cordoned: h.cordoned,
+        underlay: h.underlay,
+        machines,
+    }
 }

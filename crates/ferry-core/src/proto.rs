@@ -131,6 +131,18 @@ pub struct RegisterHost {
     pub endpoint: String,
     /// Machines the agent found running on its host (reattached).
     pub running: Vec<String>,
+    /// The host's underlay address, when its agent wires the fabric itself (a real host:
+    /// `ferry agent --underlay`); empty on a dev fleet's hosts, whose fabric `ferry dev` wires.
+    #[serde(default)]
+    pub underlay: String,
+}
+
+/// Another host as an agent routes to it: its infra /48 goes to `underlay`
+/// (docs/design.md#underlay). Sent on the watch whenever the fleet's hosts change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHost {
+    pub id: u32,
+    pub underlay: String,
 }
 
 /// A machine as its agent sees it.

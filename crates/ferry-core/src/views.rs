@@ -200,6 +200,9 @@ pub struct HostView {
     pub cordoned: bool,
     /// The host's infra /48 (its one route on every other host).
     pub infra_prefix: String,
+    /// Its underlay address, which the other hosts route that /48 to (empty on a dev fleet,
+    /// whose fabric `ferry dev` wires).
+    pub underlay: String,
     pub machines: usize,
 }
 

@@ -60,6 +60,7 @@ impl Fleet {
                     endpoint: endpoint.clone(),
                     cordoned: false,
                     created_at_ms: 0,
+                    underlay: String::new(),
                 })
                 .unwrap();
             map.insert(hosts::host_hex(id), endpoint);

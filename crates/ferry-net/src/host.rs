@@ -10,9 +10,11 @@
 use crate::netns::{self, NetNs, NsThread};
 use crate::nl::{Netlink, Route6};
 use crate::NetError;
-use ferry_addr::{host_infra_prefix, FleetAddr, HostId, MachineField, NetworkId, DNS_ADDR};
+use ferry_addr::{
+    host_infra_prefix, FleetAddr, HostId, MachineField, NetworkId, DNS_ADDR, FLEET_PREFIX,
+};
 use ferry_ebpf::{Dataplane, Stat};
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 
 /// The host side of every machine veth carries this link-local address; machines route
@@ -25,11 +27,41 @@ pub const FABRIC_IFACE: &str = "fab0";
 /// Name of a machine's interface inside its namespace.
 pub const MACHINE_IFACE: &str = "eth0";
 
+/// A real host's overlay link (docs/design.md#underlay): VXLAN, the one encapsulation this
+/// kernel family always has built in (no ip6tnl, sit or GENEVE here), which crosses routers and
+/// IPv4-only underlays alike (it is UDP), spreads over ECMP paths by its source port, and keeps
+/// an Ethernet header, so the fabric programs run on it unchanged.
+pub const OVERLAY_IFACE: &str = "ferry-vx0";
+/// The overlay's VXLAN network identifier: one per fleet's underlay.
+pub const OVERLAY_VNI: u32 = 0xfdaa;
+/// VXLAN's IANA port.
+pub const OVERLAY_PORT: u16 = 4789;
+
+/// How this host reaches another host's infra /48.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath {
+    /// Routed to its underlay address, which is on-link on the underlay interface.
+    Direct(Ipv6Addr),
+    /// Through the overlay link to its overlay address, encapsulated to its underlay address
+    /// (another subnet, or an IPv4 underlay).
+    Overlay(IpAddr),
+}
+
+/// A real host's underlay as [`HostNet::attach_underlay`] found it.
+#[derive(Debug, Clone)]
+struct UnderlayState {
+    addr: IpAddr,
+    /// The interface holding `addr`.
+    link: u32,
+    overlay: u32,
+}
+
 /// Everything the host thread keeps.
 struct HostState {
     nl: Netlink,
     dp: Option<Dataplane>,
     fabric: Option<u32>,
+    underlay: Option<UnderlayState>,
 }
 
 /// The data plane of one host, driven from a thread that lives in the host's namespace.
@@ -89,6 +121,7 @@ impl HostNet {
                 nl,
                 dp,
                 fabric: None,
+                underlay: None,
             })
         })?;
         Ok(HostNet {
@@ -134,6 +167,159 @@ impl HostNet {
         self.worker.run(move |s| {
             s.fabric = Some(s.nl.require_index(FABRIC_IFACE)?);
             Ok(())
+        })?
+    }
+
+    /// A host's address on its overlay link (and the next hop other hosts route its infra /48
+    /// to through that link): the same `fdfe::<host id>` a dev fleet's fabric uses.
+    pub fn overlay_addr(id: HostId) -> Ipv6Addr {
+        Self::underlay_addr(id)
+    }
+
+    /// A host's MAC address on the overlay link: locally administered, from its ID, so every
+    /// host knows every other's without asking.
+    pub fn overlay_mac(id: HostId) -> [u8; 6] {
+        let h = id.get().to_be_bytes();
+        [0x02, 0xfe, h[0], h[1], h[2], h[3]]
+    }
+
+    /// A real host: the interface holding `addr` is the underlay. The fabric programs go on it
+    /// and on the overlay link (created over it, or taken over from an earlier agent), whose MTU
+    /// leaves room for the encapsulation. Returns the overlay link's MTU.
+    pub fn attach_underlay(&self, addr: IpAddr) -> Result<u32, NetError> {
+        if !self.swap {
+            return Err(NetError::Invalid(
+                "an underlay needs the eBPF data plane".into(),
+            ));
+        }
+        let id = self.id;
+        self.worker.run(move |s| -> Result<u32, NetError> {
+            let link = s
+                .nl
+                .addresses()?
+                .into_iter()
+                .find(|(_, a, _)| *a == addr)
+                .map(|(i, _, _)| i)
+                .ok_or_else(|| NetError::NotFound(format!("an interface with address {addr}")))?;
+            let link_name =
+                s.nl.link_name(link)?
+                    .ok_or_else(|| NetError::NotFound(format!("link {link}")))?;
+            // VXLAN's own headers: outer IP (20 or 40), UDP 8, VXLAN 8, inner Ethernet 14.
+            let overhead = if addr.is_ipv4() { 50 } else { 70 };
+            let mtu = s.nl.mtu(link)?.saturating_sub(overhead);
+            let overlay = match s.nl.link_index(OVERLAY_IFACE)? {
+                Some(i) => i,
+                None => s.nl.create_vxlan(&crate::nl::Vxlan {
+                    name: OVERLAY_IFACE.into(),
+                    vni: OVERLAY_VNI,
+                    dev: link,
+                    local: addr,
+                    port: OVERLAY_PORT,
+                    mtu,
+                    mac: Self::overlay_mac(id),
+                })?,
+            };
+            match s.nl.add_address(overlay, Self::overlay_addr(id), 64) {
+                Ok(()) => {}
+                Err(NetError::Netlink { msg, .. }) if msg.contains("File exists") => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(dp) = s.dp.as_mut() {
+                // An earlier agent's programs are still attached (their links pinned): leave
+                // them, a second copy would swap every packet twice.
+                let pinned = dp.pinned_ifaces();
+                for (name, idx) in [(link_name.as_str(), link), (OVERLAY_IFACE, overlay)] {
+                    if !pinned.contains(&idx) {
+                        dp.attach_fabric(name, idx)?;
+                    }
+                }
+            }
+            s.underlay = Some(UnderlayState {
+                addr,
+                link,
+                overlay,
+            });
+            Ok(mtu)
+        })?
+    }
+
+    /// Makes this host's routes to other hosts exactly `peers` (a real host; see
+    /// [`HostNet::attach_underlay`]): one route per other host, its infra /48 to its underlay
+    /// address when that is on-link, else through the overlay. Routes to hosts not in `peers`
+    /// go. Returns each peer's path.
+    pub fn set_peers(&self, peers: Vec<(HostId, IpAddr)>) -> Result<Vec<PeerPath>, NetError> {
+        let me = self.id;
+        self.worker.run(move |s| -> Result<Vec<PeerPath>, NetError> {
+            let u = s
+                .underlay
+                .clone()
+                .ok_or_else(|| NetError::NotFound("the underlay (attach it first)".into()))?;
+            // The on-link IPv6 prefixes of the underlay interface.
+            let onlink: Vec<(Ipv6Addr, u8)> = s
+                .nl
+                .addresses()?
+                .into_iter()
+                .filter(|(i, _, _)| *i == u.link)
+                .filter_map(|(_, a, len)| match a {
+                    IpAddr::V6(a) if a.segments()[0] & 0xffc0 != 0xfe80 => Some((a, len)),
+                    _ => None,
+                })
+                .collect();
+            let mut want: Vec<(Ipv6Addr, u8, u32, Ipv6Addr)> = Vec::new();
+            let mut paths = Vec::new();
+            for (peer, addr) in peers.into_iter().filter(|(p, _)| *p != me) {
+                let path = match addr {
+                    IpAddr::V6(a) if u.addr.is_ipv6() && onlink.iter().any(|p| in_prefix(a, *p)) => {
+                        PeerPath::Direct(a)
+                    }
+                    a => PeerPath::Overlay(a),
+                };
+                let (oif, via) = match path {
+                    PeerPath::Direct(a) => (u.link, a),
+                    PeerPath::Overlay(a) => {
+                        if a.is_ipv4() != u.addr.is_ipv4() {
+                            tracing::warn!(
+                                "host {peer}: underlay {a} is not of this host's family ({}); no route",
+                                u.addr
+                            );
+                            continue;
+                        }
+                        let mac = Self::overlay_mac(peer);
+                        s.nl.set_fdb(u.overlay, mac, a)?;
+                        s.nl.set_neighbour(u.overlay, Self::overlay_addr(peer), mac)?;
+                        (u.overlay, Self::overlay_addr(peer))
+                    }
+                };
+                let p = host_infra_prefix(peer);
+                want.push((p.addr(), p.len(), oif, via));
+                paths.push(path);
+            }
+            // Reconcile: ferry's host routes (static /48s in fdaa::/16) become exactly `want`.
+            let have: Vec<Route6> = s
+                .nl
+                .routes6()?
+                .into_iter()
+                .filter(|r| r.is_static && r.len == 48 && r.dst.segments()[0] == FLEET_PREFIX)
+                .collect();
+            for r in &have {
+                let keep = want.iter().any(|w| {
+                    (w.0, w.1, Some(w.2), Some(w.3)) == (r.dst, r.len, r.oif, r.gateway)
+                });
+                if !keep {
+                    if let Some(oif) = r.oif {
+                        s.nl.del_route(r.dst, r.len, oif, r.gateway)?;
+                    }
+                }
+            }
+            for w in &want {
+                let present = have.iter().any(|r| {
+                    (w.0, w.1, Some(w.2), Some(w.3)) == (r.dst, r.len, r.oif, r.gateway)
+                });
+                if !present {
+                    s.nl.add_route(w.0, w.1, w.2, Some(w.3))?;
+                }
+            }
+            Ok(paths)
         })?
     }
 
@@ -269,4 +455,15 @@ impl HostNet {
             nl.set_mtu(nl.require_index(MACHINE_IFACE)?, mtu)
         })?
     }
+}
+
+/// Whether `a` is inside `prefix`.
+fn in_prefix(a: Ipv6Addr, (p, len): (Ipv6Addr, u8)) -> bool {
+    let len = u32::from(len.min(128));
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    u128::from(a) & mask == u128::from(p) & mask
 }

@@ -20,6 +20,8 @@ pub const NETNS_DIR: &str = "/run/netns";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetNs {
     name: String,
+    /// Set for the process's own namespace ([`NetNs::own`]), which has no name.
+    own: Option<PathBuf>,
 }
 
 impl NetNs {
@@ -27,6 +29,19 @@ impl NetNs {
     pub fn named(name: &str) -> Self {
         NetNs {
             name: name.to_owned(),
+            own: None,
+        }
+    }
+
+    /// The namespace this process started in (a real host's agent works in it): its main
+    /// thread's, which never enters another, so a worker thread that did still finds it.
+    pub fn own() -> Self {
+        NetNs {
+            name: "host".to_owned(),
+            own: Some(PathBuf::from(format!(
+                "/proc/{}/ns/net",
+                std::process::id()
+            ))),
         }
     }
 
@@ -35,7 +50,10 @@ impl NetNs {
     }
 
     pub fn path(&self) -> PathBuf {
-        Path::new(NETNS_DIR).join(&self.name)
+        match &self.own {
+            Some(p) => p.clone(),
+            None => Path::new(NETNS_DIR).join(&self.name),
+        }
     }
 
     pub fn exists(&self) -> bool {
@@ -84,6 +102,11 @@ impl NetNs {
     /// Unmounts and removes the name. The kernel frees the namespace (and its interfaces) once no
     /// process or thread is inside it any more.
     pub fn delete(&self) -> Result<(), NetError> {
+        if self.own.is_some() {
+            return Err(NetError::Invalid(
+                "the process's own namespace is not ferry's to delete".into(),
+            ));
+        }
         let p = self.path();
         match umount2(&p, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
@@ -105,7 +128,7 @@ pub fn list(prefix: &str) -> Vec<NetNs> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with(prefix))
-        .map(|n| NetNs { name: n })
+        .map(|n| NetNs::named(&n))
         .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v

@@ -25,6 +25,18 @@ pub struct Route6 {
     pub is_static: bool,
 }
 
+/// A VXLAN link to create ([`Netlink::create_vxlan`]).
+#[derive(Debug, Clone)]
+pub struct Vxlan {
+    pub name: String,
+    pub vni: u32,
+    pub dev: u32,
+    pub local: IpAddr,
+    pub port: u16,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+}
+
 pub struct Netlink {
     rt: tokio::runtime::Runtime,
     handle: Handle,
@@ -226,6 +238,114 @@ impl Netlink {
                     r
                 })
                 .collect())
+        })
+    }
+
+    /// Every address of this namespace: (link index, address, prefix length).
+    pub fn addresses(&self) -> Result<Vec<(u32, IpAddr, u8)>, NetError> {
+        use netlink_packet_route::address::AddressAttribute;
+        self.rt.block_on(async {
+            let msgs: Vec<_> = self
+                .handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing addresses"))?;
+            Ok(msgs
+                .into_iter()
+                .filter_map(|m| {
+                    let ip = m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })?;
+                    Some((m.header.index, ip, m.header.prefix_len))
+                })
+                .collect())
+        })
+    }
+
+    /// A link's MTU.
+    pub fn mtu(&self, index: u32) -> Result<u32, NetError> {
+        self.rt.block_on(async {
+            let mut s = self.handle.link().get().match_index(index).execute();
+            let m = s
+                .try_next()
+                .await
+                .map_err(nl("reading a link"))?
+                .ok_or_else(|| NetError::NotFound(format!("link {index}")))?;
+            m.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(*m),
+                    _ => None,
+                })
+                .ok_or_else(|| NetError::NotFound(format!("the MTU of link {index}")))
+        })
+    }
+
+    /// Creates a VXLAN link over `dev` from `local` (no learning: every remote is a static
+    /// forwarding entry, [`Netlink::set_fdb`]), up, with MAC `mac` and MTU `mtu`.
+    pub fn create_vxlan(&self, v: &Vxlan) -> Result<u32, NetError> {
+        let b = rtnetlink::LinkVxlan::new(&v.name, v.vni)
+            .dev(v.dev)
+            .port(v.port)
+            .learning(false)
+            .mtu(v.mtu)
+            .address(v.mac.to_vec())
+            .up();
+        let b = match v.local {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a).udp_csum(true),
+        };
+        self.rt
+            .block_on(self.handle.link().add(b.build()).execute())
+            .map_err(nl("creating a VXLAN link"))?;
+        self.require_index(&v.name)
+    }
+
+    /// A permanent IPv6 neighbour entry (`ip -6 neigh replace IP lladdr MAC nud permanent`).
+    pub fn set_neighbour(&self, index: u32, ip: Ipv6Addr, mac: [u8; 6]) -> Result<(), NetError> {
+        let req = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V6(ip))
+            .link_local_address(&mac)
+            .replace();
+        self.rt
+            .block_on(req.execute())
+            .map_err(nl("adding a neighbour"))
+    }
+
+    /// A static forwarding entry of a VXLAN link (`bridge fdb replace MAC dev LINK dst IP`).
+    pub fn set_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<(), NetError> {
+        use netlink_packet_route::neighbour::NeighbourFlags;
+        let req = self
+            .handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(dst)
+            .flags(NeighbourFlags::Own)
+            .replace();
+        self.rt
+            .block_on(req.execute())
+            .map_err(nl("adding a forwarding entry"))
+    }
+
+    /// A link's name.
+    pub fn link_name(&self, index: u32) -> Result<Option<String>, NetError> {
+        self.rt.block_on(async {
+            let mut s = self.handle.link().get().match_index(index).execute();
+            match s.try_next().await {
+                Ok(Some(m)) => Ok(m.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                })),
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+                Err(e) => Err(nl("looking up a link")(e)),
+            }
         })
     }
 

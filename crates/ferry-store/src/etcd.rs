@@ -1361,6 +1361,7 @@ impl Store for EtcdStore {
                 endpoint: endpoint.to_owned(),
                 cordoned: false,
                 created_at_ms: tx.now,
+                underlay: String::new(),
             };
             tx.put(&host_key(id), &host)?;
             Ok(host)
@@ -1400,6 +1401,25 @@ impl Store for EtcdStore {
             };
             tx.put(&host_key(id), &h)?;
             Ok(h)
+        })
+    }
+
+    fn remove_host(&self, id: HostId) -> Result<()> {
+        self.write(|tx| {
+            load_host(tx, id)?;
+            let live = tx.range(&format!("idx/machine_live/{}/", hk(id)))?.len();
+            if live > 0 {
+                return Err(StoreError::Conflict {
+                    what: format!(
+                        "host {:x} still has {live} machine(s): drain it first",
+                        id.get()
+                    ),
+                });
+            }
+            // Terminal machines keep their records and their (now dangling) host index: no
+            // foreign key here, and readers of a host's machines only follow live ones.
+            tx.delete(&host_key(id));
+            Ok(())
         })
     }
 

@@ -118,6 +118,10 @@ pub trait Store: Send + Sync {
     /// All hosts, by ID.
     fn list_hosts(&self) -> Result<Vec<Host>>;
     fn set_cordoned(&self, id: HostId, cordoned: bool) -> Result<Host>;
+    /// Removes a host that left the fleet. Refused with [`StoreError::Conflict`] while any
+    /// non-terminal machine is placed on it (drain it first). Its ID stays burned: it is never
+    /// handed out again, so an address that named it never names another host.
+    fn remove_host(&self, id: HostId) -> Result<()>;
     /// A machine field never used on `host` before (not even by a destroyed machine).
     fn allocate_machine_field(&self, host: HostId) -> Result<MachineField>;
 

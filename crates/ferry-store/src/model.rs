@@ -35,6 +35,11 @@ pub struct Host {
     /// A cordoned host gets no new machines (drain sets it).
     pub cordoned: bool,
     pub created_at_ms: i64,
+    /// The host's address on the underlay (IPv6 or IPv4), which every other host routes this
+    /// host's infra /48 to (docs/design.md#underlay). Empty for the hosts of a dev fleet whose
+    /// fabric `ferry dev` wires itself.
+    #[serde(default)]
+    pub underlay: String,
 }
 
 /// A machine's lifecycle state (docs/design.md#machine-lifecycle).

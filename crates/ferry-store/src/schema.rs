@@ -188,6 +188,10 @@ const MIGRATIONS: &[&str] = &[
         CHECK ((kind = 'org') = (org IS NOT NULL))
     ) STRICT;
     "#,
+    // v(next): a host's underlay address (real hosts; empty for dev-fleet hosts).
+    r#"
+    ALTER TABLE hosts ADD COLUMN underlay TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -319,21 +319,29 @@ fn app_decode((name, org, net, created_at_ms): AppRow) -> Result<App> {
     })
 }
 
-const HOST_COLS: &str = "id, region, endpoint, cordoned, created_at_ms";
+const HOST_COLS: &str = "id, region, endpoint, cordoned, created_at_ms, underlay";
 
-type HostRow = (i64, String, String, bool, i64);
+type HostRow = (i64, String, String, bool, i64, String);
 
 fn host_from_row(r: &Row<'_>) -> rusqlite::Result<HostRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
-fn host_decode((id, region, endpoint, cordoned, created_at_ms): HostRow) -> Result<Host> {
+fn host_decode((id, region, endpoint, cordoned, created_at_ms, underlay): HostRow) -> Result<Host> {
     Ok(Host {
         id: host_id(id)?,
         region,
         endpoint,
         cordoned,
         created_at_ms,
+        underlay,
     })
 }
 
@@ -883,6 +891,7 @@ impl Store for SqliteStore {
                 endpoint: endpoint.to_owned(),
                 cordoned: false,
                 created_at_ms: now,
+                underlay: String::new(),
             })
         })
     }
@@ -890,16 +899,18 @@ impl Store for SqliteStore {
     fn put_host(&self, host: &Host) -> Result<Host> {
         self.write_on(crate::Topic::Hosts, |tx, now| {
             tx.execute(
-                "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO hosts (id, region, endpoint, cordoned, created_at_ms, underlay)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(id) DO UPDATE SET region = excluded.region,
-                    endpoint = excluded.endpoint, cordoned = excluded.cordoned",
+                    endpoint = excluded.endpoint, cordoned = excluded.cordoned,
+                    underlay = excluded.underlay",
                 params![
                     i64::from(host.id.get()),
                     host.region,
                     host.endpoint,
                     host.cordoned,
-                    now
+                    now,
+                    host.underlay
                 ],
             )?;
             burn(tx, HOST_ALLOC, host.id.get())?;
@@ -927,6 +938,35 @@ impl Store for SqliteStore {
                 params![i64::from(id.get()), cordoned],
             )?;
             load_host(tx, id)
+        })
+    }
+
+    fn remove_host(&self, id: HostId) -> Result<()> {
+        self.write_on(crate::Topic::Hosts, |tx, _| {
+            load_host(tx, id)?;
+            let live: i64 = tx.query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM machines m WHERE m.host = ?1 AND {}",
+                    live_filter()
+                ),
+                [i64::from(id.get())],
+                |r| r.get(0),
+            )?;
+            if live > 0 {
+                return Err(StoreError::Conflict {
+                    what: format!(
+                        "host {:x} still has {live} machine(s): drain it first",
+                        id.get()
+                    ),
+                });
+            }
+            // Terminal machines keep their records (history) but no longer name the host.
+            tx.execute(
+                "UPDATE machines SET host = NULL WHERE host = ?1",
+                [i64::from(id.get())],
+            )?;
+            tx.execute("DELETE FROM hosts WHERE id = ?1", [i64::from(id.get())])?;
+            Ok(())
         })
     }
 

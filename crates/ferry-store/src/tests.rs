@@ -214,6 +214,7 @@ fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id(fx: &Fx) {
                 endpoint: "/run/h10.sock".into(),
                 cordoned: false,
                 created_at_ms: 0,
+                underlay: "2001:db8::10".into(),
             })
             .unwrap();
         assert_eq!(h.id, future);
@@ -227,6 +228,7 @@ fn host_ids_never_repeat_across_reopen_and_put_host_burns_its_id(fx: &Fx) {
             .unwrap();
         assert_eq!(again.endpoint, "/run/h10b.sock");
         assert_eq!(again.created_at_ms, h.created_at_ms);
+        assert_eq!(s.get_host(future).unwrap().underlay, "2001:db8::10");
     }
     let s = fx.open();
     for i in 0..3 {
@@ -836,6 +838,28 @@ fn subscribers_hear_of_changes(fx: &Fx) {
     wait("a transition", &|c| c.machines > now.machines);
 }
 
+fn hosts_leave_only_when_empty_and_their_ids_stay_burned(fx: &Fx) {
+    let s = fx.open();
+    s.create_app("web", "acme").unwrap();
+    let h = s.register_host("ord", "https://h").unwrap();
+    let m = new_machine(s.as_ref(), "web", h.id);
+    // A machine still lives there: refused, nothing changed.
+    let e = fails_cleanly(fx, "conflict", || s.remove_host(h.id));
+    assert!(e.to_string().contains("drain"), "{e}");
+    s.transition(&m.id, &[Created], Destroyed).unwrap();
+    s.remove_host(h.id).unwrap();
+    fails_cleanly(fx, "not_found", || s.get_host(h.id));
+    fails_cleanly(fx, "not_found", || s.remove_host(h.id));
+    assert!(s.list_hosts().unwrap().iter().all(|x| x.id != h.id));
+    // The destroyed machine's record stays; the host ID is never handed out again.
+    assert_eq!(s.get_machine(&m.id).unwrap().state, Destroyed);
+    let next = fx.open().register_host("ord", "https://h2").unwrap();
+    assert!(
+        next.id.get() > h.id.get(),
+        "{next:?} reuses or precedes {h:?}"
+    );
+}
+
 /// Instantiates every conformance test once per backend: `sqlite::NAME` and `etcd::NAME`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -877,4 +901,5 @@ conformance!(
     fifty_migrations_across_ten_networks_lose_nothing,
     subscribers_hear_of_changes,
     tokens_are_created_once_listed_and_revoked,
+    hosts_leave_only_when_empty_and_their_ids_stay_burned,
 );

@@ -15,7 +15,7 @@ use ferry_core::migrate::preview::{self, MovePlan};
 use ferry_core::migrate::{
     self, DrainView, MigratePolicy, MigrateRequest, Migration, PolicyUpdate,
 };
-use ferry_core::views::CordonView;
+use ferry_core::views::{CordonView, HostView};
 use serde::Deserialize;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -126,6 +126,17 @@ pub async fn set_policy(
 ) -> Result<Json<MigratePolicy>> {
     auth::app(&ctx, &caller, &app)?;
     Ok(Json(migrate::set_policy(&ctx, &app, req)?))
+}
+
+/// `DELETE /v1/hosts/{id}`: the host leaves the fleet.
+#[utoipa::path(delete, path = "/v1/hosts/{id}", operation_id = "remove_host", tag = "hosts", params(HostPath), responses((status = 200, description = "The host as it was. Every other host drops its route to it; its ID is never used again. Stop its agent first.", body = HostView), BadRequest, NotFound, Conflict, Refused, ServerFailed))]
+pub async fn remove_host(
+    State(ctx): Shared,
+    Auth(caller): Auth,
+    Path(host): Path<String>,
+) -> Result<Json<HostView>> {
+    caller.require_admin()?;
+    Ok(Json(hosts::remove_host(&ctx, &host)?))
 }
 
 /// `POST /v1/hosts/{id}/cordon` and `/uncordon`.

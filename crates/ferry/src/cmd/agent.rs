@@ -13,9 +13,16 @@ pub struct AgentArgs {
     host_id: String,
     #[arg(long, default_value = "dev")]
     region: String,
-    /// The host's network namespace (dev fleets); the agent does its network work there.
-    #[arg(long)]
-    netns: String,
+    /// The host's network namespace (dev fleets: `ferry dev` wires its fabric); the agent does
+    /// its network work there. Without it, the agent works in its own namespace (a real host).
+    #[arg(long, required_unless_present = "underlay")]
+    netns: Option<String>,
+    /// A real host: its address on the underlay network (IPv6, or IPv4), held by one of its
+    /// interfaces. The agent then wires the fabric itself: the fabric programs on that
+    /// interface, a VXLAN link over it (UDP 4789) for hosts that are not on-link or have an
+    /// IPv4 underlay, and exactly one route per other host, kept current from the server.
+    #[arg(long, value_name = "ADDR")]
+    underlay: Option<std::net::IpAddr>,
     /// Prefix of machine namespaces and BPF pins (`ferry-<fleet>`).
     #[arg(long)]
     fleet: String,
@@ -62,9 +69,10 @@ pub struct AgentArgs {
     /// first, up to this many MiB in all.
     #[arg(long, default_value_t = 256)]
     log_departed_mb: u64,
-    /// Listen address for the server's calls (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: std::net::SocketAddr,
+    /// Listen address for the server's calls (port 0: any free port). Default: port 4282 on
+    /// the underlay address with --underlay, else 127.0.0.1:0.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -117,6 +125,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             host_id,
             region: args.region,
             host_netns: args.netns,
+            underlay: args.underlay,
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
             servers,
@@ -142,7 +151,13 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         };
         let handle = tokio::runtime::Handle::current();
         let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, handle)).await??;
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let listen = args.listen.unwrap_or_else(|| match args.underlay {
+            Some(a) => std::net::SocketAddr::new(a, 4282),
+            None => "127.0.0.1:0".parse().expect("an address"),
+        });
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         std::fs::write(args.state_dir.join("agent.addr"), &endpoint)?;
         // Serve, register (with whichever server is up, waiting while none is), then watch.

@@ -160,6 +160,10 @@ enum HostCmd {
     Cordon { host: String },
     /// Place machines on the host again.
     Uncordon { host: String },
+    /// The host leaves the fleet: every other host drops its route to it, and its ID is never
+    /// used again. Refused while machines are placed on it (`ferry host drain` first); stop its
+    /// agent first, or it registers the host again.
+    Remove { host: String },
 }
 
 pub fn host(args: HostArgs) -> Result<ExitCode> {
@@ -175,6 +179,14 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
         }
         HostCmd::Drain { host, detach, .. } => {
             return super::migrate::drain(&c, &host, detach, args.api.json);
+        }
+        HostCmd::Remove { host } => {
+            let v = c.remove_host(&host)?;
+            if args.api.json {
+                print_json(&v)?;
+            } else {
+                println!("host {host} removed");
+            }
         }
         HostCmd::Cordon { ref host } | HostCmd::Uncordon { ref host } => {
             let (v, verb) = if matches!(args.cmd, HostCmd::Cordon { .. }) {
@@ -207,6 +219,11 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                                 "ready".into()
                             },
                             h.endpoint.clone(),
+                            if h.underlay.is_empty() {
+                                "-".into()
+                            } else {
+                                h.underlay.clone()
+                            },
                         ]
                     })
                     .collect();
@@ -218,6 +235,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode> {
                         "MACHINES",
                         "STATUS",
                         "AGENT",
+                        "UNDERLAY",
                     ],
                     &rows,
                 );
