@@ -113,6 +113,25 @@ impl Dev {
         d
     }
 
+    /// A fleet this test runs itself (a `ferry server` and `ferry agent`s it started): the
+    /// same API helpers, and on drop the same cleanup of namespaces, pins and `state` (stop
+    /// the processes first).
+    pub fn external(name: &str, api: &str, token: &str, state: &Path) -> Dev {
+        Dev {
+            name: name.to_owned(),
+            api: api.to_owned(),
+            dns: String::new(),
+            state: state.to_owned(),
+            hosts: 0,
+            extra: Vec::new(),
+            env: Vec::new(),
+            child: None,
+            token: token.to_owned(),
+            http: authed_client(token),
+            _etcd: None,
+        }
+    }
+
     /// The `ferry dev` process (its server and DNS publisher; the agents are its children).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
