@@ -12,7 +12,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -69,6 +69,15 @@ enum Underlay {
     SegmentV6,
     /// Two IPv4 subnets joined by a router: every host reaches the others through VXLAN.
     RoutedV4,
+    /// Two IPv6 subnets joined by a router: hosts on the other subnet through VXLAN over
+    /// IPv6, hosts on their own straight.
+    RoutedV6,
+}
+
+impl Underlay {
+    fn routed(self) -> bool {
+        self != Underlay::SegmentV6
+    }
 }
 
 struct Host {
@@ -128,16 +137,20 @@ impl Fleet {
         let (server_addr, server_url) = match kind {
             Underlay::SegmentV6 => ("fd00:77::fe/64", "http://[fd00:77::fe]:4280"),
             Underlay::RoutedV4 => ("10.77.1.100/24", "http://10.77.1.100:4280"),
+            Underlay::RoutedV6 => ("fd00:77:1::fe/64", "http://[fd00:77:1::fe]:4280"),
         };
         Self::plug(&ns("ula"), "srv", &srv, server_addr, kind);
-        if kind == Underlay::RoutedV4 {
+        if kind.routed() {
             let rt = ns("rt");
             ip(&["netns", "add", &rt]);
             ip_in(&rt, &["link", "set", "lo", "up"]);
-            for (seg, port, addr) in [
-                (ns("ula"), "ra", "10.77.1.254/24"),
-                (ns("ulb"), "rb", "10.77.2.254/24"),
-            ] {
+            let v4 = kind == Underlay::RoutedV4;
+            let (a, b) = if v4 {
+                ("10.77.1.254/24", "10.77.2.254/24")
+            } else {
+                ("fd00:77:1::ff/64", "fd00:77:2::ff/64")
+            };
+            for (seg, port, addr) in [(ns("ula"), "ra", a), (ns("ulb"), "rb", b)] {
                 ip_in(
                     &seg,
                     &[
@@ -145,12 +158,20 @@ impl Fleet {
                     ],
                 );
                 ip_in(&seg, &["link", "set", port, "master", "br0", "up"]);
-                ip_in(&rt, &["addr", "add", addr, "dev", port]);
+                ip_in(
+                    &rt,
+                    &["addr", "add", addr, "dev", port, "nodad"][..if v4 { 5 } else { 6 }],
+                );
                 ip_in(&rt, &["link", "set", port, "up"]);
             }
+            let key = if v4 {
+                "net.ipv4.ip_forward=1"
+            } else {
+                "net.ipv6.conf.all.forwarding=1"
+            };
             let out = in_netns(&rt, {
                 let mut c = Command::new("sysctl");
-                c.args(["-qw", "net.ipv4.ip_forward=1"]);
+                c.args(["-qw", key]);
                 c
             })
             .status()
@@ -242,18 +263,20 @@ impl Fleet {
             ],
         );
         ip_in(seg, &["link", "set", port, "master", "br0", "up"]);
-        if kind == Underlay::SegmentV6 {
-            ip_in(ns, &["addr", "add", addr, "dev", "ul0", "nodad"]);
-        } else {
+        if kind == Underlay::RoutedV4 {
             ip_in(ns, &["addr", "add", addr, "dev", "ul0"]);
+        } else {
+            ip_in(ns, &["addr", "add", addr, "dev", "ul0", "nodad"]);
         }
         ip_in(ns, &["link", "set", "ul0", "up"]);
-        if kind == Underlay::RoutedV4 {
-            let gw = if addr.starts_with("10.77.1.") {
-                "10.77.1.254"
-            } else {
-                "10.77.2.254"
-            };
+        let gw = match kind {
+            Underlay::SegmentV6 => None,
+            Underlay::RoutedV4 if addr.starts_with("10.77.1.") => Some("10.77.1.254"),
+            Underlay::RoutedV4 => Some("10.77.2.254"),
+            Underlay::RoutedV6 if addr.starts_with("fd00:77:1::") => Some("fd00:77:1::ff"),
+            Underlay::RoutedV6 => Some("fd00:77:2::ff"),
+        };
+        if let Some(gw) = gw {
             ip_in(ns, &["route", "add", "default", "via", gw]);
         }
     }
@@ -269,6 +292,8 @@ impl Fleet {
             Underlay::SegmentV6 => ("ula", format!("fd00:77::{i}"), 64),
             Underlay::RoutedV4 if i % 2 == 1 => ("ula", format!("10.77.1.{i}"), 24),
             Underlay::RoutedV4 => ("ulb", format!("10.77.2.{i}"), 24),
+            Underlay::RoutedV6 if i % 2 == 1 => ("ula", format!("fd00:77:1::{i}"), 64),
+            Underlay::RoutedV6 => ("ulb", format!("fd00:77:2::{i}"), 64),
         };
         Self::plug(
             &format!("ferry-{}-{seg}", self.name),
@@ -752,5 +777,34 @@ fn hosts_on_two_ipv4_subnets_reach_each_other_through_the_overlay() {
         )],
     );
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "refused", "{r}");
-    let _ = Path::new(&f.dir);
+}
+
+#[test]
+fn hosts_on_two_ipv6_subnets_route_on_link_peers_straight_and_others_through_the_overlay() {
+    let f = Fleet::start("w", Underlay::RoutedV6, 3);
+    f.routes_converge(&[0, 1, 2]);
+    // Hosts 1 and 3 (indexes 0 and 2) share subnet A; host 2 is on B.
+    let dev_of = |k: usize, peer: usize| -> String {
+        let h = f.hosts[peer].id;
+        let p = format!("fdaa:{:x}:{:x}::/48", h >> 16, h & 0xffff);
+        f.host_routes(k)
+            .into_iter()
+            .find(|(x, _)| *x == p)
+            .map(|(_, d)| d)
+            .unwrap()
+    };
+    assert_eq!(dev_of(0, 2), "ul0");
+    assert_eq!(dev_of(2, 0), "ul0");
+    assert_eq!(dev_of(0, 1), "ferry-vx0");
+    assert_eq!(dev_of(1, 0), "ferry-vx0");
+    assert_eq!(dev_of(1, 2), "ferry-vx0");
+    // VXLAN over IPv6: 70 bytes of headers.
+    let link = ip_in(&f.hosts[1].ns, &["link", "show", "ferry-vx0"]);
+    assert!(link.contains("mtu 1430"), "{link}");
+    let w = web(&f.dev, "rwweb", "acme", &f.hex(0));
+    for k in [1, 2] {
+        let c = idle(&f.dev, &format!("rwcli{k}"), "acme", &f.hex(k));
+        let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/big");
+        assert_eq!((code, out.as_str()), (0, "1048576"), "from host {k}");
+    }
 }
