@@ -24,7 +24,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     underlay: Option<std::net::IpAddr>,
     /// Prefix of machine namespaces and BPF pins (`ferry-<fleet>`).
-    #[arg(long)]
+    #[arg(long, default_value = "ferry-fleet")]
     fleet: String,
     /// Where this agent keeps machine run directories.
     #[arg(long)]
