@@ -51,16 +51,90 @@ fn ip_in(ns: &str, args: &[&str]) -> String {
 
 /// A command that runs inside network namespace `ns` (and only that: unlike `ip netns exec`,
 /// the mount namespace, /sys and with it the cgroup and BPF file systems stay the machine's).
-fn in_netns(ns: &str, mut cmd: Command) -> Command {
+fn in_netns(ns: &str, cmd: Command) -> Command {
+    in_host(ns, &[], cmd)
+}
+
+/// [`in_netns`], and the process joins the cgroups whose `cgroup.procs` files are `procs` (a
+/// host's own subtree, which its agent then creates its machines' cgroups below).
+fn in_host(ns: &str, procs: &[PathBuf], mut cmd: Command) -> Command {
     let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    // SAFETY: setns is async-signal-safe; nothing else runs between fork and exec.
+    // Opened before the fork: between fork and exec only write(2) and setns(2) run.
+    let procs: Vec<std::fs::File> = procs
+        .iter()
+        .map(|p| std::fs::OpenOptions::new().write(true).open(p).unwrap())
+        .collect();
+    // SAFETY: setns and write are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            for p in &procs {
+                // "0": the writing process itself.
+                nix::unistd::write(p, b"0").map_err(std::io::Error::from)?;
+            }
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from)
         });
     }
     cmd
+}
+
+/// A host's own cgroup subtree: a directory `rf-<fleet>-h<i>` below this test's cgroup in
+/// every hierarchy ferry uses (v1 memory, cpu, pids and the v2 tree, as this box has them).
+struct HostCgroup {
+    dirs: Vec<PathBuf>,
+    /// The layout an agent in the subtree discovers (to find its machines' cgroups).
+    layout: ferry_runtime::CgroupLayout,
+}
+
+impl HostCgroup {
+    fn create(name: &str) -> HostCgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let ours = ferry_runtime::CgroupLayout::parse(&mountinfo, &own).unwrap();
+        let dirs: Vec<PathBuf> = ours
+            .own_dirs()
+            .into_iter()
+            .map(|(_, d)| d.join(name))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // As /proc/self/cgroup reads for a process in the subtree.
+        let moved: String = own
+            .lines()
+            .map(|l| {
+                let (head, path) = l.rsplit_once(':').unwrap();
+                format!("{head}:{}/{name}\n", path.trim_end_matches('/'))
+            })
+            .collect();
+        HostCgroup {
+            dirs,
+            layout: ferry_runtime::CgroupLayout::parse(&mountinfo, &moved).unwrap(),
+        }
+    }
+
+    fn procs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Machine IDs with a cgroup in this subtree (`<id>.h<host>`).
+    fn machines(&self) -> Vec<String> {
+        self.layout.machine_ids()
+    }
+
+    /// Kills whatever is left in it and removes it (its agent must be gone).
+    fn remove(&self) {
+        for name in self.layout.machine_ids() {
+            if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&self.layout, &name) {
+                cg.kill_all();
+                let _ = cg.remove();
+            }
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d.join("ferry"));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -85,6 +159,7 @@ struct Host {
     ns: String,
     addr: String,
     state: PathBuf,
+    cgroup: HostCgroup,
     agent: Option<Child>,
 }
 
@@ -304,6 +379,7 @@ impl Fleet {
         );
         self.hosts.push(Host {
             id: self.id_base + i as u32,
+            cgroup: HostCgroup::create(&format!("rf-{}-h{i}", self.name)),
             ns,
             addr,
             state: self.dir.join(format!("h{i}")),
@@ -337,7 +413,7 @@ impl Fleet {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
-        let child = in_netns(&h.ns, cmd).spawn().unwrap();
+        let child = in_host(&h.ns, &h.cgroup.procs(), cmd).spawn().unwrap();
         self.hosts[k].agent = Some(child);
     }
 
@@ -460,17 +536,10 @@ impl Drop for Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Whatever still runs in a machine cgroup of ours (a test that panicked mid-way).
-        if let Ok(layout) = ferry_runtime::CgroupLayout::discover() {
-            let ours: Vec<String> = self.hosts.iter().map(|h| format!(".h{:x}", h.id)).collect();
-            for name in layout.machine_ids() {
-                if ours.iter().any(|s| name.ends_with(s.as_str())) {
-                    if let Ok(Some(cg)) = ferry_runtime::MachineCgroup::open(&layout, &name) {
-                        cg.kill_all();
-                        let _ = cg.remove();
-                    }
-                }
-            }
+        // Whatever still runs in a host's subtree (a test that panicked mid-way), then the
+        // subtrees themselves.
+        for h in &self.hosts {
+            h.cgroup.remove();
         }
         let _ = Command::new("ip")
             .args(["link", "del", &format!("fm{}", self.name)])
@@ -578,6 +647,23 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     );
     let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/big");
     assert_eq!((code, out.as_str()), (0, "1048576"));
+    // Each machine's cgroup is in its own host's subtree, and only there.
+    let cg_of = |k: usize| f.hosts[k].cgroup.machines();
+    let (wid, cid) = (w["id"].as_str().unwrap(), c["id"].as_str().unwrap());
+    assert!(
+        cg_of(0).iter().any(|n| n.starts_with(wid)),
+        "{:?}",
+        cg_of(0)
+    );
+    assert!(
+        cg_of(1).iter().any(|n| n.starts_with(cid)),
+        "{:?}",
+        cg_of(1)
+    );
+    assert!(
+        !cg_of(1).iter().any(|n| n.starts_with(wid))
+            && !cg_of(0).iter().any(|n| n.starts_with(cid))
+    );
 
     // Another org's machine: no name, no packets, and its token sees nothing of acme.
     let g = idle(&f.dev, "rfother", "globex", &f.hex(2));
