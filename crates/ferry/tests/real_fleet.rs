@@ -683,6 +683,30 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
         )],
     );
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "refused", "{r}");
+    // The route count: one /48 per other host and one /112 per local machine, nothing per
+    // remote machine (as on a dev fleet: ferry-net's dataplane tests).
+    for (k, local) in [(0, &w), (1, &c), (2, &g)] {
+        let all = ip_in(&f.hosts[k].ns, &["-6", "route", "show", "proto", "static"]);
+        let fleet: Vec<&str> = all
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|d| d.starts_with("fdaa:"))
+            .collect();
+        let ip: std::net::Ipv6Addr = local["private_ip"].as_str().unwrap().parse().unwrap();
+        let own = std::net::Ipv6Addr::from(u128::from(ip) & !0xffff);
+        let has_own = fleet.iter().any(|d| {
+            d.strip_suffix("/112")
+                .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+                == Some(own)
+        });
+        assert_eq!(fleet.len(), 3, "host {k}: {all}");
+        assert_eq!(
+            fleet.iter().filter(|d| d.ends_with("/48")).count(),
+            2,
+            "host {k}: {all}"
+        );
+        assert!(has_own, "host {k}: {own}/112 missing in {all}");
+    }
     let tok = f.dev.ok(
         "POST",
         "/v1/tokens",
