@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
-/// `ip ARGS...`, which must succeed.
-fn ip(args: &[&str]) {
+/// `ip ARGS...`, which must succeed; its output.
+fn ip(args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -30,23 +30,12 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `ip ARGS...` inside namespace `ns`, its output.
+/// `ip ARGS...` inside namespace `ns`.
 fn ip_in(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ip(&[&["-n", ns], args].concat())
 }
 
 /// A command that runs inside network namespace `ns` (and only that: unlike `ip netns exec`,
@@ -590,6 +579,37 @@ else:
     )
 }
 
+/// `from` gets `to`'s greeting by `to`'s name.
+fn serves_by_name(dev: &Dev, from: &Value, to: &Value) {
+    let (code, out) = fetch(dev, from, &name_of(to), "/");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        format!("hello from {}", to["id"].as_str().unwrap())
+    );
+}
+
+/// `from` gets all of `to`'s 1 MiB by name (full-size segments end to end).
+fn serves_big(dev: &Dev, from: &Value, to: &Value) {
+    let (code, out) = fetch(dev, from, &name_of(to), "/big");
+    assert_eq!((code, out.as_str()), (0, "1048576"), "from {}", from["id"]);
+}
+
+/// Whether `from`'s TCP connection to `to`'s address on port 8080 fails (isolation).
+fn refused(dev: &Dev, from: &Value, to: &Value) -> bool {
+    let py = format!(
+        "import socket\ns = socket.socket(socket.AF_INET6)\ns.settimeout(2)\ntry:\n    \
+         s.connect(('{}', 8080))\n    print('connected')\nexcept OSError:\n    print('refused')",
+        to["private_ip"].as_str().unwrap()
+    );
+    let r = dev.exec(from, &["python3", "-c", &py]);
+    match r["stdout"].as_str().unwrap().trim() {
+        "refused" => true,
+        "connected" => false,
+        _ => panic!("{r}"),
+    }
+}
+
 fn name_of(m: &Value) -> String {
     format!(
         "{}.vm.{}.internal",
@@ -639,14 +659,8 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     // Machines on different hosts reach each other by name (each host's own DNS).
     let w = web(&f.dev, "rfweb", "acme", &f.hex(0));
     let c = idle(&f.dev, "rfcli", "acme", &f.hex(1));
-    let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/");
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(
-        out.trim(),
-        format!("hello from {}", w["id"].as_str().unwrap())
-    );
-    let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/big");
-    assert_eq!((code, out.as_str()), (0, "1048576"));
+    serves_by_name(&f.dev, &c, &w);
+    serves_big(&f.dev, &c, &w);
     // Each machine's cgroup is in its own host's subtree, and only there.
     let cg_of = |k: usize| f.hosts[k].cgroup.machines();
     let (wid, cid) = (w["id"].as_str().unwrap(), c["id"].as_str().unwrap());
@@ -675,14 +689,7 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
         )],
     );
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "nxdomain", "{r}");
-    let r = f.dev.exec(
-        &g,
-        &["python3", "-c", &format!(
-            "import socket\ns = socket.socket(socket.AF_INET6)\ns.settimeout(2)\ntry:\n    s.connect(('{}', 8080))\n    print('connected')\nexcept OSError:\n    print('refused')",
-            w["private_ip"].as_str().unwrap()
-        )],
-    );
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), "refused", "{r}");
+    assert!(refused(&f.dev, &g, &w), "another org's machine connected");
     // The route count: one /48 per other host and one /112 per local machine, nothing per
     // remote machine (as on a dev fleet: ferry-net's dataplane tests).
     for (k, local) in [(0, &w), (1, &c), (2, &g)] {
@@ -769,20 +776,13 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     );
     let r = f.dev.exec(&moved, &["sha256sum", "/data/blob"]);
     assert_eq!(r["stdout"].as_str().unwrap(), before);
-    let (code, out) = fetch(&f.dev, &c, &name_of(&db), "/");
-    assert_eq!(
-        (code, out.trim()),
-        (
-            0,
-            format!("hello from {}", db["id"].as_str().unwrap()).as_str()
-        )
-    );
+    serves_by_name(&f.dev, &c, &db);
 
     // kill -9 the agent of the web machine's host: the machine keeps serving (the data plane
     // and the other hosts' DNS do not need it); a new agent takes it over.
     f.kill_agent(0);
-    let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/");
-    assert_eq!(code, 0, "with host 0's agent dead: {out}");
+    // (With host 0's agent dead.)
+    serves_by_name(&f.dev, &c, &w);
     f.start_agent(0);
     assert!(
         eventually(Duration::from_secs(30), || {
@@ -807,8 +807,7 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
         t0.elapsed() - took
     );
     let c4 = idle(&f.dev, "rfcli4", "acme", &f.hex(k4));
-    let (code, out) = fetch(&f.dev, &c4, &name_of(&w), "/");
-    assert_eq!(code, 0, "from the new host: {out}");
+    serves_by_name(&f.dev, &c4, &w);
 
     // A host leaves: refused while a machine is placed there (nothing changes), then, once it
     // is empty and its agent stopped, every other host drops its route.
@@ -834,8 +833,7 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     assert!(!f.host_ids().contains(&hex4));
     let took = f.routes_converge(&[0, 1, 2]);
     eprintln!("host 4 left: every other host dropped its route after {took:?}");
-    let (code, _) = fetch(&f.dev, &c, &name_of(&w), "/");
-    assert_eq!(code, 0);
+    serves_by_name(&f.dev, &c, &w);
 }
 
 #[test]
@@ -858,16 +856,10 @@ fn hosts_on_two_ipv4_subnets_reach_each_other_through_the_overlay() {
     // Host 1 is on subnet A, host 2 on subnet B: by name, through the router.
     let w = web(&f.dev, "rvweb", "acme", &f.hex(0));
     let c = idle(&f.dev, "rvcli", "acme", &f.hex(1));
-    let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/");
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(
-        out.trim(),
-        format!("hello from {}", w["id"].as_str().unwrap())
-    );
+    serves_by_name(&f.dev, &c, &w);
     // 1 MiB in full-size segments (the machines' MTU is 1500, the overlay's 1450): it arrives
     // only if the overlay's Packet Too Big reaches the sending machine.
-    let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/big");
-    assert_eq!((code, out.as_str()), (0, "1048576"));
+    serves_big(&f.dev, &c, &w);
     let (code, out) = fetch(
         &f.dev,
         &w,
@@ -879,14 +871,7 @@ fn hosts_on_two_ipv4_subnets_reach_each_other_through_the_overlay() {
 
     // And the other org's machine on the third host is unreachable across the overlay too.
     let g = idle(&f.dev, "rvother", "globex", &f.hex(2));
-    let r = f.dev.exec(
-        &g,
-        &["python3", "-c", &format!(
-            "import socket\ns = socket.socket(socket.AF_INET6)\ns.settimeout(2)\ntry:\n    s.connect(('{}', 8080))\n    print('connected')\nexcept OSError:\n    print('refused')",
-            w["private_ip"].as_str().unwrap()
-        )],
-    );
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), "refused", "{r}");
+    assert!(refused(&f.dev, &g, &w), "another org's machine connected");
 }
 
 #[test]
@@ -914,7 +899,6 @@ fn hosts_on_two_ipv6_subnets_route_on_link_peers_straight_and_others_through_the
     let w = web(&f.dev, "rwweb", "acme", &f.hex(0));
     for k in [1, 2] {
         let c = idle(&f.dev, &format!("rwcli{k}"), "acme", &f.hex(k));
-        let (code, out) = fetch(&f.dev, &c, &name_of(&w), "/big");
-        assert_eq!((code, out.as_str()), (0, "1048576"), "from host {k}");
+        serves_big(&f.dev, &c, &w);
     }
 }
