@@ -538,3 +538,76 @@ async fn the_dashboard_shows_each_caller_its_own() {
         .unwrap_err();
     assert_eq!(e.kind, Kind::Forbidden);
 }
+
+#[tokio::test]
+async fn hosts_register_their_underlay_peers_see_it_and_a_host_leaves_only_empty() {
+    let f = Fleet::new(2);
+    let register = |id: u32, underlay: &str| {
+        hosts::register_host(
+            &f.core,
+            ferry_core::proto::RegisterHost {
+                host_id: id,
+                region: "ams".into(),
+                endpoint: format!("agent://{id:x}"),
+                running: Vec::new(),
+                underlay: underlay.into(),
+            },
+        )
+    };
+    // Hosts without an underlay (a dev fleet's) are nobody's peers.
+    assert!(hosts::peers(&f.core).unwrap().is_empty());
+    register(0x8000_0100, "2001:db8::1").unwrap();
+    register(0x8000_0101, "192.0.2.7").unwrap();
+    let peers = hosts::peers(&f.core).unwrap();
+    assert_eq!(
+        peers
+            .iter()
+            .map(|p| (p.id, p.underlay.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(0x8000_0100, "2001:db8::1"), (0x8000_0101, "192.0.2.7")]
+    );
+    // An underlay no other host could use: refused, nothing recorded.
+    for bad in [
+        "::1",
+        "127.0.0.1",
+        "::",
+        "ff02::1",
+        "fdaa:0:1::5",
+        "host.example",
+        "1.2.3",
+    ] {
+        let e = register(0x8000_0102, bad).unwrap_err();
+        assert_eq!(e.kind, Kind::Invalid, "{bad}");
+        assert!(f
+            .store
+            .get_host(ferry_addr::HostId::new(0x8000_0102).unwrap())
+            .is_err());
+    }
+    // Re-registering with a new address moves the peer.
+    register(0x8000_0101, "192.0.2.8").unwrap();
+    assert_eq!(hosts::peers(&f.core).unwrap()[1].underlay, "192.0.2.8");
+
+    // A host with a machine on it cannot leave; an empty one can, once.
+    let m = f.create(None).await.unwrap();
+    let busy = m.host.clone().unwrap();
+    let e = hosts::remove_host(&f.core, &busy).unwrap_err();
+    assert_eq!(e.kind, Kind::Conflict);
+    assert!(hosts::list_hosts(&f.core)
+        .unwrap()
+        .iter()
+        .any(|h| h.id == busy));
+    let gone = hosts::remove_host(&f.core, "80000101").unwrap();
+    assert_eq!(gone.underlay, "192.0.2.8");
+    assert_eq!(
+        hosts::peers(&f.core)
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect::<Vec<_>>(),
+        vec![0x8000_0100]
+    );
+    assert_eq!(
+        hosts::remove_host(&f.core, "80000101").unwrap_err().kind,
+        Kind::NotFound
+    );
+}

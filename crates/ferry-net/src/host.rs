@@ -467,3 +467,39 @@ fn in_prefix(a: Ipv6Addr, (p, len): (Ipv6Addr, u8)) -> bool {
     };
     u128::from(a) & mask == u128::from(p) & mask
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_link_is_the_prefix_and_nothing_around_it() {
+        let p: (Ipv6Addr, u8) = ("2001:db8:1::5".parse().unwrap(), 64);
+        assert!(in_prefix("2001:db8:1::9".parse().unwrap(), p));
+        assert!(in_prefix("2001:db8:1:0:ffff::1".parse().unwrap(), p));
+        assert!(!in_prefix("2001:db8:2::9".parse().unwrap(), p));
+        assert!(!in_prefix("2001:db8:1:1::9".parse().unwrap(), p));
+        assert!(in_prefix(
+            "fd00::1".parse().unwrap(),
+            (Ipv6Addr::UNSPECIFIED, 0)
+        ));
+        let host: (Ipv6Addr, u8) = ("2001:db8::1".parse().unwrap(), 128);
+        assert!(in_prefix("2001:db8::1".parse().unwrap(), host));
+        assert!(!in_prefix("2001:db8::2".parse().unwrap(), host));
+    }
+
+    #[test]
+    fn overlay_identities_follow_the_host_id() {
+        let h = HostId::new(0x8000_007d).unwrap();
+        assert_eq!(
+            HostNet::overlay_mac(h),
+            [0x02, 0xfe, 0x80, 0x00, 0x00, 0x7d]
+        );
+        assert_eq!(
+            HostNet::overlay_addr(h),
+            "fdfe::8000:7d".parse::<Ipv6Addr>().unwrap()
+        );
+        // Locally administered, unicast: never a vendor's or a multicast MAC.
+        assert_eq!(HostNet::overlay_mac(h)[0] & 0b11, 0b10);
+    }
+}
