@@ -12,6 +12,7 @@
 mod control;
 pub mod disk;
 mod dns;
+pub mod identity;
 mod images;
 mod logs;
 mod machines;

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// The CA (PEM) that signed the servers' certificates, for `https://` servers.
     pub server_ca: Option<Vec<u8>>,
+    /// The host's certificate and key (PEM, PEM) from its join: its proof of who it is to the
+    /// servers (and its listener's certificate).
+    pub identity: Option<(String, String)>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -154,6 +157,7 @@ impl Agent {
             cfg.servers.clone(),
             cfg.join_token.as_deref(),
             cfg.server_ca.as_deref(),
+            cfg.identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
         ));
         let dns = crate::dns::HostDns::start(&ns, &cfg.state_dir, &rt)?;
         let agent = Arc::new(Agent {

@@ -235,6 +235,14 @@ pub fn host_csr() -> Result<(String, String)> {
     Ok((key.serialize_pem(), csr))
 }
 
+/// Whether `csr_pem` is a CSR whose signature holds (what [`Ca::sign_host`] will take), so a
+/// server can refuse a bad one before it spends a host ID on it.
+pub fn host_csr_ok(csr_pem: &str) -> Result<()> {
+    CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| PkiError::Invalid(format!("not a signed CSR: {e}")))
+}
+
 /// The DNS names of a certificate (DER). Only meaningful once the certificate was checked to
 /// chain to the fleet CA.
 pub fn dns_names(cert_der: &[u8]) -> Result<Vec<String>> {

@@ -521,7 +521,7 @@ pub fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" agent ")
-            && cmd.contains(&format!("--host-id {host} "))
+            && cmd.contains(&format!("/hosts/{host} "))
             && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
         {
             return Some(pid);
