@@ -31,7 +31,7 @@ pub struct AgentConfig {
     pub fleet: String,
     /// Where run directories live (`<state_dir>/machines/<id>`).
     pub state_dir: PathBuf,
-    /// The API servers, e.g. `http://127.0.0.1:4280`, in the order to try them (see
+    /// The servers' agent listeners, e.g. `https://127.0.0.1:4281`, in the order to try them (see
     /// [`crate::control`]). At least one.
     pub servers: Vec<String>,
     /// The join token this agent presents to the servers (`ferry token create --join`).
