@@ -115,7 +115,9 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
             servers,
-            join_token: args.join_token.filter(|t| !t.is_empty()),
+            // Joined: from now on the host proves who it is by its certificate, and the join
+            // token (which could make new hosts) is not sent again.
+            join_token: None,
             server_ca,
             identity: Some((me.cert_pem.clone(), me.key_pem.clone())),
             ferry_exe: std::env::current_exe()?,
