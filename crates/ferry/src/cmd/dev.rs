@@ -71,8 +71,9 @@ pub struct DevArgs {
     exit_after_demo: bool,
     /// Only hosts and agents, for servers that run elsewhere (`ferry server`, several of them
     /// on one etcd): no API, store, DNS or demo of its own; the agents register with, report to
-    /// and watch the first of these servers that answers (comma-separated base URLs). Host IDs
-    /// are chosen once and kept in the state directory. Stopping it kills its hosts' machines
+    /// and watch the first of these servers that answers (their agent listeners,
+    /// comma-separated `https://` URLs, trusted through FERRY_SERVER_CA). Each host joins once
+    /// (its ID and certificate are kept in the state directory). Stopping it kills its hosts' machines
     /// and removes the hosts (the servers keep their records). Machines get no `fdaa::3` DNS in
     /// this mode (by default `ferry dev`'s own server answers there, and there is none here);
     /// ask a server's `--dns-listen` instead.
