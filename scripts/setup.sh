@@ -10,6 +10,7 @@ PACKAGES=(
   iperf3                                         # benchmarks: TCP throughput and request/response
   runc                                           # benchmarks: the bare OCI runtime baseline of bench/sandbox.sh
   dnsutils                                       # dig, for DNS checks
+  curl                                           # tests: a caller without a client certificate
   python3                                        # demo and test workloads inside machines
   pkg-config
   e2fsprogs acl                                  # volumes: mkfs.ext4 for size-limited volumes; setfacl in fork tests

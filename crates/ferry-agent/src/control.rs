@@ -52,8 +52,14 @@ impl Servers {
     /// every request: the servers' agent routes refuse calls without one.
     ///
     /// `ca_pem`: the CA that signed the servers' certificates (`https://` servers are trusted
-    /// through it alone).
-    pub fn new(urls: Vec<String>, token: Option<&str>, ca_pem: Option<&[u8]>) -> Servers {
+    /// through it alone). `identity`: the host's certificate and key (PEM, PEM), presented to
+    /// the servers' agent listeners, which take no other proof of who a host is.
+    pub fn new(
+        urls: Vec<String>,
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+        identity: Option<(&str, &str)>,
+    ) -> Servers {
         assert!(!urls.is_empty(), "an agent needs a server");
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = token {
@@ -66,10 +72,17 @@ impl Servers {
             let b = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
                 .use_rustls_tls();
-            match ca_pem {
+            let b = match ca_pem {
                 Some(pem) => b.tls_built_in_root_certs(false).add_root_certificate(
                     reqwest::Certificate::from_pem(pem)
                         .expect("a PEM certificate (the command line checks it)"),
+                ),
+                None => b,
+            };
+            match identity {
+                Some((cert, key)) => b.identity(
+                    reqwest::Identity::from_pem(format!("{key}\n{cert}").as_bytes())
+                        .expect("the host's key and certificate (checked when loaded)"),
                 ),
                 None => b,
             }
@@ -259,6 +272,9 @@ impl Agent {
             st.server = Some(url.to_owned());
             st.streams += 1;
         }
+        // The same, for whoever runs this agent (`ferry dev` waits on it): `GET /v1/state` is
+        // for the fleet's servers only.
+        let _ = std::fs::write(self.cfg.state_dir.join("watching"), url);
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut got = false;

@@ -1,7 +1,8 @@
 //! The per-host agent (docs/design.md#machine-lifecycle). It owns everything of its host's machines: their network
 //! namespaces and veths (through `ferry-net`), cgroups and processes (through `ferry-runtime`),
-//! and their run directories. The server tells it what to run over loopback HTTP; it tells the
-//! server what happened by itself (exits, restarts, checks).
+//! and their run directories. The server tells it what to run over mutual TLS (its listener serves
+//! under the host's certificate and answers the fleet's servers only: [`identity`]); it tells
+//! the server what happened by itself (exits, restarts, checks).
 //!
 //! Machines outlive the agent: their processes are not its children in any way that matters
 //! (each has a shim), their TC programs belong to their interfaces, their maps are pinned. A new
@@ -12,6 +13,7 @@
 mod control;
 pub mod disk;
 mod dns;
+pub mod identity;
 mod images;
 mod logs;
 mod machines;

@@ -35,13 +35,16 @@ pub struct AgentConfig {
     pub fleet: String,
     /// Where run directories live (`<state_dir>/machines/<id>`).
     pub state_dir: PathBuf,
-    /// The API servers, e.g. `http://127.0.0.1:4280`, in the order to try them (see
+    /// The servers' agent listeners, e.g. `https://127.0.0.1:4281`, in the order to try them (see
     /// [`crate::control`]). At least one.
     pub servers: Vec<String>,
     /// The join token this agent presents to the servers (`ferry token create --join`).
     pub join_token: Option<String>,
     /// The CA (PEM) that signed the servers' certificates, for `https://` servers.
     pub server_ca: Option<Vec<u8>>,
+    /// The host's certificate and key (PEM, PEM) from its join: its proof of who it is to the
+    /// servers (and its listener's certificate).
+    pub identity: Option<(String, String)>,
     /// The `ferry` binary (machines run `ferry init`).
     pub ferry_exe: PathBuf,
     pub mtu: u32,
@@ -169,6 +172,7 @@ impl Agent {
             cfg.servers.clone(),
             cfg.join_token.as_deref(),
             cfg.server_ca.as_deref(),
+            cfg.identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
         ));
         let dns = crate::dns::HostDns::start(&ns, &cfg.state_dir, &rt)?;
         let agent = Arc::new(Agent {

@@ -10,10 +10,9 @@ use crate::error::ApiError;
 use crate::LEASE_HEADER;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use ferry_core::auth::{self, Caller};
-use ferry_core::proto::{AgentReport, RegisterHost};
 use ferry_core::views::*;
 use ferry_core::{hosts, machines, volumes, Core};
 use serde::Deserialize;
@@ -169,10 +168,6 @@ pub fn router(ctx: Arc<Core>) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
-        // The agents' side of the protocol (registration and reports), not part of the public
-        // document: no user client calls it, and generated requests must not register hosts.
-        .route("/internal/v1/hosts", post(register_host))
-        .route("/internal/v1/reports", post(agent_report))
         // The dashboard's page (it reads /v1/dashboard and /v1/dashboard/events).
         .route("/ui", get(crate::routes::dashboard::index))
         .route("/ui/", get(crate::routes::dashboard::index))
@@ -182,10 +177,6 @@ pub fn router(ctx: Arc<Core>) -> Router {
         .route("/favicon.ico", get(crate::routes::dashboard::icon))
         // Prometheus' scrape target (OpenMetrics text), outside the JSON document.
         .route("/metrics", get(metrics))
-        .route(
-            "/internal/v1/hosts/{host}/watch",
-            get(crate::watch::host_watch),
-        )
         .fallback(|| async { ApiError::not_found("route") })
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
@@ -250,7 +241,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Auth {
 }
 
 /// Times every request by method, route template and status (`ferry_api_request_duration_*`).
-async fn measure(
+pub(crate) async fn measure(
     State(ctx): Shared,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -653,24 +644,6 @@ async fn create_volume(
 #[utoipa::path(get, path = "/v1/volumes", tag = "volumes", responses((status = 200, body = [VolumeView]), Refused, ServerFailed))]
 async fn list_volumes(State(ctx): Shared, Auth(caller): Auth) -> Result<Json<Vec<VolumeView>>> {
     Ok(Json(volumes::list_volumes(&ctx, &caller).await?))
-}
-
-async fn register_host(
-    State(ctx): Shared,
-    Auth(caller): Auth,
-    Json(req): Json<RegisterHost>,
-) -> Result<Json<serde_json::Value>> {
-    caller.require_host()?;
-    Ok(Json(hosts::register_host(&ctx, req)?))
-}
-
-async fn agent_report(
-    State(ctx): Shared,
-    Auth(caller): Auth,
-    Json(r): Json<AgentReport>,
-) -> Result<Json<serde_json::Value>> {
-    caller.require_host()?;
-    Ok(Json(machines::agent_report(&ctx, r)?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -6,6 +6,7 @@
 
 use axum::routing::post;
 use axum::Json;
+use ferry_api::agent_api::Peer;
 use ferry_api::server::router;
 use ferry_core::proto::BridgeSync;
 use ferry_store::{SqliteStore, Store};
@@ -26,7 +27,14 @@ async fn a_registering_host_receives_every_mapping() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = ferry_api::http_core(store.clone(), dir.path().to_path_buf());
     let http = authed(&ctx);
-    let api = serve(router(ctx)).await;
+    let api = serve(router(ctx.clone())).await;
+    // The agent listener, its TLS left out: every request comes as host 80000002's certificate
+    // would (the binary's listener sets the peer from the certificate; ferry/tests/mtls.rs).
+    let ca = Arc::new(ferry_pki::Ca::load_or_create(&dir.path().join("tls")).unwrap());
+    let agents_api = serve(ferry_api::agent_api::router(ctx, ca).layer(axum::Extension(
+        Peer::Host(ferry_addr::HostId::new(0x8000_0002).unwrap()),
+    )))
+    .await;
 
     // A mapping made while no host is registered: nobody to push it to yet.
     let addr = |host: u32, m: u32| {
@@ -62,7 +70,7 @@ async fn a_registering_host_receives_every_mapping() {
     ))
     .await;
     let r = http
-        .post(format!("{api}/internal/v1/hosts"))
+        .post(format!("{agents_api}/internal/v1/hosts"))
         .json(&serde_json::json!({
             "host_id": 0x8000_0002u32, "region": "ord", "endpoint": agent, "running": []
         }))

@@ -46,7 +46,12 @@ pub fn place(core: &Core, want: Option<&str>) -> Result<ferry_store::Host> {
     }
     let loads = core.store.machines_per_host()?;
     let mut best: Option<(usize, ferry_store::Host)> = None;
-    for h in hosts.into_iter().filter(|h| !h.cordoned) {
+    // A host that joined but whose agent has not registered yet has no endpoint: nothing could
+    // reach it.
+    for h in hosts
+        .into_iter()
+        .filter(|h| !h.cordoned && !h.endpoint.is_empty())
+    {
         let load = loads.get(&h.id).copied().unwrap_or(0);
         if best.as_ref().is_none_or(|(l, _)| load < *l) {
             best = Some((load, h));
@@ -84,6 +89,15 @@ pub fn set_cordoned(core: &Core, host: &str, cordoned: bool) -> Result<CordonVie
         host: host_hex(h.id),
         cordoned: h.cordoned,
     })
+}
+
+/// A host joins the fleet: a host ID never used before (the store's allocator), recorded with
+/// no endpoint until its agent registers ([`place`] skips it until then).
+pub fn join_host(core: &Core, region: &str) -> Result<ferry_store::Host> {
+    let h = core.store.register_host(region, "")?;
+    core.cache.hosts_changed();
+    core.changed();
+    Ok(h)
 }
 
 /// An agent (re)registers: its host is recorded with its endpoint, machines the store believes

@@ -25,6 +25,23 @@ use support::{aaaa_at, eventually, free_port, remove_fleet_namespaces, FERRY};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// A client of the agents' API as a server is: its role certificate from the fleet CA in `tls`.
+fn agent_client(tls: &std::path::Path) -> reqwest::blocking::Client {
+    let ca = ferry_pki::Ca::load(tls).unwrap();
+    let me = ca.issue_server_role(&["127.0.0.1".into()]).unwrap();
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .identity(
+            reqwest::Identity::from_pem(format!("{}\n{}", me.key_pem, me.cert_pem).as_bytes())
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
 /// The phases a server may die after (it records the phase, then dies: `FERRY_CRASH_AT`),
 /// `pending` right after it claimed the migration, `precopy-round` between the two copy rounds.
 const PHASES: [&str; 10] = [
@@ -46,6 +63,8 @@ const CLAIM_TTL: Duration = Duration::from_millis(ferry_core::migrate::CLAIM_TTL
 struct Server {
     child: Option<Child>,
     port: u16,
+    /// The agent listener's port (fixed, so agents find it again after a restart).
+    agent_port: u16,
     dns: u16,
     state: PathBuf,
 }
@@ -53,6 +72,11 @@ struct Server {
 impl Server {
     fn api(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The agent listener (what agents join, register with, report to and watch).
+    fn agent_api(&self) -> String {
+        format!("https://127.0.0.1:{}", self.agent_port)
     }
 
     fn dns(&self) -> String {
@@ -72,6 +96,7 @@ impl Server {
             .arg("--state-dir")
             .arg(&self.state)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
             .args(["--dns-listen", &self.dns()])
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
@@ -118,6 +143,9 @@ struct Fleet {
     servers: Vec<Server>,
     store_url: String,
     http: reqwest::blocking::Client,
+    /// For the agents' own API: mutual TLS with a server's role certificate from the fleet CA
+    /// (agents answer nobody else).
+    agent_http: reqwest::blocking::Client,
     // Last: dropped (its members killed) after everything above is stopped.
     etcd: EtcdCluster,
 }
@@ -137,6 +165,7 @@ impl Fleet {
                 Server {
                     child: None,
                     port: free_port(),
+                    agent_port: free_port(),
                     dns: free_port(),
                     state,
                 }
@@ -152,6 +181,7 @@ impl Fleet {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
+            agent_http: reqwest::blocking::Client::new(),
             etcd,
         };
         f.restart_servers(&[]);
@@ -173,7 +203,10 @@ impl Fleet {
             .default_headers(auth)
             .build()
             .unwrap();
-        let urls = format!("{},{}", f.servers[0].api(), f.servers[1].api());
+        let tls = f.servers[0].state.join("tls");
+        f.agent_http = agent_client(&tls);
+        // Agents join and talk to the agent listeners, trusting the fleet CA both servers share.
+        let urls = format!("{},{}", f.servers[0].agent_api(), f.servers[1].agent_api());
         let log = std::fs::File::create(f.dir.join("hosts.log")).unwrap();
         let child = Command::new(FERRY)
             .args(["dev", "--name", &f.name, "--hosts", "3"])
@@ -181,6 +214,7 @@ impl Fleet {
             .arg(f.dir.join("hosts"))
             .args(["--control-plane", &urls])
             .env("FERRY_JOIN_TOKEN", &join)
+            .env("FERRY_SERVER_CA", tls.join("ca.pem"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -200,7 +234,19 @@ impl Fleet {
     /// (Re)starts both servers with `env` (e.g. a crash hook).
     fn restart_servers(&mut self, env: &[(&str, &str)]) {
         let url = self.store_url.clone();
+        let ca = self.servers[0].state.join("tls");
         for (i, s) in self.servers.iter_mut().enumerate() {
+            // One fleet, one CA: server 0 makes it at its first start, the others get a copy
+            // of its `tls/` before theirs (as an operator copies it to every server).
+            if i > 0 && !s.state.join("tls").exists() {
+                let status = Command::new("cp")
+                    .arg("-a")
+                    .arg(&ca)
+                    .arg(s.state.join("tls"))
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
             s.start(&url, env, i);
         }
     }
@@ -291,7 +337,7 @@ impl Fleet {
     /// `GET` on the agent of `host`.
     fn agent_get(&self, host: &str, path: &str) -> Option<Value> {
         let ep = self.agent(host)?;
-        let r = self.http.get(format!("{ep}{path}")).send().ok()?;
+        let r = self.agent_http.get(format!("{ep}{path}")).send().ok()?;
         r.json().ok()
     }
 
@@ -434,11 +480,9 @@ impl CopySampler {
             .map(|h| f.dir.join("hosts").join("hosts").join(h).join("agent.addr"))
             .collect();
         let (s, id) = (stop.clone(), id.to_owned());
+        let tls = f.servers[0].state.join("tls");
         let thread = std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap();
+            let http = agent_client(&tls);
             let mut most = 0;
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 let n = eps
@@ -630,7 +674,11 @@ fn agents_fail_over_watch_any_server_and_ride_out_etcd_failures() {
         "host 1's agent watches a server"
     );
     let w = w.unwrap();
-    let other = if w == a0 { &a1 } else { &a0 };
+    let other = if w == f.servers[0].agent_api() {
+        &a1
+    } else {
+        &a0
+    };
     let via_api = mapping(0xf002);
     f.ok(
         other,

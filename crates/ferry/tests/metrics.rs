@@ -34,10 +34,6 @@ fn scrape(dev: &Dev) -> Samples {
     scrape_with(dev.http(), &format!("{}/metrics", dev.api))
 }
 
-fn scrape_url(url: &str) -> Samples {
-    scrape_with(&reqwest::blocking::Client::new(), url)
-}
-
 fn scrape_with(http: &reqwest::blocking::Client, url: &str) -> Samples {
     let resp = http.get(url).send().unwrap();
     assert_eq!(resp.status(), 200);
@@ -206,7 +202,11 @@ fn metrics_parse_and_move_when_the_fleet_acts() {
     // Every agent serves its own: its machines, and the data plane's counters by reason.
     let hs: Value = dev.call("GET", "/v1/hosts", None).1;
     for h in hs.as_array().unwrap() {
-        let a = scrape_url(&format!("{}/metrics", h["endpoint"].as_str().unwrap()));
+        // Agents answer the fleet's servers only (mutual TLS): scraped as a server.
+        let a = scrape_with(
+            &dev.agent_http(),
+            &format!("{}/metrics", h["endpoint"].as_str().unwrap()),
+        );
         let here = machines
             .as_array()
             .unwrap()

@@ -53,7 +53,7 @@ fn digest(dev: &Dev, m: &Value) -> String {
 /// How many agents run this machine right now (asked directly, not the store).
 fn running_copies(dev: &Dev, machine: &str) -> usize {
     let hosts = dev.call("GET", "/v1/hosts", None).1;
-    let http = reqwest::blocking::Client::new();
+    let http = dev.agent_http();
     hosts
         .as_array()
         .unwrap()

@@ -2,7 +2,8 @@
 //! `ferry agent` process started inside it (the agent's own namespace is the host's: no
 //! `--netns`), its own state directory and cgroup subtree, joined to the others only by an
 //! underlay; the server runs in a namespace of its own and the test reaches its API over a
-//! management link. Nothing is wired by `ferry dev`: each agent puts the fabric programs on its
+//! management link. Each agent joins with the server's join token (its host ID and certificate
+//! come from the server) and talks to the server over mutual TLS only. Nothing is wired by `ferry dev`: each agent puts the fabric programs on its
 //! underlay link and keeps exactly one route per other host from what the server streams.
 //!
 //! Two underlays: one IPv6 L2 segment (routes straight to the peers' underlay addresses), and
@@ -161,8 +162,6 @@ struct Fleet {
     server_url: String,
     join: String,
     hosts: Vec<Host>,
-    /// Host IDs: this run's, so fleets running side by side never share one.
-    id_base: u32,
     /// Last: its drop removes the namespaces, pins and state once the processes are gone.
     dev: Dev,
 }
@@ -199,9 +198,9 @@ impl Fleet {
             ip_in(&seg, &["link", "set", "br0", "up"]);
         }
         let (server_addr, server_url) = match kind {
-            Underlay::SegmentV6 => ("fd00:77::fe/64", "http://[fd00:77::fe]:4280"),
-            Underlay::RoutedV4 => ("10.77.1.100/24", "http://10.77.1.100:4280"),
-            Underlay::RoutedV6 => ("fd00:77:1::fe/64", "http://[fd00:77:1::fe]:4280"),
+            Underlay::SegmentV6 => ("fd00:77::fe/64", "https://[fd00:77::fe]:4281"),
+            Underlay::RoutedV4 => ("10.77.1.100/24", "https://10.77.1.100:4281"),
+            Underlay::RoutedV6 => ("fd00:77:1::fe/64", "https://[fd00:77:1::fe]:4281"),
         };
         Self::plug(&ns("ula"), "srv", &srv, server_addr, kind);
         if kind.routed() {
@@ -265,7 +264,10 @@ impl Fleet {
         let state = dir.join("server");
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
         let mut cmd = Command::new(FERRY);
+        // Agents reach it on the underlay, over mutual TLS: its certificate names that address.
+        let san = server_addr.split('/').next().unwrap();
         cmd.args(["server", "--listen", "[::]:4280"])
+            .args(["--agent-listen", "[::]:4281", "--agent-san", san])
             .arg("--state-dir")
             .arg(&state)
             .env("RUST_LOG", "warn")
@@ -275,7 +277,8 @@ impl Fleet {
         let token_file = state.join("admin.token");
         assert!(
             eventually(Duration::from_secs(30), || token_file.exists()
-                && state.join("join.token").exists()),
+                && state.join("join.token").exists()
+                && state.join("tls/ca.pem").exists()),
             "the server wrote no tokens"
         );
         let read = |f: &str| {
@@ -292,7 +295,6 @@ impl Fleet {
             std::mem::forget(dev);
             d
         };
-        let id_base = 0x8000_0000 | ((std::process::id() & 0xffff) << 12) | (n << 8);
         let mut f = Fleet {
             name,
             dir,
@@ -301,7 +303,6 @@ impl Fleet {
             server_url: server_url.to_owned(),
             join: read("join.token"),
             hosts: Vec::new(),
-            id_base,
             dev,
         };
         assert!(
@@ -367,7 +368,7 @@ impl Fleet {
             self.kind,
         );
         self.hosts.push(Host {
-            id: self.id_base + i as u32,
+            id: 0, // the server gives it when the agent joins
             cgroup: HostCgroup::create(&format!("rf-{}-h{i}", self.name)),
             ns,
             addr,
@@ -375,6 +376,17 @@ impl Fleet {
             agent: None,
         });
         self.start_agent(i - 1);
+        // The host's ID, from the identity its agent got by joining.
+        let state = self.hosts[i - 1].state.clone();
+        let mut joined = None;
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                joined = ferry_agent::identity::load(&state).ok().flatten();
+                joined.is_some()
+            }),
+            "host {i} did not join"
+        );
+        self.hosts[i - 1].id = joined.unwrap().host_id.get();
         let id = format!("{:x}", self.hosts[i - 1].id);
         assert!(
             eventually(Duration::from_secs(60), || self.host_ids().contains(&id)),
@@ -392,13 +404,13 @@ impl Fleet {
             .open(h.state.with_extension("log"))
             .unwrap();
         let mut cmd = Command::new(FERRY);
-        cmd.args(["agent", "--host-id", &format!("{:x}", h.id)])
-            .args(["--region", "test", "--underlay", &h.addr])
+        cmd.args(["agent", "--region", "test", "--underlay", &h.addr])
             .args(["--fleet", &format!("ferry-{}", self.name)])
             .arg("--state-dir")
             .arg(&h.state)
             .args(["--server", &self.server_url])
             .env("FERRY_JOIN_TOKEN", &self.join)
+            .env("FERRY_SERVER_CA", self.dir.join("server/tls/ca.pem"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
@@ -424,6 +436,12 @@ impl Fleet {
             .filter(|h| h["underlay"] != "")
             .map(|h| h["id"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// Host `k`'s infra /48, as `ip` prints it.
+    fn infra_prefix(&self, k: usize) -> String {
+        ferry_addr::host_infra_prefix(ferry_addr::HostId::new(self.hosts[k].id).unwrap())
+            .to_string()
     }
 
     fn hex(&self, k: usize) -> String {
@@ -461,10 +479,7 @@ impl Fleet {
             let mut v: Vec<String> = alive
                 .iter()
                 .filter(|&&o| o != k)
-                .map(|&o| {
-                    let h = self.hosts[o].id;
-                    format!("fdaa:{:x}:{:x}::/48", h >> 16, h & 0xffff)
-                })
+                .map(|&o| self.infra_prefix(o))
                 .collect();
             v.sort();
             v
@@ -737,6 +752,37 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     );
     assert_eq!(f.dev.get_machine(&w)["state"], "started");
 
+    // An agent answers its servers only. A machine cannot even reach its host's agent (its
+    // packets may go to fdaa::/16 only); a process on the underlay without a server's
+    // certificate gets no TLS session, let alone an answer.
+    let agent_ep = format!("[{}]:4282", f.hosts[1].addr);
+    let r = f.dev.exec(
+        &c,
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\ntry:\n    socket.create_connection(('{}', 4282), timeout=2)\n    \
+                 print('connected')\nexcept OSError:\n    print('refused')",
+                f.hosts[1].addr
+            ),
+        ],
+    );
+    assert_eq!(r["stdout"].as_str().unwrap().trim(), "refused", "{r}");
+    for insecure in [false, true] {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "--max-time", "5"])
+            .args(if insecure { vec!["-k"] } else { vec![] })
+            .arg(format!("https://{agent_ep}/v1/state"));
+        let out = in_netns(&format!("ferry-{}-srv", f.name), curl)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "curl (insecure: {insecure}) reached the agent"
+        );
+    }
+
     // A migration across hosts: the volume's bytes cross the underlay; the name follows.
     let vol = new_volume(&f.dev, 16);
     let _ = f.dev.call(
@@ -767,11 +813,14 @@ fn hosts_on_one_ipv6_segment_share_nothing_but_the_underlay() {
     assert_eq!(done["phase"], "done", "{done}");
     let moved = f.dev.get_machine(&db);
     assert!(
-        moved["private_ip"].as_str().unwrap().contains(&format!(
-            "{:x}:{:x}",
-            f.hosts[2].id >> 16,
-            f.hosts[2].id & 0xffff
-        )),
+        moved["private_ip"]
+            .as_str()
+            .unwrap()
+            .parse::<ferry_addr::FleetAddr>()
+            .unwrap()
+            .host()
+            .get()
+            == f.hosts[2].id,
         "{moved}"
     );
     let r = f.dev.exec(&moved, &["sha256sum", "/data/blob"]);
@@ -880,8 +929,7 @@ fn hosts_on_two_ipv6_subnets_route_on_link_peers_straight_and_others_through_the
     f.routes_converge(&[0, 1, 2]);
     // Hosts 1 and 3 (indexes 0 and 2) share subnet A; host 2 is on B.
     let dev_of = |k: usize, peer: usize| -> String {
-        let h = f.hosts[peer].id;
-        let p = format!("fdaa:{:x}:{:x}::/48", h >> 16, h & 0xffff);
+        let p = f.infra_prefix(peer);
         f.host_routes(k)
             .into_iter()
             .find(|(x, _)| *x == p)

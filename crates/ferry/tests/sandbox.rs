@@ -58,7 +58,7 @@ fn a_machine_sees_only_itself() {
     }));
     let on_host = on_host.unwrap();
     let agent_addr = std::fs::read_to_string(find(&dev.state, "agent.addr").unwrap()).unwrap();
-    let agent = agent_addr.trim().trim_start_matches("http://").to_owned();
+    let agent = agent_addr.trim().trim_start_matches("https://").to_owned();
     let api = dev.api.trim_start_matches("http://").to_owned();
     let netns: Vec<String> = std::fs::read_dir("/run/netns")
         .unwrap()

@@ -80,6 +80,7 @@ fn start_server(
         .arg("--state-dir")
         .arg(state)
         .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(["--agent-listen", "127.0.0.1:0"])
         .args(dns.map(|d| format!("--dns-listen=127.0.0.1:{d}")))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -74,6 +74,7 @@ fn an_initialized_server_speaks_tls_only_and_clients_trust_its_ca() {
             .args(["server", "--state-dir"])
             .arg(d)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--agent-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -77,6 +77,8 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let ports = [free_port()?, free_port()?];
+    // The agent listeners: fixed ports, so agents find them again after a restart.
+    let agent_ports = [free_port()?, free_port()?];
     let apis: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
@@ -104,6 +106,22 @@ fn main() -> Result<()> {
                 let _ = c.wait();
             }
             let state = dir.join(format!("s{i}"));
+            // One fleet, one CA: server 0 makes it, the other gets a copy of its `tls/`.
+            if i > 0 && !state.join("tls").exists() {
+                let ca = dir.join("s0").join("tls").join("ca.pem");
+                ensure!(
+                    wait_until(Duration::from_secs(30), || ca.exists()),
+                    "server 0 made no fleet CA"
+                );
+                std::fs::create_dir_all(&state)?;
+                let ok = Command::new("cp")
+                    .arg("-a")
+                    .arg(dir.join("s0").join("tls"))
+                    .arg(state.join("tls"))
+                    .status()?
+                    .success();
+                ensure!(ok, "copying the fleet CA");
+            }
             p.servers[i] = Some(
                 Command::new(&ferry)
                     .arg("server")
@@ -111,6 +129,7 @@ fn main() -> Result<()> {
                     .arg("--state-dir")
                     .arg(&state)
                     .args(["--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--agent-listen", &format!("127.0.0.1:{}", agent_ports[i])])
                     .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -145,8 +164,16 @@ fn main() -> Result<()> {
             .args(["dev", "--name", &name, "--hosts", "2"])
             .arg("--state-dir")
             .arg(dir.join("hosts"))
-            .args(["--control-plane", &apis.join(",")])
+            .args([
+                "--control-plane",
+                &agent_ports
+                    .iter()
+                    .map(|p| format!("https://127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ])
             .env("FERRY_JOIN_TOKEN", token("join.token")?)
+            .env("FERRY_SERVER_CA", dir.join("s0").join("tls").join("ca.pem"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,

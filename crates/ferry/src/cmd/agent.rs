@@ -1,16 +1,14 @@
 //! `ferry agent` (one per host) and `ferry init` (PID 1 of every machine).
 
 use anyhow::{Context, Result};
-use ferry_addr::HostId;
+use ferry_agent::identity::{Identity, IdentityError};
 use ferry_agent::{Agent, AgentConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
-    /// This host's ID (hex, 80000000 and above).
-    #[arg(long)]
-    host_id: String,
+    /// The region this host is in (sent when it joins and registers).
     #[arg(long, default_value = "dev")]
     region: String,
     /// The host's network namespace (dev fleets: `ferry dev` wires its fabric); the agent does
@@ -26,25 +24,27 @@ pub struct AgentArgs {
     /// Prefix of machine namespaces and BPF pins (`ferry-<fleet>`).
     #[arg(long, default_value = "ferry-fleet")]
     fleet: String,
-    /// Where this agent keeps machine run directories.
+    /// Where this agent keeps machine run directories, and its identity (`identity/`: host ID,
+    /// key and certificate, from its join).
     #[arg(long)]
     state_dir: PathBuf,
-    /// The API servers, comma-separated (`http://10.0.0.1:4280,http://10.0.0.2:4280`): the
-    /// agent registers and reports to the first one that answers, skips those that are down,
-    /// and holds its watch (the host's desired state) open on one of them, moving to the next
-    /// when that one goes away.
+    /// The servers' agent listeners, comma-separated (`https://10.0.0.1:4281,https://10.0.0.2:4281`;
+    /// a server writes its own to `agent-api.url` in its state directory): the agent joins
+    /// through the first that answers (once: the identity is kept), registers and reports to
+    /// the first one that answers, skips those that are down, and holds its watch (the host's
+    /// desired state) open on one of them, moving to the next when that one goes away.
     #[arg(
         long,
         value_name = "URL[,URL...]",
-        default_value = "http://127.0.0.1:4280"
+        default_value = "https://127.0.0.1:4281"
     )]
     server: String,
-    /// The join token the servers' agent routes require (`ferry token create --join`); from
-    /// the environment rather than the command line, where every user can read it.
+    /// The join token a host without an identity joins with (`ferry token create --join`);
+    /// from the environment rather than the command line, where every user can read it.
     #[arg(long, env = "FERRY_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// The CA certificate (PEM file) that signed the servers' certificates, for `https://`
-    /// servers (a `ferry server init` CA: `<state dir>/tls/ca.pem`).
+    /// The fleet CA (PEM file) the servers' certificates chain to (a server's
+    /// `<state dir>/tls/ca.pem`): needed to join; afterwards the one the join answered is kept.
     #[arg(long, env = "FERRY_SERVER_CA", value_name = "FILE")]
     server_ca: Option<PathBuf>,
     /// How the address-mapping bridge is done: cgroup eBPF, or nftables DNAT.
@@ -84,9 +84,6 @@ pub enum BridgeModeArg {
 }
 
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
-    let id = u32::from_str_radix(&args.host_id, 16)
-        .ok()
-        .and_then(|v| HostId::new(v).ok());
     let servers = server_list(&args.server)?;
     if let Some(t) = &args.join_token {
         anyhow::ensure!(
@@ -103,12 +100,6 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let host_id = id.with_context(|| {
-        format!(
-            "--host-id {}: not a host ID (hex, 80000000 and above)",
-            args.host_id
-        )
-    })?;
     std::fs::create_dir_all(&args.state_dir)?;
     std::fs::write(
         args.state_dir.join("agent.pid"),
@@ -121,6 +112,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let listen = listen_addr(&args);
+        let me = host_identity(&args, &servers, server_ca.as_deref()).await?;
+        let host_id = me.host_id;
+        // After the join, the fleet CA it answered is what the servers are checked against.
+        let server_ca = server_ca.or_else(|| Some(me.ca_pem.clone().into_bytes()));
         let cfg = AgentConfig {
             host_id,
             region: args.region,
@@ -129,8 +125,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             fleet: args.fleet,
             state_dir: args.state_dir.clone(),
             servers,
-            join_token: args.join_token.filter(|t| !t.is_empty()),
+            // Joined: from now on the host proves who it is by its certificate, and the join
+            // token (which could make new hosts) is not sent again.
+            join_token: None,
             server_ca,
+            identity: Some((me.cert_pem.clone(), me.key_pem.clone())),
             ferry_exe: std::env::current_exe()?,
             mtu: ferry_net::fleet::DEFAULT_MTU,
             volume_port: args.volume_port,
@@ -151,18 +150,13 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         };
         let handle = tokio::runtime::Handle::current();
         let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, handle)).await??;
-        let listen = args.listen.unwrap_or_else(|| match args.underlay {
-            Some(a) => std::net::SocketAddr::new(a, 4282),
-            None => "127.0.0.1:0".parse().expect("an address"),
-        });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
+        let endpoint = format!("https://{}", listener.local_addr()?);
         std::fs::write(args.state_dir.join("agent.addr"), &endpoint)?;
         // Serve, register (with whichever server is up, waiting while none is), then watch.
-        let app = agent.clone().router();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let server = serve_mtls(listener, agent.clone().router(), &me)?;
         let mut delay = std::time::Duration::from_millis(50);
         loop {
             match agent.register(&endpoint).await {
@@ -178,9 +172,88 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         }
         tokio::spawn(agent.clone().watch_forever());
         tracing::info!("agent for host {:x} serving at {endpoint}", host_id.get());
-        server.await??;
+        server.await?;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
+}
+
+/// Where the agent listens for its servers: `--listen`, else port 4282 of the underlay address
+/// (a real host), else any free port on loopback (a dev fleet).
+fn listen_addr(args: &AgentArgs) -> std::net::SocketAddr {
+    args.listen.unwrap_or_else(|| match args.underlay {
+        Some(a) => std::net::SocketAddr::new(a, 4282),
+        None => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    })
+}
+
+/// This host's identity: the one kept in the state directory, or a new one from a join
+/// (retried while no server answers, as registration is; a refusal, e.g. a wrong join token,
+/// ends the agent: no retry would fix it).
+async fn host_identity(
+    args: &AgentArgs,
+    servers: &[String],
+    server_ca: Option<&[u8]>,
+) -> Result<Identity> {
+    use ferry_agent::identity;
+    if let Some(id) = identity::load(&args.state_dir)? {
+        return Ok(id);
+    }
+    let token = args
+        .join_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .with_context(|| {
+            format!(
+                "{} has no identity: joining needs a join token (FERRY_JOIN_TOKEN)",
+                args.state_dir.display()
+            )
+        })?;
+    let ca = server_ca.context(
+        "joining needs the fleet CA the servers' certificates chain to: --server-ca or \
+         FERRY_SERVER_CA (a server's <state dir>/tls/ca.pem)",
+    )?;
+    // The listener's address goes in the certificate (the server checks it when it calls).
+    let addresses: Vec<std::net::IpAddr> = Some(listen_addr(args).ip())
+        .filter(|ip| !ip.is_unspecified())
+        .into_iter()
+        .collect();
+    let mut delay = std::time::Duration::from_millis(100);
+    let me = loop {
+        match identity::join(servers, token, ca, &args.region, &addresses).await {
+            Ok(me) => break me,
+            Err(IdentityError::Unavailable(e)) => {
+                tracing::warn!("joining: {e}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    identity::save(&args.state_dir, &me)?;
+    tracing::info!("joined the fleet as host {:x}", me.host_id.get());
+    Ok(me)
+}
+
+/// Serves the agent's API over TLS with the host's certificate, to the fleet's servers only: a
+/// client certificate from the fleet CA is required at the handshake, and it must be a
+/// server's (not another host's); any other caller's connection is closed.
+fn serve_mtls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    me: &Identity,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let id = ferry_pki::Issued {
+        cert_pem: me.cert_pem.clone(),
+        key_pem: me.key_pem.clone(),
+    };
+    let config = ferry_pki::server_config(&id, ferry_pki::ClientAuth::Required(&me.ca_pem))
+        .context("the agent listener's TLS")?;
+    Ok(tokio::spawn(super::tls::serve_peers(
+        listener,
+        app,
+        config,
+        |cert| cert.is_some_and(ferry_pki::is_server).then_some(()),
+    )))
 }
 
 /// `--server A,B`: each a base URL (`http://HOST:PORT`, no trailing slash kept).

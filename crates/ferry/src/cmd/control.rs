@@ -33,6 +33,36 @@ pub struct ControlPlane {
     pub join_token: String,
     /// The API is served over TLS (`ferry server init` ran on the state directory).
     pub tls: bool,
+    /// The agent listener's URL (`https://...`, always TLS): agents' `--server`.
+    pub agent_url: String,
+}
+
+/// Where the control plane writes its agent listener's URL (for `ferry dev`, tests, operators).
+pub fn agent_url_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent-api.url")
+}
+
+/// The agent listener: where hosts join, register, report and watch (docs/design.md#tokens).
+pub struct AgentListen {
+    pub addr: SocketAddr,
+    /// Names (DNS or IP) agents reach this server at, besides localhost and the listener's own
+    /// address: they go in the server's role certificate.
+    pub names: Vec<String>,
+}
+
+/// The server's role certificate for `listen` (and the TLS client identity of its calls to
+/// agents): made at every start, in memory, by the fleet CA.
+fn role_identity(ca: &ferry_pki::Ca, listen: &AgentListen) -> Result<ferry_pki::Issued> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !listen.addr.ip().is_unspecified() {
+        names.push(listen.addr.ip().to_string());
+    }
+    for n in &listen.names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    Ok(ca.issue_server_role(&names)?)
 }
 
 /// Where the control plane keeps the admin token it made for its operator.
@@ -109,9 +139,19 @@ impl ControlPlane {
         state_dir: &Path,
         volumes_dir: PathBuf,
         listen: SocketAddr,
+        agent_listen: &AgentListen,
         dns: Option<SocketAddr>,
     ) -> Result<ControlPlane> {
-        let ctx = ferry_api::http_core(store.clone(), volumes_dir);
+        // The fleet CA always exists (made at the first start): hosts get their certificates
+        // from it when they join, whether or not the operator API is TLS.
+        let ca = super::tls::fleet_ca(state_dir)?;
+        let role = role_identity(&ca, agent_listen)?;
+        let agent_tls = ferry_api::AgentTls {
+            ca_pem: ca.pem().to_owned(),
+            identity: role.clone(),
+        };
+        let ctx = ferry_api::http_core_with(store.clone(), volumes_dir, Some(&agent_tls))
+            .context("the HTTP client of the agents")?;
         // A store written before the typed records keeps its data: copied over once.
         match ferry_core::legacy::import(&ctx) {
             Ok(n) if n != Default::default() => tracing::info!("imported legacy records: {n:?}"),
@@ -190,6 +230,28 @@ impl ControlPlane {
                 "not following store changes: DNS follows this server's own changes only"
             ),
         }
+        let agent_listener = rt
+            .block_on(tokio::net::TcpListener::bind(agent_listen.addr))
+            .with_context(|| format!("listening for agents on {}", agent_listen.addr))?;
+        let agent_url = {
+            let a = agent_listener.local_addr()?;
+            // What an agent on this machine dials; the certificate names both loopbacks.
+            let ip = match a.ip() {
+                ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+                ip => ip,
+            };
+            format!("https://{}", SocketAddr::new(ip, a.port()))
+        };
+        std::fs::write(agent_url_file(state_dir), &agent_url)?;
+        let agent_config =
+            ferry_pki::server_config(&role, ferry_pki::ClientAuth::Optional(ca.pem()))
+                .context("the agent listener's TLS")?;
+        rt.spawn(super::tls::serve_peers(
+            agent_listener,
+            ferry_api::agent_api::router(ctx.clone(), Arc::new(ca)),
+            agent_config,
+            |cert| Some(ferry_api::agent_api::Peer::of(cert)),
+        ));
         let app = server::router(ctx.clone());
         // TLS only, once `ferry server init` made the certificates: tokens must not cross the
         // network in clear.
@@ -207,6 +269,7 @@ impl ControlPlane {
             admin_token,
             join_token,
             tls: tls.is_some(),
+            agent_url,
         })
     }
 

@@ -71,8 +71,9 @@ pub struct DevArgs {
     exit_after_demo: bool,
     /// Only hosts and agents, for servers that run elsewhere (`ferry server`, several of them
     /// on one etcd): no API, store, DNS or demo of its own; the agents register with, report to
-    /// and watch the first of these servers that answers (comma-separated base URLs). Host IDs
-    /// are chosen once and kept in the state directory. Stopping it kills its hosts' machines
+    /// and watch the first of these servers that answers (their agent listeners,
+    /// comma-separated `https://` URLs, trusted through FERRY_SERVER_CA). Each host joins once
+    /// (its ID and certificate are kept in the state directory). Stopping it kills its hosts' machines
     /// and removes the hosts (the servers keep their records). Machines get no `fdaa::3` DNS in
     /// this mode (by default `ferry dev`'s own server answers there, and there is none here);
     /// ask a server's `--dns-listen` instead.
@@ -218,6 +219,10 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         &args.state_dir,
         args.state_dir.join("volumes"),
         args.listen,
+        &super::control::AgentListen {
+            addr: "127.0.0.1:0".parse()?,
+            names: vec![],
+        },
         Some(args.dns_listen),
     )?;
     let ctx = cp.ctx.clone();
@@ -244,12 +249,18 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         std::fs::copy(ca, &dst).with_context(|| format!("copying the CA to {}", dst.display()))?;
     }
 
+    // This control plane runs its hosts: it gives each its identity itself (the certificate a
+    // join would get), kept across restarts like the host IDs.
+    let fleet_ca = super::tls::fleet_ca(&args.state_dir)?;
+    for h in &hosts {
+        dev_identity(&fleet_ca, &host_dir(&args.state_dir, h.id.get()), h.id)?;
+    }
     let agents = Agents::start(
         &args,
         &hosts.iter().map(|h| h.id.get()).collect::<Vec<_>>(),
-        &api,
+        &cp.agent_url,
         &cp.join_token,
-        ca.as_deref(),
+        Some(&super::tls::ca_file(&args.state_dir)),
     )?;
     let registered = wait_for(Duration::from_secs(20), || {
         store
@@ -400,27 +411,29 @@ fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
     }
     let sigs = claim(args)?;
     let t0 = Instant::now();
-    let ids = host_ids(&args.state_dir, args.hosts)?;
+    let join = args.join_token.clone().unwrap_or_default();
+    anyhow::ensure!(
+        !join.is_empty(),
+        "--control-plane needs --join-token (or FERRY_JOIN_TOKEN): the servers' agent listeners \
+         let hosts join with one (a `ferry server` writes one to join.token in its state \
+         directory)"
+    );
+    let ca = std::env::var_os("FERRY_SERVER_CA")
+        .map(PathBuf::from)
+        .context(
+            "--control-plane needs FERRY_SERVER_CA: the fleet CA the servers' certificates chain \
+             to (a server's <state dir>/tls/ca.pem)",
+        )?;
+    let ids = host_ids(&args.state_dir, args.hosts, &urls, &join, &ca)?;
     let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
     for id in &ids {
         fleet.add_host_with_id(*id)?;
     }
     let raw: Vec<u32> = ids.iter().map(|h| h.get()).collect();
-    let join = args.join_token.clone().unwrap_or_default();
-    anyhow::ensure!(
-        !join.is_empty(),
-        "--control-plane needs --join-token (or FERRY_JOIN_TOKEN): the servers' agent routes \
-         refuse agents without one (a `ferry server` writes one to join.token in its state \
-         directory)"
-    );
-    let ca = std::env::var_os("FERRY_SERVER_CA").map(PathBuf::from);
-    let agents = Agents::start(args, &raw, &urls.join(","), &join, ca.as_deref())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered: some server lists every host with the endpoint its agent serves on.
+    let agents = Agents::start(args, &raw, &urls.join(","), &join, Some(&ca))?;
+    // Registered: every agent watches one of the servers.
     let registered = wait_for(Duration::from_secs(30), || {
-        rt.block_on(all_registered(&urls, &args.state_dir, &raw))
+        all_registered(&urls, &args.state_dir, &raw)
     });
     if !registered {
         agents.stop();
@@ -459,64 +472,96 @@ fn hosts_only(args: &DevArgs, urls: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// This fleet's host IDs: chosen once (random, so fleets sharing a control plane rarely
-/// collide; the store burns whatever ID registers) and kept in `<state>/host-ids`.
-fn host_ids(state: &std::path::Path, n: u32) -> Result<Vec<ferry_addr::HostId>> {
+/// This fleet's host IDs: each host joined once through one of `urls` (the servers' agent
+/// listeners), which allocated its ID; its identity is kept in its directory and the IDs in
+/// `<state>/host-ids`, so a restart joins only the hosts it lacks.
+fn host_ids(
+    state: &std::path::Path,
+    n: u32,
+    urls: &[String],
+    join_token: &str,
+    ca: &std::path::Path,
+) -> Result<Vec<ferry_addr::HostId>> {
     let file = state.join("host-ids");
-    let mut ids: Vec<u32> = std::fs::read_to_string(&file)
+    let mut ids: Vec<ferry_addr::HostId> = Vec::new();
+    for s in std::fs::read_to_string(&file)
         .unwrap_or_default()
         .split_whitespace()
-        .filter_map(|s| u32::from_str_radix(s, 16).ok())
-        .collect();
+    {
+        let Some(h) = u32::from_str_radix(s, 16)
+            .ok()
+            .and_then(|v| ferry_addr::HostId::new(v).ok())
+        else {
+            continue;
+        };
+        // Only hosts whose identity is whole (a join that died half-way is done again).
+        if matches!(ferry_agent::identity::load(&host_dir(state, h.get())), Ok(Some(id)) if id.host_id == h)
+        {
+            ids.push(h);
+        }
+    }
     if ids.len() < n as usize {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos()
-            ^ (std::process::id() << 12);
-        // 64 hosts at most: the low bits count them, the high ones tell fleets apart.
-        let base = 0x8000_0000 | (seed & 0x7fff_ff00);
-        ids = (0..n).map(|i| base + i).collect();
-        std::fs::write(
-            &file,
-            ids.iter().map(|h| format!("{h:x}\n")).collect::<String>(),
-        )?;
+        let pem = std::fs::read(ca).with_context(|| format!("FERRY_SERVER_CA {}", ca.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        while ids.len() < n as usize {
+            let me = rt
+                .block_on(ferry_agent::identity::join(
+                    urls,
+                    join_token,
+                    &pem,
+                    "dev",
+                    &["127.0.0.1".parse()?],
+                ))
+                .context("joining a host")?;
+            ferry_agent::identity::save(&host_dir(state, me.host_id.get()), &me)?;
+            ids.push(me.host_id);
+            std::fs::write(
+                &file,
+                ids.iter()
+                    .map(|h| format!("{:x}\n", h.get()))
+                    .collect::<String>(),
+            )?;
+        }
     }
     ids.truncate(n as usize);
-    ids.into_iter()
-        .map(|h| ferry_addr::HostId::new(h).map_err(|e| anyhow::anyhow!("host ID {h:x}: {e}")))
-        .collect()
+    Ok(ids)
 }
 
-/// Whether one of `urls` lists every host of `hosts` with the endpoint its agent wrote.
-async fn all_registered(urls: &[String], state: &std::path::Path, hosts: &[u32]) -> bool {
-    // Each agent says which server its watch is open on: a watch opens only for a host the
-    // server has registered (asking a server for its host list would need an admin token).
-    let http = reqwest::Client::new();
-    for h in hosts {
-        let ep = std::fs::read_to_string(
-            state
-                .join("hosts")
-                .join(format!("{h:x}"))
-                .join("agent.addr"),
-        )
-        .unwrap_or_default();
-        if ep.is_empty() {
-            return false;
-        }
-        let Ok(r) = http.get(format!("{ep}/v1/state")).send().await else {
-            return false;
-        };
-        let Ok(v) = r.json::<serde_json::Value>().await else {
-            return false;
-        };
-        if !v["watch"]["server"]
-            .as_str()
-            .is_some_and(|s| urls.iter().any(|u| u == s))
-        {
-            return false;
-        }
+/// A host's directory (its agent's state directory).
+fn host_dir(state: &std::path::Path, host: u32) -> PathBuf {
+    state.join("hosts").join(format!("{host:x}"))
+}
+
+/// Host `h`'s identity in `dir`, kept if it is there and names `h`, else made by `ca` (the
+/// certificate a join gives: its agents listen on 127.0.0.1).
+fn dev_identity(ca: &ferry_pki::Ca, dir: &std::path::Path, h: ferry_addr::HostId) -> Result<()> {
+    use ferry_agent::identity;
+    if matches!(identity::load(dir), Ok(Some(id)) if id.host_id == h && id.ca_pem == ca.pem()) {
+        return Ok(());
     }
-    true
+    let made = ca.issue_host(h.get(), &["127.0.0.1".parse()?])?;
+    identity::save(
+        dir,
+        &identity::Identity {
+            host_id: h,
+            cert_pem: made.cert_pem,
+            key_pem: made.key_pem,
+            ca_pem: ca.pem().to_owned(),
+        },
+    )?;
+    Ok(())
+}
+
+/// Whether every host of `hosts` has its watch open on one of `urls` (its agent writes the
+/// server to `watching`): a watch opens only for a host the server has registered, and a
+/// server's host list would need an admin token.
+fn all_registered(urls: &[String], state: &std::path::Path, hosts: &[u32]) -> bool {
+    hosts.iter().all(|h| {
+        std::fs::read_to_string(host_dir(state, *h).join("watching"))
+            .is_ok_and(|s| urls.iter().any(|u| *u == s.trim()))
+    })
 }
 
 fn remove_machine_cgroups(ids: &[String]) {
@@ -599,7 +644,9 @@ impl Agents {
                             .map_err(std::io::Error::from)
                     });
                 }
-                cmd.args(["agent", "--host-id", &format!("{h:x}"), "--region", "dev"])
+                // A new agent says afresh which server it watches.
+                let _ = std::fs::remove_file(sd.join("watching"));
+                cmd.args(["agent", "--region", "dev"])
                     .args([
                         "--netns",
                         &format!("ferry-{name}-h{h:x}"),

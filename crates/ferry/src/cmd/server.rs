@@ -18,6 +18,15 @@ pub struct ServerArgs {
     /// The API listener.
     #[arg(long, default_value = "127.0.0.1:4280")]
     listen: std::net::SocketAddr,
+    /// The agent listener: hosts join, register, report and watch here, always over TLS
+    /// (the fleet CA's; hosts present their certificates). Agents' `--server` names it.
+    #[arg(long, default_value = "[::]:4281")]
+    agent_listen: std::net::SocketAddr,
+    /// A DNS name or IP address agents reach this server at (repeatable), for the certificate
+    /// of the agent listener (localhost, 127.0.0.1, ::1 and a specific --agent-listen address
+    /// are always in it).
+    #[arg(long, value_name = "NAME")]
+    agent_san: Vec<String>,
     /// Also answer `.internal` DNS queries here (UDP and TCP), for operators and for hosts
     /// that forward to the server, e.g. 127.0.0.1:5353.
     #[arg(long)]
@@ -43,9 +52,9 @@ pub struct ServerArgs {
 
 #[derive(clap::Subcommand)]
 enum ServerCmd {
-    /// Make a CA and this server's certificate (in `<state dir>/tls`): from then on the API is
-    /// served over TLS only, and clients trust `<state dir>/tls/ca.pem` (the CLI: FERRY_CA;
-    /// agents: FERRY_SERVER_CA).
+    /// Make the API's server certificate (in `<state dir>/tls`, signed by the fleet CA there,
+    /// which is made first if missing): from then on the API is served over TLS only, and
+    /// clients trust `<state dir>/tls/ca.pem` (the CLI: FERRY_CA; agents: FERRY_SERVER_CA).
     Init {
         /// A DNS name or IP address the server is reached at (repeatable); localhost,
         /// 127.0.0.1 and ::1 are always in the certificate.
@@ -74,6 +83,10 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         &args.state_dir,
         args.state_dir.join("volumes"),
         args.listen,
+        &super::control::AgentListen {
+            addr: args.agent_listen,
+            names: args.agent_san.clone(),
+        },
         args.dns_listen,
     )?;
     cp.ctx
@@ -93,6 +106,11 @@ pub fn run(args: ServerArgs) -> Result<ExitCode> {
         } else {
             " (plain HTTP: `ferry server init` makes its TLS certificates)".into()
         }
+    );
+    eprintln!(
+        "ferry server: agents join and report at {} (mutual TLS; they trust {})",
+        cp.agent_url,
+        super::tls::ca_file(&args.state_dir).display()
     );
     // The paths, not the secrets: a server's log is read by more people than its state.
     eprintln!(

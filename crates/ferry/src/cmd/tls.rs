@@ -1,11 +1,13 @@
-//! TLS for the API: `ferry server init` makes a CA and the server's certificate in the state
-//! directory (`tls/`), and a control plane whose state directory has them serves the API over
-//! TLS only. Clients trust that CA (the CLI: `--ca`/`FERRY_CA`, or the copy `ferry dev` writes
-//! next to its token; agents: `FERRY_SERVER_CA`), never the system's roots: the fleet's API is
-//! not a public site.
+//! TLS (docs/design.md#tokens). Every control plane has the fleet's CA in `<state dir>/tls`
+//! (`ca.pem`, `ca.key`; made at its first start, [`ferry_pki`]): it signs hosts' certificates
+//! when they join, and each server's role certificate (made in memory at every start) for the
+//! agent listener and for the calls to agents, both mutual TLS. Several servers of one fleet
+//! share that directory: copy `tls/` to every server before its first start.
 //!
-//! Not done yet: the server's calls to agents are still plain HTTP and unauthenticated (mutual
-//! TLS to agents, with certificates the CA gives hosts when they join, is the next step).
+//! The operator API is another matter: it is TLS only once `ferry server init` made its server
+//! certificate (`tls/server.pem`); clients trust the CA (the CLI: `--ca`/`FERRY_CA`, or the
+//! copy `ferry dev` writes next to its token), never the system's roots: the fleet's API is not
+//! a public site.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -16,96 +18,64 @@ pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("tls")
 }
 
-/// The CA certificate clients trust.
+/// The CA certificate clients and agents trust.
 pub fn ca_file(state_dir: &Path) -> PathBuf {
-    dir(state_dir).join("ca.pem")
+    ferry_pki::ca_file(&dir(state_dir))
 }
 
-/// Makes a CA and a server certificate for `names` (DNS names or IP addresses; localhost,
-/// 127.0.0.1 and ::1 always) signed by it. Refuses to replace an existing CA: clients trust
-/// it, and a new one would lock them all out.
+/// The API's server certificate: the API is TLS once this exists.
+pub fn server_file(state_dir: &Path) -> PathBuf {
+    dir(state_dir).join("server.pem")
+}
+
+/// The fleet's CA, made if this state directory has none yet.
+pub fn fleet_ca(state_dir: &Path) -> Result<ferry_pki::Ca> {
+    ferry_pki::Ca::load_or_create(&dir(state_dir))
+        .with_context(|| format!("the fleet CA in {}", dir(state_dir).display()))
+}
+
+/// Makes the API's server certificate for `names` (DNS names or IP addresses; localhost,
+/// 127.0.0.1 and ::1 always), signed by the fleet CA (made first if missing, reused if there).
+/// Refuses to replace an existing server certificate: start over by removing it.
 pub fn init(state_dir: &Path, names: &[String]) -> Result<()> {
     let d = dir(state_dir);
-    if ca_file(state_dir).exists() {
+    if server_file(state_dir).exists() {
         bail!(
-            "{} exists: this server has a CA already (remove {} to start over; every client \
-             must then trust the new CA)",
-            ca_file(state_dir).display(),
-            d.display()
+            "{} exists: this server has its API certificate already (remove it and server.key \
+             to make a new one; keep ca.pem and ca.key, which the fleet trusts)",
+            server_file(state_dir).display(),
         );
     }
-    let mut ca_params =
-        rcgen::CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "ferry fleet CA");
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = rcgen::KeyPair::generate().context("the CA's key")?;
-    let ca = ca_params
-        .self_signed(&ca_key)
-        .context("the CA certificate")?;
-
+    let ca = fleet_ca(state_dir)?;
     let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     for n in names {
         if !sans.contains(n) {
             sans.push(n.clone());
         }
     }
-    let mut params = rcgen::CertificateParams::new(sans.clone()).context("--san")?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "ferry server");
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let key = rcgen::KeyPair::generate().context("the server's key")?;
-    let cert = params
-        .signed_by(&key, &ca, &ca_key)
-        .context("the server certificate")?;
-
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    // Keys readable by their owner only; certificates are public.
-    super::control::write_secret(&d.join("ca.key"), &ca_key.serialize_pem())?;
-    super::control::write_secret(&d.join("server.key"), &key.serialize_pem())?;
-    std::fs::write(d.join("server.pem"), cert.pem())?;
-    // Last: its presence says the directory is complete.
-    std::fs::write(ca_file(state_dir), ca.pem())?;
+    let id = ca.issue_api_server(&sans)?;
+    // The key readable by its owner only; the certificate last: its presence turns TLS on.
+    ferry_pki::write_private(&d.join("server.key"), &id.key_pem)?;
+    ferry_pki::write_public(&server_file(state_dir), &id.cert_pem)?;
     eprintln!(
-        "ferry server init: CA {} and a server certificate for {} in {}",
-        ca_file(state_dir).display(),
+        "ferry server init: a server certificate for {} in {}, signed by the fleet CA {}",
         sans.join(", "),
-        d.display()
+        d.display(),
+        ca_file(state_dir).display(),
     );
     Ok(())
 }
 
-/// The server's TLS configuration if `ferry server init` ran on `state_dir`.
+/// The API's TLS configuration if `ferry server init` made its certificate.
 pub fn server_config(state_dir: &Path) -> Result<Option<Arc<rustls::ServerConfig>>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let d = dir(state_dir);
-    if !ca_file(state_dir).exists() {
+    if !server_file(state_dir).exists() {
         return Ok(None);
     }
-    let certs = CertificateDer::pem_file_iter(d.join("server.pem"))
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading {}", d.join("server.pem").display()))?;
-    let key = PrivateKeyDer::from_pem_file(d.join("server.key"))
-        .with_context(|| format!("reading {}", d.join("server.key").display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the server certificate and key do not match")?;
-    let mut config = config;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(Arc::new(config)))
+    let id = ferry_pki::read_issued(&server_file(state_dir), &d.join("server.key"))?;
+    let config = ferry_pki::server_config(&id, ferry_pki::ClientAuth::None)
+        .context("the API's server certificate")?;
+    Ok(Some(config))
 }
 
 /// Serves `app` over TLS on `listener`: each connection's handshake runs in its own task, so a
@@ -115,6 +85,19 @@ pub async fn serve(
     app: axum::Router,
     config: Arc<rustls::ServerConfig>,
 ) {
+    serve_peers(listener, app, config, |_| Some(())).await
+}
+
+/// [`serve`], and each connection's client certificate (checked by rustls against the CA the
+/// configuration names; `None` when the client sent none) goes through `admit`: `None` closes
+/// the connection, `Some(p)` serves it with `p` in every request's extensions.
+pub async fn serve_peers<P: Clone + Send + Sync + 'static>(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: Arc<rustls::ServerConfig>,
+    admit: impl Fn(Option<&[u8]>) -> Option<P> + Send + Sync + 'static,
+) {
+    let admit = Arc::new(admit);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -124,7 +107,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let (acceptor, app, admit) = (acceptor.clone(), app.clone(), admit.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(t) => t,
@@ -133,6 +116,12 @@ pub async fn serve(
                     return;
                 }
             };
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let Some(who) = admit(cert.map(|c| c.as_ref())) else {
+                tracing::debug!("{peer}: its certificate is not admitted here");
+                return;
+            };
+            let app = app.layer(axum::Extension(who));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -312,6 +312,25 @@ impl Dev {
         )
     }
 
+    /// A client of this fleet's agents as its server is: agents answer over mutual TLS to a
+    /// server's role certificate from the fleet CA only (`<state>/tls`), made here.
+    #[allow(dead_code)] // not every test asks agents directly
+    pub fn agent_http(&self) -> reqwest::blocking::Client {
+        let ca = ferry_pki::Ca::load(&self.state.join("tls")).unwrap();
+        let me = ca.issue_server_role(&["127.0.0.1".into()]).unwrap();
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+            .identity(
+                reqwest::Identity::from_pem(format!("{}\n{}", me.key_pem, me.cert_pem).as_bytes())
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    }
+
     /// An HTTP client that sends this fleet's admin token.
     pub fn http(&self) -> &reqwest::blocking::Client {
         &self.http
@@ -540,7 +559,7 @@ pub fn agent_pid(dev: &Dev, host: &str) -> Option<i32> {
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" agent ")
-            && cmd.contains(&format!("--host-id {host} "))
+            && cmd.contains(&format!("/hosts/{host} "))
             && cmd.contains(&format!("--fleet ferry-{} ", dev.name))
         {
             return Some(pid);
