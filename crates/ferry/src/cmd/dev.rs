@@ -167,46 +167,6 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
     };
     let t0 = Instant::now();
 
-    // Hosts keep their IDs across restarts: the store allocated them once.
-    let mut hosts = store.list_hosts()?;
-    while hosts.len() < args.hosts as usize {
-        hosts.push(store.register_host("dev", "")?);
-    }
-    hosts.truncate(args.hosts as usize);
-    for h in &mut hosts {
-        h.endpoint.clear(); // endpoints of a previous run are stale until agents register again
-        store.put_host(h)?;
-    }
-    let host_ids: Vec<_> = hosts.iter().map(|h| h.id).collect();
-    let fleet = if adopt {
-        // The old agents still serve (they were the dead process's children): replace them, as
-        // after an agent crash; they reattach to the machines from their run directories.
-        for h in &hosts {
-            let pidfile = args
-                .state_dir
-                .join("hosts")
-                .join(format!("{:x}", h.id.get()))
-                .join("agent.pid");
-            if let Some(pid) = live_ferry_pid(&pidfile) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                wait_for(Duration::from_secs(5), || {
-                    live_ferry_pid(&pidfile).is_none()
-                });
-            }
-        }
-        DevFleet::adopt(&args.name, Mode::Swap, &host_ids)?
-    } else {
-        let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
-        for id in &host_ids {
-            fleet.add_host_with_id(*id)?;
-        }
-        fleet
-    };
-    let mut fleet = fleet;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -249,15 +209,55 @@ pub fn run(args: DevArgs) -> Result<ExitCode> {
         std::fs::copy(ca, &dst).with_context(|| format!("copying the CA to {}", dst.display()))?;
     }
 
-    // This control plane runs its hosts: it gives each its identity itself (the certificate a
-    // join would get), kept across restarts like the host IDs.
+    // The hosts join as any host does (docs/design.md#tokens): through this control plane's
+    // agent listener, with its join token; each gets a host ID the store never hands out again
+    // and a certificate, both kept in its directory (and the IDs in `<state>/host-ids`), so a
+    // restart joins only the hosts it lacks.
     let fleet_ca = super::tls::fleet_ca(&args.state_dir)?;
-    for h in &hosts {
-        dev_identity(&fleet_ca, &host_dir(&args.state_dir, h.id.get()), h.id)?;
+    upgrade_host_ids(&args.state_dir, store.as_ref(), &fleet_ca)?;
+    let host_ids = host_ids(
+        &args.state_dir,
+        args.hosts,
+        std::slice::from_ref(&cp.agent_url),
+        &cp.join_token,
+        &super::tls::ca_file(&args.state_dir),
+    )?;
+    // Endpoints of a previous run are stale until the agents register again.
+    for id in &host_ids {
+        if let Ok(mut h) = store.get_host(*id) {
+            h.endpoint.clear();
+            store.put_host(&h)?;
+        }
     }
+    let hosts = &host_ids;
+    let fleet = if adopt {
+        // The old agents still serve (they were the dead process's children): replace them, as
+        // after an agent crash; they reattach to the machines from their run directories.
+        for h in hosts {
+            let pidfile = host_dir(&args.state_dir, h.get()).join("agent.pid");
+            if let Some(pid) = live_ferry_pid(&pidfile) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                wait_for(Duration::from_secs(5), || {
+                    live_ferry_pid(&pidfile).is_none()
+                });
+            }
+        }
+        DevFleet::adopt(&args.name, Mode::Swap, hosts)?
+    } else {
+        let mut fleet = DevFleet::create(&args.name, Mode::Swap)?;
+        for id in hosts {
+            fleet.add_host_with_id(*id)?;
+        }
+        fleet
+    };
+    let mut fleet = fleet;
+
     let agents = Agents::start(
         &args,
-        &hosts.iter().map(|h| h.id.get()).collect::<Vec<_>>(),
+        &hosts.iter().map(|h| h.get()).collect::<Vec<_>>(),
         &cp.agent_url,
         &cp.join_token,
         Some(&super::tls::ca_file(&args.state_dir)),
@@ -534,22 +534,35 @@ fn host_dir(state: &std::path::Path, host: u32) -> PathBuf {
     state.join("hosts").join(format!("{host:x}"))
 }
 
-/// Host `h`'s identity in `dir`, kept if it is there and names `h`, else made by `ca` (the
-/// certificate a join gives: its agents listen on 127.0.0.1).
-fn dev_identity(ca: &ferry_pki::Ca, dir: &std::path::Path, h: ferry_addr::HostId) -> Result<()> {
-    use ferry_agent::identity;
-    if matches!(identity::load(dir), Ok(Some(id)) if id.host_id == h && id.ca_pem == ca.pem()) {
+/// A state directory from before hosts joined (its hosts are in the store, `host-ids` is not
+/// there): those hosts keep their IDs (their machines are on them), each given the
+/// certificate a join would give, and `host-ids` is written so later starts join as usual.
+fn upgrade_host_ids(state: &std::path::Path, store: &dyn Store, ca: &ferry_pki::Ca) -> Result<()> {
+    let file = state.join("host-ids");
+    if file.exists() {
         return Ok(());
     }
-    let made = ca.issue_host(h.get(), &["127.0.0.1".parse()?])?;
-    identity::save(
-        dir,
-        &identity::Identity {
-            host_id: h,
-            cert_pem: made.cert_pem,
-            key_pem: made.key_pem,
-            ca_pem: ca.pem().to_owned(),
-        },
+    let old = store.list_hosts()?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    for h in &old {
+        let made = ca.issue_host(h.id.get(), &["127.0.0.1".parse()?])?;
+        ferry_agent::identity::save(
+            &host_dir(state, h.id.get()),
+            &ferry_agent::identity::Identity {
+                host_id: h.id,
+                cert_pem: made.cert_pem,
+                key_pem: made.key_pem,
+                ca_pem: ca.pem().to_owned(),
+            },
+        )?;
+    }
+    std::fs::write(
+        &file,
+        old.iter()
+            .map(|h| format!("{:x}\n", h.id.get()))
+            .collect::<String>(),
     )?;
     Ok(())
 }
