@@ -26,7 +26,7 @@ pub struct AgentArgs {
     fleet: String,
     /// Where this agent keeps machine run directories, and its identity (`identity/`: host ID,
     /// key and certificate, from its join).
-    #[arg(long)]
+    #[arg(long, default_value = "/var/lib/ferry/agent")]
     state_dir: PathBuf,
     /// The servers' agent listeners, comma-separated (`https://10.0.0.1:4281,https://10.0.0.2:4281`;
     /// a server writes its own to `agent-api.url` in its state directory): the agent joins
