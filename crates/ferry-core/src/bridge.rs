@@ -105,9 +105,10 @@ pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
         mappings: mappings(core)?,
         gates: Default::default(),
     };
-    // The gates read once, not per machine: this runs on every change, for every stream.
+    // The gates read once, not per machine: this runs on every change, for every stream. For
+    // the same reason only the machines' summaries are read (no configs to parse).
     let off = gates(core)?;
-    for m in core.store.list_machines_on_host(host)? {
+    for m in core.store.list_machine_summaries(Some(host))? {
         let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
@@ -152,8 +153,13 @@ async fn push(
         mappings: mappings.to_vec(),
         gates: Default::default(),
     };
-    for m in core.store.list_machines_on_host(h.id).unwrap_or_default() {
-        let on = gate(core, &m).unwrap_or(true);
+    let off = crate::cache::gates(core).unwrap_or_default();
+    for m in core
+        .store
+        .list_machine_summaries(Some(h.id))
+        .unwrap_or_default()
+    {
+        let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
     core.agents
