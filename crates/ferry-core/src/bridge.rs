@@ -128,13 +128,17 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
-    let mut errors = Vec::new();
-    for h in hosts.iter().filter(|h| !h.endpoint.is_empty()) {
-        if let Err(e) = push(core, h, &mappings).await {
-            errors.push(e);
-        }
-    }
-    errors
+    // Every host at once, not one after the other: a migration waits for this push between its
+    // switch and its start, so it is downtime, and it would grow with the number of hosts.
+    let pushes = hosts
+        .iter()
+        .filter(|h| !h.endpoint.is_empty())
+        .map(|h| push(core, h, &mappings));
+    futures::future::join_all(pushes)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err())
+        .collect()
 }
 
 /// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
