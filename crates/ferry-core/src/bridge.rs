@@ -105,9 +105,10 @@ pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
         mappings: mappings(core)?,
         gates: Default::default(),
     };
-    // The gates read once, not per machine: this runs on every change, for every stream.
+    // The gates read once, not per machine: this runs on every change, for every stream. For
+    // the same reason only the machines' summaries are read (no configs to parse).
     let off = gates(core)?;
-    for m in core.store.list_machines_on_host(host)? {
+    for m in core.store.list_machine_summaries(Some(host))? {
         let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
@@ -127,13 +128,17 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
-    let mut errors = Vec::new();
-    for h in hosts.iter().filter(|h| !h.endpoint.is_empty()) {
-        if let Err(e) = push(core, h, &mappings).await {
-            errors.push(e);
-        }
-    }
-    errors
+    // Every host at once, not one after the other: a migration waits for this push between its
+    // switch and its start, so it is downtime, and it would grow with the number of hosts.
+    let pushes = hosts
+        .iter()
+        .filter(|h| !h.endpoint.is_empty())
+        .map(|h| push(core, h, &mappings));
+    futures::future::join_all(pushes)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err())
+        .collect()
 }
 
 /// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
@@ -152,8 +157,13 @@ async fn push(
         mappings: mappings.to_vec(),
         gates: Default::default(),
     };
-    for m in core.store.list_machines_on_host(h.id).unwrap_or_default() {
-        let on = gate(core, &m).unwrap_or(true);
+    let off = crate::cache::gates(core).unwrap_or_default();
+    for m in core
+        .store
+        .list_machine_summaries(Some(h.id))
+        .unwrap_or_default()
+    {
+        let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
     core.agents

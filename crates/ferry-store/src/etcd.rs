@@ -68,7 +68,7 @@
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::model::{
-    new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, NewEvent, Org,
+    new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, MachineSummary, NewEvent, Org,
 };
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
@@ -937,6 +937,123 @@ fn machines_by_idx(tx: &mut Tx<'_>, idx_prefix: &str) -> Result<Vec<(Machine, i6
         .collect()
 }
 
+/// A stored machine record read as a [`MachineSummary`]: serde skips the config's other fields
+/// without building them (no `serde_json::Value` tree per machine).
+#[derive(Deserialize)]
+struct SummaryRecord {
+    id: String,
+    app: String,
+    org: String,
+    network_id: NetworkId,
+    host: Option<HostId>,
+    region: String,
+    private_ip: Option<String>,
+    state: MachineState,
+    created_at_ms: i64,
+    #[serde(default)]
+    config: ProcessGroupOf,
+}
+
+/// `config.metadata.process_group` if it is a string; anything else (no metadata, a config or a
+/// metadata that is not an object, a process group that is not a string) is none, as
+/// `config["metadata"]["process_group"].as_str()` reads it.
+#[derive(Default)]
+struct ProcessGroupOf(Option<String>);
+
+impl<'de> Deserialize<'de> for ProcessGroupOf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        /// Depth 0: the config, whose `metadata` is read at depth 1, whose `process_group` is it.
+        struct V(u8);
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ProcessGroupOf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<ProcessGroupOf, A::Error> {
+                let want = if self.0 == 0 {
+                    "metadata"
+                } else {
+                    "process_group"
+                };
+                let mut out = ProcessGroupOf(None);
+                while let Some(k) = map.next_key::<String>()? {
+                    if k != want {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else if self.0 == 0 {
+                        out = map.next_value_seed(Seed(1))?;
+                    } else {
+                        let v: serde_json::Value = map.next_value()?;
+                        out = ProcessGroupOf(v.as_str().map(str::to_owned));
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<ProcessGroupOf, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<ProcessGroupOf, E> {
+                Ok(ProcessGroupOf(None))
+            }
+        }
+        struct Seed(u8);
+        impl<'de> serde::de::DeserializeSeed<'de> for Seed {
+            type Value = ProcessGroupOf;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> std::result::Result<ProcessGroupOf, D::Error> {
+                d.deserialize_any(V(self.0))
+            }
+        }
+        d.deserialize_any(V(0))
+    }
+}
+
+/// Machine summaries by an index scan, as [`machines_by_idx`] (non-terminal ones, oldest first).
+fn summaries(kvs: &[Kv]) -> Result<Vec<MachineSummary>> {
+    let mut v: Vec<(SummaryRecord, i64)> = kvs
+        .iter()
+        .map(|kv| Ok((decode(kv)?, kv.create_revision)))
+        .collect::<Result<_>>()?;
+    v.sort_by_key(|(m, rev)| (m.created_at_ms, *rev));
+    Ok(v.into_iter()
+        .filter(|(m, _)| !m.state.is_terminal())
+        .map(|(m, _)| MachineSummary {
+            id: m.id,
+            app: m.app,
+            org: m.org,
+            network_id: m.network_id,
+            host: m.host,
+            region: m.region,
+            private_ip: m.private_ip,
+            state: m.state,
+            process_group: m.config.0,
+        })
+        .collect())
+}
+
 /// Oldest first, as SQLite's `ORDER BY created_at_ms, rowid`.
 fn sorted_machines(mut v: Vec<(Machine, i64)>, live_only: bool) -> Vec<Machine> {
     v.sort_by_key(|(m, rev)| (m.created_at_ms, *rev));
@@ -1474,6 +1591,21 @@ impl Store for EtcdStore {
         self.read(|tx| {
             let v = machines_by_idx(tx, &format!("idx/machine_host/{}/", hk(host)))?;
             Ok(sorted_machines(v, true))
+        })
+    }
+
+    fn list_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>> {
+        self.read(|tx| match host {
+            Some(h) => {
+                let keys: Vec<String> = tx
+                    .range(&format!("idx/machine_host/{}/", hk(h)))?
+                    .iter()
+                    .map(|kv| machine_key(&last_segment(&kv.key)))
+                    .collect();
+                let kvs: Vec<Kv> = tx.get_many(&keys)?.into_iter().flatten().collect();
+                summaries(&kvs)
+            }
+            None => summaries(&tx.range("machines/")?),
         })
     }
 

@@ -67,7 +67,7 @@ pub use error::{Result, StoreError};
 pub use etcd::EtcdStore;
 pub use model::{
     is_machine_id, new_instance_id, new_machine_id, App, Event, Host, Lease, Lock, Machine,
-    MachineState, NewEvent, Org, ParseStateError,
+    MachineState, MachineSummary, NewEvent, Org, ParseStateError,
 };
 pub use open::{open, open_with_clock, DEFAULT_ETCD_PREFIX};
 pub use records::{
@@ -143,6 +143,10 @@ pub trait Store: Send + Sync {
     fn list_machines_all(&self, app: Option<&str>) -> Result<Vec<Machine>>;
     /// The non-terminal machines placed on `host` (what its agent should be running).
     fn list_machines_on_host(&self, host: HostId) -> Result<Vec<Machine>>;
+    /// [`MachineSummary`] of the non-terminal machines, of one host or all, oldest first (the
+    /// order of [`Store::list_machines`]): what the DNS snapshot and the agents' bridge gates
+    /// read on every change, without reading or parsing whole configs.
+    fn list_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>>;
     /// How many non-terminal machines each host has (hosts with none are absent): placement's
     /// input, answered without reading a single machine record, so it costs the same at 10 or
     /// 10,000 machines a host.

@@ -143,6 +143,44 @@ pub struct Machine {
     pub updated_at_ms: i64,
 }
 
+/// What the fleet-wide readers that run on every change need of a machine: the DNS snapshot
+/// and each agent watch's bridge gates. No config (only the one field of it DNS answers with):
+/// those readers run three times per create over every machine, and parsing every machine's
+/// config there made a create's latency grow with the number of machines
+/// ([`crate::Store::list_machine_summaries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineSummary {
+    pub id: String,
+    pub app: String,
+    pub org: String,
+    pub network_id: NetworkId,
+    pub host: Option<HostId>,
+    pub region: String,
+    pub private_ip: Option<String>,
+    pub state: MachineState,
+    /// `config.metadata.process_group`, if the config has it as a string.
+    pub process_group: Option<String>,
+}
+
+impl MachineSummary {
+    /// The summary of a whole machine record (what the store's own read must equal).
+    pub fn of(m: &Machine) -> MachineSummary {
+        MachineSummary {
+            id: m.id.clone(),
+            app: m.app.clone(),
+            org: m.org.clone(),
+            network_id: m.network_id,
+            host: m.host,
+            region: m.region.clone(),
+            private_ip: m.private_ip.clone(),
+            state: m.state,
+            process_group: m.config["metadata"]["process_group"]
+                .as_str()
+                .map(str::to_owned),
+        }
+    }
+}
+
 /// An event to record together with a change of its machine, in the same transaction (see
 /// [`crate::Store::create_machine_placed`] and [`crate::Store::transition_recorded`]).
 #[derive(Debug, Clone, PartialEq)]

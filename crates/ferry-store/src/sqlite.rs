@@ -9,7 +9,8 @@
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Result, StoreError};
 use crate::model::{
-    is_machine_id, new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, NewEvent, Org,
+    is_machine_id, new_nonce, App, Event, Host, Lease, Lock, Machine, MachineState, MachineSummary,
+    NewEvent, Org,
 };
 use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
@@ -1025,6 +1026,56 @@ impl Store for SqliteStore {
                 &format!("WHERE m.host = ?1 AND {}", live_filter()),
                 [i64::from(host.get())],
             )
+        })
+    }
+
+    fn list_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>> {
+        self.read(|tx, _| {
+            // The config stays in SQLite: only its one field DNS needs comes out (SQLite's JSON
+            // extraction, no serde_json tree per machine).
+            let mut q = tx.prepare_cached(&format!(
+                "SELECT m.id, m.app, a.org, o.network_id, m.host, m.region, m.private_ip, m.state,
+                        m.config -> '$.metadata.process_group'
+                 FROM machines m JOIN apps a ON a.name = m.app JOIN orgs o ON o.name = a.org
+                 WHERE (?1 IS NULL OR m.host = ?1) AND {}
+                 ORDER BY m.created_at_ms, m.rowid",
+                live_filter()
+            ))?;
+            let rows = q.query_map([host.map(|h| i64::from(h.get()))], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, String>(7)?,
+                    // `->` answers the field as JSON text: only a JSON string is a process
+                    // group (as `config.metadata.process_group.as_str()` reads it); a number or
+                    // an object there is none.
+                    r.get::<_, Option<String>>(8)?
+                        .and_then(|j| serde_json::from_str::<String>(&j).ok()),
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, app, org, net, h, region, private_ip, state, process_group) = row?;
+                out.push(MachineSummary {
+                    id,
+                    app,
+                    org,
+                    network_id: network_id(net)?,
+                    host: h.map(host_id).transpose()?,
+                    region,
+                    private_ip,
+                    state: state
+                        .parse()
+                        .map_err(|e: crate::ParseStateError| corrupt(e.to_string()))?,
+                    process_group,
+                });
+            }
+            Ok(out)
         })
     }
 

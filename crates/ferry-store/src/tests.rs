@@ -860,6 +860,69 @@ fn hosts_leave_only_when_empty_and_their_ids_stay_burned(fx: &Fx) {
     );
 }
 
+/// The summaries (what DNS and the bridge gates read on every change) are exactly the whole
+/// records cut down: same machines, same order, same host filter, terminal ones left out, and
+/// the process group read as `config.metadata.process_group.as_str()` reads it.
+fn machine_summaries_are_the_records_cut_down(fx: &Fx) {
+    let clock = ManualClock::new(100);
+    let s = fx.open_clock(&clock);
+    s.create_app("web", "acme").unwrap();
+    s.create_app("api", "other").unwrap();
+    let h1 = s.register_host("ord", "/h1").unwrap().id;
+    let h2 = s.register_host("ams", "/h2").unwrap().id;
+    assert!(s.list_machine_summaries(None).unwrap().is_empty());
+    let configs = [
+        json!({"init": {"cmd": ["true"]}, "metadata": {"process_group": "worker", "a": [1, {"b": 2}]}}),
+        json!({"metadata": {"a": "x", "process_group": "esc\"aped\u{e9}"}}),
+        json!({"metadata": {"process_group": 7}}),
+        json!({"metadata": {"process_group": {"nested": "no"}}}),
+        json!({"metadata": "not an object"}),
+        json!({"guest": {"memory_mb": 256}}),
+        json!({}),
+    ];
+    let mut ids = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        // Same clock for some: "oldest first" must break ties as list_machines does.
+        clock.advance((i % 2) as i64);
+        let (app, host) = if i % 3 == 0 { ("api", h2) } else { ("web", h1) };
+        let mut m = new_machine(&*s, app, host);
+        m.config = config.clone();
+        let m = s.update_machine(&m).unwrap();
+        ids.push(m.id);
+    }
+    s.transition(&ids[1], &[Created], Started).unwrap();
+    s.transition(&ids[2], &[Created], Destroyed).unwrap();
+    s.transition(&ids[3], &[Created], Failed).unwrap();
+    let cut = |ms: Vec<Machine>| ms.iter().map(MachineSummary::of).collect::<Vec<_>>();
+    let all = s.list_machine_summaries(None).unwrap();
+    assert_eq!(all, cut(s.list_machines(None).unwrap()));
+    assert_eq!(
+        all.len(),
+        configs.len() - 1,
+        "the destroyed one is left out"
+    );
+    for h in [h1, h2] {
+        assert_eq!(
+            s.list_machine_summaries(Some(h)).unwrap(),
+            cut(s.list_machines_on_host(h).unwrap())
+        );
+    }
+    let groups: Vec<_> = all.iter().map(|m| m.process_group.as_deref()).collect();
+    assert_eq!(
+        groups,
+        [
+            Some("worker"),
+            Some("esc\"aped\u{e9}"),
+            None,
+            None,
+            None,
+            None
+        ]
+    );
+    assert_eq!(all[0].org, "other");
+    assert_eq!(all[1].state, Started);
+}
+
 /// Instantiates every conformance test once per backend: `sqlite::NAME` and `etcd::NAME`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -902,4 +965,5 @@ conformance!(
     subscribers_hear_of_changes,
     tokens_are_created_once_listed_and_revoked,
     hosts_leave_only_when_empty_and_their_ids_stay_burned,
+    machine_summaries_are_the_records_cut_down,
 );

@@ -11,16 +11,15 @@ use std::sync::Arc;
 /// What DNS should answer, from the store.
 pub fn snapshot(store: &dyn Store) -> Option<Snapshot> {
     // A store that cannot answer gives no snapshot (not an empty one): DNS keeps the last.
-    let machines = store.list_machines(None).ok()?;
+    // Summaries, not whole machines: this runs after every change (three per create), and
+    // reading and parsing every machine's config here made creates slower as machines piled up.
+    let machines = store.list_machine_summaries(None).ok()?;
     Some(Snapshot {
         machines: machines
             .into_iter()
             .filter_map(|m| {
                 let ip = m.private_ip.as_deref()?.parse().ok()?;
-                let group = m.config["metadata"]["process_group"]
-                    .as_str()
-                    .unwrap_or("app")
-                    .to_owned();
+                let group = m.process_group.unwrap_or_else(|| "app".to_owned());
                 Some(DnsMachine {
                     id: m.id,
                     app: m.app,
