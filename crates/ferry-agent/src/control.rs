@@ -291,39 +291,42 @@ impl Agent {
                 got = true;
                 match serde_json::from_slice::<WatchLine>(&line) {
                     Ok(WatchLine::Bridge(sync)) => {
-                        let a = self.clone();
-                        let applied = tokio::task::spawn_blocking(move || a.apply_bridge(&sync))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        match applied {
-                            Ok(()) => self.watch_status.lock().unwrap().updates += 1,
-                            Err(e) => tracing::warn!("applying the bridge state: {e}"),
-                        }
+                        self.apply_line("applying the bridge state", move |a| a.apply_bridge(&sync))
+                            .await?
                     }
                     Ok(WatchLine::Dns(snapshot)) => {
-                        let a = self.clone();
-                        let applied = tokio::task::spawn_blocking(move || a.dns.apply(snapshot))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        match applied {
-                            Ok(()) => self.watch_status.lock().unwrap().updates += 1,
-                            Err(e) => tracing::warn!("applying the DNS snapshot: {e}"),
-                        }
+                        self.apply_line("applying the DNS snapshot", move |a| a.dns.apply(snapshot))
+                            .await?
                     }
                     Ok(WatchLine::Hosts(peers)) => {
-                        let a = self.clone();
-                        let applied = tokio::task::spawn_blocking(move || a.apply_peers(&peers))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        match applied {
-                            Ok(()) => self.watch_status.lock().unwrap().updates += 1,
-                            Err(e) => tracing::warn!("routing to the other hosts: {e}"),
-                        }
+                        self.apply_line("routing to the other hosts", move |a| {
+                            a.apply_peers(&peers)
+                        })
+                        .await?
                     }
                     Ok(WatchLine::Keepalive {}) => {}
                     Err(e) => return Err(format!("not a watch line: {e}")),
                 }
             }
         }
+    }
+
+    /// Applies one state line on a blocking thread (netlink, cgroups and files block) and counts
+    /// it, or says why it could not (`what` failed); the stream goes on either way. `Err` only
+    /// if the blocking task itself died.
+    async fn apply_line(
+        self: &Arc<Self>,
+        what: &str,
+        f: impl FnOnce(&Agent) -> Result<(), crate::AgentError> + Send + 'static,
+    ) -> Result<(), String> {
+        let a = self.clone();
+        let applied = tokio::task::spawn_blocking(move || f(&a))
+            .await
+            .map_err(|e| e.to_string())?;
+        match applied {
+            Ok(()) => self.watch_status.lock().unwrap().updates += 1,
+            Err(e) => tracing::warn!("{what}: {e}"),
+        }
+        Ok(())
     }
 }

@@ -201,12 +201,12 @@ impl HostNet {
                 .find(|(_, a, _)| *a == addr)
                 .map(|(i, _, _)| i)
                 .ok_or_else(|| NetError::NotFound(format!("an interface with address {addr}")))?;
-            let link_name =
-                s.nl.link_name(link)?
+            let (link_name, link_mtu) =
+                s.nl.link_name_mtu(link)?
                     .ok_or_else(|| NetError::NotFound(format!("link {link}")))?;
             // VXLAN's own headers: outer IP (20 or 40), UDP 8, VXLAN 8, inner Ethernet 14.
             let overhead = if addr.is_ipv4() { 50 } else { 70 };
-            let mtu = s.nl.mtu(link)?.saturating_sub(overhead);
+            let mtu = link_mtu.saturating_sub(overhead);
             let overlay = match s.nl.link_index(OVERLAY_IFACE)? {
                 Some(i) => i,
                 None => s.nl.create_vxlan(&crate::nl::Vxlan {

@@ -266,25 +266,6 @@ impl Netlink {
         })
     }
 
-    /// A link's MTU.
-    pub fn mtu(&self, index: u32) -> Result<u32, NetError> {
-        self.rt.block_on(async {
-            let mut s = self.handle.link().get().match_index(index).execute();
-            let m = s
-                .try_next()
-                .await
-                .map_err(nl("reading a link"))?
-                .ok_or_else(|| NetError::NotFound(format!("link {index}")))?;
-            m.attributes
-                .iter()
-                .find_map(|a| match a {
-                    LinkAttribute::Mtu(m) => Some(*m),
-                    _ => None,
-                })
-                .ok_or_else(|| NetError::NotFound(format!("the MTU of link {index}")))
-        })
-    }
-
     /// Creates a VXLAN link over `dev` from `local` (no learning: every remote is a static
     /// forwarding entry, [`Netlink::set_fdb`]), up, with MAC `mac` and MTU `mtu`.
     pub fn create_vxlan(&self, v: &Vxlan) -> Result<u32, NetError> {
@@ -333,18 +314,31 @@ impl Netlink {
             .map_err(nl("adding a forwarding entry"))
     }
 
-    /// A link's name.
-    pub fn link_name(&self, index: u32) -> Result<Option<String>, NetError> {
+    /// A link's name and MTU (one request), or `None` if there is no such link.
+    pub fn link_name_mtu(&self, index: u32) -> Result<Option<(String, u32)>, NetError> {
         self.rt.block_on(async {
             let mut s = self.handle.link().get().match_index(index).execute();
-            match s.try_next().await {
-                Ok(Some(m)) => Ok(m.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n),
-                    _ => None,
-                })),
-                Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-                Err(e) => Err(nl("looking up a link")(e)),
+            let m = match s.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(nl("looking up a link")(e)),
+            };
+            let (mut name, mut mtu) = (None, None);
+            for a in m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::Mtu(m) => mtu = Some(m),
+                    _ => {}
+                }
+            }
+            match (name, mtu) {
+                (Some(n), Some(m)) => Ok(Some((n, m))),
+                _ => Err(NetError::NotFound(format!(
+                    "the name or MTU of link {index}"
+                ))),
             }
         })
     }

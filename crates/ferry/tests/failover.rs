@@ -21,26 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::{aaaa_at, eventually, free_port, remove_fleet_namespaces, FERRY};
+use support::{aaaa_at, agent_client, eventually, free_port, remove_fleet_namespaces, FERRY};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// A client of the agents' API as a server is: its role certificate from the fleet CA in `tls`.
-fn agent_client(tls: &std::path::Path) -> reqwest::blocking::Client {
-    let ca = ferry_pki::Ca::load(tls).unwrap();
-    let me = ca.issue_server_role(&["127.0.0.1".into()]).unwrap();
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
-        .identity(
-            reqwest::Identity::from_pem(format!("{}\n{}", me.key_pem, me.cert_pem).as_bytes())
-                .unwrap(),
-        )
-        .build()
-        .unwrap()
-}
 
 /// The phases a server may die after (it records the phase, then dies: `FERRY_CRASH_AT`),
 /// `pending` right after it claimed the migration, `precopy-round` between the two copy rounds.
@@ -204,7 +187,7 @@ impl Fleet {
             .build()
             .unwrap();
         let tls = f.servers[0].state.join("tls");
-        f.agent_http = agent_client(&tls);
+        f.agent_http = agent_client(&tls, Duration::from_secs(2));
         // Agents join and talk to the agent listeners, trusting the fleet CA both servers share.
         let urls = format!("{},{}", f.servers[0].agent_api(), f.servers[1].agent_api());
         let log = std::fs::File::create(f.dir.join("hosts.log")).unwrap();
@@ -482,7 +465,7 @@ impl CopySampler {
         let (s, id) = (stop.clone(), id.to_owned());
         let tls = f.servers[0].state.join("tls");
         let thread = std::thread::spawn(move || {
-            let http = agent_client(&tls);
+            let http = agent_client(&tls, Duration::from_secs(2));
             let mut most = 0;
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 let n = eps

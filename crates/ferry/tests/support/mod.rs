@@ -63,6 +63,24 @@ pub fn authed_client(token: &str) -> reqwest::blocking::Client {
         .unwrap()
 }
 
+/// A client of a fleet's agents as a server is: agents answer over mutual TLS to a server's
+/// role certificate from the fleet CA only (the one in `tls`), made here.
+pub fn agent_client(tls: &Path, timeout: Duration) -> reqwest::blocking::Client {
+    let ca = ferry_pki::Ca::load(tls).unwrap();
+    let me = ca.issue_server_role(&["127.0.0.1".into()]).unwrap();
+    reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .identity(
+            reqwest::Identity::from_pem(format!("{}\n{}", me.key_pem, me.cert_pem).as_bytes())
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -312,23 +330,10 @@ impl Dev {
         )
     }
 
-    /// A client of this fleet's agents as its server is: agents answer over mutual TLS to a
-    /// server's role certificate from the fleet CA only (`<state>/tls`), made here.
+    /// A client of this fleet's agents as its server is (see [`agent_client`]).
     #[allow(dead_code)] // not every test asks agents directly
     pub fn agent_http(&self) -> reqwest::blocking::Client {
-        let ca = ferry_pki::Ca::load(&self.state.join("tls")).unwrap();
-        let me = ca.issue_server_role(&["127.0.0.1".into()]).unwrap();
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
-            .identity(
-                reqwest::Identity::from_pem(format!("{}\n{}", me.key_pem, me.cert_pem).as_bytes())
-                    .unwrap(),
-            )
-            .build()
-            .unwrap()
+        agent_client(&self.state.join("tls"), Duration::from_secs(30))
     }
 
     /// An HTTP client that sends this fleet's admin token.
