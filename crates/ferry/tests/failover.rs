@@ -50,6 +50,8 @@ struct Server {
     agent_port: u16,
     dns: u16,
     state: PathBuf,
+    /// It answered once (its agents know its ports from then on).
+    started: bool,
 }
 
 impl Server {
@@ -67,6 +69,25 @@ impl Server {
     }
 
     fn start(&mut self, store: &str, env: &[(&str, &str)], n: usize) {
+        // Its ports were free when picked, but another process may have taken one since (the
+        // box runs many tests): a server that could not bind exits at once. Before agents know
+        // its ports (its first start) it gets new ones; later its agents need these.
+        for attempt in 0..3 {
+            match self.try_start(store, env) {
+                Ok(()) => return,
+                Err(log) if !self.started && attempt < 2 && log.contains("in use") => {
+                    eprintln!("ferry server {n}: a port was taken ({log}); new ports");
+                    (self.port, self.agent_port, self.dns) =
+                        (free_port(), free_port(), free_port());
+                }
+                Err(log) => panic!("ferry server {n} did not answer; its log ends:\n{log}"),
+            }
+        }
+    }
+
+    /// Starts the server and waits for its API; `Err` with the end of its log if it does not
+    /// answer within 30 s (or exits first).
+    fn try_start(&mut self, store: &str, env: &[(&str, &str)]) -> Result<(), String> {
         self.kill();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -90,12 +111,22 @@ impl Server {
         self.child = Some(child);
         let http = reqwest::blocking::Client::new();
         // The API document is the one route that needs no token.
-        let up = eventually(Duration::from_secs(30), || {
-            http.get(format!("{}/openapi.json", self.api()))
+        let mut answered = false;
+        eventually(Duration::from_secs(30), || {
+            answered = http
+                .get(format!("{}/openapi.json", self.api()))
                 .send()
-                .is_ok_and(|r| r.status().is_success())
+                .is_ok_and(|r| r.status().is_success());
+            // A server that exited will not answer: no need to wait out the 30 s.
+            answered || !self.alive()
         });
-        assert!(up, "ferry server {n} did not answer");
+        if answered {
+            self.started = true;
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(self.state.join("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        Err(tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
     }
 
     fn kill(&mut self) {
@@ -150,6 +181,7 @@ impl Fleet {
                     port: free_port(),
                     agent_port: free_port(),
                     dns: free_port(),
+                    started: false,
                     state,
                 }
             })
