@@ -81,6 +81,9 @@ pub struct Agent {
     /// One bridge state applied at a time: a push and a watch line never interleave their
     /// map updates (the last one applied wins whole).
     bridge_apply: Mutex<()>,
+    /// Per server, the generation of the last bridge state applied from it (see
+    /// [`BridgeSync::generation`]).
+    bridge_applied: Mutex<HashMap<String, u64>>,
     /// The address-mapping bridge (cgroup eBPF); `None` on hosts without a cgroup v2 tree.
     bridge: Mutex<Option<Bridge>>,
     /// The last bridge state the server sent (nft mode applies it to machines started later).
@@ -186,6 +189,7 @@ impl Agent {
             rt,
             watch_status: Default::default(),
             bridge_apply: Mutex::new(()),
+            bridge_applied: Mutex::new(HashMap::new()),
             bridge: Mutex::new(bridge),
             bridge_state: Mutex::new(BridgeSync::default()),
             gates_written: Mutex::new(HashMap::new()),
@@ -1038,6 +1042,29 @@ impl Agent {
     /// Makes the host's bridge maps equal to `sync` (the server sends the whole state).
     pub(crate) fn apply_bridge(&self, sync: &BridgeSync) -> Result<(), AgentError> {
         let _one = self.bridge_apply.lock().unwrap();
+        let last = self
+            .bridge_applied
+            .lock()
+            .unwrap()
+            .get(&sync.origin)
+            .copied();
+        if !sync.supersedes(last) {
+            tracing::info!(
+                "skipping a bridge state of {} read before one applied ({} < {last:?})",
+                sync.origin,
+                sync.generation
+            );
+            return Ok(());
+        }
+        self.apply_bridge_state(sync)?;
+        self.bridge_applied
+            .lock()
+            .unwrap()
+            .insert(sync.origin.clone(), sync.generation);
+        Ok(())
+    }
+
+    fn apply_bridge_state(&self, sync: &BridgeSync) -> Result<(), AgentError> {
         let previous = std::mem::replace(&mut *self.bridge_state.lock().unwrap(), sync.clone());
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
             let gate = |s: &BridgeSync, id: &str| s.gates.get(id).copied().unwrap_or(true);

@@ -52,7 +52,8 @@ struct Stream {
     ctx: Arc<Core>,
     host: HostId,
     sub: Option<Subscription>,
-    /// The last state line sent (serialized), so an unrelated change sends nothing.
+    /// The last bridge state sent (serialized, without its generation), so an unrelated change
+    /// sends nothing.
     last: Option<String>,
     /// The last hosts line sent, likewise.
     last_hosts: Option<String>,
@@ -146,11 +147,13 @@ impl Stream {
             .await
             .ok()?
             .ok()?;
-        let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
-        if self.last.as_ref() == Some(&line) {
+        // Compared without its generation, which differs on every read.
+        let state = serde_json::to_string(&(&sync.mappings, &sync.gates)).expect("serializable");
+        if self.last.as_ref() == Some(&state) {
             return None;
         }
-        self.last = Some(line.clone());
+        self.last = Some(state);
+        let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
         Some(line + "\n")
     }
 }

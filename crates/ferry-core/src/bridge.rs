@@ -101,9 +101,12 @@ pub fn gates(core: &Core) -> Result<Gates> {
 /// What `host`'s agent should hold: every mapping, and the gate of each of its machines (what
 /// a push sends, and what the agents' watch streams).
 pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
+    let generation = core.bridge_generation();
     let mut sync = BridgeSync {
         mappings: mappings(core)?,
         gates: Default::default(),
+        origin: core.server_id.clone(),
+        generation,
     };
     // The gates read once, not per machine: this runs on every change, for every stream. For
     // the same reason only the machines' summaries are read (no configs to parse).
@@ -124,6 +127,7 @@ pub fn gate(core: &Core, m: &Machine) -> Result<bool> {
 /// Pushes the whole bridge state to every registered agent. Failures are reported, not fatal:
 /// an agent that missed a push gets the state again when it registers ([`sync_host`]).
 pub async fn sync_all(core: &Core) -> Vec<String> {
+    let generation = core.bridge_generation();
     let (mappings, hosts) = match (mappings(core), core.store.list_hosts()) {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
@@ -133,7 +137,7 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
     let pushes = hosts
         .iter()
         .filter(|h| !h.endpoint.is_empty())
-        .map(|h| push(core, h, &mappings));
+        .map(|h| push(core, h, &mappings, generation));
     futures::future::join_all(pushes)
         .await
         .into_iter()
@@ -144,18 +148,22 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
 /// Pushes the whole bridge state to one host's agent: what a host that (re)registers needs, so a
 /// new host knows every mapping before its first machine dials an old address.
 pub async fn sync_host(core: &Core, host: &ferry_store::Host) -> std::result::Result<(), String> {
+    let generation = core.bridge_generation();
     let mappings = mappings(core).map_err(|e| e.to_string())?;
-    push(core, host, &mappings).await
+    push(core, host, &mappings, generation).await
 }
 
 async fn push(
     core: &Core,
     h: &ferry_store::Host,
     mappings: &[BridgeMapping],
+    generation: u64,
 ) -> std::result::Result<(), String> {
     let mut sync = BridgeSync {
         mappings: mappings.to_vec(),
         gates: Default::default(),
+        origin: core.server_id.clone(),
+        generation,
     };
     let off = crate::cache::gates(core).unwrap_or_default();
     for m in core

@@ -35,6 +35,8 @@ pub struct Core {
     pub dns_state: tokio::sync::watch::Sender<Option<Arc<str>>>,
     /// Where new volumes are created.
     pub volumes_dir: PathBuf,
+    /// Counts the bridge states this server read, in order ([`crate::proto::BridgeSync`]).
+    bridge_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Core {
@@ -59,7 +61,15 @@ impl Core {
             changes: tokio::sync::watch::channel(0).0,
             dns_state: tokio::sync::watch::channel(None).0,
             volumes_dir,
+            bridge_generation: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// The next bridge generation: taken *before* the state is read, so a sync whose read began
+    /// after a change completed always counts higher than one read before it.
+    pub fn bridge_generation(&self) -> u64 {
+        self.bridge_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Allows directory volumes (`host_dir`) below these directories. None by default: a

@@ -174,6 +174,24 @@ pub struct BridgeSync {
     pub mappings: Vec<BridgeMapping>,
     /// machine ID -> gate on.
     pub gates: std::collections::BTreeMap<String, bool>,
+    /// The server that read this state ([`crate::Core::server_id`]); empty: unordered.
+    #[serde(default)]
+    pub origin: String,
+    /// That server's count when it began reading the state ([`crate::Core::bridge_generation`]).
+    /// One server's syncs reach an agent by three paths (the push after a change, the push to a
+    /// host that registers, the watch) that do not keep their order: a state read before a
+    /// retirement can arrive after the push read after it. The agent skips a sync older than one
+    /// it applied from the same origin ([`BridgeSync::supersedes`]).
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl BridgeSync {
+    /// Whether this state may replace one whose origin applied `last` (the highest generation
+    /// applied from `self.origin`, if any): not when it was read before that one.
+    pub fn supersedes(&self, last: Option<u64>) -> bool {
+        self.origin.is_empty() || last.is_none_or(|g| self.generation >= g)
+    }
 }
 
 /// Uses of an old address by one calling machine, as counted on its host.
@@ -347,5 +365,36 @@ pub fn wire_status(kind: crate::Kind) -> u16 {
         K::Unauthorized => 401,
         K::Forbidden => 403,
         K::UpstreamTimeout => 504,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BridgeSync;
+
+    fn sync(origin: &str, generation: u64) -> BridgeSync {
+        BridgeSync {
+            origin: origin.into(),
+            generation,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bridge_state_read_earlier_never_replaces_a_later_one() {
+        assert!(sync("s1", 5).supersedes(None), "the first from a server");
+        assert!(
+            sync("s1", 5).supersedes(Some(5)),
+            "the same read, to another path"
+        );
+        assert!(sync("s1", 6).supersedes(Some(5)));
+        assert!(
+            !sync("s1", 4).supersedes(Some(5)),
+            "read before the one applied"
+        );
+        assert!(
+            sync("", 0).supersedes(Some(5)),
+            "no origin: unordered, applied"
+        );
     }
 }
