@@ -333,6 +333,16 @@ impl Agent {
 
     /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
     fn start_machine(self: &Arc<Self>, run: RunMachine) -> Result<i32, AgentError> {
+        self.start_machine_timed(run, &mut Phases::default())
+    }
+
+    /// Starts a machine, timing each phase into `phases` (the start's reply carries them to the
+    /// server's metrics: where starts spend their time, e.g. as a host fills up).
+    fn start_machine_timed(
+        self: &Arc<Self>,
+        run: RunMachine,
+        phases: &mut Phases,
+    ) -> Result<i32, AgentError> {
         let field = MachineField(run.machine_field);
         let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if let Some(s) = self.machines.lock().unwrap().get(&run.id) {
@@ -344,6 +354,7 @@ impl Agent {
         if !ns.exists() {
             self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
         }
+        phases.lap("netns");
         let limits = Limits {
             memory_mb: run.config.guest.memory_mb.into(),
             cpus: run.config.guest.cpus.into(),
@@ -355,6 +366,7 @@ impl Agent {
                 .cgroups
                 .create_machine(&self.cgroup_name(&run.id), limits)?,
         };
+        phases.lap("cgroup");
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
             let mappings = self.bridge_state.lock().unwrap().mappings.clone();
             crate::nft::apply(&ns, run.network_id, run.bridge_enabled, &mappings)?;
@@ -376,6 +388,7 @@ impl Agent {
                 .unwrap()
                 .insert(run.id.clone(), run.bridge_enabled);
         }
+        phases.lap("bridge");
         // An image's layers replace the default root; its config gives the command (a cmd of
         // the machine's replaces the image's Cmd), env (the machine's win), workdir and user.
         let (layers, cmd, env, workdir, user) = match &run.config.image {
@@ -441,6 +454,7 @@ impl Agent {
             &serde_json::to_vec(&run).expect("serializable"),
         )?;
         let _ = std::fs::remove_file(run_dir.join("exit.json"));
+        phases.lap("files");
         let running = Arc::new(ferry_runtime::spawn_machine(
             &run_dir,
             &ns.path(),
@@ -448,10 +462,12 @@ impl Agent {
             &spec,
             &self.cfg.ferry_exe,
         )?);
+        phases.lap("spawn");
         // "started" means PID 1 runs in the machine, not merely that its shim was forked.
         if running.wait_init_pid(Duration::from_secs(10)).is_none() && running.exited() {
             tracing::warn!("machine {} ended before its init started", run.id);
         }
+        phases.lap("init");
         let pid = running.pid();
         let id = run.id.clone();
         {
@@ -903,10 +919,11 @@ async fn start(
         let mut run = run;
         run.volume_dirs = a.volume_dirs(&run)?;
         let dirs = run.volume_dirs.clone();
-        let r = a.start_machine(run);
+        let mut phases = Phases::default();
+        let r = a.start_machine_timed(run, &mut phases);
         // Test hook: the machine runs but the server never hears so.
         ferry_core::crash_point("agent-start");
-        r.map(|pid| serde_json::json!({"pid": pid, "volume_dirs": dirs}))
+        r.map(|pid| serde_json::json!({"pid": pid, "volume_dirs": dirs, "phases": phases.done}))
     })
     .await
 }
@@ -1255,4 +1272,29 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> 
         .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path)
         .map_err(|e| AgentError::io(format!("renaming to {}", path.display()), e))
+}
+
+/// The phases of one start, each timed from the end of the one before.
+struct Phases {
+    since: std::time::Instant,
+    done: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Phases {
+            since: std::time::Instant::now(),
+            done: Default::default(),
+        }
+    }
+}
+
+impl Phases {
+    /// Ends phase `name` now (seconds since the previous one ended).
+    fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done
+            .insert(name, now.duration_since(self.since).as_secs_f64());
+        self.since = now;
+    }
 }

@@ -136,6 +136,33 @@ impl BenchFleet {
         Ok(self.http.get(format!("{}{p}", self.api)).send()?.json()?)
     }
 
+    /// The server's start phases so far: phase -> (seconds in all, starts), from `/metrics`
+    /// (`ferry_machine_start_phase_seconds`). The difference of two reads is a window's.
+    pub fn start_phases(&self) -> anyhow::Result<std::collections::BTreeMap<String, (f64, u64)>> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.api))
+            .send()?
+            .text()?;
+        let mut out = std::collections::BTreeMap::<String, (f64, u64)>::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("ferry_machine_start_phase_seconds_") else {
+                continue;
+            };
+            let (kind, rest) = rest.split_once("{phase=\"").unwrap_or(("", ""));
+            let Some((phase, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let e = out.entry(phase.to_owned()).or_default();
+            match kind {
+                "sum" => e.0 = value.trim().parse().unwrap_or(0.0),
+                "count" => e.1 = value.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// A call that must succeed; the error names the path and the API's answer.
     pub fn call(
         &self,

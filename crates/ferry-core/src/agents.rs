@@ -29,6 +29,10 @@ pub struct Started {
     /// The host directory of each mount, in order (where a new volume was made).
     #[serde(default)]
     pub volume_dirs: Vec<String>,
+    /// Seconds the agent spent in each phase of the start (`netns`, `cgroup`, `bridge`,
+    /// `files`, `spawn`, `init`): where a start's time goes, per host, in the server's metrics.
+    #[serde(default)]
+    pub phases: std::collections::BTreeMap<String, f64>,
 }
 
 /// Every call the server makes to an agent. `endpoint` is the agent's base URL as it registered.

@@ -165,7 +165,9 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
         "user",
         crate::auth::stamp(serde_json::json!({"config": config})),
     );
+    let t = std::time::Instant::now();
     core.store.create_machine_placed(&m, &created)?;
+    core.metrics.start_phase("create", t.elapsed());
     core.changed();
     let m = if req.skip_launch {
         core.store.get_machine(&id)?
@@ -182,7 +184,9 @@ pub async fn launch(
     volume_dirs: Vec<String>,
     from: &[MachineState],
 ) -> Result<Machine> {
+    let t = std::time::Instant::now();
     let mut m = core.store.transition(id, from, S::Starting)?;
+    core.metrics.start_phase("starting", t.elapsed());
     core.changed();
     let config = config_of(&m)?;
     let run = RunMachine {
@@ -209,8 +213,16 @@ pub async fn launch(
         bridge_enabled: crate::bridge::gate(core, &m)?,
     };
     let ep = machine_endpoint(core, &m)?;
+    let t = std::time::Instant::now();
     match core.agents.start(&ep, &run).await {
         Ok(reply) => {
+            core.metrics.start_phase("agent", t.elapsed());
+            for (phase, secs) in &reply.phases {
+                if let Ok(d) = std::time::Duration::try_from_secs_f64(*secs) {
+                    core.metrics.start_phase(phase, d);
+                }
+            }
+            let t = std::time::Instant::now();
             // A size-limited volume used for the first time now lives on this host.
             for (r, dir) in run.volumes.iter().zip(&reply.volume_dirs) {
                 let mut v = volume(core, &r.id)?;
@@ -230,6 +242,7 @@ pub async fn launch(
             m = core
                 .store
                 .transition_recorded(id, &[S::Starting], S::Started, &started)?;
+            core.metrics.start_phase("started", t.elapsed());
             core.metrics.machine_event("start");
         }
         Err(e) => return Err(failed(core, id, S::Starting, "start", e)?),

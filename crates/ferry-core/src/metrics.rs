@@ -73,6 +73,8 @@ pub struct Metrics {
     pub migrations_finished: Family<OutcomeLabels, Counter>,
     /// Seconds from the source's stop to the destination's start, per finished migration.
     pub migration_downtime: Histogram,
+    /// Where machine starts spend their time, by phase (see [`Metrics::start_phase`]).
+    pub start_phases: Family<PhaseLabels, Histogram>,
     pub volume_bytes_copied: Counter,
     pub api_requests: Family<RouteLabels, Histogram>,
     machines: Family<StateLabels, Gauge>,
@@ -103,6 +105,20 @@ impl Default for Metrics {
             "migration_downtime_seconds",
             "From the source's stop to the destination's start, per finished migration",
             migration_downtime.clone(),
+        );
+        let start_phases = Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
+            // 0.1 ms .. ~3 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 16,
+            ))
+        });
+        registry.register(
+            "machine_start_phase_seconds",
+            "Where machine starts spend their time: the control plane's phases (create: the \
+             store's create; starting: the store's transition; agent: the whole agent call; \
+             started: the store's transition) and the agent's (netns, cgroup, bridge, files, \
+             spawn, init)",
+            start_phases.clone(),
         );
         let volume_bytes_copied = Counter::default();
         registry.register(
@@ -148,6 +164,7 @@ impl Default for Metrics {
             machine_events,
             migrations_finished,
             migration_downtime,
+            start_phases,
             volume_bytes_copied,
             api_requests,
             machines,
@@ -158,6 +175,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records `took` under a start phase.
+    pub fn start_phase(&self, phase: &str, took: std::time::Duration) {
+        self.start_phases
+            .get_or_create(&PhaseLabels {
+                phase: phase.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
     /// Runs `hook` at every scrape, before the text is encoded.
     pub fn on_scrape(&self, hook: ScrapeHook) {
         self.hooks.lock().unwrap().push(hook);

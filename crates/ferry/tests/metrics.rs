@@ -163,6 +163,26 @@ fn metrics_parse_and_move_when_the_fleet_acts() {
         1.0
     );
     assert_eq!(moved("ferry_migration_downtime_seconds_count", ""), 1.0);
+    // Where starts spend their time: each of the 3 starts counted once in every phase of the
+    // control plane's and the agent's; two creates (the move starts a stopped machine).
+    for phase in [
+        "starting", "agent", "started", "netns", "cgroup", "bridge", "files", "spawn", "init",
+    ] {
+        let l = format!("phase={phase}");
+        assert_eq!(
+            moved("ferry_machine_start_phase_seconds_count", &l),
+            3.0,
+            "{phase}"
+        );
+        assert!(
+            moved("ferry_machine_start_phase_seconds_sum", &l) > 0.0,
+            "{phase}"
+        );
+    }
+    assert_eq!(
+        moved("ferry_machine_start_phase_seconds_count", "phase=create"),
+        2.0
+    );
     assert!(
         moved("ferry_volume_copied_bytes_total", "") >= 1_048_576.0,
         "the blob crossed: {}",

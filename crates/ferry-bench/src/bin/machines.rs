@@ -90,7 +90,13 @@ fn main() -> Result<()> {
         let before = mem_available_kib();
         let t = Instant::now();
         let mut lat = Vec::new();
-        for _ in 0..many {
+        // The server's start phases at each block of 100 creates: where the time that grows
+        // with density goes.
+        let mut phase_marks = vec![dev.start_phases()?];
+        for i in 0..many {
+            if i > 0 && i % 100 == 0 {
+                phase_marks.push(dev.start_phases()?);
+            }
             let t = Instant::now();
             dev.call(
                 reqwest::Method::POST,
@@ -100,6 +106,7 @@ fn main() -> Result<()> {
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let took = t.elapsed();
+        phase_marks.push(dev.start_phases()?);
         std::thread::sleep(Duration::from_secs(1));
         let after = mem_available_kib();
         let hosts = dev.get("/v1/hosts")?;
@@ -116,6 +123,18 @@ fn main() -> Result<()> {
                 .collect();
             let last = median(&lat[lat.len() - 100..]);
             println!("  p50 per block of 100 creates: {} ms", blocks.join(" "));
+            println!("  mean ms per phase, per block of 100 creates:");
+            for phase in phase_marks.last().unwrap().keys() {
+                let means: Vec<String> = phase_marks
+                    .windows(2)
+                    .map(|w| {
+                        let (s1, c1) = w[1].get(phase).copied().unwrap_or_default();
+                        let (s0, c0) = w[0].get(phase).copied().unwrap_or_default();
+                        format!("{:.1}", (s1 - s0) * 1e3 / (c1 - c0).max(1) as f64)
+                    })
+                    .collect();
+                println!("    {phase:>9}: {}", means.join(" "));
+            }
             println!(
                 "  density: p50 of the last 100 creates {last:.1} ms / first 100 {first:.1} ms = {:.2} (goal <= 1.2)",
                 last / first
