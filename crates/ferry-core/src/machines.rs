@@ -239,9 +239,24 @@ pub async fn launch(
                 "flyd",
                 crate::auth::stamp(serde_json::json!({})),
             );
-            m = core
+            m = match core
                 .store
-                .transition_recorded(id, &[S::Starting], S::Started, &started)?;
+                .transition_recorded(id, &[S::Starting], S::Started, &started)
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    // The agent reported this instance's exit before its answer got here
+                    // (see `agent_report`): the machine stays as that report left it.
+                    let now = core.store.get_machine(id)?;
+                    if now.instance_id != m.instance_id
+                        || !matches!(now.state, S::Stopped | S::Failed)
+                    {
+                        return Err(e.into());
+                    }
+                    core.changed();
+                    return Ok(now);
+                }
+            };
             core.metrics.start_phase("started", t.elapsed());
             core.metrics.machine_event("start");
         }
@@ -615,8 +630,16 @@ pub fn agent_report(core: &Core, r: AgentReport) -> Result<serde_json::Value> {
     }
     if to != m.state && news {
         // Only a running machine can change by itself; anything else is the server's doing.
-        core.store
-            .transition_recorded(&m.id, &[S::Started], to, &ev)?;
+        // An exit may arrive while the server still has the machine `starting` (it exited
+        // before the agent's answer to the start reached the server): refusing it would lose
+        // it, and the machine would stay `started` with nothing running. `launch` then finds it
+        // stopped and leaves it so.
+        let from: &[MachineState] = if r.kind == "exit" {
+            &[S::Started, S::Starting]
+        } else {
+            &[S::Started]
+        };
+        core.store.transition_recorded(&m.id, from, to, &ev)?;
     } else {
         core.store.add_event(
             &m.id,

@@ -17,6 +17,8 @@ struct Fleet {
     failing: BTreeSet<String>,
     /// Anything that breaks an invariant, as it happened.
     violations: Vec<String>,
+    /// The next start answers only once this is released (see [`Double::hold_next_start`]).
+    hold: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 #[derive(Default)]
@@ -39,6 +41,13 @@ impl Double {
     /// `internal`).
     pub fn fail_starts_on(&self, endpoint: &str) {
         self.0.lock().unwrap().failing.insert(endpoint.to_owned());
+    }
+    /// The next start runs the machine at once but answers the server only when the returned
+    /// sender is used (or dropped): the window in which the server still has it `starting`.
+    pub fn hold_next_start(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.lock().unwrap().hold = Some(rx);
+        tx
     }
 }
 
@@ -64,7 +73,13 @@ impl Agents for Double {
             f.violations.push(v);
         }
         f.running.insert(run.id.clone(), ep.to_owned());
-        ready(Ok(Started::default()))
+        match f.hold.take() {
+            Some(rx) => Box::pin(async move {
+                let _ = rx.await;
+                Ok(Started::default())
+            }),
+            None => ready(Ok(Started::default())),
+        }
     }
     fn stop<'a>(
         &'a self,

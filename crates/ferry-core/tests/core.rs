@@ -165,6 +165,55 @@ async fn a_refused_start_keeps_the_agents_code_and_leaves_the_machine_failed() {
 }
 
 #[tokio::test]
+async fn an_exit_reported_before_the_start_is_answered_is_kept() {
+    let f = Fleet::new(1);
+    let (host, _) = f.hosts.iter().next().unwrap();
+    let release = f.agents.hold_next_start();
+    let core = f.core.clone();
+    let host = host.clone();
+    let create = tokio::spawn(async move {
+        machines::create_machine(&core, "web", Fleet::request(Some(&host))).await
+    });
+    // The machine runs and exits while the server waits for the agent's answer.
+    let m = loop {
+        let ms = f.store.list_machines(None).unwrap();
+        if let Some(m) = ms.into_iter().find(|m| m.state == MachineState::Starting) {
+            break m;
+        }
+        tokio::task::yield_now().await;
+    };
+    let report = ferry_core::proto::AgentReport {
+        machine_id: m.id.clone(),
+        instance_id: m.instance_id.clone(),
+        kind: "exit".into(),
+        state: "stopped".into(),
+        exit: Some(ferry_core::proto::ExitInfo {
+            exit_code: Some(3),
+            ..Default::default()
+        }),
+        detail: json!(null),
+        report_id: "r1".into(),
+    };
+    machines::agent_report(&f.core, report).unwrap();
+    release.send(()).unwrap();
+    let view = create.await.unwrap().unwrap();
+    assert_eq!(view.state, "stopped", "the create answers what is true");
+    let now = f.store.get_machine(&m.id).unwrap();
+    assert_eq!(
+        now.state,
+        MachineState::Stopped,
+        "not started with nothing running"
+    );
+    let events = f.store.events(&m.id).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.r#type == "exit" && e.request["exit_event"]["exit_code"] == 3),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_wait_that_runs_out_is_a_timeout_and_bad_input_changes_nothing() {
     let f = Fleet::new(1);
     let m = f.create(None).await.unwrap();
