@@ -91,6 +91,11 @@ pub struct InitArgs {
     /// Where `exit.json`, `resolv.conf` and `hosts` go (default: the spec's directory).
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// The machine's network namespace. The agent starts the shim in the host's namespaces and
+    /// cgroup; with this, the shim first joins the machine's cgroups (from the run directory's
+    /// `cgroup.json`), enters this namespace, makes a session of its own and unshares the rest.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
 }
 
 /// A volume: `host_path` (a directory on the host) appears at `guest_path` inside the machine.
@@ -230,6 +235,12 @@ pub fn init_main(args: InitArgs) -> i32 {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
     });
+    if let Some(netns) = &args.netns {
+        if let Err(e) = enter(&spec, &run_dir, netns) {
+            say!("entering the machine: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    }
     match shim(&spec, &run_dir) {
         Ok(code) => code,
         Err(e) => {
@@ -237,6 +248,33 @@ pub fn init_main(args: InitArgs) -> i32 {
             EXIT_SETUP_FAILED
         }
     }
+}
+
+/// Moves the shim (single-threaded, before anything else) where spawn_machine wants it: the
+/// machine's cgroups first (from here on every process of the machine, the shim included, is
+/// accounted and limited), the machine's network namespace, a session of its own (the agent's
+/// terminal and process-group signals, Ctrl-C on `ferry dev`, must not reach machines: the agent
+/// stops them with their stop_config), and new namespaces: only uts for a sandboxed machine
+/// (its shim makes the user namespace and then the pid namespace itself, see `shim`; init takes
+/// a mount namespace and drops the host's tree), pid, mount and uts otherwise.
+fn enter(spec: &InitSpec, run_dir: &Path, netns: &Path) -> Result<()> {
+    let record = crate::machine::CgroupRecord::read(run_dir)?;
+    let pid = std::process::id().to_string();
+    for p in &record.procs {
+        std::fs::write(p, &pid)
+            .map_err(|e| RuntimeError::io(format!("joining {}", p.display()), e))?;
+    }
+    let ns = std::fs::File::open(netns)
+        .map_err(|e| RuntimeError::io(format!("opening netns {}", netns.display()), e))?;
+    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| RuntimeError::sys("setns (net)", e))?;
+    nix::unistd::setsid().map_err(|e| RuntimeError::sys("setsid", e))?;
+    let flags = if spec.sandbox.is_some() {
+        CloneFlags::CLONE_NEWUTS
+    } else {
+        CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS
+    };
+    unshare(flags).map_err(|e| RuntimeError::sys("unshare", e))
 }
 
 /// True once `unshare(CLONE_NEWPID)` has happened: our children go to another pid namespace.
@@ -330,7 +368,7 @@ fn own_net_ns() -> bool {
 
 fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     // A sandboxed machine's shim unshares the pid namespace itself (see below); otherwise
-    // spawn_machine did.
+    // `enter` did.
     let started_by_agent = match spec.sandbox {
         Some(_) => !pid_ns_unshared() && own_net_ns(),
         None => pid_ns_unshared(),
