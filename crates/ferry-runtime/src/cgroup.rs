@@ -268,12 +268,16 @@ impl CgroupLayout {
     /// (used by the shim, which lives in its machine's cgroup). `None` without a memory
     /// controller.
     pub fn own_oom_kills(&self) -> Option<u64> {
-        let file = match (&self.v1_memory, &self.v2) {
-            (Some(d), _) => d.join("memory.oom_control"),
-            (None, Some(d)) => d.join("memory.events"),
-            _ => return None,
-        };
-        read_oom_kill(&file)
+        read_oom_kill(&self.own_oom_kill_file()?)
+    }
+
+    /// The file [`own_oom_kills`](Self::own_oom_kills) reads.
+    pub fn own_oom_kill_file(&self) -> Option<PathBuf> {
+        match (&self.v1_memory, &self.v2) {
+            (Some(d), _) => Some(d.join("memory.oom_control")),
+            (None, Some(d)) => Some(d.join("memory.events")),
+            _ => None,
+        }
     }
 
     /// Creates (or reuses) the machine's cgroups and applies `limits`.
@@ -355,7 +359,7 @@ fn delegate_v2(ferry_dir: &Path, hybrid: bool) {
     }
 }
 
-fn read_oom_kill(file: &Path) -> Option<u64> {
+pub(crate) fn read_oom_kill(file: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("oom_kill "))

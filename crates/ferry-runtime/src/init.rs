@@ -411,8 +411,15 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     };
     // The shim lives in the machine's cgroups: a rising oom_kill count there means the kernel
     // OOM-killed something of this machine.
-    let layout = cgroup::CgroupLayout::discover().ok();
-    let oom_before = layout.as_ref().and_then(|l| l.own_oom_kills());
+    let oom_file = match crate::machine::CgroupRecord::read(run_dir) {
+        Ok(r) => r.oom_kill_file(),
+        // Not started by spawn_machine's record: find our own cgroup the long way.
+        Err(_) => cgroup::CgroupLayout::discover()
+            .ok()
+            .and_then(|l| l.own_oom_kill_file()),
+    };
+    let oom_kills = || oom_file.as_deref().and_then(cgroup::read_oom_kill);
+    let oom_before = oom_kills();
     if spec.sandbox.is_some() {
         crate::sandbox::netns_sysctls();
     }
@@ -464,7 +471,7 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
         WaitStatus::Signaled(_, s, _) => Some(Outcome::Killed(s as i32)),
         _ => None,
     });
-    let oom_after = layout.as_ref().and_then(|l| l.own_oom_kills());
+    let oom_after = oom_kills();
     let info = crate::ExitInfo {
         exit_code: match outcome {
             Some(Outcome::Exited(c)) => Some(c),

@@ -119,6 +119,25 @@ pub(crate) struct CgroupRecord {
 }
 
 impl CgroupRecord {
+    /// The file that counts the machine's OOM kills: its v1 memory cgroup's
+    /// `memory.oom_control`, else its v2 cgroup's `memory.events` (when the v2 tree has the
+    /// memory controller). Found from the record alone: discovering the layout means reading
+    /// the host's mountinfo, which grows with the machines on the host (a netns mount each).
+    pub(crate) fn oom_kill_file(&self) -> Option<PathBuf> {
+        let v1 = self
+            .procs
+            .iter()
+            .filter_map(|p| p.parent())
+            .map(|d| d.join("memory.oom_control"))
+            .find(|f| f.exists());
+        v1.or_else(|| {
+            self.v2
+                .as_ref()
+                .map(|d| d.join("memory.events"))
+                .filter(|f| f.exists())
+        })
+    }
+
     pub(crate) fn read(run_dir: &Path) -> Result<CgroupRecord> {
         let path = run_dir.join(files::CGROUP);
         let b = std::fs::read(&path)
