@@ -229,7 +229,10 @@ impl Agent {
             .flatten()
         {
             let run_dir = entry.path();
-            let Ok(raw) = std::fs::read(run_dir.join("run.json")) else {
+            // A machine prepared for a start that has not come yet has only `prepared.json`.
+            let Ok(raw) = std::fs::read(run_dir.join("run.json"))
+                .or_else(|_| std::fs::read(run_dir.join("prepared.json")))
+            else {
                 continue;
             };
             let Ok(run) = serde_json::from_slice::<RunMachine>(&raw) else {
@@ -334,6 +337,53 @@ impl Agent {
     /// Creates what is missing (network, cgroup) and starts `ferry init` for the machine.
     fn start_machine(self: &Arc<Self>, run: RunMachine) -> Result<i32, AgentError> {
         self.start_machine_timed(run, &mut Phases::default())
+    }
+
+    /// Builds what a start of `run` will need and that takes time, without running anything:
+    /// the network namespace with its veth, address and routes, and the cgroups. A migration
+    /// asks its destination for this while the volumes copy, so the start after the source's
+    /// stop costs what a restart's does, and the new address answers (a refused connection) as
+    /// soon as the bridge sends old-address traffic to it, instead of dropping it. A machine
+    /// this host already has is left alone; `destroy` removes what this made.
+    fn prepare_machine(&self, run: RunMachine) -> Result<(), AgentError> {
+        let field = MachineField(run.machine_field);
+        let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        if self.machines.lock().unwrap().contains_key(&run.id) {
+            return Ok(());
+        }
+        let ns = NetNs::named(&self.netns_name(field.0));
+        if !ns.exists() {
+            self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
+        }
+        let name = self.cgroup_name(&run.id);
+        if MachineCgroup::open(&self.cgroups, &name)?.is_none() {
+            let limits = Limits {
+                memory_mb: run.config.guest.memory_mb.into(),
+                cpus: run.config.guest.cpus.into(),
+                pids: MACHINE_PIDS_MAX,
+            };
+            self.cgroups.create_machine(&name, limits)?;
+        }
+        // Known from now on, so a destroy removes what was built (a start meanwhile wins); the
+        // record makes it known again to an agent that restarts before the start (`reattach`
+        // reads it where a start left no `run.json`, which it never overwrites).
+        let run_dir = self.run_dir(&run.id);
+        std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
+        write_atomic(
+            &run_dir.join("prepared.json"),
+            &serde_json::to_vec(&run).expect("serializable"),
+        )?;
+        self.machines
+            .lock()
+            .unwrap()
+            .entry(run.id.clone())
+            .or_insert(Slot {
+                run,
+                running: None,
+                stopping: false,
+                restarts: 0,
+            });
+        Ok(())
     }
 
     /// Starts a machine, timing each phase into `phases` (the start's reply carries them to the
@@ -876,6 +926,7 @@ impl Agent {
                 get(|State(a): Shared| async move { Json(a.list()) }),
             )
             .route("/v1/machines/{id}/start", post(start))
+            .route("/v1/machines/{id}/prepare", post(prepare))
             .route("/v1/machines/{id}/stop", post(stop))
             .route("/v1/machines/{id}/destroy", post(destroy))
             .route("/v1/machines/{id}/exec", post(exec))
@@ -924,6 +975,21 @@ async fn start(
         // Test hook: the machine runs but the server never hears so.
         ferry_core::crash_point("agent-start");
         r.map(|pid| serde_json::json!({"pid": pid, "volume_dirs": dirs, "phases": phases.done}))
+    })
+    .await
+}
+
+async fn prepare(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(run): Json<RunMachine>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if run.id != id {
+        return Err(ApiError::invalid("machine id in path and body differ"));
+    }
+    blocking(move || {
+        a.prepare_machine(run)
+            .map(|()| serde_json::json!({"ok": true}))
     })
     .await
 }

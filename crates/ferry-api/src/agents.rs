@@ -102,6 +102,9 @@ impl Agents for HttpAgents {
     fn start<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started> {
         Box::pin(self.post(format!("{ep}/v1/machines/{}/start", run.id), run))
     }
+    fn prepare<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()> {
+        Box::pin(self.post_ignored(format!("{ep}/v1/machines/{}/prepare", run.id), run))
+    }
     fn stop<'a>(
         &'a self,
         ep: &'a str,

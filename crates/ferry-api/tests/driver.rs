@@ -187,6 +187,8 @@ async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
     };
     assert!(pos(&format!("stop {id} {from}")) < pos(&format!("destroy {id} {from}")));
     assert!(pos(&format!("destroy {id} {from}")) < pos(&format!("start {id} {to}")));
+    // The destination built the machine's namespace while it still ran on its source.
+    assert!(pos(&format!("prepare {id} {to}")) < pos(&format!("stop {id} {from}")));
     // Same ID, new address and instance.
     let (_, now) = h
         .call("GET", &format!("/v1/apps/web/machines/{id}"), json!(null))

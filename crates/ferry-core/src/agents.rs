@@ -38,6 +38,9 @@ pub struct Started {
 /// Every call the server makes to an agent. `endpoint` is the agent's base URL as it registered.
 pub trait Agents: Send + Sync {
     fn start<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, Started>;
+    /// Builds the machine's network namespace and cgroups ahead of a start of `run` (a
+    /// migration's destination, while the volumes copy); runs nothing. `destroy` undoes it.
+    fn prepare<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()>;
     fn stop<'a>(
         &'a self,
         endpoint: &'a str,

@@ -81,6 +81,12 @@ impl Agents for Double {
             None => ready(Ok(Started::default())),
         }
     }
+    /// Runs nothing: recorded only.
+    fn prepare<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("prepare {} {ep}", run.id));
+        ready(Ok(()))
+    }
     fn stop<'a>(
         &'a self,
         ep: &'a str,

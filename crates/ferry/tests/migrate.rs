@@ -747,6 +747,18 @@ fn crash_at(step: &str, server: bool) {
         "{step}: not exactly one running copy"
     );
     assert_eq!(digest(&dev, &m), before, "{step}: volume bytes differ");
+    // Whatever the outcome, one namespace is left for the machine: the one it runs in (the
+    // destination's, prepared during the copy, goes with a rollback; the source's with a move).
+    let prefix = format!("ferry-{}-m", dev.name);
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_dir("/run/netns")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+            == 1),
+        "{step}: not exactly one machine namespace"
+    );
     let ip = now["private_ip"].as_str().unwrap();
     assert!(
         eventually(Duration::from_secs(5), || dev.dig("cr.internal", "AAAA")
