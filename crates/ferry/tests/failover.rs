@@ -440,12 +440,21 @@ fn machine_with_data(f: &Fleet, api: &str, app: &str, host: &str) -> (Value, Str
         &format!("/v1/apps/{app}/machines"),
         json!({"host": host, "config": {
             "init": {"cmd": ["sh", "-c",
-                "[ -f /data/blob ] || head -c 2097152 /dev/urandom > /data/blob; exec sleep infinity"]},
+                "[ -f /data/blob ] || { head -c 2097152 /dev/urandom > /data/b.tmp && mv /data/b.tmp /data/blob; }; exec sleep infinity"]},
             "mounts": [{"volume": vol["id"], "path": "/data"}],
         }}),
     );
     assert_eq!(m["state"], "started", "{m}");
-    let out = f.exec(api, &m, &["sha256sum", "/data/blob"]);
+    // `started` is when the command starts: the blob appears (whole, by its rename) a little
+    // later. Hashing it before then read a half-written file (a CI run saw the hashes differ).
+    let mut out = json!(null);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            out = f.exec(api, &m, &["sha256sum", "/data/blob"]);
+            out["exit_code"] == 0
+        }),
+        "the machine never wrote its blob: {out}"
+    );
     let sum = out["stdout"].as_str().unwrap().to_owned();
     assert!(sum.contains("/data/blob"), "{out}");
     (m, sum)
