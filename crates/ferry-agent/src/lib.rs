@@ -57,6 +57,11 @@ pub enum AgentError {
     VolumeUnsupported(String),
     #[error("image: {0}")]
     Image(#[from] ferry_image::ImageError),
+    /// The instance moved away (`fence`): it never runs on this host again.
+    #[error(
+        "machine {machine} instance {instance} moved to another host: it never runs here again"
+    )]
+    Fenced { machine: String, instance: String },
 }
 
 impl AgentError {

@@ -63,6 +63,8 @@ struct Slot {
     /// Set while the server stops or destroys it: its exit is not news then.
     stopping: bool,
     restarts: u32,
+    /// This instance moved to another host (see `fence_machine`): never started here again.
+    fenced: bool,
 }
 
 pub struct Agent {
@@ -118,6 +120,7 @@ fn api_err(e: AgentError) -> ApiError {
     match e {
         AgentError::UnknownMachine(_) => ApiError::not_found(e.to_string()),
         AgentError::NotRunning(_) => ApiError::conflict("not_running", e.to_string()),
+        AgentError::Fenced { .. } => ApiError::conflict("fenced", e.to_string()),
         AgentError::Invalid(m) => ApiError::invalid(m),
         AgentError::VolumeUnsupported(m) => ApiError::new(422, PERMANENT_VOLUME_ERROR, m),
         AgentError::Image(e) => crate::images::image_err(e),
@@ -240,6 +243,8 @@ impl Agent {
             };
             let running = Running::attach(&run_dir)?.map(Arc::new);
             let id = run.id.clone();
+            let fenced =
+                std::fs::read_to_string(run_dir.join(FENCED)).is_ok_and(|i| i == run.instance_id);
             let live = running.clone();
             self.machines.lock().unwrap().insert(
                 id.clone(),
@@ -248,6 +253,7 @@ impl Agent {
                     running,
                     stopping: false,
                     restarts: 0,
+                    fenced,
                 },
             );
             if let Some(r) = live {
@@ -382,6 +388,7 @@ impl Agent {
                 running: None,
                 stopping: false,
                 restarts: 0,
+                fenced: false,
             });
         Ok(())
     }
@@ -396,6 +403,12 @@ impl Agent {
         let field = MachineField(run.machine_field);
         let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if let Some(s) = self.machines.lock().unwrap().get(&run.id) {
+            if s.fenced && s.run.instance_id == run.instance_id {
+                return Err(AgentError::Fenced {
+                    machine: run.id.clone(),
+                    instance: run.instance_id.clone(),
+                });
+            }
             if let Some(r) = s.running.as_ref().filter(|r| !r.exited()) {
                 return Ok(r.pid()); // already running: starting is idempotent
             }
@@ -504,6 +517,8 @@ impl Agent {
             &serde_json::to_vec(&run).expect("serializable"),
         )?;
         let _ = std::fs::remove_file(run_dir.join("exit.json"));
+        // Another instance than the one fenced (see the check above): a rollback's.
+        let _ = std::fs::remove_file(run_dir.join(FENCED));
         phases.lap("files");
         let running = Arc::new(ferry_runtime::spawn_machine(
             &run_dir,
@@ -530,6 +545,7 @@ impl Agent {
                     running: Some(running.clone()),
                     stopping: false,
                     restarts,
+                    fenced: false,
                 },
             );
         }
@@ -750,6 +766,35 @@ impl Agent {
         })
     }
 
+    /// A migration's switch: this instance of the machine moved to another host and must never
+    /// run here again, whoever asks (a confused server, a restart policy, an agent restart).
+    /// Quick, unlike a destroy: the stopped machine's namespace and cgroup stay until the
+    /// server destroys them once the destination runs it, so addresses that still lead here
+    /// are refused, not dropped, until the bridge sends them to the new instance. Durable (a
+    /// `fenced` file in the run directory); a start of another instance (a rollback's) is
+    /// allowed.
+    fn fence_machine(&self, id: &str) -> Result<(), AgentError> {
+        let running = {
+            let mut t = self.machines.lock().unwrap();
+            let Some(slot) = t.get_mut(id) else {
+                return Ok(()); // not here: nothing to fence
+            };
+            slot.fenced = true;
+            slot.stopping = true;
+            let marker = self.run_dir(id).join(FENCED);
+            if let Some(dir) = marker.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| AgentError::io("creating the run dir", e))?;
+            }
+            write_atomic(&marker, slot.run.instance_id.as_bytes())?;
+            slot.running.clone()
+        };
+        if let Some(r) = running.filter(|r| !r.exited()) {
+            ferry_runtime::stop(&r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
     fn destroy_machine(&self, id: &str) -> Result<(), AgentError> {
         let slot = self.machines.lock().unwrap().remove(id);
         let Some(mut slot) = slot else { return Ok(()) }; // already gone: idempotent
@@ -929,6 +974,7 @@ impl Agent {
             .route("/v1/machines/{id}/prepare", post(prepare))
             .route("/v1/machines/{id}/stop", post(stop))
             .route("/v1/machines/{id}/destroy", post(destroy))
+            .route("/v1/machines/{id}/fence", post(fence))
             .route("/v1/machines/{id}/exec", post(exec))
             .route("/v1/machines/{id}/signal", post(signal))
             .route("/v1/machines/{id}/logs", post(logs))
@@ -1002,6 +1048,17 @@ async fn stop(
     blocking(move || {
         ferry_core::crash_point("agent-stop"); // test hook: asked to stop, dies first
         a.stop_machine(&id, &req)
+    })
+    .await
+}
+
+async fn fence(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        a.fence_machine(&id)
+            .map(|()| serde_json::json!({"ok": true}))
     })
     .await
 }
@@ -1339,6 +1396,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> 
     std::fs::rename(&tmp, path)
         .map_err(|e| AgentError::io(format!("renaming to {}", path.display()), e))
 }
+
+/// In a machine's run directory: its instance moved away (`fence_machine`).
+const FENCED: &str = "fenced";
 
 /// The phases of one start, each timed from the end of the one before.
 struct Phases {

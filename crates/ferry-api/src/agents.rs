@@ -119,6 +119,12 @@ impl Agents for HttpAgents {
             self.post_ignored(url, &serde_json::json!({})).await
         })
     }
+    fn fence<'a>(&'a self, ep: &'a str, machine: &'a str) -> AgentResult<'a, ()> {
+        Box::pin(async move {
+            let url = format!("{ep}/v1/machines/{machine}/fence");
+            self.post_ignored(url, &serde_json::json!({})).await
+        })
+    }
     fn exec<'a>(
         &'a self,
         ep: &'a str,

@@ -177,7 +177,8 @@ async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
     let to = h.agents.running()[id].clone();
     assert_ne!(from, to);
     assert!(h.agents.violations().is_empty());
-    // The source stopped and forgot the machine (the switch) before the destination started.
+    // The source stopped and fenced the machine (the switch) before the destination started,
+    // and forgot it (namespace, cgroup) only once the destination ran it.
     let calls = h.agents.calls();
     let pos = |c: &str| {
         calls
@@ -185,8 +186,9 @@ async fn a_migration_moves_the_machine_and_counts_once_it_stayed_up() {
             .position(|x| x == c)
             .unwrap_or_else(|| panic!("{c} in {calls:?}"))
     };
-    assert!(pos(&format!("stop {id} {from}")) < pos(&format!("destroy {id} {from}")));
-    assert!(pos(&format!("destroy {id} {from}")) < pos(&format!("start {id} {to}")));
+    assert!(pos(&format!("stop {id} {from}")) < pos(&format!("fence {id} {from}")));
+    assert!(pos(&format!("fence {id} {from}")) < pos(&format!("start {id} {to}")));
+    assert!(pos(&format!("start {id} {to}")) < pos(&format!("destroy {id} {from}")));
     // The destination built the machine's namespace while it still ran on its source.
     assert!(pos(&format!("prepare {id} {to}")) < pos(&format!("stop {id} {from}")));
     // Same ID, new address and instance.

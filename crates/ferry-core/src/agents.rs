@@ -49,6 +49,9 @@ pub trait Agents: Send + Sync {
     ) -> AgentResult<'a, ExitInfo>;
     /// Removes the machine's local state (process, namespace, cgroup, run directory).
     fn destroy<'a>(&'a self, endpoint: &'a str, machine: &'a str) -> AgentResult<'a, ()>;
+    /// The machine's instance on that host moved away: it must never run there again (a quick,
+    /// durable mark; its namespace and cgroup stay until a `destroy`).
+    fn fence<'a>(&'a self, endpoint: &'a str, machine: &'a str) -> AgentResult<'a, ()>;
     fn exec<'a>(
         &'a self,
         endpoint: &'a str,

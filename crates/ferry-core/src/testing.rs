@@ -116,6 +116,16 @@ impl Agents for Double {
         }
         ready(Ok(()))
     }
+    /// Kills the machine if it runs there; later starts of it there are not refused here (the
+    /// double does not track instances), but the order of calls is recorded.
+    fn fence<'a>(&'a self, ep: &'a str, m: &'a str) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("fence {m} {ep}"));
+        if f.running.get(m).map(String::as_str) == Some(ep) {
+            f.running.remove(m);
+        }
+        ready(Ok(()))
+    }
     /// Runs nothing: a running machine answers exit 0 with its command echoed.
     fn exec<'a>(
         &'a self,

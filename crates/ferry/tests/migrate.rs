@@ -912,3 +912,42 @@ fn a_volume_that_cannot_be_forked_fails_at_once_and_the_machine_runs_on() {
     assert_eq!(now["host"], m["host"]);
     assert_eq!(now["instance_id"], m["instance_id"], "it was never stopped");
 }
+
+/// A migration's switch fences the source's instance: whoever asks that host to start it again
+/// (here the server, as a confused one would) is refused, and the machine is `failed` with the
+/// agent's reason; nothing runs.
+#[test]
+fn a_fenced_instance_never_starts_again_on_its_host() {
+    let dev = Dev::start("fence", 1);
+    let hosts = dev.hosts();
+    let m = dev.machine(
+        "fe",
+        &hosts[0],
+        json!({"init": {"cmd": ["sleep", "infinity"]}}),
+    );
+    dev.ok(
+        "POST",
+        &format!("/v1/apps/fe/machines/{}/stop", id(&m)),
+        json!({}),
+    );
+    let ep = dev.call("GET", "/v1/hosts", None).1[0]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = dev
+        .agent_http()
+        .post(format!("{ep}/v1/machines/{}/fence", id(&m)))
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, body) = dev.call(
+        "POST",
+        &format!("/v1/apps/fe/machines/{}/start", id(&m)),
+        Some("{}"),
+    );
+    assert!(status >= 400, "{status} {body}");
+    assert!(body.to_string().contains("never runs here again"), "{body}");
+    assert_eq!(dev.get_machine(&m)["state"], "failed");
+    assert_eq!(running_copies(&dev, id(&m)), 0);
+}

@@ -799,8 +799,11 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let to = parse_host(&mig.to_host)?;
     let already = m.instance_id == mig.new_instance_id;
     if !already {
-        // The source copy must never run again.
-        forget_on(core, &m.id, &mig.from_host).await?;
+        // The source copy must never run again: fenced before the commit (a quick mark). Its
+        // namespace stays until the destination runs it (`wait_healthy`), so the old address
+        // is refused, not dropped, until the bridge maps it to the new one.
+        let ep = endpoint(core, &mig.from_host)?;
+        core.agents.fence(&ep, &m.id).await?;
         let policy = load_policy(core, &mig.app)?;
         let now = core.store.now_ms();
         for v in &mig.volumes {
@@ -915,6 +918,19 @@ async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
 }
 
 async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
+    // The source host forgets the fenced copy (namespace, cgroup, run dir) now that the
+    // destination has the machine: off the downtime's path. Best effort: a source host that is
+    // down keeps a stopped, fenced copy until it is destroyed.
+    if let Err(StepError::Retry(e) | StepError::RollBack(e)) =
+        forget_on(core, &mig.machine_id, &mig.from_host).await
+    {
+        tracing::warn!(
+            "migration {}: host {} keeps its fenced copy of {}: {e}",
+            mig.id,
+            mig.from_host,
+            mig.machine_id,
+        );
+    }
     let policy = load_policy(core, &mig.app)?;
     if mig.was_running {
         let started = mig
