@@ -1004,14 +1004,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(api_err)
 }
 
+/// A start or prepare names one machine in its path and in its body: the same one.
+fn same_machine(id: &str, run: &RunMachine) -> Result<(), ApiError> {
+    if run.id != id {
+        return Err(ApiError::invalid("machine id in path and body differ"));
+    }
+    Ok(())
+}
+
 async fn start(
     State(a): Shared,
     UrlPath(id): UrlPath<String>,
     Json(run): Json<RunMachine>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if run.id != id {
-        return Err(ApiError::invalid("machine id in path and body differ"));
-    }
+    same_machine(&id, &run)?;
     blocking(move || {
         let mut run = run;
         run.volume_dirs = a.volume_dirs(&run)?;
@@ -1030,9 +1036,7 @@ async fn prepare(
     UrlPath(id): UrlPath<String>,
     Json(run): Json<RunMachine>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if run.id != id {
-        return Err(ApiError::invalid("machine id in path and body differ"));
-    }
+    same_machine(&id, &run)?;
     blocking(move || {
         a.prepare_machine(run)
             .map(|()| serde_json::json!({"ok": true}))
