@@ -352,24 +352,12 @@ impl Agent {
     /// soon as the bridge sends old-address traffic to it, instead of dropping it. A machine
     /// this host already has is left alone; `destroy` removes what this made.
     fn prepare_machine(&self, run: RunMachine) -> Result<(), AgentError> {
-        let field = MachineField(run.machine_field);
         let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if self.machines.lock().unwrap().contains_key(&run.id) {
             return Ok(());
         }
-        let ns = NetNs::named(&self.netns_name(field.0));
-        if !ns.exists() {
-            self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
-        }
-        let name = self.cgroup_name(&run.id);
-        if MachineCgroup::open(&self.cgroups, &name)?.is_none() {
-            let limits = Limits {
-                memory_mb: run.config.guest.memory_mb.into(),
-                cpus: run.config.guest.cpus.into(),
-                pids: MACHINE_PIDS_MAX,
-            };
-            self.cgroups.create_machine(&name, limits)?;
-        }
+        self.ensure_netns(net, MachineField(run.machine_field))?;
+        self.ensure_cgroup(&run)?;
         // Known from now on, so a destroy removes what was built (a start meanwhile wins); the
         // record makes it known again to an agent that restarts before the start (`reattach`
         // reads it where a start left no `run.json`, which it never overwrites).
@@ -393,6 +381,29 @@ impl Agent {
         Ok(())
     }
 
+    /// The machine's network namespace (veth, address, routes), built if this host has none.
+    fn ensure_netns(&self, net: NetworkId, field: MachineField) -> Result<NetNs, AgentError> {
+        let ns = NetNs::named(&self.netns_name(field.0));
+        if !ns.exists() {
+            self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
+        }
+        Ok(ns)
+    }
+
+    /// The machine's cgroups, created with its limits if this host has none.
+    fn ensure_cgroup(&self, run: &RunMachine) -> Result<MachineCgroup, AgentError> {
+        let name = self.cgroup_name(&run.id);
+        if let Some(c) = MachineCgroup::open(&self.cgroups, &name)? {
+            return Ok(c);
+        }
+        let limits = Limits {
+            memory_mb: run.config.guest.memory_mb.into(),
+            cpus: run.config.guest.cpus.into(),
+            pids: MACHINE_PIDS_MAX,
+        };
+        Ok(self.cgroups.create_machine(&name, limits)?)
+    }
+
     /// Starts a machine, timing each phase into `phases` (the start's reply carries them to the
     /// server's metrics: where starts spend their time, e.g. as a host fills up).
     fn start_machine_timed(
@@ -413,22 +424,9 @@ impl Agent {
                 return Ok(r.pid()); // already running: starting is idempotent
             }
         }
-        let ns = NetNs::named(&self.netns_name(field.0));
-        if !ns.exists() {
-            self.host.add_machine(ns.name(), net, field, self.cfg.mtu)?;
-        }
+        let ns = self.ensure_netns(net, field)?;
         phases.lap("netns");
-        let limits = Limits {
-            memory_mb: run.config.guest.memory_mb.into(),
-            cpus: run.config.guest.cpus.into(),
-            pids: MACHINE_PIDS_MAX,
-        };
-        let cg = match MachineCgroup::open(&self.cgroups, &self.cgroup_name(&run.id))? {
-            Some(c) => c,
-            None => self
-                .cgroups
-                .create_machine(&self.cgroup_name(&run.id), limits)?,
-        };
+        let cg = self.ensure_cgroup(&run)?;
         phases.lap("cgroup");
         if self.cfg.bridge_mode == crate::BridgeMode::Nft {
             let mappings = self.bridge_state.lock().unwrap().mappings.clone();

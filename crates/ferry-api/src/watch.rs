@@ -52,9 +52,12 @@ struct Stream {
     ctx: Arc<Core>,
     host: HostId,
     sub: Option<Subscription>,
-    /// The last bridge state sent (serialized, without its generation), so an unrelated change
-    /// sends nothing.
-    last: Option<String>,
+    /// The last bridge state sent (mappings and gates: its generation differs on every read),
+    /// so an unrelated change sends nothing.
+    last: Option<(
+        Vec<ferry_core::proto::BridgeMapping>,
+        std::collections::BTreeMap<String, bool>,
+    )>,
     /// The last hosts line sent, likewise.
     last_hosts: Option<String>,
     first: bool,
@@ -147,12 +150,14 @@ impl Stream {
             .await
             .ok()?
             .ok()?;
-        // Compared without its generation, which differs on every read.
-        let state = serde_json::to_string(&(&sync.mappings, &sync.gates)).expect("serializable");
-        if self.last.as_ref() == Some(&state) {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(m, g)| *m == sync.mappings && *g == sync.gates)
+        {
             return None;
         }
-        self.last = Some(state);
+        self.last = Some((sync.mappings.clone(), sync.gates.clone()));
         let line = serde_json::to_string(&WatchLine::Bridge(sync)).expect("serializable");
         Some(line + "\n")
     }

@@ -177,19 +177,10 @@ pub async fn create_machine(core: &Core, app: &str, req: CreateMachine) -> Resul
     Ok(MachineView::new(&m, None))
 }
 
-/// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
-pub async fn launch(
-    core: &Core,
-    id: &str,
-    volume_dirs: Vec<String>,
-    from: &[MachineState],
-) -> Result<Machine> {
-    let t = std::time::Instant::now();
-    let mut m = core.store.transition(id, from, S::Starting)?;
-    core.metrics.start_phase("starting", t.elapsed());
-    core.changed();
-    let config = config_of(&m)?;
-    let run = RunMachine {
+/// What an agent needs to run `m` as the store has it (its host, field, address, instance).
+pub(crate) fn run_of(core: &Core, m: &Machine, volume_dirs: Vec<String>) -> Result<RunMachine> {
+    let config = config_of(m)?;
+    Ok(RunMachine {
         id: m.id.clone(),
         app: m.app.clone(),
         instance_id: m.instance_id.clone(),
@@ -210,8 +201,22 @@ pub async fn launch(
             .collect::<Result<_>>()?,
         config,
         volume_dirs,
-        bridge_enabled: crate::bridge::gate(core, &m)?,
-    };
+        bridge_enabled: crate::bridge::gate(core, m)?,
+    })
+}
+
+/// Starts a machine that is in one of `from`: -> starting -> (agent) -> started | failed.
+pub async fn launch(
+    core: &Core,
+    id: &str,
+    volume_dirs: Vec<String>,
+    from: &[MachineState],
+) -> Result<Machine> {
+    let t = std::time::Instant::now();
+    let mut m = core.store.transition(id, from, S::Starting)?;
+    core.metrics.start_phase("starting", t.elapsed());
+    core.changed();
+    let run = run_of(core, &m, volume_dirs)?;
     let ep = machine_endpoint(core, &m)?;
     let t = std::time::Instant::now();
     match core.agents.start(&ep, &run).await {

@@ -175,11 +175,16 @@ async fn an_exit_reported_before_the_start_is_answered_is_kept() {
         machines::create_machine(&core, "web", Fleet::request(Some(&host))).await
     });
     // The machine runs and exits while the server waits for the agent's answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let m = loop {
         let ms = f.store.list_machines(None).unwrap();
         if let Some(m) = ms.into_iter().find(|m| m.state == MachineState::Starting) {
             break m;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the machine never became starting"
+        );
         tokio::task::yield_now().await;
     };
     let report = ferry_core::proto::AgentReport {

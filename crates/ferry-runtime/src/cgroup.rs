@@ -264,14 +264,9 @@ impl CgroupLayout {
         ids
     }
 
-    /// How many times the kernel OOM-killed a process in *this process's own* memory cgroup
-    /// (used by the shim, which lives in its machine's cgroup). `None` without a memory
-    /// controller.
-    pub fn own_oom_kills(&self) -> Option<u64> {
-        read_oom_kill(&self.own_oom_kill_file()?)
-    }
-
-    /// The file [`own_oom_kills`](Self::own_oom_kills) reads.
+    /// The file that counts how many times the kernel OOM-killed a process in *this process's
+    /// own* memory cgroup (the shim's fallback when it has no cgroup record: it lives in its
+    /// machine's cgroup). `None` without a memory controller.
     pub fn own_oom_kill_file(&self) -> Option<PathBuf> {
         match (&self.v1_memory, &self.v2) {
             (Some(d), _) => Some(d.join("memory.oom_control")),

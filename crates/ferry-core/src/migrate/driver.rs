@@ -510,24 +510,17 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
     if !mig.was_running {
         return;
     }
+    // The machine as it will be on the destination (the switch records the same).
     let run = (|| -> Result<(String, crate::proto::RunMachine)> {
-        let m = core.store.get_machine(&mig.machine_id)?;
-        let ep = endpoint(core, &mig.to_host)?;
-        let region = core.store.get_host(parse_host(&mig.to_host)?)?.region;
-        let run = crate::proto::RunMachine {
-            id: m.id.clone(),
-            app: m.app.clone(),
-            instance_id: mig.new_instance_id.clone(),
-            network_id: m.network_id.get(),
-            machine_field: mig.new_field,
-            private_ip: mig.new_ip.clone(),
-            region,
-            volumes: Vec::new(),
-            config: serde_json::from_value(m.config.clone()).map_err(Error::internal)?,
-            volume_dirs: Vec::new(),
-            bridge_enabled: crate::bridge::gate(core, &m)?,
-        };
-        Ok((ep, run))
+        let mut next = core.store.get_machine(&mig.machine_id)?;
+        let to = parse_host(&mig.to_host)?;
+        next.region = core.store.get_host(to)?.region;
+        next.host = Some(to);
+        next.machine_field = Some(MachineField(mig.new_field));
+        next.private_ip = Some(mig.new_ip.clone());
+        next.instance_id = mig.new_instance_id.clone();
+        let run = crate::machines::run_of(core, &next, Vec::new())?;
+        Ok((endpoint(core, &mig.to_host)?, run))
     })();
     let result: Result<()> = match run {
         Ok((ep, run)) => core.agents.prepare(&ep, &run).await,
@@ -1035,8 +1028,9 @@ async fn roll_back(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     } else {
         // Never switched: the source still owns the machine; drop what the destination built
         // for it (`prepare_destination`) and the partial copies.
-        if let Ok(ep) = endpoint(core, &mig.to_host) {
-            if let Err(e) = core.agents.destroy(&ep, &mig.machine_id).await {
+        let to = endpoint(core, &mig.to_host);
+        if let Ok(ep) = &to {
+            if let Err(e) = core.agents.destroy(ep, &mig.machine_id).await {
                 tracing::warn!(
                     "migration {}: removing what host {} prepared: {}",
                     mig.id,
@@ -1046,10 +1040,10 @@ async fn roll_back(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
             }
         }
         for v in &mig.volumes {
-            if let (Some(dir), Ok(ep)) = (&v.dst_dir, endpoint(core, &mig.to_host)) {
+            if let (Some(dir), Ok(ep)) = (&v.dst_dir, &to) {
                 let _ = core
                     .agents
-                    .volume_remove(&ep, &VolumeRemove { dir: dir.clone() })
+                    .volume_remove(ep, &VolumeRemove { dir: dir.clone() })
                     .await;
             }
         }
