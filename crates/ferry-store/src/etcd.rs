@@ -120,6 +120,37 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     /// The etcd watch behind [`Store::subscribe`], started by the first subscriber.
     watcher: std::sync::OnceLock<Arc<crate::watch::Notifier>>,
+    /// What this store last wrote to each key, and at which revision ([`Written`]).
+    written: std::sync::Mutex<Written>,
+}
+
+/// The keys this store wrote last, with the revision of that write: a read-write transaction
+/// takes its read of such a key from here instead of a round trip to etcd.
+///
+/// Why: most writes change what the same server wrote a moment before (a migration's record
+/// at each phase, a lock's refresh, a machine's next state), and on etcd each read costs a
+/// linearizable round trip (which a busy cluster answers in tens of milliseconds). Why it is
+/// safe: a read served from here is checked by the commit like any other (its `mod_revision`
+/// must still be the one recorded here), so a key another server changed since makes the commit
+/// fail, and the transaction runs again, that time reading etcd. An error computed from such a
+/// read is likewise returned only if [`Tx::still_current`] holds. Read-only transactions never
+/// use it (they promise to see every write committed before them, by any server).
+#[derive(Default)]
+struct Written {
+    /// Full key -> (mod_revision, value).
+    keys: BTreeMap<String, (i64, Kv)>,
+}
+
+/// Keys remembered at most; past it the memory starts over (a fleet's hot keys come back at
+/// their next write).
+const WRITTEN_MAX: usize = 20_000;
+
+impl Written {
+    fn forget(&mut self, keys: &[String]) {
+        for k in keys {
+            self.keys.remove(k);
+        }
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -303,6 +334,8 @@ struct Tx<'s> {
     /// reads are all checked by the commit's compares anyway (and, on an error path, by
     /// `Tx::still_current`).
     serializable: bool,
+    /// Keys whose read came from the store's [`Written`] memory, not from etcd.
+    from_written: Vec<String>,
     now: i64,
 }
 
@@ -317,6 +350,7 @@ impl<'s> Tx<'s> {
             prefix_deletes: Vec::new(),
             cache: BTreeMap::new(),
             serializable,
+            from_written: Vec::new(),
             now: s.clock.now_ms(),
         }
     }
@@ -357,6 +391,9 @@ impl<'s> Tx<'s> {
         if let Some(hit) = self.cache.get(&full) {
             return Ok(hit.clone());
         }
+        if self.remembered(&full) {
+            return Ok(self.cache.get(&full).cloned().flatten());
+        }
         let (k, o) = (full.clone(), self.opts());
         let mut resp = self.s.call(true, move |mut kv| {
             let (k, o) = (k.clone(), o.clone());
@@ -374,6 +411,21 @@ impl<'s> Tx<'s> {
         });
         self.cache.insert(full, found.clone());
         Ok(found)
+    }
+
+    /// Takes the read of `full` from what this store last wrote there, if it remembers it and
+    /// this is a read-write transaction (see [`Written`]).
+    fn remembered(&mut self, full: &str) -> bool {
+        if !self.serializable {
+            return false;
+        }
+        let Some((mod_rev, kv)) = self.s.written.lock().unwrap().keys.get(full).cloned() else {
+            return false;
+        };
+        self.reads.entry(full.to_owned()).or_insert(mod_rev);
+        self.cache.insert(full.to_owned(), Some(kv));
+        self.from_written.push(full.to_owned());
+        true
     }
 
     fn get_json<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
@@ -432,6 +484,12 @@ impl<'s> Tx<'s> {
     /// one round trip per [`GET_BATCH`] keys instead of one per key (index scans, and the keys an
     /// operation is known to need, see [`Tx::prefetch`]).
     fn get_many(&mut self, keys: &[String]) -> Result<Vec<Option<Kv>>> {
+        for k in keys {
+            let full = self.s.key(k);
+            if !self.cache.contains_key(&full) && !self.writes.contains_key(&full) {
+                self.remembered(&full);
+            }
+        }
         let missing: Vec<String> = keys
             .iter()
             .map(|k| self.s.key(k))
@@ -543,8 +601,13 @@ impl<'s> Tx<'s> {
 
     /// Commits the buffered writes if nothing read has changed: `Some(revision)` when committed
     /// (or nothing to write), `None` when the transaction must run again.
-    fn commit(self) -> Result<Option<i64>> {
+    fn commit(mut self) -> Result<Option<i64>> {
         if self.writes.is_empty() && self.prefix_deletes.is_empty() {
+            // Nothing to write, but an answer computed from remembered reads is only right if
+            // they are still current.
+            if !self.from_written.is_empty() && !self.still_current()? {
+                return Ok(None);
+            }
             return Ok(Some(self.rev));
         }
         let cmps = self.compares();
@@ -555,10 +618,12 @@ impl<'s> Tx<'s> {
                 Some(DeleteOptions::new().with_prefix()),
             ));
         }
-        for (k, w) in self.writes {
+        let written: Vec<(String, Option<Vec<u8>>)> =
+            std::mem::take(&mut self.writes).into_iter().collect();
+        for (k, w) in &written {
             ops.push(match w {
-                Some(v) => TxnOp::put(k, v, None),
-                None => TxnOp::delete(k, None),
+                Some(v) => TxnOp::put(k.clone(), v.clone(), None),
+                None => TxnOp::delete(k.clone(), None),
             });
         }
         let txn = Txn::new().when(cmps).and_then(ops);
@@ -568,9 +633,52 @@ impl<'s> Tx<'s> {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map_or(0, |h| h.revision())))
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let rev = resp.header().map_or(0, |h| h.revision());
+        self.remember(&written, rev);
+        Ok(Some(rev))
+    }
+
+    /// Notes what this commit wrote at `rev` in the store's [`Written`] memory.
+    fn remember(&self, writes: &[(String, Option<Vec<u8>>)], rev: i64) {
+        let mut mem = self.s.written.lock().unwrap();
+        if mem.keys.len() + writes.len() > WRITTEN_MAX {
+            mem.keys.clear();
+        }
+        for p in &self.prefix_deletes {
+            let under: Vec<String> = mem
+                .keys
+                .range(p.clone()..)
+                .take_while(|(k, _)| k.starts_with(p.as_str()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            mem.forget(&under);
+        }
+        for (k, w) in writes {
+            let Some(value) = w else {
+                mem.keys.remove(k);
+                continue;
+            };
+            // The key's creation revision (events and instances are ordered by it): the
+            // commit's own for a key that was absent, the one read for a key that existed. A
+            // key written without being read is not remembered.
+            let create_revision = match self.cache.get(k) {
+                Some(None) => rev,
+                Some(Some(kv)) if kv.create_revision != i64::MAX => kv.create_revision,
+                _ => {
+                    mem.keys.remove(k);
+                    continue;
+                }
+            };
+            let kv = Kv {
+                key: k[self.s.prefix.len()..].to_owned(),
+                value: value.clone(),
+                create_revision,
+            };
+            mem.keys.insert(k.clone(), (rev, kv));
+        }
     }
 }
 
@@ -627,6 +735,7 @@ impl EtcdStore {
             clock,
             endpoints: endpoints.to_vec(),
             watcher: std::sync::OnceLock::new(),
+            written: Default::default(),
         };
         // The channel connects lazily: a read now turns a wrong address into an error here,
         // not at the first API request.
@@ -718,21 +827,25 @@ impl EtcdStore {
             let out = match f(&mut tx) {
                 Ok(out) => out,
                 // A refusal computed from a member's possibly lagging state (e.g. "app not
-                // found" just after another server created it) is only final if what it read
-                // is still current; otherwise run again.
+                // found" just after another server created it) or from this store's memory of
+                // its own writes is only final if what it read is still current; otherwise run
+                // again (reading etcd).
                 Err(e)
                     if !matches!(e, StoreError::Unavailable { .. } | StoreError::Etcd { .. }) =>
                 {
                     if tx.still_current()? {
                         return Err(e);
                     }
+                    self.written.lock().unwrap().forget(&tx.from_written);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            let used = tx.from_written.clone();
             if let Some(rev) = tx.commit()? {
                 return Ok((out, rev));
             }
+            self.written.lock().unwrap().forget(&used);
         }
         Err(StoreError::Conflict {
             what: format!("gave up after {MAX_ATTEMPTS} conflicting attempts"),

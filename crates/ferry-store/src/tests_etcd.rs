@@ -143,3 +143,103 @@ fn create_machine_latency_is_measured_on_both_backends() {
         assert_eq!(s.list_machines(Some("web")).unwrap().len(), ms.len());
     }
 }
+
+/// Two servers on one etcd: each remembers what it wrote (and skips reading it again), so these
+/// check that a server never acts on its memory once the other changed the key: a lock it held
+/// and lost is not refreshed, a stale migration revision is refused, a machine's state moved by
+/// the other is seen, and a refusal computed from memory is not given when etcd says otherwise.
+#[test]
+fn a_server_never_acts_on_what_it_wrote_once_another_server_changed_it() {
+    let c = EtcdCluster::start(1).unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let a = EtcdStore::connect_with_clock(&c.endpoints(), "/two", clock.clone()).unwrap();
+    let b = EtcdStore::connect_with_clock(&c.endpoints(), "/two", clock.clone()).unwrap();
+
+    // A lock A holds, lets expire, and B takes: A's refresh with its old nonce is refused.
+    let la = a.acquire_lock("net/1", 1_000, "a").unwrap();
+    a.refresh_lock("net/1", &la.nonce, 1_000).unwrap();
+    clock.advance(2_000);
+    let lb = b.acquire_lock("net/1", 60_000, "b").unwrap();
+    let e = a.refresh_lock("net/1", &la.nonce, 1_000).unwrap_err();
+    assert!(matches!(e, StoreError::LockMismatch { .. }), "{e:?}");
+    assert_eq!(
+        b.refresh_lock("net/1", &lb.nonce, 60_000).unwrap().owner,
+        "b"
+    );
+    // ...and A's acquire sees B's lock, not the expired one it remembers writing.
+    let e = a.acquire_lock("net/1", 1_000, "a").unwrap_err();
+    assert!(matches!(e, StoreError::LockHeld { .. }), "{e:?}");
+
+    // A migration A wrote, then B updated: A's update from the old revision is refused, and
+    // from B's revision it lands on top of B's change.
+    a.create_app("web", "acme").unwrap();
+    let h = a.register_host("ord", "/h1").unwrap().id;
+    let m = new_machine(&a, "web", h);
+    let rec = MigrationRecord {
+        id: "mig_two".into(),
+        machine_id: m.id.clone(),
+        app: "web".into(),
+        network_id: m.network_id.get(),
+        phase: "pending".into(),
+        finished: false,
+        drain: None,
+        detail: serde_json::json!({"step": "a"}),
+        revision: 0,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    let r1 = a.create_migration(&rec).unwrap();
+    let r2 = a
+        .update_migration(&MigrationRecord {
+            phase: "locked".into(),
+            ..r1.clone()
+        })
+        .unwrap();
+    let r3 = b
+        .update_migration(&MigrationRecord {
+            phase: "noticed".into(),
+            detail: serde_json::json!({"step": "b"}),
+            ..r2.clone()
+        })
+        .unwrap();
+    let e = a
+        .update_migration(&MigrationRecord {
+            phase: "precopied".into(),
+            ..r2.clone()
+        })
+        .unwrap_err();
+    assert!(matches!(e, StoreError::StaleRevision { .. }), "{e:?}");
+    let r4 = a
+        .update_migration(&MigrationRecord {
+            phase: "precopied".into(),
+            ..r3.clone()
+        })
+        .unwrap();
+    assert_eq!(r4.revision, r3.revision + 1);
+    assert_eq!(b.get_migration("mig_two").unwrap().phase, "precopied");
+
+    // A machine A moved to `starting`, B to `started`: A's move from `starting` is refused
+    // (etcd says `started`), and A's move from `started` lands.
+    a.transition(&m.id, &[MachineState::Created], MachineState::Starting)
+        .unwrap();
+    b.transition(&m.id, &[MachineState::Starting], MachineState::Started)
+        .unwrap();
+    let e = a
+        .transition(&m.id, &[MachineState::Starting], MachineState::Failed)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::IllegalTransition {
+                from: MachineState::Started,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let now = a
+        .transition(&m.id, &[MachineState::Started], MachineState::Stopping)
+        .unwrap();
+    assert_eq!(now.state, MachineState::Stopping);
+    assert_eq!(b.get_machine(&m.id).unwrap().state, MachineState::Stopping);
+}
