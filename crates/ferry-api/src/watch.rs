@@ -65,7 +65,20 @@ struct Stream {
     dns: tokio::sync::watch::Receiver<Option<Arc<str>>>,
     /// Lines due after the one being returned.
     pending: std::collections::VecDeque<String>,
+    /// The store's change counters as of the last wake-up: which parts changed since.
+    seen: ferry_store::Changes,
+    /// When the bridge state was last read, and when it is due again because machines changed
+    /// meanwhile ([`MACHINES_COALESCE`]).
+    bridge_read_at: Option<tokio::time::Instant>,
+    bridge_due: Option<tokio::time::Instant>,
 }
+
+/// How often at most a stream reads the host's bridge state again because machines changed
+/// (a busy fleet changes machines hundreds of times a second, and each read lists every machine
+/// of the host). A machine's own gate reaches its agent with its start; the watch only repairs
+/// what a push missed, so a quarter second is early enough. Changes of the bridge itself
+/// (mappings, gates) are read at once.
+const MACHINES_COALESCE: Duration = Duration::from_millis(250);
 
 impl Stream {
     /// The next line to send; waits for a change or the keep-alive period.
@@ -76,15 +89,45 @@ impl Stream {
         loop {
             let mut timed_out = false;
             let mut dns_changed = self.first;
+            let (mut want_hosts, mut want_bridge) = (self.first, self.first);
             if !self.first {
+                let sub = &mut self.sub;
                 let changed = async {
-                    match self.sub.as_mut() {
-                        Some(s) => s.changed().await.is_ok(),
+                    match sub.as_mut() {
+                        Some(s) => s.changed().await.map(|_| *s.borrow_and_update()).ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let due = self.bridge_due;
+                let coalesced = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
-                    ok = changed => if !ok { self.sub = None },
+                    c = changed => match c {
+                        None => {
+                            // The feed ended: read everything once more; keep-alives go on.
+                            self.sub = None;
+                            (want_hosts, want_bridge) = (true, true);
+                        }
+                        Some(c) => {
+                            want_hosts = c.hosts != self.seen.hosts;
+                            if c.bridge != self.seen.bridge {
+                                want_bridge = true;
+                            } else if c.machines != self.seen.machines && self.bridge_due.is_none() {
+                                let earliest = self.bridge_read_at.map(|t| t + MACHINES_COALESCE);
+                                let now = tokio::time::Instant::now();
+                                match earliest {
+                                    Some(t) if t > now => self.bridge_due = Some(t),
+                                    _ => want_bridge = true,
+                                }
+                            }
+                            self.seen = c;
+                        }
+                    },
+                    _ = coalesced => want_bridge = true,
                     r = self.dns.changed() => {
                         if r.is_err() {
                             // The core is gone (the server is stopping): no more snapshots.
@@ -95,7 +138,12 @@ impl Stream {
                     _ = tokio::time::sleep(KEEPALIVE) => timed_out = true,
                 }
             }
-            let first = std::mem::take(&mut self.first);
+            self.first = false;
+            if timed_out {
+                // Read everything again now and then: a change the feed could not tell apart is
+                // caught here at the latest.
+                (want_hosts, want_bridge) = (true, true);
+            }
             let dns_line = if dns_changed {
                 // Sent as it is: `{"dns": <snapshot>}` is a WatchLine::Dns.
                 self.dns
@@ -105,14 +153,16 @@ impl Stream {
             } else {
                 None
             };
-            if first || !dns_changed || timed_out {
-                if let Some(s) = self.sub.as_mut() {
-                    s.borrow_and_update();
-                }
-                // Routes first: a new host's machines are reachable before anything names them.
+            // Routes first: a new host's machines are reachable before anything names them.
+            if want_hosts {
                 let hosts = self.hosts_line().await;
+                self.pending.extend(hosts);
+            }
+            if want_bridge {
+                self.bridge_due = None;
+                self.bridge_read_at = Some(tokio::time::Instant::now());
                 let bridge = self.bridge_line().await;
-                self.pending.extend(hosts.into_iter().chain(bridge));
+                self.pending.extend(bridge);
             }
             self.pending.extend(dns_line);
             if let Some(line) = self.pending.pop_front() {
@@ -176,7 +226,12 @@ pub async fn host_watch(
         .and_then(|v| HostId::new(v).ok())
         .ok_or_else(|| ApiError::invalid(format!("host {host:?}: not a host ID")))?;
     ctx.store.get_host(id)?;
-    let sub = ctx.store_changes();
+    let mut sub = ctx.store_changes();
+    // What the first lines read is at least this fresh.
+    let seen = sub
+        .as_mut()
+        .map(|s| *s.borrow_and_update())
+        .unwrap_or_default();
     let dns = ctx.dns_state.subscribe();
     let s = Stream {
         ctx,
@@ -187,6 +242,9 @@ pub async fn host_watch(
         first: true,
         dns,
         pending: Default::default(),
+        seen,
+        bridge_read_at: None,
+        bridge_due: None,
     };
     let lines = futures::stream::unfold(s, |mut s| async move {
         let line = s.next().await;

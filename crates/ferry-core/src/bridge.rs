@@ -108,9 +108,10 @@ pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
         origin: core.server_id.clone(),
         generation,
     };
-    // The gates read once, not per machine: this runs on every change, for every stream. For
-    // the same reason only the machines' summaries are read (no configs to parse).
-    let off = gates(core)?;
+    // The gates read once, not per machine, and from the cache the change feed keeps: this runs
+    // on every change, for every stream. For the same reason only the machines' summaries are
+    // read (no configs to parse).
+    let off = crate::cache::gates(core)?;
     for m in core.store.list_machine_summaries(Some(host))? {
         let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
