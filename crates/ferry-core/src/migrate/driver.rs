@@ -89,10 +89,14 @@ async fn drive(core: &Arc<Core>, id: &str) {
     }
     let claim = Arc::new(std::sync::Mutex::new(claim));
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The network lock the migration holds (its name and nonce), as of the driver's last read or
+    // write of the migration: the heartbeat refreshes it without reading the migration again.
+    let network_lock: Arc<std::sync::Mutex<Option<(String, String)>>> = Default::default();
     // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
     // dead server's expire.
     let hb = {
         let (core, id, claim, lost) = (core.clone(), id.to_owned(), claim.clone(), lost.clone());
+        let network_lock = network_lock.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 5)).await;
@@ -105,28 +109,32 @@ async fn drive(core: &Arc<Core>, id: &str) {
                     }
                     Err(_) => {} // store unreachable: try again; the claim may still hold
                 }
-                if let Ok(m) = load(&core, &id) {
-                    if let Some(n) = &m.lock_nonce {
-                        let _ = core.store.refresh_lock(&lock_name(&m), n, LOCK_TTL_MS);
-                    }
+                let held = network_lock.lock().unwrap().clone();
+                if let Some((name, nonce)) = held {
+                    let _ = core.store.refresh_lock(&name, &nonce, LOCK_TTL_MS);
                 }
             }
         })
     };
     // When this driver last refreshed (or took) the network lock itself.
     let mut lock_held_at: Option<std::time::Instant> = None;
+    // The migration as this driver last saved it: the next step starts from it without reading
+    // it again (a save is a compare-and-swap on its revision, so a copy that someone else changed
+    // meanwhile can never be written back). After a wait or a failed save it is read again.
+    let mut saved: Option<Migration> = None;
     loop {
         if lost.load(std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("migration {id}: another server took it over");
             break;
         }
-        let mut mig = match load(core, id) {
+        let mut mig = match saved.take().map_or_else(|| load(core, id), Ok) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!("migration {id}: {e}");
                 break;
             }
         };
+        *network_lock.lock().unwrap() = mig.lock_nonce.clone().map(|n| (lock_name(&mig), n));
         if mig.phase.finished() {
             break;
         }
@@ -165,6 +173,7 @@ async fn drive(core: &Arc<Core>, id: &str) {
                     }
                     core.changed();
                     crate::crash_point(mig.phase.as_str());
+                    saved = Some(mig);
                 }
             }
             Err(StepError::Retry(e)) => {
@@ -514,7 +523,7 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
     let run = (|| -> Result<(String, crate::proto::RunMachine)> {
         let mut next = core.store.get_machine(&mig.machine_id)?;
         let to = parse_host(&mig.to_host)?;
-        next.region = core.store.get_host(to)?.region;
+        next.region = crate::cache::host(core, to)?.region;
         next.host = Some(to);
         next.machine_field = Some(MachineField(mig.new_field));
         next.private_ip = Some(mig.new_ip.clone());
@@ -707,7 +716,7 @@ async fn image_on_destination(core: &Core, mig: &Migration, m: &Machine) -> Step
     if mig.stats.stopped_at_ms.is_some() {
         return Ok(()); // pulled before this stop already (a resumed step)
     }
-    let host = core.store.get_host(parse_host(&mig.to_host)?)?;
+    let host = crate::cache::host(core, parse_host(&mig.to_host)?)?;
     crate::images::ensure_on_host(core, &host, image).await?;
     Ok(())
 }
@@ -827,7 +836,7 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
                 mount.volume = v.dst_volume.clone();
             }
         }
-        let host = core.store.get_host(to)?;
+        let host = crate::cache::host(core, to)?;
         let mut next = m.clone();
         next.host = Some(to);
         next.region = host.region.clone();
@@ -910,6 +919,10 @@ async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     Ok(())
 }
 
+/// How often at most a migration in `started` reads its machine while it waits out
+/// `min_healthy_time`.
+const HEALTHY_POLL_MS: i64 = 250;
+
 async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     // The source host forgets the fenced copy (namespace, cgroup, run dir) now that the
     // destination has the machine: off the downtime's path. Best effort: a source host that is
@@ -947,11 +960,17 @@ async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
                     policy.min_healthy_time_ms
                 )));
             }
+            // Until it is ready, look again soon; once it is, at most every HEALTHY_POLL (an
+            // exit meanwhile is seen within that) and right when min_healthy_time is up. On etcd
+            // each look is a round trip, and a drain has every migration of a host here at once.
+            let mut pause = 100;
             if ready(core, &m) {
                 let since = *ready_since.get_or_insert(now);
-                if now - since >= policy.min_healthy_time_ms as i64 {
+                let left = since + policy.min_healthy_time_ms as i64 - now;
+                if left <= 0 {
                     break;
                 }
+                pause = left.min(HEALTHY_POLL_MS);
             } else {
                 ready_since = None;
             }
@@ -961,7 +980,7 @@ async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
                     policy.min_healthy_time_ms, policy.healthy_deadline_ms
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(pause as u64)).await;
         }
     }
     finish(core, mig, "done", None)?;
@@ -1157,7 +1176,7 @@ async fn copy_back(core: &Arc<Core>, mig: &mut Migration, m: &Machine) -> Step<(
     let from = parse_host(&mig.from_host)?;
     let mut back = m.clone();
     back.host = Some(from);
-    back.region = core.store.get_host(from)?.region;
+    back.region = crate::cache::host(core, from)?.region;
     back.machine_field = Some(MachineField(mig.old_field));
     back.private_ip = Some(mig.old_ip.clone());
     back.instance_id = new_instance_id();

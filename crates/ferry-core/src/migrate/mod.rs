@@ -339,7 +339,10 @@ fn load_policy_rev(core: &Core, app: &str) -> Result<(MigratePolicy, u64)> {
 }
 
 fn endpoint(core: &Core, host: &str) -> Result<String> {
-    let h = core.store.get_host(parse_host(host)?)?;
+    // From the hosts' cache: each step calls an agent or two, and on etcd a read is a round
+    // trip. A host that registered again moments ago may still show its old endpoint here;
+    // the call then fails and the step is retried with the new one.
+    let h = crate::cache::host(core, parse_host(host)?)?;
     if h.endpoint.is_empty() {
         return Err(Error::unavailable(format!(
             "the agent of host {host} is not registered"
