@@ -13,6 +13,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The shortest time between the starts of two DNS snapshot builds. A build reads every
+/// machine (on etcd, a range of every record, then shipped to every agent); a drain changes
+/// machines hundreds of times a second and rebuilt back to back, that was the etcd cluster's
+/// largest single load. A lone change is never delayed: only one that follows a build within
+/// this time waits for the rest of it.
+const DNS_REBUILD_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Hands a snapshot to the agents' watch streams (they send it only when it changed).
 fn publish_for_agents(ctx: &Core, snap: &ferry_dns::Snapshot) {
     let json = serde_json::to_string(snap).expect("a snapshot serializes");
@@ -179,7 +186,15 @@ impl ControlPlane {
         let (z, s, c) = (zone.clone(), store.clone(), ctx.clone());
         let mut changes = ctx.changes.subscribe();
         rt.spawn(async move {
+            let mut last_build: Option<tokio::time::Instant> = None;
             while changes.changed().await.is_ok() {
+                // A change after a quiet spell is built at once; in a burst, builds start at
+                // most every DNS_REBUILD_GAP (the changes meanwhile fold into the next one).
+                if let Some(t) = last_build {
+                    tokio::time::sleep_until(t + DNS_REBUILD_GAP).await;
+                    changes.borrow_and_update();
+                }
+                last_build = Some(tokio::time::Instant::now());
                 let s = s.clone();
                 // No snapshot (the store did not answer): DNS keeps the last one.
                 let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
