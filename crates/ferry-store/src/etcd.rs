@@ -2107,7 +2107,19 @@ impl Store for EtcdStore {
     }
 
     fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
+        self.update_migration_recorded(m, None)
+    }
+
+    fn update_migration_recorded(
+        &self,
+        m: &MigrationRecord,
+        event: Option<&NewEvent>,
+    ) -> Result<MigrationRecord> {
         self.write(|tx| {
+            if let Some(ev) = event {
+                machine_exists(tx, &m.machine_id)?;
+                put_event(tx, &m.machine_id, ev)?;
+            }
             let cur = get_migration_tx(tx, &m.id)?;
             if cur.revision != m.revision {
                 return Err(stale("migration", &m.id, m.revision, cur.revision));

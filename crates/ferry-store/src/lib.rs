@@ -257,6 +257,16 @@ pub trait Store: Send + Sync {
     /// from false to true, never back; when it does, the machine's active index is cleared in the
     /// same step.
     fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord>;
+    /// [`Store::update_migration`] and `event` appended to the migrated machine's log, in one
+    /// transaction: both or neither (a stale revision records no event). A migration's step
+    /// records what it did with the phase it reached in one write instead of two, and a
+    /// resumed step can never record it twice. One event: on etcd an event's ID is the
+    /// revision that wrote it.
+    fn update_migration_recorded(
+        &self,
+        m: &MigrationRecord,
+        event: Option<&NewEvent>,
+    ) -> Result<MigrationRecord>;
 
     // ---- migration policies -----------------------------------------------------------------
 

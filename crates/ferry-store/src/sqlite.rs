@@ -1380,6 +1380,21 @@ impl Store for SqliteStore {
         self.write(|tx, now| rec::update_migration(tx, m, now))
     }
 
+    fn update_migration_recorded(
+        &self,
+        m: &MigrationRecord,
+        event: Option<&NewEvent>,
+    ) -> Result<MigrationRecord> {
+        self.write(|tx, now| {
+            let rec = rec::update_migration(tx, m, now)?;
+            if let Some(ev) = event {
+                machine_exists(tx, &m.machine_id)?;
+                insert_event_tx(tx, &m.machine_id, ev, now)?;
+            }
+            Ok(rec)
+        })
+    }
+
     fn create_token(&self, t: &TokenRecord) -> Result<TokenRecord> {
         self.write(|tx, now| rec::create_token(tx, t, now))
     }

@@ -762,6 +762,53 @@ fn placed_creates_and_recorded_transitions_are_one_step(fx: &Fx) {
         s.transition_recorded(&a.id, &[Created], Stopped, &started)
     });
     assert_eq!(s.events(&a.id).unwrap().len(), 2);
+
+    // A migration's phase and the event of what its step did: one write, both or neither.
+    let mig = s
+        .create_migration(&MigrationRecord {
+            id: "mig_rec".into(),
+            machine_id: a.id.clone(),
+            app: "web".into(),
+            network_id: app.network_id.get(),
+            phase: "pending".into(),
+            finished: false,
+            drain: None,
+            detail: json!({}),
+            revision: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        })
+        .unwrap();
+    let synced = NewEvent::new(
+        "migrate",
+        "synced",
+        "ferry",
+        json!({"migration": "mig_rec"}),
+    );
+    let next = MigrationRecord {
+        phase: "synced".into(),
+        ..mig.clone()
+    };
+    let saved = s.update_migration_recorded(&next, Some(&synced)).unwrap();
+    assert_eq!((saved.revision, saved.phase.as_str()), (2, "synced"));
+    let evs = s.events(&a.id).unwrap();
+    assert_eq!(evs.len(), 3);
+    assert!(evs[1].id < evs[2].id, "{evs:?}");
+    assert_eq!(
+        (evs[2].r#type.as_str(), evs[2].status.as_str()),
+        ("migrate", "synced")
+    );
+    assert_eq!(evs[2].request, json!({"migration": "mig_rec"}));
+    // A stale revision: no phase change, no event.
+    fails_cleanly(fx, "stale_revision", || {
+        s.update_migration_recorded(&next, Some(&synced))
+    });
+    assert_eq!(s.events(&a.id).unwrap().len(), 3);
+    assert_eq!(s.get_migration("mig_rec").unwrap().revision, 2);
+    // No event: a plain update.
+    let plain = s.update_migration_recorded(&saved, None).unwrap();
+    assert_eq!(plain.revision, 3);
+    assert_eq!(s.events(&a.id).unwrap().len(), 3);
 }
 
 #[test]
