@@ -9,7 +9,7 @@ use crate::Core;
 use ferry_addr::FleetAddr;
 use ferry_store::Machine;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use utoipa::ToSchema;
 
 /// Orgs and apps whose machines do not get the bridge (it is on by default).
@@ -129,16 +129,24 @@ pub fn gate(core: &Core, m: &Machine) -> Result<bool> {
 /// an agent that missed a push gets the state again when it registers ([`sync_host`]).
 pub async fn sync_all(core: &Core) -> Vec<String> {
     let generation = core.bridge_generation();
-    let (mappings, hosts) = match (mappings(core), core.store.list_hosts()) {
+    let (mappings, hosts) = match (mappings(core), crate::cache::hosts(core)) {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
+    // The gates of every host's machines from one read, not one per host.
+    let mut summaries: HashMap<ferry_addr::HostId, Vec<ferry_store::MachineSummary>> =
+        HashMap::new();
+    for m in core.store.list_machine_summaries(None).unwrap_or_default() {
+        if let Some(h) = m.host {
+            summaries.entry(h).or_default().push(m);
+        }
+    }
     // Every host at once, not one after the other: a migration waits for this push between its
     // switch and its start, so it is downtime, and it would grow with the number of hosts.
-    let pushes = hosts
-        .iter()
-        .filter(|h| !h.endpoint.is_empty())
-        .map(|h| push(core, h, &mappings, generation));
+    let pushes = hosts.iter().filter(|h| !h.endpoint.is_empty()).map(|h| {
+        let machines = summaries.remove(&h.id).unwrap_or_default();
+        push(core, h, &mappings, machines, generation)
+    });
     futures::future::join_all(pushes)
         .await
         .into_iter()
@@ -151,13 +159,19 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
 pub async fn sync_host(core: &Core, host: &ferry_store::Host) -> std::result::Result<(), String> {
     let generation = core.bridge_generation();
     let mappings = mappings(core).map_err(|e| e.to_string())?;
-    push(core, host, &mappings, generation).await
+    let machines = core
+        .store
+        .list_machine_summaries(Some(host.id))
+        .map_err(|e| e.to_string())?;
+    push(core, host, &mappings, machines, generation).await
 }
 
+/// Sends `h`'s agent the mappings and the gates of `machines` (the host's).
 async fn push(
     core: &Core,
     h: &ferry_store::Host,
     mappings: &[BridgeMapping],
+    machines: Vec<ferry_store::MachineSummary>,
     generation: u64,
 ) -> std::result::Result<(), String> {
     let mut sync = BridgeSync {
@@ -167,11 +181,7 @@ async fn push(
         generation,
     };
     let off = crate::cache::gates(core).unwrap_or_default();
-    for m in core
-        .store
-        .list_machine_summaries(Some(h.id))
-        .unwrap_or_default()
-    {
+    for m in machines {
         let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
@@ -264,6 +274,15 @@ pub async fn install(core: &Core, old: FleetAddr, new: FleetAddr) -> Result<Brid
     {
         return Err(no_org_has(old.network()));
     }
+    install_in_org(core, old, new).await
+}
+
+/// [`install`] for a network known to be an org's (a migration's: the machine's org).
+pub(crate) async fn install_in_org(
+    core: &Core,
+    old: FleetAddr,
+    new: FleetAddr,
+) -> Result<BridgeMapping> {
     let (o, n) = (old.to_string(), new.to_string());
     let now = core.store.now_ms();
     let changed = change_network(core, old.network().get(), |all| {

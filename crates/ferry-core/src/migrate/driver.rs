@@ -5,7 +5,7 @@ use super::*;
 use crate::proto::{VolumeExpect, VolumeExpected, VolumeRemove, VolumeRound, VolumeSend};
 use crate::views::StopRequest;
 use ferry_addr::{FleetAddr, MachineField};
-use ferry_store::new_instance_id;
+use ferry_store::{new_instance_id, NewEvent};
 
 enum StepError {
     /// Try the same step again (an agent restarting, a lock held by another migration).
@@ -84,7 +84,9 @@ async fn drive(core: &Arc<Core>, id: &str) {
             return;
         }
     }
-    if load(core, id).is_ok_and(|m| m.phase == Phase::Pending) {
+    // Read once here; the loop below starts from it.
+    let first = load(core, id).ok();
+    if first.as_ref().is_some_and(|m| m.phase == Phase::Pending) {
         crate::crash_point("pending"); // test hook: claimed, nothing done yet
     }
     let claim = Arc::new(std::sync::Mutex::new(claim));
@@ -93,13 +95,16 @@ async fn drive(core: &Arc<Core>, id: &str) {
     // write of the migration: the heartbeat refreshes it without reading the migration again.
     let network_lock: Arc<std::sync::Mutex<Option<(String, String)>>> = Default::default();
     // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
-    // dead server's expire.
+    // dead server's expire. Each refresh is a store write, and a drain has every migration of a
+    // host in flight at once (most of them waiting for their network's lock): the claim is
+    // refreshed every third of its TTL (two refreshes in a row may fail before it lapses), the
+    // network lock, with its longer TTL, every other beat.
     let hb = {
         let (core, id, claim, lost) = (core.clone(), id.to_owned(), claim.clone(), lost.clone());
         let network_lock = network_lock.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 5)).await;
+            for beat in 0u64.. {
+                tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 3)).await;
                 let mut c = claim.lock().unwrap().clone();
                 match keep_claim(&core, &id, &mut c) {
                     Ok(true) => *claim.lock().unwrap() = c,
@@ -110,7 +115,7 @@ async fn drive(core: &Arc<Core>, id: &str) {
                     Err(_) => {} // store unreachable: try again; the claim may still hold
                 }
                 let held = network_lock.lock().unwrap().clone();
-                if let Some((name, nonce)) = held {
+                if let (Some((name, nonce)), 1) = (held, beat % 2) {
                     let _ = core.store.refresh_lock(&name, &nonce, LOCK_TTL_MS);
                 }
             }
@@ -121,7 +126,7 @@ async fn drive(core: &Arc<Core>, id: &str) {
     // The migration as this driver last saved it: the next step starts from it without reading
     // it again (a save is a compare-and-swap on its revision, so a copy that someone else changed
     // meanwhile can never be written back). After a wait or a failed save it is read again.
-    let mut saved: Option<Migration> = None;
+    let mut saved: Option<Migration> = first;
     loop {
         if lost.load(std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("migration {id}: another server took it over");
@@ -177,6 +182,8 @@ async fn drive(core: &Arc<Core>, id: &str) {
                 }
             }
             Err(StepError::Retry(e)) => {
+                // What the failed step would have recorded did not happen (it runs again).
+                mig.pending_event = None;
                 mig.retries += 1;
                 tracing::warn!("migration {id} at {}: {e} (retrying)", mig.phase.as_str());
                 if mig.retries > MAX_RETRIES && mig.phase != Phase::RollingBack {
@@ -188,6 +195,7 @@ async fn drive(core: &Arc<Core>, id: &str) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(StepError::RollBack(e)) => {
+                mig.pending_event = None;
                 if mig.phase == Phase::RollingBack {
                     // Undoing failed in a way retrying will not fix: stay here, say why, retry
                     // slowly (an operator may fix the host).
@@ -341,7 +349,7 @@ async fn lock_and_plan(core: &Core, mig: &mut Migration) -> Step<()> {
 fn pick_destination(core: &Core, from: HostId) -> Result<HostId> {
     let loads = core.store.machines_per_host()?;
     let mut best: Option<(usize, HostId)> = None;
-    for h in core.store.list_hosts()? {
+    for h in crate::cache::hosts(core)? {
         if h.id == from || h.cordoned || h.endpoint.is_empty() {
             continue;
         }
@@ -384,15 +392,22 @@ async fn notice(core: &Core, mig: &mut Migration) -> Step<()> {
                 }
                 None => None,
             };
-            core.store.add_event(
-                &mig.machine_id,
-                "migrate",
-                "notice",
-                "ferry",
-                serde_json::json!({"notice": payload, "webhook": webhook}),
+            record_event(
+                core,
+                mig,
+                NewEvent::new(
+                    "migrate",
+                    "notice",
+                    "ferry",
+                    serde_json::json!({"notice": payload, "webhook": webhook}),
+                ),
             )?;
             mig.notice_at_ms = Some(now);
-            save(core, mig)?;
+            if policy.notice_period_ms > 0 {
+                // The notice is on record before the wait; with no wait it is saved with the
+                // next phase.
+                save(core, mig)?;
+            }
             now
         }
     };
@@ -572,12 +587,11 @@ async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
     }
     mig.stats.precopy_ms = t0.elapsed().as_millis() as u64;
     mig.stats.precopy_bytes = bytes;
-    core.store.add_event(
-        &mig.machine_id,
-        "migrate",
-        "precopied",
-        "ferry",
-        serde_json::json!({"migration": mig.id, "bytes": bytes, "ms": mig.stats.precopy_ms}),
+    let ev = serde_json::json!({"migration": mig.id, "bytes": bytes, "ms": mig.stats.precopy_ms});
+    record_event(
+        core,
+        mig,
+        NewEvent::new("migrate", "precopied", "ferry", ev),
     )?;
     mig.phase = Phase::Precopied;
     Ok(())
@@ -689,15 +703,10 @@ async fn stop_source(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     }
     // A machine that was not running has no downtime: nothing to time, nothing to announce.
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
+        let ev = serde_json::json!({"migration": mig.id});
+        record_event(core, mig, NewEvent::new("migrate", "stopping", "ferry", ev))?;
         mig.stats.stopped_at_ms = Some(core.store.now_ms());
         save(core, mig)?;
-        core.store.add_event(
-            &m.id,
-            "migrate",
-            "stopping",
-            "ferry",
-            serde_json::json!({"migration": mig.id}),
-        )?;
     }
     stop_machine_now(core, &m).await?;
     mig.phase = Phase::Stopped;
@@ -769,14 +778,9 @@ async fn final_sync(core: &Core, mig: &mut Migration) -> Step<()> {
     mig.stats.final_sync_ms = t0.elapsed().as_millis() as u64;
     mig.stats.final_bytes = bytes;
     mig.stats.final_chunks = chunks;
-    core.store.add_event(
-        &mig.machine_id,
-        "migrate",
-        "synced",
-        "ferry",
-        serde_json::json!({"migration": mig.id, "bytes": bytes, "chunks": chunks,
-            "roots": mig.volumes.iter().map(|v| v.root.clone()).collect::<Vec<_>>()}),
-    )?;
+    let ev = serde_json::json!({"migration": mig.id, "bytes": bytes, "chunks": chunks,
+        "roots": mig.volumes.iter().map(|v| v.root.clone()).collect::<Vec<_>>()});
+    record_event(core, mig, NewEvent::new("migrate", "synced", "ferry", ev))?;
     mig.phase = Phase::Synced;
     Ok(())
 }
@@ -806,7 +810,11 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
         // is refused, not dropped, until the bridge maps it to the new one.
         let ep = endpoint(core, &mig.from_host)?;
         core.agents.fence(&ep, &m.id).await?;
-        let policy = load_policy(core, &mig.app)?;
+        // The policy only says how long the source's volumes are kept: not read without any.
+        let retention_ms = match mig.volumes.is_empty() {
+            true => 0,
+            false => load_policy(core, &mig.app)?.volume_retention_ms,
+        };
         let now = core.store.now_ms();
         for v in &mig.volumes {
             let src = crate::volumes::volume(core, &v.src_volume)?;
@@ -849,7 +857,7 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
             .update_machine_if(&next, &[S::Stopped, S::Failed, S::Created])?;
         for v in &mig.volumes {
             let mut src = crate::volumes::volume(core, &v.src_volume)?;
-            mark_pending_destroy(&mut src, now, policy.volume_retention_ms);
+            mark_pending_destroy(&mut src, now, retention_ms);
             crate::volumes::put_volume(core, &src)?;
         }
         core.changed();
@@ -873,15 +881,11 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
 async fn start_destination(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let m = core.store.get_machine(&mig.machine_id)?;
     if !mig.launch_recorded {
-        core.store.add_event(
-            &m.id,
-            "launch",
-            "migrated",
-            "ferry",
-            serde_json::json!({"migrated": true, "migration": mig.id, "from_host": mig.from_host,
-                "to_host": mig.to_host, "old_instance_id": mig.old_instance_id,
-                "instance_id": mig.new_instance_id, "old_ip": mig.old_ip, "private_ip": mig.new_ip}),
-        )?;
+        let ev = serde_json::json!({"migrated": true, "migration": mig.id,
+            "from_host": mig.from_host, "to_host": mig.to_host,
+            "old_instance_id": mig.old_instance_id, "instance_id": mig.new_instance_id,
+            "old_ip": mig.old_ip, "private_ip": mig.new_ip});
+        record_event(core, mig, NewEvent::new("launch", "migrated", "ferry", ev))?;
         mig.launch_recorded = true;
         save(core, mig)?;
     }
@@ -914,7 +918,8 @@ async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
         .new_ip
         .parse()
         .map_err(|e| Error::internal(format!("{e}")))?;
-    crate::bridge::install(core, old, new).await?;
+    // The org owning the network is the machine's: no need to look it up as `install` does.
+    crate::bridge::install_in_org(core, old, new).await?;
     mig.phase = Phase::Mapped;
     Ok(())
 }
@@ -1010,19 +1015,14 @@ fn last_exit(core: &Core, machine: &str) -> String {
 fn finish(core: &Core, mig: &mut Migration, status: &str, reason: Option<&str>) -> Result<()> {
     if let Some(n) = mig.lock_nonce.take() {
         let _ = core.store.release_lock(&lock_name(mig), &n);
-        core.migrations
-            .network_notify(mig.network_id)
-            .notify_waiters();
+        // One waiter, not all: only one can take the lock, and each that tries costs store
+        // round trips. The others wait for the next release (or their poll).
+        core.migrations.network_notify(mig.network_id).notify_one();
     }
     mig.finished_at_ms = Some(core.store.now_ms());
-    core.store.add_event(
-        &mig.machine_id,
-        "migrate",
-        status,
-        "ferry",
-        serde_json::json!({"migration": mig.id, "from_host": mig.from_host, "to_host": mig.to_host,
-            "downtime_ms": mig.stats.downtime_ms, "reason": reason}),
-    )?;
+    let ev = serde_json::json!({"migration": mig.id, "from_host": mig.from_host,
+        "to_host": mig.to_host, "downtime_ms": mig.stats.downtime_ms, "reason": reason});
+    record_event(core, mig, NewEvent::new("migrate", status, "ferry", ev))?;
     core.metrics
         .migrations_finished
         .get_or_create(&crate::metrics::OutcomeLabels {

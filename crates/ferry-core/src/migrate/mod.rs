@@ -40,8 +40,10 @@ const LOCK_TTL_MS: u64 = 15_000;
 /// migration waits for another server to take it over after its server died.
 pub const CLAIM_TTL_MS: u64 = 5_000;
 /// How often a migration waiting for its network's lock tries again when nothing woke it (the
-/// lock was released by another server, or its holder died and it expired).
-const LOCK_POLL: Duration = Duration::from_secs(1);
+/// lock was released by another server, or its holder died and it expired). A release by this
+/// server wakes the next waiter at once; each poll is two store round trips, and a drain's
+/// waiters number in the hundreds.
+const LOCK_POLL: Duration = Duration::from_secs(2);
 /// How often every server looks for unfinished migrations nobody drives: a dead server's
 /// migration is taken over at most this long after its claim lapsed (the claim's TTL), so
 /// takeover stays within TTL + 1 s with room for the first step. Migrations this server drives
@@ -182,6 +184,10 @@ pub struct Migration {
     /// each other's update (the second gets a conflict).
     #[serde(skip)]
     pub revision: u64,
+    /// What the running step did, for the machine's event log: written by the next save, in
+    /// the same transaction ([`record_event`]).
+    #[serde(skip)]
+    pub(crate) pending_event: Option<ferry_store::NewEvent>,
 }
 
 /// An app's rules for moving its machines.
@@ -308,10 +314,31 @@ fn load(core: &Core, id: &str) -> Result<Migration> {
 
 /// Writes the migration if nobody else changed it since it was read (compare-and-swap on its
 /// revision); a conflict otherwise, and nothing is written.
+/// An event that [`record_event`] left pending goes into the same write: both or neither.
 fn save(core: &Core, m: &mut Migration) -> Result<()> {
     m.updated_at_ms = core.store.now_ms();
-    let r = core.store.update_migration(&record(m)?)?;
+    let r = core
+        .store
+        .update_migration_recorded(&record(m)?, m.pending_event.as_ref())?;
     m.revision = r.revision;
+    m.pending_event = None;
+    Ok(())
+}
+
+/// Puts `ev` in the machine's log with the migration's next save: one write for the phase and the record of it instead of two (on etcd each is a round
+/// trip through the cluster, and most steps sit on the downtime's path), and a step resumed
+/// after a crash cannot log what it did twice. An event still pending is written first.
+fn record_event(core: &Core, m: &mut Migration, ev: ferry_store::NewEvent) -> Result<()> {
+    if let Some(ev) = m.pending_event.take() {
+        core.store.add_event(
+            &m.machine_id,
+            &ev.r#type,
+            &ev.status,
+            &ev.source,
+            ev.request,
+        )?;
+    }
+    m.pending_event = Some(ev);
     Ok(())
 }
 
@@ -482,6 +509,7 @@ fn create(
             retries: 0,
             progress: None,
             revision: 0,
+            pending_event: None,
         };
         mig.revision = core.store.create_migration(&record(&mig)?)?.revision;
         core.store.add_event(
