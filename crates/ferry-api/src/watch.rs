@@ -67,18 +67,18 @@ struct Stream {
     pending: std::collections::VecDeque<String>,
     /// The store's change counters as of the last wake-up: which parts changed since.
     seen: ferry_store::Changes,
-    /// When the bridge state was last read, and when it is due again because machines changed
-    /// meanwhile ([`MACHINES_COALESCE`]).
+    /// When the bridge state was last read, and when it is due again because machines or the
+    /// bridge changed meanwhile ([`BRIDGE_COALESCE`]).
     bridge_read_at: Option<tokio::time::Instant>,
     bridge_due: Option<tokio::time::Instant>,
 }
 
-/// How often at most a stream reads the host's bridge state again because machines changed
-/// (a busy fleet changes machines hundreds of times a second, and each read lists every machine
-/// of the host). A machine's own gate reaches its agent with its start; the watch only repairs
-/// what a push missed, so a quarter second is early enough. Changes of the bridge itself
-/// (mappings, gates) are read at once.
-const MACHINES_COALESCE: Duration = Duration::from_millis(250);
+/// How often at most a stream reads the host's bridge state again because machines or the
+/// bridge changed (a busy fleet changes them hundreds of times a second, and each read lists
+/// every machine of the host). Every change of the bridge is pushed to every agent by the
+/// server that made it ([`ferry_core::bridge`]), and a machine's own gate reaches its agent with
+/// its start: the watch only repairs what a push missed, so a quarter second is early enough.
+const BRIDGE_COALESCE: Duration = Duration::from_millis(250);
 
 impl Stream {
     /// The next line to send; waits for a change or the keep-alive period.
@@ -114,10 +114,9 @@ impl Stream {
                         }
                         Some(c) => {
                             want_hosts = c.hosts != self.seen.hosts;
-                            if c.bridge != self.seen.bridge {
-                                want_bridge = true;
-                            } else if c.machines != self.seen.machines && self.bridge_due.is_none() {
-                                let earliest = self.bridge_read_at.map(|t| t + MACHINES_COALESCE);
+                            let moved = c.bridge != self.seen.bridge || c.machines != self.seen.machines;
+                            if moved && self.bridge_due.is_none() {
+                                let earliest = self.bridge_read_at.map(|t| t + BRIDGE_COALESCE);
                                 let now = tokio::time::Instant::now();
                                 match earliest {
                                     Some(t) if t > now => self.bridge_due = Some(t),
