@@ -13,12 +13,46 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The shortest time between the starts of two DNS snapshot builds. A build reads every
-/// machine (on etcd, a range of every record, then shipped to every agent); a drain changes
-/// machines hundreds of times a second and rebuilt back to back, that was the etcd cluster's
-/// largest single load. A lone change is never delayed: only one that follows a build within
-/// this time waits for the rest of it.
-const DNS_REBUILD_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+/// How DNS snapshot builds are paced: a few at once ([`DNS_BURST`]: a stop or a start is two or
+/// three changes, each seen in answers at once), then one per [`DNS_REBUILD_GAP`]. A build reads
+/// every machine (on etcd, a range of every record) and the snapshot goes whole to every agent,
+/// which parses it; a drain changes machines hundreds of times a second, and rebuilt back to
+/// back that was the etcd cluster's largest single load. In a long burst, names are at most
+/// one gap (plus a build) behind; a moved machine's old address works meanwhile (the bridge).
+/// A token bucket, written here because it is ten lines and the publisher is its only user.
+#[derive(Debug)]
+struct BuildPace {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+const DNS_BURST: f64 = 4.0;
+const DNS_REBUILD_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl BuildPace {
+    fn new(now: std::time::Instant) -> Self {
+        BuildPace {
+            tokens: DNS_BURST,
+            at: now,
+        }
+    }
+
+    /// How long to wait before a build wanted at `now`; the build is counted as made then.
+    fn take(&mut self, now: std::time::Instant) -> std::time::Duration {
+        let refill =
+            now.saturating_duration_since(self.at).as_secs_f64() / DNS_REBUILD_GAP.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(DNS_BURST);
+        self.at = now;
+        let wait = if self.tokens >= 1.0 {
+            std::time::Duration::ZERO
+        } else {
+            DNS_REBUILD_GAP.mul_f64(1.0 - self.tokens)
+        };
+        // The token the build spends, refilled meanwhile if it has to wait.
+        self.tokens -= 1.0;
+        wait
+    }
+}
 
 /// Hands a snapshot to the agents' watch streams (they send it only when it changed).
 fn publish_for_agents(ctx: &Core, snap: &ferry_dns::Snapshot) {
@@ -186,15 +220,14 @@ impl ControlPlane {
         let (z, s, c) = (zone.clone(), store.clone(), ctx.clone());
         let mut changes = ctx.changes.subscribe();
         rt.spawn(async move {
-            let mut last_build: Option<tokio::time::Instant> = None;
+            let mut pace = BuildPace::new(std::time::Instant::now());
             while changes.changed().await.is_ok() {
-                // A change after a quiet spell is built at once; in a burst, builds start at
-                // most every DNS_REBUILD_GAP (the changes meanwhile fold into the next one).
-                if let Some(t) = last_build {
-                    tokio::time::sleep_until(t + DNS_REBUILD_GAP).await;
+                // Paced (BuildPace): the changes that land during a wait fold into this build.
+                let wait = pace.take(std::time::Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
                     changes.borrow_and_update();
                 }
-                last_build = Some(tokio::time::Instant::now());
                 let s = s.clone();
                 // No snapshot (the store did not answer): DNS keeps the last one.
                 let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
@@ -294,5 +327,31 @@ impl ControlPlane {
     pub fn resume(&self, rt: &tokio::runtime::Runtime) {
         let _guard = rt.enter();
         ferry_core::migrate::resume_unfinished(&self.ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn dns_builds_go_at_once_in_a_short_burst_then_one_per_gap() {
+        let t0 = Instant::now();
+        let mut p = BuildPace::new(t0);
+        // A stop and a start, back to back: every build at once.
+        for _ in 0..4 {
+            assert_eq!(p.take(t0), Duration::ZERO);
+        }
+        // The fifth in the same instant waits one gap; the next waits from where that one left.
+        assert_eq!(p.take(t0), DNS_REBUILD_GAP);
+        let later = t0 + DNS_REBUILD_GAP;
+        assert_eq!(p.take(later), DNS_REBUILD_GAP);
+        // After a quiet spell the whole burst is back, no more.
+        let quiet = later + DNS_REBUILD_GAP * 20;
+        for _ in 0..4 {
+            assert_eq!(p.take(quiet), Duration::ZERO);
+        }
+        assert!(p.take(quiet) > Duration::ZERO);
     }
 }
