@@ -31,8 +31,64 @@ fn creates(dev: &BenchFleet, n: usize) -> Result<Vec<f64>> {
     Ok(lat)
 }
 
-/// `orgs` orgs with `per_org` machines each on the first host; seconds to drain that host.
-fn drain(dev: &BenchFleet, orgs: usize, per_org: usize) -> Result<f64> {
+/// Where a drain's time went, per migration (medians, ms): from the previous migration of its
+/// network finishing (or the drain's start) to the source's stop, the stop to the start on the
+/// destination (downtime), and the start to done (the policy's min_healthy_time and the polls).
+struct Phases {
+    to_stop: f64,
+    downtime: f64,
+    to_done: f64,
+}
+
+impl Phases {
+    fn of(migrations: &[Value], drain_start_ms: i64) -> Phases {
+        let ms = |m: &Value, k: &str| m[k].as_i64().or_else(|| m["stats"][k].as_i64());
+        let mut by_app: std::collections::BTreeMap<&str, Vec<&Value>> = Default::default();
+        for m in migrations {
+            by_app
+                .entry(m["app"].as_str().unwrap_or(""))
+                .or_default()
+                .push(m);
+        }
+        let (mut to_stop, mut downtime, mut to_done) = (vec![], vec![], vec![]);
+        for chain in by_app.values_mut() {
+            chain.sort_by_key(|m| ms(m, "finished_at_ms"));
+            let mut prev = drain_start_ms;
+            for m in chain.iter() {
+                let (Some(stop), Some(start), Some(done)) = (
+                    ms(m, "stopped_at_ms"),
+                    ms(m, "started_at_ms"),
+                    ms(m, "finished_at_ms"),
+                ) else {
+                    continue;
+                };
+                to_stop.push((stop - prev) as f64);
+                downtime.push((start - stop) as f64);
+                to_done.push((done - start) as f64);
+                prev = done;
+            }
+        }
+        Phases {
+            to_stop: median(&to_stop),
+            downtime: median(&downtime),
+            to_done: median(&to_done),
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "to stop {:.0} / down {:.0} / to done {:.0} ms",
+            self.to_stop, self.downtime, self.to_done
+        )
+    }
+}
+
+/// `orgs` orgs with `per_org` machines each on the first host; seconds to drain that host, and
+/// where the time went.
+fn drain(dev: &BenchFleet, orgs: usize, per_org: usize) -> Result<(f64, Phases)> {
     let hosts = dev.get("/v1/hosts")?;
     let (h0, h1) = (
         hosts[0]["id"].as_str().unwrap().to_owned(),
@@ -70,6 +126,9 @@ fn drain(dev: &BenchFleet, orgs: usize, per_org: usize) -> Result<f64> {
         json!({}),
     )?;
     let t = Instant::now();
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
     let d = dev.call(
         reqwest::Method::POST,
         &format!("/v1/hosts/{h0}/drain"),
@@ -93,7 +152,8 @@ fn drain(dev: &BenchFleet, orgs: usize, per_org: usize) -> Result<f64> {
             .collect();
         if phases.len() == ids.len() && phases.iter().all(|p| *p == "done" || *p == "rolled_back") {
             ensure!(phases.iter().all(|p| *p == "done"), "{phases:?}");
-            return Ok(t.elapsed().as_secs_f64());
+            let took = t.elapsed().as_secs_f64();
+            return Ok((took, Phases::of(all.as_array().unwrap(), start_ms)));
         }
         ensure!(
             Instant::now() < deadline,
@@ -125,16 +185,20 @@ fn main() -> Result<()> {
         drop(dev);
         // A fresh fleet per drain: 100 machines in 20 orgs, then one org's 5 alone.
         let dev = fleet("d", 2)?;
-        let all = drain(&dev, 20, 5)?;
+        let (all, all_phases) = drain(&dev, 20, 5)?;
         drop(dev);
         let dev = fleet("o", 2)?;
-        let one = drain(&dev, 1, 5)?;
+        let (one, one_phases) = drain(&dev, 1, 5)?;
         drop(dev);
         println!(
             "{name:8} create p50 {:.1} ms p99 {:.1} ms | drain 100 machines / 20 orgs {all:.1} s, one org's 5 alone {one:.1} s, ratio {:.2}",
             median(&lat),
             pct(&lat, 0.99),
             all / one
+        );
+        println!(
+            "{:8} drain per migration: 20 orgs {all_phases}; one org {one_phases}",
+            ""
         );
         rows.push((median(&lat), all / one));
     }
