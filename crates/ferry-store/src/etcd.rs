@@ -601,7 +601,7 @@ impl<'s> Tx<'s> {
 
     /// Commits the buffered writes if nothing read has changed: `Some(revision)` when committed
     /// (or nothing to write), `None` when the transaction must run again.
-    fn commit(mut self) -> Result<Option<i64>> {
+    fn commit(self) -> Result<Option<i64>> {
         if self.writes.is_empty() && self.prefix_deletes.is_empty() {
             // Nothing to write, but an answer computed from remembered reads is only right if
             // they are still current.
@@ -618,9 +618,7 @@ impl<'s> Tx<'s> {
                 Some(DeleteOptions::new().with_prefix()),
             ));
         }
-        let written: Vec<(String, Option<Vec<u8>>)> =
-            std::mem::take(&mut self.writes).into_iter().collect();
-        for (k, w) in &written {
+        for (k, w) in &self.writes {
             ops.push(match w {
                 Some(v) => TxnOp::put(k.clone(), v.clone(), None),
                 None => TxnOp::delete(k.clone(), None),
@@ -637,14 +635,14 @@ impl<'s> Tx<'s> {
             return Ok(None);
         }
         let rev = resp.header().map_or(0, |h| h.revision());
-        self.remember(&written, rev);
+        self.remember(rev);
         Ok(Some(rev))
     }
 
     /// Notes what this commit wrote at `rev` in the store's [`Written`] memory.
-    fn remember(&self, writes: &[(String, Option<Vec<u8>>)], rev: i64) {
+    fn remember(&self, rev: i64) {
         let mut mem = self.s.written.lock().unwrap();
-        if mem.keys.len() + writes.len() > WRITTEN_MAX {
+        if mem.keys.len() + self.writes.len() > WRITTEN_MAX {
             mem.keys.clear();
         }
         for p in &self.prefix_deletes {
@@ -656,7 +654,7 @@ impl<'s> Tx<'s> {
                 .collect();
             mem.forget(&under);
         }
-        for (k, w) in writes {
+        for (k, w) in &self.writes {
             let Some(value) = w else {
                 mem.keys.remove(k);
                 continue;
@@ -2104,10 +2102,6 @@ impl Store for EtcdStore {
 
     fn active_migration(&self, machine_id: &str) -> Result<Option<MigrationRecord>> {
         self.read(|tx| active_migration_tx(tx, machine_id))
-    }
-
-    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
-        self.update_migration_recorded(m, None)
     }
 
     fn update_migration_recorded(

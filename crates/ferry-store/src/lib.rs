@@ -256,7 +256,9 @@ pub trait Store: Send + Sync {
     /// `network_id` and `created_at_ms` never change ([`StoreError::Invalid`]); `finished` may go
     /// from false to true, never back; when it does, the machine's active index is cleared in the
     /// same step.
-    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord>;
+    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
+        self.update_migration_recorded(m, None)
+    }
     /// [`Store::update_migration`] and `event` appended to the migrated machine's log, in one
     /// transaction: both or neither (a stale revision records no event). A migration's step
     /// records what it did with the phase it reached in one write instead of two, and a

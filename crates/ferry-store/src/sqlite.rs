@@ -1376,10 +1376,6 @@ impl Store for SqliteStore {
         self.read(|tx, _| rec::active_migration(tx, machine_id))
     }
 
-    fn update_migration(&self, m: &MigrationRecord) -> Result<MigrationRecord> {
-        self.write(|tx, now| rec::update_migration(tx, m, now))
-    }
-
     fn update_migration_recorded(
         &self,
         m: &MigrationRecord,

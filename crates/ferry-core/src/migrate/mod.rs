@@ -325,9 +325,10 @@ fn save(core: &Core, m: &mut Migration) -> Result<()> {
     Ok(())
 }
 
-/// Puts `ev` in the machine's log with the migration's next save: one write for the phase and the record of it instead of two (on etcd each is a round
-/// trip through the cluster, and most steps sit on the downtime's path), and a step resumed
-/// after a crash cannot log what it did twice. An event still pending is written first.
+/// Puts `ev` in the machine's log with the migration's next save: one write for the phase and
+/// the record of it instead of two (on etcd each is a round trip through the cluster, and most
+/// steps sit on the downtime's path), and a step resumed after a crash cannot log what it did
+/// twice. An event still pending is written first.
 fn record_event(core: &Core, m: &mut Migration, ev: ferry_store::NewEvent) -> Result<()> {
     if let Some(ev) = m.pending_event.take() {
         core.store.add_event(
