@@ -49,6 +49,18 @@ pub fn mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
         .collect())
 }
 
+/// [`mappings`] as fresh as the change feed and this server's own writes
+/// ([`ferry_store::Store::followed_bridge_mappings`]): what the readers that run on every change
+/// and the pushes after this server's own changes read.
+fn followed_mappings(core: &Core) -> Result<Vec<BridgeMapping>> {
+    Ok(core
+        .store
+        .followed_bridge_mappings()?
+        .into_iter()
+        .map(from_store)
+        .collect())
+}
+
 /// How many times a change of one network's mappings is planned again when another change of
 /// the same network landed first (other networks never conflict with it).
 const NETWORK_RETRIES: usize = 50;
@@ -103,7 +115,7 @@ pub fn gates(core: &Core) -> Result<Gates> {
 pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
     let generation = core.bridge_generation();
     let mut sync = BridgeSync {
-        mappings: mappings(core)?,
+        mappings: followed_mappings(core)?,
         gates: Default::default(),
         origin: core.server_id.clone(),
         generation,
@@ -112,7 +124,7 @@ pub fn host_state(core: &Core, host: ferry_addr::HostId) -> Result<BridgeSync> {
     // on every change, for every stream. For the same reason only the machines' summaries are
     // read (no configs to parse).
     let off = crate::cache::gates(core)?;
-    for m in core.store.list_machine_summaries(Some(host))? {
+    for m in core.store.followed_machine_summaries(Some(host))? {
         let on = !off.orgs_off.contains(&m.org) && !off.apps_off.contains(&m.app);
         sync.gates.insert(m.id, on);
     }
@@ -129,14 +141,18 @@ pub fn gate(core: &Core, m: &Machine) -> Result<bool> {
 /// an agent that missed a push gets the state again when it registers ([`sync_host`]).
 pub async fn sync_all(core: &Core) -> Vec<String> {
     let generation = core.bridge_generation();
-    let (mappings, hosts) = match (mappings(core), crate::cache::hosts(core)) {
+    let (mappings, hosts) = match (followed_mappings(core), crate::cache::hosts(core)) {
         (Ok(m), Ok(h)) => (m, h),
         _ => return vec!["reading the bridge state".into()],
     };
     // The gates of every host's machines from one read, not one per host.
     let mut summaries: HashMap<ferry_addr::HostId, Vec<ferry_store::MachineSummary>> =
         HashMap::new();
-    for m in core.store.list_machine_summaries(None).unwrap_or_default() {
+    for m in core
+        .store
+        .followed_machine_summaries(None)
+        .unwrap_or_default()
+    {
         if let Some(h) = m.host {
             summaries.entry(h).or_default().push(m);
         }
@@ -158,10 +174,10 @@ pub async fn sync_all(core: &Core) -> Vec<String> {
 /// new host knows every mapping before its first machine dials an old address.
 pub async fn sync_host(core: &Core, host: &ferry_store::Host) -> std::result::Result<(), String> {
     let generation = core.bridge_generation();
-    let mappings = mappings(core).map_err(|e| e.to_string())?;
+    let mappings = followed_mappings(core).map_err(|e| e.to_string())?;
     let machines = core
         .store
-        .list_machine_summaries(Some(host.id))
+        .followed_machine_summaries(Some(host.id))
         .map_err(|e| e.to_string())?;
     push(core, host, &mappings, machines, generation).await
 }

@@ -77,6 +77,8 @@ use crate::records::{
 use crate::sqlite::{check_machine, field_conflict, invalid, ttl};
 use crate::sqlite_records::{check_bridge_batch, check_migration_update};
 use crate::Store;
+#[path = "etcd_followed.rs"]
+mod followed;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KvClient, Txn, TxnOp,
     TxnOpResponse,
@@ -122,6 +124,11 @@ pub struct EtcdStore {
     watcher: std::sync::OnceLock<Arc<crate::watch::Notifier>>,
     /// What this store last wrote to each key, and at which revision ([`Written`]).
     written: std::sync::Mutex<Written>,
+    /// Machine summaries and bridge mappings as the watch last saw them ([`followed`]).
+    followed: Arc<followed::Followed>,
+    /// The revision of this store's last commit: what [`followed`] must have reached before it
+    /// answers.
+    last_commit: std::sync::atomic::AtomicI64,
 }
 
 /// The keys this store wrote last, with the revision of that write: a read-write transaction
@@ -636,6 +643,9 @@ impl<'s> Tx<'s> {
         }
         let rev = resp.header().map_or(0, |h| h.revision());
         self.remember(rev);
+        self.s
+            .last_commit
+            .fetch_max(rev, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(rev))
     }
 
@@ -734,6 +744,8 @@ impl EtcdStore {
             endpoints: endpoints.to_vec(),
             watcher: std::sync::OnceLock::new(),
             written: Default::default(),
+            followed: Default::default(),
+            last_commit: Default::default(),
         };
         // The channel connects lazily: a read now turns a wrong address into an error here,
         // not at the first API request.
@@ -758,6 +770,12 @@ impl EtcdStore {
             tx.put_raw(MARK, b"1".to_vec());
             Ok(())
         })
+    }
+
+    /// Whether [`followed`] reads are served from the watch's memory now (tests).
+    #[cfg(test)]
+    pub(crate) fn followed_live(&self) -> bool {
+        self.followed.read(0, |_| ()).is_some()
     }
 
     /// The endpoints it was given.
@@ -1050,7 +1068,7 @@ fn machines_by_idx(tx: &mut Tx<'_>, idx_prefix: &str) -> Result<Vec<(Machine, i6
 
 /// A stored machine record read as a [`MachineSummary`]: serde skips the config's other fields
 /// without building them (no `serde_json::Value` tree per machine).
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct SummaryRecord {
     id: String,
     app: String,
@@ -1068,7 +1086,7 @@ struct SummaryRecord {
 /// `config.metadata.process_group` if it is a string; anything else (no metadata, a config or a
 /// metadata that is not an object, a process group that is not a string) is none, as
 /// `config["metadata"]["process_group"].as_str()` reads it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ProcessGroupOf(Option<String>);
 
 impl<'de> Deserialize<'de> for ProcessGroupOf {
@@ -1144,12 +1162,18 @@ impl<'de> Deserialize<'de> for ProcessGroupOf {
 
 /// Machine summaries by an index scan, as [`machines_by_idx`] (non-terminal ones, oldest first).
 fn summaries(kvs: &[Kv]) -> Result<Vec<MachineSummary>> {
-    let mut v: Vec<(SummaryRecord, i64)> = kvs
+    let v: Vec<(SummaryRecord, i64)> = kvs
         .iter()
         .map(|kv| Ok((decode(kv)?, kv.create_revision)))
         .collect::<Result<_>>()?;
+    Ok(summaries_of(v))
+}
+
+/// The non-terminal ones of decoded summaries (with their keys' creation revisions), oldest
+/// first.
+fn summaries_of(mut v: Vec<(SummaryRecord, i64)>) -> Vec<MachineSummary> {
     v.sort_by_key(|(m, rev)| (m.created_at_ms, *rev));
-    Ok(v.into_iter()
+    v.into_iter()
         .filter(|(m, _)| !m.state.is_terminal())
         .map(|(m, _)| MachineSummary {
             id: m.id,
@@ -1162,7 +1186,7 @@ fn summaries(kvs: &[Kv]) -> Result<Vec<MachineSummary>> {
             state: m.state,
             process_group: m.config.0,
         })
-        .collect())
+        .collect()
 }
 
 /// Oldest first, as SQLite's `ORDER BY created_at_ms, rowid`.
@@ -1720,6 +1744,23 @@ impl Store for EtcdStore {
         })
     }
 
+    fn followed_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>> {
+        let own = self.last_commit.load(std::sync::atomic::Ordering::SeqCst);
+        let from_view = self.followed.read(own, |v| {
+            summaries_of(
+                v.machines
+                    .values()
+                    .filter(|(m, _)| host.is_none() || m.host == host)
+                    .cloned()
+                    .collect(),
+            )
+        });
+        match from_view {
+            Some(v) => Ok(v),
+            None => self.list_machine_summaries(host),
+        }
+    }
+
     fn machines_per_host(&self) -> Result<BTreeMap<HostId, usize>> {
         self.read(|tx| {
             let mut out = BTreeMap::new();
@@ -2258,6 +2299,19 @@ impl Store for EtcdStore {
         })
     }
 
+    fn followed_bridge_mappings(&self) -> Result<Vec<BridgeMapping>> {
+        let own = self.last_commit.load(std::sync::atomic::Ordering::SeqCst);
+        let from_view = self.followed.read(own, |v| {
+            let mut out: Vec<BridgeMapping> = v.mappings.values().cloned().collect();
+            out.sort_by(|a, b| (a.network_id, &a.old).cmp(&(b.network_id, &b.old)));
+            out
+        });
+        match from_view {
+            Some(v) => Ok(v),
+            None => self.list_bridge_mappings(None),
+        }
+    }
+
     fn bridge_network(&self, network_id: u32) -> Result<BridgeNetwork> {
         self.read(|tx| bridge_network_tx(tx, network_id))
     }
@@ -2340,6 +2394,7 @@ impl Store for EtcdStore {
                 self.endpoints.clone(),
                 self.prefix.clone(),
                 n.clone(),
+                self.followed.clone(),
             ));
             n
         });
@@ -2355,64 +2410,147 @@ const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// died, quorum was lost, etcd was down), with a bounded backoff. Each reopening tells the
 /// subscribers that everything changed, because changes may have happened while it was broken
 /// and the watch may not be able to resume (a compacted revision starts over from "now").
-async fn watch_loop(endpoints: Vec<String>, prefix: String, notifier: Arc<crate::watch::Notifier>) {
+async fn watch_loop(
+    endpoints: Vec<String>,
+    prefix: String,
+    notifier: Arc<crate::watch::Notifier>,
+    followed: Arc<followed::Followed>,
+) {
     let mut next = 0i64;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let _ = watch_once(&endpoints, &prefix, &notifier, &mut next, &mut backoff).await;
+        let w = Watch {
+            endpoints: &endpoints,
+            prefix: &prefix,
+            notifier: &notifier,
+            followed: &followed,
+        };
+        let _ = w.once(&mut next, &mut backoff).await;
+        followed.broken();
         notifier.bump_all();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
     }
 }
 
-/// One watch stream until it breaks. A connection of its own: the store's client has a
-/// per-request deadline ([`REQUEST_TIMEOUT`]) that a stream meant to last must not get.
-async fn watch_once(
-    endpoints: &[String],
-    prefix: &str,
-    notifier: &crate::watch::Notifier,
-    next: &mut i64,
-    backoff: &mut Duration,
-) -> std::result::Result<(), etcd_client::Error> {
-    // require_leader: a member cut off from the leader ends the stream (then another member is
-    // tried) instead of keeping it open with nothing to say; keep-alive: a member that stopped
-    // answering is noticed within seconds.
-    let opts = ConnectOptions::new()
-        .with_require_leader(true)
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true);
-    let mut client = Client::connect(endpoints.to_vec(), Some(opts)).await?;
-    let mut wopts = etcd_client::WatchOptions::new().with_prefix();
-    if *next > 0 {
-        wopts = wopts.with_start_revision(*next);
-    }
-    let mut stream = client.watch(prefix, Some(wopts)).await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() {
-            // Compacted past `next`, or refused: start over from now (the caller bumps all).
-            *next = 0;
-            return Ok(());
+/// What one watch stream feeds.
+struct Watch<'a> {
+    endpoints: &'a [String],
+    prefix: &'a str,
+    notifier: &'a crate::watch::Notifier,
+    followed: &'a followed::Followed,
+}
+
+impl Watch<'_> {
+    /// One watch stream until it breaks. A connection of its own: the store's client has a
+    /// per-request deadline ([`REQUEST_TIMEOUT`]) that a stream meant to last must not get.
+    async fn once(
+        &self,
+        next: &mut i64,
+        backoff: &mut Duration,
+    ) -> std::result::Result<(), etcd_client::Error> {
+        // require_leader: a member cut off from the leader ends the stream (then another member
+        // is tried) instead of keeping it open with nothing to say; keep-alive: a member that
+        // stopped answering is noticed within seconds.
+        let opts = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let mut client = Client::connect(self.endpoints.to_vec(), Some(opts)).await?;
+        if *next == 0 {
+            // Starting over (first start, or compacted past where it stopped): the followed
+            // prefixes at one revision, then every change after it.
+            *next = self.load(&mut client).await? + 1;
         }
-        if resp.created() {
-            *backoff = Duration::from_millis(100);
-            if *next == 0 {
-                *next = resp.header().map_or(0, |h| h.revision()) + 1;
+        let wopts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(*next);
+        let mut stream = client.watch(self.prefix, Some(wopts)).await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                // Compacted past `next`, or refused: start over (the caller bumps all).
+                *next = 0;
+                return Ok(());
             }
-            // Whatever happened before the stream was open is unknown here.
-            notifier.bump_all();
-        }
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            *next = (*next).max(kv.mod_revision() + 1);
-            let key = String::from_utf8_lossy(kv.key());
-            if let Some(t) = key.strip_prefix(prefix).and_then(crate::watch::topic_of) {
-                notifier.bump(t);
+            if resp.created() {
+                *backoff = Duration::from_millis(100);
+                // Resumes from `next`: the view misses nothing (the events since come next).
+                self.followed.resumed();
+                // Whatever happened while the stream was down is unknown to subscribers.
+                self.notifier.bump_all();
+            }
+            let mut changes = Vec::new();
+            let mut topics = [false; 3];
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                *next = (*next).max(kv.mod_revision() + 1);
+                let key = String::from_utf8_lossy(kv.key());
+                let Some(rel) = key.strip_prefix(self.prefix) else {
+                    continue;
+                };
+                if rel.starts_with(followed::MACHINES) || rel.starts_with(followed::MAPPINGS) {
+                    changes.push(match ev.event_type() {
+                        etcd_client::EventType::Put => followed::Change::Put(Kv {
+                            key: rel.to_owned(),
+                            value: kv.value().to_vec(),
+                            create_revision: kv.create_revision(),
+                        }),
+                        etcd_client::EventType::Delete => followed::Change::Delete(rel.to_owned()),
+                    });
+                }
+                if let Some(t) = crate::watch::topic_of(rel) {
+                    topics[t as usize] = true;
+                }
+            }
+            // The view first: a subscriber woken below reads it.
+            if !resp.events().is_empty() {
+                self.followed.apply(*next - 1, changes);
+            }
+            for t in [
+                crate::watch::Topic::Machines,
+                crate::watch::Topic::Hosts,
+                crate::watch::Topic::Bridge,
+            ] {
+                if topics[t as usize] {
+                    self.notifier.bump(t);
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Loads the followed prefixes as they are now; answers the revision read.
+    async fn load(&self, client: &mut Client) -> std::result::Result<i64, etcd_client::Error> {
+        let ops = [followed::MACHINES, followed::MAPPINGS]
+            .into_iter()
+            .map(|p| {
+                TxnOp::get(
+                    format!("{}{p}", self.prefix),
+                    Some(GetOptions::new().with_prefix()),
+                )
+            })
+            .collect::<Vec<_>>();
+        let resp = client.txn(Txn::new().and_then(ops)).await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let mut kvs = Vec::new();
+        for r in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = r {
+                for kv in g.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    if let Some(rel) = key.strip_prefix(self.prefix) {
+                        kvs.push(Kv {
+                            key: rel.to_owned(),
+                            value: kv.value().to_vec(),
+                            create_revision: kv.create_revision(),
+                        });
+                    }
+                }
+            }
+        }
+        self.followed.load(rev, kvs);
+        Ok(rev)
+    }
 }
 
 impl EtcdStore {

@@ -147,6 +147,14 @@ pub trait Store: Send + Sync {
     /// order of [`Store::list_machines`]): what the DNS snapshot and the agents' bridge gates
     /// read on every change, without reading or parsing whole configs.
     fn list_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>>;
+    /// [`Store::list_machine_summaries`] for readers that run when the change feed
+    /// ([`Store::subscribe`]) moves: every change the feed has announced and every change this
+    /// store committed is in it, but a change another server committed a moment ago may not be
+    /// yet (its notification is then still to come). An etcd store answers from what its watch
+    /// keeps in memory instead of ranging over every machine; SQLite is always current.
+    fn followed_machine_summaries(&self, host: Option<HostId>) -> Result<Vec<MachineSummary>> {
+        self.list_machine_summaries(host)
+    }
     /// How many non-terminal machines each host has (hosts with none are absent): placement's
     /// input, answered without reading a single machine record, so it costs the same at 10 or
     /// 10,000 machines a host.
@@ -290,6 +298,10 @@ pub trait Store: Send + Sync {
 
     /// All mappings of one network (or of all), by network then old address.
     fn list_bridge_mappings(&self, network_id: Option<u32>) -> Result<Vec<BridgeMapping>>;
+    /// Every network's mappings, as fresh as [`Store::followed_machine_summaries`].
+    fn followed_bridge_mappings(&self) -> Result<Vec<BridgeMapping>> {
+        self.list_bridge_mappings(None)
+    }
     /// One network's mappings with its revision, to plan a batch on.
     fn bridge_network(&self, network_id: u32) -> Result<BridgeNetwork>;
     /// Inserts or replaces the mapping of (`m.network_id`, `m.old`), touching no other mapping.

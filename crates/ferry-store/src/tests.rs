@@ -970,6 +970,97 @@ fn machine_summaries_are_the_records_cut_down(fx: &Fx) {
     assert_eq!(all[1].state, Started);
 }
 
+/// The followed reads (what DNS and the bridge read when the change feed moves) equal the
+/// linearizable ones: at once for the reader's own writes, and for another server's writes
+/// (etcd) as soon as the reader's feed announced them; deletions and terminal machines too.
+fn followed_reads_see_own_writes_at_once_and_others_once_announced(fx: &Fx) {
+    let writer = fx.open();
+    let reader = if fx.etcd.is_some() {
+        fx.open()
+    } else {
+        writer.clone()
+    };
+    let rx = reader.subscribe().unwrap();
+    // Whatever the feed announced is in the followed reads.
+    let same_once_announced = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let seen = *rx.borrow();
+            let (all, maps) = (
+                reader.followed_machine_summaries(None).unwrap(),
+                reader.followed_bridge_mappings().unwrap(),
+            );
+            if all == reader.list_machine_summaries(None).unwrap()
+                && maps == reader.list_bridge_mappings(None).unwrap()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: the followed reads never caught up"
+            );
+            // Not yet equal: only because a notice is still to come.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while *rx.borrow() == seen {
+                assert!(std::time::Instant::now() < deadline, "{what}: no notice");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    };
+    writer.create_app("web", "acme").unwrap();
+    writer.create_app("api", "other").unwrap();
+    let h1 = writer.register_host("ord", "/h1").unwrap().id;
+    let h2 = writer.register_host("ams", "/h2").unwrap().id;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (app, host) = if i % 2 == 0 { ("web", h1) } else { ("api", h2) };
+        ids.push(new_machine(writer.as_ref(), app, host).id);
+    }
+    writer
+        .put_bridge_mapping(&records::mapping(1, "fdaa::a", "fdaa::b"))
+        .unwrap();
+    writer
+        .put_bridge_mapping(&records::mapping(2, "fdaa::c", "fdaa::d"))
+        .unwrap();
+    same_once_announced("creates");
+    writer.transition(&ids[0], &[Created], Started).unwrap();
+    writer.transition(&ids[1], &[Created], Destroyed).unwrap();
+    writer.remove_bridge_mapping(1, "fdaa::a").unwrap();
+    same_once_announced("changes and removals");
+
+    // The reader's own writes: in its followed reads at once, no notice needed.
+    let mut m = reader.get_machine(&ids[2]).unwrap();
+    m.host = Some(h2);
+    let field = reader.allocate_machine_field(h2).unwrap();
+    m.machine_field = Some(field);
+    m.private_ip = Some(FleetAddr::primary(m.network_id, h2, field).to_string());
+    reader.update_machine(&m).unwrap();
+    reader.transition(&ids[3], &[Created], Failed).unwrap();
+    reader
+        .put_bridge_mapping(&records::mapping(3, "fdaa::e", "fdaa::f"))
+        .unwrap();
+    for h in [None, Some(h1), Some(h2)] {
+        assert_eq!(
+            reader.followed_machine_summaries(h).unwrap(),
+            reader.list_machine_summaries(h).unwrap(),
+            "host {h:?}"
+        );
+    }
+    let on_h2: Vec<_> = reader
+        .followed_machine_summaries(Some(h2))
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert!(on_h2.contains(&ids[2]), "the moved machine: {on_h2:?}");
+    let maps = reader.followed_bridge_mappings().unwrap();
+    assert_eq!(maps, reader.list_bridge_mappings(None).unwrap());
+    assert_eq!(
+        maps.iter().map(|m| m.network_id).collect::<Vec<_>>(),
+        [2, 3]
+    );
+}
+
 /// Instantiates every conformance test once per backend: `sqlite::NAME` and `etcd::NAME`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -1013,4 +1104,5 @@ conformance!(
     tokens_are_created_once_listed_and_revoked,
     hosts_leave_only_when_empty_and_their_ids_stay_burned,
     machine_summaries_are_the_records_cut_down,
+    followed_reads_see_own_writes_at_once_and_others_once_announced,
 );

@@ -243,3 +243,52 @@ fn a_server_never_acts_on_what_it_wrote_once_another_server_changed_it() {
     assert_eq!(now.state, MachineState::Stopping);
     assert_eq!(b.get_machine(&m.id).unwrap().state, MachineState::Stopping);
 }
+
+/// The followed reads come from the watch's memory while the watch follows (not from a range
+/// over etcd), go back to etcd while it is broken (etcd down), and follow again after: a change
+/// made once etcd is back is in them as soon as it is announced.
+#[test]
+fn followed_reads_are_served_by_the_watch_and_survive_etcd_restarting() {
+    let mut c = EtcdCluster::start(1).unwrap();
+    let reader = EtcdStore::connect(&c.endpoints(), "/follow").unwrap();
+    let writer = EtcdStore::connect(&c.endpoints(), "/follow").unwrap();
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert!(!reader.followed_live(), "no watch before a subscriber");
+    writer.create_app("web", "acme").unwrap();
+    let h = writer.register_host("ord", "/h1").unwrap().id;
+    let first = new_machine(&writer, "web", h);
+    let _rx = reader.subscribe().unwrap();
+    until("the watch follows", &|| reader.followed_live());
+    let ids = |s: &EtcdStore| -> Vec<String> {
+        s.followed_machine_summaries(None)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    };
+    assert_eq!(
+        ids(&reader),
+        std::slice::from_ref(&first.id),
+        "loaded when the watch opened"
+    );
+
+    c.kill(0);
+    until("the broken watch is noticed", &|| !reader.followed_live());
+    let e = reader.followed_machine_summaries(None).unwrap_err();
+    assert_eq!(e.code(), "unavailable", "{e}");
+    c.restart(0).unwrap();
+    let second = eventually(Duration::from_secs(15), || {
+        writer.register_host("ams", "/h2").map(drop)?;
+        Ok(new_machine(&writer, "web", h))
+    });
+    until("the watch follows again", &|| reader.followed_live());
+    until("the change made after the restart", &|| {
+        ids(&reader) == [first.id.clone(), second.id.clone()]
+    });
+}

@@ -13,7 +13,9 @@ pub fn snapshot(store: &dyn Store) -> Option<Snapshot> {
     // A store that cannot answer gives no snapshot (not an empty one): DNS keeps the last.
     // Summaries, not whole machines: this runs after every change (three per create), and
     // reading and parsing every machine's config here made creates slower as machines piled up.
-    let machines = store.list_machine_summaries(None).ok()?;
+    // Followed (on etcd, from the watch's memory): this runs when the change feed moves, and
+    // ranging over every machine on every change was most of the cluster's work under a drain.
+    let machines = store.followed_machine_summaries(None).ok()?;
     Some(Snapshot {
         machines: machines
             .into_iter()
