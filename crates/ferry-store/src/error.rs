@@ -42,8 +42,13 @@ pub enum StoreError {
     },
     #[error("the nonce does not match a current lease on machine {machine_id}")]
     LeaseMismatch { machine_id: String },
+    /// `owner` is what its holder passed to [`crate::Store::acquire_lock`].
     #[error("lock {name:?} is held until {expires_at_ms} (ms since the epoch)")]
-    LockHeld { name: String, expires_at_ms: i64 },
+    LockHeld {
+        name: String,
+        expires_at_ms: i64,
+        owner: String,
+    },
     #[error("the nonce does not match a current holder of lock {name:?}")]
     LockMismatch { name: String },
     /// A uniqueness rule other than the ones above (e.g. one machine field used twice on a host).

@@ -108,6 +108,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_ATTEMPTS: usize = 500;
 /// Gets per read-only `Txn` (below etcd's default `--max-txn-ops` of 128).
 const GET_BATCH: usize = 100;
+/// Locks per [`Store::refresh_locks`] commit (a compare and a put each).
+const REFRESH_BATCH: usize = 50;
 
 /// The etcd-backed store. Cheap to share (`Arc<dyn Store>`); every clone of the client shares one
 /// gRPC channel balanced over all endpoints.
@@ -343,6 +345,8 @@ struct Tx<'s> {
     serializable: bool,
     /// Keys whose read came from the store's [`Written`] memory, not from etcd.
     from_written: Vec<String>,
+    /// Whether a read was served by a member from its own, possibly lagging, state.
+    served_locally: bool,
     now: i64,
 }
 
@@ -358,6 +362,7 @@ impl<'s> Tx<'s> {
             cache: BTreeMap::new(),
             serializable,
             from_written: Vec::new(),
+            served_locally: false,
             now: s.clock.now_ms(),
         }
     }
@@ -380,6 +385,9 @@ impl<'s> Tx<'s> {
     fn pin(&mut self, header_rev: Option<i64>) {
         if self.rev == 0 {
             self.rev = header_rev.unwrap_or(0);
+        } else if self.serializable {
+            // A later read of a read-write transaction: served by its member (`opts`).
+            self.served_locally = true;
         }
     }
 
@@ -555,6 +563,11 @@ impl<'s> Tx<'s> {
     /// Whether everything this transaction read is still what it read (a compare-only `Txn`):
     /// an error computed from serializable reads is returned only if it still holds.
     fn still_current(&self) -> Result<bool> {
+        // Everything came from linearizable reads (one round, no memory): nothing to check. A
+        // refused lock acquire, say, costs no second round trip.
+        if !self.served_locally && self.from_written.is_empty() {
+            return Ok(true);
+        }
         let cmps = self.compares();
         if cmps.is_empty() {
             return Ok(true);
@@ -1945,6 +1958,7 @@ impl Store for EtcdStore {
                 return Err(StoreError::LockHeld {
                     name: name.to_owned(),
                     expires_at_ms: held.expires_at_ms,
+                    owner: held.owner,
                 });
             }
             let lock = Lock {
@@ -1970,6 +1984,35 @@ impl Store for EtcdStore {
             tx.put(&lock_key(name), &lock)?;
             Ok(lock)
         })
+    }
+
+    fn refresh_locks(&self, locks: &[(&str, &str, u64)]) -> Result<Vec<Option<Lock>>> {
+        let ttls = locks
+            .iter()
+            .map(|(_, _, t)| ttl(*t))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(locks.len());
+        // A commit compares and puts every lock it read: two operations per lock, under etcd's
+        // default --max-txn-ops of 128.
+        for (chunk, ttls) in locks.chunks(REFRESH_BATCH).zip(ttls.chunks(REFRESH_BATCH)) {
+            out.extend(self.write(|tx| {
+                let keys: Vec<String> = chunk.iter().map(|(n, _, _)| lock_key(n)).collect();
+                tx.prefetch(&keys)?;
+                let mut got = Vec::with_capacity(chunk.len());
+                for ((name, nonce, _), ttl) in chunk.iter().zip(ttls) {
+                    match live_lock(tx, name)?.filter(|l| l.nonce == *nonce) {
+                        Some(mut lock) => {
+                            lock.expires_at_ms = tx.now.saturating_add(*ttl);
+                            tx.put(&lock_key(name), &lock)?;
+                            got.push(Some(lock));
+                        }
+                        None => got.push(None),
+                    }
+                }
+                Ok(got)
+            })?);
+        }
+        Ok(out)
     }
 
     fn release_lock(&self, name: &str, nonce: &str) -> Result<()> {

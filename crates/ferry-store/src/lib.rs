@@ -228,6 +228,12 @@ pub trait Store: Send + Sync {
     fn acquire_lock(&self, name: &str, ttl_ms: u64, owner: &str) -> Result<Lock>;
     /// Extends a held lock; [`StoreError::LockMismatch`] if `nonce` does not hold it now.
     fn refresh_lock(&self, name: &str, nonce: &str, ttl_ms: u64) -> Result<Lock>;
+    /// [`Store::refresh_lock`] of several locks, `(name, nonce, ttl_ms)`, as one write (on etcd
+    /// one per 50 locks): a server's heartbeat for every migration it drives, instead of a write
+    /// per migration. Per lock, in order: the lock as extended, or `None` where `nonce` does not
+    /// hold it now (that lock is left as it is). [`StoreError::Invalid`] for a TTL of zero,
+    /// before anything is written.
+    fn refresh_locks(&self, locks: &[(&str, &str, u64)]) -> Result<Vec<Option<Lock>>>;
     /// Releases the lock; [`StoreError::LockMismatch`] if someone else holds it unexpired.
     fn release_lock(&self, name: &str, nonce: &str) -> Result<()>;
     /// The unexpired holder, if any.

@@ -1286,6 +1286,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::LockHeld {
                     name: name.to_owned(),
                     expires_at_ms: held.expires_at_ms,
+                    owner: held.owner,
                 });
             }
             let lock = Lock {
@@ -1317,6 +1318,30 @@ impl Store for SqliteStore {
                 params![name, lock.expires_at_ms],
             )?;
             Ok(lock)
+        })
+    }
+
+    fn refresh_locks(&self, locks: &[(&str, &str, u64)]) -> Result<Vec<Option<Lock>>> {
+        let ttls = locks
+            .iter()
+            .map(|(_, _, t)| ttl(*t))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(|tx, now| {
+            let mut got = Vec::with_capacity(locks.len());
+            for ((name, nonce, _), ttl) in locks.iter().zip(&ttls) {
+                match live_lock(tx, name, now)?.filter(|l| l.nonce == *nonce) {
+                    Some(mut lock) => {
+                        lock.expires_at_ms = now.saturating_add(*ttl);
+                        tx.execute(
+                            "UPDATE locks SET expires_at_ms = ?2 WHERE name = ?1",
+                            params![name, lock.expires_at_ms],
+                        )?;
+                        got.push(Some(lock));
+                    }
+                    None => got.push(None),
+                }
+            }
+            Ok(got)
         })
     }
 

@@ -537,8 +537,9 @@ fn named_locks_hold_and_expire(fx: &Fx) {
         err,
         StoreError::LockHeld {
             expires_at_ms: 10_000,
+            ref owner,
             ..
-        }
+        } if owner == "coord-a"
     ));
     // Other names are independent.
     s.acquire_lock("migrate/net-8", 10_000, "coord-b").unwrap();
@@ -562,6 +563,69 @@ fn named_locks_hold_and_expire(fx: &Fx) {
     });
     s.release_lock("migrate/net-7", &b.nonce).unwrap();
     assert_eq!(s.current_lock("migrate/net-7").unwrap(), None);
+}
+
+/// A heartbeat's batch refresh extends exactly the locks whose nonce still holds, leaves the
+/// others as they are, and refuses a zero TTL before writing anything; batches larger than one
+/// etcd commit hold too.
+fn locks_refresh_in_one_batch(fx: &Fx) {
+    let clock = ManualClock::new(0);
+    let s = fx.open_clock(&clock);
+    let a = s.acquire_lock("claim/a", 10_000, "srv").unwrap();
+    let b = s.acquire_lock("claim/b", 1_000, "srv").unwrap();
+    let c = s.acquire_lock("claim/c", 10_000, "srv").unwrap();
+    s.release_lock("claim/c", &c.nonce).unwrap();
+    clock.set(500);
+    fails_cleanly(fx, "invalid", || {
+        s.refresh_locks(&[("claim/a", &a.nonce, 5_000), ("claim/b", &b.nonce, 0)])
+    });
+    // b expires and someone else takes it.
+    clock.set(2_000);
+    let b2 = s.acquire_lock("claim/b", 60_000, "other").unwrap();
+    let got = s
+        .refresh_locks(&[
+            ("claim/a", &a.nonce, 5_000),
+            ("claim/b", &b.nonce, 5_000),
+            ("claim/c", &c.nonce, 5_000),
+            ("claim/none", "x", 5_000),
+        ])
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[0].as_ref().unwrap().expires_at_ms, 7_000);
+    assert_eq!(got[1..], [None, None, None]);
+    assert_eq!(
+        s.current_lock("claim/a").unwrap().unwrap().expires_at_ms,
+        7_000
+    );
+    assert_eq!(
+        s.current_lock("claim/b").unwrap().unwrap(),
+        b2,
+        "b is the other's"
+    );
+    assert_eq!(s.current_lock("claim/c").unwrap(), None, "c stays released");
+    // More than one etcd commit's worth.
+    let many: Vec<(String, String)> = (0..120)
+        .map(|i| {
+            let name = format!("claim/many-{i}");
+            let l = s.acquire_lock(&name, 1_000, "srv").unwrap();
+            (name, l.nonce)
+        })
+        .collect();
+    let req: Vec<(&str, &str, u64)> = many
+        .iter()
+        .map(|(n, nonce)| (n.as_str(), nonce.as_str(), 9_000))
+        .collect();
+    let got = s.refresh_locks(&req).unwrap();
+    assert!(got
+        .iter()
+        .all(|l| l.as_ref().unwrap().expires_at_ms == 11_000));
+    assert_eq!(
+        s.current_lock("claim/many-119")
+            .unwrap()
+            .unwrap()
+            .expires_at_ms,
+        11_000
+    );
 }
 
 fn machine_records_are_validated_and_failures_change_nothing(fx: &Fx) {
@@ -1086,6 +1150,7 @@ conformance!(
     events_come_back_oldest_first,
     leases_hold_expire_and_check_nonces,
     named_locks_hold_and_expire,
+    locks_refresh_in_one_batch,
     machine_records_are_validated_and_failures_change_nothing,
     update_machine_and_its_compare_and_set_variant,
     volumes_are_created_listed_and_compare_and_swapped,

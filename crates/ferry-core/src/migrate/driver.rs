@@ -89,38 +89,18 @@ async fn drive(core: &Arc<Core>, id: &str) {
     if first.as_ref().is_some_and(|m| m.phase == Phase::Pending) {
         crate::crash_point("pending"); // test hook: claimed, nothing done yet
     }
-    let claim = Arc::new(std::sync::Mutex::new(claim));
+    // The heartbeat ([`heartbeat`]) refreshes the claim and the network lock from here while
+    // this driver lives, so only a dead server's expire.
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The network lock the migration holds (its name and nonce), as of the driver's last read or
-    // write of the migration: the heartbeat refreshes it without reading the migration again.
-    let network_lock: Arc<std::sync::Mutex<Option<(String, String)>>> = Default::default();
-    // The heartbeat: refreshes the claim and the network lock while this driver lives, so only a
-    // dead server's expire. Each refresh is a store write, and a drain has every migration of a
-    // host in flight at once (most of them waiting for their network's lock): the claim is
-    // refreshed every third of its TTL (two refreshes in a row may fail before it lapses), the
-    // network lock, with its longer TTL, every other beat.
-    let hb = {
-        let (core, id, claim, lost) = (core.clone(), id.to_owned(), claim.clone(), lost.clone());
-        let network_lock = network_lock.clone();
-        tokio::spawn(async move {
-            for beat in 0u64.. {
-                tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 3)).await;
-                let mut c = claim.lock().unwrap().clone();
-                match keep_claim(&core, &id, &mut c) {
-                    Ok(true) => *claim.lock().unwrap() = c,
-                    Ok(false) => {
-                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    }
-                    Err(_) => {} // store unreachable: try again; the claim may still hold
-                }
-                let held = network_lock.lock().unwrap().clone();
-                if let (Some((name, nonce)), 1) = (held, beat % 2) {
-                    let _ = core.store.refresh_lock(&name, &nonce, LOCK_TTL_MS);
-                }
-            }
-        })
-    };
+    core.migrations.held.lock().unwrap().insert(
+        id.to_owned(),
+        Held {
+            claim,
+            network: None,
+            lost: lost.clone(),
+        },
+    );
+    start_heartbeat(core);
     // When this driver last refreshed (or took) the network lock itself.
     let mut lock_held_at: Option<std::time::Instant> = None;
     // The migration as this driver last saved it: the next step starts from it without reading
@@ -139,7 +119,11 @@ async fn drive(core: &Arc<Core>, id: &str) {
                 break;
             }
         };
-        *network_lock.lock().unwrap() = mig.lock_nonce.clone().map(|n| (lock_name(&mig), n));
+        // The network lock the migration holds, as of the driver's last read or write of it:
+        // the heartbeat refreshes it without reading the migration again.
+        if let Some(h) = core.migrations.held.lock().unwrap().get_mut(id) {
+            h.network = mig.lock_nonce.clone().map(|n| (lock_name(&mig), n));
+        }
         if mig.phase.finished() {
             break;
         }
@@ -165,12 +149,24 @@ async fn drive(core: &Arc<Core>, id: &str) {
             }
         }
         let before = mig.phase;
+        // An event an unsaved phase left (see `goes_on_unsaved`): the step after it keeps it
+        // even if that step fails (it records what happened before that step).
+        let carried = mig.pending_event.clone();
         match step(core, &mut mig).await {
             Ok(()) => {
                 if mig.phase != before {
+                    if before == Phase::Pending {
+                        // `lock_and_plan` took or refreshed the network lock just now.
+                        lock_held_at = Some(std::time::Instant::now());
+                    }
                     mig.retries = 0;
                     if mig.phase != Phase::RolledBack {
                         mig.error = None; // a retried step succeeded; a rollback keeps its reason
+                    }
+                    if goes_on_unsaved(before, mig.phase) {
+                        crate::crash_point(mig.phase.as_str());
+                        saved = Some(mig);
+                        continue;
                     }
                     if save(core, &mut mig).is_err() {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -179,11 +175,20 @@ async fn drive(core: &Arc<Core>, id: &str) {
                     core.changed();
                     crate::crash_point(mig.phase.as_str());
                     saved = Some(mig);
+                } else {
+                    // A step that waits (the network's lock, the notice period, the policy's
+                    // max_unavailable): the copy is still what was last saved (only the driver
+                    // holding the claim writes it, and a save is a compare-and-swap anyway), so
+                    // each look does not read it again.
+                    saved = Some(mig);
                 }
             }
             Err(StepError::Retry(e)) => {
-                // What the failed step would have recorded did not happen (it runs again).
-                mig.pending_event = None;
+                // What the failed step would have recorded did not happen (it runs again). An
+                // event it found pending is still pending, or was written when it recorded its own.
+                if mig.pending_event != carried {
+                    mig.pending_event = None;
+                }
                 mig.retries += 1;
                 tracing::warn!("migration {id} at {}: {e} (retrying)", mig.phase.as_str());
                 if mig.retries > MAX_RETRIES && mig.phase != Phase::RollingBack {
@@ -195,7 +200,9 @@ async fn drive(core: &Arc<Core>, id: &str) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(StepError::RollBack(e)) => {
-                mig.pending_event = None;
+                if mig.pending_event != carried {
+                    mig.pending_event = None;
+                }
                 if mig.phase == Phase::RollingBack {
                     // Undoing failed in a way retrying will not fix: stay here, say why, retry
                     // slowly (an operator may fix the host).
@@ -210,11 +217,101 @@ async fn drive(core: &Arc<Core>, id: &str) {
             }
         }
     }
-    hb.abort();
-    let held = claim.lock().unwrap().clone();
-    if let Some(n) = held {
+    let held = core.migrations.held.lock().unwrap().remove(id);
+    if let Some(n) = held.and_then(|h| h.claim) {
         let _ = core.store.release_lock(&claim_name(id), &n);
     }
+}
+
+/// What the heartbeat keeps alive for one migration driven here.
+pub(crate) struct Held {
+    /// The nonce of this server's claim on driving it.
+    claim: Option<String>,
+    /// The network lock it holds: name and nonce.
+    network: Option<(String, String)>,
+    /// Set when another server took the claim: the driver stops.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts this server's heartbeat once.
+fn start_heartbeat(core: &Arc<Core>) {
+    core.migrations.heartbeat.get_or_init(|| {
+        // Weak: the heartbeat must not keep a dropped core (a test's, a stopped server's) alive.
+        let core = Arc::downgrade(core);
+        tokio::spawn(heartbeat(core));
+    });
+}
+
+/// Refreshes the claims and network locks of every migration driven here, in one store call per
+/// beat: each refresh is a store write (on etcd a round of the cluster), and a drain has every
+/// migration of a host in flight at once, most of them waiting for their network's lock, so a
+/// write per migration per beat was a steady load on the store under every step of the drain.
+/// Claims every third of their TTL (two beats in a row may fail before one lapses); network
+/// locks, with their longer TTL, every other beat.
+async fn heartbeat(core: std::sync::Weak<Core>) {
+    for beat in 0u64.. {
+        tokio::time::sleep(Duration::from_millis(CLAIM_TTL_MS / 3)).await;
+        let Some(core) = core.upgrade() else { return };
+        let empty = core.migrations.held.lock().unwrap().is_empty();
+        if !empty {
+            let _ = tokio::task::spawn_blocking(move || beat_once(&core, beat % 2 == 1)).await;
+        }
+    }
+}
+
+fn beat_once(core: &Core, with_network_locks: bool) {
+    // (lock name, nonce, TTL, the migration whose claim it is)
+    let mut req: Vec<(String, String, u64, Option<String>)> = Vec::new();
+    for (id, h) in core.migrations.held.lock().unwrap().iter() {
+        if let Some(n) = &h.claim {
+            req.push((claim_name(id), n.clone(), CLAIM_TTL_MS, Some(id.clone())));
+        }
+        if let (true, Some((name, n))) = (with_network_locks, &h.network) {
+            req.push((name.clone(), n.clone(), LOCK_TTL_MS, None));
+        }
+    }
+    let refs: Vec<(&str, &str, u64)> = req
+        .iter()
+        .map(|(name, n, ttl, _)| (name.as_str(), n.as_str(), *ttl))
+        .collect();
+    // Store unreachable: the next beat tries again (the claims may still hold).
+    let Ok(got) = core.store.refresh_locks(&refs) else {
+        return;
+    };
+    for ((_, _, _, claim_of), got) in req.iter().zip(got) {
+        let (Some(id), None) = (claim_of, got) else {
+            continue;
+        };
+        // The claim lapsed: take it again unless another server did.
+        let mut nonce = None;
+        let ours = keep_claim(core, id, &mut nonce);
+        if let Some(h) = core.migrations.held.lock().unwrap().get_mut(id) {
+            match ours {
+                Ok(true) => h.claim = nonce,
+                Ok(false) => h.lost.store(true, std::sync::atomic::Ordering::SeqCst),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Whether the phase a step reached may go unsaved until the next step's: the next step runs at
+/// once, from the same record, and one save records both (and the one event they left, see
+/// `record_event`).
+///
+/// Why: on etcd every save is a write through the cluster, and the steps from the stop to the
+/// start are the downtime. Why it is safe: a crash before the next save resumes from the phase
+/// before, and each of these steps is one that runs again to the same end: planning under a
+/// lock whose nonce the acquire saved (a field burned twice is only a gap), a stop (of a machine
+/// already stopped: nothing; its `stopped_at_ms` was saved before it), a final sync (a round
+/// again, verified again). The switch, the mapping and the start each end with their own save.
+fn goes_on_unsaved(from: Phase, to: Phase) -> bool {
+    matches!(
+        (from, to),
+        (Phase::Pending, Phase::Locked)
+            | (Phase::Precopied, Phase::Stopped)
+            | (Phase::Stopped, Phase::Synced)
+    )
 }
 
 /// Refreshes the network lock this migration holds, or takes it again if it expired and is
@@ -279,17 +376,35 @@ async fn lock_and_plan(core: &Core, mig: &mut Migration) -> Step<()> {
         let notified = freed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match core.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
-            Ok(l) => {
-                mig.lock_nonce = Some(l.nonce);
-                save(core, mig)?;
+        // The nonce is saved with the phase this step reaches (see `goes_on_unsaved`), not in
+        // a save of its own: a driver that dies before that finds the lock held by this
+        // migration, below.
+        let acquired = match core.store.acquire_lock(&name, LOCK_TTL_MS, &mig.id) {
+            // Held by this migration: taken by a driver of it that died before it saved the
+            // nonce. This driver holds the migration's claim, so the lock is its own.
+            Err(StoreError::LockHeld { owner, .. }) if owner == mig.id => {
+                match core.store.current_lock(&name)? {
+                    Some(l) if l.owner == mig.id => Ok(l),
+                    _ => return Ok(()), // gone meanwhile: try again
+                }
             }
-            Err(StoreError::LockHeld { .. }) => {
+            r => r,
+        };
+        match acquired {
+            Ok(l) => mig.lock_nonce = Some(l.nonce),
+            Err(StoreError::LockHeld { owner, .. }) => {
                 // Wait: another migration of this network runs. A release by this server wakes
                 // the waiters at once; one by another server (or a holder's expiry) is seen at
                 // the next poll. Polling slowly keeps a big drain's waiters from flooding the
-                // store (each poll is a read and a compare on it).
-                let _ = tokio::time::timeout(LOCK_POLL, notified).await;
+                // store (each poll is a read and a compare on it); a holder this server drives
+                // wakes a waiter when it ends, so its waiters look only as often as its lock
+                // could expire.
+                let here = core.migrations.driving.lock().unwrap().contains(&owner);
+                let poll = match here {
+                    true => Duration::from_millis(LOCK_TTL_MS),
+                    false => LOCK_POLL,
+                };
+                let _ = tokio::time::timeout(poll, notified).await;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -623,6 +738,11 @@ fn ready(core: &Core, m: &Machine) -> bool {
     })
 }
 
+/// Whether the machine's config has no health checks (its readiness is its state alone).
+fn has_no_checks(m: &Machine) -> bool {
+    serde_json::from_value::<MachineConfig>(m.config.clone()).is_ok_and(|c| c.checks.is_empty())
+}
+
 /// Why machine `m` counts against its app's `max_unavailable`, if it does.
 ///
 /// The rule (also in the policy's API docs): a machine counts when it *should* be running and
@@ -881,11 +1001,8 @@ async fn switch(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
 async fn start_destination(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let m = core.store.get_machine(&mig.machine_id)?;
     if !mig.launch_recorded {
-        let ev = serde_json::json!({"migrated": true, "migration": mig.id,
-            "from_host": mig.from_host, "to_host": mig.to_host,
-            "old_instance_id": mig.old_instance_id, "instance_id": mig.new_instance_id,
-            "old_ip": mig.old_ip, "private_ip": mig.new_ip});
-        record_event(core, mig, NewEvent::new("launch", "migrated", "ferry", ev))?;
+        // A record saved in `mapped` before the mapping step recorded the launch.
+        record_event(core, mig, launch_event(mig))?;
         mig.launch_recorded = true;
         save(core, mig)?;
     }
@@ -909,6 +1026,15 @@ async fn start_destination(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     Ok(())
 }
 
+/// The machine's log entry for its launch on the destination.
+fn launch_event(mig: &Migration) -> NewEvent {
+    let ev = serde_json::json!({"migrated": true, "migration": mig.id,
+        "from_host": mig.from_host, "to_host": mig.to_host,
+        "old_instance_id": mig.old_instance_id, "instance_id": mig.new_instance_id,
+        "old_ip": mig.old_ip, "private_ip": mig.new_ip});
+    NewEvent::new("launch", "migrated", "ferry", ev)
+}
+
 async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let old: FleetAddr = mig
         .old_ip
@@ -920,6 +1046,12 @@ async fn map_old_address(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
         .map_err(|e| Error::internal(format!("{e}")))?;
     // The org owning the network is the machine's: no need to look it up as `install` does.
     crate::bridge::install_in_org(core, old, new).await?;
+    // The launch is on record before it happens, saved with this phase (not in a save of its
+    // own between the mapping and the start: that is downtime).
+    if !mig.launch_recorded {
+        record_event(core, mig, launch_event(mig))?;
+        mig.launch_recorded = true;
+    }
     mig.phase = Phase::Mapped;
     Ok(())
 }
@@ -950,7 +1082,27 @@ async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
             .unwrap_or_else(|| core.store.now_ms());
         let deadline = started + policy.healthy_deadline_ms as i64;
         let mut ready_since: Option<i64> = None;
+        // Ready by the last read of the whole record, with no checks: until min_healthy_time is
+        // up, the machine's state is looked at where the change feed keeps it (on etcd the
+        // watch's memory, not a round trip per look); any other state than `started` there
+        // sends it back to reading the record.
+        let mut ready_without_checks = false;
+        let to = parse_host(&mig.to_host)?;
         loop {
+            if let (true, Some(since)) = (ready_without_checks, ready_since) {
+                let left = since + policy.min_healthy_time_ms as i64 - core.store.now_ms();
+                let state = core
+                    .store
+                    .followed_machine_summaries(Some(to))?
+                    .into_iter()
+                    .find(|s| s.id == mig.machine_id)
+                    .map(|s| s.state);
+                if left > 0 && state == Some(S::Started) {
+                    tokio::time::sleep(Duration::from_millis(left.min(HEALTHY_POLL_MS) as u64))
+                        .await;
+                    continue;
+                }
+            }
             let m = core.store.get_machine(&mig.machine_id)?;
             let now = core.store.now_ms();
             if matches!(m.state, S::Stopped | S::Failed) {
@@ -969,7 +1121,9 @@ async fn wait_healthy(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
             // exit meanwhile is seen within that) and right when min_healthy_time is up. On etcd
             // each look is a round trip, and a drain has every migration of a host here at once.
             let mut pause = 100;
+            ready_without_checks = false;
             if ready(core, &m) {
+                ready_without_checks = has_no_checks(&m);
                 let since = *ready_since.get_or_insert(now);
                 let left = since + policy.min_healthy_time_ms as i64 - now;
                 if left <= 0 {

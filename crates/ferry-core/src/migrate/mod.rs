@@ -388,6 +388,10 @@ pub struct InFlight {
     pub(crate) progress: Arc<Mutex<HashMap<String, VolumeProgress>>>,
     /// Migrations that have a driver here.
     pub(crate) driving: Mutex<HashSet<String>>,
+    /// What the heartbeat refreshes for each of them (see `driver::heartbeat`).
+    pub(crate) held: Mutex<HashMap<String, driver::Held>>,
+    /// Whether this server's heartbeat runs.
+    pub(crate) heartbeat: std::sync::OnceLock<()>,
     /// Per network: woken when a migration driven here releases the network's lock, so the
     /// next one of that network starts at once instead of at its next poll.
     network_freed: Mutex<HashMap<u32, Arc<tokio::sync::Notify>>>,
