@@ -282,7 +282,11 @@ fn beat_once(core: &Core, with_network_locks: bool) {
         let (Some(id), None) = (claim_of, got) else {
             continue;
         };
-        // The claim lapsed: take it again unless another server did.
+        // The claim lapsed: take it again unless another server did (or its driver ended
+        // meanwhile: it needs no claim).
+        if !core.migrations.held.lock().unwrap().contains_key(id) {
+            continue;
+        }
         let mut nonce = None;
         let ours = keep_claim(core, id, &mut nonce);
         if let Some(h) = core.migrations.held.lock().unwrap().get_mut(id) {
@@ -301,8 +305,9 @@ fn beat_once(core: &Core, with_network_locks: bool) {
 ///
 /// Why: on etcd every save is a write through the cluster, and the steps from the stop to the
 /// start are the downtime. Why it is safe: a crash before the next save resumes from the phase
-/// before, and each of these steps is one that runs again to the same end: planning under a
-/// lock whose nonce the acquire saved (a field burned twice is only a gap), a stop (of a machine
+/// before, and each of these steps is one that runs again to the same end: planning under the
+/// network's lock (owned by the migration: a driver that finds it held by its own migration
+/// adopts it; a field burned twice is only a gap), a stop (of a machine
 /// already stopped: nothing; its `stopped_at_ms` was saved before it), a final sync (a round
 /// again, verified again). The switch, the mapping and the start each end with their own save.
 fn goes_on_unsaved(from: Phase, to: Phase) -> bool {

@@ -19,6 +19,10 @@ use std::sync::Arc;
 /// which parses it; a drain changes machines hundreds of times a second, and rebuilt back to
 /// back that was the etcd cluster's largest single load. In a long burst, names are at most
 /// one gap (plus a build) behind; a moved machine's old address works meanwhile (the bridge).
+/// A build that finds nothing new to publish gives its token back ([`BuildPace::refund`]): most
+/// wake-ups are not DNS changes (a migration's phase saved, a machine going from `stopping` to
+/// `stopped`, the store's feed repeating this server's own change), and a migration's last
+/// change, its start, must not wait a gap behind them.
 /// A token bucket, written here because it is ten lines and the publisher is its only user.
 #[derive(Debug)]
 struct BuildPace {
@@ -52,6 +56,11 @@ impl BuildPace {
         // The token the build spends, refilled meanwhile if it has to wait.
         self.tokens -= 1.0;
         wait
+    }
+
+    /// The last build published nothing (its snapshot was the one already out): not counted.
+    fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(DNS_BURST);
     }
 }
 
@@ -210,7 +219,8 @@ impl ControlPlane {
         let zone = Arc::new(ZoneData::new());
         // With the store unreachable there is no new snapshot, and DNS keeps answering the
         // last one it had.
-        if let Some(s) = super::dns::snapshot(store.as_ref()) {
+        let first = super::dns::snapshot(store.as_ref());
+        if let Some(s) = first.clone() {
             publish_for_agents(&ctx, &s);
             zone.publish(s);
         }
@@ -222,6 +232,7 @@ impl ControlPlane {
         let mut changes = ctx.changes.subscribe();
         rt.spawn(async move {
             let mut pace = BuildPace::new(std::time::Instant::now());
+            let mut last = first;
             while changes.changed().await.is_ok() {
                 // Paced (BuildPace): the changes that land during a wait fold into this build.
                 let wait = pace.take(std::time::Instant::now());
@@ -233,6 +244,11 @@ impl ControlPlane {
                 // No snapshot (the store did not answer): DNS keeps the last one.
                 let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
                 if let Ok(Some(snap)) = built.await {
+                    if last.as_ref() == Some(&snap) {
+                        pace.refund();
+                        continue;
+                    }
+                    last = Some(snap.clone());
                     publish_for_agents(&c, &snap);
                     for e in z.publish(snap) {
                         tracing::warn!("a machine left out of DNS: {e}");
@@ -354,5 +370,21 @@ mod tests {
             assert_eq!(p.take(quiet), Duration::ZERO);
         }
         assert!(p.take(quiet) > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_dns_build_that_published_nothing_costs_no_token() {
+        let t0 = Instant::now();
+        let mut p = BuildPace::new(t0);
+        // Wake-ups that change nothing DNS answers: each build is given back.
+        for _ in 0..10 {
+            assert_eq!(p.take(t0), Duration::ZERO);
+            p.refund();
+        }
+        // The burst is whole for the changes that follow; refunds never make it larger.
+        for _ in 0..4 {
+            assert_eq!(p.take(t0), Duration::ZERO);
+        }
+        assert_eq!(p.take(t0), DNS_REBUILD_GAP);
     }
 }
