@@ -22,23 +22,29 @@ use std::sync::Arc;
 /// A build that finds nothing new to publish gives its token back ([`BuildPace::refund`]): most
 /// wake-ups are not DNS changes (a migration's phase saved, a machine going from `stopping` to
 /// `stopped`, the store's feed repeating this server's own change), and a migration's last
-/// change, its start, must not wait a gap behind them.
+/// change, its start, must not wait a gap behind them. Such builds are still spaced
+/// [`DNS_UNCHANGED_GAP`] apart, so wake-ups that change nothing cannot keep a core busy.
 /// A token bucket, written here because it is ten lines and the publisher is its only user.
 #[derive(Debug)]
 struct BuildPace {
     tokens: f64,
     at: std::time::Instant,
+    /// No build before this (set by a build that published nothing).
+    quiet_until: std::time::Instant,
 }
 
 const DNS_BURST: f64 = 4.0;
 /// Short enough that a change in a long burst is answered within 100 ms (docs/design.md#dns).
 const DNS_REBUILD_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+/// After a build that published nothing: at most this many of them a second, 100.
+const DNS_UNCHANGED_GAP: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl BuildPace {
     fn new(now: std::time::Instant) -> Self {
         BuildPace {
             tokens: DNS_BURST,
             at: now,
+            quiet_until: now,
         }
     }
 
@@ -52,15 +58,18 @@ impl BuildPace {
             std::time::Duration::ZERO
         } else {
             DNS_REBUILD_GAP.mul_f64(1.0 - self.tokens)
-        };
+        }
+        .max(self.quiet_until.saturating_duration_since(now));
         // The token the build spends, refilled meanwhile if it has to wait.
         self.tokens -= 1.0;
         wait
     }
 
-    /// The last build published nothing (its snapshot was the one already out): not counted.
-    fn refund(&mut self) {
+    /// The build made at `now` published nothing (its snapshot was the one already out): its
+    /// token back, and the next build not before [`DNS_UNCHANGED_GAP`].
+    fn refund(&mut self, now: std::time::Instant) {
         self.tokens = (self.tokens + 1.0).min(DNS_BURST);
+        self.quiet_until = now + DNS_UNCHANGED_GAP;
     }
 }
 
@@ -245,7 +254,7 @@ impl ControlPlane {
                 let built = tokio::task::spawn_blocking(move || super::dns::snapshot(s.as_ref()));
                 if let Ok(Some(snap)) = built.await {
                     if last.as_ref() == Some(&snap) {
-                        pace.refund();
+                        pace.refund(std::time::Instant::now());
                         continue;
                     }
                     last = Some(snap.clone());
@@ -376,15 +385,20 @@ mod tests {
     fn a_dns_build_that_published_nothing_costs_no_token() {
         let t0 = Instant::now();
         let mut p = BuildPace::new(t0);
-        // Wake-ups that change nothing DNS answers: each build is given back.
+        // Wake-ups that change nothing DNS answers: each build is given back, and the next
+        // comes one unchanged-gap later, not at once.
+        let mut t = t0;
         for _ in 0..10 {
-            assert_eq!(p.take(t0), Duration::ZERO);
-            p.refund();
+            assert_eq!(p.take(t), Duration::ZERO);
+            p.refund(t);
+            assert_eq!(p.take(t), DNS_UNCHANGED_GAP);
+            p.refund(t + DNS_UNCHANGED_GAP);
+            t += DNS_UNCHANGED_GAP * 2;
         }
         // The burst is whole for the changes that follow; refunds never make it larger.
         for _ in 0..4 {
-            assert_eq!(p.take(t0), Duration::ZERO);
+            assert_eq!(p.take(t), Duration::ZERO);
         }
-        assert_eq!(p.take(t0), DNS_REBUILD_GAP);
+        assert_eq!(p.take(t), DNS_REBUILD_GAP);
     }
 }
