@@ -49,6 +49,17 @@ impl Fx {
         self.dir.path().join("state").join("ferry.db")
     }
 
+    /// Two handles that see each other's changes only through the store: another server's on
+    /// etcd, the same one on SQLite (its single process).
+    fn writer_and_reader(&self) -> (Arc<dyn Store>, Arc<dyn Store>) {
+        let writer = self.open();
+        let reader = match self.etcd {
+            Some(_) => self.open(),
+            None => writer.clone(),
+        };
+        (writer, reader)
+    }
+
     /// A new handle on this test's data.
     pub(crate) fn open(&self) -> Arc<dyn Store> {
         self.open_with(Arc::new(SystemClock))
@@ -916,12 +927,7 @@ fn machine_state_names() {
 /// handle on etcd (another server), or through its own on SQLite (its one process); a change
 /// elsewhere (a setting) wakes nobody.
 fn subscribers_hear_of_changes(fx: &Fx) {
-    let writer = fx.open();
-    let reader = if fx.etcd.is_some() {
-        fx.open()
-    } else {
-        writer.clone()
-    };
+    let (writer, reader) = fx.writer_and_reader();
     let rx = reader.subscribe().unwrap();
     let wait = |what: &str, moved: &dyn Fn(&Changes) -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1038,12 +1044,7 @@ fn machine_summaries_are_the_records_cut_down(fx: &Fx) {
 /// linearizable ones: at once for the reader's own writes, and for another server's writes
 /// (etcd) as soon as the reader's feed announced them; deletions and terminal machines too.
 fn followed_reads_see_own_writes_at_once_and_others_once_announced(fx: &Fx) {
-    let writer = fx.open();
-    let reader = if fx.etcd.is_some() {
-        fx.open()
-    } else {
-        writer.clone()
-    };
+    let (writer, reader) = fx.writer_and_reader();
     let rx = reader.subscribe().unwrap();
     // Whatever the feed announced is in the followed reads.
     let same_once_announced = |what: &str| {
