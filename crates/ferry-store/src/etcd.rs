@@ -1405,6 +1405,16 @@ fn live_lock(tx: &mut Tx<'_>, name: &str) -> Result<Option<Lock>> {
         .filter(|l| now < l.expires_at_ms))
 }
 
+/// Extends `name` by `ttl` ms if `nonce` holds it now; `None` (nothing written) if not.
+fn refresh_lock_tx(tx: &mut Tx<'_>, name: &str, nonce: &str, ttl: i64) -> Result<Option<Lock>> {
+    let Some(mut lock) = live_lock(tx, name)?.filter(|l| l.nonce == nonce) else {
+        return Ok(None);
+    };
+    lock.expires_at_ms = tx.now.saturating_add(ttl);
+    tx.put(&lock_key(name), &lock)?;
+    Ok(Some(lock))
+}
+
 fn stale(kind: &'static str, id: &str, expected: u64, found: u64) -> StoreError {
     StoreError::StaleRevision {
         kind,
@@ -1975,14 +1985,9 @@ impl Store for EtcdStore {
     fn refresh_lock(&self, name: &str, nonce: &str, ttl_ms: u64) -> Result<Lock> {
         let ttl = ttl(ttl_ms)?;
         self.write(|tx| {
-            let mut lock = live_lock(tx, name)?
-                .filter(|l| l.nonce == nonce)
-                .ok_or_else(|| StoreError::LockMismatch {
-                    name: name.to_owned(),
-                })?;
-            lock.expires_at_ms = tx.now.saturating_add(ttl);
-            tx.put(&lock_key(name), &lock)?;
-            Ok(lock)
+            refresh_lock_tx(tx, name, nonce, ttl)?.ok_or_else(|| StoreError::LockMismatch {
+                name: name.to_owned(),
+            })
         })
     }
 
@@ -2000,14 +2005,7 @@ impl Store for EtcdStore {
                 tx.prefetch(&keys)?;
                 let mut got = Vec::with_capacity(chunk.len());
                 for ((name, nonce, _), ttl) in chunk.iter().zip(ttls) {
-                    match live_lock(tx, name)?.filter(|l| l.nonce == *nonce) {
-                        Some(mut lock) => {
-                            lock.expires_at_ms = tx.now.saturating_add(*ttl);
-                            tx.put(&lock_key(name), &lock)?;
-                            got.push(Some(lock));
-                        }
-                        None => got.push(None),
-                    }
+                    got.push(refresh_lock_tx(tx, name, nonce, *ttl)?);
                 }
                 Ok(got)
             })?);
@@ -2528,21 +2526,17 @@ impl Watch<'_> {
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 *next = (*next).max(kv.mod_revision() + 1);
-                let key = String::from_utf8_lossy(kv.key());
-                let Some(rel) = key.strip_prefix(self.prefix) else {
+                let Some(kv) = self.relative(kv) else {
                     continue;
                 };
-                if rel.starts_with(followed::MACHINES) || rel.starts_with(followed::MAPPINGS) {
+                if kv.key.starts_with(followed::MACHINES) || kv.key.starts_with(followed::MAPPINGS)
+                {
                     changes.push(match ev.event_type() {
-                        etcd_client::EventType::Put => followed::Change::Put(Kv {
-                            key: rel.to_owned(),
-                            value: kv.value().to_vec(),
-                            create_revision: kv.create_revision(),
-                        }),
-                        etcd_client::EventType::Delete => followed::Change::Delete(rel.to_owned()),
+                        etcd_client::EventType::Put => followed::Change::Put(kv.clone()),
+                        etcd_client::EventType::Delete => followed::Change::Delete(kv.key.clone()),
                     });
                 }
-                if let Some(t) = crate::watch::topic_of(rel) {
+                if let Some(t) = crate::watch::topic_of(&kv.key) {
                     topics[t as usize] = true;
                 }
             }
@@ -2563,6 +2557,16 @@ impl Watch<'_> {
         Ok(())
     }
 
+    /// `kv` with its key relative to the store's prefix (`None` outside it).
+    fn relative(&self, kv: &etcd_client::KeyValue) -> Option<Kv> {
+        let key = String::from_utf8_lossy(kv.key());
+        Some(Kv {
+            key: key.strip_prefix(self.prefix)?.to_owned(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+        })
+    }
+
     /// Loads the followed prefixes as they are now; answers the revision read.
     async fn load(&self, client: &mut Client) -> std::result::Result<i64, etcd_client::Error> {
         let ops = [followed::MACHINES, followed::MAPPINGS]
@@ -2579,16 +2583,7 @@ impl Watch<'_> {
         let mut kvs = Vec::new();
         for r in resp.op_responses() {
             if let TxnOpResponse::Get(g) = r {
-                for kv in g.kvs() {
-                    let key = String::from_utf8_lossy(kv.key());
-                    if let Some(rel) = key.strip_prefix(self.prefix) {
-                        kvs.push(Kv {
-                            key: rel.to_owned(),
-                            value: kv.value().to_vec(),
-                            create_revision: kv.create_revision(),
-                        });
-                    }
-                }
+                kvs.extend(g.kvs().iter().filter_map(|kv| self.relative(kv)));
             }
         }
         self.followed.load(rev, kvs);

@@ -655,6 +655,25 @@ fn live_lease(tx: &Transaction<'_>, machine_id: &str, now: i64) -> Result<Option
     Ok(load_lease(tx, machine_id)?.filter(|l| now < l.expires_at_ms))
 }
 
+/// Extends `name` by `ttl` ms from `now` if `nonce` holds it; `None` (nothing written) if not.
+fn refresh_lock_tx(
+    tx: &Transaction<'_>,
+    name: &str,
+    nonce: &str,
+    ttl: i64,
+    now: i64,
+) -> Result<Option<Lock>> {
+    let Some(mut lock) = live_lock(tx, name, now)?.filter(|l| l.nonce == nonce) else {
+        return Ok(None);
+    };
+    lock.expires_at_ms = now.saturating_add(ttl);
+    tx.execute(
+        "UPDATE locks SET expires_at_ms = ?2 WHERE name = ?1",
+        params![name, lock.expires_at_ms],
+    )?;
+    Ok(Some(lock))
+}
+
 fn live_lock(tx: &Transaction<'_>, name: &str, now: i64) -> Result<Option<Lock>> {
     let row: Option<(String, String, i64)> = tx
         .query_row(
@@ -1307,17 +1326,9 @@ impl Store for SqliteStore {
     fn refresh_lock(&self, name: &str, nonce: &str, ttl_ms: u64) -> Result<Lock> {
         let ttl = ttl(ttl_ms)?;
         self.write(|tx, now| {
-            let mut lock = live_lock(tx, name, now)?
-                .filter(|l| l.nonce == nonce)
-                .ok_or_else(|| StoreError::LockMismatch {
-                    name: name.to_owned(),
-                })?;
-            lock.expires_at_ms = now.saturating_add(ttl);
-            tx.execute(
-                "UPDATE locks SET expires_at_ms = ?2 WHERE name = ?1",
-                params![name, lock.expires_at_ms],
-            )?;
-            Ok(lock)
+            refresh_lock_tx(tx, name, nonce, ttl, now)?.ok_or_else(|| StoreError::LockMismatch {
+                name: name.to_owned(),
+            })
         })
     }
 
@@ -1327,21 +1338,11 @@ impl Store for SqliteStore {
             .map(|(_, _, t)| ttl(*t))
             .collect::<Result<Vec<_>>>()?;
         self.write(|tx, now| {
-            let mut got = Vec::with_capacity(locks.len());
-            for ((name, nonce, _), ttl) in locks.iter().zip(&ttls) {
-                match live_lock(tx, name, now)?.filter(|l| l.nonce == *nonce) {
-                    Some(mut lock) => {
-                        lock.expires_at_ms = now.saturating_add(*ttl);
-                        tx.execute(
-                            "UPDATE locks SET expires_at_ms = ?2 WHERE name = ?1",
-                            params![name, lock.expires_at_ms],
-                        )?;
-                        got.push(Some(lock));
-                    }
-                    None => got.push(None),
-                }
-            }
-            Ok(got)
+            locks
+                .iter()
+                .zip(&ttls)
+                .map(|((name, nonce, _), ttl)| refresh_lock_tx(tx, name, nonce, *ttl, now))
+                .collect()
         })
     }
 
