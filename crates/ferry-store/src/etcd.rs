@@ -27,16 +27,18 @@
 //! `block_on` on the caller's runtime (which panics there) and never needs the caller's runtime
 //! at all (a handler on a current-thread runtime just blocks, as it does on SQLite today).
 //!
-//! # Leases and locks: records with TTLs on the store's clock, compare-and-swapped
-//! Machine leases and named locks are records with `expires_at_ms`, judged against the store's
-//! [`Clock`] and changed by the same optimistic transactions, not etcd leases. Why: the trait's
-//! contract is in milliseconds on an injectable clock (callers get `expires_at_ms`, and the
-//! conformance suite steps a [`crate::ManualClock`] through expiry), etcd lease TTLs are whole
-//! seconds on the etcd leader's clock and need a keep-alive stream per holder; the same records
-//! make both backends behave identically. The price: servers' clocks must agree to well within a
-//! TTL (NTP does that; TTLs are seconds). A record whose holder died is simply expired, and the
-//! next acquire replaces it. (Claiming a whole migration driver through an etcd lease with
-//! keep-alives is a separate, later API.)
+//! # Leases and locks: records on the store's clock, attached to etcd leases
+//! Machine leases and named locks (a migration's claim, a network's migration lock) are
+//! records with `expires_at_ms`, judged against the store's [`Clock`] and changed by the same
+//! optimistic transactions as every other record, *and* their keys are attached to etcd leases
+//! that this store keeps alive ([`held`]: one per TTL, like etcd's `concurrency.Session`). The
+//! record says when its holder stops holding it, in the trait's milliseconds on an injectable
+//! clock (the conformance suite steps a [`crate::ManualClock`] through expiry); the etcd lease
+//! ties the key to its holder's life: when a server dies, etcd deletes what it held once its
+//! keep-alives stop, never before the record's own expiry. A record is held while its key exists
+//! and `expires_at_ms` is in the future; an expired one is replaced by the next acquire, on the
+//! new holder's lease. The price of judging expiry on the record: servers' clocks must agree to
+//! well within a TTL (NTP does that; TTLs are seconds).
 //!
 //! # Key layout (under the store's prefix, `/ferry/` by default)
 //! Records are JSON; names inside keys are escaped (`%` and `/`), host IDs zero-padded so that
@@ -79,9 +81,11 @@ use crate::sqlite_records::{check_bridge_batch, check_migration_update};
 use crate::Store;
 #[path = "etcd_followed.rs"]
 mod followed;
+#[path = "etcd_held.rs"]
+mod held;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KvClient, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KvClient, LeaseClient,
+    PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use ferry_addr::{
     AllocatorState, FleetAddr, HostAllocator, HostId, MachineAllocator, MachineField,
@@ -117,6 +121,9 @@ pub struct EtcdStore {
     /// Drives the client's futures; `None` only during `Drop`.
     rt: Option<tokio::runtime::Runtime>,
     kv: KvClient,
+    lease: LeaseClient,
+    /// The etcd leases locks and machine leases are attached to ([`held`]).
+    held: Arc<held::Held>,
     /// Every key this store writes starts with it (e.g. `/ferry/`), so fleets or tests can share
     /// one etcd.
     prefix: String,
@@ -334,6 +341,8 @@ struct Tx<'s> {
     ranges: Vec<String>,
     /// Full key -> new value (None: delete).
     writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Full key -> the etcd lease its new value is attached to ([`held`]).
+    leased: BTreeMap<String, i64>,
     /// Full prefixes to delete whole.
     prefix_deletes: Vec<String>,
     /// Full key -> what the snapshot holds there (None: absent), for keys read or prefetched.
@@ -358,6 +367,7 @@ impl<'s> Tx<'s> {
             reads: BTreeMap::new(),
             ranges: Vec::new(),
             writes: BTreeMap::new(),
+            leased: BTreeMap::new(),
             prefix_deletes: Vec::new(),
             cache: BTreeMap::new(),
             serializable,
@@ -600,7 +610,9 @@ impl<'s> Tx<'s> {
     }
 
     fn put_raw(&mut self, key: &str, value: Vec<u8>) {
-        self.writes.insert(self.s.key(key), Some(value));
+        let full = self.s.key(key);
+        self.leased.remove(&full);
+        self.writes.insert(full, Some(value));
     }
 
     fn put<T: Serialize>(&mut self, key: &str, v: &T) -> Result<()> {
@@ -608,14 +620,24 @@ impl<'s> Tx<'s> {
         Ok(())
     }
 
+    /// [`Tx::put`] of a key that lives only while etcd lease `lease` does ([`held`]).
+    fn put_leased<T: Serialize>(&mut self, key: &str, v: &T, lease: i64) -> Result<()> {
+        self.put(key, v)?;
+        self.leased.insert(self.s.key(key), lease);
+        Ok(())
+    }
+
     fn delete(&mut self, key: &str) {
-        self.writes.insert(self.s.key(key), None);
+        let full = self.s.key(key);
+        self.leased.remove(&full);
+        self.writes.insert(full, None);
     }
 
     fn delete_prefix(&mut self, prefix: &str) {
         let full = self.s.key(prefix);
         // etcd refuses a txn whose puts or deletes overlap a deleted range.
         self.writes.retain(|k, _| !k.starts_with(&full));
+        self.leased.retain(|k, _| !k.starts_with(&full));
         self.prefix_deletes.push(full);
     }
 
@@ -640,7 +662,11 @@ impl<'s> Tx<'s> {
         }
         for (k, w) in &self.writes {
             ops.push(match w {
-                Some(v) => TxnOp::put(k.clone(), v.clone(), None),
+                Some(v) => TxnOp::put(
+                    k.clone(),
+                    v.clone(),
+                    self.leased.get(k).map(|l| PutOptions::new().with_lease(*l)),
+                ),
                 None => TxnOp::delete(k.clone(), None),
             });
         }
@@ -752,6 +778,8 @@ impl EtcdStore {
         let store = EtcdStore {
             rt: Some(rt),
             kv: client.kv_client(),
+            lease: client.lease_client(),
+            held: Default::default(),
             prefix,
             clock,
             endpoints: endpoints.to_vec(),
@@ -879,6 +907,35 @@ impl EtcdStore {
         Err(StoreError::Conflict {
             what: format!("gave up after {MAX_ATTEMPTS} conflicting attempts"),
         })
+    }
+
+    /// [`EtcdStore::write`] of records that live `ttls` (ms) each: `f` gets, per TTL, the ID of
+    /// this store's etcd lease to attach its record to ([`held`]). A write that named a lease
+    /// etcd no longer has runs again on a new one.
+    fn write_held<T>(
+        &self,
+        ttls: &[i64],
+        mut f: impl FnMut(&mut Tx<'_>, &[i64]) -> Result<T>,
+    ) -> Result<T> {
+        let Some(rt) = &self.rt else {
+            return Err(unavailable("the store is being dropped"));
+        };
+        let mut attempts = 0;
+        loop {
+            let ids = ttls
+                .iter()
+                .map(|t| self.held.lease(rt, &self.lease, held::bucket(*t)))
+                .collect::<Result<Vec<_>>>()?;
+            match self.write(|tx| f(tx, &ids)) {
+                Err(e) if held::lease_gone(&e) && attempts < 3 => {
+                    attempts += 1;
+                    for id in ids {
+                        self.held.forget(id);
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Every key and value under the prefix, for tests that prove a failed call changed nothing.
@@ -1406,12 +1463,18 @@ fn live_lock(tx: &mut Tx<'_>, name: &str) -> Result<Option<Lock>> {
 }
 
 /// Extends `name` by `ttl` ms if `nonce` holds it now; `None` (nothing written) if not.
-fn refresh_lock_tx(tx: &mut Tx<'_>, name: &str, nonce: &str, ttl: i64) -> Result<Option<Lock>> {
+fn refresh_lock_tx(
+    tx: &mut Tx<'_>,
+    name: &str,
+    nonce: &str,
+    ttl: i64,
+    lease: i64,
+) -> Result<Option<Lock>> {
     let Some(mut lock) = live_lock(tx, name)?.filter(|l| l.nonce == nonce) else {
         return Ok(None);
     };
     lock.expires_at_ms = tx.now.saturating_add(ttl);
-    tx.put(&lock_key(name), &lock)?;
+    tx.put_leased(&lock_key(name), &lock, lease)?;
     Ok(Some(lock))
 }
 
@@ -1893,7 +1956,7 @@ impl Store for EtcdStore {
         description: &str,
     ) -> Result<Lease> {
         let ttl = ttl(ttl_ms)?;
-        self.write(|tx| {
+        self.write_held(&[ttl], |tx, held| {
             tx.prefetch(&[machine_key(machine_id), lease_key(machine_id)])?;
             machine_exists(tx, machine_id)?;
             if let Some(held) = live_lease(tx, machine_id)? {
@@ -1909,14 +1972,14 @@ impl Store for EtcdStore {
                 description: description.to_owned(),
                 expires_at_ms: tx.now.saturating_add(ttl),
             };
-            tx.put(&lease_key(machine_id), &lease)?;
+            tx.put_leased(&lease_key(machine_id), &lease, held[0])?;
             Ok(lease)
         })
     }
 
     fn refresh_lease(&self, machine_id: &str, nonce: &str, ttl_ms: u64) -> Result<Lease> {
         let ttl = ttl(ttl_ms)?;
-        self.write(|tx| {
+        self.write_held(&[ttl], |tx, held| {
             machine_exists(tx, machine_id)?;
             let mut lease = live_lease(tx, machine_id)?
                 .filter(|l| l.nonce == nonce)
@@ -1924,7 +1987,7 @@ impl Store for EtcdStore {
                     machine_id: machine_id.to_owned(),
                 })?;
             lease.expires_at_ms = tx.now.saturating_add(ttl);
-            tx.put(&lease_key(machine_id), &lease)?;
+            tx.put_leased(&lease_key(machine_id), &lease, held[0])?;
             Ok(lease)
         })
     }
@@ -1963,7 +2026,7 @@ impl Store for EtcdStore {
 
     fn acquire_lock(&self, name: &str, ttl_ms: u64, owner: &str) -> Result<Lock> {
         let ttl = ttl(ttl_ms)?;
-        self.write(|tx| {
+        self.write_held(&[ttl], |tx, leases| {
             if let Some(held) = live_lock(tx, name)? {
                 return Err(StoreError::LockHeld {
                     name: name.to_owned(),
@@ -1977,16 +2040,18 @@ impl Store for EtcdStore {
                 owner: owner.to_owned(),
                 expires_at_ms: tx.now.saturating_add(ttl),
             };
-            tx.put(&lock_key(name), &lock)?;
+            tx.put_leased(&lock_key(name), &lock, leases[0])?;
             Ok(lock)
         })
     }
 
     fn refresh_lock(&self, name: &str, nonce: &str, ttl_ms: u64) -> Result<Lock> {
         let ttl = ttl(ttl_ms)?;
-        self.write(|tx| {
-            refresh_lock_tx(tx, name, nonce, ttl)?.ok_or_else(|| StoreError::LockMismatch {
-                name: name.to_owned(),
+        self.write_held(&[ttl], |tx, held| {
+            refresh_lock_tx(tx, name, nonce, ttl, held[0])?.ok_or_else(|| {
+                StoreError::LockMismatch {
+                    name: name.to_owned(),
+                }
             })
         })
     }
@@ -2000,12 +2065,12 @@ impl Store for EtcdStore {
         // A commit compares and puts every lock it read: two operations per lock, under etcd's
         // default --max-txn-ops of 128.
         for (chunk, ttls) in locks.chunks(REFRESH_BATCH).zip(ttls.chunks(REFRESH_BATCH)) {
-            out.extend(self.write(|tx| {
+            out.extend(self.write_held(ttls, |tx, held| {
                 let keys: Vec<String> = chunk.iter().map(|(n, _, _)| lock_key(n)).collect();
                 tx.prefetch(&keys)?;
                 let mut got = Vec::with_capacity(chunk.len());
-                for ((name, nonce, _), ttl) in chunk.iter().zip(ttls) {
-                    got.push(refresh_lock_tx(tx, name, nonce, *ttl)?);
+                for (((name, nonce, _), ttl), lease) in chunk.iter().zip(ttls).zip(held) {
+                    got.push(refresh_lock_tx(tx, name, nonce, *ttl, *lease)?);
                 }
                 Ok(got)
             })?);

@@ -292,3 +292,108 @@ fn followed_reads_are_served_by_the_watch_and_survive_etcd_restarting() {
         ids(&reader) == [first.id.clone(), second.id.clone()]
     });
 }
+
+/// A plain etcd client beside the store: what etcd itself holds.
+struct Raw {
+    rt: tokio::runtime::Runtime,
+    client: etcd_client::Client,
+}
+
+impl Raw {
+    fn connect(endpoints: &[String]) -> Raw {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt
+            .block_on(etcd_client::Client::connect(endpoints, None))
+            .unwrap();
+        Raw { rt, client }
+    }
+
+    /// The etcd lease `key` is attached to (`Some(0)`: none), `None` if the key is absent.
+    fn lease_of(&mut self, key: &str) -> Option<i64> {
+        let r = self.rt.block_on(self.client.get(key, None)).unwrap();
+        r.kvs().first().map(|kv| kv.lease())
+    }
+
+    fn revoke(&mut self, lease: i64) {
+        self.rt.block_on(self.client.lease_revoke(lease)).unwrap();
+    }
+}
+
+#[test]
+fn locks_and_leases_live_on_etcd_leases_their_holder_keeps_alive() {
+    let c = EtcdCluster::start(1).unwrap();
+    let mut raw = Raw::connect(&c.endpoints());
+    let a = EtcdStore::connect(&c.endpoints(), "/held").unwrap();
+    a.create_app("web", "acme").unwrap();
+    let h = a.register_host("ord", "/h1").unwrap().id;
+    let m = new_machine(&a, "web", h);
+    let lock = a.acquire_lock("claim-x", 1_000, "server-a").unwrap();
+    let lease = a.acquire_lease(&m.id, 1_000, "api", "").unwrap();
+    let (lock_key, lease_key) = ("/held/locks/claim-x", format!("/held/leases/{}", m.id));
+    let id = raw.lease_of(lock_key).unwrap();
+    assert_ne!(id, 0, "the lock is attached to an etcd lease");
+    assert_eq!(
+        raw.lease_of(&lease_key),
+        Some(id),
+        "one lease per TTL bucket"
+    );
+
+    // Refreshed for longer than the etcd lease's own TTL (3 s for a 1 s record): the
+    // keep-alives hold it, and each refresh keeps the key on it.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        a.refresh_lock("claim-x", &lock.nonce, 1_000).unwrap();
+        a.refresh_lease(&m.id, &lease.nonce, 1_000).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(raw.lease_of(lock_key), Some(id));
+    assert_eq!(raw.lease_of(&lease_key), Some(id));
+    // A batched refresh keeps it there too (a put without the lease would detach the key).
+    a.refresh_locks(&[("claim-x", &lock.nonce, 1_000)]).unwrap();
+    assert_eq!(raw.lease_of(lock_key), Some(id));
+
+    // The holder dies without releasing anything: etcd deletes both keys itself, within the
+    // etcd lease's TTL (3 s) and a margin.
+    drop(a);
+    let t = Instant::now();
+    while raw.lease_of(lock_key).is_some() || raw.lease_of(&lease_key).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "keys still there {:?} after the holder died",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Another server takes the lock, on its own lease.
+    let b = EtcdStore::connect(&c.endpoints(), "/held").unwrap();
+    assert_eq!(b.current_lock("claim-x").unwrap(), None);
+    b.acquire_lock("claim-x", 1_000, "server-b").unwrap();
+    let other = raw.lease_of(lock_key).unwrap();
+    assert!(other != 0 && other != id);
+}
+
+#[test]
+fn a_lost_etcd_lease_loses_its_locks_and_the_next_write_takes_a_new_one() {
+    let c = EtcdCluster::start(1).unwrap();
+    let mut raw = Raw::connect(&c.endpoints());
+    let a = EtcdStore::connect(&c.endpoints(), "/lost").unwrap();
+    let lock = a.acquire_lock("net-1", 5_000, "a").unwrap();
+    let id = raw.lease_of("/lost/locks/net-1").unwrap();
+    // etcd drops the lease (as it does when keep-alives stop for longer than its TTL).
+    raw.revoke(id);
+    assert_eq!(raw.lease_of("/lost/locks/net-1"), None);
+    // The holder learns at its next refresh that it lost the lock...
+    let e = a.refresh_lock("net-1", &lock.nonce, 5_000).unwrap_err();
+    assert!(matches!(e, StoreError::LockMismatch { .. }), "{e:?}");
+    assert_eq!(a.current_lock("net-1").unwrap(), None);
+    // ...and its next acquire, which first names the revoked lease, runs again on a new one.
+    let again = a.acquire_lock("net-1", 5_000, "a").unwrap();
+    assert_ne!(again.nonce, lock.nonce);
+    let new = raw.lease_of("/lost/locks/net-1").unwrap();
+    assert!(new != 0 && new != id, "{new} vs {id}");
+    a.refresh_lock("net-1", &again.nonce, 5_000).unwrap();
+    assert_eq!(raw.lease_of("/lost/locks/net-1"), Some(new));
+}
