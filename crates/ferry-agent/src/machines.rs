@@ -65,6 +65,14 @@ struct Slot {
     restarts: u32,
     /// This instance moved to another host (see `fence_machine`): never started here again.
     fenced: bool,
+    /// A start set up ahead and held (see `stage_machine`): what it was set up with.
+    staged: Option<Staged>,
+}
+
+/// A machine set up by `stage_machine` whose command waits for its release.
+struct Staged {
+    running: Arc<Running>,
+    spec: InitSpec,
 }
 
 pub struct Agent {
@@ -233,15 +241,25 @@ impl Agent {
         {
             let run_dir = entry.path();
             // A machine prepared for a start that has not come yet has only `prepared.json`.
-            let Ok(raw) = std::fs::read(run_dir.join("run.json"))
-                .or_else(|_| std::fs::read(run_dir.join("prepared.json")))
-            else {
+            let started = std::fs::read(run_dir.join("run.json"));
+            let was_started = started.is_ok();
+            let Ok(raw) = started.or_else(|_| std::fs::read(run_dir.join("prepared.json"))) else {
                 continue;
             };
             let Ok(run) = serde_json::from_slice::<RunMachine>(&raw) else {
                 continue;
             };
-            let running = Running::attach(&run_dir)?.map(Arc::new);
+            let mut running = Running::attach(&run_dir)?.map(Arc::new);
+            if let Some(r) = running.as_ref().filter(|_| !was_started) {
+                // A staged start (set up, held) this agent no longer knows the spec of: its
+                // command never ran; the start, if it comes, sets the machine up again.
+                tracing::info!(
+                    "machine {} was staged, not started: removing the staging",
+                    run.id
+                );
+                ferry_runtime::stop(r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;
+                running = None;
+            }
             let id = run.id.clone();
             let fenced =
                 std::fs::read_to_string(run_dir.join(FENCED)).is_ok_and(|i| i == run.instance_id);
@@ -254,6 +272,7 @@ impl Agent {
                     stopping: false,
                     restarts: 0,
                     fenced,
+                    staged: None,
                 },
             );
             if let Some(r) = live {
@@ -377,8 +396,92 @@ impl Agent {
                 stopping: false,
                 restarts: 0,
                 fenced: false,
+                staged: None,
             });
         Ok(())
+    }
+
+    /// [`prepare_machine`](Self::prepare_machine), then the machine itself set up and held
+    /// (namespaces, mounts, its root: what makes most of a start) without running anything of
+    /// its own: its start then only releases it (see `InitSpec::hold`). A migration stages its
+    /// machine on the destination once the volumes are copied but one round, while the source
+    /// still runs; its start after the source's stop is then a fraction of a restart. Nothing
+    /// is reported to the server about a staged machine (it does not run); a start with another
+    /// spec, a destroy, or an agent restart removes the staging.
+    fn stage_machine(&self, run: RunMachine) -> Result<(), AgentError> {
+        if let Some(s) = self.machines.lock().unwrap().get(&run.id) {
+            if s.fenced && s.run.instance_id == run.instance_id {
+                return Err(AgentError::Fenced {
+                    machine: run.id.clone(),
+                    instance: run.instance_id.clone(),
+                });
+            }
+            if s.running.as_ref().is_some_and(|r| !r.exited()) {
+                return Ok(()); // it runs here already: nothing to stage
+            }
+        }
+        self.prepare_machine(run.clone())?;
+        let cg = self.ensure_cgroup(&run)?;
+        self.attach_bridge(&run, &cg)?;
+        let mut spec = self.init_spec(&run, &cg)?;
+        spec.hold = true;
+        let old = {
+            let mut t = self.machines.lock().unwrap();
+            let slot = t
+                .get_mut(&run.id)
+                .ok_or_else(|| AgentError::UnknownMachine(run.id.clone()))?;
+            match slot.staged.take() {
+                Some(st) if st.spec == spec && st.running.held() => {
+                    slot.staged = Some(st);
+                    return Ok(()); // staged already, the same way
+                }
+                other => other,
+            }
+        };
+        if let Some(st) = old {
+            ferry_runtime::stop(
+                &st.running,
+                ferry_runtime::Signal::SIGKILL,
+                Duration::from_secs(5),
+            )?;
+        }
+        let ns = NetNs::named(&self.netns_name(run.machine_field));
+        let running = Arc::new(ferry_runtime::spawn_machine(
+            &self.run_dir(&run.id),
+            &ns.path(),
+            &cg,
+            &spec,
+            &self.cfg.ferry_exe,
+        )?);
+        if !running.wait_held(Duration::from_secs(10)) {
+            let _ = ferry_runtime::stop(
+                &running,
+                ferry_runtime::Signal::SIGKILL,
+                Duration::from_secs(5),
+            );
+            return Err(AgentError::Invalid(format!(
+                "machine {} could not be set up ahead of its start",
+                run.id
+            )));
+        }
+        let mut t = self.machines.lock().unwrap();
+        match t.get_mut(&run.id) {
+            // Still only prepared: the staging is its own.
+            Some(slot) if slot.running.is_none() && slot.staged.is_none() => {
+                slot.staged = Some(Staged { running, spec });
+                Ok(())
+            }
+            // A start or destroy came meanwhile: this staging is not wanted.
+            _ => {
+                drop(t);
+                let _ = ferry_runtime::stop(
+                    &running,
+                    ferry_runtime::Signal::SIGKILL,
+                    Duration::from_secs(5),
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The machine's network namespace (veth, address, routes), built if this host has none.
@@ -405,7 +508,8 @@ impl Agent {
     }
 
     /// Starts a machine, timing each phase into `phases` (the start's reply carries them to the
-    /// server's metrics: where starts spend their time, e.g. as a host fills up).
+    /// server's metrics: where starts spend their time, e.g. as a host fills up). A machine
+    /// staged here with the same spec (`stage_machine`) is released instead of set up again.
     fn start_machine_timed(
         self: &Arc<Self>,
         run: RunMachine,
@@ -432,7 +536,96 @@ impl Agent {
             let mappings = self.bridge_state.lock().unwrap().mappings.clone();
             crate::nft::apply(&ns, run.network_id, run.bridge_enabled, &mappings)?;
         }
-        // The bridge goes on the machine's cgroup before its first process can open a socket.
+        self.attach_bridge(&run, &cg)?;
+        phases.lap("bridge");
+        let spec = self.init_spec(&run, &cg)?;
+        let staged = self
+            .machines
+            .lock()
+            .unwrap()
+            .get_mut(&run.id)
+            .and_then(|s| s.staged.take());
+        let staged = match staged {
+            Some(st)
+                if st.spec.hold
+                    && InitSpec {
+                        hold: false,
+                        ..st.spec.clone()
+                    } == spec =>
+            {
+                Some(st.running)
+            }
+            Some(st) => {
+                // Staged for another spec (the machine changed meanwhile): set up again.
+                ferry_runtime::stop(
+                    &st.running,
+                    ferry_runtime::Signal::SIGKILL,
+                    Duration::from_secs(5),
+                )?;
+                None
+            }
+            None => None,
+        };
+        let run_dir = self.run_dir(&run.id);
+        std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
+        // The record first: a crash between the two leaves a run dir that reattach can read.
+        write_atomic(
+            &run_dir.join("run.json"),
+            &serde_json::to_vec(&run).expect("serializable"),
+        )?;
+        let _ = std::fs::remove_file(run_dir.join("exit.json"));
+        // Another instance than the one fenced (see the check above): a rollback's.
+        let _ = std::fs::remove_file(run_dir.join(FENCED));
+        phases.lap("files");
+        let released = staged.filter(|r| r.release().is_ok());
+        let running = match released {
+            Some(r) => {
+                phases.lap("release");
+                r
+            }
+            None => {
+                let r = Arc::new(ferry_runtime::spawn_machine(
+                    &run_dir,
+                    &ns.path(),
+                    &cg,
+                    &spec,
+                    &self.cfg.ferry_exe,
+                )?);
+                phases.lap("spawn");
+                r
+            }
+        };
+        // "started" means PID 1 runs in the machine, not merely that its shim was forked.
+        if running.wait_init_pid(Duration::from_secs(10)).is_none() && running.exited() {
+            tracing::warn!("machine {} ended before its init started", run.id);
+        }
+        phases.lap("init");
+        let pid = running.pid();
+        let id = run.id.clone();
+        {
+            let mut t = self.machines.lock().unwrap();
+            let restarts = t.get(&id).map(|s| s.restarts).unwrap_or(0);
+            t.insert(
+                id.clone(),
+                Slot {
+                    run,
+                    running: Some(running.clone()),
+                    stopping: false,
+                    restarts,
+                    fenced: false,
+                    staged: None,
+                },
+            );
+        }
+        self.watch(id.clone(), running.clone());
+        self.check(id, running);
+        Ok(pid)
+    }
+
+    /// The bridge goes on the machine's cgroup before its first process can open a socket
+    /// (attaching is a no-op once done; the machine's entry is written each time).
+    fn attach_bridge(&self, run: &RunMachine, cg: &MachineCgroup) -> Result<(), AgentError> {
+        let net = NetworkId::new(run.network_id).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if let (Some(b), Some(v2)) = (self.bridge.lock().unwrap().as_mut(), cg.v2_dir()) {
             let addr: std::net::Ipv6Addr = run
                 .private_ip
@@ -449,9 +642,13 @@ impl Agent {
                 .unwrap()
                 .insert(run.id.clone(), run.bridge_enabled);
         }
-        phases.lap("bridge");
-        // An image's layers replace the default root; its config gives the command (a cmd of
-        // the machine's replaces the image's Cmd), env (the machine's win), workdir and user.
+        Ok(())
+    }
+
+    /// What `ferry init` runs for `run`: the image's layers replace the default root; its
+    /// config gives the command (a cmd of the machine's replaces the image's Cmd), env (the
+    /// machine's win), workdir and user.
+    fn init_spec(&self, run: &RunMachine, cg: &MachineCgroup) -> Result<InitSpec, AgentError> {
         let (layers, cmd, env, workdir, user) = match &run.config.image {
             None => (
                 self.image.clone(),
@@ -480,9 +677,7 @@ impl Agent {
                 )
             }
         };
-        let run_dir = self.run_dir(&run.id);
-        std::fs::create_dir_all(&run_dir).map_err(|e| AgentError::io("creating the run dir", e))?;
-        let spec = InitSpec {
+        Ok(InitSpec {
             machine_id: run.id.clone(),
             app: run.app.clone(),
             private_ip: run.private_ip.clone(),
@@ -508,48 +703,8 @@ impl Agent {
                 layers,
             }),
             log: Some(self.logs.spec(&run.id, &run.instance_id)?),
-        };
-        // The record first: a crash between the two leaves a run dir that reattach can read.
-        write_atomic(
-            &run_dir.join("run.json"),
-            &serde_json::to_vec(&run).expect("serializable"),
-        )?;
-        let _ = std::fs::remove_file(run_dir.join("exit.json"));
-        // Another instance than the one fenced (see the check above): a rollback's.
-        let _ = std::fs::remove_file(run_dir.join(FENCED));
-        phases.lap("files");
-        let running = Arc::new(ferry_runtime::spawn_machine(
-            &run_dir,
-            &ns.path(),
-            &cg,
-            &spec,
-            &self.cfg.ferry_exe,
-        )?);
-        phases.lap("spawn");
-        // "started" means PID 1 runs in the machine, not merely that its shim was forked.
-        if running.wait_init_pid(Duration::from_secs(10)).is_none() && running.exited() {
-            tracing::warn!("machine {} ended before its init started", run.id);
-        }
-        phases.lap("init");
-        let pid = running.pid();
-        let id = run.id.clone();
-        {
-            let mut t = self.machines.lock().unwrap();
-            let restarts = t.get(&id).map(|s| s.restarts).unwrap_or(0);
-            t.insert(
-                id.clone(),
-                Slot {
-                    run,
-                    running: Some(running.clone()),
-                    stopping: false,
-                    restarts,
-                    fenced: false,
-                },
-            );
-        }
-        self.watch(id.clone(), running.clone());
-        self.check(id, running);
-        Ok(pid)
+            hold: false,
+        })
     }
 
     /// Runs the machine's health checks on a thread of its own while this instance lives.
@@ -797,6 +952,13 @@ impl Agent {
         let slot = self.machines.lock().unwrap().remove(id);
         let Some(mut slot) = slot else { return Ok(()) }; // already gone: idempotent
         slot.stopping = true;
+        if let Some(st) = slot.staged.take() {
+            ferry_runtime::stop(
+                &st.running,
+                ferry_runtime::Signal::SIGKILL,
+                Duration::from_secs(5),
+            )?;
+        }
         if let Some(r) = slot.running.as_ref().filter(|r| !r.exited()) {
             ferry_runtime::stop(r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;
         }
@@ -970,6 +1132,7 @@ impl Agent {
             )
             .route("/v1/machines/{id}/start", post(start))
             .route("/v1/machines/{id}/prepare", post(prepare))
+            .route("/v1/machines/{id}/stage", post(stage))
             .route("/v1/machines/{id}/stop", post(stop))
             .route("/v1/machines/{id}/destroy", post(destroy))
             .route("/v1/machines/{id}/fence", post(fence))
@@ -1037,6 +1200,21 @@ async fn prepare(
     same_machine(&id, &run)?;
     blocking(move || {
         a.prepare_machine(run)
+            .map(|()| serde_json::json!({"ok": true}))
+    })
+    .await
+}
+
+async fn stage(
+    State(a): Shared,
+    UrlPath(id): UrlPath<String>,
+    Json(run): Json<RunMachine>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    same_machine(&id, &run)?;
+    blocking(move || {
+        let mut run = run;
+        run.volume_dirs = a.volume_dirs(&run)?;
+        a.stage_machine(run)
             .map(|()| serde_json::json!({"ok": true}))
     })
     .await

@@ -105,6 +105,9 @@ impl Agents for HttpAgents {
     fn prepare<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()> {
         Box::pin(self.post_ignored(format!("{ep}/v1/machines/{}/prepare", run.id), run))
     }
+    fn stage<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()> {
+        Box::pin(self.post_ignored(format!("{ep}/v1/machines/{}/stage", run.id), run))
+    }
     fn stop<'a>(
         &'a self,
         ep: &'a str,

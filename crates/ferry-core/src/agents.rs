@@ -41,6 +41,10 @@ pub trait Agents: Send + Sync {
     /// Builds the machine's network namespace and cgroups ahead of a start of `run` (a
     /// migration's destination, while the volumes copy); runs nothing. `destroy` undoes it.
     fn prepare<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()>;
+    /// [`Agents::prepare`], and the machine set up and held, so that a start of the same `run`
+    /// only releases it (a migration's destination, once the volumes are copied but the final
+    /// round); runs nothing of the machine's own. `destroy` undoes it.
+    fn stage<'a>(&'a self, endpoint: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()>;
     fn stop<'a>(
         &'a self,
         endpoint: &'a str,

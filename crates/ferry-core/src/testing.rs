@@ -87,6 +87,12 @@ impl Agents for Double {
         f.calls.push(format!("prepare {} {ep}", run.id));
         ready(Ok(()))
     }
+    /// Runs nothing: recorded only.
+    fn stage<'a>(&'a self, ep: &'a str, run: &'a RunMachine) -> AgentResult<'a, ()> {
+        let mut f = self.0.lock().unwrap();
+        f.calls.push(format!("stage {} {ep}", run.id));
+        ready(Ok(()))
+    }
     fn stop<'a>(
         &'a self,
         ep: &'a str,

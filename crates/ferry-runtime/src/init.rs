@@ -45,8 +45,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
@@ -67,6 +69,10 @@ pub mod files {
     pub const CGROUP: &str = "cgroup.json";
     pub const RESOLV: &str = "resolv.conf";
     pub const HOSTS: &str = "hosts";
+    /// A held machine's release (a FIFO: one byte written to it runs the command).
+    pub const GO: &str = "go";
+    /// Present while a held machine is set up and waits for its release.
+    pub const HELD: &str = "held";
 }
 
 /// Exit code of `ferry init` when the machine could not be set up (like `docker run`'s 125).
@@ -133,6 +139,12 @@ pub struct InitSpec {
     /// machine writes straight into the file the agent gave the shim as its stdout and stderr.
     #[serde(default)]
     pub log: Option<crate::logs::LogSpec>,
+    /// A staged start: init sets the machine up (namespaces, mounts, root) and then waits for
+    /// [`Running::release`](crate::Running::release) before it runs the command, so the
+    /// release costs a fraction of a start. A migration stages the machine on its destination
+    /// while its volumes copy; nothing of the machine's own runs until it is released.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 impl InitSpec {
@@ -448,16 +460,25 @@ fn shim(spec: &InitSpec, run_dir: &Path) -> Result<i32> {
     drop(report_tx);
     drop(setup_tx);
     drop(userns);
-    let mut ok = [0u8; 1];
-    // EOF (init failed to set up and exited) leaves init.pid unwritten.
-    if matches!(std::fs::File::from(setup_rx).read(&mut ok), Ok(1)) {
+    // EOF (init failed to set up and exited) leaves init.pid unwritten. A held machine's
+    // init says "h" first (set up, waiting for its release): `held` marks it until "1".
+    let mut setup_rx = std::fs::File::from(setup_rx);
+    let mut said = [0u8; 1];
+    while matches!(setup_rx.read(&mut said), Ok(1)) {
+        if said[0] == b'h' {
+            let _ = write_atomic(&run_dir.join(files::HELD), b"");
+            continue;
+        }
+        let _ = std::fs::remove_file(run_dir.join(files::HELD));
         if let Some((_, start)) = proc_stat(child.as_raw()) {
             let _ = write_atomic(
                 &run_dir.join(files::INIT_PID),
                 format!("{} {start}\n", child.as_raw()).as_bytes(),
             );
         }
+        break;
     }
+    drop(setup_rx);
 
     let status = match pump.as_mut() {
         None => wait_forwarding(child, &set),
@@ -617,11 +638,40 @@ fn pid1(
     setup: OwnedFd,
     set: &SigSet,
 ) -> i32 {
+    // Opened before the machine's root replaces the host's: the release comes through it.
+    let go = match spec.hold {
+        false => None,
+        true => match OpenOptions::new()
+            .read(true)
+            .write(true) // a FIFO opened for both never blocks here and never reads EOF
+            .custom_flags(libc::O_CLOEXEC)
+            .open(run_dir.join(files::GO))
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                say!("opening the release of machine {}: {e}", spec.machine_id);
+                return EXIT_SETUP_FAILED;
+            }
+        },
+    };
     if let Err(e) = setup_machine(spec, run_dir, userns) {
         say!("setting up machine {}: {e}", spec.machine_id);
         return EXIT_SETUP_FAILED;
     }
-    let _ = std::fs::File::from(setup).write_all(b"1");
+    let mut setup = std::fs::File::from(setup);
+    if let Some(mut go) = go {
+        // Set up and held: the shim marks it, and nothing runs until a byte arrives.
+        let _ = setup.write_all(b"h");
+        let mut b = [0u8; 1];
+        loop {
+            match go.read(&mut b) {
+                Ok(1) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return EXIT_SETUP_FAILED,
+            }
+        }
+    }
+    let _ = setup.write_all(b"1");
     let mut cmd = std::process::Command::new(&spec.cmd[0]);
     cmd.args(&spec.cmd[1..])
         .env_clear()

@@ -26,6 +26,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -180,8 +181,22 @@ pub fn spawn_machine(
     std::fs::create_dir_all(run_dir)
         .map_err(|e| RuntimeError::io(format!("creating {}", run_dir.display()), e))?;
     // Leftovers of a previous run of this machine would be mistaken for this run's.
-    for f in [files::EXIT, files::INIT_PID, files::PID] {
+    for f in [
+        files::EXIT,
+        files::INIT_PID,
+        files::PID,
+        files::HELD,
+        files::GO,
+    ] {
         let _ = std::fs::remove_file(run_dir.join(f));
+    }
+    if spec.hold {
+        let go = run_dir.join(files::GO);
+        nix::unistd::mkfifo(
+            &go,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .map_err(|e| RuntimeError::io(format!("making {}", go.display()), e.into()))?;
     }
     let spec_path = run_dir.join(files::SPEC);
     write_atomic(
@@ -315,6 +330,49 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Whether a machine spawned with [`InitSpec::hold`](crate::InitSpec::hold) is set up and
+    /// waits for its [`release`](Self::release).
+    pub fn held(&self) -> bool {
+        self.run_dir.join(files::HELD).exists() && !self.exited()
+    }
+
+    /// Waits up to `timeout` until a held machine is set up: true then, false if it ended (its
+    /// setup failed) or is still setting up.
+    pub fn wait_held(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.held() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline || self.exited() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Runs a held machine's command (see [`InitSpec::hold`](crate::InitSpec::hold)); then
+    /// [`wait_init_pid`](Self::wait_init_pid) says when it runs.
+    /// [`RuntimeError::NotRunning`] if it is not held (ended, or never held).
+    pub fn release(&self) -> Result<()> {
+        if !self.held() {
+            return Err(RuntimeError::NotRunning);
+        }
+        let go = self.run_dir.join(files::GO);
+        // Non-blocking: init holds the FIFO open, so the open succeeds at once; if init is
+        // gone there is no reader and it fails (ENXIO) instead of waiting.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&go)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENXIO) => RuntimeError::NotRunning,
+                _ => RuntimeError::io(format!("opening {}", go.display()), e),
+            })?;
+        std::io::Write::write_all(&mut f, b"g")
+            .map_err(|e| RuntimeError::io(format!("writing {}", go.display()), e))
     }
 
     /// The machine's cgroup `cgroup.procs` files, as recorded at spawn.

@@ -79,6 +79,7 @@ impl TestMachine {
             user: None,
             sandbox: Some(self.sandbox()),
             log: Some(self.log_spec()),
+            hold: false,
         }
     }
 
@@ -468,6 +469,81 @@ echo last-line; exec sleep 60"#,
     let exit = stop(q.running(), Signal::SIGKILL, LONG).unwrap();
     assert!(exit.exit.signal.is_some());
     assert_eq!(q.log_lines().len(), lines.len());
+}
+
+#[test]
+fn a_held_machine_is_set_up_but_runs_nothing_until_released() {
+    let mut m = TestMachine::new(limits());
+    let marker = m.dir.path().join("vol");
+    std::fs::create_dir(&marker).unwrap();
+    let mut spec = m.spec(&[
+        "sh",
+        "-c",
+        "echo ran > /data/ran; echo ready; exec sleep 60",
+    ]);
+    spec.mounts = vec![MountSpec {
+        host_path: marker.clone(),
+        guest_path: "/data".into(),
+    }];
+    spec.hold = true;
+    m.start(&spec);
+    assert!(m.running().wait_held(LONG), "never held:\n{}", m.log());
+    // Set up, yet neither init's pid (what "started" waits for) nor the command exists.
+    assert_eq!(m.running().init_pid(), None);
+    assert!(!marker.join("ran").exists());
+    // Files written to the volume while held are what the command sees (a migration's final
+    // copy round lands after the staging).
+    std::fs::write(marker.join("late"), "late\n").unwrap();
+    m.running().release().unwrap();
+    assert!(m.running().wait_init_pid(LONG).is_some());
+    m.wait_log("ready");
+    assert_eq!(
+        std::fs::read_to_string(marker.join("ran")).unwrap(),
+        "ran\n"
+    );
+    let out = exec_in(m.running(), &sh("cat /data/late"), Duration::from_secs(5)).unwrap();
+    assert_eq!(out.stdout_lossy(), "late\n");
+    assert!(!m.running().held());
+    // Released once: a second release finds nothing held.
+    assert!(matches!(
+        m.running().release(),
+        Err(ferry_runtime::RuntimeError::NotRunning)
+    ));
+}
+
+#[test]
+fn a_held_machine_killed_before_its_release_leaves_nothing_running() {
+    let mut m = TestMachine::new(limits());
+    let mut spec = m.spec(&["sh", "-c", "echo ran; exec sleep 60"]);
+    spec.hold = true;
+    m.start(&spec);
+    assert!(m.running().wait_held(LONG), "never held:\n{}", m.log());
+    let out = stop(m.running(), Signal::SIGKILL, Duration::from_secs(5)).unwrap();
+    assert!(out.exit.exit_code.is_some() || out.exit.signal.is_some());
+    assert!(!m.running().held());
+    assert!(!m.log().contains("ran"));
+    // Nothing of the machine is left in its cgroup (killed processes leave it as they are
+    // reaped: waited for, with a bound).
+    let procs = m.running().cgroup_procs();
+    let deadline = Instant::now() + LONG;
+    loop {
+        let left: Vec<String> = procs
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<String>()
+            .lines()
+            .map(String::from)
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in the cgroup: {left:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(matches!(
+        m.running().release(),
+        Err(ferry_runtime::RuntimeError::NotRunning)
+    ));
 }
 
 #[test]

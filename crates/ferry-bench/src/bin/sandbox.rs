@@ -55,6 +55,7 @@ fn one(
             sandbox,
             // Output goes straight to the run dir's file in both cases, so only the sandbox differs.
             log: None,
+            hold: false,
         };
         let run_dir = dir.join(id);
         let t = Instant::now();

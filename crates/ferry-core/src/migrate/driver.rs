@@ -680,6 +680,61 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
     }
 }
 
+/// Asks the destination to set the machine up and hold it (`Agents::stage`), once the volumes
+/// are copied but the final round: the machine as the switch will record it, on the copies'
+/// directories. Its start after the stop then only releases what is set up (a fraction of a
+/// restart's start), and nothing of the machine's own runs before that start. Best effort: a
+/// start that finds no staging (or one for another spec) sets the machine up itself; a rollback
+/// destroys it.
+async fn stage_destination(core: &Core, mig: &Migration) {
+    if !mig.was_running || mig.volumes.iter().any(|v| v.dst_dir.is_none()) {
+        return;
+    }
+    let run = (|| -> Result<(String, crate::proto::RunMachine)> {
+        let mut next = core.store.get_machine(&mig.machine_id)?;
+        let to = parse_host(&mig.to_host)?;
+        next.region = crate::cache::host(core, to)?.region;
+        next.host = Some(to);
+        next.machine_field = Some(MachineField(mig.new_field));
+        next.private_ip = Some(mig.new_ip.clone());
+        next.instance_id = mig.new_instance_id.clone();
+        // The volumes as the source has them (the forks have no records before the switch),
+        // then each mount pointed at its fork, as the switch will.
+        let dirs = mig
+            .volumes
+            .iter()
+            .map(|v| v.dst_dir.clone().unwrap_or_default());
+        let mut run = crate::machines::run_of(core, &next, dirs.clone().collect())?;
+        for (i, mount) in run.config.mounts.iter_mut().enumerate() {
+            let Some(v) = mig.volumes.iter().find(|v| v.src_volume == mount.volume) else {
+                return Err(Error::internal(format!(
+                    "mount {i}: not one of the migration's volumes"
+                )));
+            };
+            mount.volume = v.dst_volume.clone();
+            if let Some(r) = run.volumes.get_mut(i) {
+                r.id = v.dst_volume.clone();
+            }
+            if let Some(d) = run.volume_dirs.get_mut(i) {
+                *d = v.dst_dir.clone().unwrap_or_default();
+            }
+        }
+        Ok((endpoint(core, &mig.to_host)?, run))
+    })();
+    let result: Result<()> = match run {
+        Ok((ep, run)) => core.agents.stage(&ep, &run).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(
+            "migration {}: staging on host {} (its start will set it up): {}",
+            mig.id,
+            mig.to_host,
+            e.message
+        );
+    }
+}
+
 async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
     prepare_destination(core, mig).await;
     if !mig.precopy {
@@ -705,6 +760,7 @@ async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
             }
         }
     }
+    stage_destination(core, mig).await;
     mig.stats.precopy_ms = t0.elapsed().as_millis() as u64;
     mig.stats.precopy_bytes = bytes;
     let ev = serde_json::json!({"migration": mig.id, "bytes": bytes, "ms": mig.stats.precopy_ms});
