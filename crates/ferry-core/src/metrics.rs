@@ -117,7 +117,7 @@ impl Default for Metrics {
             "Where machine starts spend their time: the control plane's phases (create: the \
              store's create; starting: the store's transition; agent: the whole agent call; \
              started: the store's transition) and the agent's (netns, cgroup, bridge, files, \
-             spawn, init)",
+             spawn, init; release instead of spawn for a machine staged ahead, a migration's)",
             start_phases.clone(),
         );
         let volume_bytes_copied = Counter::default();

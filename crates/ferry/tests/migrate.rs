@@ -172,6 +172,27 @@ fn migrate_moves_machine_volume_dns_and_bridge_with_signed_notice() {
     // Every byte, mode and size, as the moved machine sees its volume.
     assert_eq!(digest(&dev, &m), before);
     assert_eq!(running_copies(&dev, id(&m)), 1);
+    // Its start on the destination released what the destination had set up and held while
+    // the volume copied (the agents' start phases, as the server's metrics count them), and
+    // it saw the final round's bytes (the digest above).
+    let metrics = dev
+        .http()
+        .get(format!("{}/metrics", dev.api))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ferry_machine_start_phase_seconds_count{phase=\"release\"} 1")),
+        "no start released a staged machine:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ferry_machine_start_phase_seconds_count"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // DNS answers the new address; the old one still works through the bridge.
     assert_eq!(dev.dig("db.internal", "AAAA"), new_ip);
