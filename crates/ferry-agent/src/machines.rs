@@ -250,9 +250,9 @@ impl Agent {
                 continue;
             };
             let mut running = Running::attach(&run_dir)?.map(Arc::new);
-            if let Some(r) = running.as_ref().filter(|_| !was_started) {
-                // A staged start (set up, held) this agent no longer knows the spec of: its
-                // command never ran; the start, if it comes, sets the machine up again.
+            if let Some(r) = running.as_ref().filter(|r| !was_started || r.held()) {
+                // A staged start (set up, held; or released by a start that this agent did not
+                // finish) whose command never ran: a start, if it comes, sets it up again.
                 tracing::info!(
                     "machine {} was staged, not started: removing the staging",
                     run.id
