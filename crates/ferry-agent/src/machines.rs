@@ -467,7 +467,9 @@ impl Agent {
         let mut t = self.machines.lock().unwrap();
         match t.get_mut(&run.id) {
             // Still only prepared: the staging is its own.
-            Some(slot) if slot.running.is_none() && slot.staged.is_none() => {
+            Some(slot)
+                if slot.running.as_ref().is_none_or(|r| r.exited()) && slot.staged.is_none() =>
+            {
                 slot.staged = Some(Staged { running, spec });
                 Ok(())
             }
