@@ -1216,8 +1216,10 @@ async fn stage(
     blocking(move || {
         let mut run = run;
         run.volume_dirs = a.volume_dirs(&run)?;
-        a.stage_machine(run)
-            .map(|()| serde_json::json!({"ok": true}))
+        let r = a.stage_machine(run);
+        // Test hook: the machine is staged but the server never hears so.
+        ferry_core::crash_point("agent-staged");
+        r.map(|()| serde_json::json!({"ok": true}))
     })
     .await
 }
