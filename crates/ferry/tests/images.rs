@@ -490,6 +490,21 @@ fn migration_moves_the_digest_and_pulls_before_the_stop() {
         "v1\n",
         "the digest moved, not the tag"
     );
+    // The destination pulled the image before the stop and staged the machine on it: its
+    // start released what was set up (the agents' start phases, as the server counts them).
+    let metrics = dev
+        .http()
+        .get(format!("{}/metrics", dev.api))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ferry_machine_start_phase_seconds_count{phase=\"release\"} 1")),
+        "the move's start did not release a staged machine"
+    );
 
     // Registry down: back to h0, which has the image, works.
     reg.kill();

@@ -681,8 +681,8 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
 }
 
 /// Asks the destination to set the machine up and hold it (`Agents::stage`), once the volumes
-/// are copied but the final round: the machine as the switch will record it, on the copies'
-/// directories. Its start after the stop then only releases what is set up (a fraction of a
+/// are copied but the final round and the destination has the machine's image, before the
+/// stop: the machine as the switch will record it, on the copies' directories. Its start after the stop then only releases what is set up (a fraction of a
 /// restart's start), and nothing of the machine's own runs before that start. Best effort: a
 /// start that finds no staging (or one for another spec) sets the machine up itself; a rollback
 /// destroys it.
@@ -760,7 +760,6 @@ async fn precopy(core: &Core, mig: &mut Migration) -> Step<()> {
             }
         }
     }
-    stage_destination(core, mig).await;
     mig.stats.precopy_ms = t0.elapsed().as_millis() as u64;
     mig.stats.precopy_bytes = bytes;
     let ev = serde_json::json!({"migration": mig.id, "bytes": bytes, "ms": mig.stats.precopy_ms});
@@ -856,6 +855,10 @@ fn unavailability(
 async fn stop_source(core: &Arc<Core>, mig: &mut Migration) -> Step<()> {
     let m = core.store.get_machine(&mig.machine_id)?;
     image_on_destination(core, mig, &m).await?;
+    if mig.stats.stopped_at_ms.is_none() {
+        // Once the destination has the image (the staging needs its root) and before the stop.
+        stage_destination(core, mig).await;
+    }
     if mig.was_running && mig.stats.stopped_at_ms.is_none() {
         // max_unavailable: the others that should run and are not ready, plus this one, must fit.
         let policy = load_policy(core, &mig.app)?;
