@@ -75,6 +75,16 @@ struct Staged {
     spec: InitSpec,
 }
 
+/// Kills a held machine (nothing of its own ran: no stop signal to honour).
+fn discard_staging(running: &Running) -> Result<(), AgentError> {
+    ferry_runtime::stop(
+        running,
+        ferry_runtime::Signal::SIGKILL,
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
 pub struct Agent {
     pub(crate) cfg: AgentConfig,
     /// `.internal` DNS for this host's machines.
@@ -257,7 +267,7 @@ impl Agent {
                     "machine {} was staged, not started: removing the staging",
                     run.id
                 );
-                ferry_runtime::stop(r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;
+                discard_staging(r)?;
                 running = None;
             }
             let id = run.id.clone();
@@ -439,11 +449,7 @@ impl Agent {
             }
         };
         if let Some(st) = old {
-            ferry_runtime::stop(
-                &st.running,
-                ferry_runtime::Signal::SIGKILL,
-                Duration::from_secs(5),
-            )?;
+            discard_staging(&st.running)?;
         }
         let ns = NetNs::named(&self.netns_name(run.machine_field));
         let running = Arc::new(ferry_runtime::spawn_machine(
@@ -454,11 +460,7 @@ impl Agent {
             &self.cfg.ferry_exe,
         )?);
         if !running.wait_held(Duration::from_secs(10)) {
-            let _ = ferry_runtime::stop(
-                &running,
-                ferry_runtime::Signal::SIGKILL,
-                Duration::from_secs(5),
-            );
+            let _ = discard_staging(&running);
             return Err(AgentError::Invalid(format!(
                 "machine {} could not be set up ahead of its start",
                 run.id
@@ -476,11 +478,7 @@ impl Agent {
             // A start or destroy came meanwhile: this staging is not wanted.
             _ => {
                 drop(t);
-                let _ = ferry_runtime::stop(
-                    &running,
-                    ferry_runtime::Signal::SIGKILL,
-                    Duration::from_secs(5),
-                );
+                let _ = discard_staging(&running);
                 Ok(())
             }
         }
@@ -559,11 +557,7 @@ impl Agent {
             }
             Some(st) => {
                 // Staged for another spec (the machine changed meanwhile): set up again.
-                ferry_runtime::stop(
-                    &st.running,
-                    ferry_runtime::Signal::SIGKILL,
-                    Duration::from_secs(5),
-                )?;
+                discard_staging(&st.running)?;
                 None
             }
             None => None,
@@ -955,11 +949,7 @@ impl Agent {
         let Some(mut slot) = slot else { return Ok(()) }; // already gone: idempotent
         slot.stopping = true;
         if let Some(st) = slot.staged.take() {
-            ferry_runtime::stop(
-                &st.running,
-                ferry_runtime::Signal::SIGKILL,
-                Duration::from_secs(5),
-            )?;
+            discard_staging(&st.running)?;
         }
         if let Some(r) = slot.running.as_ref().filter(|r| !r.exited()) {
             ferry_runtime::stop(r, ferry_runtime::Signal::SIGKILL, Duration::from_secs(5))?;

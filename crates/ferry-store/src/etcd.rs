@@ -76,7 +76,7 @@ use crate::records::{
     BridgeMapping, BridgeNetwork, GateScope, InstanceRecord, MigrationFilter, MigrationRecord,
     PolicyRecord, TokenRecord, VolumeRecord,
 };
-use crate::sqlite::{check_machine, field_conflict, invalid, ttl};
+use crate::sqlite::{check_machine, field_conflict, invalid, lock_ttls, ttl};
 use crate::sqlite_records::{check_bridge_batch, check_migration_update};
 use crate::Store;
 #[path = "etcd_followed.rs"]
@@ -2057,10 +2057,7 @@ impl Store for EtcdStore {
     }
 
     fn refresh_locks(&self, locks: &[(&str, &str, u64)]) -> Result<Vec<Option<Lock>>> {
-        let ttls = locks
-            .iter()
-            .map(|(_, _, t)| ttl(*t))
-            .collect::<Result<Vec<_>>>()?;
+        let ttls = lock_ttls(locks)?;
         let mut out = Vec::with_capacity(locks.len());
         // A commit compares and puts every lock it read: two operations per lock, under etcd's
         // default --max-txn-ops of 128.

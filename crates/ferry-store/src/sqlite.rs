@@ -289,6 +289,11 @@ pub(crate) fn ttl(ttl_ms: u64) -> Result<i64> {
     Ok(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
 }
 
+/// [`ttl`] of each lock of a [`Store::refresh_locks`] call, in order.
+pub(crate) fn lock_ttls(locks: &[(&str, &str, u64)]) -> Result<Vec<i64>> {
+    locks.iter().map(|(_, _, t)| ttl(*t)).collect()
+}
+
 const ORG_COLS: &str = "name, network_id";
 
 fn org_from_row(r: &Row<'_>) -> rusqlite::Result<(String, i64)> {
@@ -1333,10 +1338,7 @@ impl Store for SqliteStore {
     }
 
     fn refresh_locks(&self, locks: &[(&str, &str, u64)]) -> Result<Vec<Option<Lock>>> {
-        let ttls = locks
-            .iter()
-            .map(|(_, _, t)| ttl(*t))
-            .collect::<Result<Vec<_>>>()?;
+        let ttls = lock_ttls(locks)?;
         self.write(|tx, now| {
             locks
                 .iter()

@@ -645,6 +645,19 @@ async fn forward_round(core: &Core, mig: &Migration, i: usize) -> Step<(VolumeRo
     .await
 }
 
+/// The machine as it will be on the destination: the switch records the same host, region,
+/// field, address and instance (and points its mounts at the forks).
+fn destination_machine(core: &Core, mig: &Migration) -> Result<Machine> {
+    let mut next = core.store.get_machine(&mig.machine_id)?;
+    let to = parse_host(&mig.to_host)?;
+    next.region = crate::cache::host(core, to)?.region;
+    next.host = Some(to);
+    next.machine_field = Some(MachineField(mig.new_field));
+    next.private_ip = Some(mig.new_ip.clone());
+    next.instance_id = mig.new_instance_id.clone();
+    Ok(next)
+}
+
 /// Asks the destination to build the machine's namespace, veth, address and cgroups now,
 /// while the machine still runs on its source: the start after the stop then costs what a
 /// restart in place does (a new namespace costs ~40 ms, most of it the kernel's), and the new
@@ -654,16 +667,8 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
     if !mig.was_running {
         return;
     }
-    // The machine as it will be on the destination (the switch records the same).
     let run = (|| -> Result<(String, crate::proto::RunMachine)> {
-        let mut next = core.store.get_machine(&mig.machine_id)?;
-        let to = parse_host(&mig.to_host)?;
-        next.region = crate::cache::host(core, to)?.region;
-        next.host = Some(to);
-        next.machine_field = Some(MachineField(mig.new_field));
-        next.private_ip = Some(mig.new_ip.clone());
-        next.instance_id = mig.new_instance_id.clone();
-        let run = crate::machines::run_of(core, &next, Vec::new())?;
+        let run = crate::machines::run_of(core, &destination_machine(core, mig)?, Vec::new())?;
         Ok((endpoint(core, &mig.to_host)?, run))
     })();
     let result: Result<()> = match run {
@@ -682,8 +687,8 @@ async fn prepare_destination(core: &Core, mig: &Migration) {
 
 /// Asks the destination to set the machine up and hold it (`Agents::stage`), once the volumes
 /// are copied but the final round and the destination has the machine's image, before the
-/// stop: the machine as the switch will record it, on the copies' directories. Its start after the stop then only releases what is set up (a fraction of a
-/// restart's start), and nothing of the machine's own runs before that start. Best effort: a
+/// stop: the machine as the switch will record it, on the copies' directories. Its start after
+/// the stop then only releases what is set up (a fraction of a restart's start), and nothing of the machine's own runs before that start. Best effort: a
 /// start that finds no staging (or one for another spec) sets the machine up itself; a rollback
 /// destroys it.
 async fn stage_destination(core: &Core, mig: &Migration) {
@@ -691,20 +696,10 @@ async fn stage_destination(core: &Core, mig: &Migration) {
         return;
     }
     let run = (|| -> Result<(String, crate::proto::RunMachine)> {
-        let mut next = core.store.get_machine(&mig.machine_id)?;
-        let to = parse_host(&mig.to_host)?;
-        next.region = crate::cache::host(core, to)?.region;
-        next.host = Some(to);
-        next.machine_field = Some(MachineField(mig.new_field));
-        next.private_ip = Some(mig.new_ip.clone());
-        next.instance_id = mig.new_instance_id.clone();
         // The volumes as the source has them (the forks have no records before the switch),
-        // then each mount pointed at its fork, as the switch will.
-        let dirs = mig
-            .volumes
-            .iter()
-            .map(|v| v.dst_dir.clone().unwrap_or_default());
-        let mut run = crate::machines::run_of(core, &next, dirs.clone().collect())?;
+        // then each mount pointed at its fork, on the fork's directory, as the switch will.
+        let mut run = crate::machines::run_of(core, &destination_machine(core, mig)?, Vec::new())?;
+        let mut dirs = Vec::with_capacity(run.config.mounts.len());
         for (i, mount) in run.config.mounts.iter_mut().enumerate() {
             let Some(v) = mig.volumes.iter().find(|v| v.src_volume == mount.volume) else {
                 return Err(Error::internal(format!(
@@ -715,10 +710,9 @@ async fn stage_destination(core: &Core, mig: &Migration) {
             if let Some(r) = run.volumes.get_mut(i) {
                 r.id = v.dst_volume.clone();
             }
-            if let Some(d) = run.volume_dirs.get_mut(i) {
-                *d = v.dst_dir.clone().unwrap_or_default();
-            }
+            dirs.push(v.dst_dir.clone().unwrap_or_default());
         }
+        run.volume_dirs = dirs;
         Ok((endpoint(core, &mig.to_host)?, run))
     })();
     let result: Result<()> = match run {

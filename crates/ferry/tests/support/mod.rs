@@ -336,6 +336,21 @@ impl Dev {
         agent_client(&self.state.join("tls"), Duration::from_secs(30))
     }
 
+    /// The server's start-phase counters (`ferry_machine_start_phase_seconds_count` lines of
+    /// `GET /metrics`): where this fleet's machine starts spent their time.
+    pub fn start_phase_counts(&self) -> Vec<String> {
+        self.http
+            .get(format!("{}/metrics", self.api))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("ferry_machine_start_phase_seconds_count"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// An HTTP client that sends this fleet's admin token.
     pub fn http(&self) -> &reqwest::blocking::Client {
         &self.http
